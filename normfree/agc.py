@@ -1,0 +1,167 @@
+"""Adaptive Gradient Clipping, the functional core.
+
+Brock, De, Smith, Simonyan 2021, "High-Performance Large-Scale Image Recognition Without
+Normalization" (arXiv 2102.06171), Section 4. Every function here works on PyTorch's weight
+layout, [out, in, *kernel]: a *unit* is one output row or one filter, i.e. one index of dim 0.
+(DeepMind's JAX code stores weights HWIO, so its axis numbers must not be copied onto PyTorch
+tensors: that is how a popular port came to norm Linear weights over the wrong axis.)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_grad_"]
+
+# Gradients are clipped in buckets of about this many bytes so that a bucket's gradients are still
+# in the CPU's L3 (or the GPU's L2) when they are scaled, right after their norms were read:
+# the gradients then cross the memory bus about twice instead of three times.
+_BUCKET_BYTES = 8 << 20
+
+
+def _num_units(x: Tensor) -> int:
+    return x.shape[0] if x.ndim >= 2 else 1
+
+
+def _unit_shape(x: Tensor) -> tuple[int, ...]:
+    """Shape of per-unit values that broadcasts against `x`."""
+    return (_num_units(x),) + (1,) * (x.ndim - 1) if x.ndim >= 1 else ()
+
+
+def _norm_dtype(x: Tensor) -> torch.dtype:
+    # fp16 / bf16 tensors are normed in float32: their own range overflows on squares.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _unit_norms(x: Tensor) -> Tensor:
+    """Flat vector of the unit norms of `x`, one entry per unit."""
+    return torch.linalg.vector_norm(x.reshape(_num_units(x), -1), dim=1, dtype=_norm_dtype(x))
+
+
+def unitwise_norm(x: Tensor) -> Tensor:
+    """Frobenius norm of each unit of `x`, ||W_u||_F (Sec. 4, "unit-wise ratios").
+
+    - ``x.ndim <= 1`` (a bias, a gain, a scalar): the whole tensor is one unit.
+    - ``x.ndim >= 2``: one norm per index of dim 0, taken over all other dims. That is one output
+      row of a Linear ``[out, in]``; one filter of a Conv1d/2d/3d ``[out, in/groups, *kernel]``,
+      grouped and depthwise convs included (a depthwise filter is its single ``[1, *kernel]``
+      slice); one row of an Embedding-like table ``[num_embeddings, dim]``.
+
+    Returns a tensor that broadcasts against `x` (``[out, 1, ..., 1]``, ``[1]`` for vectors,
+    ``[]`` for scalars), in float32 for half-precision inputs.
+    """
+    return _unit_norms(x).reshape(_unit_shape(x))
+
+
+def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float, eps: float) -> Tensor:
+    """Factor by which AGC scales each unit's gradient: Eq. (3) of Sec. 4.
+
+        G_u <- lambda * max(||W_u||, eps) / ||G_u|| * G_u   if ||G_u|| / max(||W_u||, eps) > lambda
+        G_u <- G_u                                          otherwise
+
+    with ||G_u|| floored at 1e-6 in the division (as DeepMind's code). A unit whose gradient norm
+    is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
+    user decides what to do with it.
+    """
+    max_norm = param_norm.clamp_min(eps) * clipping
+    clip = (grad_norm > max_norm) & grad_norm.isfinite()
+    return torch.where(clip, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm))
+
+
+@dataclass(frozen=True)
+class ClipStats:
+    """What one call of `adaptive_clip_grad_` did, one entry per parameter passed, in order.
+
+    The tensors stay on the gradients' device: reading them (`.item()`, `int()`) is the only
+    host synchronisation, and it is left to the caller. Parameters without a gradient have
+    0 units.
+    """
+
+    clipped: Tensor  # units whose gradient was scaled down
+    nonfinite: Tensor  # units whose gradient norm was inf or NaN, left unchanged
+    units: Tensor  # units per parameter
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of all units that were clipped (synchronises with the device)."""
+        total = int(self.units.sum())
+        return int(self.clipped.sum()) / total if total else 0.0
+
+
+def check_agc_arguments(clipping: float, eps: float) -> None:
+    """Raise ValueError naming the argument when `clipping` or `eps` is out of range."""
+    if not isinstance(clipping, (int, float)) or not math.isfinite(clipping) or clipping <= 0:
+        raise ValueError(
+            f"clipping must be a finite number > 0 (the paper's lambda, e.g. 0.01), got {clipping!r}"
+        )
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (the paper uses 1e-3), got {eps!r}")
+
+
+def _buckets(params: list[Tensor]) -> Iterator[list[Tensor]]:
+    """Consecutive runs of parameters on one device of about `_BUCKET_BYTES` of gradient."""
+    bucket: list[Tensor] = []
+    size = 0
+    for p in params:
+        nbytes = p.grad.numel() * p.grad.element_size()
+        if bucket and (size + nbytes > _BUCKET_BYTES or p.device != bucket[0].device):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: Tensor | Iterable[Tensor], clipping: float = 0.01, eps: float = 1e-3
+) -> ClipStats:
+    """Clip the gradients of `parameters` in place with AGC (Sec. 4, Eq. 3).
+
+    Each unit's gradient G_u is scaled to norm ``clipping * max(||W_u||, eps)`` where it is
+    larger; other units are left exactly as they are. Parameters whose ``.grad`` is None are
+    skipped. `clipping` is the paper's lambda (0.01 for batch 1024-4096; smaller for larger
+    batches and for Adam-like optimizers); `eps` floors the weight norm so that zero-initialised
+    parameters (skip gains) can still move.
+
+    Work is done on buckets of gradients with one norm kernel per tensor, one batched factor
+    computation per bucket and one multi-tensor (`torch._foreach_mul_`) scaling per bucket; no
+    host synchronisation. Norms are accumulated in float32 (float64 for float64 tensors): a unit
+    whose float32 norm overflows (elements beyond ~1e19) counts as non-finite and is left alone.
+    """
+    check_agc_arguments(clipping, eps)
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    with_grad = [p for p in params if p.grad is not None]
+    for i, p in enumerate(with_grad):
+        if p.grad.is_sparse:
+            raise ValueError(
+                f"adaptive_clip_grad_ needs dense gradients; parameter {i} of shape {tuple(p.shape)} has a "
+                "sparse one (e.g. nn.Embedding(sparse=True)): use sparse=False or exclude it"
+            )
+    if not with_grad:
+        empty = torch.zeros(len(params), dtype=torch.long)
+        return ClipStats(empty, empty.clone(), empty.clone())
+    device = with_grad[0].grad.device
+    clipped, nonfinite = [], []
+    for bucket in _buckets(with_grad):
+        grads = [p.grad for p in bucket]
+        param_norm = torch.cat([_unit_norms(p) for p in bucket])
+        grad_norm = torch.cat([_unit_norms(g) for g in grads])
+        factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
+        per_tensor = factor.split([_num_units(g) for g in grads])
+        torch._foreach_mul_(grads, [f.view(_unit_shape(g)) for f, g in zip(per_tensor, grads)])
+        clipped.append((factor < 1).to(device, non_blocking=True))
+        nonfinite.append((~grad_norm.isfinite()).to(device, non_blocking=True))
+    units = torch.tensor([_num_units(p) if p.grad is not None else 0 for p in params], device=device)
+    owner = torch.repeat_interleave(torch.arange(len(params), device=device), units)
+    zeros = torch.zeros(len(params), dtype=torch.long, device=device)
+    return ClipStats(
+        clipped=zeros.index_add(0, owner, torch.cat(clipped).long()),
+        nonfinite=zeros.index_add(0, owner, torch.cat(nonfinite).long()),
+        units=units,
+    )

@@ -1,0 +1,188 @@
+"""The fastai callback for Adaptive Gradient Clipping (Brock et al. 2021, Sec. 4)."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.learner import Learner, Metric
+from fastcore.basics import patch
+from torch import Tensor, nn
+
+from .agc import adaptive_clip_grad_, check_agc_arguments
+from .clip_history import ClipHistory
+from .exclusion import (
+    Exclusion,
+    SkipClassifier,
+    check_skip_classifier,
+    excluded_parameters,
+    find_classifier,
+    unwrap_model,
+)
+
+__all__ = ["AGC", "ClipRate"]
+
+
+class ClipRate(Metric):
+    """Recorder column: fraction of units AGC clipped in this epoch's training steps.
+
+    `group=None` is over all clipped parameters; an int is one optimizer param group.
+    """
+
+    def __init__(self, agc: AGC, group: int | None = None):
+        self.agc, self.group = agc, group
+
+    def reset(self) -> None:  # the value comes from the AGC callback's history, not from batches
+        pass
+
+    def accumulate(self, learn: Learner) -> None:
+        pass
+
+    @property
+    def value(self) -> float:
+        return self.agc.history.rate(slice(self.agc.epoch_start, None), self.group)
+
+    @property
+    def name(self) -> str:
+        return "agc_clip" if self.group is None else f"agc_clip_{self.group}"
+
+
+def _as_list(exclude: Exclusion | Iterable[Exclusion] | None) -> list[Exclusion]:
+    if exclude is None:
+        return []
+    if isinstance(exclude, (str, nn.Module)) or callable(exclude):
+        return [exclude]
+    return list(exclude)
+
+
+class AGC(Callback):
+    """Adaptive Gradient Clipping for a fastai `Learner` (Brock et al. 2021, Sec. 4).
+
+    Clips in `before_step`, after `MixedPrecision` (order 10) has unscaled the gradients and
+    skipped overflowing steps, after `GradientAccumulation` (order 6) has let the whole effective
+    batch accumulate, and after distributed training's backward pass has all-reduced the
+    gradients. Only parameters the optimizer trains (its param groups, frozen ones left out) are
+    clipped.
+
+    - `clipping`: lambda; one number, or one per optimizer param group (like fastai's `slice` of
+      learning rates). 0.01 is the paper's value at batch 1024-4096; use more for small batches,
+      less for Adam-like optimizers.
+    - `eps`: the weight-norm floor that lets zero-initialised parameters move.
+    - `skip_classifier`: which of the final classifier's parameters to leave alone: "weight"
+      (DeepMind's rule, the default), "weight_and_bias" (timm's), or None (clip it too).
+    - `exclude`: more parameters to leave alone: name patterns ("stem.*", or a module name such as
+      "head"), modules, or predicates ``f(name, param) -> bool``.
+
+    After a fit, `history` holds the units clipped per parameter at every step (see
+    `ClipHistory`); the Recorder shows the epoch's clip rate as `agc_clip` (and `agc_clip_<g>`
+    per param group when there are several); `plot()` draws the per-layer clip rate over training.
+    """
+
+    order = MixedPrecision.order + 1
+    run_valid = False
+
+    def __init__(
+        self,
+        clipping: float | Sequence[float] = 0.01,
+        eps: float = 1e-3,
+        skip_classifier: SkipClassifier = "weight",
+        exclude: Exclusion | Iterable[Exclusion] | None = (),
+    ):
+        clippings = [clipping] if isinstance(clipping, (int, float)) else list(clipping)
+        if not clippings:
+            raise ValueError("clipping must be a number > 0 or one number per param group, got an empty sequence")
+        for value in clippings:
+            check_agc_arguments(value, eps)
+        check_skip_classifier(skip_classifier)
+        self.clipping, self.eps = clipping, eps
+        self.skip_classifier, self.exclude = skip_classifier, _as_list(exclude)
+        self.history: ClipHistory | None = None
+        self.epoch_start = 0
+        self._clip_metrics: list[ClipRate] = []
+
+    @property
+    def name(self) -> str:
+        return "adaptive_clip"  # not fastai's default "agc": `learn.agc` is the Learner method that attaches it
+
+    def clipped_parameters(self, model: nn.Module, param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
+        """Per optimizer param group, the (name, parameter) pairs AGC clips."""
+        model = unwrap_model(model)
+        excluded = {id(p) for p in excluded_parameters(model, self.skip_classifier, self.exclude)}
+        names = {id(p): name for name, p in model.named_parameters()}
+        return [
+            [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group)
+             if p.requires_grad and id(p) not in excluded]
+            for g, group in enumerate(param_lists)
+        ]
+
+    def _clipping_per_group(self, n_groups: int) -> list[float]:
+        if isinstance(self.clipping, (int, float)):
+            return [float(self.clipping)] * n_groups
+        if len(self.clipping) != n_groups:
+            raise ValueError(
+                f"clipping has {len(self.clipping)} values but the optimizer has {n_groups} param groups: "
+                "give one number, or one per param group"
+            )
+        return [float(c) for c in self.clipping]
+
+    def before_fit(self) -> None:
+        model = unwrap_model(self.learn.model)
+        if self.skip_classifier is not None and find_classifier(model) is None:
+            warnings.warn(
+                "AGC found no final classifier (no get_classifier(), no nn.Linear), so it clips every "
+                "parameter; name the classifier with exclude=[...] or pass skip_classifier=None",
+                stacklevel=2,
+            )
+        groups = self.clipped_parameters(model, self.learn.opt.param_lists)
+        self._params = [[p for _, p in group] for group in groups]
+        self._clippings = self._clipping_per_group(len(groups))
+        self.history = ClipHistory([[name for name, _ in group] for group in groups])
+        self.epoch_start = 0
+        per_group = [ClipRate(self, g) for g in range(len(groups))] if len(groups) > 1 else []
+        self._clip_metrics = [ClipRate(self), *per_group]
+        self.learn.metrics = self.learn.metrics + self._clip_metrics
+
+    def before_train(self) -> None:
+        self.epoch_start = len(self.history)
+
+    def before_step(self) -> None:
+        self.history.record(
+            [adaptive_clip_grad_(params, clipping, self.eps) for params, clipping in zip(self._params, self._clippings)]
+        )
+
+    def after_train(self) -> None:
+        nonfinite = int(self.history.nonfinite(slice(self.epoch_start, None)).sum())
+        if nonfinite:
+            warnings.warn(
+                f"AGC saw {nonfinite} units with inf/NaN gradients this epoch and left them unchanged; "
+                "use mixed precision's grad scaler (learn.to_fp16()) or a lower learning rate",
+                stacklevel=2,
+            )
+
+    def after_fit(self) -> None:
+        self.learn.metrics = [m for m in self.learn.metrics if all(m is not own for own in self._clip_metrics)]
+
+    def plot(self, **kwargs):
+        """Per-layer clip rate over the last fit (see `ClipHistory.plot`); returns the figure."""
+        if self.history is None or not len(self.history):
+            raise RuntimeError("AGC has no statistics yet: call learn.fit(...) first")
+        return self.history.plot(**kwargs)
+
+
+@patch
+def agc(
+    self: Learner,
+    clipping: float | Sequence[float] = 0.01,
+    eps: float = 1e-3,
+    skip_classifier: SkipClassifier = "weight",
+    exclude: Exclusion | Iterable[Exclusion] | None = (),
+) -> Learner:
+    """Attach Adaptive Gradient Clipping (replacing any AGC already attached), like `to_fp16()`.
+
+    The callback is then `learn.adaptive_clip`. Exclusions are checked against the model now.
+    """
+    callback = AGC(clipping, eps, skip_classifier, exclude)
+    excluded_parameters(self.model, skip_classifier, callback.exclude)
+    self.remove_cb(AGC)
+    return self.add_cb(callback)
