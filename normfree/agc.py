@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -32,14 +33,15 @@ def _unit_shape(x: Tensor) -> tuple[int, ...]:
     return (_num_units(x),) + (1,) * (x.ndim - 1) if x.ndim >= 1 else ()
 
 
-def _norm_dtype(x: Tensor) -> torch.dtype:
-    # fp16 / bf16 tensors are normed in float32: their own range overflows on squares.
-    return torch.promote_types(x.dtype, torch.float32)
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    # fp16 / bf16 are normed in float32 (their squares overflow); float32 and float64 as they are,
+    # without a dtype argument, which is the faster reduction kernel.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _unit_norms(x: Tensor) -> Tensor:
     """Flat vector of the unit norms of `x`, one entry per unit."""
-    return torch.linalg.vector_norm(x.reshape(_num_units(x), -1), dim=1, dtype=_norm_dtype(x))
+    return torch.linalg.vector_norm(x.reshape(_num_units(x), -1), dim=1, dtype=_norm_dtype(x.dtype))
 
 
 def unitwise_norm(x: Tensor) -> Tensor:
@@ -103,18 +105,40 @@ def check_agc_arguments(clipping: float, eps: float) -> None:
 
 
 def _buckets(params: list[Tensor]) -> Iterator[list[Tensor]]:
-    """Consecutive runs of parameters on one device of about `_BUCKET_BYTES` of gradient."""
+    """Consecutive runs of parameters holding about `_BUCKET_BYTES` of gradient."""
     bucket: list[Tensor] = []
     size = 0
     for p in params:
         nbytes = p.grad.numel() * p.grad.element_size()
-        if bucket and (size + nbytes > _BUCKET_BYTES or p.device != bucket[0].device):
+        if bucket and size + nbytes > _BUCKET_BYTES:
             yield bucket
             bucket, size = [], 0
         bucket.append(p)
         size += nbytes
     if bucket:
         yield bucket
+
+
+def _clip_whole_tensors(params: list[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
+    """AGC on tensors that are one unit each (gains, biases, scalars): two multi-tensor norms, one scale."""
+    grads = [p.grad for p in params]
+    dtype = reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)
+    param_norm = torch.stack(torch._foreach_norm(params, dtype=dtype))
+    grad_norm = torch.stack(torch._foreach_norm(grads, dtype=dtype))
+    factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
+    torch._foreach_mul_(grads, list(factor.unbind()))
+    return factor, grad_norm
+
+
+def _clip_rows(bucket: list[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
+    """AGC on a bucket of tensors with one unit per index of dim 0: a norm kernel per tensor, one scale."""
+    grads = [p.grad for p in bucket]
+    param_norm = torch.cat([_unit_norms(p) for p in bucket])
+    grad_norm = torch.cat([_unit_norms(g) for g in grads])
+    factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
+    per_tensor = factor.split([g.shape[0] for g in grads])
+    torch._foreach_mul_(grads, [f.view(_unit_shape(g)) for f, g in zip(per_tensor, grads)])
+    return factor, grad_norm
 
 
 @torch.no_grad()
@@ -129,39 +153,36 @@ def adaptive_clip_grad_(
     batches and for Adam-like optimizers); `eps` floors the weight norm so that zero-initialised
     parameters (skip gains) can still move.
 
-    Work is done on buckets of gradients with one norm kernel per tensor, one batched factor
-    computation per bucket and one multi-tensor (`torch._foreach_mul_`) scaling per bucket; no
-    host synchronisation. Norms are accumulated in float32 (float64 for float64 tensors): a unit
-    whose float32 norm overflows (elements beyond ~1e19) counts as non-finite and is left alone.
+    Tensors that are a single unit (ndim <= 1) are normed and scaled with multi-tensor
+    (`torch._foreach_*`) ops; the others in buckets of ~8 MB, with one norm kernel per tensor and
+    one factor computation and `_foreach_mul_` per bucket. No host synchronisation. Norms are
+    accumulated in float32 (float64 for float64 tensors): a unit whose float32 norm overflows
+    (elements beyond ~1e19) counts as non-finite and is left alone.
     """
     check_agc_arguments(clipping, eps)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    with_grad = [p for p in params if p.grad is not None]
-    for i, p in enumerate(with_grad):
-        if p.grad.is_sparse:
+    positions = [i for i, p in enumerate(params) if p.grad is not None]
+    for i in positions:
+        if params[i].grad.is_sparse:
             raise ValueError(
-                f"adaptive_clip_grad_ needs dense gradients; parameter {i} of shape {tuple(p.shape)} has a "
+                f"adaptive_clip_grad_ needs dense gradients; parameter {i} of shape {tuple(params[i].shape)} has a "
                 "sparse one (e.g. nn.Embedding(sparse=True)): use sparse=False or exclude it"
             )
-    if not with_grad:
-        empty = torch.zeros(len(params), dtype=torch.long)
-        return ClipStats(empty, empty.clone(), empty.clone())
-    device = with_grad[0].grad.device
-    clipped, nonfinite = [], []
-    for bucket in _buckets(with_grad):
-        grads = [p.grad for p in bucket]
-        param_norm = torch.cat([_unit_norms(p) for p in bucket])
-        grad_norm = torch.cat([_unit_norms(g) for g in grads])
-        factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
-        per_tensor = factor.split([_num_units(g) for g in grads])
-        torch._foreach_mul_(grads, [f.view(_unit_shape(g)) for f, g in zip(per_tensor, grads)])
-        clipped.append((factor < 1).to(device, non_blocking=True))
-        nonfinite.append((~grad_norm.isfinite()).to(device, non_blocking=True))
+    devices = {params[i].grad.device for i in positions}
+    if len(devices) > 1:
+        raise ValueError(f"adaptive_clip_grad_ takes parameters on one device, got {sorted(map(str, devices))}: "
+                         "call it once per device")
+    device = devices.pop() if devices else torch.device("cpu")
+    whole = [i for i in positions if params[i].ndim <= 1]
+    rows = [i for i in positions if params[i].ndim >= 2]
+    results = [_clip_whole_tensors([params[i] for i in whole], clipping, eps)] if whole else []
+    results += [_clip_rows(bucket, clipping, eps) for bucket in _buckets([params[i] for i in rows])]
     units = torch.tensor([_num_units(p) if p.grad is not None else 0 for p in params], device=device)
-    owner = torch.repeat_interleave(torch.arange(len(params), device=device), units)
-    zeros = torch.zeros(len(params), dtype=torch.long, device=device)
-    return ClipStats(
-        clipped=zeros.index_add(0, owner, torch.cat(clipped).long()),
-        nonfinite=zeros.index_add(0, owner, torch.cat(nonfinite).long()),
-        units=units,
-    )
+    stats = ClipStats(clipped=torch.zeros(len(params), dtype=torch.long, device=device),
+                      nonfinite=torch.zeros(len(params), dtype=torch.long, device=device), units=units)
+    if results:
+        processed = torch.tensor(whole + rows, device=device)
+        owner = torch.repeat_interleave(processed, units[processed])
+        stats.clipped.index_add_(0, owner, torch.cat([factor < 1 for factor, _ in results]).long())
+        stats.nonfinite.index_add_(0, owner, torch.cat([~norm.isfinite() for _, norm in results]).long())
+    return stats

@@ -1,0 +1,246 @@
+"""The functional AGC core against the float64 reference, plus invariants (hypothesis)."""
+import math
+
+import pytest
+import torch
+from agc_reference import norm64, reference_agc, reference_unit_norms, units_of
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import normfree
+from normfree import agc as agc_module
+
+LAYERS = {
+    "scalar": lambda: nn.ParameterList([nn.Parameter(torch.randn(()))]),
+    "bias_vector": lambda: nn.ParameterList([nn.Parameter(torch.randn(7))]),
+    "linear": lambda: nn.Linear(6, 5),
+    "conv1d": lambda: nn.Conv1d(3, 4, 5),
+    "conv2d": lambda: nn.Conv2d(3, 6, 3),
+    "conv3d": lambda: nn.Conv3d(2, 3, (2, 3, 3)),
+    "depthwise_conv2d": lambda: nn.Conv2d(4, 4, 3, groups=4),
+    "grouped_conv2d": lambda: nn.Conv2d(6, 8, 3, groups=2),
+    "embedding": lambda: nn.Embedding(9, 4),
+}
+
+
+def give_gradients(module: nn.Module, scale: float = 1.0) -> None:
+    """Gradients whose per-unit size spans six decades, so one lambda clips some units and not others."""
+    for p in module.parameters():
+        per_unit = 10 ** torch.empty(p.shape[0] if p.ndim >= 2 else 1).uniform_(-5, 1)
+        unit_shape = (-1,) + (1,) * (p.ndim - 1) if p.ndim >= 1 else ()
+        p.grad = (torch.randn_like(p, dtype=torch.float32) * per_unit.reshape(unit_shape) * scale).to(p.dtype)
+
+
+def check_against_reference(module: nn.Module, clipping: float, eps: float, rtol: float = 1e-5):
+    params = list(module.parameters())
+    expected = [reference_agc(p, p.grad, clipping, eps) for p in params]
+    stats = normfree.adaptive_clip_grad_(params, clipping, eps)
+    for p, (grad, n_clipped) in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), grad, rtol=rtol, atol=1e-30)
+    assert stats.clipped.tolist() == [n for _, n in expected]
+    assert stats.units.tolist() == [len(units_of(p)) for p in params]
+    assert stats.nonfinite.tolist() == [0] * len(params)
+    return expected
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("clipping", [1e-3, 0.01, 0.16])
+def test_matches_float64_reference(layer, clipping):
+    module = LAYERS[layer]()
+    give_gradients(module)
+    check_against_reference(module, clipping, eps=1e-3)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "grouped_conv2d", "embedding"])
+def test_reference_case_mixes_clipped_and_untouched_units(layer):
+    """Guards the reference test above: at lambda=0.01 some units are clipped and some are not."""
+    module = LAYERS[layer]()
+    give_gradients(module)
+    (_, n_clipped) = reference_agc(module.weight, module.weight.grad, 0.01, 1e-3)
+    assert 0 < n_clipped < module.weight.shape[0]
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-6, 1e6, 1e15], ids=["tiny", "small", "large", "huge"])
+def test_tiny_and_huge_gradients(scale):
+    module = nn.Conv2d(3, 5, 3)
+    give_gradients(module, scale)
+    check_against_reference(module, 0.01, 1e-3, rtol=2e-5)
+
+
+def test_zero_initialised_parameters_still_get_a_gradient():
+    """The eps floor: a zero weight (a skip gain) gets gradient norm lambda * eps, not zero."""
+    gain = nn.Parameter(torch.zeros(()))
+    weight = nn.Parameter(torch.zeros(4, 3))
+    gain.grad, weight.grad = torch.tensor(5.0), torch.randn(4, 3)
+    normfree.adaptive_clip_grad_([gain, weight], clipping=0.01, eps=1e-3)
+    assert gain.grad.item() == pytest.approx(0.01 * 1e-3, rel=1e-6)
+    for row in weight.grad:
+        assert norm64(row) == pytest.approx(0.01 * 1e-3, rel=1e-6)
+
+
+@pytest.mark.parametrize("layer", ["scalar", "bias_vector", "linear", "conv1d", "conv3d", "depthwise_conv2d", "embedding"])
+def test_unitwise_norm_is_per_output_unit(layer):
+    for p in LAYERS[layer]().parameters():
+        norms = normfree.unitwise_norm(p.detach())
+        expected = torch.tensor(reference_unit_norms(p), dtype=torch.float64)
+        assert norms.ndim == p.ndim and norms.numel() == len(expected)
+        torch.testing.assert_close(norms.double().flatten(), expected, rtol=1e-6, atol=0)
+
+
+def test_linear_rows_not_columns():
+    """PyTorch Linear weights are [out, in]: a unit is a row (one output), normed over the fan-in."""
+    weight = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
+    assert normfree.unitwise_norm(weight).flatten().tolist() == [5.0, 1.0]
+
+
+def test_parameters_without_gradient_are_skipped():
+    layer = nn.Linear(4, 3)
+    layer.weight.grad = torch.randn(3, 4) * 10
+    stats = normfree.adaptive_clip_grad_(layer.parameters())
+    assert layer.bias.grad is None
+    assert stats.units.tolist() == [3, 0] and stats.clipped.tolist()[1] == 0
+
+
+def test_single_tensor_and_fraction():
+    p = nn.Parameter(torch.ones(4, 2))
+    p.grad = torch.tensor([[10.0, 0], [0.0, 0], [0.0, 0], [10.0, 10]])
+    stats = normfree.adaptive_clip_grad_(p, clipping=0.1)
+    assert stats.clipped.tolist() == [2] and stats.fraction == 0.5
+
+
+def test_no_gradients_at_all():
+    stats = normfree.adaptive_clip_grad_(nn.Linear(2, 2).parameters())
+    assert stats.units.tolist() == [0, 0] and stats.fraction == 0.0
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 256, 64 << 10])
+def test_bucketing_does_not_change_the_result(monkeypatch, bucket_bytes):
+    monkeypatch.setattr(agc_module, "_BUCKET_BYTES", bucket_bytes)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3, groups=4), nn.Linear(40, 30), nn.Linear(30, 5))
+    give_gradients(model)
+    check_against_reference(model, 0.01, 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients(dtype):
+    module = nn.Conv2d(3, 6, 3).to(dtype)
+    give_gradients(module)
+    params = list(module.parameters())
+    expected = [reference_agc(p, p.grad, 0.01, 1e-3)[0] for p in params]
+    normfree.adaptive_clip_grad_(params)
+    for p, grad in zip(params, expected):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad.double(), grad, rtol=1e-2, atol=1e-6)
+
+
+def test_non_finite_gradients_are_left_alone_and_counted():
+    weight = nn.Parameter(torch.randn(4, 3))
+    grad = torch.randn(4, 3) * 100
+    grad[0, 1] = math.inf
+    grad[1, 2] = math.nan
+    weight.grad = grad.clone()
+    stats = normfree.adaptive_clip_grad_(weight, clipping=0.01)
+    assert torch.equal(weight.grad[0], grad[0])  # no inf * 0 = NaN
+    assert torch.equal(weight.grad[1].isnan(), grad[1].isnan())
+    assert torch.equal(weight.grad[1][:2], grad[1][:2])
+    expected, n_clipped = reference_agc(weight[2:], grad[2:], 0.01, 1e-3)
+    torch.testing.assert_close(weight.grad[2:].double(), expected, rtol=1e-5, atol=0)
+    assert stats.nonfinite.tolist() == [2] and stats.clipped.tolist() == [n_clipped] == [2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(clipping=0.0), "clipping"),
+        (dict(clipping=-0.01), "clipping"),
+        (dict(clipping=math.nan), "clipping"),
+        (dict(clipping=math.inf), "clipping"),
+        (dict(eps=-1e-3), "eps"),
+        (dict(eps=math.nan), "eps"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_range(kwargs, argument):
+    layer = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=rf"^{argument} must be a finite number >"):
+        normfree.adaptive_clip_grad_(layer.parameters(), **kwargs)
+
+
+def test_sparse_gradients_are_refused():
+    table = nn.Embedding(5, 3, sparse=True)
+    table(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        normfree.adaptive_clip_grad_(table.parameters())
+
+
+# ---- invariants -------------------------------------------------------------------------------
+
+shapes = st.lists(st.integers(1, 5), min_size=0, max_size=4).map(tuple)
+
+
+@st.composite
+def clipping_cases(draw):
+    shape = draw(shapes)
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=generator) * 10 ** draw(st.floats(-4, 2))
+    if draw(st.booleans()):
+        weight.zero_()
+    grad = torch.randn(shape, generator=generator) * 10 ** draw(st.floats(-6, 4))
+    clipping = draw(st.floats(1e-4, 10.0))
+    eps = draw(st.sampled_from([0.0, 1e-3, 0.1]))
+    return weight, grad, clipping, eps
+
+
+def clip_once(weight, grad, clipping, eps):
+    p = nn.Parameter(weight.clone())
+    p.grad = grad.clone()
+    normfree.adaptive_clip_grad_(p, clipping, eps)
+    return p.grad
+
+
+invariant_settings = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@invariant_settings
+@given(clipping_cases())
+def test_unit_norms_are_bounded_after_clipping(case):
+    weight, grad, clipping, eps = case
+    clipped = clip_once(weight, grad, clipping, eps)
+    for w_u, g_u in zip(units_of(weight), units_of(clipped)):
+        assert norm64(g_u) <= clipping * max(norm64(w_u), eps) * (1 + 1e-6)
+
+
+@invariant_settings
+@given(clipping_cases())
+def test_directions_are_unchanged_and_small_units_untouched(case):
+    weight, grad, clipping, eps = case
+    clipped = clip_once(weight, grad, clipping, eps)
+    for w_u, before, after in zip(units_of(weight), units_of(grad), units_of(clipped)):
+        max_norm = clipping * max(norm64(w_u), eps)
+        if norm64(before) <= max_norm * (1 - 1e-6):
+            assert torch.equal(after, before)
+        else:
+            scale = norm64(after) / norm64(before)
+            assert 0 <= scale <= 1
+            torch.testing.assert_close(after, before * scale, rtol=1e-5, atol=1e-30)
+
+
+@invariant_settings
+@given(clipping_cases())
+def test_clipping_twice_changes_nothing(case):
+    """Holds for every unit whose threshold is >= 1e-6; below it see the next test."""
+    weight, grad, clipping, eps = case
+    once = clip_once(weight, grad, clipping, eps)
+    twice = clip_once(weight, once, clipping, eps)
+    for w_u, once_u, twice_u in zip(units_of(weight), units_of(once), units_of(twice)):
+        if clipping * max(norm64(w_u), eps) >= 1e-6:
+            torch.testing.assert_close(twice_u, once_u, rtol=1e-6, atol=1e-30)
+
+
+def test_paper_floor_on_the_gradient_norm_below_1e_6():
+    """Eq. (3) as DeepMind wrote it divides by max(||G_u||, 1e-6): a threshold below 1e-6 over-clips."""
+    p = nn.Parameter(torch.zeros(()))
+    p.grad = torch.tensor(5e-7)
+    normfree.adaptive_clip_grad_(p, clipping=1e-4, eps=1e-3)  # threshold 1e-7 < ||G|| = 5e-7 < 1e-6
+    assert p.grad.item() == pytest.approx(5e-7 * 1e-7 / 1e-6, rel=1e-6)
