@@ -1,83 +1,31 @@
 """The AGC fastai callback: ordering under mixed precision and accumulation, exclusions, statistics."""
 import copy
 import warnings
-from functools import partial
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from agc_reference import reference_agc
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from fastai.optimizer import SGD
 from fastai.vision.learner import vision_learner
+from fastai_helpers import (
+    CLIPPED,
+    fit_quietly,
+    make_learner,
+    reference_update,
+    relative_difference,
+    tiny_dls,
+    tiny_model,
+    update_after_one_epoch,
+)
 from fastcore.foundation import L
 from torch import nn
-from torch.utils.data import TensorDataset
 
 import normfree
 from normfree import AGC, excluded_parameters, find_classifier
-
-LR = 0.5
-
-
-def tiny_data(n=32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 6, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator)
-
-
-def tiny_dls(bs=32, n=32):
-    x, y = tiny_data(n)
-    return DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=False), DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
-
-
-def tiny_model():
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def make_learner(model, dls, cbs=(), **kwargs):
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.0, wd=0.0), lr=LR,
-                   cbs=list(cbs), **kwargs)
-
-
-def fit_quietly(learn, epochs=1):
-    with learn.no_bar(), learn.no_logging():
-        learn.fit(epochs)
-    return learn
-
-
-def update_after_one_epoch(model, dls, cbs) -> dict[str, torch.Tensor]:
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fit_quietly(make_learner(model, dls, cbs))
-    return {n: (p.detach() - before[n]).double() for n, p in model.named_parameters()}
-
-
-def reference_update(model, clipping, eps=1e-3, unclipped=("5.weight",)) -> dict[str, torch.Tensor]:
-    """One SGD step on the whole batch with AGC from the float64 reference; classifier weight unclipped."""
-    model = copy.deepcopy(model)
-    x, y = tiny_data()
-    F.cross_entropy(model(x), y).backward()
-    return {
-        n: -LR * (p.grad.double() if n in unclipped else reference_agc(p, p.grad, clipping, eps)[0])
-        for n, p in model.named_parameters()
-    }
-
-
-def relative_difference(update, reference, names=None) -> float:
-    names = names or list(reference)
-    diff = torch.cat([(update[n] - reference[n]).flatten() for n in names])
-    return float(diff.norm() / torch.cat([reference[n].flatten() for n in names]).norm())
-
-
-CLIPPED = ["0.weight", "0.bias", "3.weight", "3.bias", "5.bias"]
-
 
 # ---- ordering -------------------------------------------------------------------------------
 

@@ -1,0 +1,44 @@
+"""AGC under data-parallel training sees the all-reduced gradient.
+
+fastai's DistributedTrainer wraps the model in DistributedDataParallel and gives each process its
+shard of the data; this test does the same with torch's DDP on two CPU processes (gloo), each
+running a fastai Learner on half of the batch, and compares with the single-process reference step.
+"""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai_helpers import fit_quietly, make_learner, reference_update, relative_difference, tiny_data, tiny_model
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import TensorDataset
+
+from normfree import AGC
+
+WORLD_SIZE = 2
+
+
+def train_one_shard(rank: int, init_file: str, result_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        torch.set_num_threads(1)
+        model = tiny_model()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        x, y = tiny_data()
+        shard = slice(rank * 16, (rank + 1) * 16)
+        dls = DataLoaders(DataLoader(TensorDataset(x[shard], y[shard]), bs=16), DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
+        agc = AGC(0.01)
+        fit_quietly(make_learner(DistributedDataParallel(model), dls, [agc]))
+        if rank == 0:
+            update = {n: (p.detach() - before[n]).double() for n, p in model.named_parameters()}
+            torch.save({"update": update, "clipped": agc.history.parameter_names}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_agc_clips_the_all_reduced_gradient(tmp_path):
+    result_file = tmp_path / "rank0.pt"
+    mp.spawn(train_one_shard, args=(str(tmp_path / "init"), str(result_file)), nprocs=WORLD_SIZE, join=True)
+    result = torch.load(result_file)
+    assert relative_difference(result["update"], reference_update(tiny_model(), clipping=0.01)) < 1e-5
+    assert "5.weight" not in result["clipped"] and "5.bias" in result["clipped"]  # classifier found through DDP
