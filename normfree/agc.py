@@ -78,14 +78,14 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
 class ClipStats:
     """What one call of `adaptive_clip_grad_` did, one entry per parameter passed, in order.
 
-    The tensors stay on the gradients' device: reading them (`.item()`, `int()`) is the only
-    host synchronisation, and it is left to the caller. Parameters without a gradient have
-    0 units.
+    `clipped` and `nonfinite` stay on the gradients' device: reading them (`.item()`, `int()`)
+    is the only host synchronisation, and it is left to the caller. `units` is known without the
+    device and lives on the CPU; parameters without a gradient have 0 units.
     """
 
     clipped: Tensor  # units whose gradient was scaled down
     nonfinite: Tensor  # units whose gradient norm was inf or NaN, left unchanged
-    units: Tensor  # units per parameter
+    units: Tensor  # units per parameter (CPU)
 
     @property
     def fraction(self) -> float:
@@ -104,16 +104,16 @@ def check_agc_arguments(clipping: float, eps: float) -> None:
         raise ValueError(f"eps must be a finite number >= 0 (the paper uses 1e-3), got {eps!r}")
 
 
-def _buckets(params: list[Tensor]) -> Iterator[list[Tensor]]:
-    """Consecutive runs of parameters holding about `_BUCKET_BYTES` of gradient."""
-    bucket: list[Tensor] = []
+def _buckets(params: list[Tensor], positions: list[int]) -> Iterator[list[int]]:
+    """Consecutive runs of `positions` whose parameters hold about `_BUCKET_BYTES` of gradient."""
+    bucket: list[int] = []
     size = 0
-    for p in params:
-        nbytes = p.grad.numel() * p.grad.element_size()
+    for i in positions:
+        nbytes = params[i].grad.numel() * params[i].grad.element_size()
         if bucket and size + nbytes > _BUCKET_BYTES:
             yield bucket
             bucket, size = [], 0
-        bucket.append(p)
+        bucket.append(i)
         size += nbytes
     if bucket:
         yield bucket
@@ -130,15 +130,24 @@ def _clip_whole_tensors(params: list[Tensor], clipping: float, eps: float) -> tu
     return factor, grad_norm
 
 
-def _clip_rows(bucket: list[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
-    """AGC on a bucket of tensors with one unit per index of dim 0: a norm kernel per tensor, one scale."""
-    grads = [p.grad for p in bucket]
-    param_norm = torch.cat([_unit_norms(p) for p in bucket])
+def _clip_rows(params: list[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
+    """AGC on tensors with one unit per index of dim 0: a norm kernel per tensor, one scale."""
+    grads = [p.grad for p in params]
+    param_norm = torch.cat([_unit_norms(p) for p in params])
     grad_norm = torch.cat([_unit_norms(g) for g in grads])
     factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
     per_tensor = factor.split([g.shape[0] for g in grads])
     torch._foreach_mul_(grads, [f.view(_unit_shape(g)) for f, g in zip(per_tensor, grads)])
     return factor, grad_norm
+
+
+def _count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
+    """True entries of `mask` in each consecutive run of `units` entries, as 0-d device tensors.
+
+    The 1-norm of a 0/1 vector is its count: one multi-tensor call, and no index tensor to copy
+    from the host (a pageable host-to-device copy would synchronise a CUDA stream).
+    """
+    return torch._foreach_norm(list(mask.float().split(units)), ord=1)
 
 
 @torch.no_grad()
@@ -174,15 +183,24 @@ def adaptive_clip_grad_(
                          "call it once per device")
     device = devices.pop() if devices else torch.device("cpu")
     whole = [i for i in positions if params[i].ndim <= 1]
-    rows = [i for i in positions if params[i].ndim >= 2]
-    results = [_clip_whole_tensors([params[i] for i in whole], clipping, eps)] if whole else []
-    results += [_clip_rows(bucket, clipping, eps) for bucket in _buckets([params[i] for i in rows])]
-    units = torch.tensor([_num_units(p) if p.grad is not None else 0 for p in params], device=device)
-    stats = ClipStats(clipped=torch.zeros(len(params), dtype=torch.long, device=device),
-                      nonfinite=torch.zeros(len(params), dtype=torch.long, device=device), units=units)
-    if results:
-        processed = torch.tensor(whole + rows, device=device)
-        owner = torch.repeat_interleave(processed, units[processed])
-        stats.clipped.index_add_(0, owner, torch.cat([factor < 1 for factor, _ in results]).long())
-        stats.nonfinite.index_add_(0, owner, torch.cat([~norm.isfinite() for _, norm in results]).long())
-    return stats
+    groups = ([(whole, _clip_whole_tensors)] if whole else []) + [
+        (bucket, _clip_rows) for bucket in _buckets(params, [i for i in positions if params[i].ndim >= 2])
+    ]
+    counts: dict[int, tuple[Tensor, Tensor]] = {}
+    for group, clip in groups:
+        factor, grad_norm = clip([params[i] for i in group], clipping, eps)
+        units = [_num_units(params[i]) for i in group]
+        counts.update(zip(group, zip(_count_per_tensor(factor < 1, units),
+                                     _count_per_tensor(~grad_norm.isfinite(), units))))
+    zero = torch.zeros((), device=device)
+
+    def per_parameter(field: int) -> Tensor:
+        if not params:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        return torch.stack([counts[i][field] if i in counts else zero for i in range(len(params))]).long()
+
+    return ClipStats(
+        clipped=per_parameter(0),
+        nonfinite=per_parameter(1),
+        units=torch.tensor([_num_units(p) if p.grad is not None else 0 for p in params], dtype=torch.long),
+    )
