@@ -2,8 +2,10 @@
 from .agc import ClipStats, adaptive_clip_factor, adaptive_clip_grad_, unitwise_norm
 from .callback import AGC, ClipRate
 from .clip_history import ClipHistory
-from .data import digits_dataloaders
+from .data import digits_dataloaders, write_digits_image_folder
 from .exclusion import excluded_parameters, find_classifier
+from .learner import body_head_splitter, build_model, nf_learner, normalizer_free_archs
+from .weights import load_weights, save_weights
 
 __version__ = "0.1.0"
 
@@ -14,8 +16,15 @@ __all__ = [
     "ClipStats",
     "adaptive_clip_factor",
     "adaptive_clip_grad_",
+    "body_head_splitter",
+    "build_model",
     "digits_dataloaders",
     "excluded_parameters",
     "find_classifier",
+    "load_weights",
+    "nf_learner",
+    "normalizer_free_archs",
+    "save_weights",
     "unitwise_norm",
+    "write_digits_image_folder",
 ]

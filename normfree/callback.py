@@ -1,6 +1,7 @@
 """The fastai callback for Adaptive Gradient Clipping (Brock et al. 2021, Sec. 4)."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -41,6 +42,8 @@ class ClipRate(Metric):
 
     @property
     def value(self) -> float:
+        if self.agc.history is None:
+            return math.nan
         return self.agc.history.rate(slice(self.agc.epoch_start, None), self.group)
 
     @property
@@ -100,6 +103,7 @@ class AGC(Callback):
         self.history: ClipHistory | None = None
         self.epoch_start = 0
         self._clip_metrics: list[ClipRate] = []
+        self._history_started = False
 
     @property
     def name(self) -> str:
@@ -127,23 +131,34 @@ class AGC(Callback):
         return [float(c) for c in self.clipping]
 
     def before_fit(self) -> None:
+        # fastai also calls before_fit for get_preds/predict/validate, which train nothing
+        if hasattr(self.learn, "gather_preds") or self.learn.opt is None:
+            self.run = False
+            return
+        n_groups = len(self.learn.opt.param_lists)
+        self._clip_metrics = [ClipRate(self), *([ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else [])]
+        self.learn.metrics = self.learn.metrics + self._clip_metrics
+        self._history_started = False
+
+    def _start_history(self) -> None:
+        """Resolve what to clip and start a new history: at the first training epoch of a fit, so that a
+        `learn.validate()` after training keeps the statistics of the fit."""
         model = unwrap_model(self.learn.model)
         if self.skip_classifier is not None and find_classifier(model) is None:
             warnings.warn(
                 "AGC found no final classifier (no get_classifier(), no nn.Linear), so it clips every "
                 "parameter; name the classifier with exclude=[...] or pass skip_classifier=None",
-                stacklevel=2,
+                stacklevel=3,
             )
         groups = self.clipped_parameters(model, self.learn.opt.param_lists)
         self._params = [[p for _, p in group] for group in groups]
         self._clippings = self._clipping_per_group(len(groups))
         self.history = ClipHistory([[name for name, _ in group] for group in groups])
-        self.epoch_start = 0
-        per_group = [ClipRate(self, g) for g in range(len(groups))] if len(groups) > 1 else []
-        self._clip_metrics = [ClipRate(self), *per_group]
-        self.learn.metrics = self.learn.metrics + self._clip_metrics
+        self._history_started = True
 
     def before_train(self) -> None:
+        if not self._history_started:
+            self._start_history()
         self.epoch_start = len(self.history)
 
     def before_step(self) -> None:

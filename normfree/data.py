@@ -1,13 +1,38 @@
 """Data sets as fastai DataLoaders."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from torch.utils.data import TensorDataset
 
-__all__ = ["digits_dataloaders"]
+__all__ = ["digits_dataloaders", "write_digits_image_folder"]
+
+
+def write_digits_image_folder(path: str | Path, size: int = 32, per_class: int | None = None) -> Path:
+    """Write the bundled digits as PNG files in ImageNet-style class folders (``path/3/0042.png``).
+
+    An offline stand-in for "a folder of your images": `ImageDataLoaders.from_folder(path, ...)`
+    reads it. `per_class` keeps the first n images of each class. Returns `path`.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    path = Path(path)
+    pixels, labels = load_digits(return_X_y=True)
+    written: dict[int, int] = {}
+    for index, (image, label) in enumerate(zip(pixels, labels)):
+        if per_class is not None and written.get(label, 0) >= per_class:
+            continue
+        folder = path / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        gray = Image.fromarray((image.reshape(8, 8) * 255 / 16).astype("uint8"), mode="L")
+        gray.resize((size, size), Image.BILINEAR).save(folder / f"{index:04d}.png")
+        written[label] = written.get(label, 0) + 1
+    return path
 
 
 def digits_dataloaders(

@@ -257,3 +257,13 @@ def test_callback_runs_with_no_warning_on_a_timm_model():
         fit_quietly(learn)
     assert "head.fc.weight" not in learn.adaptive_clip.history.parameter_names
     assert "head.fc.bias" in learn.adaptive_clip.history.parameter_names
+
+
+def test_validate_and_get_preds_keep_the_fit_statistics():
+    learn = fit_quietly(make_learner(tiny_model(), tiny_dls(bs=8)).agc(0.01))
+    steps = len(learn.adaptive_clip.history)
+    with learn.no_bar():
+        learn.validate()
+        learn.get_preds()
+    assert len(learn.adaptive_clip.history) == steps == 4
+    assert not any(isinstance(m, normfree.ClipRate) for m in learn.metrics)

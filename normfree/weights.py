@@ -1,0 +1,114 @@
+"""Local weight files: load them into a model offline, with errors that say what disagrees.
+
+Accepted files:
+- a state dict (timm's hub files, `torch.save(model.state_dict())`): ``.safetensors``, ``.pth``, ``.pt``, ``.bin``;
+- a fastai `learn.save()` file (``{"model": state_dict, "opt": ...}``);
+- a normfree `save_weights()` file: ``.safetensors`` whose metadata records the architecture.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from timm.models import adapt_input_conv
+from torch import Tensor, nn
+
+from .exclusion import find_classifier
+
+__all__ = ["save_weights", "load_weights"]
+
+_STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def save_weights(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
+    """Write `model`'s weights as ``.safetensors``, recording `arch` so a mismatch is named on load."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_weights writes .safetensors files; got {path.name!r}")
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"normfree_arch": arch or ""})
+    return path
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
+    """(state dict, architecture recorded in the file or None) from any accepted file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix not in _STATE_DICT_SUFFIXES:
+        raise ValueError(f"weights file {path.name!r}: expected one of {', '.join(_STATE_DICT_SUFFIXES)}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            arch = (f.metadata() or {}).get("normfree_arch") or None
+            return {k: f.get_tensor(k) for k in f.keys()}, arch
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle of arbitrary objects, a truncated file...
+        raise ValueError(f"weights file {str(path)!r} is not a readable state dict: {error}") from None
+    if isinstance(content, dict) and isinstance(content.get("model"), dict):  # fastai learn.save()
+        content = content["model"]
+    if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
+        raise ValueError(f"weights file {str(path)!r} holds a {type(content).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in content.items()}, None
+
+
+def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    return [f"{prefix}.{name}" for name, _ in module.named_parameters()]
+
+
+def _fit_to_model(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Re-create the head when the class count differs; adapt the first conv to the input channels."""
+    expected = model.state_dict()
+    classifier = find_classifier(model)
+    if classifier is not None:
+        head_keys = _names_of(model, classifier)
+        saved = [state[k].shape for k in head_keys if k in state]
+        wanted = [expected[k].shape for k in head_keys if k in state]
+        if saved and all(s[1:] == w[1:] for s, w in zip(saved, wanted)) and saved[0][0] != wanted[0][0]:
+            classes = state[head_keys[0]].shape[0]
+            warnings.warn(f"weights have a {classes}-class classifier; keeping a new one for "
+                          f"{classifier.weight.shape[0]} classes", stacklevel=3)
+            state = {k: v for k, v in state.items() if k not in head_keys}
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    key = f"{first_conv}.weight" if isinstance(first_conv, str) else None
+    if key in state and key in expected and state[key].ndim == 4 and state[key].shape[1] != expected[key].shape[1]:
+        state = {**state, key: adapt_input_conv(expected[key].shape[1], state[key])}
+    return state
+
+
+def _mismatch_report(model: nn.Module, state: dict[str, Tensor], fresh: set[str]) -> str | None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k not in fresh]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
+              for k in state if k in expected and state[k].shape != expected[k].shape]
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+             for what, keys in (("keys missing from the file", missing), ("unexpected keys", unexpected),
+                                ("shapes differ", shapes)) if keys]
+    return "; ".join(parts) or None
+
+
+def load_weights(model: nn.Module, path: str | Path, arch: str | None = None) -> nn.Module:
+    """Load a local weights file into `model` in place and return it.
+
+    The classifier is re-created (kept as initialised) when the file's class count differs, and
+    the first conv is adapted with timm's `adapt_input_conv` when the input channels differ.
+    Anything else that does not fit raises ValueError listing the keys and shapes that disagree.
+    """
+    state, saved_arch = read_weights(path)
+    state = _fit_to_model(model, state)
+    fresh = set(model.state_dict()) - set(state)
+    classifier = find_classifier(model)
+    allowed_fresh = set(_names_of(model, classifier)) if classifier is not None else set()
+    report = _mismatch_report(model, state, fresh & allowed_fresh)
+    if report:
+        origin = f" (saved from {saved_arch!r})" if saved_arch and saved_arch != arch else ""
+        raise ValueError(f"weights file {str(path)!r}{origin} does not fit {arch or type(model).__name__}: {report}")
+    model.load_state_dict(state, strict=False)
+    return model

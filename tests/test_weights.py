@@ -1,0 +1,96 @@
+"""Local weight files: round trips, head re-creation, channel adaptation, and errors that name what disagrees."""
+import pytest
+import timm
+import torch
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from torch.utils.data import TensorDataset
+
+from normfree import load_weights, nf_learner, save_weights
+
+
+def image_dls(channels=3, classes=4):
+    x, y = torch.randn(32, channels, 16, 16), torch.arange(32) % classes
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=8), DataLoader(TensorDataset(x, y), bs=8))
+    dls.c = classes
+    return dls
+
+
+def source_model(arch="test_nfnet", classes=4, channels=3):
+    torch.manual_seed(3)
+    model = timm.create_model(arch, num_classes=classes, in_chans=channels)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # differ from any fresh init
+    return model
+
+
+def write(model, path):
+    if path.suffix == ".safetensors":
+        save_weights(model, path, "test_nfnet")
+    elif path.name.startswith("fastai"):
+        torch.save({"model": model.state_dict(), "opt": {}}, path)  # learn.save() layout
+    else:
+        torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)  # a DDP checkpoint
+    return path
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pth", "fastai_save.pth"])
+def test_round_trip(tmp_path, name):
+    model = source_model()
+    learn = nf_learner(image_dls(), "test_nfnet", weights=write(model, tmp_path / name))
+    for (name_, expected), actual in zip(model.state_dict().items(), learn.model.state_dict().values()):
+        assert torch.equal(expected, actual), name_
+    assert not learn.model.stem.conv1.weight.requires_grad  # starts frozen, as vision_learner with weights
+    assert learn.model.get_classifier().weight.requires_grad
+
+
+def test_other_class_count_recreates_the_head(tmp_path):
+    model = source_model(classes=1000)
+    with pytest.warns(UserWarning, match="1000-class classifier; keeping a new one for 4 classes"):
+        learn = nf_learner(image_dls(), "test_nfnet", weights=write(model, tmp_path / "w.safetensors"))
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.fc")}
+    for key, value in body.items():
+        assert torch.equal(learn.model.state_dict()[key], value)
+    head = learn.model.get_classifier()
+    assert head.out_features == 4 and head.weight.std().item() == pytest.approx(0.01, rel=0.2)
+
+
+def test_other_input_channels_adapt_the_first_conv(tmp_path):
+    model = source_model(channels=3)
+    learn = nf_learner(image_dls(channels=1), "test_nfnet", weights=write(model, tmp_path / "w.safetensors"))
+    expected = model.stem.conv1.weight.detach().sum(dim=1, keepdim=True)  # RGB filters summed for gray input
+    torch.testing.assert_close(learn.model.stem.conv1.weight.detach(), expected)
+
+
+def test_wrong_architecture_lists_the_keys(tmp_path):
+    path = save_weights(timm.create_model("nf_resnet26", num_classes=4), tmp_path / "w.safetensors", "nf_resnet26")
+    with pytest.raises(ValueError, match=r"\(saved from 'nf_resnet26'\) does not fit test_nfnet: \d+ keys missing "
+                                         r"from the file \(stem\.conv1\.weight.*; \d+ unexpected keys \(.*; \d+ shapes "
+                                         r"differ \(head\.fc\.weight: file \[4, 2048\] vs model \[4, 192\]"):
+        nf_learner(image_dls(), "test_nfnet", weights=path)
+
+
+def test_mismatched_shapes_are_listed(tmp_path):
+    state = source_model().state_dict()
+    state["stages.0.0.conv1.weight"] = torch.randn(8, 3, 1, 1)
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    expected_shape = list(timm.create_model("test_nfnet").stages[0][0].conv1.weight.shape)
+    with pytest.raises(ValueError, match=rf"1 shapes differ \(stages\.0\.0\.conv1\.weight: file \[8, 3, 1, 1\] "
+                                         rf"vs model \[{', '.join(map(str, expected_shape))}\]\)"):
+        nf_learner(image_dls(), "test_nfnet", weights=path)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        nf_learner(image_dls(), "test_nfnet", weights=tmp_path / "nope.safetensors")
+    (tmp_path / "w.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"expected one of \.safetensors, \.pth"):
+        load_weights(timm.create_model("test_nfnet"), tmp_path / "w.txt")
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable state dict"):
+        load_weights(timm.create_model("test_nfnet"), tmp_path / "broken.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="holds a list, not a state dict"):
+        load_weights(timm.create_model("test_nfnet"), tmp_path / "list.pth")
