@@ -78,8 +78,17 @@ def _fit_to_model(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tenso
     first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     key = f"{first_conv}.weight" if isinstance(first_conv, str) else None
     if key in state and key in expected and state[key].ndim == 4 and state[key].shape[1] != expected[key].shape[1]:
-        state = {**state, key: adapt_input_conv(expected[key].shape[1], state[key])}
+        state = {**state, key: _adapt_input_channels(state[key], expected[key].shape[1])}
     return state
+
+
+def _adapt_input_channels(weight: Tensor, in_chans: int) -> Tensor:
+    """First-conv weight for `in_chans` inputs: timm's rule from RGB; from gray, the filter shared by all."""
+    if weight.shape[1] == 1:  # a gray image copied to every channel then gives the same response
+        return weight.repeat(1, in_chans, 1, 1) / in_chans
+    if weight.shape[1] == 3:
+        return adapt_input_conv(in_chans, weight)
+    return weight  # no rule: reported as a shape mismatch
 
 
 def _mismatch_report(model: nn.Module, state: dict[str, Tensor], fresh: set[str]) -> str | None:
@@ -98,7 +107,8 @@ def load_weights(model: nn.Module, path: str | Path, arch: str | None = None) ->
     """Load a local weights file into `model` in place and return it.
 
     The classifier is re-created (kept as initialised) when the file's class count differs, and
-    the first conv is adapted with timm's `adapt_input_conv` when the input channels differ.
+    the first conv is adapted when the input channels differ (from RGB with timm's
+    `adapt_input_conv`; from gray by sharing the filter across channels).
     Anything else that does not fit raises ValueError listing the keys and shapes that disagree.
     """
     state, saved_arch = read_weights(path)

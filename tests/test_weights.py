@@ -63,6 +63,17 @@ def test_other_input_channels_adapt_the_first_conv(tmp_path):
     torch.testing.assert_close(learn.model.stem.conv1.weight.detach(), expected)
 
 
+def test_gray_weights_adapt_to_rgb_input(tmp_path):
+    model = source_model(channels=1)
+    learn = nf_learner(image_dls(channels=3), "test_nfnet", weights=write(model, tmp_path / "w.safetensors"))
+    gray = torch.randn(2, 1, 16, 16)
+    model.eval(), learn.model.eval()
+    stem = learn.model.stem.conv1
+    expected = torch.nn.functional.conv2d(gray, model.stem.conv1.weight.detach(), None, stem.stride, stem.padding)
+    actual = torch.nn.functional.conv2d(gray.repeat(1, 3, 1, 1), stem.weight.detach(), None, stem.stride, stem.padding)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_wrong_architecture_lists_the_keys(tmp_path):
     path = save_weights(timm.create_model("nf_resnet26", num_classes=4), tmp_path / "w.safetensors", "nf_resnet26")
     with pytest.raises(ValueError, match=r"\(saved from 'nf_resnet26'\) does not fit test_nfnet: \d+ keys missing "
