@@ -4,7 +4,9 @@ from .callback import AGC, ClipRate
 from .clip_history import ClipHistory
 from .data import digits_dataloaders, write_digits_image_folder
 from .exclusion import excluded_parameters, find_classifier
+from .fusion import fuse_standardization
 from .learner import body_head_splitter, build_model, nf_learner, normalizer_free_archs
+from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name  # registers nf_/bn_resnet_* in timm
 from .weights import load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -14,15 +16,19 @@ __all__ = [
     "ClipHistory",
     "ClipRate",
     "ClipStats",
+    "SmallResNet",
     "adaptive_clip_factor",
     "adaptive_clip_grad_",
+    "batchnorm_twin_name",
     "body_head_splitter",
     "build_model",
     "digits_dataloaders",
     "excluded_parameters",
     "find_classifier",
+    "fuse_standardization",
     "load_weights",
     "nf_learner",
+    "normfree_twin_name",
     "normalizer_free_archs",
     "save_weights",
     "unitwise_norm",

@@ -8,6 +8,9 @@ from torch.utils.data import TensorDataset
 
 from normfree import load_weights, nf_learner, save_weights
 
+# tensor DataLoaders take no Normalize transform; nf_learner says so, which these tests do not examine
+pytestmark = pytest.mark.filterwarnings("ignore:these DataLoaders take no batch transforms")
+
 
 def image_dls(channels=3, classes=4):
     x, y = torch.randn(32, channels, 16, 16), torch.arange(32) % classes
