@@ -186,12 +186,14 @@ def adaptive_clip_grad_(
     groups = ([(whole, _clip_whole_tensors)] if whole else []) + [
         (bucket, _clip_rows) for bucket in _buckets(params, [i for i in positions if params[i].ndim >= 2])
     ]
+    results = [clip([params[i] for i in group], clipping, eps) for group, clip in groups]
+    processed = [i for group, _ in groups for i in group]
     counts: dict[int, tuple[Tensor, Tensor]] = {}
-    for group, clip in groups:
-        factor, grad_norm = clip([params[i] for i in group], clipping, eps)
-        units = [_num_units(params[i]) for i in group]
-        counts.update(zip(group, zip(_count_per_tensor(factor < 1, units),
-                                     _count_per_tensor(~grad_norm.isfinite(), units))))
+    if results:
+        units = [_num_units(params[i]) for i in processed]
+        clipped = _count_per_tensor(torch.cat([factor < 1 for factor, _ in results]), units)
+        nonfinite = _count_per_tensor(torch.cat([~norm.isfinite() for _, norm in results]), units)
+        counts = dict(zip(processed, zip(clipped, nonfinite)))
     zero = torch.zeros((), device=device)
 
     def per_parameter(field: int) -> Tensor:

@@ -3,7 +3,9 @@
 Accepted files:
 - a state dict (timm's hub files, `torch.save(model.state_dict())`): ``.safetensors``, ``.pth``, ``.pt``, ``.bin``;
 - a fastai `learn.save()` file (``{"model": state_dict, "opt": ...}``);
-- a normfree `save_weights()` file: ``.safetensors`` whose metadata records the architecture.
+- a normfree `save_weights()` file: ``.safetensors`` whose metadata records the architecture;
+- a `learn.export()` file (``.pkl``): a whole pickled Learner. Unpickling runs code from the file,
+  so only load ``.pkl`` files you made yourself.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .exclusion import find_classifier
 
 __all__ = ["save_weights", "load_weights"]
 
-_STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pkl")
 
 
 def save_weights(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
@@ -47,9 +49,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
             arch = (f.metadata() or {}).get("normfree_arch") or None
             return {k: f.get_tensor(k) for k in f.keys()}, arch
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = torch.load(path, map_location="cpu", weights_only=path.suffix != ".pkl")
     except Exception as error:  # a pickle of arbitrary objects, a truncated file...
         raise ValueError(f"weights file {str(path)!r} is not a readable state dict: {error}") from None
+    if isinstance(getattr(content, "model", None), nn.Module):  # learn.export()
+        content = content.model.state_dict()
     if isinstance(content, dict) and isinstance(content.get("model"), dict):  # fastai learn.save()
         content = content["model"]
     if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):

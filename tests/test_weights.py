@@ -4,9 +4,10 @@ import timm
 import torch
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
+from fastai.vision.data import ImageDataLoaders
 from torch.utils.data import TensorDataset
 
-from normfree import load_weights, nf_learner, save_weights
+from normfree import load_weights, nf_learner, save_weights, write_digits_image_folder
 
 # tensor DataLoaders take no Normalize transform; nf_learner says so, which these tests do not examine
 pytestmark = pytest.mark.filterwarnings("ignore:these DataLoaders take no batch transforms")
@@ -46,6 +47,16 @@ def test_round_trip(tmp_path, name):
         assert torch.equal(expected, actual), name_
     assert not learn.model.stem.conv1.weight.requires_grad  # starts frozen, as vision_learner with weights
     assert learn.model.get_classifier().weight.requires_grad
+
+
+def test_exported_learner_as_weights(tmp_path):
+    folder = write_digits_image_folder(tmp_path / "digits", size=16, per_class=4)
+    source = nf_learner(ImageDataLoaders.from_folder(folder, valid_pct=0.25, seed=0, bs=4), "test_nfnet")
+    source.model.load_state_dict(source_model(classes=10).state_dict())
+    source.export("learner.pkl")  # into learn.path, the image folder
+    learn = nf_learner(image_dls(classes=10), "test_nfnet", weights=folder / "learner.pkl")
+    for expected, actual in zip(source.model.state_dict().values(), learn.model.state_dict().values()):
+        assert torch.equal(expected, actual)
 
 
 def test_other_class_count_recreates_the_head(tmp_path):
@@ -100,7 +111,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         nf_learner(image_dls(), "test_nfnet", weights=tmp_path / "nope.safetensors")
     (tmp_path / "w.txt").write_text("hello")
-    with pytest.raises(ValueError, match=r"expected one of \.safetensors, \.pth"):
+    with pytest.raises(ValueError, match=r"expected one of \.safetensors, \.pth, \.pt, \.bin, \.pkl"):
         load_weights(timm.create_model("test_nfnet"), tmp_path / "w.txt")
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not a readable state dict"):
