@@ -2,7 +2,16 @@
 from .agc import ClipStats, adaptive_clip_factor, adaptive_clip_grad_, unitwise_norm
 from .callback import AGC, ClipRate
 from .clip_history import ClipHistory
-from .data import digits_dataloaders, write_digits_image_folder
+from .data import (
+    FASHION_MNIST_CLASSES,
+    csv_dataloaders,
+    digits_dataloaders,
+    fashion_mnist_dataloaders,
+    image_folder_dataloaders,
+    medmnist_dataloaders,
+    read_idx,
+    write_digits_image_folder,
+)
 from .exclusion import excluded_parameters, find_classifier
 from .fusion import fuse_standardization
 from .learner import body_head_splitter, build_model, nf_learner, normalizer_free_archs
@@ -16,19 +25,25 @@ __all__ = [
     "ClipHistory",
     "ClipRate",
     "ClipStats",
+    "FASHION_MNIST_CLASSES",
     "SmallResNet",
     "adaptive_clip_factor",
     "adaptive_clip_grad_",
     "batchnorm_twin_name",
     "body_head_splitter",
     "build_model",
+    "csv_dataloaders",
     "digits_dataloaders",
     "excluded_parameters",
+    "fashion_mnist_dataloaders",
     "find_classifier",
     "fuse_standardization",
+    "image_folder_dataloaders",
     "load_weights",
+    "medmnist_dataloaders",
     "nf_learner",
     "normfree_twin_name",
+    "read_idx",
     "normalizer_free_archs",
     "save_weights",
     "unitwise_norm",

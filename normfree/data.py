@@ -1,15 +1,52 @@
-"""Data sets as fastai DataLoaders."""
+"""Data sets as fastai DataLoaders.
+
+Every builder returns batches of float images ``[B, C, H, W]`` standardised with per-channel
+mean and std measured on its training split, integer class targets (float multi-hot for
+multi-label data), ``dls.c`` = number of classes and ``dls.vocab`` where class names exist.
+The builders only read: they never write files.
+"""
 from __future__ import annotations
 
+import gzip
+import random
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
+from fastai.data.transforms import IndexSplitter, Normalize, get_image_files
+from fastai.vision.augment import Resize
+from fastai.vision.data import ImageBlock
+from fasttransform import ItemTransform
 from torch.utils.data import TensorDataset
 
-__all__ = ["digits_dataloaders", "write_digits_image_folder"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "csv_dataloaders",
+    "digits_dataloaders",
+    "fashion_mnist_dataloaders",
+    "image_folder_dataloaders",
+    "medmnist_dataloaders",
+    "read_idx",
+    "write_digits_image_folder",
+]
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+# IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_IMAGES, _IDX_LABELS = 2051, 2049
+_MEDMNIST_KEYS = [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")]
+_BAD_IMAGE_MODES = ("skip", "error")
+# Enough pixels for stable per-channel statistics without decoding a whole large folder.
+_STATS_IMAGES = 1024
 
 
 def write_digits_image_folder(path: str | Path, size: int = 32, per_class: int | None = None) -> Path:
@@ -35,6 +72,109 @@ def write_digits_image_folder(path: str | Path, size: int = 32, per_class: int |
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# Shared checks and splitting
+
+
+def _check_args(bs: int, valid_pct: float | None = None) -> None:
+    if bs < 1:
+        raise ValueError(f"bs must be >= 1, got {bs}")
+    if valid_pct is not None and not 0 < valid_pct < 1:
+        raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}")
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (expected {what})")
+    return path
+
+
+def _random_split(n: int, valid_pct: float, seed: int, source: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, valid) index split; both sides must be non-empty."""
+    n_valid = round(valid_pct * n)
+    if not 0 < n_valid < n:
+        raise ValueError(f"{source}: {n} items are too few to hold out valid_pct={valid_pct} and still train")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_valid:], order[:n_valid]
+
+
+def _check_several_classes(labels: Sequence | torch.Tensor, source: object) -> None:
+    found = set(labels.tolist() if isinstance(labels, torch.Tensor) else labels)
+    if len(found) < 2:
+        raise ValueError(f"{source}: expected at least 2 classes, found {len(found)} ({sorted(map(str, found))})")
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory tensors (digits, Fashion-MNIST, MedMNIST)
+
+
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    x = x.float()
+    if size is not None and x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
+
+
+def _batch_stats(batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over a stream of batches [B, C, H, W], summed in float64.
+
+    Streaming means a large uint8 set is never converted to float all at once."""
+    total = squares = None
+    count = 0
+    for x in batches:
+        x = x.double()
+        sums, sums_sq = x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))
+        total, squares = (sums, sums_sq) if total is None else (total + sums, squares + sums_sq)
+        count += x.numel() // x.shape[1]
+    mean = total / count
+    # A constant channel would divide by zero; leave it merely centred.
+    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def _seeded_shuffle(dls: DataLoaders, seed: int) -> DataLoaders:
+    # fastai seeds each loader's shuffling from the global `random`; pin it to `seed` instead
+    # so runs repeat without touching global state.
+    dls.train.rng = random.Random(seed)
+    return dls
+
+
+class _StandardiseImages(ItemTransform):
+    """Batch transform: stored pixels [B, C, H, W] (any dtype) -> standardised float at `size` px.
+
+    Done per batch, on the batch's device, so the stored set stays compact (uint8) and resizing
+    runs on the GPU when there is one.
+    """
+
+    def __init__(self, size: int | None, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.size, self.mean, self.std = size, mean, std
+
+    def encodes(self, batch):
+        x, *rest = batch
+        x = _resize(x, self.size)
+        return ((x - self.mean.to(x.device)) / self.std.to(x.device), *rest)
+
+
+def _tensor_dataloaders(
+    splits: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int | None, bs: int, seed: int, device, c: int
+) -> DataLoaders:
+    """DataLoaders over (images [N, C, H, W], targets) splits: train first (shuffled, source of
+    the statistics), then valid and any further split (e.g. test), at twice the batch size."""
+    train_images = splits[0][0]
+    chunks = (_resize(train_images[i : i + 4096], size) for i in range(0, len(train_images), 4096))
+    mean, std = _batch_stats(chunks)
+    standardise = _StandardiseImages(size, mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1))
+    loaders = [
+        DataLoader(TensorDataset(x, y), bs=bs if i == 0 else 2 * bs, shuffle=i == 0, after_batch=standardise)
+        for i, (x, y) in enumerate(splits)
+    ]
+    dls = _seeded_shuffle(DataLoaders(*loaders, device=device), seed)
+    dls.c = c
+    return dls
+
+
 def digits_dataloaders(
     bs: int = 64, size: int = 32, valid_pct: float = 0.2, seed: int = 0, device: torch.device | str | None = None
 ) -> DataLoaders:
@@ -42,29 +182,333 @@ def digits_dataloaders(
 
     Images are 1-channel, resized to `size` px (bilinear) and standardised with the training
     split's mean and std; `valid_pct` of the images, chosen with `seed`, are held out.
+    `seed` also fixes the order of the training batches.
     """
     from sklearn.datasets import load_digits
 
-    if bs < 1:
-        raise ValueError(f"bs must be >= 1, got {bs}")
+    _check_args(bs, valid_pct)
     if size < 8:
         raise ValueError(f"size must be >= 8 px (the digits are 8x8), got {size}")
-    if not 0 < valid_pct < 1:
-        raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}")
     pixels, labels = load_digits(return_X_y=True)
     images = torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8)
-    if size != 8:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     targets = torch.tensor(labels, dtype=torch.long)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    n_valid = round(valid_pct * len(images))
-    valid, train = order[:n_valid], order[n_valid:]
-    mean, std = images[train].mean(), images[train].std()
-    images = (images - mean) / std
-    dls = DataLoaders(
-        DataLoader(TensorDataset(images[train], targets[train]), bs=bs, shuffle=True),
-        DataLoader(TensorDataset(images[valid], targets[valid]), bs=2 * bs),
-        device=device,
-    )
-    dls.c = 10
+    train, valid = _random_split(len(images), valid_pct, seed, "digits")
+    splits = [(images[train], targets[train]), (images[valid], targets[valid])]
+    dls = _tensor_dataloaders(splits, size, bs, seed, device, 10)
+    dls.vocab = [str(d) for d in range(10)]
     return dls
+
+
+def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped if its name ends in ``.gz``.
+
+    Checks the magic number (against `expected_magic` too, e.g. 2051 images / 2049 labels) and
+    that the data length matches the big-endian dimensions. Raises ValueError naming `path`.
+    """
+    path = _existing(path, "an IDX file")
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as error:  # bad or truncated gzip stream
+        raise ValueError(f"{path}: cannot decompress IDX file ({error})") from error
+    if len(raw) < 4:
+        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, expected a 4-byte magic number)")
+    magic = int.from_bytes(raw[:4], "big")
+    ndim, type_code = raw[3], raw[2]
+    if raw[:2] != b"\0\0" or type_code not in _IDX_DTYPES or ndim == 0:
+        raise ValueError(f"{path}: not an IDX file (magic number {magic:#010x})")
+    if expected_magic is not None and magic != expected_magic:
+        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, expected {header} for {ndim} dims)")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{path}: IDX data is {len(raw) - header} bytes, expected {expected} for dims {dims}"
+            + (" (truncated)" if len(raw) - header < expected else "")
+        )
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _fashion_split(folder: Path, prefix: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    images_path = folder / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = folder / f"{prefix}-labels-idx1-ubyte.gz"
+    images = read_idx(_existing(images_path, "a Fashion-MNIST IDX images file"), _IDX_IMAGES)
+    labels = read_idx(_existing(labels_path, "a Fashion-MNIST IDX labels file"), _IDX_LABELS)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError(f"{images_path}: no images")
+    if labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{labels_path}: label {labels.max()} found, expected 0..{len(FASHION_MNIST_CLASSES) - 1}")
+    images, labels = images[:limit], labels[:limit]
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def fashion_mnist_dataloaders(
+    path: str | Path = "/usr/share/datasets/fashion-mnist",
+    bs: int = 64,
+    size: int = 28,
+    seed: int = 0,
+    limit: int | None = None,
+    device: torch.device | str | None = None,
+) -> DataLoaders:
+    """Fashion-MNIST (28x28 grayscale, 10 classes) from the four IDX ``.gz`` files in `path`.
+
+    Train = ``train-*`` files, valid = ``t10k-*``; `limit` keeps the first n of each for quick
+    runs. `seed` fixes the order of the training batches. (Debian: ``dataset-fashion-mnist``.)
+    """
+    _check_args(bs)
+    folder = _existing(path, "a folder with the Fashion-MNIST IDX .gz files")
+    splits = [_fashion_split(folder, prefix, limit) for prefix in ("train", "t10k")]
+    _check_several_classes(splits[0][1], folder / "train-labels-idx1-ubyte.gz")
+    dls = _tensor_dataloaders(splits, size, bs, seed, device, len(FASHION_MNIST_CLASSES))
+    dls.vocab = list(FASHION_MNIST_CLASSES)
+    return dls
+
+
+def _medmnist_split(data, split: str, source: Path) -> tuple[torch.Tensor, np.ndarray]:
+    images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        raise ValueError(f"{source}: {split}_images has shape {images.shape}, expected [N, H, W] or [N, H, W, 3]")
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2:
+        raise ValueError(f"{source}: {split}_labels has shape {labels.shape}, expected [N, 1] or [N, K]")
+    if len(images) != len(labels):
+        raise ValueError(f"{source}: {split} has {len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError(f"{source}: {split} split is empty")
+    pixels = torch.from_numpy(images)
+    pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2).contiguous()
+    return pixels, labels
+
+
+def medmnist_dataloaders(
+    npz_path: str | Path,
+    bs: int = 64,
+    size: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> DataLoaders:
+    """A MedMNIST ``.npz`` (keys ``{train,val,test}_{images,labels}``) as DataLoaders.
+
+    Images uint8 [N, H, W] (1 channel) or [N, H, W, 3] (RGB), resized to `size` px if given.
+    Labels [N, 1] give integer targets (``dls.c`` = max label + 1); [N, K] with K > 1 are
+    multi-label: float multi-hot targets, ``dls.c = K`` and ``dls.multi_label = True``.
+    Train = train, valid = val; the test split is ``dls.test`` (also ``dls[2]``), so
+    ``learn.validate(ds_idx=2)`` scores it. `seed` fixes the order of the training batches.
+    """
+    _check_args(bs)
+    source = _existing(npz_path, "a MedMNIST .npz file")
+    try:
+        data = np.load(source, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{source}: not a readable .npz file ({error})") from error
+    with data:
+        missing = [key for key in _MEDMNIST_KEYS if key not in data.files]
+        if missing:
+            raise ValueError(
+                f"{source}: missing keys {missing}; expected {_MEDMNIST_KEYS}, found {sorted(data.files)}"
+            )
+        splits = [_medmnist_split(data, split, source) for split in ("train", "val", "test")]
+    shapes = {tuple(images.shape[1:]) for images, _ in splits}
+    widths = {labels.shape[1] for _, labels in splits}
+    if len(shapes) > 1 or len(widths) > 1:
+        raise ValueError(f"{source}: splits disagree on image shape {shapes} or label width {widths}")
+    multi_label = widths.pop() > 1
+    if multi_label:
+        if any(((labels != 0) & (labels != 1)).any() for _, labels in splits):
+            raise ValueError(f"{source}: multi-label labels must be 0/1")
+        targets = [torch.from_numpy(labels.astype(np.float32)) for _, labels in splits]
+        c = splits[0][1].shape[1]
+    else:
+        targets = [torch.from_numpy(labels[:, 0].astype(np.int64)) for _, labels in splits]
+        if min(int(t.min()) for t in targets) < 0:
+            raise ValueError(f"{source}: negative class labels")
+        _check_several_classes(targets[0], f"{source} (train_labels)")
+        c = max(int(t.max()) for t in targets) + 1
+    dls = _tensor_dataloaders([(images, t) for (images, _), t in zip(splits, targets)], size, bs, seed, device, c)
+    dls.multi_label = multi_label
+    dls.test = dls[2]
+    return dls
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files (folders, CSV)
+
+
+def _readable_images(paths: Sequence[Path], on_bad_image: str, source: object) -> list[Path]:
+    """`paths` minus files PIL cannot open/verify (a header check; no full decode, to stay fast)."""
+    from PIL import Image
+
+    good, bad = [], []
+    for p in paths:
+        try:
+            with Image.open(p) as image:
+                image.verify()
+            good.append(p)
+        except Exception as error:  # PIL raises many types (OSError, SyntaxError, ...) for bad files
+            if on_bad_image == "error":
+                raise ValueError(f"{source}: unreadable or corrupt image {p} ({error})") from error
+            bad.append(p)
+    if bad:
+        warnings.warn(f"{source}: skipped {len(bad)} unreadable or corrupt image(s), e.g. {bad[0]}", stacklevel=4)
+    return good
+
+
+class _LabelOf:
+    """`get_y` for path items: a plain callable class, since fastai reads the function's
+    signature (dict methods have none) and exported learners must pickle it."""
+
+    def __init__(self, labels: dict[Path, str]):
+        self.labels = labels
+
+    def __call__(self, path: Path) -> str:
+        return self.labels[path]
+
+
+def _image_dataloaders(
+    paths: Sequence[Path],
+    labels: Sequence[str],
+    is_valid: Sequence[bool] | None,
+    source: object,
+    bs: int,
+    size: int,
+    valid_pct: float,
+    seed: int,
+    on_bad_image: str,
+    device,
+) -> DataLoaders:
+    """Shared by the folder and CSV builders: drop bad images, split (given `is_valid` or random),
+    then Normalize with per-channel stats of up to `_STATS_IMAGES` training images."""
+    if not paths:
+        raise ValueError(f"{source}: no images found")
+    label_of = dict(zip(paths, labels))
+    valid_of = dict(zip(paths, is_valid)) if is_valid is not None else None
+    paths = _readable_images(paths, on_bad_image, source)
+    if not paths:
+        raise ValueError(f"{source}: no readable images")
+    vocab = sorted(set(label_of[p] for p in paths))
+    _check_several_classes(vocab, source)
+    if valid_of is None:
+        train, valid = (idx.tolist() for idx in _random_split(len(paths), valid_pct, seed, source))
+    else:
+        valid = [i for i, p in enumerate(paths) if valid_of[p]]
+        train = [i for i, p in enumerate(paths) if not valid_of[p]]
+        if not train or not valid:
+            raise ValueError(f"{source}: the {'train' if not train else 'valid'} split has no readable images")
+
+    def dataloaders(batch_tfms: list) -> DataLoaders:
+        block = DataBlock(
+            blocks=(ImageBlock, CategoryBlock(vocab=vocab)),
+            get_y=_LabelOf(label_of),
+            splitter=IndexSplitter(valid),
+            item_tfms=Resize(size),
+            batch_tfms=batch_tfms,
+        )
+        return _seeded_shuffle(block.dataloaders(paths, bs=bs, device=device), seed)
+
+    # Measure a seeded sample of the training images as the network will see them (resized, 0-1).
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:_STATS_IMAGES]
+    sample = [paths[train[i]] for i in order.tolist()]
+    mean, std = _batch_stats(x for (x,) in dataloaders([]).test_dl(sample, bs=bs))
+    return dataloaders([Normalize.from_stats(mean, std)])
+
+
+def _check_bad_image_mode(on_bad_image: str) -> None:
+    if on_bad_image not in _BAD_IMAGE_MODES:
+        raise ValueError(f"on_bad_image must be one of {_BAD_IMAGE_MODES}, got {on_bad_image!r}")
+
+
+def _class_folder_images(root: Path) -> tuple[list[Path], list[str]]:
+    """Images under each class subfolder of `root` (``root/<class>/**/<image>``), with their class."""
+    paths, labels = [], []
+    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+        found = sorted(get_image_files(folder))
+        paths += found
+        labels += [folder.name] * len(found)
+    return paths, labels
+
+
+def image_folder_dataloaders(
+    path: str | Path,
+    bs: int = 64,
+    size: int = 64,
+    valid_pct: float = 0.2,
+    seed: int = 0,
+    on_bad_image: str = "skip",
+    device: torch.device | str | None = None,
+) -> DataLoaders:
+    """ImageNet-style class folders: ``path/<class>/<image>``, or ``path/train/<class>/...`` plus
+    ``path/valid/<class>/...`` (then `valid_pct` is unused).
+
+    Images are opened as RGB and resized to `size` px (`Resize`: crop to square, centre crop on
+    valid). Normalize uses per-channel stats computed on (up to 1024 of) the training images,
+    not ImageNet's. Unreadable/corrupt files are skipped with a warning (``on_bad_image="skip"``)
+    or raise ValueError (``"error"``). `seed` picks the random split and the training order.
+    """
+    _check_args(bs, valid_pct)
+    _check_bad_image_mode(on_bad_image)
+    root = _existing(path, "a folder of class subfolders of images")
+    if not root.is_dir():
+        raise ValueError(f"{root}: expected a folder of class subfolders of images, found a file")
+    if (root / "train").is_dir() and (root / "valid").is_dir():
+        train_paths, train_labels = _class_folder_images(root / "train")
+        valid_paths, valid_labels = _class_folder_images(root / "valid")
+        if not train_paths or not valid_paths:
+            raise ValueError(f"{root}: no images in {root / ('train' if not train_paths else 'valid')}/<class>/")
+        is_valid = [False] * len(train_paths) + [True] * len(valid_paths)
+        paths, labels = train_paths + valid_paths, train_labels + valid_labels
+    else:
+        (paths, labels), is_valid = _class_folder_images(root), None
+    return _image_dataloaders(paths, labels, is_valid, root, bs, size, valid_pct, seed, on_bad_image, device)
+
+
+def csv_dataloaders(
+    csv_path: str | Path,
+    path_col: str = "path",
+    label_col: str = "label",
+    folder: str | Path | None = None,
+    bs: int = 64,
+    size: int = 64,
+    valid_pct: float = 0.2,
+    seed: int = 0,
+    on_bad_image: str = "skip",
+    device: torch.device | str | None = None,
+) -> DataLoaders:
+    """A CSV of image paths (relative to `folder`, default the CSV's folder) and class labels.
+
+    Same images, resizing, normalisation and bad-image handling as `image_folder_dataloaders`;
+    `valid_pct` of the rows, chosen with `seed`, are held out. Labels are used as strings.
+    A missing image file counts as a bad image.
+    """
+    import pandas as pd
+
+    _check_args(bs, valid_pct)
+    _check_bad_image_mode(on_bad_image)
+    csv_path = _existing(csv_path, "a CSV of image paths and labels")
+    base = _existing(folder, "the folder the CSV's image paths are relative to") if folder else csv_path.parent
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ValueError(f"{csv_path}: not a readable CSV ({error})") from error
+    missing = [col for col in (path_col, label_col) if col not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{csv_path}: missing columns {missing}; expected {[path_col, label_col]}, found {list(table.columns)}"
+        )
+    empty = (table[path_col] == "") | (table[label_col] == "")
+    if empty.any():
+        raise ValueError(f"{csv_path}: row {int(empty.idxmax()) + 2} has an empty {path_col!r} or {label_col!r}")
+    paths = [base / p for p in table[path_col]]
+    seen: set[Path] = set()
+    for p in paths:
+        if p in seen:
+            raise ValueError(f"{csv_path}: image {p} is listed more than once")
+        seen.add(p)
+    labels = table[label_col].tolist()
+    return _image_dataloaders(paths, labels, None, csv_path, bs, size, valid_pct, seed, on_bad_image, device)

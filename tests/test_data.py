@@ -1,0 +1,384 @@
+"""The DataLoaders builders in normfree.data: batch shapes, standardisation, IDX parsing and bad input."""
+import gzip
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from normfree.data import (
+    FASHION_MNIST_CLASSES,
+    csv_dataloaders,
+    fashion_mnist_dataloaders,
+    image_folder_dataloaders,
+    medmnist_dataloaders,
+    read_idx,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers for tiny inputs
+
+
+def write_idx(path, array, magic=None):
+    """`array` as a gzipped IDX file (ubyte), with its correct magic number unless `magic` is given."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = 0x0800 + array.ndim if magic is None else magic
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.tobytes()))
+    return path
+
+
+def write_fashion(folder, n_train=40, n_valid=20, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_valid)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return folder
+
+
+def write_npz(path, shape=(12, 12), channels=None, label_width=1, n=(30, 10, 8), seed=0, **overrides):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        image_shape = (count, *shape, channels) if channels else (count, *shape)
+        arrays[f"{split}_images"] = rng.integers(0, 256, image_shape, dtype=np.uint8)
+        if label_width == 1:
+            arrays[f"{split}_labels"] = (np.arange(count) % 3)[:, None].astype(np.uint8)
+        else:
+            arrays[f"{split}_labels"] = rng.integers(0, 2, (count, label_width), dtype=np.uint8)
+    arrays.update(overrides)
+    np.savez(path, **arrays)
+    return path
+
+
+def write_png(path, seed, size=10, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3) if mode == "RGB" else (size, size), dtype=np.uint8)
+    Image.fromarray(pixels, mode=mode).save(path)
+    return path
+
+
+def write_folder(root, classes=("cat", "dog"), per_class=6, layout=""):
+    seed = 0
+    for cls in classes:
+        for i in range(per_class):
+            # A mix of gray and RGB files: every image must come out with 3 channels.
+            write_png(root / layout / cls / f"{i}.png", seed, mode="L" if i % 2 else "RGB")
+            seed += 1
+    return root
+
+
+def write_corrupt_png(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes())
+    return path
+
+
+def all_train_images(dls):
+    return torch.cat([x for x, _ in dls.train])
+
+
+def assert_standardised(dls, tol=0.15):
+    x = all_train_images(dls).float()
+    assert abs(x.mean().item()) < tol and abs(x.std().item() - 1) < tol
+
+
+def files_under(path):
+    return sorted((p, p.stat().st_size) for p in path.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX / Fashion-MNIST
+
+
+def test_read_idx_parses_known_bytes(tmp_path):
+    labels = tmp_path / "labels.gz"
+    labels.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([7, 0, 9])))
+    np.testing.assert_array_equal(read_idx(labels, 2049), [7, 0, 9])
+    images = tmp_path / "images"  # uncompressed works too
+    images.write_bytes(b"\x00\x00\x08\x03" + b"".join(d.to_bytes(4, "big") for d in (2, 1, 3)) + bytes(range(6)))
+    parsed = read_idx(images, 2051)
+    assert parsed.dtype == np.uint8 and parsed.shape == (2, 1, 3)
+    np.testing.assert_array_equal(parsed.ravel(), range(6))
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"\x00\x00\x08\x03" + (5).to_bytes(4, "big"), "magic number 2051, expected 2049"),
+        (b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes(3), "truncated"),
+        (b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes(6), "expected 5"),
+        (b"\x12\x34\x56\x78", "not an IDX file"),
+        (b"\x00\x00", "truncated"),
+    ],
+)
+def test_read_idx_rejects_bad_files(tmp_path, payload, message):
+    path = tmp_path / "bad.gz"
+    path.write_bytes(gzip.compress(payload))
+    with pytest.raises(ValueError, match=message) as error:
+        read_idx(path, 2049)
+    assert str(path) in str(error.value)
+
+
+def test_read_idx_rejects_a_broken_gzip_and_a_missing_file(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(bytes(100))[:-10])
+    with pytest.raises(ValueError, match="decompress") as error:
+        read_idx(path)
+    assert str(path) in str(error.value)
+    with pytest.raises(FileNotFoundError, match="nowhere.gz"):
+        read_idx(tmp_path / "nowhere.gz")
+
+
+def test_fashion_mnist_batches(tmp_path):
+    folder = write_fashion(tmp_path / "fm")
+    before = files_under(tmp_path)
+    dls = fashion_mnist_dataloaders(folder, bs=8)
+    x, y = dls.one_batch()
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert dls.c == 10 and dls.vocab == FASHION_MNIST_CLASSES
+    assert len(dls.train.dataset) == 40 and len(dls.valid.dataset) == 20
+    assert_standardised(dls)
+    assert files_under(tmp_path) == before  # only reads
+
+    small = fashion_mnist_dataloaders(folder, bs=4, size=16, limit=12)
+    assert small.one_batch()[0].shape == (4, 1, 16, 16)
+    assert len(small.train.dataset) == 12 and len(small.valid.dataset) == 12
+
+
+def test_fashion_mnist_same_seed_same_order(tmp_path):
+    folder = write_fashion(tmp_path / "fm")
+    first, second = (fashion_mnist_dataloaders(folder, bs=8, seed=3).one_batch()[1] for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_fashion_mnist_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing-dir"):
+        fashion_mnist_dataloaders(tmp_path / "missing-dir")
+
+    folder = write_fashion(tmp_path / "no-labels")
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.gz"):
+        fashion_mnist_dataloaders(folder)
+
+    folder = write_fashion(tmp_path / "count")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(39) % 10)
+    with pytest.raises(ValueError, match="40 images but .*train-labels-idx1-ubyte.gz has 39 labels"):
+        fashion_mnist_dataloaders(folder)
+
+    folder = write_fashion(tmp_path / "magic")
+    write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((40, 28, 28)), magic=2049)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: IDX magic number 2049, expected 2051"):
+        fashion_mnist_dataloaders(folder)
+
+    folder = write_fashion(tmp_path / "truncated")
+    raw = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz.*truncated"):
+        fashion_mnist_dataloaders(folder)
+
+    folder = write_fashion(tmp_path / "empty", n_train=0)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: no images"):
+        fashion_mnist_dataloaders(folder)
+
+    folder = write_fashion(tmp_path / "one-class")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(40))
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz: expected at least 2 classes"):
+        fashion_mnist_dataloaders(folder)
+
+    folder = write_fashion(tmp_path / "label-range")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(40) % 11)
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz: label 10"):
+        fashion_mnist_dataloaders(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# MedMNIST
+
+
+def test_medmnist_gray_single_label(tmp_path):
+    npz = write_npz(tmp_path / "gray.npz")
+    dls = medmnist_dataloaders(npz, bs=8)
+    x, y = dls.one_batch()
+    assert x.shape == (8, 1, 12, 12) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert dls.c == 3 and dls.multi_label is False
+    assert_standardised(dls)
+    test_x, _ = next(iter(dls.test))
+    assert dls.test is dls[2] and len(dls.test.dataset) == 8 and test_x.shape[1:] == (1, 12, 12)
+
+
+def test_medmnist_rgb_and_resize(tmp_path):
+    dls = medmnist_dataloaders(write_npz(tmp_path / "rgb.npz", channels=3), bs=4, size=20)
+    assert dls.one_batch()[0].shape == (4, 3, 20, 20)
+    assert_standardised(dls)
+
+
+def test_medmnist_multi_label_gives_float_multi_hot(tmp_path):
+    dls = medmnist_dataloaders(write_npz(tmp_path / "multi.npz", label_width=5), bs=8)
+    _, y = dls.one_batch()
+    assert y.shape == (8, 5) and y.dtype == torch.float32 and set(y.unique().tolist()) <= {0.0, 1.0}
+    assert dls.c == 5 and dls.multi_label is True
+
+
+def test_medmnist_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.npz"):
+        medmnist_dataloaders(tmp_path / "nothing.npz")
+
+    path = tmp_path / "keys.npz"
+    np.savez(path, train_images=np.zeros((2, 4, 4), np.uint8), x=np.zeros(1))
+    with pytest.raises(ValueError) as error:
+        medmnist_dataloaders(path)
+    message = str(error.value)
+    assert str(path) in message and "'val_images'" in message and "found ['train_images', 'x']" in message
+
+    path = write_npz(tmp_path / "count.npz", val_labels=np.zeros((9, 1), np.uint8))
+    with pytest.raises(ValueError, match="count.npz: val has 10 images but 9 labels"):
+        medmnist_dataloaders(path)
+
+    path = write_npz(tmp_path / "empty.npz", n=(0, 10, 8))
+    with pytest.raises(ValueError, match="empty.npz: train split is empty"):
+        medmnist_dataloaders(path)
+
+    path = write_npz(tmp_path / "one.npz", train_labels=np.ones((30, 1), np.uint8))
+    with pytest.raises(ValueError, match="one.npz.*expected at least 2 classes"):
+        medmnist_dataloaders(path)
+
+    path = write_npz(tmp_path / "3d.npz", shape=(6, 6, 6))
+    with pytest.raises(ValueError, match=r"3d.npz: train_images has shape \(30, 6, 6, 6\), expected"):
+        medmnist_dataloaders(path)
+
+    path = tmp_path / "junk.npz"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz"):
+        medmnist_dataloaders(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders and CSVs
+
+
+def test_image_folder_random_split(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    before = files_under(tmp_path)
+    dls = image_folder_dataloaders(root, bs=4, size=16, valid_pct=0.25)
+    x, y = dls.one_batch()
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert dls.c == 2 and list(dls.vocab) == ["cat", "dog"]
+    assert len(dls.train.items) == 9 and len(dls.valid.items) == 3
+    assert_standardised(dls, tol=0.25)
+    assert files_under(tmp_path) == before  # only reads
+
+
+def test_image_folder_train_valid_layout(tmp_path):
+    root = write_folder(tmp_path / "imgs", per_class=4, layout="train")
+    write_folder(root, per_class=2, layout="valid")
+    dls = image_folder_dataloaders(root, bs=4, size=12)
+    assert len(dls.train.items) == 8 and len(dls.valid.items) == 4
+    assert all("valid" in p.parts for p in dls.valid.items)
+    assert dls.one_batch()[0].shape == (4, 3, 12, 12)
+
+
+def test_image_folder_corrupt_png_is_skipped_or_raises(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    bad = write_corrupt_png(root / "dog" / "broken.png")
+    with pytest.warns(UserWarning, match=f"skipped 1 unreadable or corrupt image.*{bad}"):
+        dls = image_folder_dataloaders(root, bs=4, size=12, valid_pct=0.25)
+    assert bad not in list(dls.train.items) + list(dls.valid.items)
+    with pytest.raises(ValueError, match=f"corrupt image {bad}"):
+        image_folder_dataloaders(root, on_bad_image="error")
+    with pytest.raises(ValueError, match="on_bad_image"):
+        image_folder_dataloaders(root, on_bad_image="ignore")
+
+
+def test_image_folder_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        image_folder_dataloaders(tmp_path / "no-such-folder")
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="empty: no images found"):
+        image_folder_dataloaders(tmp_path / "empty")
+    root = write_folder(tmp_path / "single", classes=("cat",))
+    with pytest.raises(ValueError, match="single: expected at least 2 classes"):
+        image_folder_dataloaders(root)
+    root = write_folder(tmp_path / "all-bad", per_class=0)
+    write_corrupt_png(root / "cat" / "a.png")
+    with pytest.warns(UserWarning, match="skipped 1"), pytest.raises(ValueError, match="all-bad: no readable images"):
+        image_folder_dataloaders(root)
+
+
+def write_csv_set(tmp_path, rows=12):
+    for i in range(rows):
+        write_png(tmp_path / "pics" / f"{i}.png", i)
+    lines = ["file,kind"] + [f"pics/{i}.png,{'ab'[i % 2]}" for i in range(rows)]
+    csv = tmp_path / "set.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def test_csv_batches(tmp_path):
+    csv = write_csv_set(tmp_path)
+    dls = csv_dataloaders(csv, path_col="file", label_col="kind", bs=4, size=14, valid_pct=0.25)
+    x, y = dls.one_batch()
+    assert x.shape == (4, 3, 14, 14) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert dls.c == 2 and list(dls.vocab) == ["a", "b"]
+    assert len(dls.train.items) == 9 and len(dls.valid.items) == 3
+    assert_standardised(dls, tol=0.25)
+
+
+def test_csv_paths_relative_to_folder(tmp_path):
+    csv = write_csv_set(tmp_path)
+    moved = tmp_path / "elsewhere" / "list.csv"
+    moved.parent.mkdir()
+    moved.write_text(csv.read_text())
+    with pytest.raises(ValueError, match="no readable images"), pytest.warns(UserWarning, match="skipped 12"):
+        csv_dataloaders(moved, path_col="file", label_col="kind")
+    dls = csv_dataloaders(moved, path_col="file", label_col="kind", folder=tmp_path, bs=4, size=8)
+    assert dls.c == 2
+
+
+def test_csv_bad_inputs(tmp_path):
+    csv = write_csv_set(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        csv_dataloaders(tmp_path / "missing.csv")
+    with pytest.raises(ValueError) as error:
+        csv_dataloaders(csv)  # default columns "path" / "label"
+    message = str(error.value)
+    assert str(csv) in message and "expected ['path', 'label']" in message and "found ['file', 'kind']" in message
+
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("path,label\n")
+    with pytest.raises(ValueError, match="header.csv: no images found"):
+        csv_dataloaders(header_only)
+
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("path,label\n" + "".join(f"pics/{i}.png,a\n" for i in range(6)))
+    with pytest.raises(ValueError, match="one.csv: expected at least 2 classes"):
+        csv_dataloaders(one_class)
+
+    with_missing = tmp_path / "gaps.csv"
+    with_missing.write_text(csv.read_text().replace("file,kind", "path,label") + "pics/gone.png,a\n")
+    with pytest.warns(UserWarning, match="skipped 1 .*gone.png"):
+        csv_dataloaders(with_missing, bs=4, size=8)
+    with pytest.raises(ValueError, match="gone.png"):
+        csv_dataloaders(with_missing, on_bad_image="error")
+
+    corrupt = tmp_path / "corrupt.csv"
+    write_corrupt_png(tmp_path / "pics" / "junk.png")
+    corrupt.write_text(csv.read_text().replace("file,kind", "path,label") + "pics/junk.png,b\n")
+    with pytest.warns(UserWarning, match="skipped 1 .*junk.png"):
+        csv_dataloaders(corrupt, bs=4, size=8)
+    with pytest.raises(ValueError, match="corrupt image .*junk.png"):
+        csv_dataloaders(corrupt, on_bad_image="error")
+
+    duplicated = tmp_path / "dup.csv"
+    duplicated.write_text("path,label\npics/0.png,a\npics/0.png,b\npics/1.png,b\n")
+    with pytest.raises(ValueError, match="dup.csv: image .*0.png is listed more than once"):
+        csv_dataloaders(duplicated)
+
+    blank = tmp_path / "blank.csv"
+    blank.write_text("path,label\npics/0.png,\npics/1.png,b\n")
+    with pytest.raises(ValueError, match="blank.csv: row 2 has an empty"):
+        csv_dataloaders(blank)
