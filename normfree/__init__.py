@@ -12,7 +12,8 @@ from .data import (
     read_idx,
     write_digits_image_folder,
 )
-from .exclusion import excluded_parameters, find_classifier
+from .classifier import find_classifier, init_classifier_
+from .exclusion import excluded_parameters
 from .fusion import fuse_standardization
 from .learner import body_head_splitter, build_model, nf_learner, normalizer_free_archs
 from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name  # registers nf_/bn_resnet_* in timm
@@ -39,6 +40,7 @@ __all__ = [
     "find_classifier",
     "fuse_standardization",
     "image_folder_dataloaders",
+    "init_classifier_",
     "load_weights",
     "medmnist_dataloaders",
     "nf_learner",

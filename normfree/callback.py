@@ -13,14 +13,8 @@ from torch import Tensor, nn
 
 from .agc import adaptive_clip_grad_, check_agc_arguments
 from .clip_history import ClipHistory
-from .exclusion import (
-    Exclusion,
-    SkipClassifier,
-    check_skip_classifier,
-    excluded_parameters,
-    find_classifier,
-    unwrap_model,
-)
+from .classifier import find_classifier, unwrap_model
+from .exclusion import Exclusion, SkipClassifier, check_skip_classifier, excluded_parameters
 
 __all__ = ["AGC", "ClipRate"]
 

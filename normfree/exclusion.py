@@ -13,35 +13,15 @@ from typing import Literal, Union
 
 from torch import Tensor, nn
 
-__all__ = ["find_classifier", "excluded_parameters", "Exclusion", "SkipClassifier"]
+from .classifier import find_classifier, unwrap_model
+
+__all__ = ["excluded_parameters", "Exclusion", "SkipClassifier"]
 
 SkipClassifier = Literal["weight", "weight_and_bias"] | None
 # An exclusion is a parameter-name pattern (fnmatch glob, or a module name for all its
 # parameters), a module (all its parameters), or a predicate called as f(name, parameter).
 Exclusion = Union[str, nn.Module, Callable[[str, Tensor], bool]]
 _SKIP_CLASSIFIER_CHOICES = ("weight", "weight_and_bias", None)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-def find_classifier(model: nn.Module) -> nn.Module | None:
-    """The model's final classifier layer, or None when it has none.
-
-    timm models say which it is (`get_classifier()`); otherwise it is the last `nn.Linear` in
-    module order, which for a fastai `vision_learner` model is the last layer of its head.
-    """
-    model = unwrap_model(model)
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), Tensor):
-            return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle, fine_tune)
 import timm
 import torch
+from fastai.callback.hook import num_features_model
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import Normalize
 from fastai.learner import Learner
@@ -24,7 +25,7 @@ from timm.layers import ClassifierHead
 from torch import nn
 
 from .callback import AGC
-from .exclusion import find_classifier
+from .classifier import find_classifier, init_classifier_
 from .weights import load_weights
 
 __all__ = ["nf_learner", "build_model", "normalizer_free_archs", "body_head_splitter"]
@@ -36,13 +37,6 @@ _NF_PREFIXES = ("nfnet_", "dm_nfnet_", "eca_nfnet_", "nf_regnet_", "nf_resnet", 
 def normalizer_free_archs() -> list[str]:
     """Every normalizer-free architecture timm knows (normfree's small family included)."""
     return [name for name in timm.list_models() if name.startswith(_NF_PREFIXES)]
-
-
-def init_classifier_(classifier: nn.Module) -> None:
-    """The NFNet classifier init: weight ~ N(0, 0.01), bias 0 (zero init "could sometimes lead to instabilities")."""
-    nn.init.normal_(classifier.weight, 0.0, 0.01)
-    if getattr(classifier, "bias", None) is not None:
-        nn.init.zeros_(classifier.bias)
 
 
 def _unknown_arch(arch: str) -> ValueError:
@@ -71,9 +65,7 @@ def _timm_model(arch: str, n_out: int, n_in: int, pretrained: bool, drop_rate: f
 
 def _torchvision_model(arch: Callable, n_out: int, n_in: int, pretrained: bool, drop_rate: float) -> nn.Module:
     body = create_body(arch(weights="DEFAULT" if pretrained else None), n_in, pretrained)
-    with torch.no_grad():
-        n_features = body(torch.zeros(1, n_in, 64, 64)).shape[1]
-    return nn.Sequential(body, ClassifierHead(n_features, n_out, pool_type="avg", drop_rate=drop_rate))
+    return nn.Sequential(body, ClassifierHead(num_features_model(body), n_out, pool_type="avg", drop_rate=drop_rate))
 
 
 def build_model(

@@ -56,6 +56,8 @@ from timm.models.resnetv2 import DownsampleAvg as PreActDownsampleAvg
 from timm.models.resnetv2 import PreActBottleneck
 from torch import nn
 
+from .classifier import init_classifier_
+
 __all__ = [
     "FAMILY",
     "Normalization",
@@ -103,13 +105,6 @@ def _cfg(in_chans: int = 1, num_classes: int = 10, **kwargs: Any) -> dict[str, A
         "paper_ids": "arXiv:2101.08692",
         **kwargs,
     }
-
-
-def _init_classifier(fc: nn.Module) -> None:
-    # the classifier init of DeepMind's NF-ResNet code, kept by timm's NormFreeNet: N(0, 0.01), zero bias
-    if isinstance(fc, nn.Linear):
-        nn.init.normal_(fc.weight, 0.0, 0.01)
-        nn.init.zeros_(fc.bias)
 
 
 class _NormFreeBottleneck(NormFreeBlock):
@@ -237,7 +232,7 @@ class SmallResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        _init_classifier(self.head.fc)
+        init_classifier_(self.head.fc)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -248,7 +243,7 @@ class SmallResNet(nn.Module):
         """Replace the classifier with a freshly initialised one (N(0, 0.01) weight, zero bias)."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
-        _init_classifier(self.head.fc)
+        init_classifier_(self.head.fc)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Activated feature map before pooling: [N, num_features, H / 4, W / 4]."""

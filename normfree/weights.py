@@ -16,7 +16,7 @@ import torch
 from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
-from .exclusion import find_classifier
+from .classifier import find_classifier
 
 __all__ = ["save_weights", "load_weights"]
 
