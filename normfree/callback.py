@@ -9,12 +9,14 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner, Metric
 from fastcore.basics import patch
+import torch
 from torch import Tensor, nn
 
 from .agc import adaptive_clip_grad_, check_agc_arguments
 from .clip_history import ClipHistory
 from .classifier import find_classifier, unwrap_model
 from .exclusion import Exclusion, SkipClassifier, check_skip_classifier, excluded_parameters
+from .per_sample import PerSampleClipper, examples_coupled_by, loss_reduction
 
 __all__ = ["AGC", "ClipRate"]
 
@@ -70,6 +72,12 @@ class AGC(Callback):
       (DeepMind's rule, the default), "weight_and_bias" (timm's), or None (clip it too).
     - `exclude`: more parameters to leave alone: name patterns ("stem.*", or a module name such as
       "head"), modules, or predicates ``f(name, param) -> bool``.
+    - `per_sample`: clip each example's gradient before the batch mean (see `normfree.per_sample`):
+      the step uses (1/N) sum_i clip(g_i) over the N examples of the effective batch (all
+      micro-batches of a `GradientAccumulation`, all processes of a distributed run). Needs a model
+      whose examples do not interact (no BatchNorm in training mode) and a loss that is the mean or
+      the sum of per-example terms; dropout and drop-path are fine. Excluded parameters get their
+      ordinary mean gradient. Clip rates then count (example, unit) pairs.
 
     After a fit, `history` holds the units clipped per parameter at every step (see
     `ClipHistory`); the Recorder shows the epoch's clip rate as `agc_clip` (and `agc_clip_<g>`
@@ -85,6 +93,7 @@ class AGC(Callback):
         eps: float = 1e-3,
         skip_classifier: SkipClassifier = "weight",
         exclude: Exclusion | Iterable[Exclusion] | None = (),
+        per_sample: bool = False,
     ):
         clippings = [clipping] if isinstance(clipping, (int, float)) else list(clipping)
         if not clippings:
@@ -94,6 +103,8 @@ class AGC(Callback):
         check_skip_classifier(skip_classifier)
         self.clipping, self.eps = clipping, eps
         self.skip_classifier, self.exclude = skip_classifier, _as_list(exclude)
+        self.per_sample = bool(per_sample)
+        self._clipper: PerSampleClipper | None = None
         self.history: ClipHistory | None = None
         self.epoch_start = 0
         self._clip_metrics: list[ClipRate] = []
@@ -149,6 +160,62 @@ class AGC(Callback):
         self._clippings = self._clipping_per_group(len(groups))
         self.history = ClipHistory([[name for name, _ in group] for group in groups])
         self._history_started = True
+        if self.per_sample:
+            self._start_per_sample(model)
+
+    def _start_per_sample(self, model: nn.Module) -> None:
+        clipping = {id(p): c for params, c in zip(self._params, self._clippings) for p in params}
+        self._clipper = PerSampleClipper(model, clipping, self.eps)
+        self._reduction: str | None = None
+        self._checked_proportional = False
+
+    def _stop_per_sample(self) -> None:
+        if self._clipper is not None:
+            self._clipper.remove()
+            self._clipper = None
+
+    def before_batch(self) -> None:
+        if self._clipper is None:
+            return
+        coupled = examples_coupled_by(unwrap_model(self.learn.model))
+        if coupled:
+            raise ValueError(PerSampleClipper.coupling_message(coupled))
+        self._clipper.start()
+
+    def after_loss(self) -> None:
+        """Per-sample: find what the backward pass will multiply each example's loss gradient by."""
+        if self._clipper is None or not self.learn.pred.requires_grad:
+            return
+        pred, targets = self.learn.pred, self.learn.yb
+        if self._reduction is None:
+            self._reduction = loss_reduction(self.learn.loss_func, pred.detach(), *targets)
+        with torch.enable_grad():
+            detached = pred.detach().requires_grad_()
+            own, = torch.autograd.grad(self.learn.loss_func(detached, *targets), detached)
+        own = own.float()
+        per_example = len(pred) if self._reduction == "mean" else 1
+
+        def set_grad_scale(signal: Tensor) -> None:
+            # signal = k * own: k is what GradientAccumulation and the grad scaler multiplied the loss by
+            k = (signal.float() * own).sum() / own.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+            if not self._checked_proportional:
+                self._check_proportional(signal.float(), k * own)
+            self._clipper.grad_scale = torch.where(k > 0, k / per_example, torch.ones_like(k))
+
+        pred.register_hook(set_grad_scale)
+
+    def _check_proportional(self, signal: Tensor, expected: Tensor) -> None:
+        if float((signal - expected).norm()) > 1e-3 * float(signal.norm()) + 1e-30:
+            raise ValueError(
+                "per-sample AGC: the gradient reaching the model output is not a multiple of the loss function's "
+                f"own gradient, so per-example gradients cannot be recovered; does a callback change the loss after "
+                f"{type(self.learn.loss_func).__name__} computed it? Turn per_sample off for such a set-up"
+            )
+        self._checked_proportional = True
+
+    def after_batch(self) -> None:
+        if self._clipper is not None:
+            self._clipper.stop()
 
     def before_train(self) -> None:
         if not self._history_started:
@@ -156,6 +223,9 @@ class AGC(Callback):
         self.epoch_start = len(self.history)
 
     def before_step(self) -> None:
+        if self._clipper is not None:  # the backward pass clipped each example already
+            self.history.record(self._clipper.collect(self._params))
+            return
         self.history.record(
             [adaptive_clip_grad_(params, clipping, self.eps) for params, clipping in zip(self._params, self._clippings)]
         )
@@ -169,7 +239,11 @@ class AGC(Callback):
                 stacklevel=2,
             )
 
+    def after_cancel_fit(self) -> None:
+        self._stop_per_sample()
+
     def after_fit(self) -> None:
+        self._stop_per_sample()
         self.learn.metrics = [m for m in self.learn.metrics if all(m is not own for own in self._clip_metrics)]
 
     def plot(self, **kwargs):
@@ -186,12 +260,17 @@ def agc(
     eps: float = 1e-3,
     skip_classifier: SkipClassifier = "weight",
     exclude: Exclusion | Iterable[Exclusion] | None = (),
+    per_sample: bool = False,
 ) -> Learner:
     """Attach Adaptive Gradient Clipping (replacing any AGC already attached), like `to_fp16()`.
 
-    The callback is then `learn.adaptive_clip`. Exclusions are checked against the model now.
+    The callback is then `learn.adaptive_clip`. Exclusions are checked against the model now, and so,
+    with `per_sample=True`, is the absence of BatchNorm layers (which couple the examples).
     """
-    callback = AGC(clipping, eps, skip_classifier, exclude)
+    callback = AGC(clipping, eps, skip_classifier, exclude, per_sample)
     excluded_parameters(self.model, skip_classifier, callback.exclude)
+    coupled = examples_coupled_by(unwrap_model(self.model)) if per_sample else []
+    if coupled:
+        raise ValueError(PerSampleClipper.coupling_message(coupled))
     self.remove_cb(AGC)
     return self.add_cb(callback)

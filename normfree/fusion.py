@@ -4,29 +4,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers import Conv2dSame
 from timm.models.nfnet import NormFreeBlock
 from torch import Tensor, nn
 
+from .standardization import STD_CONVS, standardized_weight
+
 __all__ = ["FusedNormFreeBlock", "fuse_standardization"]
-
-_STD_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
-
-
-def _standardized_weight(conv: nn.Conv2d) -> Tensor:
-    """The weight a timm (Scaled)StdConv2d(Same) convolves with, computed exactly as its forward does.
-
-    W_hat = gain * gamma / sqrt(fan_in) * (W - mean) / sqrt(var + eps), per output channel, with the
-    biased variance (Brock, De, Smith 2021, arXiv 2101.08692, Sec. 4); timm keeps gamma / sqrt(fan_in)
-    in `conv.scale`. StdConv2d(Same) has neither gain nor scale. F.batch_norm on the weight, as in the
-    layer, so the baked weight is the one the layer computes.
-    """
-    scale = (conv.gain * conv.scale).view(-1) if isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame)) else None
-    return F.batch_norm(
-        conv.weight.reshape(1, conv.out_channels, -1), None, None, weight=scale,
-        training=True, momentum=0.0, eps=conv.eps,
-    ).reshape_as(conv.weight)
 
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -40,7 +24,7 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
         dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
         device=conv.weight.device, dtype=conv.weight.dtype,
     )
-    plain.weight.copy_(_standardized_weight(conv))
+    plain.weight.copy_(standardized_weight(conv))
     if conv.bias is not None:
         plain.bias.copy_(conv.bias)
     return plain
@@ -131,7 +115,7 @@ def fuse_standardization(model: nn.Module) -> nn.Module:
     copy is for inference: training it would train the baked weights, not gains and raw weights.
     """
     fused = copy.deepcopy(model)
-    for name, module in [(n, m) for n, m in fused.named_modules() if isinstance(m, _STD_CONVS)]:
+    for name, module in [(n, m) for n, m in fused.named_modules() if isinstance(m, STD_CONVS)]:
         fused = _replaced(fused, name, _plain_conv(module))
     for name, module in [(n, m) for n, m in fused.named_modules() if isinstance(m, NormFreeBlock)]:
         fused = _replaced(fused, name, _fuse_block(module))

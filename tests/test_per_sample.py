@@ -1,0 +1,230 @@
+"""Per-sample AGC against an explicit loop over examples (float64 AGC reference per example).
+
+The reference runs the model on one example at a time, takes that example's gradient of its own
+loss term, clips it with the float64 reference of Eq. (3), and averages: nothing from normfree's
+per-sample code is used.
+"""
+import copy
+from functools import partial
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from agc_reference import reference_agc
+from fastai.callback.training import GradientAccumulation
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, MSELossFlat
+from fastai.optimizer import SGD
+from timm.models.nfnet import NfCfg, NormFreeNet
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from normfree import AGC, excluded_parameters
+from normfree.per_sample import PerSampleClipper
+
+LR = 0.5
+CLIPPING = 0.01
+
+
+def tiny_nfnet(**overrides):
+    """A few-thousand-parameter timm NormFreeNet; the defaults exercise SE, grouped convs, SAME padding
+    (dynamic at stride 2), SkipInit gains, GELU with gamma in the activation."""
+    cfg = dict(depths=(1, 1), channels=(16, 32), stem_type="3x3", stem_chs=8, group_size=8, attn_layer="se",
+               attn_kwargs=dict(rd_ratio=0.5), skipinit=True, act_layer="gelu", same_padding=True, num_features=48,
+               gamma_in_act=True)
+    torch.manual_seed(0)
+    model = NormFreeNet(NfCfg(**{**cfg, **overrides}), num_classes=5, in_chans=3)
+    for module in model.modules():  # SkipInit gains start at 0; give them a value with a real gradient
+        if getattr(module, "skipinit_gain", None) is not None:
+            nn.init.constant_(module.skipinit_gain, 0.7)
+    return model
+
+
+def eca_regnet():
+    return tiny_nfnet(group_size=None, attn_layer="eca", attn_kwargs={}, act_layer="silu", extra_conv=True, reg=True,
+                      skipinit=False, same_padding=False, gamma_in_act=False, num_features=0)
+
+
+class TokenModel(nn.Module):
+    """Embedding -> Conv1d -> LayerNorm -> Linear over positions: plain layers, two of them without a fast rule."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.conv = nn.Embedding(20, 6), nn.Conv1d(6, 8, 3, padding=1, groups=2)
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 5)
+
+    def forward(self, tokens):
+        h = self.conv(self.embed(tokens).transpose(1, 2)).relu().transpose(1, 2)
+        return self.fc(self.norm(h)).mean(1)
+
+
+def image_batch(n=6, size=16, channels=3):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(n, channels, size, size, generator=generator) * 2, torch.randint(0, 5, (n,), generator=generator)
+
+
+def per_example_reference(model, x, y, loss_func, clipping=CLIPPING, eps=1e-3):
+    """mean_i clip(grad of example i's own loss), float64, excluded parameters unclipped."""
+    model = copy.deepcopy(model)
+    unclipped = {id(p) for p in excluded_parameters(model)}
+    total = {n: 0.0 for n, _ in model.named_parameters()}
+    for i in range(len(x)):
+        model.zero_grad()
+        loss_func(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for n, p in model.named_parameters():
+            total[n] = total[n] + (p.grad.double() if id(p) in unclipped else reference_agc(p, p.grad, clipping, eps)[0])
+    return {n: t / len(x) for n, t in total.items()}
+
+
+def clipped_mean_gradient(model, x, y, loss_func, clipping=CLIPPING):
+    """The gradient left by one backward pass with a PerSampleClipper installed (mean loss)."""
+    unclipped = {id(p) for p in excluded_parameters(model)}
+    clipper = PerSampleClipper(model, {id(p): clipping for p in model.parameters() if id(p) not in unclipped})
+    clipper.grad_scale = torch.tensor(1.0 / len(x))
+    model.zero_grad()
+    clipper.start()
+    loss_func(model(x), y).backward()
+    clipper.stop()
+    stats = clipper.collect([list(model.parameters())])[0]
+    clipper.remove()
+    return {n: p.grad.double() for n, p in model.named_parameters()}, stats
+
+
+def relative_error(got, reference):
+    diff = torch.cat([(got[n] - reference[n]).flatten() for n in reference])
+    return float(diff.norm() / torch.cat([r.flatten() for r in reference.values()]).norm())
+
+
+MODELS = {
+    "nfnet (SE, grouped, SAME, SkipInit, GELU)": (tiny_nfnet, image_batch),
+    "nf_regnet (ECA Conv1d, extra conv, SiLU)": (eca_regnet, image_batch),
+    "test_nfnet": (lambda: timm.create_model("test_nfnet", num_classes=5), partial(image_batch, size=32)),
+    "nf_resnet26": (lambda: timm.create_model("nf_resnet26", num_classes=5), partial(image_batch, n=3, size=32)),
+    "nf_resnet_tiny (normfree)": (lambda: timm.create_model("nf_resnet_tiny", num_classes=5, in_chans=3), image_batch),
+    "plain conv + linear": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(inplace=True), nn.Flatten(),
+                                                  nn.Linear(196, 7), nn.Tanh(), nn.Linear(7, 5)), image_batch),
+    "embedding, conv1d, layernorm": (TokenModel, lambda: (torch.randint(0, 20, (6, 9)), torch.randint(0, 5, (6,)))),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_equals_a_loop_over_examples(name):
+    make_model, make_batch = MODELS[name]
+    model, (x, y) = make_model().train(), make_batch()
+    reference = per_example_reference(model, x, y, F.cross_entropy)
+    got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
+    assert relative_error(got, reference) < 1e-5
+    for n in reference:  # every parameter, not only the large ones
+        assert (got[n] - reference[n]).norm() <= 1e-3 * reference[n].norm() + 1e-12, n
+    assert stats.fraction > 0  # the clipping was exercised
+
+
+def test_clipping_each_example_differs_from_clipping_the_mean():
+    model, (x, y) = tiny_nfnet(), image_batch()
+    got, _ = clipped_mean_gradient(model, x, y, F.cross_entropy)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    mean_then_clip = {n: reference_agc(p, p.grad, CLIPPING, 1e-3)[0] if n != "head.fc.weight" else p.grad.double()
+                      for n, p in model.named_parameters()}
+    assert relative_error(got, mean_then_clip) > 0.05
+
+
+def test_huge_clipping_gives_the_ordinary_gradient():
+    model, (x, y) = tiny_nfnet(), image_batch()
+    got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy, clipping=1e9)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert relative_error(got, {n: p.grad.double() for n, p in model.named_parameters()}) < 1e-5
+    assert stats.fraction == 0
+
+
+def test_layers_are_restored_after_removal():
+    model, (x, _) = tiny_nfnet(), image_batch()
+    expected = model(x)
+    clipper = PerSampleClipper(model, {})
+    clipper.remove()
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.equal(model(x), expected)
+
+
+# --- through fastai ------------------------------------------------------------------------------
+def dls_for(x, y, bs):
+    return DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=False), DataLoader(TensorDataset(x[:4], y[:4]), bs=4))
+
+
+def fastai_update(model, x, y, loss_func, bs, cbs=(), **agc_kwargs):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    agc = AGC(CLIPPING, per_sample=True, **agc_kwargs)
+    learn = Learner(dls_for(x, y, bs), model, loss_func=loss_func, opt_func=partial(SGD, mom=0.0, wd=0.0), lr=LR,
+                    cbs=[agc, *cbs])
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+    return {n: (p.detach() - before[n]).double() for n, p in model.named_parameters()}, agc
+
+
+def reference_step(model, x, y, loss_func):
+    return {n: -LR * g for n, g in per_example_reference(model, x, y, loss_func).items()}
+
+
+LOSSES = {
+    "cross-entropy": (CrossEntropyLossFlat(), lambda y: y),
+    "label smoothing": (LabelSmoothingCrossEntropyFlat(eps=0.1), lambda y: y),
+    "multi-label BCE": (BCEWithLogitsLossFlat(), lambda y: F.one_hot(y, 5).float()),
+    "MSE": (MSELossFlat(), lambda y: F.one_hot(y, 5).float()),
+    "sum reduction": (CrossEntropyLossFlat(reduction="sum"), lambda y: y),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_fastai_losses(name):
+    loss_func, targets = LOSSES[name]
+    x, labels = image_batch(n=8)
+    y = targets(labels)
+    update, agc = fastai_update(tiny_nfnet(), x, y, loss_func, bs=8)
+    per_example = (lambda p, t: loss_func(p, t)) if name != "sum reduction" else F.cross_entropy
+    reference = reference_step(tiny_nfnet(), x, y, per_example)
+    if name == "sum reduction":  # the step is the clipped *sum*: N times the clipped mean
+        reference = {n: r * len(x) for n, r in reference.items()}
+    assert relative_error(update, reference) < 1e-5
+    assert "head.fc.weight" not in agc.history.parameter_names
+
+
+def test_gradient_accumulation_does_not_depend_on_the_split():
+    x, y = image_batch(n=16)
+    whole, _ = fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=16)
+    split, agc = fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=4, cbs=[GradientAccumulation(16)])
+    assert relative_error(split, whole) < 1e-5
+    assert len(agc.history) == 1 and int(agc.history.units().sum()) > 16  # one step, counted over 16 examples
+
+
+def test_batchnorm_is_refused_with_advice():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
+    x, y = image_batch()
+    learn = Learner(dls_for(x, y, 6), model, loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match="BatchNorm couples the examples.*normalizer-free"):
+        learn.agc(per_sample=True)
+    learn.add_cb(AGC(per_sample=True))
+    with pytest.raises(ValueError, match="BatchNorm couples"), learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+    assert not any("forward" in vars(m) for m in model.modules())  # nothing left installed
+
+
+def test_a_loss_that_is_not_a_sum_over_examples_is_refused_by_name():
+    def max_loss(pred, target):
+        return F.cross_entropy(pred, target, reduction="none").max()
+
+    x, y = image_batch()
+    with pytest.raises(ValueError, match="mean or the sum.*max_loss"):
+        fastai_update(tiny_nfnet(), x, y, max_loss, bs=6)
+
+
+def test_dropout_and_drop_path_run():
+    torch.manual_seed(0)
+    model = timm.create_model("nf_resnet26", num_classes=5, drop_rate=0.3, drop_path_rate=0.2)
+    x, y = image_batch(n=8)
+    update, agc = fastai_update(model, x, y, CrossEntropyLossFlat(), bs=8)
+    assert all(torch.isfinite(u).all() for u in update.values()) and len(agc.history) == 1
