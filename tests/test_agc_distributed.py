@@ -4,21 +4,24 @@ fastai's DistributedTrainer wraps the model in DistributedDataParallel and gives
 shard of the data; this test does the same with torch's DDP on two CPU processes (gloo), each
 running a fastai Learner on half of the batch, and compares with the single-process reference step.
 """
+import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai_helpers import fit_quietly, make_learner, reference_update, relative_difference, tiny_data, tiny_model
+from fastai_helpers import LR, fit_quietly, make_learner, reference_update, relative_difference, tiny_data, tiny_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from normfree import AGC
+from test_per_sample import per_example_reference
 
 WORLD_SIZE = 2
 
 
-def train_one_shard(rank: int, init_file: str, result_file: str) -> None:
+def train_one_shard(rank: int, init_file: str, result_file: str, per_sample: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         torch.set_num_threads(1)
@@ -27,7 +30,7 @@ def train_one_shard(rank: int, init_file: str, result_file: str) -> None:
         x, y = tiny_data()
         shard = slice(rank * 16, (rank + 1) * 16)
         dls = DataLoaders(DataLoader(TensorDataset(x[shard], y[shard]), bs=16), DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
-        agc = AGC(0.01)
+        agc = AGC(0.01, per_sample=per_sample)
         fit_quietly(make_learner(DistributedDataParallel(model), dls, [agc]))
         if rank == 0:
             update = {n: (p.detach() - before[n]).double() for n, p in model.named_parameters()}
@@ -36,9 +39,17 @@ def train_one_shard(rank: int, init_file: str, result_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_agc_clips_the_all_reduced_gradient(tmp_path):
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "per-sample"])
+def test_agc_clips_the_all_reduced_gradient(tmp_path, per_sample):
+    """Batch AGC clips the all-reduced mean; per-sample AGC's clipped sums are all-reduced: both equal one
+    process on the whole batch."""
     result_file = tmp_path / "rank0.pt"
-    mp.spawn(train_one_shard, args=(str(tmp_path / "init"), str(result_file)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(train_one_shard, args=(str(tmp_path / "init"), str(result_file), per_sample), nprocs=WORLD_SIZE,
+             join=True)
     result = torch.load(result_file)
-    assert relative_difference(result["update"], reference_update(tiny_model(), clipping=0.01)) < 1e-5
+    if per_sample:
+        reference = {n: -LR * g for n, g in per_example_reference(tiny_model(), *tiny_data(), F.cross_entropy).items()}
+    else:
+        reference = reference_update(tiny_model(), clipping=0.01)
+    assert relative_difference(result["update"], reference) < 1e-5
     assert "5.weight" not in result["clipped"] and "5.bias" in result["clipped"]  # classifier found through DDP

@@ -48,6 +48,13 @@ def eca_regnet():
                       skipinit=False, same_padding=False, gamma_in_act=False, num_features=0)
 
 
+def nf_resnet():
+    """timm's nf_resnet26 layout (NfCfg of `_nfres_cfg`) at a few thousand parameters."""
+    return tiny_nfnet(stem_type="7x7_pool", stem_chs=8, group_size=None, attn_layer=None, attn_kwargs=None,
+                      bottle_ratio=0.25, act_layer="relu", same_padding=False, gamma_in_act=False, skipinit=False,
+                      num_features=0)
+
+
 class TokenModel(nn.Module):
     """Embedding -> Conv1d -> LayerNorm -> Linear over positions: plain layers, two of them without a fast rule."""
 
@@ -102,9 +109,10 @@ def relative_error(got, reference):
 MODELS = {
     "nfnet (SE, grouped, SAME, SkipInit, GELU)": (tiny_nfnet, image_batch),
     "nf_regnet (ECA Conv1d, extra conv, SiLU)": (eca_regnet, image_batch),
-    "test_nfnet": (lambda: timm.create_model("test_nfnet", num_classes=5), partial(image_batch, size=32)),
-    "nf_resnet26": (lambda: timm.create_model("nf_resnet26", num_classes=5), partial(image_batch, n=3, size=32)),
-    "nf_resnet_tiny (normfree)": (lambda: timm.create_model("nf_resnet_tiny", num_classes=5, in_chans=3), image_batch),
+    "test_nfnet": (lambda: timm.create_model("test_nfnet", num_classes=5), partial(image_batch, n=3, size=32)),
+    "nf_resnet (7x7 stem + pool, bottlenecks, ReLU)": (nf_resnet, partial(image_batch, size=32)),
+    "nf_resnet_tiny (normfree)": (lambda: timm.create_model("nf_resnet_tiny", num_classes=5, in_chans=3),
+                                  partial(image_batch, n=3)),
     "plain conv + linear": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(inplace=True), nn.Flatten(),
                                                   nn.Linear(196, 7), nn.Tanh(), nn.Linear(7, 5)), image_batch),
     "embedding, conv1d, layernorm": (TokenModel, lambda: (torch.randint(0, 20, (6, 9)), torch.randint(0, 5, (6,)))),
@@ -201,6 +209,23 @@ def test_gradient_accumulation_does_not_depend_on_the_split():
     assert len(agc.history) == 1 and int(agc.history.units().sum()) > 16  # one step, counted over 16 examples
 
 
+def test_fp16_clips_unscaled_per_example_gradients():
+    """Under fp16 autocast with a 2**16 loss scale, the update matches fp32 per-sample AGC within fp16
+    precision; clipping the scaled per-example gradients would shrink every clipped unit 65536-fold."""
+    import normfree.precision  # noqa: F401  (Learner.to_mixed_precision)
+
+    x, y = image_batch(n=8)
+    fp32, _ = fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=8)
+    model = tiny_nfnet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    learn = Learner(dls_for(x, y, 8), model, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=0.0, wd=0.0),
+                    lr=LR, cbs=[AGC(CLIPPING, per_sample=True)]).to_mixed_precision("fp16", init_scale=2.0**16)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+    fp16 = {n: (p.detach() - before[n]).double() for n, p in model.named_parameters()}
+    assert relative_error(fp16, fp32) < 2e-2
+
+
 def test_batchnorm_is_refused_with_advice():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
     x, y = image_batch()
@@ -224,7 +249,8 @@ def test_a_loss_that_is_not_a_sum_over_examples_is_refused_by_name():
 
 def test_dropout_and_drop_path_run():
     torch.manual_seed(0)
-    model = timm.create_model("nf_resnet26", num_classes=5, drop_rate=0.3, drop_path_rate=0.2)
+    model = NormFreeNet(NfCfg(depths=(1, 1), channels=(16, 32), stem_chs=8, attn_layer=None), num_classes=5,
+                        drop_rate=0.3, drop_path_rate=0.2)
     x, y = image_batch(n=8)
     update, agc = fastai_update(model, x, y, CrossEntropyLossFlat(), bs=8)
     assert all(torch.isfinite(u).all() for u in update.values()) and len(agc.history) == 1
