@@ -389,13 +389,15 @@ class _Standardization:
     unit_weight: Tensor  # [units, fan-in], float32
     scale: Tensor  # [units]
     inv_std: Tensor  # [units]
+    eps: float
 
     @staticmethod
     def of(module: nn.Module, weight: Tensor, eps: float) -> _Standardization:
         rows = weight.detach().float().reshape(weight.shape[0], -1)
         unit_weight, inv_std = standardize_weight(rows, None, eps, with_inv_std=True)
         scale = weight_scale(module)
-        return _Standardization(unit_weight, torch.ones_like(inv_std) if scale is None else scale.detach().float(), inv_std)
+        return _Standardization(unit_weight, torch.ones_like(inv_std) if scale is None else scale.detach().float(), inv_std,
+                                eps)
 
     def grad_norms(self, sums: _WeightGradSums) -> Tensor:
         """Per-example unit norms of dL/dW from the sums over the gradient g of the standardised weight.
@@ -405,7 +407,7 @@ class _Standardization:
         with n the fan-in and r = ||w||^2 / n = var / (var + eps).
         """
         n = self.unit_weight.shape[1]
-        ratio = self.unit_weight.square().mean(1)
+        ratio = 1 - self.eps * self.inv_std.square()  # var / (var + eps)
         square = sums.square - sums.total.square() / n - sums.along_weight.square() * (2 - ratio) / n
         return square.clamp_min(0).sqrt() * (self.scale.abs() * self.inv_std)
 
