@@ -13,8 +13,9 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(INSTALLED)
 
+# the quick BatchNorm-vs-normalizer-free grid on the bundled digits; prints its table at the end
 demo: $(INSTALLED)
-	$(PY) -m normfree.demo
+	$(PY) -m normfree compare --out demo-output --overwrite
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q

@@ -1,7 +1,15 @@
 """normfree: Normalizer-Free Networks and Adaptive Gradient Clipping for fastai."""
+import warnings
+
+# fastai 2.8 decorates a layer with torch.jit.script at import time, which torch now deprecates: a
+# warning on every start of the `normfree` command that no user can act on.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 from .agc import ClipStats, adaptive_clip_factor, adaptive_clip_grad_, unitwise_norm
 from .callback import AGC, ClipRate
 from .clip_history import ClipHistory
+from .compare import METHODS, CompareConfig, CompareResult, compare
+from .config import ConfigError, TrainConfig
 from .data import (
     FASHION_MNIST_CLASSES,
     csv_dataloaders,
@@ -13,10 +21,15 @@ from .data import (
     write_digits_image_folder,
 )
 from .classifier import find_classifier, init_classifier_
+from .epoch_log import EpochLog
 from .exclusion import excluded_parameters
 from .fusion import fuse_standardization
 from .learner import body_head_splitter, build_model, nf_learner, normalizer_free_archs
+from .memory import PeakMemory
+from .precision import DeviceMixedPrecision  # also Learner.to_mixed_precision
+from .report import RunRecord, write_report
 from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name  # registers nf_/bn_resnet_* in timm
+from .train import TrainResult, train
 from .weights import load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -26,13 +39,24 @@ __all__ = [
     "ClipHistory",
     "ClipRate",
     "ClipStats",
+    "CompareConfig",
+    "CompareResult",
+    "ConfigError",
+    "DeviceMixedPrecision",
+    "EpochLog",
     "FASHION_MNIST_CLASSES",
+    "METHODS",
+    "PeakMemory",
+    "RunRecord",
     "SmallResNet",
+    "TrainConfig",
+    "TrainResult",
     "adaptive_clip_factor",
     "adaptive_clip_grad_",
     "batchnorm_twin_name",
     "body_head_splitter",
     "build_model",
+    "compare",
     "csv_dataloaders",
     "digits_dataloaders",
     "excluded_parameters",
@@ -48,6 +72,8 @@ __all__ = [
     "read_idx",
     "normalizer_free_archs",
     "save_weights",
+    "train",
     "unitwise_norm",
     "write_digits_image_folder",
+    "write_report",
 ]

@@ -140,6 +140,14 @@ def _seeded_shuffle(dls: DataLoaders, seed: int) -> DataLoaders:
     return dls
 
 
+class _TensorImages(TensorDataset):
+    """A `TensorDataset` that `learn.export()` can empty (fastai calls ``dataset.new_empty()``):
+    the exported Learner keeps the loaders' transforms and no data."""
+
+    def new_empty(self) -> _TensorImages:
+        return _TensorImages(*(t[:0] for t in self.tensors))
+
+
 class _StandardiseImages(ItemTransform):
     """Batch transform: stored pixels [B, C, H, W] (any dtype) -> standardised float at `size` px.
 
@@ -167,7 +175,7 @@ def _tensor_dataloaders(
     mean, std = _batch_stats(chunks)
     standardise = _StandardiseImages(size, mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1))
     loaders = [
-        DataLoader(TensorDataset(x, y), bs=bs if i == 0 else 2 * bs, shuffle=i == 0, after_batch=standardise)
+        DataLoader(_TensorImages(x, y), bs=bs if i == 0 else 2 * bs, shuffle=i == 0, after_batch=standardise)
         for i, (x, y) in enumerate(splits)
     ]
     dls = _seeded_shuffle(DataLoaders(*loaders, device=device), seed)
@@ -176,13 +184,19 @@ def _tensor_dataloaders(
 
 
 def digits_dataloaders(
-    bs: int = 64, size: int = 32, valid_pct: float = 0.2, seed: int = 0, device: torch.device | str | None = None
+    bs: int = 64,
+    size: int = 32,
+    valid_pct: float = 0.2,
+    seed: int = 0,
+    limit: int | None = None,
+    device: torch.device | str | None = None,
 ) -> DataLoaders:
     """scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes), always available offline.
 
     Images are 1-channel, resized to `size` px (bilinear) and standardised with the training
     split's mean and std; `valid_pct` of the images, chosen with `seed`, are held out.
-    `seed` also fixes the order of the training batches.
+    `seed` also fixes the order of the training batches. `limit` keeps the first n images of
+    each split (after the random split) for quick runs.
     """
     from sklearn.datasets import load_digits
 
@@ -193,6 +207,7 @@ def digits_dataloaders(
     images = torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8)
     targets = torch.tensor(labels, dtype=torch.long)
     train, valid = _random_split(len(images), valid_pct, seed, "digits")
+    train, valid = train[:limit], valid[:limit]
     splits = [(images[train], targets[train]), (images[valid], targets[valid])]
     dls = _tensor_dataloaders(splits, size, bs, seed, device, 10)
     dls.vocab = [str(d) for d in range(10)]
@@ -270,8 +285,8 @@ def fashion_mnist_dataloaders(
     return dls
 
 
-def _medmnist_split(data, split: str, source: Path) -> tuple[torch.Tensor, np.ndarray]:
-    images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+def _medmnist_split(data, split: str, source: Path, limit: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    images, labels = data[f"{split}_images"][:limit], data[f"{split}_labels"][:limit]
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
         raise ValueError(f"{source}: {split}_images has shape {images.shape}, expected [N, H, W] or [N, H, W, 3]")
     if labels.ndim == 1:
@@ -292,6 +307,7 @@ def medmnist_dataloaders(
     bs: int = 64,
     size: int | None = None,
     seed: int = 0,
+    limit: int | None = None,
     device: torch.device | str | None = None,
 ) -> DataLoaders:
     """A MedMNIST ``.npz`` (keys ``{train,val,test}_{images,labels}``) as DataLoaders.
@@ -301,6 +317,7 @@ def medmnist_dataloaders(
     multi-label: float multi-hot targets, ``dls.c = K`` and ``dls.multi_label = True``.
     Train = train, valid = val; the test split is ``dls.test`` (also ``dls[2]``), so
     ``learn.validate(ds_idx=2)`` scores it. `seed` fixes the order of the training batches.
+    `limit` keeps the first n images of each split for quick runs.
     """
     _check_args(bs)
     source = _existing(npz_path, "a MedMNIST .npz file")
@@ -314,7 +331,7 @@ def medmnist_dataloaders(
             raise ValueError(
                 f"{source}: missing keys {missing}; expected {_MEDMNIST_KEYS}, found {sorted(data.files)}"
             )
-        splits = [_medmnist_split(data, split, source) for split in ("train", "val", "test")]
+        splits = [_medmnist_split(data, split, source, limit) for split in ("train", "val", "test")]
     shapes = {tuple(images.shape[1:]) for images, _ in splits}
     widths = {labels.shape[1] for _, labels in splits}
     if len(shapes) > 1 or len(widths) > 1:

@@ -21,21 +21,12 @@ from fastai_helpers import (
     tiny_model,
     update_after_one_epoch,
 )
-from fastcore.foundation import L
 from torch import nn
 
 import normfree
-from normfree import AGC, excluded_parameters, find_classifier
+from normfree import AGC, DeviceMixedPrecision, excluded_parameters, find_classifier
 
 # ---- ordering -------------------------------------------------------------------------------
-
-class CPUMixedPrecision(MixedPrecision):
-    """fastai's MixedPrecision (which hard-codes CUDA) on the CPU: fp16 autocast and a CPU GradScaler."""
-
-    def before_fit(self):
-        self.autocast = torch.autocast("cpu", dtype=torch.float16)
-        self.learn.scaler, self.scales = torch.amp.GradScaler("cpu"), L()
-
 
 class ClipBeforeUnscale(AGC):
     """The forum callback's bug: default-ish order, so it clips gradients still multiplied by the loss scale."""
@@ -59,7 +50,7 @@ def test_fp32_step_matches_reference():
 def fp16_vs_fp32(agc_class) -> float:
     model = tiny_model()
     fp32 = update_after_one_epoch(copy.deepcopy(model), tiny_dls(), [AGC(0.01)])
-    fp16 = update_after_one_epoch(copy.deepcopy(model), tiny_dls(), [CPUMixedPrecision(), agc_class(0.01)])
+    fp16 = update_after_one_epoch(copy.deepcopy(model), tiny_dls(), [DeviceMixedPrecision("fp16"), agc_class(0.01)])
     return relative_difference(fp16, fp32, CLIPPED)
 
 

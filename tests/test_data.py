@@ -1,6 +1,5 @@
 """The DataLoaders builders in normfree.data: batch shapes, standardisation, IDX parsing and bad input."""
 import gzip
-import warnings
 
 import numpy as np
 import pytest

@@ -22,6 +22,7 @@ from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import normfree  # noqa: F401  (Learner.to_mixed_precision)
 from normfree import AGC, excluded_parameters
 from normfree.per_sample import PerSampleClipper
 
@@ -212,8 +213,6 @@ def test_gradient_accumulation_does_not_depend_on_the_split():
 def test_fp16_clips_unscaled_per_example_gradients():
     """Under fp16 autocast with a 2**16 loss scale, the update matches fp32 per-sample AGC within fp16
     precision; clipping the scaled per-example gradients would shrink every clipped unit 65536-fold."""
-    import normfree.precision  # noqa: F401  (Learner.to_mixed_precision)
-
     x, y = image_batch(n=8)
     fp32, _ = fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=8)
     model = tiny_nfnet()

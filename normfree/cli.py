@@ -1,0 +1,198 @@
+"""The ``normfree`` command: ``normfree train ...`` and ``normfree compare ...``, a thin layer over
+`normfree.train` and `normfree.compare`.
+
+Bad input is reported as ``normfree train: error: --OPTION: what is wrong and what would work``,
+with exit status 2 and no traceback. Ctrl-C exits with status 130 after saving a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from .compare import METHODS, CompareConfig, compare
+from .config import ConfigError, TrainConfig
+from .data_spec import DATA_SPEC_HELP
+from .train import train
+
+__all__ = ["build_parser", "main"]
+
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_COMPARE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
+# Command-line spelling of the settings whose flag is not simply --name-with-dashes.
+_FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc"}
+_RUN_OPTIONS = ("command", "config", "quiet", "overwrite")  # not settings of the run itself
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: ...)" unless the help already says what the default is; keeps the line
+    breaks of descriptions and examples."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _flag(option: str) -> str:
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default=argparse.SUPPRESS,
+                       help="float16 mixed precision with a gradient scaler, on any device (default: float32)")
+    group.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default=argparse.SUPPRESS,
+                       help="bfloat16 mixed precision, on any device (default: float32)")
+    parser.set_defaults(precision="fp32")
+
+
+def _add_data_and_model(parser: argparse.ArgumentParser, defaults: dict, arch_help: str) -> None:
+    parser.add_argument("--data", default=defaults["data"], help=DATA_SPEC_HELP)
+    parser.add_argument("--arch", default=defaults["arch"], help=arch_help)
+    parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
+    own_size = " (default: the data's own: digits 32, fashion-mnist 28, .npz native, folders and CSVs 64)"
+    parser.add_argument("--size", type=int, default=defaults["size"], metavar="PX",
+                        help="image size in pixels" + (own_size if defaults["size"] is None else ""))
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="use only the first N images of each split, for quick runs (digits, fashion-mnist, "
+                             ".npz; default: all)")
+    parser.add_argument("--valid-pct", type=float, default=defaults["valid_pct"],
+                        help="fraction held out for validation where the data has no validation split "
+                             "(digits, folders, CSVs)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    _add_precision(parser)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is a GPU)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results already in --out instead of stopping (train) or reusing them "
+                             "(compare)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _train_parser(subparsers) -> argparse.ArgumentParser:
+    d = _TRAIN_DEFAULTS
+    parser = subparsers.add_parser(
+        "train", formatter_class=_HelpFormatter, help="train one model; every output goes into --out",
+        description="Train one model on one data set and write its metrics (CSV), curves and AGC clip-rate\n"
+                    "plots (PNG), weights, exported learner and resolved config (JSON) into --out.",
+        epilog="examples:\n  normfree train --data digits --arch nf_resnet_tiny --agc 0.01 --epochs 5 --out runs/nf\n"
+               "  normfree train --data fashion-mnist --arch bn_resnet_small --no-agc --bs 32 --accum 8 --out runs/bn\n"
+               "  normfree train --config runs/nf/config.json --seed 1 --out runs/nf-seed1   # repeat, one change",
+    )
+    parser.add_argument("--config", metavar="JSON", default=None,
+                        help="start from a run's config.json (repeat it); options given here override it "
+                             "(default: none)")
+    _add_data_and_model(parser, d, "any timm model: an NF family (nfnet_f0, nf_resnet26, test_nfnet, ...), the "
+                                   "small nf_resnet_tiny/small/base, their BatchNorm twins bn_resnet_*, or e.g. "
+                                   "resnet18")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--pretrained", action="store_true", help="start from timm's hub weights (needs the network)")
+    start.add_argument("--weights", metavar="PATH", default=None,
+                       help="start from a local weights file: .safetensors, .pth, .pt, .bin or a learn.export() .pkl "
+                            "(default: none, random initialisation)")
+    clipping = parser.add_mutually_exclusive_group()
+    clipping.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA",
+                          help="Adaptive Gradient Clipping's lambda (0.01 is the paper's, for batch >= 1024)")
+    clipping.add_argument("--no-agc", dest="agc", action="store_const", const=None, default=argparse.SUPPRESS,
+                          help="train without AGC (default: with AGC)")
+    parser.add_argument("--per-sample", action="store_true",
+                        help="clip each example's gradient (per-sample AGC; normalizer-free models only)")
+    parser.add_argument("--bs", type=int, default=d["bs"], help="batch size of one forward/backward pass")
+    parser.add_argument("--accum", type=int, default=d["accum"], metavar="K",
+                        help="accumulate K batches per optimizer step (fastai GradientAccumulation): "
+                             "an effective batch of bs*K")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of the one-cycle schedule (Adam)")
+    rate.add_argument("--lr-find", action="store_true", help="use fastai's lr_find() valley suggestion instead of --lr")
+    parser.add_argument("--fine-tune", action="store_true",
+                        help="fastai's transfer-learning schedule: --freeze-epochs with the body frozen, then --epochs "
+                             "with everything (use with --pretrained/--weights, which otherwise train only the head)")
+    parser.add_argument("--freeze-epochs", type=int, default=d["freeze_epochs"], help="frozen epochs of --fine-tune")
+    parser.add_argument("--seed", type=int, default=d["seed"],
+                        help="random seed: initialisation, batch order and the validation split; same seed, "
+                             "same metrics")
+    parser.add_argument("--path-col", default=d["path_col"], help="CSV data: column of image paths")
+    parser.add_argument("--label-col", default=d["label_col"], help="CSV data: column of labels")
+    parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for every output file")
+    _add_run_options(parser)
+    return parser
+
+
+def _compare_parser(subparsers) -> argparse.ArgumentParser:
+    d = _COMPARE_DEFAULTS
+    parser = subparsers.add_parser(
+        "compare", formatter_class=_HelpFormatter,
+        help="BatchNorm vs normalizer-free (no AGC, AGC, per-sample AGC) over batch sizes and seeds, with a report",
+        description="Train a grid (methods x batch sizes x {plain, accumulated to the largest batch} x seeds)\n"
+                    "with the same budget and write a report (Markdown and self-contained HTML) into --out.\n"
+                    "Runs already in --out are reused, so an interrupted grid continues.\n"
+                    "With no options: a quick grid on digits.",
+        epilog="examples:\n  normfree compare                       # the quick digits grid (make demo)\n"
+               "  normfree compare --data fashion-mnist --size 28 --epochs 10 --seeds 0 1 2 --out fmnist",
+    )
+    _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
+                                   "bn_resnet_tiny/small/base")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
+                        help=f"methods to train, from {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(d["batch_sizes"]), metavar="BS",
+                        help="batch sizes of one forward/backward pass (default: "
+                             f"{' '.join(map(str, d['batch_sizes']))})")
+    parser.add_argument("--no-accum", dest="accumulate", action="store_false",
+                        help="skip the gradient-accumulation runs (default: each smaller batch size also accumulates "
+                             "up to the largest)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(d["seeds"]), metavar="SEED",
+                        help=f"seeds (default: {' '.join(map(str, d['seeds']))})")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of the one-cycle schedule (Adam)")
+    parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA", help="lambda of both AGC methods")
+    parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
+    _add_run_options(parser)
+    return parser
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``normfree`` parser and its subcommand parsers by name."""
+    parser = argparse.ArgumentParser(
+        prog="normfree", formatter_class=_HelpFormatter,
+        description="Normalizer-free networks and Adaptive Gradient Clipping for fastai.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="{train,compare}")
+    return parser, {"train": _train_parser(subparsers), "compare": _compare_parser(subparsers)}
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in _RUN_OPTIONS}
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        result = train(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+        return 130 if result.interrupted else 0
+    result = compare(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+    return 0 if result.complete else 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``normfree`` with `argv` (default: the process's arguments); returns the exit status.
+
+    Argument errors exit through argparse (SystemExit 2) with the option named.
+    """
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    command = commands[args.command]
+    try:
+        if getattr(args, "config", None):
+            command.set_defaults(**TrainConfig.load(args.config).to_dict())  # the command line still wins
+            args = parser.parse_args(argv)
+        return _run(args)
+    except ConfigError as error:
+        command.error(f"{_flag(error.option)}: {error.message}")
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    return 0  # not reached: command.error exits

@@ -1,0 +1,225 @@
+"""The settings of one training run (`TrainConfig`): checked up front, written to JSON, read back to repeat a run.
+
+Every check raises `ConfigError`, which names the offending setting (the command line turns
+``per_sample`` into ``--per-sample``) and says what would be accepted, before anything is trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from .agc import check_agc_arguments
+from .data_spec import DataSpec, parse_data_spec
+from .learner import _unknown_arch
+from .precision import PRECISIONS
+
+__all__ = ["ConfigError", "TrainConfig", "library_versions", "make_config"]
+
+_MIN_SIZE = 8
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work: `option` is its name (a `TrainConfig` field), `message` the fix."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option, self.message = option, message
+
+
+def make_config(cls: type, config: Any | None, options: dict[str, Any]) -> Any:
+    """`config` (a dataclass of type `cls`, or `cls()` if None) with `options` replacing its fields;
+    ConfigError naming an unknown option and listing the known ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(known)}")
+    return dataclasses.replace(config, **options) if config is not None else cls(**options)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that decide a run's numbers, plus the CPU thread count."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("normfree", "torch", "fastai", "timm", "numpy", "scikit-learn", "fastcore"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["torch_threads"] = str(torch.get_num_threads())
+    return versions
+
+
+def _whole(value: Any, option: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(option, f"must be a whole number >= {minimum}, got {value!r}")
+
+
+def _flag(value: Any, option: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(option, f"must be True or False, got {value!r}")
+
+
+def _positive(value: Any, option: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(option, f"must be a finite number > 0 ({what}), got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a `normfree.train` run; the fields are `train`'s keyword arguments.
+
+    - `data`: ``digits``, ``fashion-mnist[:DIR]``, a MedMNIST ``.npz``, a ``.csv`` of image paths and
+      labels (columns `path_col`, `label_col`) or an image folder (see `normfree.data_spec`).
+    - `arch`: a timm name: any NF family, the small ``nf_resnet_tiny/small/base``, their BatchNorm twins
+      ``bn_resnet_*``, or a BatchNorm baseline such as ``resnet18``.
+    - `pretrained` (timm's hub) or `weights` (a local file, see `normfree.load_weights`): start from
+      trained weights; the body then starts frozen, as in fastai.
+    - `agc`: AGC's lambda, or None for no clipping; `per_sample`: clip each example's gradient.
+    - `bs`: the batch size of one forward/backward pass; `accum`: accumulate that many batches per
+      optimizer step (fastai's `GradientAccumulation`), so one step sees ``bs * accum`` examples.
+    - `epochs`, `lr`: the one-cycle schedule (Adam, fastai's defaults); `lr_find` replaces `lr` by
+      fastai's ``lr_find()`` valley suggestion.
+    - `precision`: ``fp32``, ``fp16`` or ``bf16`` (mixed precision on any device).
+    - `fine_tune`: fastai's transfer-learning schedule: `freeze_epochs` with the body frozen, then
+      `epochs` with everything trained at discriminative learning rates.
+    - `seed`: initialisation, batch order and, where the data has no validation split of its own,
+      which `valid_pct` of the images are held out. `size`: image size in px (None: the data's
+      default). `limit`: first n images of each split (in-memory data sets only).
+    - `device`: ``cpu``, ``cuda``, ``cuda:1``, ...; None picks CUDA when there is one.
+    - `out`: the folder every output file is written to.
+    """
+
+    data: str = "digits"
+    arch: str = "nf_resnet_tiny"
+    pretrained: bool = False
+    weights: str | None = None
+    agc: float | None = 0.01
+    per_sample: bool = False
+    bs: int = 64
+    accum: int = 1
+    epochs: int = 5
+    lr: float = 1e-2
+    lr_find: bool = False
+    precision: str = "fp32"
+    fine_tune: bool = False
+    freeze_epochs: int = 1
+    seed: int = 0
+    size: int | None = None
+    limit: int | None = None
+    valid_pct: float = 0.2
+    path_col: str = "path"
+    label_col: str = "label"
+    device: str | None = None
+    out: str = "normfree-run"
+
+    def __post_init__(self) -> None:
+        self._check_data()
+        self._check_model()
+        self._check_training()
+
+    def _check_data(self) -> None:
+        spec = self.data_spec
+        if self.size is not None:
+            _whole(self.size, "size", _MIN_SIZE)
+        if self.limit is not None:
+            _whole(self.limit, "limit", 1)
+            if not spec.supports_limit:
+                raise ConfigError("limit", f"only in-memory data sets (digits, fashion-mnist, .npz) can be limited, "
+                                           f"not {spec.kind} data; leave limit out")
+        valid_pct = self.valid_pct
+        if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not 0 < valid_pct < 1:
+            raise ConfigError("valid_pct", f"must be between 0 and 1 (exclusive), got {self.valid_pct!r}")
+        for option in ("path_col", "label_col"):
+            if not isinstance(getattr(self, option), str) or not getattr(self, option):
+                raise ConfigError(option, f"must be a CSV column name, got {getattr(self, option)!r}")
+
+    def _check_model(self) -> None:
+        if not isinstance(self.arch, str) or self.arch not in timm.list_models():
+            raise ConfigError("arch", str(_unknown_arch(str(self.arch))))
+        _flag(self.pretrained, "pretrained")
+        if self.weights is not None:
+            if self.pretrained:
+                raise ConfigError("weights", "give either pretrained (timm's hub) or weights (a local file), not both")
+            if not Path(self.weights).expanduser().is_file():
+                raise ConfigError("weights", f"{self.weights}: no such file; expected a .safetensors, .pth, .pt, "
+                                             f".bin or learn.export() .pkl file")
+        if self.agc is not None:
+            try:
+                check_agc_arguments(self.agc, 1e-3)
+            except ValueError:
+                raise ConfigError("agc", f"AGC's lambda must be a finite number > 0 (0.01 is the paper's), got "
+                                         f"{self.agc!r}; for no AGC give None (--no-agc)") from None
+        _flag(self.per_sample, "per_sample")
+        if self.per_sample and self.agc is None:
+            raise ConfigError("per_sample", "per-sample clipping needs AGC: give agc a lambda, or drop per_sample")
+
+    def _check_training(self) -> None:
+        _whole(self.bs, "bs", 1)
+        _whole(self.accum, "accum", 1)
+        _whole(self.epochs, "epochs", 1)
+        _whole(self.freeze_epochs, "freeze_epochs", 0)
+        _whole(self.seed, "seed", 0)
+        _positive(self.lr, "lr", "the peak learning rate, e.g. 1e-2")
+        _flag(self.lr_find, "lr_find")
+        _flag(self.fine_tune, "fine_tune")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError("device", f"{self.device!r} is not a device; use cpu, cuda or cuda:N") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("device", "CUDA was asked for but no GPU is available; use cpu")
+        if not isinstance(self.out, (str, Path)) or not str(self.out):
+            raise ConfigError("out", f"must be a folder path, got {self.out!r}")
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """The parsed `data` (ConfigError if it names nothing readable)."""
+        try:
+            return parse_data_spec(self.data)
+        except ValueError as error:
+            raise ConfigError("data", str(error)) from None
+
+    def resolved(self) -> TrainConfig:
+        """This config with paths made absolute and the data's default size filled in: repeatable from anywhere."""
+        spec = self.data_spec
+        if spec.path is not None:
+            spec = dataclasses.replace(spec, path=spec.path.resolve())
+        return dataclasses.replace(
+            self,
+            data=str(spec),
+            weights=None if self.weights is None else str(Path(self.weights).expanduser().resolve()),
+            size=self.size if self.size is not None else spec.default_size(),
+            out=str(Path(self.out).expanduser().resolve()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from `to_dict()` output (or a config.json's ``"config"``); ConfigError on unknown keys."""
+        return make_config(cls, None, values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """The config of a finished run, from its ``config.json`` (or the run folder holding it)."""
+        path = Path(path)
+        path = path / "config.json" if path.is_dir() else path
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError("config", f"{path}: not a readable normfree config.json ({error})") from None
+        if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
+            raise ConfigError("config", f"{path}: expected a JSON object with a \"config\" object")
+        return cls.from_dict(content["config"])

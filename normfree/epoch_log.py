@@ -1,0 +1,73 @@
+"""One row per training epoch: the Recorder's losses and metrics plus exact timings, appended to a CSV as it goes.
+
+fastai's `CSVLogger` writes the Recorder's row with the epoch time as "mm:ss"; comparisons of
+speed need seconds and throughput, and a run stopped with Ctrl-C needs its finished epochs on
+disk. `EpochLog` keeps both, across the several fits of one run (``fine_tune`` makes two).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+from fastai.torch_core import find_bs
+
+__all__ = ["EpochLog"]
+
+_TIMING = ("seconds", "train_seconds", "images_per_s")
+
+
+class EpochLog(Callback):
+    """Per-epoch rows: ``epoch`` (1 = the first), ``train_loss`` (fastai's smoothed loss),
+    ``valid_loss``, each metric, then ``seconds`` (the epoch, validation included),
+    ``train_seconds`` and ``images_per_s`` (training examples per second).
+
+    Pass it to the fits of a run (``learn.fit_one_cycle(n, cbs=log)``); `rows` accumulates over
+    them and, when `path` is given, every row is appended to that CSV as soon as its epoch ends.
+    lr_find and prediction passes are ignored.
+    """
+
+    order = Recorder.order + 5  # after the Recorder has computed the epoch's values
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = None if path is None else Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self._columns: list[str] | None = None
+
+    def before_fit(self) -> None:
+        self.run = not (hasattr(self.learn, "lr_finder") or hasattr(self.learn, "gather_preds"))
+
+    def before_train(self) -> None:
+        self._images, self._start = 0, time.perf_counter()
+
+    def after_batch(self) -> None:
+        if self.training:
+            self._images += find_bs(self.learn.yb)
+
+    def after_train(self) -> None:
+        self._train_seconds = time.perf_counter() - self._start
+
+    def after_epoch(self) -> None:
+        names = [name for name in self.recorder.metric_names[1:] if name != "time"]
+        row: dict[str, Any] = {"epoch": len(self.rows) + 1}
+        row.update((name, float(value)) for name, value in zip(names, self.learn.final_record))
+        row["seconds"] = time.perf_counter() - self._start
+        row["train_seconds"] = self._train_seconds
+        row["images_per_s"] = self._images / self._train_seconds if self._train_seconds > 0 else float("nan")
+        self.rows.append(row)
+        if self.path is not None:
+            self._append(row)
+
+    def _append(self, row: dict[str, Any]) -> None:
+        first = self._columns is None
+        if first:
+            self._columns = list(row)
+        with self.path.open("w" if first else "a", newline="") as f:
+            writer = csv.DictWriter(f, self._columns, restval="", extrasaction="ignore")
+            if first:
+                writer.writeheader()
+            writer.writerow(row)
+

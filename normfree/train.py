@@ -1,0 +1,318 @@
+"""`normfree.train`: one training run from a `TrainConfig`, every output written into its ``out`` folder.
+
+What lands in ``out`` (and nowhere else):
+
+| file | what |
+|---|---|
+| ``config.json`` | the resolved settings (absolute paths, the size used, the lr found) and library versions |
+| ``metrics.csv`` | one row per epoch (`EpochLog`), appended as each epoch ends |
+| ``curves.png`` | loss and validation accuracy per epoch |
+| ``agc_clip_rates.png`` | AGC's per-layer clip rate over the last fit (runs with AGC) |
+| ``lr_find.png`` | fastai's learning-rate finder plot (runs with ``lr_find``) |
+| ``model.safetensors`` | the weights (`normfree.save_weights`; ``weights=`` reads them back) |
+| ``learner.pkl`` | the exported Learner (`learn.export`; fastai's ``load_learner`` reads it) |
+| ``result.json`` | the per-epoch metrics and the run's summary (`TrainResult`) |
+
+Ctrl-C during training stops it cleanly: the weights at that point, the finished epochs'
+metrics and the config are saved, a message says where, and the result has ``interrupted=True``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import Learner
+from fastai.losses import BCEWithLogitsLossFlat
+from fastai.metrics import accuracy, accuracy_multi
+from fastai.torch_core import set_seed
+
+from . import precision as _precision  # noqa: F401  (Learner.to_mixed_precision)
+from .config import ConfigError, TrainConfig, library_versions, make_config
+from .epoch_log import EpochLog
+from .learner import nf_learner
+from .memory import PeakMemory
+from .plots import plot_run_curves
+from .weights import save_weights
+
+__all__ = ["OUTPUT_FILES", "TrainResult", "train"]
+
+OUTPUT_FILES = {
+    "config": "config.json",
+    "metrics": "metrics.csv",
+    "curves": "curves.png",
+    "clip_rates": "agc_clip_rates.png",
+    "lr_find": "lr_find.png",
+    "weights": "model.safetensors",
+    "learner": "learner.pkl",
+    "result": "result.json",
+}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `epochs` are the `EpochLog` rows; the summaries are computed from them.
+
+    `metric` is the validation metric's column (``accuracy``, or ``accuracy_multi`` for multi-label
+    data). `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
+    `learner` is the trained Learner (not saved in ``result.json``).
+    """
+
+    config: TrainConfig
+    epochs: list[dict[str, float]]
+    metric: str
+    lr: float
+    interrupted: bool = False
+    peak_memory_mib: float | None = None
+    memory_kind: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    learner: Learner | None = field(default=None, repr=False, compare=False)
+
+    def _column(self, name: str) -> list[float]:
+        return [row[name] for row in self.epochs if name in row]
+
+    @property
+    def final_accuracy(self) -> float:
+        """The validation metric after the last finished epoch (NaN if none finished)."""
+        values = self._column(self.metric)
+        return values[-1] if values else math.nan
+
+    @property
+    def best_accuracy(self) -> float:
+        """The best validation metric over the finished epochs (NaN if none finished)."""
+        values = self._column(self.metric)
+        return max(values) if values else math.nan
+
+    @property
+    def final_valid_loss(self) -> float:
+        values = self._column("valid_loss")
+        return values[-1] if values else math.nan
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Mean wall time of an epoch, validation included."""
+        values = self._column("seconds")
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def images_per_second(self) -> float:
+        """Training examples per second of training time, over all epochs."""
+        seconds = sum(self._column("train_seconds"))
+        images = sum(r * s for r, s in zip(self._column("images_per_s"), self._column("train_seconds")))
+        return images / seconds if seconds > 0 else math.nan
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "final_accuracy": self.final_accuracy,
+            "best_accuracy": self.best_accuracy,
+            "final_valid_loss": self.final_valid_loss,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "images_per_second": self.images_per_second,
+            "peak_memory_mib": self.peak_memory_mib,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "metric": self.metric,
+            "lr": self.lr,
+            "interrupted": self.interrupted,
+            "peak_memory_mib": self.peak_memory_mib,
+            "memory_kind": self.memory_kind,
+            "files": self.files,
+            "summary": self.summary(),  # for readers of the file; recomputed from `epochs` on load
+            "epochs": self.epochs,
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainResult:
+        """A run's result from its ``result.json`` (or the ``out`` folder holding it)."""
+        path = Path(path)
+        path = path / OUTPUT_FILES["result"] if path.is_dir() else path
+        content = json.loads(path.read_text())
+        content.pop("summary", None)
+        content["config"] = TrainConfig.from_dict(content["config"])
+        return cls(**content)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file; out must be a folder")
+    if (out / OUTPUT_FILES["config"]).exists() and not overwrite:
+        raise ConfigError("out", f"{out} already holds a run (config.json); choose another out folder or "
+                                 f"pass overwrite=True (--overwrite) to replace it")
+
+
+def _prepare_out(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES.values():  # only this module's own files: a previous run's would mislead
+        (out / name).unlink(missing_ok=True)
+
+
+def _build_learner(config: TrainConfig) -> Learner:
+    try:
+        dls = config.data_spec.dataloaders(
+            config.bs, config.size, config.seed, config.limit, config.valid_pct, config.path_col, config.label_col,
+            config.device,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError("data", str(error)) from None
+    multi_label = getattr(dls, "multi_label", False)
+    try:
+        learn = nf_learner(
+            dls, config.arch, pretrained=config.pretrained, weights=config.weights, agc=None,
+            metrics=accuracy_multi if multi_label else accuracy,
+            loss_func=BCEWithLogitsLossFlat() if multi_label else None,
+        )
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        option = "weights" if config.weights else "pretrained" if config.pretrained else "arch"
+        raise ConfigError(option, str(error)) from None
+    if config.per_sample:
+        try:
+            learn.agc(config.agc, per_sample=True)
+        except ValueError as error:  # e.g. BatchNorm layers, which couple the examples of a batch
+            raise ConfigError("per_sample", f"{config.arch}: {error}") from None
+    elif config.agc is not None:
+        learn.agc(config.agc)
+    if config.accum > 1:
+        learn.add_cb(GradientAccumulation(config.accum * config.bs))  # fastai counts examples, not batches
+    learn.to_mixed_precision(config.precision)
+    return learn
+
+
+def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> None:
+    content = {
+        "config": config.to_dict(),
+        "lr_used": lr if lr is not None else config.lr,
+        "repeat": f"normfree train --config {out / OUTPUT_FILES['config']} --out NEW_FOLDER",
+        "versions": library_versions(),
+    }
+    (out / OUTPUT_FILES["config"]).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _save_figure(fig, path: Path) -> None:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # pyplot-made figures (fastai's, ClipHistory's) stay open until closed; harmless for others
+
+
+def _describe(learn: Learner, config: TrainConfig) -> str:
+    params = sum(p.numel() for p in learn.model.parameters())
+    clipping = "no AGC" if config.agc is None else f"AGC lambda={config.agc}"
+    clipping += " per sample" if config.per_sample else ""
+    batch = f"bs {config.bs}"
+    batch += f" x {config.accum} accumulated = {config.bs * config.accum} per step" if config.accum > 1 else ""
+    data = f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid, {config.size or 'native'} px"
+    return (f"normfree train: {config.arch} ({params / 1e6:.2f}M params) on {config.data} ({data}), {clipping}, "
+            f"{batch}, {config.precision}, {config.epochs} epochs, seed {config.seed}, "
+            f"{torch.get_num_threads()} CPU threads -> {config.out}")
+
+
+def _fit(learn: Learner, config: TrainConfig, lr: float, cbs: list[Callback]) -> None:
+    if config.fine_tune:
+        learn.fine_tune(config.epochs, lr, freeze_epochs=config.freeze_epochs, cbs=cbs)
+    else:
+        learn.fit_one_cycle(config.epochs, lr, cbs=cbs)
+
+
+def _stop_interrupted_fit(learn: Learner) -> None:
+    """Let the callbacks end the fit Ctrl-C broke off (progress bars, autocast, AGC's metrics)."""
+    try:
+        learn("after_fit")
+    except Exception as error:  # best effort: the checkpoint matters more than a tidy Learner
+        print(f"(cleaning up after the interruption failed: {error})", file=sys.stderr)
+    learn._end_cleanup()
+
+
+def train(
+    config: TrainConfig | None = None,
+    /,
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
+    save_model: bool = True,
+    save_plots: bool = True,
+    cbs: Sequence[Callback] = (),
+    **options: Any,
+) -> TrainResult:
+    """Train one model as `normfree train` does; the keyword `options` are `TrainConfig`'s fields.
+
+    ``train(data="digits", arch="nf_resnet_tiny", agc=0.01, bs=64, epochs=5, out="runs/nf")``, or
+    ``train(TrainConfig.load("runs/nf"), out="runs/nf-again")`` to repeat a run (options override).
+    Same config and seed, same metrics. Bad settings raise `ConfigError` (a ValueError naming the
+    option) before anything is trained or written.
+
+    - `quiet`: no progress bars, table or messages. `overwrite`: replace a run already in ``out``.
+    - `save_model` / `save_plots`: write the weights and exported Learner / the PNG plots
+      (`normfree.compare` turns both off for its many runs). An interrupted run saves its weights anyway.
+    - `cbs`: extra fastai callbacks for the fits.
+    """
+    config = make_config(TrainConfig, config, options).resolved()
+    out = Path(config.out)
+    _check_out(out, overwrite)
+    set_seed(config.seed, reproducible=True)
+    learn = _build_learner(config)
+    _prepare_out(out)
+    learn.path, learn.model_dir = out, "."  # lr_find's temporary weights go into out, and are removed
+    _write_config(out, config)
+    say = (lambda *args: None) if quiet else print
+    say(_describe(learn, config))
+
+    log = EpochLog(out / OUTPUT_FILES["metrics"])
+    lr, finding_lr, interrupted = config.lr, config.lr_find, False
+    with ExitStack() as stack:
+        if quiet:
+            stack.enter_context(learn.no_bar())
+            stack.enter_context(learn.no_logging())
+        peak = stack.enter_context(PeakMemory(learn.dls.device or "cpu"))
+        try:
+            if config.lr_find:
+                lr = float(learn.lr_find(show_plot=False).valley)
+                finding_lr = False
+                _write_config(out, config, lr)
+                if save_plots:
+                    _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
+                say(f"lr_find suggests lr={lr:.2e}")
+            _fit(learn, config, lr, [log, *cbs])
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop_interrupted_fit(learn)
+    metric = learn.metrics[0].name
+    result = TrainResult(config, log.rows, metric, lr, interrupted, peak.mib, peak.kind, learner=learn)
+
+    if interrupted and finding_lr:
+        print(f"\nInterrupted (Ctrl-C) during lr_find, before any training: no weights saved; the config is in "
+              f"{out / OUTPUT_FILES['config']}.", file=sys.stderr)
+    elif save_model or interrupted:
+        save_weights(learn.model, out / OUTPUT_FILES["weights"], arch=config.arch)
+        if not interrupted:
+            learn.export(out / OUTPUT_FILES["learner"])
+    if save_plots and log.rows:
+        _save_figure(plot_run_curves(log.rows, metric, title=f"{config.arch} on {config.data}"),
+                     out / OUTPUT_FILES["curves"])
+        agc_callback = getattr(learn, "adaptive_clip", None)
+        if agc_callback is not None and agc_callback.history is not None and len(agc_callback.history):
+            _save_figure(agc_callback.plot(), out / OUTPUT_FILES["clip_rates"])
+    result.files = {key: str(out / name) for key, name in OUTPUT_FILES.items() if (out / name).exists()}
+    result.files["result"] = str(out / OUTPUT_FILES["result"])
+    (out / OUTPUT_FILES["result"]).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+    if interrupted and not finding_lr:
+        print(f"\nInterrupted (Ctrl-C) after {len(log.rows)} finished epoch(s) of {config.epochs}. Checkpoint in "
+              f"{out}: {OUTPUT_FILES['weights']} (the weights now), {OUTPUT_FILES['metrics']} (finished epochs), "
+              f"{OUTPUT_FILES['config']}. Train on from these weights with: normfree train --config "
+              f"{out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} --fine-tune --out NEW_FOLDER",
+              file=sys.stderr)
+    elif not interrupted:
+        say(f"validation {metric}: {result.final_accuracy:.4f} after {len(log.rows)} epochs "
+            f"(best {result.best_accuracy:.4f}); {result.seconds_per_epoch:.1f} s/epoch, "
+            f"{result.images_per_second:.0f} images/s; outputs in {out}")
+    return result

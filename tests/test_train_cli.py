@@ -1,0 +1,264 @@
+"""`normfree train` and `normfree.train`: outputs, reproducibility, Ctrl-C checkpoints, precision, bad input."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.learner import load_learner
+from safetensors.torch import load_file
+
+import normfree
+from normfree.cli import main
+from normfree.data_spec import parse_data_spec
+
+# One short epoch on 64 + 64 tiny digits.
+QUICK = ["--data", "digits", "--arch", "nf_resnet_tiny", "--size", "8", "--limit", "64", "--bs", "16",
+         "--epochs", "1", "--quiet"]
+QUICK_OPTIONS = dict(data="digits", arch="nf_resnet_tiny", size=8, limit=64, bs=16, epochs=1)
+EXPECTED_FILES = {"config.json", "metrics.csv", "curves.png", "agc_clip_rates.png", "model.safetensors",
+                  "learner.pkl", "result.json"}
+TIMING = {"seconds", "train_seconds", "images_per_s"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def digits_validation_accuracy(weights_path, size=8, limit=64, seed=0):
+    """Accuracy of the saved weights on the validation split, computed outside normfree's training code."""
+    model = timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1)
+    model.load_state_dict(load_file(weights_path))
+    model.eval()
+    dls = normfree.digits_dataloaders(bs=16, size=size, seed=seed, limit=limit, device="cpu")
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in dls.valid:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """`normfree train` through main(argv), run from an empty working directory."""
+    work = tmp_path_factory.mktemp("work")
+    cwd = Path.cwd()
+    try:
+        import os
+        os.chdir(work)
+        status = main(["train", *QUICK, "--out", "run"])
+    finally:
+        os.chdir(cwd)
+    return work, status
+
+
+def test_cli_train_writes_every_output_into_out_and_nothing_elsewhere(cli_run):
+    work, status = cli_run
+    assert status == 0
+    assert [p.name for p in work.iterdir()] == ["run"]
+    out = work / "run"
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+    for png in ("curves.png", "agc_clip_rates.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_cli_train_metrics_are_the_saved_models_accuracy(cli_run):
+    out = cli_run[0] / "run"
+    rows = read_rows(out / "metrics.csv")
+    assert len(rows) == 1
+    assert {"epoch", "train_loss", "valid_loss", "accuracy", "agc_clip", "seconds", "images_per_s"} <= set(rows[0])
+    assert rows[0]["epoch"] == "1"
+    assert float(rows[0]["accuracy"]) == pytest.approx(digits_validation_accuracy(out / "model.safetensors"), abs=1e-6)
+    assert 0 <= float(rows[0]["agc_clip"]) <= 1
+    result = json.loads((out / "result.json").read_text())
+    assert result["interrupted"] is False
+    assert result["summary"]["final_accuracy"] == pytest.approx(float(rows[0]["accuracy"]))
+
+
+def test_cli_train_config_records_the_settings_and_versions(cli_run):
+    out = cli_run[0] / "run"
+    content = json.loads((out / "config.json").read_text())
+    config = content["config"]
+    assert (config["data"], config["arch"], config["size"], config["limit"], config["bs"], config["epochs"]) == (
+        "digits", "nf_resnet_tiny", 8, 64, 16, 1)
+    assert (config["agc"], config["seed"], config["precision"], config["accum"]) == (0.01, 0, "fp32", 1)
+    assert config["out"] == str(out.resolve())
+    for package in ("torch", "fastai", "timm"):
+        assert content["versions"][package] == metadata.version(package)
+
+
+def test_exported_learner_of_tensor_data_loads_and_predicts_like_the_weights(cli_run):
+    out = cli_run[0] / "run"
+    learn = load_learner(out / "learner.pkl")
+    assert [cb.clipping for cb in learn.cbs if isinstance(cb, normfree.AGC)] == [0.01]
+    dls = normfree.digits_dataloaders(bs=16, size=8, limit=64, device="cpu")
+    images, _ = dls.valid.dataset.tensors
+    with learn.no_bar():
+        preds, _ = learn.get_preds(dl=learn.dls.valid.new(dls.valid.dataset))  # its own standardisation
+    model = timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1)
+    model.load_state_dict(load_file(out / "model.safetensors"))
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(dls.valid.after_batch((images, None))[0]), 1)
+    assert torch.allclose(preds, expected, atol=1e-5)
+
+
+def test_same_seed_same_metrics_also_when_repeated_from_config_json(cli_run, tmp_path):
+    first = cli_run[0] / "run"
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert without_timing(read_rows(tmp_path / "again" / "metrics.csv")) == without_timing(
+        read_rows(first / "metrics.csv"))
+    other = normfree.train(**QUICK_OPTIONS, seed=1, quiet=True, save_model=False, save_plots=False,
+                           out=tmp_path / "seed1")
+    assert [r["train_loss"] for r in other.epochs] != [float(r["train_loss"]) for r in read_rows(first / "metrics.csv")]
+
+
+def test_an_existing_run_is_not_overwritten_without_asking(cli_run, capsys):
+    out = cli_run[0] / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *QUICK, "--out", str(out)])
+    assert stopped.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+class InterruptAt(Callback):
+    """Ctrl-C arriving in epoch `epoch` (0-based) at training batch `batch`, inside the forward pass."""
+
+    order = MixedPrecision.order - 5
+
+    def __init__(self, epoch, batch):
+        self.at = (epoch, batch)
+
+    def after_pred(self):
+        if self.training and (self.epoch, self.iter) == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    result = normfree.train(**{**QUICK_OPTIONS, "epochs": 3}, precision="bf16", quiet=True, out=out,
+                            cbs=[InterruptAt(epoch=1, batch=2)])
+    assert result.interrupted
+    assert not torch.is_autocast_enabled("cpu")  # the interrupted bf16 forward pass did not leave autocast on
+    message = capsys.readouterr().err
+    assert "Interrupted" in message and "model.safetensors" in message
+    assert {"config.json", "metrics.csv", "model.safetensors", "result.json"} <= {p.name for p in out.iterdir()}
+    assert "learner.pkl" not in {p.name for p in out.iterdir()}
+    assert [row["epoch"] for row in read_rows(out / "metrics.csv")] == ["1"]
+    assert json.loads((out / "result.json").read_text())["interrupted"] is True
+    saved = load_file(out / "model.safetensors")
+    for name, tensor in result.learner.model.state_dict().items():
+        assert torch.equal(saved[name], tensor.cpu()), name
+    again = normfree.train(**QUICK_OPTIONS, weights=str(out / "model.safetensors"), fine_tune=True, quiet=True,
+                           save_model=False, save_plots=False, out=tmp_path / "from-checkpoint")
+    assert math.isfinite(again.final_accuracy)
+
+
+class PredDtype(Callback):
+    order = MixedPrecision.order - 5
+
+    def after_pred(self):
+        self.dtype = self.learn.pred.dtype
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_mixed_precision_runs_on_the_cpu(tmp_path, precision, dtype):
+    probe = PredDtype()
+    result = normfree.train(**QUICK_OPTIONS, precision=precision, quiet=True, save_model=False, save_plots=False,
+                            out=tmp_path / precision, cbs=[probe])
+    assert probe.dtype == dtype
+    assert math.isfinite(result.epochs[0]["train_loss"]) and 0 <= result.final_accuracy <= 1
+
+
+def test_accum_k_steps_once_every_k_batches(tmp_path):
+    result = normfree.train(**{**QUICK_OPTIONS, "bs": 8}, accum=4, quiet=True, save_model=False, save_plots=False,
+                            out=tmp_path / "accum")
+    # 64 training images in batches of 8 = 8 batches, stepping after every 4th: 2 optimizer steps
+    assert len(result.learner.adaptive_clip.history) == 2
+
+
+def test_per_sample_agc_run(tmp_path):
+    result = normfree.train(**QUICK_OPTIONS, per_sample=True, quiet=True, save_model=False, save_plots=False,
+                            out=tmp_path / "per-sample")
+    assert result.learner.adaptive_clip.per_sample and math.isfinite(result.final_accuracy)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--bs", "0"], "--bs"),
+    (["--accum", "0"], "--accum"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--data", "no-such-data"], "--data"),
+    (["--data", "fashion-mnist:/no/such/folder"], "--data"),
+    (["--arch", "nf_resnet_tine"], "--arch"),
+    (["--agc", "-1"], "--agc"),
+    (["--no-agc", "--per-sample"], "--per-sample"),
+    (["--arch", "bn_resnet_tiny", "--per-sample"], "--per-sample"),
+    (["--size", "4"], "--size"),
+    (["--weights", "missing.safetensors"], "--weights"),
+    (["--valid-pct", "1.5"], "--valid-pct"),
+    (["--bs", "many"], "--bs"),
+    (["--fp16", "--bf16"], "--bf16"),
+])
+def test_bad_input_is_a_clear_error_with_status_2(tmp_path, monkeypatch, capsys, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    base = [a for a in QUICK if a != "--quiet"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *base, *argv, "--out", "run"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"error: {flag}" in error or f"argument {flag}" in error
+    assert "Traceback" not in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_limit_on_an_image_folder_names_the_option(tmp_path, capsys):
+    folder = normfree.write_digits_image_folder(tmp_path / "images", size=8, per_class=2)
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(folder), "--limit", "5", "--out", str(tmp_path / "run")])
+    assert "error: --limit: only in-memory data sets" in capsys.readouterr().err
+
+
+def test_data_spec_parsing(tmp_path):
+    folder = normfree.write_digits_image_folder(tmp_path / "images", size=8, per_class=1)
+    (tmp_path / "a.npz").write_bytes(b"")
+    (tmp_path / "a.csv").write_text("path,label\n")
+    (tmp_path / "a.txt").write_text("")
+    assert parse_data_spec("digits").kind == "digits"
+    assert parse_data_spec(f"fashion-mnist:{tmp_path}") == normfree.data_spec.DataSpec("fashion-mnist", tmp_path)
+    assert parse_data_spec(folder).kind == "image-folder"
+    assert parse_data_spec(tmp_path / "a.npz").kind == "medmnist"
+    assert parse_data_spec(tmp_path / "a.csv").kind == "csv"
+    with pytest.raises(ValueError, match="not data normfree reads"):
+        parse_data_spec(tmp_path / "a.txt")
+
+
+def test_help_shows_every_default_through_a_real_subprocess():
+    done = subprocess.run([sys.executable, "-m", "normfree", "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stderr == ""
+    text = " ".join(done.stdout.split())
+    for expected in ("--bs BS batch size of one forward/backward pass (default: 64)", "(default: nf_resnet_tiny)",
+                     "(default: digits)", "batch >= 1024) (default: 0.01)",
+                     "--no-agc train without AGC (default: with AGC)",
+                     "(default: float32)", "(default: 5)", "one-cycle schedule (Adam) (default: 0.01)",
+                     "(default: normfree-run)"):
+        assert expected in text, expected
+    described = done.stdout.split("options:")[1].split("examples:")[0]
+    blocks = described.split("\n  -")[1:]  # one per option
+    assert len(blocks) == 28  # --help and the 27 options
+    for block in blocks:
+        assert "default" in block or block.startswith("h, --help"), block
