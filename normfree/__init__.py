@@ -24,6 +24,7 @@ from .classifier import find_classifier, init_classifier_
 from .epoch_log import EpochLog
 from .exclusion import excluded_parameters
 from .fusion import fuse_standardization
+from .per_sample import PerSampleClipper
 from .learner import body_head_splitter, build_model, nf_learner, normalizer_free_archs
 from .memory import PeakMemory
 from .precision import DeviceMixedPrecision  # also Learner.to_mixed_precision
@@ -46,6 +47,7 @@ __all__ = [
     "EpochLog",
     "FASHION_MNIST_CLASSES",
     "METHODS",
+    "PerSampleClipper",
     "PeakMemory",
     "RunRecord",
     "SmallResNet",
