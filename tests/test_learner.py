@@ -1,4 +1,6 @@
 """nf_learner: BN-free models for every NF family, body/head split, errors, baselines."""
+import warnings
+
 import pytest
 import timm
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import normfree
+from test_data import write_npz
 from normfree import AGC, build_model, nf_learner, normalizer_free_archs, save_weights, write_digits_image_folder
 
 NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -101,6 +104,11 @@ def test_weights_bring_input_normalisation_from_the_timm_config(tmp_path):
     assert len([t for t in dls.after_batch.fs if isinstance(t, Normalize)]) == 1
     with pytest.warns(UserWarning, match=r"normalise inputs yourself with mean=\(0.5, 0.5, 0.5\)"):
         nf_learner(image_dls(classes=10), "test_nfnet", weights=path)
+    with warnings.catch_warnings():  # normfree's own tensor data is standardised already: no advice needed
+        warnings.filterwarnings("error", message="these DataLoaders take no batch transforms")
+        rgb = tmp_path / "rgb.npz"
+        write_npz(rgb, channels=3)
+        nf_learner(normfree.medmnist_dataloaders(rgb, bs=8), "test_nfnet", weights=path)
 
 
 def test_unknown_arch_lists_close_normalizer_free_names():
