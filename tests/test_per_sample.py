@@ -253,3 +253,25 @@ def test_dropout_and_drop_path_run():
     x, y = image_batch(n=8)
     update, agc = fastai_update(model, x, y, CrossEntropyLossFlat(), bs=8)
     assert all(torch.isfinite(u).all() for u in update.values()) and len(agc.history) == 1
+
+
+def test_parameters_tied_between_modules_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    with pytest.raises(ValueError, match="shared by several modules: 0.weight is also 2.weight"):
+        PerSampleClipper(model, {})
+
+
+def test_a_callback_that_reshapes_the_loss_per_example_is_refused():
+    """The backward signal must be a uniform multiple of the loss's own gradient to recover g_i."""
+    from fastai.callback.core import Callback
+
+    class PenaliseConfidence(Callback):
+        order = AGC.order + 1
+
+        def after_loss(self):
+            self.learn.loss_grad = self.learn.loss_grad + self.learn.pred.square().mean()
+
+    x, y = image_batch()
+    with pytest.raises(ValueError, match="not a multiple of the loss function's own gradient"):
+        fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=6, cbs=[PenaliseConfidence()])
