@@ -13,10 +13,10 @@ How each layer does it (book-keeping, Bu et al. 2023; ghost norms, Li et al. 202
   example i and output unit u is g_iu = sum_p delta_iu[p] * U_i[:, p], with U_i the input patches
   and delta the back-propagated signal. Its norm comes either from materialising g_i in chunks of
   examples or, where the layer has few output positions, from the Gram matrix of the patches
-  (||g_iu||^2 = delta_iu^T U_i^T U_i delta_iu), whichever costs less. The clipped sum
-  sum_i c_iu * g_iu is then one ordinary weight-gradient call on the signal scaled by c_iu.
-  Weight standardisation is row-wise and linear in the gradient, so its per-example norms follow
-  from the same sums (see `_standardized_grad_norm`).
+  (||g_iu||^2 = delta_iu^T U_i^T U_i delta_iu), whichever costs less (`_weight_grad_sums`). The
+  clipped sum sum_i c_iu * g_iu is then one ordinary weight-gradient call on the signal scaled by
+  c_iu. Weight standardisation is row-wise and linear in the gradient, so its per-example norms
+  follow from the same sums (`_Standardization.grad_norms`).
 - Parameters of container modules (the SkipInit gain of an NF block) are handed to the block as a
   copy per example, so autograd delivers their per-example gradients directly (`_PerExampleCopy`).
   They must act elementwise with broadcasting against the batch, as gains and layer scales do.
