@@ -16,7 +16,7 @@ from .agc import adaptive_clip_grad_, check_agc_arguments
 from .clip_history import ClipHistory
 from .classifier import find_classifier, unwrap_model
 from .exclusion import Exclusion, SkipClassifier, check_skip_classifier, excluded_parameters
-from .per_sample import PerSampleClipper, examples_coupled_by, loss_reduction
+from .per_sample import PerSampleClipper, check_examples_independent, loss_reduction
 
 __all__ = ["AGC", "ClipRate"]
 
@@ -177,9 +177,7 @@ class AGC(Callback):
     def before_batch(self) -> None:
         if self._clipper is None:
             return
-        coupled = examples_coupled_by(unwrap_model(self.learn.model))
-        if coupled:
-            raise ValueError(PerSampleClipper.coupling_message(coupled))
+        self._clipper.check_examples_independent()
         self._clipper.start()
 
     def after_loss(self) -> None:
@@ -269,8 +267,7 @@ def agc(
     """
     callback = AGC(clipping, eps, skip_classifier, exclude, per_sample)
     excluded_parameters(self.model, skip_classifier, callback.exclude)
-    coupled = examples_coupled_by(unwrap_model(self.model)) if per_sample else []
-    if coupled:
-        raise ValueError(PerSampleClipper.coupling_message(coupled))
+    if per_sample:
+        check_examples_independent(unwrap_model(self.model))
     self.remove_cb(AGC)
     return self.add_cb(callback)

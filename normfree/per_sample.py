@@ -42,7 +42,7 @@ from torch.func import functional_call, vjp, vmap
 from .agc import ClipStats, _num_units, adaptive_clip_factor, unitwise_norm
 from .standardization import STD_CONVS, standardize_weight, weight_scale
 
-__all__ = ["PerSampleClipper", "examples_coupled_by", "loss_reduction"]
+__all__ = ["PerSampleClipper", "check_examples_independent", "loss_reduction"]
 
 # Examples are processed in chunks whose scratch tensors (patches, per-example gradients or Gram
 # matrices) take about this many bytes, so memory stays bounded whatever the batch size.
@@ -50,9 +50,24 @@ _CHUNK_BYTES = 16 << 20
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
-def examples_coupled_by(model: nn.Module) -> list[str]:
-    """Names of the modules of `model` that mix the examples of a batch: BatchNorm layers in training mode."""
-    return [name for name, module in model.named_modules() if isinstance(module, _BATCHNORMS) and module.training]
+def check_examples_independent(batchnorms: nn.Module | list[tuple[str, nn.Module]]) -> None:
+    """ValueError if a BatchNorm layer is in training mode: it couples the examples of a batch.
+
+    Takes a model, or the (name, module) BatchNorm layers of one, listed once (`PerSampleClipper`
+    checks before every training batch, since a model can be switched to training mode at any time).
+    """
+    if isinstance(batchnorms, nn.Module):
+        batchnorms = [(n, m) for n, m in batchnorms.named_modules() if isinstance(m, _BATCHNORMS)]
+    names = [name for name, module in batchnorms if module.training]
+    if not names:
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ValueError(
+        f"per-sample AGC needs examples that do not interact, but the model has BatchNorm layers in training mode "
+        f"({shown}): BatchNorm couples the examples of a batch, so per-example gradients do not exist. Use a "
+        "normalizer-free model (normfree.nf_learner with e.g. 'nf_resnet26' or 'nf_resnet_small'), or turn "
+        "per_sample off"
+    )
 
 
 def loss_reduction(loss_func, pred: Tensor, *targets: Tensor) -> str:
@@ -97,9 +112,8 @@ class PerSampleClipper:
     """
 
     def __init__(self, model: nn.Module, clipping: dict[int, float], eps: float = 1e-3):
-        coupled = examples_coupled_by(model)
-        if coupled:
-            raise ValueError(self.coupling_message(coupled))
+        self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
+        self.check_examples_independent()
         self.clipping, self.eps = clipping, eps
         self.grad_scale: Tensor | None = None
         self._active = False
@@ -119,16 +133,9 @@ class PerSampleClipper:
             if own:
                 self._install(module, has_children=any(True for c in module.children() for _ in c.parameters()))
 
-    @staticmethod
-    def coupling_message(names: list[str]) -> str:
-        """The error for a model whose BatchNorm layers `names` couple the examples."""
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return (
-            f"per-sample AGC needs examples that do not interact, but the model has BatchNorm layers in training mode "
-            f"({shown}): BatchNorm couples the examples of a batch, so per-example gradients do not exist. Use a "
-            "normalizer-free model (normfree.nf_learner with e.g. 'nf_resnet26' or 'nf_resnet_small'), or turn "
-            "per_sample off"
-        )
+    def check_examples_independent(self) -> None:
+        """ValueError if one of the model's BatchNorm layers is now in training mode."""
+        check_examples_independent(self._batchnorms)
 
     # -- installation ---------------------------------------------------------------------------
     def _install(self, module: nn.Module, has_children: bool) -> None:
