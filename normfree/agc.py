@@ -9,7 +9,7 @@ tensors: that is how a popular port came to norm Linear weights over the wrong a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import reduce
 
@@ -17,12 +17,6 @@ import torch
 from torch import Tensor
 
 __all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_grad_"]
-
-# Gradients are clipped in buckets of about this many bytes so that a bucket's gradients are still
-# in the CPU's L3 (or the GPU's L2) when they are scaled, right after their norms were read:
-# the gradients then cross the memory bus about twice instead of three times.
-_BUCKET_BYTES = 8 << 20
-
 
 def _num_units(x: Tensor) -> int:
     return x.shape[0] if x.ndim >= 2 else 1
@@ -104,41 +98,18 @@ def check_agc_arguments(clipping: float, eps: float) -> None:
         raise ValueError(f"eps must be a finite number >= 0 (the paper uses 1e-3), got {eps!r}")
 
 
-def _buckets(params: list[Tensor], positions: list[int]) -> Iterator[list[int]]:
-    """Consecutive runs of `positions` whose parameters hold about `_BUCKET_BYTES` of gradient."""
-    bucket: list[int] = []
-    size = 0
-    for i in positions:
-        nbytes = params[i].grad.numel() * params[i].grad.element_size()
-        if bucket and size + nbytes > _BUCKET_BYTES:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(i)
-        size += nbytes
-    if bucket:
-        yield bucket
+def _unit_norm_vector(tensors: list[Tensor]) -> Tensor:
+    """The unit norms of `tensors`, in order, as one vector.
 
-
-def _clip_whole_tensors(params: list[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
-    """AGC on tensors that are one unit each (gains, biases, scalars): two multi-tensor norms, one scale."""
-    grads = [p.grad for p in params]
-    dtype = reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)
-    param_norm = torch.stack(torch._foreach_norm(params, dtype=dtype))
-    grad_norm = torch.stack(torch._foreach_norm(grads, dtype=dtype))
-    factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
-    torch._foreach_mul_(grads, list(factor.unbind()))
-    return factor, grad_norm
-
-
-def _clip_rows(params: list[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
-    """AGC on tensors with one unit per index of dim 0: a norm kernel per tensor, one scale."""
-    grads = [p.grad for p in params]
-    param_norm = torch.cat([_unit_norms(p) for p in params])
-    grad_norm = torch.cat([_unit_norms(g) for g in grads])
-    factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
-    per_tensor = factor.split([g.shape[0] for g in grads])
-    torch._foreach_mul_(grads, [f.view(_unit_shape(g)) for f, g in zip(per_tensor, grads)])
-    return factor, grad_norm
+    The single-unit tensors (ndim <= 1: gains, biases, scalars) must come first: they are normed
+    in one multi-tensor call; the others with one row-wise norm kernel each.
+    """
+    singles = [t for t in tensors if t.ndim <= 1]
+    norms = []
+    if singles:
+        dtype = reduce(torch.promote_types, [t.dtype for t in singles], torch.float32)
+        norms.append(torch.stack(torch._foreach_norm(singles, dtype=dtype)))
+    return torch.cat(norms + [_unit_norms(t) for t in tensors[len(singles):]])
 
 
 def _count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
@@ -148,6 +119,32 @@ def _count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
     from the host (a pageable host-to-device copy would synchronise a CUDA stream).
     """
     return torch._foreach_norm(list(mask.float().split(units)), ord=1)
+
+
+def _scale_units_(grads: list[Tensor], factor: Tensor, units: list[int], clipped: list[Tensor]) -> None:
+    """Multiply each gradient by its units' entries of `factor`, rewriting as little memory as possible.
+
+    On an accelerator every gradient is scaled by one `_foreach_mul_` (factor 1 where nothing
+    clips), which needs no host synchronisation. On the CPU, reading the counts costs nothing, and
+    usually few units clip (0.8% on nfnet_f0 at initialisation): only the clipped units are
+    rewritten, so AGC costs its two norm passes instead of three passes over the gradients.
+    A tensor where more than a quarter of the units clip is scaled whole, which is then cheaper
+    than gathering and scattering its rows.
+    """
+    factors = factor.split(units)
+    shaped = [f.view(_unit_shape(g)) for f, g in zip(factors, grads)]
+    if factor.device.type != "cpu":
+        torch._foreach_mul_(grads, shaped)
+        return
+    counts = torch.stack(clipped).tolist()
+    dense = [i for i, (n, total) in enumerate(zip(counts, units)) if n > total / 4]
+    if dense:
+        torch._foreach_mul_([grads[i] for i in dense], [shaped[i] for i in dense])
+    for grad, unit_factor, n, total in zip(grads, factors, counts, units):
+        if 0 < n <= total / 4:
+            rows = (unit_factor < 1).nonzero().flatten()
+            scale = unit_factor[rows].view((-1,) + (1,) * (grad.ndim - 1))
+            grad.index_copy_(0, rows, (grad.index_select(0, rows) * scale).to(grad.dtype))
 
 
 @torch.no_grad()
@@ -162,9 +159,10 @@ def adaptive_clip_grad_(
     batches and for Adam-like optimizers); `eps` floors the weight norm so that zero-initialised
     parameters (skip gains) can still move.
 
-    Tensors that are a single unit (ndim <= 1) are normed and scaled with multi-tensor
-    (`torch._foreach_*`) ops; the others in buckets of ~8 MB, with one norm kernel per tensor and
-    one factor computation and `_foreach_mul_` per bucket. No host synchronisation. Norms are
+    Tensors that are a single unit (ndim <= 1) are normed with one multi-tensor
+    (`torch._foreach_norm`) call, the others with one row-wise norm kernel each; the factors of
+    all units come from one computation, and `_scale_units_` applies them (on an accelerator with
+    no host synchronisation; on the CPU rewriting only the clipped units). Norms are
     accumulated in float32 (float64 for float64 tensors): a unit whose float32 norm overflows
     (elements beyond ~1e19) counts as non-finite and is left alone.
     """
@@ -182,18 +180,16 @@ def adaptive_clip_grad_(
         raise ValueError(f"adaptive_clip_grad_ takes parameters on one device, got {sorted(map(str, devices))}: "
                          "call it once per device")
     device = devices.pop() if devices else torch.device("cpu")
-    whole = [i for i in positions if params[i].ndim <= 1]
-    groups = ([(whole, _clip_whole_tensors)] if whole else []) + [
-        (bucket, _clip_rows) for bucket in _buckets(params, [i for i in positions if params[i].ndim >= 2])
-    ]
-    results = [clip([params[i] for i in group], clipping, eps) for group, clip in groups]
-    processed = [i for group, _ in groups for i in group]
+    order = [i for i in positions if params[i].ndim <= 1] + [i for i in positions if params[i].ndim >= 2]
     counts: dict[int, tuple[Tensor, Tensor]] = {}
-    if results:
-        units = [_num_units(params[i]) for i in processed]
-        clipped = _count_per_tensor(torch.cat([factor < 1 for factor, _ in results]), units)
-        nonfinite = _count_per_tensor(torch.cat([~norm.isfinite() for _, norm in results]), units)
-        counts = dict(zip(processed, zip(clipped, nonfinite)))
+    if order:
+        grads = [params[i].grad for i in order]
+        grad_norm = _unit_norm_vector(grads)
+        factor = adaptive_clip_factor(_unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
+        units = [_num_units(g) for g in grads]
+        clipped = _count_per_tensor(factor < 1, units)
+        _scale_units_(grads, factor, units, clipped)
+        counts = dict(zip(order, zip(clipped, _count_per_tensor(~grad_norm.isfinite(), units))))
     zero = torch.zeros((), device=device)
 
     def per_parameter(field: int) -> Tensor:
