@@ -16,6 +16,8 @@ from functools import reduce
 import torch
 from torch import Tensor
 
+from . import cpu_kernel
+
 __all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_grad_"]
 
 def _num_units(x: Tensor) -> int:
@@ -121,30 +123,23 @@ def _count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
     return torch._foreach_norm(list(mask.float().split(units)), ord=1)
 
 
-def _scale_units_(grads: list[Tensor], factor: Tensor, units: list[int], clipped: list[Tensor]) -> None:
-    """Multiply each gradient by its units' entries of `factor`, rewriting as little memory as possible.
+def _clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tuple[list[Tensor], list[Tensor]]:
+    """AGC with torch ops, on any device and dtype, without host synchronisation.
 
-    On an accelerator every gradient is scaled by one `_foreach_mul_` (factor 1 where nothing
-    clips), which needs no host synchronisation. On the CPU, reading the counts costs nothing, and
-    usually few units clip (0.8% on nfnet_f0 at initialisation): only the clipped units are
-    rewritten, so AGC costs its two norm passes instead of three passes over the gradients.
-    A tensor where more than a quarter of the units clip is scaled whole, which is then cheaper
-    than gathering and scattering its rows.
+    One multi-tensor norm for the single-unit tensors, one row-wise norm kernel per other tensor,
+    the factors of all units from one computation, one `_foreach_mul_`. Returns the clipped and
+    the non-finite unit counts of each parameter, in order, as 0-d int64 device tensors.
     """
-    factors = factor.split(units)
-    shaped = [f.view(_unit_shape(g)) for f, g in zip(factors, grads)]
-    if factor.device.type != "cpu":
-        torch._foreach_mul_(grads, shaped)
-        return
-    counts = torch.stack(clipped).tolist()
-    dense = [i for i, (n, total) in enumerate(zip(counts, units)) if n > total / 4]
-    if dense:
-        torch._foreach_mul_([grads[i] for i in dense], [shaped[i] for i in dense])
-    for grad, unit_factor, n, total in zip(grads, factors, counts, units):
-        if 0 < n <= total / 4:
-            rows = (unit_factor < 1).nonzero().flatten()
-            scale = unit_factor[rows].view((-1,) + (1,) * (grad.ndim - 1))
-            grad.index_copy_(0, rows, (grad.index_select(0, rows) * scale).to(grad.dtype))
+    order = sorted(range(len(params)), key=lambda i: params[i].ndim >= 2)  # single-unit tensors first
+    grads = [params[i].grad for i in order]
+    grad_norm = _unit_norm_vector(grads)
+    factor = adaptive_clip_factor(_unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
+    units = [_num_units(g) for g in grads]
+    torch._foreach_mul_(grads, [f.view(_unit_shape(g)) for f, g in zip(factor.split(units), grads)])
+    clipped = torch.stack(_count_per_tensor(factor < 1, units)).long().unbind()
+    nonfinite = torch.stack(_count_per_tensor(~grad_norm.isfinite(), units)).long().unbind()
+    position = {i: k for k, i in enumerate(order)}
+    return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
 
 
 @torch.no_grad()
@@ -159,11 +154,12 @@ def adaptive_clip_grad_(
     batches and for Adam-like optimizers); `eps` floors the weight norm so that zero-initialised
     parameters (skip gains) can still move.
 
-    Tensors that are a single unit (ndim <= 1) are normed with one multi-tensor
-    (`torch._foreach_norm`) call, the others with one row-wise norm kernel each; the factors of
-    all units come from one computation, and `_scale_units_` applies them (on an accelerator with
-    no host synchronisation; on the CPU rewriting only the clipped units). Norms are
-    accumulated in float32 (float64 for float64 tensors): a unit whose float32 norm overflows
+    Contiguous float32 / float64 CPU tensors are clipped by one call of the fused kernel
+    (`normfree.cpu_kernel`: one pass reading each unit's weight and gradient together, writing
+    only the units that clip; squares summed in float64). Everything else (accelerators, half
+    precision, other memory layouts, or no C compiler) goes through torch ops with no host
+    synchronisation (`_clip_with_torch_ops`), where norms are accumulated in float32 (float64
+    for float64 tensors): a unit whose float32 norm overflows
     (elements beyond ~1e19) counts as non-finite and is left alone.
     """
     check_agc_arguments(clipping, eps)
@@ -180,22 +176,23 @@ def adaptive_clip_grad_(
         raise ValueError(f"adaptive_clip_grad_ takes parameters on one device, got {sorted(map(str, devices))}: "
                          "call it once per device")
     device = devices.pop() if devices else torch.device("cpu")
-    order = [i for i in positions if params[i].ndim <= 1] + [i for i in positions if params[i].ndim >= 2]
+    fused = [i for i in positions if cpu_kernel.supports(params[i])]
+    if fused and cpu_kernel.load() is None:
+        fused = []
     counts: dict[int, tuple[Tensor, Tensor]] = {}
-    if order:
-        grads = [params[i].grad for i in order]
-        grad_norm = _unit_norm_vector(grads)
-        factor = adaptive_clip_factor(_unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
-        units = [_num_units(g) for g in grads]
-        clipped = _count_per_tensor(factor < 1, units)
-        _scale_units_(grads, factor, units, clipped)
-        counts = dict(zip(order, zip(clipped, _count_per_tensor(~grad_norm.isfinite(), units))))
-    zero = torch.zeros((), device=device)
+    for dtype in {params[i].dtype for i in fused}:
+        group = [i for i in fused if params[i].dtype == dtype]
+        clipped, nonfinite = cpu_kernel.clip_([params[i] for i in group], [_num_units(params[i]) for i in group], clipping, eps)
+        counts.update(zip(group, zip(clipped.unbind(), nonfinite.unbind())))
+    rest = [i for i in positions if i not in counts]
+    if rest:
+        counts.update(zip(rest, zip(*_clip_with_torch_ops([params[i] for i in rest], clipping, eps))))
+    zero = torch.zeros((), dtype=torch.long, device=device)
 
     def per_parameter(field: int) -> Tensor:
         if not params:
             return torch.zeros(0, dtype=torch.long, device=device)
-        return torch.stack([counts[i][field] if i in counts else zero for i in range(len(params))]).long()
+        return torch.stack([counts[i][field] if i in counts else zero for i in range(len(params))])
 
     return ClipStats(
         clipped=per_parameter(0),

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normfree
-from normfree import agc as agc_module
+from normfree import cpu_kernel
 
 LAYERS = {
     "scalar": lambda: nn.ParameterList([nn.Parameter(torch.randn(()))]),
@@ -22,6 +22,16 @@ LAYERS = {
     "grouped_conv2d": lambda: nn.Conv2d(6, 8, 3, groups=2),
     "embedding": lambda: nn.Embedding(9, 4),
 }
+
+
+@pytest.fixture(autouse=True, params=["fused CPU kernel", "torch ops"])
+def agc_path(request, monkeypatch):
+    """Every test here runs on both implementations: the fused C kernel and torch ops."""
+    if request.param == "torch ops":
+        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    else:
+        assert cpu_kernel.load() is not None, "the fused CPU AGC kernel did not build here"
+    return request.param
 
 
 def give_gradients(module: nn.Module, scale: float = 1.0) -> None:
@@ -212,7 +222,9 @@ def clip_once(weight, grad, clipping, eps):
     return p.grad
 
 
-invariant_settings = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the agc_path fixture chooses the implementation once per test, for all its examples
+invariant_settings = settings(max_examples=150, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 @invariant_settings
