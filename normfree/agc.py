@@ -164,7 +164,11 @@ def adaptive_clip_grad_(
     """
     check_agc_arguments(clipping, eps)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    positions = [i for i, p in enumerate(params) if p.grad is not None]
+    # a parameter listed twice is clipped once (scaling it twice would clip it by the factor squared)
+    first = {}
+    for i, p in enumerate(params):
+        first.setdefault(id(p), i)
+    positions = [i for i, p in enumerate(params) if p.grad is not None and first[id(p)] == i]
     for i in positions:
         if params[i].grad.is_sparse:
             raise ValueError(
@@ -192,7 +196,7 @@ def adaptive_clip_grad_(
     def per_parameter(field: int) -> Tensor:
         if not params:
             return torch.zeros(0, dtype=torch.long, device=device)
-        return torch.stack([counts[i][field] if i in counts else zero for i in range(len(params))])
+        return torch.stack([counts[first[id(p)]][field] if first[id(p)] in counts else zero for p in params])
 
     return ClipStats(
         clipped=per_parameter(0),

@@ -119,6 +119,15 @@ def test_single_tensor_and_fraction():
     assert stats.clipped.tolist() == [2] and stats.fraction == 0.5
 
 
+def test_a_parameter_listed_twice_is_clipped_once():
+    layer = nn.Linear(6, 5)
+    give_gradients(layer)
+    expected, n_clipped = reference_agc(layer.weight, layer.weight.grad, 0.01, 1e-3)
+    stats = normfree.adaptive_clip_grad_([layer.weight, layer.bias, layer.weight], 0.01, 1e-3)
+    torch.testing.assert_close(layer.weight.grad.double(), expected, rtol=1e-5, atol=1e-30)
+    assert stats.clipped.tolist()[::2] == [n_clipped, n_clipped] and n_clipped > 0
+
+
 def test_no_gradients_at_all():
     stats = normfree.adaptive_clip_grad_(nn.Linear(2, 2).parameters())
     assert stats.units.tolist() == [0, 0] and stats.fraction == 0.0
