@@ -63,7 +63,8 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
 
     with ||G_u|| floored at 1e-6 in the division (as DeepMind's code). A unit whose gradient norm
     is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
-    user decides what to do with it.
+    user decides what to do with it. (The fused CPU kernel, csrc/agc_cpu.c, computes the same
+    rule in C, unit by unit; the tests hold both to one float64 reference.)
     """
     max_norm = param_norm.clamp_min(eps) * clipping
     clip = (grad_norm > max_norm) & grad_norm.isfinite()

@@ -34,6 +34,7 @@ _ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_double] * 2 + [
 
 
 def cache_dir() -> Path:
+    """Where built kernels are kept: $XDG_CACHE_HOME/normfree, else ~/.cache/normfree."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normfree"
 
 
@@ -97,7 +98,6 @@ def _pointers(tensors: list[Tensor]) -> Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
-@torch.no_grad()
 def clip_(params: list[Tensor], units: list[int], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
     """AGC on `params` (all `supports`-ed, one dtype; `units[i]` units each) in one kernel call.
 
