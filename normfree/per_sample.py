@@ -120,6 +120,8 @@ class PerSampleClipper:
         self._bypass = 0
         self._counts: dict[int, _Counts] = {}
         self._installed: list[nn.Module] = []
+        self._names: dict[nn.Module, str] = {}
+        self._called: set[nn.Module] = set()  # installed modules called in the current forward pass
         owners: dict[int, str] = {}
         for name, module in model.named_modules():
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -132,6 +134,8 @@ class PerSampleClipper:
                 owners[id(p)] = f"{name}.{n}" if name else n
             if own:
                 self._install(module, has_children=any(True for c in module.children() for _ in c.parameters()))
+                self._names[module] = name or type(module).__name__
+        self._root_hook = model.register_forward_pre_hook(self._new_forward_pass)
 
     def check_examples_independent(self) -> None:
         """ValueError if one of the model's BatchNorm layers is now in training mode."""
@@ -157,6 +161,26 @@ class PerSampleClipper:
             for attribute in ("forward", "_normfree_clipper", "_normfree_layer"):
                 module.__dict__.pop(attribute, None)
         self._installed = []
+        self._root_hook.remove()
+
+    def _new_forward_pass(self, model: nn.Module, args: tuple) -> None:
+        self._called.clear()
+
+    def note_call(self, module: nn.Module) -> None:
+        """Refuse a layer called twice in one forward pass of the model (weights reused), and remove itself.
+
+        Each call's backward would clip that use's per-example gradient, but an example's gradient
+        is the sum over the uses: clipped per use is not clipped per example. (Calling the whole
+        model twice before one backward pass is not detected.)
+        """
+        if module in self._called:
+            self.remove()
+            raise ValueError(
+                f"per-sample AGC: {self._names[module]} ({type(module).__name__}) was called twice in one forward "
+                "pass, so its weights are reused; per-sample AGC would clip each use separately instead of each "
+                "example's summed gradient. Turn per_sample off for this model"
+            )
+        self._called.add(module)
 
     def start(self) -> None:
         """From now on, forward passes with gradients enabled clip per example in their backward pass."""
@@ -477,6 +501,7 @@ def _layer_forward(self: nn.Module, x: Tensor) -> Tensor:
     clipper: PerSampleClipper = self._normfree_clipper
     if not clipper.recording():
         return type(self).forward(self, x)
+    clipper.note_call(self)
     layer: _Layer = self._normfree_layer
     if layer.same_pad:
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
@@ -507,6 +532,7 @@ def _container_forward(self: nn.Module, *args, **kwargs):
     batch = next((a for a in args if isinstance(a, Tensor)), None)
     if not clipper.recording() or batch is None:
         return type(self).forward(self, *args, **kwargs)
+    clipper.note_call(self)
     own = {n: p for n, p in self._parameters.items() if p is not None and p.requires_grad}
     try:
         for name, param in own.items():
@@ -568,6 +594,7 @@ def _generic_forward(self: nn.Module, x: Tensor, *args, **kwargs):
             raise TypeError(f"per-sample AGC supports layers called with one tensor; {type(self).__name__} got "
                             f"{1 + len(args)} positional and {len(kwargs)} keyword arguments")
         return type(self).forward(self, x, *args, **kwargs)
+    clipper.note_call(self)
     params = [p for p in self.parameters(recurse=False) if p.requires_grad]
     return _GenericLayer.apply(clipper, self, x, *params)
 

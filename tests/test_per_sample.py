@@ -262,6 +262,31 @@ def test_parameters_tied_between_modules_are_refused():
         PerSampleClipper(model, {})
 
 
+class ReusesALayer(nn.Module):
+    """`inner` is applied twice: an example's gradient for it is the sum over both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def test_a_layer_called_twice_in_one_forward_is_refused_and_removed():
+    model = ReusesALayer()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    learn = Learner(dls_for(x, y, 4), model, loss_func=CrossEntropyLossFlat(), cbs=[AGC(per_sample=True)])
+    for _ in range(2):  # a second fit installs afresh and refuses again, rather than training unclipped
+        with pytest.raises(ValueError, match=r"inner \(Linear\) was called twice in one forward pass"), \
+                learn.no_bar(), learn.no_logging():
+            learn.fit(1)
+        assert not any("forward" in vars(m) for m in model.modules()) and not model._forward_pre_hooks
+    learn.remove_cb(AGC)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1)  # the model itself is fine without per-sample AGC
+
+
 def test_a_callback_that_reshapes_the_loss_per_example_is_refused():
     """The backward signal must be a uniform multiple of the loss's own gradient to recover g_i."""
     from fastai.callback.core import Callback
