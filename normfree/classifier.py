@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["find_classifier", "init_classifier_", "unwrap_model"]
+__all__ = ["CLASSIFIER_INIT_STD", "classifier_init_std", "find_classifier", "init_classifier_", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -28,11 +28,21 @@ def find_classifier(model: nn.Module) -> nn.Module | None:
     return linears[-1] if linears else None
 
 
-def init_classifier_(classifier: nn.Module) -> None:
-    """Classifier weight ~ N(0, 0.01), bias 0 (Brock et al. 2021; zero init "could sometimes lead to
-    instabilities"). A classifier without a weight (timm's nn.Identity at 0 classes) is left as it is."""
+CLASSIFIER_INIT_STD = 0.01  # Brock et al. 2021, for features of unit variance
+
+
+def init_classifier_(classifier: nn.Module, std: float = CLASSIFIER_INIT_STD) -> None:
+    """Classifier weight ~ N(0, std), bias 0; the default std 0.01 is the NFNet papers' (Brock et al. 2021;
+    zero init "could sometimes lead to instabilities"). A model may declare its own with a
+    ``classifier_init_std`` attribute (see `classifier_init_std`). A classifier without a weight (timm's
+    nn.Identity at 0 classes) is left as it is."""
     if not isinstance(getattr(classifier, "weight", None), Tensor):
         return
-    nn.init.normal_(classifier.weight, 0.0, 0.01)
+    nn.init.normal_(classifier.weight, 0.0, std)
     if getattr(classifier, "bias", None) is not None:
         nn.init.zeros_(classifier.bias)
+
+
+def classifier_init_std(model: nn.Module) -> float:
+    """The std a model's classifier weight is drawn with: its own ``classifier_init_std``, else the papers'."""
+    return getattr(unwrap_model(model), "classifier_init_std", CLASSIFIER_INIT_STD)

@@ -25,7 +25,7 @@ from timm.layers import ClassifierHead
 from torch import nn
 
 from .callback import AGC
-from .classifier import find_classifier, init_classifier_
+from .classifier import classifier_init_std, find_classifier, init_classifier_
 from .data import _StandardiseImages
 from .weights import load_weights
 
@@ -48,13 +48,14 @@ def _unknown_arch(arch: str) -> ValueError:
     return ValueError(f"unknown arch {arch!r}; {hint} (normfree.normalizer_free_archs() lists them all)")
 
 
-def _timm_model(arch: str, n_out: int, n_in: int, pretrained: bool, drop_rate: float) -> nn.Module:
+def _timm_model(arch: str, n_out: int, n_in: int, pretrained: bool, drop_rate: float, model_kwargs: dict) -> nn.Module:
     if arch not in timm.list_models():
         raise _unknown_arch(arch)
+    kwargs = dict(num_classes=n_out, in_chans=n_in, drop_rate=drop_rate, **model_kwargs)
     if not pretrained:
-        return timm.create_model(arch, num_classes=n_out, in_chans=n_in, drop_rate=drop_rate)
+        return timm.create_model(arch, **kwargs)
     try:
-        return timm.create_model(arch, pretrained=True, num_classes=n_out, in_chans=n_in, drop_rate=drop_rate)
+        return timm.create_model(arch, pretrained=True, **kwargs)
     except Exception as error:  # no weights published, hub unreachable, proxy refusal...
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RuntimeError(
@@ -72,21 +73,25 @@ def _torchvision_model(arch: Callable, n_out: int, n_in: int, pretrained: bool, 
 def build_model(
     arch: str | Callable, n_out: int, n_in: int = 3, pretrained: bool = False, weights: str | Path | None = None,
     drop_rate: float = 0.0,
+    model_kwargs: dict | None = None,
 ) -> nn.Module:
     """The model `nf_learner` trains: a timm arch by name (NF or not), or a torchvision model function.
 
-    The head is global pooling, dropout and a Linear initialised N(0, 0.01) — no normalisation
-    layer. `weights` loads a local file (see `load_weights`).
+    The head is global pooling, dropout and a Linear initialised N(0, 0.01) (or the model's own
+    ``classifier_init_std``) — no normalisation layer. `weights` loads a local file (see `load_weights`).
+    `model_kwargs` go to `timm.create_model` (e.g. ``{"skipinit": True}`` for normfree's small ResNets).
     """
     if isinstance(arch, str):
-        model = _timm_model(arch, n_out, n_in, pretrained, drop_rate)
+        model = _timm_model(arch, n_out, n_in, pretrained, drop_rate, model_kwargs or {})
+    elif model_kwargs:
+        raise TypeError("model_kwargs are for timm architectures given by name, not torchvision functions")
     elif callable(arch):
         model = _torchvision_model(arch, n_out, n_in, pretrained, drop_rate)
     else:
         raise TypeError(f"arch must be a timm model name or a torchvision model function, got {type(arch).__name__}")
     classifier = find_classifier(model)
     if not pretrained:
-        init_classifier_(classifier)
+        init_classifier_(classifier, classifier_init_std(model))
     if weights is not None:
         load_weights(model, weights, arch if isinstance(arch, str) else None)
     return model
@@ -135,6 +140,7 @@ def nf_learner(
     n_out: int | None = None,
     drop_rate: float = 0.0,
     loss_func: Callable | None = None,
+    model_kwargs: dict | None = None,
     **kwargs,
 ) -> Learner:
     """A fastai `Learner` for a normalizer-free model (or a BatchNorm baseline, e.g. ``"resnet26"``).
@@ -145,6 +151,7 @@ def nf_learner(
       the inputs get the model's normalisation stats and the body starts frozen, as `vision_learner` does.
     - `agc`: AGC's lambda (the callback skips the classifier weight); None trains without AGC.
     - `n_out`: number of outputs, by default the data's class count.
+    - `model_kwargs`: extra arguments of the timm model (``{"skipinit": True}``).
     Other keyword arguments go to `Learner` (metrics, opt_func, lr, cbs, wd, ...).
     """
     n_in, n_classes = _data_shape(dls)
@@ -154,7 +161,7 @@ def nf_learner(
         n_out = n_classes
     elif n_classes is not None and n_out != n_classes:
         raise ValueError(f"n_out={n_out} but the data has {n_classes} classes; leave n_out out to use {n_classes}")
-    model = build_model(arch, n_out, n_in, pretrained, weights, drop_rate)
+    model = build_model(arch, n_out, n_in, pretrained, weights, drop_rate, model_kwargs)
     if pretrained or weights is not None:
         _add_input_normalisation(dls, model, n_in)
     loss_func = loss_func or getattr(dls.train_ds, "loss_func", None) or CrossEntropyLossFlat()

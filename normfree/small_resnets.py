@@ -12,14 +12,26 @@ in unnormalized ResNets" (arXiv 2101.08692):
 
 - Sec. 4: residual blocks h_{i+1} = h_i + alpha * f_i(h_i / beta_i), beta_i the expected standard
   deviation of h_i; the expected variance grows by alpha^2 per block and resets to 1 + alpha^2 at each
-  transition block, whose shortcut is a convolution of the normalised input. alpha = 0.2.
+  transition block, whose shortcut is a convolution of the normalised input. The paper's alpha is 0.2
+  for deep ImageNet ResNets; this family defaults to `ALPHA` = 0.5 (see "The recipe" below).
   The transition shortcut average-pools before its 1x1 conv (NFNets, timm), which the variance formula
   ignores: on spatially uncorrelated features (white-noise input) it divides the variance by up to 4.
 - Sec. 4: Scaled Weight Standardisation with the ReLU gain gamma = sqrt(2 / (1 - 1/pi)) folded into
   every convolution that follows a ReLU (as timm does); the stem conv sees the raw image, so it gets
   gamma = 1.
-- SkipInit (De & Smith 2020, arXiv 2002.10444), which the NF-ResNets keep: a zero-initialised scalar
-  gain at the end of each residual branch.
+- SkipInit (De & Smith 2020, arXiv 2002.10444), a zero-initialised scalar gain at the end of each
+  residual branch, is an option (``skipinit=True``), off by default: the branches start at full strength.
+
+The recipe (README, "A recipe that trains"; measured on digits, 5 epochs of one-cycle Adam at 1e-2,
+batch 64, final validation accuracy): the defaults of an earlier version (SkipInit gains at 0, alpha 0.2,
+classifier N(0, 0.01)) reached 82.5% where the BatchNorm twin reached 97.2%. With the branches open at
+initialisation, 91.4%; with alpha 0.5 as well, 94.2%; with the classifier drawn from N(0, 0.1) as well,
+95.8-97.2% (the twin: 98.6%). These are small networks on small, smooth images: the residual branches hold
+the only 3x3 convolutions of a depth-(1, 1, 1) network, so switching them off or scaling them by 0.2
+leaves mostly 1x1 shortcuts to learn with, and the features reaching the head have about 1/20 of the unit
+variance the signal-propagation design assumes (the 1-channel standardised stem removes each patch's mean,
+and the transitions' average pooling divides the variance), so a classifier drawn at the paper's scale
+starts out nearly silent. Both twins share the classifier init.
 
 The BatchNorm twin uses timm's pre-activation bottleneck (`timm.models.resnetv2.PreActBottleneck`,
 ResNet v2, He et al. 2016) with the same convolutions (shapes, strides, padding), the same avg-pool
@@ -83,6 +95,8 @@ FAMILY: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 _PREFIX: dict[Normalization, str] = {"nf": "nf_resnet_", "batchnorm": "bn_resnet_"}
 
 _RELU_GAMMA = _nonlin_gamma["relu"]
+ALPHA = 0.5  # residual branch scale of this family (the paper's 0.2 is for deep ImageNet ResNets)
+CLASSIFIER_INIT_STD = 0.1  # of both twins' classifier weight (NFNets use 0.01 on unit-variance features)
 # timm's NfCfg default; eps is added to the per-filter weight variance
 _STD_CONV_EPS = 1e-5
 _CH_DIV = 8
@@ -115,6 +129,8 @@ class _NormFreeBottleneck(NormFreeBlock):
       and gradients are unchanged, and so is `NormFreeBlock.forward` on this block.
     - alpha and the SkipInit gain are one out-of-place multiplication; timm's in-place `mul_` makes autograd
       keep a copy of the branch output for the gain's gradient.
+    - without SkipInit the branch starts at full strength: conv3's gain starts at 1, where timm's
+      NormFreeBlock zeroes it whenever SkipInit is off.
     """
 
     def __init__(
@@ -125,6 +141,8 @@ class _NormFreeBottleneck(NormFreeBlock):
             in_chs, out_chs, stride=stride, alpha=alpha, beta=beta, bottle_ratio=bottle_ratio, ch_div=_CH_DIV,
             reg=False, skipinit=skipinit, act_layer=nn.ReLU, conv_layer=conv_layer,
         )
+        if not skipinit:
+            nn.init.ones_(self.conv3.gain)
         self.conv1.scale *= beta
         if self.downsample is not None:
             self.downsample.conv.scale *= beta
@@ -155,8 +173,9 @@ class SmallResNet(nn.Module):
         in_chans: image channels.
         drop_rate: dropout before the classifier.
         alpha: NF residual branch scale (2101.08692, Sec. 4); the twin ignores it.
-        skipinit: NF zero-initialised scalar gain on each residual branch (SkipInit); the twin ignores it.
-            Without it, the last conv's per-channel gains start at zero instead (timm's default).
+        skipinit: NF zero-initialised scalar gain on each residual branch (SkipInit), so that every branch
+            starts switched off; without it (the default) the branches start at full strength. The twin
+            ignores it.
         stem_chs: stem output channels, default half the first width.
         bottle_ratio: bottleneck width / block output width (ResNet's 1/4).
     """
@@ -169,8 +188,8 @@ class SmallResNet(nn.Module):
         num_classes: int = 10,
         in_chans: int = 1,
         drop_rate: float = 0.0,
-        alpha: float = 0.2,
-        skipinit: bool = True,
+        alpha: float = ALPHA,
+        skipinit: bool = False,
         stem_chs: int | None = None,
         bottle_ratio: float = 0.25,
     ) -> None:
@@ -232,7 +251,9 @@ class SmallResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        init_classifier_(self.head.fc)
+        init_classifier_(self.head.fc, self.classifier_init_std)
+
+    classifier_init_std = CLASSIFIER_INIT_STD  # read by normfree.build_model, which re-initialises classifiers
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -240,10 +261,10 @@ class SmallResNet(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a freshly initialised one (N(0, 0.01) weight, zero bias)."""
+        """Replace the classifier with a freshly initialised one (N(0, 0.1) weight, zero bias)."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
-        init_classifier_(self.head.fc)
+        init_classifier_(self.head.fc, self.classifier_init_std)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Activated feature map before pooling: [N, num_features, H / 4, W / 4]."""
