@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from .compare import METHODS, CompareConfig, compare
 from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
+from .optim import OPTIMIZERS
 from .train import train
 
 __all__ = ["build_parser", "main"]
@@ -21,7 +22,8 @@ __all__ = ["build_parser", "main"]
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _COMPARE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
 # Command-line spelling of the settings whose flag is not simply --name-with-dashes.
-_FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc"}
+_FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc",
+          "skipinit": "--skipinit/--no-skipinit"}
 _RUN_OPTIONS = ("command", "config", "quiet", "overwrite")  # not settings of the run itself
 
 
@@ -60,7 +62,13 @@ def _add_data_and_model(parser: argparse.ArgumentParser, defaults: dict, arch_he
                              ".npz; default: all)")
     parser.add_argument("--valid-pct", type=float, default=defaults["valid_pct"],
                         help="fraction held out for validation where the data has no validation split "
-                             "(digits, folders, CSVs)")
+                             "(digits, folders, CSVs), and by --holdout")
+
+
+def _add_optimizer(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument("--opt", choices=list(OPTIMIZERS), default=defaults["opt"],
+                        help="optimizer: fastai's Adam, or SGD with Nesterov momentum 0.9 (the NFNet papers'); both "
+                             "with fastai's decoupled weight decay")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -100,12 +108,22 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                           help="train without AGC (default: with AGC)")
     parser.add_argument("--per-sample", action="store_true",
                         help="clip each example's gradient (per-sample AGC; normalizer-free models only)")
+    parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],
+                        help="small NF ResNets: start each residual branch switched off (SkipInit's zero gain) or, "
+                             "with --no-skipinit, at full strength (default: the model's own, --no-skipinit)")
+    parser.add_argument("--new-head", action="store_true",
+                        help="with --weights/--pretrained: a freshly initialised classifier even when the class count "
+                             "matches (a new task)")
     parser.add_argument("--bs", type=int, default=d["bs"], help="batch size of one forward/backward pass")
     parser.add_argument("--accum", type=int, default=d["accum"], metavar="K",
                         help="accumulate K batches per optimizer step (fastai GradientAccumulation): "
                              "an effective batch of bs*K")
+    _add_optimizer(parser, d)
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="a budget of N optimizer steps instead of --epochs (the last epoch is partial; "
+                             "default: none, train --epochs)")
     rate = parser.add_mutually_exclusive_group()
-    rate.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of the one-cycle schedule (Adam)")
+    rate.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of the one-cycle schedule")
     rate.add_argument("--lr-find", action="store_true", help="use fastai's lr_find() valley suggestion instead of --lr")
     parser.add_argument("--fine-tune", action="store_true",
                         help="fastai's transfer-learning schedule: --freeze-epochs with the body frozen, then --epochs "
@@ -114,6 +132,14 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=d["seed"],
                         help="random seed: initialisation, batch order and the validation split; same seed, "
                              "same metrics")
+    parser.add_argument("--holdout", action="store_true",
+                        help="validate on --valid-pct of the training images instead of the validation split, which "
+                             "is then never seen (for tuning; in-memory data)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None, metavar="LABEL",
+                        help="keep only these class labels, renumbered 0..k-1 (in-memory data; default: all)")
+    parser.add_argument("--per-class", type=int, default=None, metavar="N",
+                        help="at most N training images of each class, drawn with --seed (in-memory data; "
+                             "default: all)")
     parser.add_argument("--path-col", default=d["path_col"], help="CSV data: column of image paths")
     parser.add_argument("--label-col", default=d["label_col"], help="CSV data: column of labels")
     parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for every output file")

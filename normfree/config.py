@@ -20,7 +20,9 @@ import torch
 from .agc import check_agc_arguments
 from .data_spec import DataSpec, parse_data_spec
 from .learner import _unknown_arch
+from .optim import OPTIMIZERS
 from .precision import PRECISIONS
+from .small_resnets import is_small_normfree
 
 __all__ = ["ConfigError", "TrainConfig", "library_versions", "make_config"]
 
@@ -82,17 +84,28 @@ class TrainConfig:
       ``bn_resnet_*``, or a BatchNorm baseline such as ``resnet18``.
     - `pretrained` (timm's hub) or `weights` (a local file, see `normfree.load_weights`): start from
       trained weights; the body then starts frozen, as in fastai.
+    - `skipinit`: normfree's small NF ResNets only: True starts every residual branch switched off
+      (SkipInit's zero gain), False at full strength; None keeps the model's default (False).
+    - `new_head`: with `weights`/`pretrained`, start from a freshly initialised classifier even when
+      the class count matches (a new task).
     - `agc`: AGC's lambda, or None for no clipping; `per_sample`: clip each example's gradient.
     - `bs`: the batch size of one forward/backward pass; `accum`: accumulate that many batches per
       optimizer step (fastai's `GradientAccumulation`), so one step sees ``bs * accum`` examples.
-    - `epochs`, `lr`: the one-cycle schedule (Adam, fastai's defaults); `lr_find` replaces `lr` by
-      fastai's ``lr_find()`` valley suggestion.
+    - `opt`: ``adam`` (fastai's Adam) or ``sgd`` (Nesterov momentum 0.9, the NFNet papers'), both with
+      fastai's decoupled weight decay (see `normfree.optim`).
+    - `epochs`, `lr`: the one-cycle schedule; `lr_find` replaces `lr` by fastai's ``lr_find()`` valley
+      suggestion. `steps`: a budget of this many optimizer steps instead of `epochs` (the last epoch
+      is then partial; see `normfree.step_budget`).
     - `precision`: ``fp32``, ``fp16`` or ``bf16`` (mixed precision on any device).
     - `fine_tune`: fastai's transfer-learning schedule: `freeze_epochs` with the body frozen, then
       `epochs` with everything trained at discriminative learning rates.
     - `seed`: initialisation, batch order and, where the data has no validation split of its own,
       which `valid_pct` of the images are held out. `size`: image size in px (None: the data's
       default). `limit`: first n images of each split (in-memory data sets only).
+    - `holdout`: validate on `valid_pct` of the training images instead of the validation split
+      (which is then never seen; for choosing hyperparameters). `classes`: keep only these labels
+      (renumbered 0..k-1); `per_class`: at most n training images of each class. In-memory data only
+      (see `normfree.subset_dataloaders`).
     - `device`: ``cpu``, ``cuda``, ``cuda:1``, ...; None picks CUDA when there is one.
     - `out`: the folder every output file is written to.
     """
@@ -101,11 +114,15 @@ class TrainConfig:
     arch: str = "nf_resnet_tiny"
     pretrained: bool = False
     weights: str | None = None
+    new_head: bool = False
+    skipinit: bool | None = None
     agc: float | None = 0.01
     per_sample: bool = False
     bs: int = 64
     accum: int = 1
+    opt: str = "adam"
     epochs: int = 5
+    steps: int | None = None
     lr: float = 1e-2
     lr_find: bool = False
     precision: str = "fp32"
@@ -115,6 +132,9 @@ class TrainConfig:
     size: int | None = None
     limit: int | None = None
     valid_pct: float = 0.2
+    holdout: bool = False
+    classes: tuple[int, ...] | None = None
+    per_class: int | None = None
     path_col: str = "path"
     label_col: str = "label"
     device: str | None = None
@@ -129,11 +149,22 @@ class TrainConfig:
         spec = self.data_spec
         if self.size is not None:
             _whole(self.size, "size", _MIN_SIZE)
+        if self.classes is not None:
+            classes = tuple(self.classes) if isinstance(self.classes, (list, tuple)) else (self.classes,)
+            for label in classes:
+                _whole(label, "classes", 0)
+            if len(set(classes)) != len(classes) or len(classes) < 2:
+                raise ConfigError("classes", f"must be two or more distinct labels, got {list(classes)}")
+            object.__setattr__(self, "classes", classes)  # JSON and argparse give lists
+        if self.per_class is not None:
+            _whole(self.per_class, "per_class", 1)
+        _flag(self.holdout, "holdout")
+        for option in ("limit", "classes", "per_class", "holdout"):
+            if getattr(self, option) not in (None, False) and not spec.supports_limit:
+                raise ConfigError(option, f"works with in-memory data sets (digits, fashion-mnist, .npz) only, "
+                                          f"not {spec.kind} data; leave {option} out")
         if self.limit is not None:
             _whole(self.limit, "limit", 1)
-            if not spec.supports_limit:
-                raise ConfigError("limit", f"only in-memory data sets (digits, fashion-mnist, .npz) can be limited, "
-                                           f"not {spec.kind} data; leave limit out")
         valid_pct = self.valid_pct
         if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not 0 < valid_pct < 1:
             raise ConfigError("valid_pct", f"must be between 0 and 1 (exclusive), got {self.valid_pct!r}")
@@ -151,6 +182,15 @@ class TrainConfig:
             if not Path(self.weights).expanduser().is_file():
                 raise ConfigError("weights", f"{self.weights}: no such file; expected a .safetensors, .pth, .pt, "
                                              f".bin or learn.export() .pkl file")
+        _flag(self.new_head, "new_head")
+        if self.new_head and not (self.weights or self.pretrained):
+            raise ConfigError("new_head", "a new classifier only makes sense on trained weights: give weights or "
+                                          "pretrained, or drop new_head")
+        if self.skipinit is not None:
+            _flag(self.skipinit, "skipinit")
+            if not is_small_normfree(self.arch):
+                raise ConfigError("skipinit", f"is an option of normfree's small NF ResNets (nf_resnet_tiny/small/"
+                                              f"base), not {self.arch}; leave it out")
         if self.agc is not None:
             try:
                 check_agc_arguments(self.agc, 1e-3)
@@ -165,6 +205,12 @@ class TrainConfig:
         _whole(self.bs, "bs", 1)
         _whole(self.accum, "accum", 1)
         _whole(self.epochs, "epochs", 1)
+        if self.opt not in OPTIMIZERS:
+            raise ConfigError("opt", f"must be one of {', '.join(OPTIMIZERS)}, got {self.opt!r}")
+        if self.steps is not None:
+            _whole(self.steps, "steps", 1)
+            if self.fine_tune:
+                raise ConfigError("steps", "a budget in steps works with one fit, not fine_tune's two; give epochs")
         _whole(self.freeze_epochs, "freeze_epochs", 0)
         _whole(self.seed, "seed", 0)
         _positive(self.lr, "lr", "the peak learning rate, e.g. 1e-2")

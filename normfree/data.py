@@ -33,6 +33,7 @@ __all__ = [
     "image_folder_dataloaders",
     "medmnist_dataloaders",
     "read_idx",
+    "subset_dataloaders",
     "write_digits_image_folder",
 ]
 
@@ -212,6 +213,70 @@ def digits_dataloaders(
     dls = _tensor_dataloaders(splits, size, bs, seed, device, 10)
     dls.vocab = [str(d) for d in range(10)]
     return dls
+
+
+def subset_dataloaders(
+    dls: DataLoaders,
+    classes: Sequence[int] | None = None,
+    per_class: int | None = None,
+    holdout_pct: float | None = None,
+    seed: int = 0,
+) -> DataLoaders:
+    """normfree's in-memory DataLoaders (digits, Fashion-MNIST, MedMNIST) narrowed, for transfer
+    learning and for tuning without the validation split:
+
+    - `classes`: keep only these labels, renumbered 0..k-1 in the order given (every split);
+    - `per_class`: at most this many training images of each class, drawn with `seed`;
+    - `holdout_pct`: validate on this fraction of the (remaining) training images, drawn with `seed`,
+      instead of the data's validation split, which is then not used at all (nor a test split):
+      hyperparameters chosen on it never saw the validation images.
+
+    The standardisation statistics are measured again on the training images that remain.
+    ValueError naming the argument for anything that cannot work.
+    """
+    if not isinstance(dls.train_ds, _TensorImages):
+        raise ValueError("classes, per_class and holdout work with in-memory data (digits, fashion-mnist, .npz), "
+                         "not image folders or CSVs")
+    standardise = dls.train.after_batch  # _tensor_dataloaders' own transform
+    splits = [ds.tensors for ds in (dls.train_ds, dls.valid_ds, *(dl.dataset for dl in dls.loaders[2:]))]
+    c = dls.c
+    if classes is not None:
+        if getattr(dls, "multi_label", False):
+            raise ValueError("classes: multi-label data cannot be narrowed to classes")
+        classes = list(classes)
+        if len(set(classes)) != len(classes) or len(classes) < 2 or not all(0 <= k < c for k in classes):
+            raise ValueError(f"classes: need two or more distinct labels in 0..{c - 1}, got {classes}")
+        relabel = torch.full((c,), -1, dtype=torch.long)
+        relabel[classes] = torch.arange(len(classes))
+        splits = [(x[relabel[y] >= 0], relabel[y][relabel[y] >= 0]) for x, y in splits]
+        c = len(classes)
+    generator = torch.Generator().manual_seed(seed)
+    if per_class is not None:
+        if getattr(dls, "multi_label", False):
+            raise ValueError("per_class: multi-label data has no single class per image")
+        x, y = splits[0]
+        keep = torch.cat([idx[torch.randperm(len(idx), generator=generator)[:per_class]]
+                          for idx in (torch.nonzero(y == k).flatten() for k in range(c))]).sort().values
+        splits[0] = (x[keep], y[keep])
+    if holdout_pct is not None:
+        x, y = splits[0]
+        order = torch.randperm(len(x), generator=generator)
+        n_valid = round(len(x) * holdout_pct)
+        if not 0 < n_valid < len(x):
+            raise ValueError(f"holdout: {holdout_pct:.0%} of {len(x)} training images leaves nothing to train or "
+                             f"validate on")
+        splits = [(x[order[n_valid:]], y[order[n_valid:]]), (x[order[:n_valid]], y[order[:n_valid]])]
+    if not getattr(dls, "multi_label", False):
+        _check_several_classes(splits[0][1], "the narrowed training split")
+    narrowed = _tensor_dataloaders(splits, standardise.size, dls.train.bs, seed, dls.device, c)
+    vocab = getattr(dls, "vocab", None)
+    if vocab is not None:
+        narrowed.vocab = [vocab[k] for k in classes] if classes is not None else vocab
+    if getattr(dls, "multi_label", False):
+        narrowed.multi_label = True
+    if len(splits) > 2:
+        narrowed.test = narrowed[2]
+    return narrowed
 
 
 def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:

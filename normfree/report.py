@@ -31,7 +31,7 @@ REPORT_FILES = {
     "accuracy_plot": "accuracy_vs_batch_size.png",
     "curves_plot": "validation_curves.png",
 }
-_COLUMNS = ["method", "batch", "final accuracy (%)", "best accuracy (%)", "seeds", "s/epoch", "images/s",
+_COLUMNS = ["method", "batch", "lr", "final accuracy (%)", "best accuracy (%)", "seeds", "s/epoch", "images/s",
             "peak memory (MiB)"]
 
 
@@ -51,6 +51,7 @@ class RunRecord:
     bs: int
     accum: int
     seed: int
+    lr: float
     final_accuracy: float
     best_accuracy: float
     seconds_per_epoch: float
@@ -72,6 +73,7 @@ class SummaryRow:
     method: str
     bs: int
     accum: int
+    lr: float
     seeds: int
     final_mean: float
     final_std: float
@@ -93,8 +95,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(runs: Sequence[RunRecord], methods: Sequence[str] | None = None) -> list[SummaryRow]:
-    """One row per (method, bs, accum), over seeds; rows by method (in `methods` order), then plain
-    settings by batch size, then accumulated ones."""
+    """One row per (method, bs, accum), over seeds (which share one lr); rows by method (in `methods`
+    order), then plain settings by batch size, then accumulated ones."""
     groups: dict[tuple[str, int, int], list[RunRecord]] = {}
     for run in runs:
         groups.setdefault((run.method, run.bs, run.accum), []).append(run)
@@ -107,7 +109,7 @@ def summarise(runs: Sequence[RunRecord], methods: Sequence[str] | None = None) -
         best_mean, best_std = _mean_std([run.best_accuracy for run in group])
         memories = [run.peak_memory_mib for run in group if run.peak_memory_mib is not None]
         rows.append(SummaryRow(
-            method, bs, accum, len(group), final_mean, final_std, best_mean, best_std,
+            method, bs, accum, group[0].lr, len(group), final_mean, final_std, best_mean, best_std,
             statistics.fmean(run.seconds_per_epoch for run in group),
             statistics.fmean(run.images_per_second for run in group),
             max(memories) if memories else None,
@@ -121,17 +123,28 @@ def _percent(mean: float, std: float) -> str:
 
 def _cells(row: SummaryRow) -> list[str]:
     return [
-        row.method, row.setting, _percent(row.final_mean, row.final_std), _percent(row.best_mean, row.best_std),
+        row.method, row.setting, f"{row.lr:g}", _percent(row.final_mean, row.final_std), _percent(row.best_mean, row.best_std),
         str(row.seeds), f"{row.seconds_per_epoch:.2f}", f"{row.images_per_second:.0f}",
         "n/a" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}",
     ]
 
 
+def _markdown_grid(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[SummaryRow]) -> str:
     """The summary as a Markdown table (also readable as plain text)."""
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    return "\n".join(lines)
+    return _markdown_grid(_COLUMNS, [_cells(row) for row in rows])
+
+
+def _html_grid(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    esc = html.escape
+    header = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells)
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _png_bytes(fig: Figure) -> bytes:
@@ -156,11 +169,13 @@ def _write_csv(path: Path, records: Sequence[object]) -> None:
         writer.writerows(dicts)
 
 
+Tables = Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]]  # heading -> (columns, rows of cells)
+
+
 def _html_page(title: str, settings: Mapping[str, object], rows: Sequence[SummaryRow], notes: Sequence[str],
-               images: Mapping[str, bytes]) -> str:
+               images: Mapping[str, bytes], tables: Tables) -> str:
     esc = html.escape
-    header = "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>" for row in rows)
+    extra = "".join(f"<h2>{esc(heading)}</h2>{_html_grid(*table)}" for heading, table in tables.items())
     setting_items = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in settings.items())
     note_items = "".join(f"<li>{esc(note)}</li>" for note in notes)
     figures = "".join(
@@ -183,8 +198,9 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <h1>{esc(title)}</h1>
 <h2>Settings</h2><ul>{setting_items}</ul>
 <h2>Results</h2>
-<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>
+{_html_grid(_COLUMNS, [_cells(row) for row in rows])}
 <ul>{note_items}</ul>
+{extra}
 <h2>Plots</h2>
 {figures}
 </body></html>
@@ -192,11 +208,13 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 
 
 def _markdown_page(title: str, settings: Mapping[str, object], rows: Sequence[SummaryRow], notes: Sequence[str],
-                   images: Mapping[str, str]) -> str:
+                   images: Mapping[str, str], tables: Tables) -> str:
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- **{k}**: {v}" for k, v in settings.items()]
     lines += ["", "## Results", "", markdown_table(rows), ""]
     lines += [f"- {note}" for note in notes]
+    for heading, table in tables.items():
+        lines += ["", f"## {heading}", "", _markdown_grid(*table)]
     lines += ["", "## Plots", ""]
     lines += [f"![{alt}]({name})\n" for alt, name in images.items()]
     return "\n".join(lines)
@@ -209,9 +227,11 @@ def write_report(
     title: str = "normfree comparison",
     settings: Mapping[str, object] | None = None,
     notes: Sequence[str] = (),
+    tables: Tables | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html (plots embedded as base64 PNG), runs.csv, summary.csv and the two
-    plots into `out`; returns their paths by `REPORT_FILES` key."""
+    plots into `out`; returns their paths by `REPORT_FILES` key. `tables` are further sections
+    after the results (heading -> (columns, rows of cell strings)), e.g. a learning-rate sweep."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(settings or {})
@@ -235,8 +255,8 @@ def write_report(
         pngs[alt] = _png_bytes(fig)
         paths[key].write_bytes(pngs[alt])
     paths["markdown"].write_text(_markdown_page(
-        title, settings, rows, notes, {alt: REPORT_FILES[key] for alt, (_, key) in figures.items()}))
-    paths["html"].write_text(_html_page(title, settings, rows, notes, pngs))
+        title, settings, rows, notes, {alt: REPORT_FILES[key] for alt, (_, key) in figures.items()}, tables or {}))
+    paths["html"].write_text(_html_page(title, settings, rows, notes, pngs, tables or {}))
     _write_csv(paths["runs"], runs)
     _write_csv(paths["summary"], rows)
     return paths

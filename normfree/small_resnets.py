@@ -71,10 +71,13 @@ from torch import nn
 from .classifier import init_classifier_
 
 __all__ = [
+    "ALPHA",
+    "CLASSIFIER_INIT_STD",
     "FAMILY",
     "Normalization",
     "SmallResNet",
     "batchnorm_twin_name",
+    "is_small_normfree",
     "bn_resnet_base",
     "bn_resnet_small",
     "bn_resnet_tiny",
@@ -285,6 +288,11 @@ def _twin_name(name: str, normalization: Normalization) -> str:
             return _PREFIX[normalization] + size
     names = [prefix + size for prefix in _PREFIX.values() for size in FAMILY]
     raise ValueError(f"{name!r} is not one of the small ResNets: {', '.join(names)}")
+
+
+def is_small_normfree(name: str) -> bool:
+    """Whether `name` is one of this family's normalizer-free members (which take ``skipinit``)."""
+    return name in {_PREFIX["nf"] + size for size in FAMILY}
 
 
 def batchnorm_twin_name(name: str) -> str:

@@ -31,20 +31,25 @@ import matplotlib.pyplot as plt
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
+from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat
 from fastai.metrics import accuracy, accuracy_multi
 from fastai.torch_core import set_seed
 
 from . import precision as _precision  # noqa: F401  (Learner.to_mixed_precision)
+from .classifier import classifier_init_std, find_classifier, init_classifier_
 from .config import ConfigError, TrainConfig, library_versions, make_config
+from .data import subset_dataloaders
 from .epoch_log import EpochLog
 from .learner import nf_learner
 from .memory import PeakMemory
+from .optim import OPTIMIZERS
 from .plots import plot_run_curves
+from .step_budget import StepBudget, epochs_for_steps
 from .weights import save_weights
 
-__all__ = ["OUTPUT_FILES", "TrainResult", "train"]
+__all__ = ["OUTPUT_FILES", "TrainResult", "build_dataloaders", "train"]
 
 OUTPUT_FILES = {
     "config": "config.json",
@@ -158,7 +163,8 @@ def _prepare_out(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _build_learner(config: TrainConfig) -> Learner:
+def build_dataloaders(config: TrainConfig) -> DataLoaders:
+    """The DataLoaders a run with `config` trains and validates on (ConfigError naming the option for bad data)."""
     try:
         dls = config.data_spec.dataloaders(
             config.bs, config.size, config.seed, config.limit, config.valid_pct, config.path_col, config.label_col,
@@ -166,16 +172,31 @@ def _build_learner(config: TrainConfig) -> Learner:
         )
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError("data", str(error)) from None
+    if config.classes is None and config.per_class is None and not config.holdout:
+        return dls
+    try:
+        return subset_dataloaders(dls, config.classes, config.per_class, config.valid_pct if config.holdout else None,
+                                  config.seed)
+    except ValueError as error:
+        option = str(error).partition(":")[0]
+        raise ConfigError(option if option in ("classes", "per_class", "holdout") else "data", str(error)) from None
+
+
+def _build_learner(config: TrainConfig) -> Learner:
+    dls = build_dataloaders(config)
     multi_label = getattr(dls, "multi_label", False)
     try:
         learn = nf_learner(
             dls, config.arch, pretrained=config.pretrained, weights=config.weights, agc=None,
             metrics=accuracy_multi if multi_label else accuracy,
-            loss_func=BCEWithLogitsLossFlat() if multi_label else None,
+            loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=OPTIMIZERS[config.opt],
+            model_kwargs=None if config.skipinit is None else {"skipinit": config.skipinit},
         )
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         option = "weights" if config.weights else "pretrained" if config.pretrained else "arch"
         raise ConfigError(option, str(error)) from None
+    if config.new_head:
+        init_classifier_(find_classifier(learn.model), classifier_init_std(learn.model))
     if config.per_sample:
         try:
             learn.agc(config.agc, per_sample=True)
@@ -210,15 +231,20 @@ def _describe(learn: Learner, config: TrainConfig) -> str:
     clipping += " per sample" if config.per_sample else ""
     batch = f"bs {config.bs}"
     batch += f" x {config.accum} accumulated = {config.bs * config.accum} per step" if config.accum > 1 else ""
-    data = f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid, {config.size or 'native'} px"
+    valid = "held-out train" if config.holdout else "valid"
+    data = f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} {valid}, {config.size or 'native'} px"
+    budget = f"{config.steps} steps" if config.steps is not None else f"{config.epochs} epochs"
     return (f"normfree train: {config.arch} ({params / 1e6:.2f}M params) on {config.data} ({data}), {clipping}, "
-            f"{batch}, {config.precision}, {config.epochs} epochs, seed {config.seed}, "
+            f"{batch}, {config.opt} lr {config.lr:g}, {config.precision}, {budget}, seed {config.seed}, "
             f"{torch.get_num_threads()} CPU threads -> {config.out}")
 
 
 def _fit(learn: Learner, config: TrainConfig, lr: float, cbs: list[Callback]) -> None:
     if config.fine_tune:
         learn.fine_tune(config.epochs, lr, freeze_epochs=config.freeze_epochs, cbs=cbs)
+    elif config.steps is not None:
+        epochs = epochs_for_steps(config.steps, config.accum, len(learn.dls.train))
+        learn.fit_one_cycle(epochs, lr, cbs=[*cbs, StepBudget(config.steps, config.accum)])
     else:
         learn.fit_one_cycle(config.epochs, lr, cbs=cbs)
 
