@@ -18,6 +18,7 @@ from .data import (
     image_folder_dataloaders,
     medmnist_dataloaders,
     read_idx,
+    subset_dataloaders,
     write_digits_image_folder,
 )
 from .classifier import find_classifier, init_classifier_
@@ -27,8 +28,10 @@ from .fusion import fuse_standardization
 from .per_sample import PerSampleClipper
 from .learner import body_head_splitter, build_model, nf_learner, normalizer_free_archs
 from .memory import PeakMemory
+from .optim import nesterov_sgd
 from .precision import DeviceMixedPrecision  # also Learner.to_mixed_precision
 from .report import RunRecord, write_report
+from .step_budget import StepBudget
 from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name  # registers nf_/bn_resnet_* in timm
 from .train import TrainResult, train
 from .weights import load_weights, save_weights
@@ -51,6 +54,7 @@ __all__ = [
     "PeakMemory",
     "RunRecord",
     "SmallResNet",
+    "StepBudget",
     "TrainConfig",
     "TrainResult",
     "adaptive_clip_factor",
@@ -69,11 +73,13 @@ __all__ = [
     "init_classifier_",
     "load_weights",
     "medmnist_dataloaders",
+    "nesterov_sgd",
     "nf_learner",
     "normfree_twin_name",
     "read_idx",
     "normalizer_free_archs",
     "save_weights",
+    "subset_dataloaders",
     "train",
     "unitwise_norm",
     "write_digits_image_folder",

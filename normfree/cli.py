@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from .compare import METHODS, CompareConfig, compare
+from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare
 from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
@@ -162,7 +162,7 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
     _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
                                    "bn_resnet_tiny/small/base")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
-                        help=f"methods to train, from {', '.join(METHODS)} (default: all)")
+                        help=f"methods to train, from {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(d["batch_sizes"]), metavar="BS",
                         help="batch sizes of one forward/backward pass (default: "
                              f"{' '.join(map(str, d['batch_sizes']))})")
@@ -171,8 +171,18 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                              "up to the largest)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(d["seeds"]), metavar="SEED",
                         help=f"seeds (default: {' '.join(map(str, d['seeds']))})")
-    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of the one-cycle schedule (Adam)")
-    parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA", help="lambda of both AGC methods")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of the one-cycle schedule")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, metavar="LR",
+                        help="sweep these peak learning rates for each method and batch setting on a hold-out of the "
+                             "training images (first seed), then train every seed with the best (default: no sweep, "
+                             "--lr for all)")
+    _add_optimizer(parser, d)
+    parser.add_argument("--budget", choices=list(BUDGETS), default=d["budget"],
+                        help="the same number of epochs for every run, or the same number of optimizer steps")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="with --budget steps: N optimizer steps per run (default: as many as the largest batch "
+                             "makes in --epochs epochs)")
+    parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA", help="lambda of the AGC methods")
     parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
     _add_run_options(parser)
     return parser

@@ -1,25 +1,34 @@
 """`normfree.compare`: BatchNorm vs normalizer-free (without AGC, with AGC, with per-sample AGC) on one data set.
 
 The grid: each method x each batch size x {plain, gradient accumulation up to the largest batch
-size} x each seed, every run with the same budget (epochs, one-cycle schedule, peak lr, Adam) and
-the same data. The methods train the twins of `normfree.small_resnets`:
+size} x each seed, every run with the same budget and the same data. The methods train the twins
+of `normfree.small_resnets`:
 
 | method | model | clipping |
 |---|---|---|
 | ``bn`` | the BatchNorm twin (``bn_resnet_*``) | none |
 | ``nf`` | the normalizer-free twin (``nf_resnet_*``) | none |
 | ``nf-agc`` | the normalizer-free twin | AGC, lambda `agc` |
+| ``nf-agc-skipinit`` | the normalizer-free twin, residual branches starting switched off (SkipInit) | AGC |
 | ``nf-agc-per-sample`` | the normalizer-free twin | per-sample AGC, lambda `agc` |
 
-Each run is a `normfree.train` run in ``out/runs/<method>-bs<bs>-x<accum>-seed<seed>/``; a run
-whose results are already there (same settings) is not trained again, so an interrupted grid
-continues where it stopped when the same command is run again. The report (`normfree.report`)
-goes into ``out``.
+Fairness is built in:
+- the budget is the same for every run: `epochs` (one-cycle schedule), or with ``budget="steps"``
+  the same number of optimizer steps, so the batch-size axis can be read both ways;
+- with `lrs`, each method and batch setting first trains once per learning rate (first seed) on a
+  hold-out of the training images, never on the validation split; the lr with the best hold-out
+  accuracy is then trained with every seed and validated as usual. The report shows the sweep.
+
+Each run is a `normfree.train` run in ``out/runs/<method>-bs<bs>-x<accum>-seed<seed>/`` (sweep runs
+in ``out/sweep/<method>-bs<bs>-x<accum>-lr<lr>/``); a run whose results are already there (same
+settings) is not trained again, so an interrupted grid continues where it stopped when the same
+command is run again. The report (`normfree.report`) goes into ``out``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +39,22 @@ import torch
 from .config import ConfigError, TrainConfig, library_versions, make_config
 from .report import RunRecord, SummaryRow, batch_setting, markdown_table, summarise, write_report
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
-from .train import TrainResult, train
+from .train import TrainResult, build_dataloaders, train
 
-__all__ = ["METHODS", "CompareConfig", "CompareResult", "GridCell", "compare"]
+__all__ = ["BUDGETS", "METHODS", "CompareConfig", "CompareResult", "GridCell", "compare", "finished_run"]
 
 METHODS = {
     "bn": "BatchNorm",
     "nf": "NF without AGC",
     "nf-agc": "NF + AGC",
+    "nf-agc-skipinit": "NF + AGC, SkipInit",
     "nf-agc-per-sample": "NF + per-sample AGC",
 }
+DEFAULT_METHODS = ("bn", "nf", "nf-agc", "nf-agc-per-sample")
+BUDGETS = ("epochs", "steps")
 _PER_SAMPLE = "nf-agc-per-sample"
 # A TrainConfig option that a compare option feeds, named back as the compare option in errors.
-_OPTION_OF = {"bs": "batch_sizes", "seed": "seeds"}
+_OPTION_OF = {"bs": "batch_sizes", "seed": "seeds", "lr": "lrs"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,11 @@ class GridCell:
         return f"{self.method}-bs{self.bs}-x{self.accum}-seed{self.seed}"
 
 
+def _sweep_key(method: str, bs: int, accum: int, lr: float) -> str:
+    """A sweep run's folder name under ``out/sweep``."""
+    return f"{method}-bs{bs}-x{accum}-lr{lr:g}"
+
+
 def _whole_numbers(values: Any, option: str, minimum: int) -> tuple[int, ...]:
     values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
@@ -75,11 +92,16 @@ class CompareConfig:
 
     The defaults are the quick grid `make demo` runs on digits (minutes on 2 CPU cores).
     - `arch`: either twin of a small ResNet (``nf_resnet_tiny``, ``bn_resnet_small``, ...).
-    - `methods`: keys of `METHODS`; None = all of them (per-sample AGC only where available).
+    - `methods`: keys of `METHODS`; None = `DEFAULT_METHODS` (all but the SkipInit variant).
     - `batch_sizes`; `accumulate`: also train each smaller batch size with gradient accumulation
       up to the largest (every batch size must divide it).
-    - `seeds`; `epochs`, `lr` (peak of the one-cycle schedule); `agc`: lambda of both AGC methods.
-    - `size`, `limit`, `valid_pct`, `precision`, `device`: as in `TrainConfig`.
+    - `seeds`; `epochs`; `lr`: peak of the one-cycle schedule, or `lrs`: the learning rates to sweep
+      (then `lr` is not used); `opt`: ``adam`` or ``sgd`` (Nesterov); `agc`: lambda of the AGC methods.
+    - `budget`: ``epochs`` (every run trains `epochs` epochs) or ``steps`` (every run makes the same
+      number of optimizer steps: `steps`, by default as many as the largest batch makes in `epochs`
+      epochs).
+    - `size`, `limit`, `valid_pct` (also the hold-out fraction of a sweep), `precision`, `device`: as
+      in `TrainConfig`.
     """
 
     data: str = "digits"
@@ -90,6 +112,10 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 4
     lr: float = 1e-2
+    lrs: tuple[float, ...] | None = None
+    opt: str = "adam"
+    budget: str = "epochs"
+    steps: int | None = None
     agc: float = 0.01
     size: int | None = 16
     limit: int | None = None
@@ -108,6 +134,15 @@ class CompareConfig:
             if unknown or not methods or len(set(methods)) != len(methods):
                 raise ConfigError("methods", f"must be distinct names from {', '.join(METHODS)}, got {list(methods)!r}")
             set_field("methods", methods)
+        if self.lrs is not None:
+            lrs = tuple(self.lrs) if isinstance(self.lrs, (list, tuple)) else (self.lrs,)
+            if not lrs or len(set(lrs)) != len(lrs):
+                raise ConfigError("lrs", f"must be one or more distinct learning rates, got {list(lrs)!r}")
+            set_field("lrs", lrs)  # each value is checked as a TrainConfig lr below
+        if self.budget not in BUDGETS:
+            raise ConfigError("budget", f"must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.steps is not None and self.budget != "steps":
+            raise ConfigError("steps", "is the budget of --budget steps; add it, or leave steps out")
         if not isinstance(self.accumulate, bool):
             raise ConfigError("accumulate", f"must be True or False, got {self.accumulate!r}")
         if self.accumulate and any(max(self.batch_sizes) % bs for bs in self.batch_sizes):
@@ -120,7 +155,8 @@ class CompareConfig:
             raise ConfigError("arch", f"{error}; compare trains a twin pair") from None
         first_of_each_method = {cell.method: cell for cell in reversed(self.cells())}
         for cell in first_of_each_method.values():  # the shared options, checked by TrainConfig itself
-            self.train_config(cell)
+            for lr in self.lrs or (self.lr,):
+                self.train_config(cell, lr, steps=self.steps)
 
     @property
     def nf_arch(self) -> str:
@@ -131,31 +167,51 @@ class CompareConfig:
         return batchnorm_twin_name(self.arch)
 
     def method_keys(self) -> list[str]:
-        """The methods run: `methods`, or all of them."""
-        return list(self.methods) if self.methods is not None else list(METHODS)
+        """The methods run: `methods`, or `DEFAULT_METHODS`."""
+        return list(self.methods) if self.methods is not None else list(DEFAULT_METHODS)
 
-    def cells(self) -> list[GridCell]:
-        """Every run, seed by seed (a stopped grid has whole seeds done first), plain batch sizes
-        before accumulated ones, methods side by side."""
+    def settings(self) -> list[tuple[int, int]]:
+        """The (bs, accum) batch settings: plain batch sizes, then accumulated ones."""
         largest = max(self.batch_sizes)
         settings = [(bs, 1) for bs in sorted(self.batch_sizes)]
         if self.accumulate:
             settings += [(bs, largest // bs) for bs in sorted(self.batch_sizes) if bs < largest]
-        methods = self.method_keys()
-        return [GridCell(m, bs, accum, seed) for seed in self.seeds for bs, accum in settings for m in methods]
+        return settings
 
-    def train_config(self, cell: GridCell) -> TrainConfig:
-        """The `TrainConfig` of one run of the grid."""
+    def cells(self) -> list[GridCell]:
+        """Every run, seed by seed (a stopped grid has whole seeds done first), plain batch sizes
+        before accumulated ones, methods side by side."""
+        methods = self.method_keys()
+        return [GridCell(m, bs, accum, seed) for seed in self.seeds for bs, accum in self.settings() for m in methods]
+
+    def train_config(self, cell: GridCell, lr: float, steps: int | None, holdout: bool = False) -> TrainConfig:
+        """The `TrainConfig` of one run of the grid at peak `lr`, with a budget of `steps` optimizer steps
+        (None: `epochs`); `holdout`: a sweep run, validated on a hold-out of the training images."""
+        folder = Path(self.out) / ("sweep" if holdout else "runs")
         try:
             return TrainConfig(
                 data=self.data, arch=self.bn_arch if cell.method == "bn" else self.nf_arch,
+                skipinit=True if cell.method == "nf-agc-skipinit" else None,
                 agc=self.agc if cell.method.startswith("nf-agc") else None, per_sample=cell.method == _PER_SAMPLE,
-                bs=cell.bs, accum=cell.accum, epochs=self.epochs, lr=self.lr, precision=self.precision,
-                seed=cell.seed, size=self.size, limit=self.limit, valid_pct=self.valid_pct, device=self.device,
-                out=str(Path(self.out) / "runs" / cell.key),
+                bs=cell.bs, accum=cell.accum, opt=self.opt, epochs=self.epochs, steps=steps, lr=lr,
+                precision=self.precision, seed=cell.seed, size=self.size, limit=self.limit,
+                valid_pct=self.valid_pct, holdout=holdout, device=self.device,
+                out=str(folder / (_sweep_key(cell.method, cell.bs, cell.accum, lr) if holdout else cell.key)),
             ).resolved()
         except ConfigError as error:
             raise ConfigError(_OPTION_OF.get(error.option, error.option), error.message) from None
+
+    def step_budget(self) -> int | None:
+        """Optimizer steps of every run with ``budget="steps"`` (None with an epoch budget): `steps`, or
+        as many as the largest batch makes in `epochs` epochs over the training images."""
+        if self.budget != "steps":
+            return None
+        if self.steps is not None:
+            return self.steps
+        largest = max(self.batch_sizes)
+        images = len(build_dataloaders(self.train_config(GridCell("bn", largest, 1, self.seeds[0]), self.lr,
+                                                         None)).train_ds)
+        return self.epochs * math.ceil(images / largest)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -198,14 +254,15 @@ class CompareResult:
 
 def _record(cell: GridCell, result: TrainResult) -> RunRecord:
     return RunRecord(
-        METHODS[cell.method], cell.bs, cell.accum, cell.seed, result.final_accuracy, result.best_accuracy,
+        METHODS[cell.method], cell.bs, cell.accum, cell.seed, result.lr, result.final_accuracy, result.best_accuracy,
         result.seconds_per_epoch, result.images_per_second, result.peak_memory_mib,
         tuple(row[result.metric] for row in result.epochs), tuple(row["valid_loss"] for row in result.epochs),
     )
 
 
-def _finished_run(cell_config: TrainConfig, overwrite: bool) -> TrainResult | None:
-    """The saved result of this run if it finished with the same settings; None if it must be trained."""
+def finished_run(cell_config: TrainConfig, overwrite: bool) -> TrainResult | None:
+    """The saved result of the run `cell_config` describes if it finished with the same settings; None if it
+    must be trained; ConfigError if its folder holds a run with other settings."""
     path = Path(cell_config.out) / "result.json"
     if overwrite or not path.exists():
         return None
@@ -227,7 +284,7 @@ def _finished_run(cell_config: TrainConfig, overwrite: bool) -> TrainResult | No
 
 
 def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], memory_kind: str | None,
-              seconds: float) -> dict[str, object]:
+              seconds: float, steps: int | None) -> dict[str, object]:
     versions = library_versions()
     memory = {
         "process resident": "peak resident memory of the process during the run (Linux VmHWM, reset before each "
@@ -235,6 +292,13 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
         "cuda allocated": "torch.cuda.max_memory_allocated during the run",
     }.get(memory_kind or "", "not measurable here")
     accumulation = f"up to batch {max(config.batch_sizes)}" if config.accumulate else "off"
+    budget = (f"{config.epochs} epochs" if steps is None else
+              f"{steps} optimizer steps (the last epoch partial)")
+    optimizer = {"adam": "Adam (fastai's defaults)", "sgd": "SGD, Nesterov momentum 0.9"}[config.opt]
+    learning_rate = (f"peak lr {config.lr}" if config.lrs is None else
+                     f"peak lr chosen per method and batch setting from {', '.join(f'{lr:g}' for lr in config.lrs)} "
+                     f"by hold-out accuracy (seed {config.seeds[0]}, {config.valid_pct:.0%} of the training images "
+                     f"held out; the validation split is not used for the choice)")
     return {
         "command": config.command(),
         "data": config.data,
@@ -242,8 +306,8 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
         "methods": ", ".join(METHODS[m] for m in methods),
         "batch sizes": ", ".join(map(str, config.batch_sizes)) + f"; gradient accumulation {accumulation}",
         "seeds": ", ".join(map(str, config.seeds)),
-        "budget (same for every run)": f"{config.epochs} epochs, fastai fit_one_cycle, Adam (fastai defaults), "
-                                       f"peak lr {config.lr}",
+        "budget (same for every run)": f"{budget}, fastai fit_one_cycle, {optimizer}, fastai's weight decay",
+        "learning rate": learning_rate,
         "AGC lambda": config.agc,
         "image size": f"{config.size} px" if config.size else "native",
         "precision": config.precision,
@@ -256,6 +320,59 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
                                      f"wall time of this invocation: {seconds:.0f} s (runs found in the folder are "
                                      f"reused)",
     }
+
+
+@dataclass(frozen=True)
+class _SweepPoint:
+    """One sweep run: a method and batch setting at one learning rate, scored on the hold-out."""
+
+    method: str
+    bs: int
+    accum: int
+    lr: float
+    accuracy: float
+    valid_loss: float
+
+
+def _choose_lr(points: list[_SweepPoint]) -> float:
+    """The lr with the best final hold-out accuracy; ties go to the lower hold-out loss, then the smaller lr.
+    A diverged run (NaN) is never chosen over a finite one."""
+    def score(point: _SweepPoint) -> tuple[float, float, float]:
+        accuracy = -math.inf if math.isnan(point.accuracy) else point.accuracy
+        loss = math.inf if math.isnan(point.valid_loss) else point.valid_loss
+        return (-accuracy, loss, point.lr)
+    return min(points, key=score).lr
+
+
+def _sweep_table(points: list[_SweepPoint], chosen: dict[tuple[str, int, int], float]) -> tuple[list[str], list[list[str]]]:
+    columns = ["method", "batch", "lr", "hold-out accuracy (%)", "hold-out loss", "chosen"]
+    rows = [[METHODS[p.method], batch_setting(p.bs, p.accum), f"{p.lr:g}", f"{100 * p.accuracy:.1f}",
+             f"{p.valid_loss:.3f}", "yes" if chosen.get((p.method, p.bs, p.accum)) == p.lr else ""] for p in points]
+    return columns, rows
+
+
+class _Progress:
+    """The one line per run that compare prints (quiet: nothing)."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.quiet = total, 0, quiet
+
+    def __call__(self, what: str, result: TrainResult, reused: bool) -> None:
+        self.done += 1
+        if not self.quiet:
+            print(f"[{self.done:>{len(str(self.total))}}/{self.total}] {what}: final {result.final_accuracy:6.1%}, "
+                  f"best {result.best_accuracy:6.1%}, {result.seconds_per_epoch:5.2f} s/epoch"
+                  + (" (done before)" if reused else ""))
+
+
+def _run(cell_config: TrainConfig, overwrite: bool) -> tuple[TrainResult, bool]:
+    """The run's result, trained now or found in its folder (then the flag is True)."""
+    result = finished_run(cell_config, overwrite)
+    if result is not None:
+        return result, True
+    result = train(cell_config, quiet=True, overwrite=True, save_model=False, save_plots=False)
+    result.learner = None  # free the model and data before the next run
+    return result, False
 
 
 def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, overwrite: bool = False,
@@ -272,48 +389,70 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     out = Path(config.out)
     methods = config.method_keys()
     cells = config.cells()
+    steps = config.step_budget()
+    groups = [(m, bs, accum) for bs, accum in config.settings() for m in methods]
+    sweep_runs = len(groups) * len(config.lrs) if config.lrs is not None else 0
     say = (lambda *args, **kwargs: None) if quiet else print
     say(f"normfree compare: {len(cells)} runs ({', '.join(methods)} x {len(config.batch_sizes)} batch sizes"
         f"{' + accumulation' if config.accumulate else ''} x {len(config.seeds)} seeds) on {config.data}, "
-        f"{config.epochs} epochs each -> {out}")
-    cell_configs = [config.train_config(cell) for cell in cells]
+        + (f"{config.epochs} epochs" if steps is None else f"{steps} steps") + " each"
+        + (f", after a sweep of {sweep_runs} runs over lr {' '.join(f'{lr:g}' for lr in config.lrs)}"
+           if config.lrs is not None else "") + f" -> {out}")
+    progress = _Progress(len(cells) + sweep_runs, quiet)
     start = time.perf_counter()
     runs: list[RunRecord] = []
+    points: list[_SweepPoint] = []
+    chosen: dict[tuple[str, int, int], float] = {}
     memory_kind = None
     complete = True
-    for i, (cell, cell_config) in enumerate(zip(cells, cell_configs), 1):
-        result = _finished_run(cell_config, overwrite)
-        reused = result is not None
-        if result is None:
-            result = train(cell_config, quiet=True, overwrite=True, save_model=False, save_plots=False)
-            result.learner = None  # free the model and data before the next run
-        if result.interrupted:
-            complete = False
-            say(f"Stopped at run {i} of {len(cells)}; run the same command again to continue the grid.")
-            break
-        memory_kind = memory_kind or result.memory_kind
-        runs.append(_record(cell, result))
-        say(f"[{i:>{len(str(len(cells)))}}/{len(cells)}] {METHODS[cell.method]:<19} "
-            f"{batch_setting(cell.bs, cell.accum):<16} seed {cell.seed}: final {result.final_accuracy:6.1%}, "
-            f"best {result.best_accuracy:6.1%}, {result.seconds_per_epoch:5.2f} s/epoch"
-            + (" (done before)" if reused else ""))
+    try:
+        if config.lrs is not None:
+            for method, bs, accum in groups:
+                cell = GridCell(method, bs, accum, config.seeds[0])
+                group_points = []
+                for lr in config.lrs:
+                    result, reused = _run(config.train_config(cell, lr, steps, holdout=True), overwrite)
+                    if result.interrupted:
+                        raise KeyboardInterrupt
+                    group_points.append(_SweepPoint(method, bs, accum, lr, result.final_accuracy,
+                                                    result.final_valid_loss))
+                    progress(f"sweep {METHODS[method]:<19} {batch_setting(bs, accum):<16} lr {lr:<8g}", result, reused)
+                points += group_points
+                chosen[(method, bs, accum)] = _choose_lr(group_points)
+        for cell in cells:
+            lr = chosen.get((cell.method, cell.bs, cell.accum), config.lr)
+            result, reused = _run(config.train_config(cell, lr, steps), overwrite)
+            if result.interrupted:
+                raise KeyboardInterrupt
+            memory_kind = memory_kind or result.memory_kind
+            runs.append(_record(cell, result))
+            progress(f"{METHODS[cell.method]:<19} {batch_setting(cell.bs, cell.accum):<16} seed {cell.seed}",
+                     result, reused)
+    except KeyboardInterrupt:  # train() saved the interrupted run; Ctrl-C outside a run lands here too
+        complete = False
+        say(f"Stopped after {progress.done} of {progress.total} runs; run the same command again to continue.")
     seconds = time.perf_counter() - start
     notes = []
-    if config.methods is None and _PER_SAMPLE not in methods:
-        notes.append("NF + per-sample AGC was left out: this normfree version has no per-sample AGC yet.")
     if not complete:
         notes.append(f"Incomplete: {len(runs)} of {len(cells)} runs finished; running the same command again "
                      f"continues the grid.")
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "compare.json"}
     files["config"].write_text(json.dumps(
-        {"config": config.to_dict(), "command": config.command(), "versions": library_versions()}, indent=2) + "\n")
+        {"config": config.to_dict(), "command": config.command(), "steps": steps,
+         "chosen_lrs": [{"method": m, "bs": bs, "accum": accum, "lr": lr} for (m, bs, accum), lr in chosen.items()],
+         "versions": library_versions()}, indent=2) + "\n")
     labels = [METHODS[m] for m in methods]
     result = CompareResult(config, runs, summarise(runs, labels), files, complete, seconds)
     if not runs:
         return result
     title = f"normfree compare: BatchNorm vs normalizer-free on {config.data}"
+    tables = {}
+    if points:
+        tables[f"Learning-rate sweep (hold-out of the training images, seed {config.seeds[0]})"] = \
+            _sweep_table(points, chosen)
     files.update(write_report(out, runs, labels, title=title,
-                              settings=_settings(config, methods, runs, memory_kind, seconds), notes=notes))
+                              settings=_settings(config, methods, runs, memory_kind, seconds, steps), notes=notes,
+                              tables=tables))
     say(f"\n{result.table}\n\nreport: {files['html']} (and {files['markdown'].name}); {seconds:.0f} s")
     return result

@@ -17,15 +17,15 @@ GRID = ["--methods", "bn", "nf-agc", "--batch-sizes", "8", "16", "--seeds", "0",
         "--limit", "48"]
 
 
-def record(method, bs, seed, final, best, accum=1, seconds=1.0, images=100.0, memory=500.0):
-    return RunRecord(method, bs, accum, seed, final, best, seconds, images, memory, (best, final), (1.0, 0.9))
+def record(method, bs, seed, final, best, accum=1, seconds=1.0, images=100.0, memory=500.0, lr=0.01):
+    return RunRecord(method, bs, accum, seed, lr, final, best, seconds, images, memory, (best, final), (1.0, 0.9))
 
 
 HAND_RUNS = [
     record("A", 8, 0, 0.90, 0.95, seconds=2.0, images=100.0, memory=500.0),
     record("A", 8, 1, 0.80, 0.85, seconds=4.0, images=300.0, memory=700.0),
     record("A", 8, 2, 0.70, 0.80, seconds=3.0, images=200.0, memory=600.0),
-    record("B", 8, 0, 0.50, 0.60),
+    record("B", 8, 0, 0.50, 0.60, lr=0.003),
     record("A", 4, 0, 0.25, 0.50, accum=2),
 ]
 
@@ -33,13 +33,13 @@ HAND_RUNS = [
 def test_table_rows_are_mean_and_sample_std_over_seeds():
     table = markdown_table(summarise(HAND_RUNS, ["A", "B"]))
     lines = table.splitlines()
-    assert lines[0] == ("| method | batch | final accuracy (%) | best accuracy (%) | seeds | s/epoch | images/s "
+    assert lines[0] == ("| method | batch | lr | final accuracy (%) | best accuracy (%) | seeds | s/epoch | images/s "
                         "| peak memory (MiB) |")
     # A at bs 8: final 0.9, 0.8, 0.7 -> mean 0.8, sample std 0.1; best 0.95, 0.85, 0.80 -> mean 0.8667,
     # sample std sqrt((0.0833^2 + 0.0167^2 + 0.0667^2) / 2) = 0.0764; time and images/s means, memory the max.
-    assert lines[2] == "| A | bs 8 | 80.0 ± 10.0 | 86.7 ± 7.6 | 3 | 3.00 | 200 | 700 |"
-    assert lines[3] == "| A | bs 4 x 2 = 8 | 25.0 | 50.0 | 1 | 1.00 | 100 | 500 |"  # one seed: no ±
-    assert lines[4] == "| B | bs 8 | 50.0 | 60.0 | 1 | 1.00 | 100 | 500 |"
+    assert lines[2] == "| A | bs 8 | 0.01 | 80.0 ± 10.0 | 86.7 ± 7.6 | 3 | 3.00 | 200 | 700 |"
+    assert lines[3] == "| A | bs 4 x 2 = 8 | 0.01 | 25.0 | 50.0 | 1 | 1.00 | 100 | 500 |"  # one seed: no ±
+    assert lines[4] == "| B | bs 8 | 0.003 | 50.0 | 60.0 | 1 | 1.00 | 100 | 500 |"
     assert len(lines) == 5
 
 
@@ -52,7 +52,7 @@ def test_html_report_is_self_contained_with_embedded_plots(tmp_path):
     assert "<td>80.0 ± 10.0</td>" in page and "<td>86.7 ± 7.6</td>" in page
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing loaded from elsewhere
     markdown = files["markdown"].read_text()
-    assert "| A | bs 8 | 80.0 ± 10.0 | 86.7 ± 7.6 | 3 | 3.00 | 200 | 700 |" in markdown
+    assert "| A | bs 8 | 0.01 | 80.0 ± 10.0 | 86.7 ± 7.6 | 3 | 3.00 | 200 | 700 |" in markdown
     for key in ("accuracy_plot", "curves_plot"):
         assert files[key].read_bytes()[:8] == PNG and f"]({files[key].name})" in markdown
 
@@ -93,7 +93,7 @@ def test_report_rows_match_the_runs_on_disk(grid):
         for bs, k, setting in ((8, 1, "bs 8"), (16, 1, "bs 16"), (8, 2, "bs 8 x 2 = 16")):
             finals = [runs[f"{method}-bs{bs}-x{k}-seed{s}"]["epochs"][-1]["accuracy"] for s in (0, 1)]
             mean, std = 100 * statistics.mean(finals), 100 * statistics.stdev(finals)
-            expected = f"| {label} | {setting} | {mean:.1f} ± {std:.1f} |"
+            expected = f"| {label} | {setting} | 0.01 | {mean:.1f} ± {std:.1f} |"
             assert any(row.startswith(expected) for row in rows), (expected, rows)
 
 
@@ -128,8 +128,8 @@ def test_default_grid_is_the_quick_digits_grid():
 
 def test_compare_command_line_round_trips():
     config = normfree.CompareConfig(data="digits", methods=("nf", "bn"), batch_sizes=(4, 16), accumulate=False,
-                                    seeds=(3,), epochs=2, lr=3e-2, agc=0.02, size=12, limit=30, precision="bf16",
-                                    out="elsewhere")
+                                    seeds=(3,), epochs=2, lr=3e-2, lrs=(1e-3, 1e-2), opt="sgd", budget="steps",
+                                    steps=7, agc=0.02, size=12, limit=30, precision="bf16", out="elsewhere")
     parser, _ = build_parser()
     args = vars(parser.parse_args(config.command().split()[1:]))
     args = {k: v for k, v in args.items() if k not in ("command", "quiet", "overwrite")}
@@ -143,6 +143,12 @@ def test_compare_command_line_round_trips():
     (["--methods", "nf", "nf"], "--methods"),
     (["--methods", "groupnorm"], "--methods"),
     (["--epochs", "0"], "--epochs"),
+    (["--lrs", "0.01", "0.01"], "--lrs"),
+    (["--lrs", "0.01", "-1"], "--lrs"),
+    (["--opt", "lamb"], "--opt"),
+    (["--budget", "hours"], "--budget"),
+    (["--steps", "10"], "--steps"),
+    (["--budget", "steps", "--steps", "0"], "--steps"),
 ])
 def test_compare_bad_input(tmp_path, monkeypatch, capsys, argv, flag):
     monkeypatch.chdir(tmp_path)
