@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, TrainConfig, library_versions, make_config
-from .report import RunRecord, SummaryRow, batch_setting, markdown_table, summarise, write_report
+from .report import RunRecord, SummaryRow, batch_setting, markdown_table, reading, summarise, write_report
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import TrainResult, build_dataloaders, train
 
@@ -126,6 +126,7 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__.__get__(self)  # frozen: normalise lists (JSON, argparse) to tuples
+        set_field("out", str(self.out))  # a Path is welcome too; the config is written as JSON
         set_field("batch_sizes", _whole_numbers(self.batch_sizes, "batch_sizes", 1))
         set_field("seeds", _whole_numbers(self.seeds, "seeds", 0))
         if self.methods is not None:
@@ -454,5 +455,6 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     files.update(write_report(out, runs, labels, title=title,
                               settings=_settings(config, methods, runs, memory_kind, seconds, steps), notes=notes,
                               tables=tables))
-    say(f"\n{result.table}\n\nreport: {files['html']} (and {files['markdown'].name}); {seconds:.0f} s")
+    say(f"\n{result.table}\n\n{reading(result.rows, labels)}\n\nreport: {files['html']} (and "
+        f"{files['markdown'].name}); {seconds:.0f} s")
     return result

@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 
 from .plots import plot_accuracy_vs_batch_size, plot_validation_curves
 
-__all__ = ["REPORT_FILES", "RunRecord", "SummaryRow", "batch_setting", "markdown_table", "summarise", "write_report"]
+__all__ = ["REPORT_FILES", "RunRecord", "SummaryRow", "batch_setting", "markdown_table", "reading", "summarise",
+           "write_report"]
 
 REPORT_FILES = {
     "markdown": "report.md",
@@ -117,6 +118,32 @@ def summarise(runs: Sequence[RunRecord], methods: Sequence[str] | None = None) -
     return rows
 
 
+def reading(rows: Sequence[SummaryRow], methods: Sequence[str]) -> str:
+    """One paragraph that reads the table: each method against the first (the baseline), setting by setting,
+    in points of final accuracy, with the seed spread that decides whether a gap means anything."""
+    baseline, others = methods[0], [m for m in methods[1:] if any(row.method == m for row in rows)]
+    by_key = {(row.method, row.bs, row.accum): row for row in rows}
+    sentences = []
+    for method in others:
+        gaps = []
+        for row in rows:
+            if row.method != method or (baseline, row.bs, row.accum) not in by_key:
+                continue
+            base = by_key[(baseline, row.bs, row.accum)]
+            gap = 100 * (row.final_mean - base.final_mean)
+            spread = 100 * max((s for s in (row.final_std, base.final_std) if not math.isnan(s)), default=math.nan)
+            gaps.append((row.setting, gap, spread))
+        if not gaps:
+            continue
+        parts = [f"{setting}: {gap:+.1f}" + ("" if math.isnan(spread) else f" (seed spread up to {spread:.1f})")
+                 for setting, gap, spread in gaps]
+        within = sum(abs(gap) <= 2 for _, gap, _ in gaps)
+        sentences.append(f"{method} against {baseline}, in points of final accuracy: {'; '.join(parts)}. "
+                         f"Within 2 points at {within} of {len(gaps)} batch settings, ahead at "
+                         f"{sum(gap > 2 for _, gap, _ in gaps)}, behind at {sum(gap < -2 for _, gap, _ in gaps)}.")
+    return " ".join(sentences)
+
+
 def _percent(mean: float, std: float) -> str:
     return f"{100 * mean:.1f}" if math.isnan(std) else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
@@ -172,8 +199,8 @@ def _write_csv(path: Path, records: Sequence[object]) -> None:
 Tables = Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]]  # heading -> (columns, rows of cells)
 
 
-def _html_page(title: str, settings: Mapping[str, object], rows: Sequence[SummaryRow], notes: Sequence[str],
-               images: Mapping[str, bytes], tables: Tables) -> str:
+def _html_page(title: str, settings: Mapping[str, object], rows: Sequence[SummaryRow], paragraph: str,
+               notes: Sequence[str], images: Mapping[str, bytes], tables: Tables) -> str:
     esc = html.escape
     extra = "".join(f"<h2>{esc(heading)}</h2>{_html_grid(*table)}" for heading, table in tables.items())
     setting_items = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in settings.items())
@@ -199,6 +226,7 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <h2>Settings</h2><ul>{setting_items}</ul>
 <h2>Results</h2>
 {_html_grid(_COLUMNS, [_cells(row) for row in rows])}
+<p>{esc(paragraph)}</p>
 <ul>{note_items}</ul>
 {extra}
 <h2>Plots</h2>
@@ -207,11 +235,11 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 """
 
 
-def _markdown_page(title: str, settings: Mapping[str, object], rows: Sequence[SummaryRow], notes: Sequence[str],
-                   images: Mapping[str, str], tables: Tables) -> str:
+def _markdown_page(title: str, settings: Mapping[str, object], rows: Sequence[SummaryRow], paragraph: str,
+                   notes: Sequence[str], images: Mapping[str, str], tables: Tables) -> str:
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- **{k}**: {v}" for k, v in settings.items()]
-    lines += ["", "## Results", "", markdown_table(rows), ""]
+    lines += ["", "## Results", "", markdown_table(rows), "", paragraph, ""]
     lines += [f"- {note}" for note in notes]
     for heading, table in tables.items():
         lines += ["", f"## {heading}", "", _markdown_grid(*table)]
@@ -254,9 +282,11 @@ def write_report(
     for alt, (fig, key) in figures.items():
         pngs[alt] = _png_bytes(fig)
         paths[key].write_bytes(pngs[alt])
+    paragraph = reading(rows, methods)
     paths["markdown"].write_text(_markdown_page(
-        title, settings, rows, notes, {alt: REPORT_FILES[key] for alt, (_, key) in figures.items()}, tables or {}))
-    paths["html"].write_text(_html_page(title, settings, rows, notes, pngs, tables or {}))
+        title, settings, rows, paragraph, notes, {alt: REPORT_FILES[key] for alt, (_, key) in figures.items()},
+        tables or {}))
+    paths["html"].write_text(_html_page(title, settings, rows, paragraph, notes, pngs, tables or {}))
     _write_csv(paths["runs"], runs)
     _write_csv(paths["summary"], rows)
     return paths

@@ -158,3 +158,10 @@ def test_compare_bad_input(tmp_path, monkeypatch, capsys, argv, flag):
     error = capsys.readouterr().err
     assert f"error: {flag}" in error or f"argument {flag}" in error
     assert "Traceback" not in error and list(Path(tmp_path).iterdir()) == []
+
+
+def test_reading_states_each_gap_to_the_baseline_with_its_seed_spread():
+    paragraph = normfree.report.reading(summarise(HAND_RUNS, ["A", "B"]), ["A", "B"])
+    # B at bs 8: 50.0 against A's 80.0 +- 10.0; A's accumulated setting has no B run to compare with
+    assert paragraph == ("B against A, in points of final accuracy: bs 8: -30.0 (seed spread up to 10.0). "
+                         "Within 2 points at 0 of 1 batch settings, ahead at 0, behind at 1.")
