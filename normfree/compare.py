@@ -204,7 +204,7 @@ def _record(cell: GridCell, result: TrainResult) -> RunRecord:
     )
 
 
-def _finished_run(cell_config: TrainConfig, overwrite: bool) -> TrainResult | None:
+def finished_run(cell_config: TrainConfig, overwrite: bool) -> TrainResult | None:
     """The saved result of this run if it finished with the same settings; None if it must be trained."""
     path = Path(cell_config.out) / "result.json"
     if overwrite or not path.exists():
@@ -282,7 +282,7 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     memory_kind = None
     complete = True
     for i, (cell, cell_config) in enumerate(zip(cells, cell_configs), 1):
-        result = _finished_run(cell_config, overwrite)
+        result = finished_run(cell_config, overwrite)
         reused = result is not None
         if result is None:
             result = train(cell_config, quiet=True, overwrite=True, save_model=False, save_plots=False)
