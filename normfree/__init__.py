@@ -34,6 +34,7 @@ from .report import RunRecord, write_report
 from .step_budget import StepBudget
 from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name  # registers nf_/bn_resnet_* in timm
 from .train import TrainResult, train
+from .transfer import TransferConfig, TransferResult, compare_transfer
 from .weights import load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -57,12 +58,15 @@ __all__ = [
     "StepBudget",
     "TrainConfig",
     "TrainResult",
+    "TransferConfig",
+    "TransferResult",
     "adaptive_clip_factor",
     "adaptive_clip_grad_",
     "batchnorm_twin_name",
     "body_head_splitter",
     "build_model",
     "compare",
+    "compare_transfer",
     "csv_dataloaders",
     "digits_dataloaders",
     "excluded_parameters",

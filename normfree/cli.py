@@ -1,5 +1,8 @@
-"""The ``normfree`` command: ``normfree train ...`` and ``normfree compare ...``, a thin layer over
-`normfree.train` and `normfree.compare`.
+"""The ``normfree`` command: ``normfree train ...``, ``normfree compare ...`` and ``normfree compare --transfer
+...``, a thin layer over `normfree.train`, `normfree.compare` and `normfree.compare_transfer`.
+
+``compare --transfer`` has its own parser (its own options and defaults: Fashion-MNIST, batch sizes 8
+and 32, ...); `main` hands it the arguments whenever ``--transfer`` follows ``compare``.
 
 Bad input is reported as ``normfree train: error: --OPTION: what is wrong and what would work``,
 with exit status 2 and no traceback. Ctrl-C exits with status 130 after saving a checkpoint.
@@ -16,11 +19,14 @@ from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
 from .train import train
+from .transfer import MODES, TRANSFER_METHODS, TransferConfig, compare_transfer
 
 __all__ = ["build_parser", "main"]
 
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _COMPARE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
+_TRANSFER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TransferConfig)}
+_TRANSFER = "compare --transfer"  # the command name `main` and `_run` dispatch on
 # Command-line spelling of the settings whose flag is not simply --name-with-dashes.
 _FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc",
           "skipinit": "--skipinit/--no-skipinit"}
@@ -188,14 +194,63 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _whole_list(parser: argparse.ArgumentParser, flag: str, default: tuple[int, ...], metavar: str, what: str) -> None:
+    parser.add_argument(flag, type=int, nargs="+", default=list(default), metavar=metavar,
+                        help=f"{what} (default: {' '.join(map(str, default))})")
+
+
+def _transfer_parser() -> argparse.ArgumentParser:
+    d = _TRANSFER_DEFAULTS
+    parser = argparse.ArgumentParser(
+        prog="normfree compare --transfer", formatter_class=_HelpFormatter,
+        description="Transfer learning, measured: for each model (BatchNorm twin, NF twin, NF twin + AGC) and seed,\n"
+                    "pretrain on the --source-classes, then train on at most --per-class images of each\n"
+                    "--target-classes (fine-tune, linear probe, and from scratch as the reference), every target\n"
+                    "run with the same budget; report the target accuracy on all validation images of the\n"
+                    "target classes. Runs already in --out are reused, so an interrupted grid continues.",
+        epilog="examples:\n  normfree compare --transfer                # Fashion-MNIST classes 0-4 -> 5-9\n"
+               "  normfree compare --transfer --per-class 10 50 250 --seeds 0 1 2 3 4 --out transfer-5seeds",
+    )
+    parser.add_argument("--transfer", dest="command", action="store_const", const=_TRANSFER, required=True,
+                        default=argparse.SUPPRESS,
+                        help="this comparison (instead of compare's batch-size grid)")
+    _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
+                                   "bn_resnet_tiny/small/base")
+    parser.add_argument("--methods", nargs="+", choices=list(TRANSFER_METHODS), default=list(d["methods"]),
+                        metavar="METHOD", help=f"models, from {', '.join(TRANSFER_METHODS)} (default: all)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(d["modes"]), metavar="MODE",
+                        help=f"target modes, from {', '.join(MODES)} (default: all)")
+    _whole_list(parser, "--source-classes", d["source_classes"], "LABEL", "labels of the pretraining task")
+    _whole_list(parser, "--target-classes", d["target_classes"], "LABEL", "labels of the target task")
+    _whole_list(parser, "--per-class", d["per_class"], "N", "target training images per class, one value per column")
+    _whole_list(parser, "--batch-sizes", d["batch_sizes"], "BS", "target batch sizes")
+    _whole_list(parser, "--seeds", d["seeds"], "SEED", "seeds")
+    parser.add_argument("--source-epochs", type=int, default=d["source_epochs"], help="pretraining epochs")
+    parser.add_argument("--source-bs", type=int, default=d["source_bs"], help="pretraining batch size")
+    parser.add_argument("--source-lr", type=float, default=d["source_lr"], help="pretraining peak learning rate")
+    parser.add_argument("--freeze-epochs", type=int, default=d["freeze_epochs"],
+                        help="fine-tune: the first epochs of --epochs, with the body frozen")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of every target run")
+    _add_optimizer(parser, d)
+    parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA",
+                        help="AGC's lambda for nf-agc, in pretraining and on the target")
+    parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
+    _add_run_options(parser)
+    return parser
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The ``normfree`` parser and its subcommand parsers by name."""
+    """The ``normfree`` parser and its command parsers by name (``compare --transfer`` included)."""
     parser = argparse.ArgumentParser(
         prog="normfree", formatter_class=_HelpFormatter,
         description="Normalizer-free networks and Adaptive Gradient Clipping for fastai.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="{train,compare}")
-    return parser, {"train": _train_parser(subparsers), "compare": _compare_parser(subparsers)}
+    compare_parser = _compare_parser(subparsers)
+    compare_parser.add_argument("--transfer", action="store_true", default=argparse.SUPPRESS,
+                                help="transfer learning, measured: pretrain, then fine-tune on a few images of other "
+                                     "classes; its options: normfree compare --transfer --help")
+    return parser, {"train": _train_parser(subparsers), "compare": compare_parser, _TRANSFER: _transfer_parser()}
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -206,6 +261,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         result = train(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
         return 130 if result.interrupted else 0
+    if args.command == _TRANSFER:
+        result = compare_transfer(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+        return 0 if result.complete else 130
     result = compare(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
     return 0 if result.complete else 130
 
@@ -216,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Argument errors exit through argparse (SystemExit 2) with the option named.
     """
     parser, commands = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    transfer = argv[:1] == ["compare"] and "--transfer" in argv
+    args = commands[_TRANSFER].parse_args(argv[1:]) if transfer else parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
