@@ -45,9 +45,9 @@ multiply-adds (conv + linear, identical in both members) per 32 px image:
 ==================  =========  ==============  =========  =========  =======
 names               depths     widths          NF params  BN params  MACs
 ==================  =========  ==============  =========  =========  =======
-nf/bn_resnet_tiny   (1, 1, 1)  (64, 128, 256)  128,813    127,914    21.5 M
-nf/bn_resnet_small  (2, 2, 2)  (64, 128, 256)  221,552    220,650    34.9 M
-nf/bn_resnet_base   (3, 4, 6)  (64, 128, 256)  543,287    542,378    66.1 M
+nf/bn_resnet_tiny   (1, 1, 1)  (64, 128, 256)  128,810    127,914    21.5 M
+nf/bn_resnet_small  (2, 2, 2)  (64, 128, 256)  221,546    220,650    34.9 M
+nf/bn_resnet_base   (3, 4, 6)  (64, 128, 256)  543,274    542,378    66.1 M
 ==================  =========  ==============  =========  =========  =======
 
 Widths are the stage outputs; the bottlenecks are a quarter as wide (16, 32, 64) and the stem has

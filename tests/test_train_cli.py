@@ -212,6 +212,17 @@ def test_per_sample_agc_run(tmp_path):
     (["--valid-pct", "1.5"], "--valid-pct"),
     (["--bs", "many"], "--bs"),
     (["--fp16", "--bf16"], "--bf16"),
+    (["--opt", "lamb"], "--opt"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "5", "--fine-tune"], "--steps"),
+    (["--classes", "3", "3"], "--classes"),
+    (["--classes", "3", "12"], "--classes"),
+    (["--classes", "-1", "2"], "--classes"),
+    (["--per-class", "0"], "--per-class"),
+    (["--holdout", "--per-class", "1", "--classes", "1", "2"], "--holdout"),
+    (["--skipinit", "--arch", "bn_resnet_tiny"], "--skipinit"),
+    (["--skipinit", "--arch", "test_nfnet"], "--skipinit"),
+    (["--new-head"], "--new-head"),
 ])
 def test_bad_input_is_a_clear_error_with_status_2(tmp_path, monkeypatch, capsys, argv, flag):
     monkeypatch.chdir(tmp_path)
@@ -254,11 +265,11 @@ def test_help_shows_every_default_through_a_real_subprocess():
     for expected in ("--bs BS batch size of one forward/backward pass (default: 64)", "(default: nf_resnet_tiny)",
                      "(default: digits)", "batch >= 1024) (default: 0.01)",
                      "--no-agc train without AGC (default: with AGC)",
-                     "(default: float32)", "(default: 5)", "one-cycle schedule (Adam) (default: 0.01)",
+                     "(default: float32)", "(default: 5)", "one-cycle schedule (default: 0.01)", "(default: adam)",
                      "(default: normfree-run)"):
         assert expected in text, expected
     described = done.stdout.split("options:")[1].split("examples:")[0]
     blocks = described.split("\n  -")[1:]  # one per option
-    assert len(blocks) == 28  # --help and the 27 options
+    assert len(blocks) == 35  # --help and the 34 options
     for block in blocks:
         assert "default" in block or block.startswith("h, --help"), block
