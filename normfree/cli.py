@@ -92,7 +92,7 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
         "train", formatter_class=_HelpFormatter, help="train one model; every output goes into --out",
         description="Train one model on one data set and write its metrics (CSV), curves and AGC clip-rate\n"
                     "plots (PNG), weights, exported learner and resolved config (JSON) into --out.",
-        epilog="examples:\n  normfree train --data digits --arch nf_resnet_tiny --agc 0.01 --epochs 5 --out runs/nf\n"
+        epilog="examples:\n  normfree train --data digits --arch nf_resnet_tiny --agc 0.04 --epochs 5 --out runs/nf\n"
                "  normfree train --data fashion-mnist --arch bn_resnet_small --no-agc --bs 32 --accum 8 --out runs/bn\n"
                "  normfree train --config runs/nf/config.json --seed 1 --out runs/nf-seed1   # repeat, one change",
     )
@@ -109,7 +109,7 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                             "(default: none, random initialisation)")
     clipping = parser.add_mutually_exclusive_group()
     clipping.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA",
-                          help="Adaptive Gradient Clipping's lambda (0.01 is the paper's, for batch >= 1024)")
+                          help="Adaptive Gradient Clipping's lambda (the paper's 0.01 is for batches >= 1024)")
     clipping.add_argument("--no-agc", dest="agc", action="store_const", const=None, default=argparse.SUPPRESS,
                           help="train without AGC (default: with AGC)")
     parser.add_argument("--per-sample", action="store_true",
@@ -177,11 +177,11 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                              "up to the largest)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(d["seeds"]), metavar="SEED",
                         help=f"seeds (default: {' '.join(map(str, d['seeds']))})")
-    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of the one-cycle schedule")
-    parser.add_argument("--lrs", type=float, nargs="+", default=None, metavar="LR",
-                        help="sweep these peak learning rates for each method and batch setting on a hold-out of the "
-                             "training images (first seed), then train every seed with the best (default: no sweep, "
-                             "--lr for all)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(d["lrs"]), metavar="LR",
+                        help="peak learning rates of the one-cycle schedule: with several, each method and batch "
+                             "setting is trained once per lr (first seed) on a hold-out of the training images and "
+                             "every seed then trains with the best; one value: that lr for every run (default: "
+                             f"{' '.join(f'{lr:g}' for lr in d['lrs'])})")
     _add_optimizer(parser, d)
     parser.add_argument("--budget", choices=list(BUDGETS), default=d["budget"],
                         help="the same number of epochs for every run, or the same number of optimizer steps")

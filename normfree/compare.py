@@ -15,8 +15,8 @@ of `normfree.small_resnets`:
 Fairness is built in:
 - the budget is the same for every run: `epochs` (one-cycle schedule), or with ``budget="steps"``
   the same number of optimizer steps, so the batch-size axis can be read both ways;
-- with `lrs`, each method and batch setting first trains once per learning rate (first seed) on a
-  hold-out of the training images, never on the validation split; the lr with the best hold-out
+- with several `lrs`, each method and batch setting first trains once per learning rate (first seed)
+  on a hold-out of the training images, never on the validation split; the lr with the best hold-out
   accuracy is then trained with every seed and validated as usual. The report shows the sweep.
 
 Each run is a `normfree.train` run in ``out/runs/<method>-bs<bs>-x<accum>-seed<seed>/`` (sweep runs
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, TrainConfig, library_versions, make_config
+from .config import DEFAULT_AGC, ConfigError, TrainConfig, command_line, library_versions, make_config
 from .report import RunRecord, SummaryRow, batch_setting, markdown_table, reading, summarise, write_report
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import TrainResult, build_dataloaders, train
@@ -50,7 +50,7 @@ METHODS = {
     "nf-agc-skipinit": "NF + AGC, SkipInit",
     "nf-agc-per-sample": "NF + per-sample AGC",
 }
-DEFAULT_METHODS = ("bn", "nf", "nf-agc", "nf-agc-per-sample")
+DEFAULT_METHODS = ("bn", "nf-agc")  # the question in normfree's name; --methods adds the others
 BUDGETS = ("epochs", "steps")
 _PER_SAMPLE = "nf-agc-per-sample"
 # A TrainConfig option that a compare option feeds, named back as the compare option in errors.
@@ -92,11 +92,12 @@ class CompareConfig:
 
     The defaults are the quick grid `make demo` runs on digits (minutes on 2 CPU cores).
     - `arch`: either twin of a small ResNet (``nf_resnet_tiny``, ``bn_resnet_small``, ...).
-    - `methods`: keys of `METHODS`; None = `DEFAULT_METHODS` (all but the SkipInit variant).
+    - `methods`: keys of `METHODS`; None = `DEFAULT_METHODS` (BatchNorm against NF + AGC).
     - `batch_sizes`; `accumulate`: also train each smaller batch size with gradient accumulation
       up to the largest (every batch size must divide it).
-    - `seeds`; `epochs`; `lr`: peak of the one-cycle schedule, or `lrs`: the learning rates to sweep
-      (then `lr` is not used); `opt`: ``adam`` or ``sgd`` (Nesterov); `agc`: lambda of the AGC methods.
+    - `seeds`; `epochs`; `lrs`: the peak learning rates of the one-cycle schedule to choose from (one
+      value: that lr for every run, no sweep); `opt`: ``adam`` or ``sgd`` (Nesterov); `agc`: lambda of
+      the AGC methods.
     - `budget`: ``epochs`` (every run trains `epochs` epochs) or ``steps`` (every run makes the same
       number of optimizer steps: `steps`, by default as many as the largest batch makes in `epochs`
       epochs).
@@ -107,16 +108,15 @@ class CompareConfig:
     data: str = "digits"
     arch: str = "nf_resnet_tiny"
     methods: tuple[str, ...] | None = None
-    batch_sizes: tuple[int, ...] = (8, 32, 256)
+    batch_sizes: tuple[int, ...] = (16, 128)
     accumulate: bool = True
-    seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 4
-    lr: float = 1e-2
-    lrs: tuple[float, ...] | None = None
+    seeds: tuple[int, ...] = (0, 1)
+    epochs: int = 5
+    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     opt: str = "adam"
     budget: str = "epochs"
     steps: int | None = None
-    agc: float = 0.01
+    agc: float = DEFAULT_AGC
     size: int | None = 16
     limit: int | None = None
     valid_pct: float = 0.2
@@ -135,11 +135,10 @@ class CompareConfig:
             if unknown or not methods or len(set(methods)) != len(methods):
                 raise ConfigError("methods", f"must be distinct names from {', '.join(METHODS)}, got {list(methods)!r}")
             set_field("methods", methods)
-        if self.lrs is not None:
-            lrs = tuple(self.lrs) if isinstance(self.lrs, (list, tuple)) else (self.lrs,)
-            if not lrs or len(set(lrs)) != len(lrs):
-                raise ConfigError("lrs", f"must be one or more distinct learning rates, got {list(lrs)!r}")
-            set_field("lrs", lrs)  # each value is checked as a TrainConfig lr below
+        lrs = tuple(self.lrs) if isinstance(self.lrs, (list, tuple)) else (self.lrs,)
+        if not lrs or len(set(lrs)) != len(lrs):
+            raise ConfigError("lrs", f"must be one or more distinct learning rates, got {list(lrs)!r}")
+        set_field("lrs", lrs)  # each value is checked as a TrainConfig lr below
         if self.budget not in BUDGETS:
             raise ConfigError("budget", f"must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.steps is not None and self.budget != "steps":
@@ -156,8 +155,13 @@ class CompareConfig:
             raise ConfigError("arch", f"{error}; compare trains a twin pair") from None
         first_of_each_method = {cell.method: cell for cell in reversed(self.cells())}
         for cell in first_of_each_method.values():  # the shared options, checked by TrainConfig itself
-            for lr in self.lrs or (self.lr,):
+            for lr in self.lrs:
                 self.train_config(cell, lr, steps=self.steps)
+
+    @property
+    def sweeps(self) -> bool:
+        """Whether the lr is chosen per method and batch setting (several `lrs`)."""
+        return len(self.lrs) > 1
 
     @property
     def nf_arch(self) -> str:
@@ -210,7 +214,7 @@ class CompareConfig:
         if self.steps is not None:
             return self.steps
         largest = max(self.batch_sizes)
-        images = len(build_dataloaders(self.train_config(GridCell("bn", largest, 1, self.seeds[0]), self.lr,
+        images = len(build_dataloaders(self.train_config(GridCell("bn", largest, 1, self.seeds[0]), self.lrs[0],
                                                          None)).train_ds)
         return self.epochs * math.ceil(images / largest)
 
@@ -219,21 +223,7 @@ class CompareConfig:
 
     def command(self) -> str:
         """The ``normfree compare`` command line for this grid."""
-        parts = ["normfree compare"]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value == f.default:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if f.name == "accumulate":
-                parts.append("--no-accum")
-            elif f.name == "precision":
-                parts.append(f"--{value}")
-            elif isinstance(value, tuple):
-                parts.append(f"{flag} {' '.join(map(str, value))}")
-            else:
-                parts.append(f"{flag} {value}")
-        return " ".join(parts)
+        return command_line("normfree compare", self, {"accumulate": "--no-accum"})
 
 
 @dataclass
@@ -296,7 +286,7 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
     budget = (f"{config.epochs} epochs" if steps is None else
               f"{steps} optimizer steps (the last epoch partial)")
     optimizer = {"adam": "Adam (fastai's defaults)", "sgd": "SGD, Nesterov momentum 0.9"}[config.opt]
-    learning_rate = (f"peak lr {config.lr}" if config.lrs is None else
+    learning_rate = (f"peak lr {config.lrs[0]:g}" if not config.sweeps else
                      f"peak lr chosen per method and batch setting from {', '.join(f'{lr:g}' for lr in config.lrs)} "
                      f"by hold-out accuracy (seed {config.seeds[0]}, {config.valid_pct:.0%} of the training images "
                      f"held out; the validation split is not used for the choice)")
@@ -392,13 +382,13 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     cells = config.cells()
     steps = config.step_budget()
     groups = [(m, bs, accum) for bs, accum in config.settings() for m in methods]
-    sweep_runs = len(groups) * len(config.lrs) if config.lrs is not None else 0
+    sweep_runs = len(groups) * len(config.lrs) if config.sweeps else 0
     say = (lambda *args, **kwargs: None) if quiet else print
     say(f"normfree compare: {len(cells)} runs ({', '.join(methods)} x {len(config.batch_sizes)} batch sizes"
         f"{' + accumulation' if config.accumulate else ''} x {len(config.seeds)} seeds) on {config.data}, "
         + (f"{config.epochs} epochs" if steps is None else f"{steps} steps") + " each"
         + (f", after a sweep of {sweep_runs} runs over lr {' '.join(f'{lr:g}' for lr in config.lrs)}"
-           if config.lrs is not None else "") + f" -> {out}")
+           if config.sweeps else "") + f" -> {out}")
     progress = _Progress(len(cells) + sweep_runs, quiet)
     start = time.perf_counter()
     runs: list[RunRecord] = []
@@ -407,7 +397,7 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     memory_kind = None
     complete = True
     try:
-        if config.lrs is not None:
+        if config.sweeps:
             for method, bs, accum in groups:
                 cell = GridCell(method, bs, accum, config.seeds[0])
                 group_points = []
@@ -421,7 +411,7 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
                 points += group_points
                 chosen[(method, bs, accum)] = _choose_lr(group_points)
         for cell in cells:
-            lr = chosen.get((cell.method, cell.bs, cell.accum), config.lr)
+            lr = chosen.get((cell.method, cell.bs, cell.accum), config.lrs[0])
             result, reused = _run(config.train_config(cell, lr, steps), overwrite)
             if result.interrupted:
                 raise KeyboardInterrupt

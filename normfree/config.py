@@ -24,9 +24,13 @@ from .optim import OPTIMIZERS
 from .precision import PRECISIONS
 from .small_resnets import is_small_normfree
 
-__all__ = ["ConfigError", "TrainConfig", "library_versions", "make_config"]
+__all__ = ["DEFAULT_AGC", "ConfigError", "TrainConfig", "command_line", "library_versions", "make_config"]
 
 _MIN_SIZE = 8
+# AGC's lambda for the batches of 8-256 these tools train with. The paper's 0.01 is for batches of 1024-4096
+# ("lambda should be smaller for larger batches"); at batch 16-64 on digits it clipped 40-60% of
+# nf_resnet_tiny's units at every step (README, "A recipe that trains").
+DEFAULT_AGC = 0.04
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,27 @@ def make_config(cls: type, config: Any | None, options: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(known)}")
     return dataclasses.replace(config, **options) if config is not None else cls(**options)
+
+
+def command_line(prefix: str, config: Any, flags: dict[str, str] | None = None) -> str:
+    """The command that repeats `config` (a settings dataclass): `prefix`, then one option per field that
+    differs from its default (``--name value``, ``--name v1 v2`` for tuples, ``--fp16``/``--bf16`` for the
+    precision); `flags` spells the switches whose flag is not ``--name`` (e.g. ``{"accumulate": "--no-accum"}``)."""
+    parts = [prefix]
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value == f.default:
+            continue
+        flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        if f.name == "precision":
+            parts.append(f"--{value}")
+        elif isinstance(value, bool):
+            parts.append(flag)
+        elif isinstance(value, tuple):
+            parts.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
 
 
 def library_versions() -> dict[str, str]:
@@ -116,12 +141,12 @@ class TrainConfig:
     weights: str | None = None
     new_head: bool = False
     skipinit: bool | None = None
-    agc: float | None = 0.01
+    agc: float | None = DEFAULT_AGC
     per_sample: bool = False
     bs: int = 64
     accum: int = 1
     opt: str = "adam"
-    epochs: int = 5
+    epochs: int = 8
     steps: int | None = None
     lr: float = 1e-2
     lr_find: bool = False

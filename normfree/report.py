@@ -90,7 +90,7 @@ class SummaryRow:
         return batch_setting(self.bs, self.accum)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
@@ -106,8 +106,8 @@ def summarise(runs: Sequence[RunRecord], methods: Sequence[str] | None = None) -
     for (method, bs, accum), group in sorted(
         groups.items(), key=lambda item: (order.index(item[0][0]), item[0][2] > 1, item[0][1])
     ):
-        final_mean, final_std = _mean_std([run.final_accuracy for run in group])
-        best_mean, best_std = _mean_std([run.best_accuracy for run in group])
+        final_mean, final_std = mean_std([run.final_accuracy for run in group])
+        best_mean, best_std = mean_std([run.best_accuracy for run in group])
         memories = [run.peak_memory_mib for run in group if run.peak_memory_mib is not None]
         rows.append(SummaryRow(
             method, bs, accum, group[0].lr, len(group), final_mean, final_std, best_mean, best_std,
@@ -144,19 +144,19 @@ def reading(rows: Sequence[SummaryRow], methods: Sequence[str]) -> str:
     return " ".join(sentences)
 
 
-def _percent(mean: float, std: float) -> str:
+def percent(mean: float, std: float) -> str:
     return f"{100 * mean:.1f}" if math.isnan(std) else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def _cells(row: SummaryRow) -> list[str]:
     return [
-        row.method, row.setting, f"{row.lr:g}", _percent(row.final_mean, row.final_std), _percent(row.best_mean, row.best_std),
+        row.method, row.setting, f"{row.lr:g}", percent(row.final_mean, row.final_std), percent(row.best_mean, row.best_std),
         str(row.seeds), f"{row.seconds_per_epoch:.2f}", f"{row.images_per_second:.0f}",
         "n/a" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}",
     ]
 
 
-def _markdown_grid(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+def markdown_grid(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
@@ -164,17 +164,17 @@ def _markdown_grid(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> st
 
 def markdown_table(rows: Sequence[SummaryRow]) -> str:
     """The summary as a Markdown table (also readable as plain text)."""
-    return _markdown_grid(_COLUMNS, [_cells(row) for row in rows])
+    return markdown_grid(_COLUMNS, [_cells(row) for row in rows])
 
 
-def _html_grid(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+def html_grid(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
     esc = html.escape
     header = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells)
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _png_bytes(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
@@ -188,7 +188,7 @@ def _validation_curves(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[tu
     return curves
 
 
-def _write_csv(path: Path, records: Sequence[object]) -> None:
+def write_csv(path: Path, records: Sequence[object]) -> None:
     dicts = [dataclasses.asdict(record) for record in records]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, list(dicts[0]) if dicts else [])
@@ -199,12 +199,10 @@ def _write_csv(path: Path, records: Sequence[object]) -> None:
 Tables = Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]]  # heading -> (columns, rows of cells)
 
 
-def _html_page(title: str, settings: Mapping[str, object], rows: Sequence[SummaryRow], paragraph: str,
-               notes: Sequence[str], images: Mapping[str, bytes], tables: Tables) -> str:
+def html_document(title: str, settings: Mapping[str, object], body: str, images: Mapping[str, bytes]) -> str:
+    """A self-contained HTML report: title, settings, `body` (HTML), then the PNG `images` embedded as base64."""
     esc = html.escape
-    extra = "".join(f"<h2>{esc(heading)}</h2>{_html_grid(*table)}" for heading, table in tables.items())
     setting_items = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in settings.items())
-    note_items = "".join(f"<li>{esc(note)}</li>" for note in notes)
     figures = "".join(
         f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{esc(alt)}</figcaption></figure>"
@@ -224,28 +222,33 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <body>
 <h1>{esc(title)}</h1>
 <h2>Settings</h2><ul>{setting_items}</ul>
-<h2>Results</h2>
-{_html_grid(_COLUMNS, [_cells(row) for row in rows])}
-<p>{esc(paragraph)}</p>
-<ul>{note_items}</ul>
-{extra}
+{body}
 <h2>Plots</h2>
 {figures}
 </body></html>
 """
 
 
-def _markdown_page(title: str, settings: Mapping[str, object], rows: Sequence[SummaryRow], paragraph: str,
-                   notes: Sequence[str], images: Mapping[str, str], tables: Tables) -> str:
+def markdown_document(title: str, settings: Mapping[str, object], body: Sequence[str], images: Mapping[str, str]) -> str:
+    """The Markdown twin of `html_document`: `body` is a list of lines; `images` map alt text to PNG file names."""
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- **{k}**: {v}" for k, v in settings.items()]
-    lines += ["", "## Results", "", markdown_table(rows), "", paragraph, ""]
-    lines += [f"- {note}" for note in notes]
-    for heading, table in tables.items():
-        lines += ["", f"## {heading}", "", _markdown_grid(*table)]
-    lines += ["", "## Plots", ""]
+    lines += ["", *body, "", "## Plots", ""]
     lines += [f"![{alt}]({name})\n" for alt, name in images.items()]
     return "\n".join(lines)
+
+
+def html_sections(tables: Tables) -> str:
+    """Each table under its heading, as HTML."""
+    return "".join(f"<h2>{html.escape(heading)}</h2>{html_grid(*table)}" for heading, table in tables.items())
+
+
+def markdown_sections(tables: Tables) -> list[str]:
+    """Each table under its heading, as Markdown lines."""
+    lines: list[str] = []
+    for heading, table in tables.items():
+        lines += ["", f"## {heading}", "", markdown_grid(*table)]
+    return lines
 
 
 def write_report(
@@ -280,13 +283,16 @@ def write_report(
     }
     pngs = {}
     for alt, (fig, key) in figures.items():
-        pngs[alt] = _png_bytes(fig)
+        pngs[alt] = png_bytes(fig)
         paths[key].write_bytes(pngs[alt])
-    paragraph = reading(rows, methods)
-    paths["markdown"].write_text(_markdown_page(
-        title, settings, rows, paragraph, notes, {alt: REPORT_FILES[key] for alt, (_, key) in figures.items()},
-        tables or {}))
-    paths["html"].write_text(_html_page(title, settings, rows, paragraph, notes, pngs, tables or {}))
-    _write_csv(paths["runs"], runs)
-    _write_csv(paths["summary"], rows)
+    paragraph, tables = reading(rows, methods), tables or {}
+    markdown = ["## Results", "", markdown_table(rows), "", paragraph, "", *(f"- {note}" for note in notes),
+                *markdown_sections(tables)]
+    paths["markdown"].write_text(markdown_document(
+        title, settings, markdown, {alt: REPORT_FILES[key] for alt, (_, key) in figures.items()}))
+    body = (f"<h2>Results</h2>{html_grid(_COLUMNS, [_cells(row) for row in rows])}<p>{html.escape(paragraph)}</p>"
+            f"<ul>{''.join(f'<li>{html.escape(note)}</li>' for note in notes)}</ul>{html_sections(tables)}")
+    paths["html"].write_text(html_document(title, settings, body, pngs))
+    write_csv(paths["runs"], runs)
+    write_csv(paths["summary"], rows)
     return paths

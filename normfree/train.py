@@ -271,7 +271,7 @@ def train(
 ) -> TrainResult:
     """Train one model as `normfree train` does; the keyword `options` are `TrainConfig`'s fields.
 
-    ``train(data="digits", arch="nf_resnet_tiny", agc=0.01, bs=64, epochs=5, out="runs/nf")``, or
+    ``train(data="digits", arch="nf_resnet_tiny", agc=0.04, bs=64, epochs=8, out="runs/nf")``, or
     ``train(TrainConfig.load("runs/nf"), out="runs/nf-again")`` to repeat a run (options override).
     Same config and seed, same metrics. Bad settings raise `ConfigError` (a ValueError naming the
     option) before anything is trained or written.

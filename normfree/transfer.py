@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from .compare import METHODS, _whole_numbers, finished_run
-from .config import ConfigError, TrainConfig, library_versions, make_config
+from .config import DEFAULT_AGC, ConfigError, TrainConfig, command_line, library_versions, make_config
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 from .transfer_report import (
@@ -129,7 +129,7 @@ class TransferConfig:
     freeze_epochs: int = 2
     lr: float = 3e-3
     opt: str = "adam"
-    agc: float = 0.01
+    agc: float = DEFAULT_AGC
     size: int | None = 16
     limit: int | None = None
     valid_pct: float = 0.2
@@ -139,6 +139,7 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__.__get__(self)  # frozen: normalise lists (JSON, argparse) to tuples
+        set_field("out", str(self.out))  # a Path is welcome too; the config is written as JSON
         set_field("methods", _names(self.methods, "methods", TRANSFER_METHODS))
         set_field("modes", _names(self.modes, "modes", tuple(MODES)))
         for option, minimum in (("source_classes", 0), ("target_classes", 0), ("per_class", 1), ("batch_sizes", 1),
@@ -224,18 +225,7 @@ class TransferConfig:
 
     def command(self) -> str:
         """The ``normfree compare --transfer`` command line for this grid."""
-        parts = ["normfree compare --transfer"]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value == f.default:
-                continue
-            if f.name == "precision":
-                parts.append(f"--{value}")
-            elif isinstance(value, tuple):
-                parts.append(f"--{f.name.replace('_', '-')} {' '.join(map(str, value))}")
-            else:
-                parts.append(f"--{f.name.replace('_', '-')} {value}")
-        return " ".join(parts)
+        return command_line("normfree compare --transfer", self)
 
 
 @dataclass

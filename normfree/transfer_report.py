@@ -7,7 +7,6 @@ the mean over seeds, and the HTML page carries its plot as base64 PNG.
 """
 from __future__ import annotations
 
-import base64
 import html
 import math
 import statistics
@@ -17,7 +16,17 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .report import _html_grid, _markdown_grid, _mean_std, _percent, _png_bytes, _write_csv
+from .report import (
+    html_document,
+    html_sections,
+    markdown_document,
+    markdown_grid,
+    markdown_sections,
+    mean_std,
+    percent,
+    png_bytes,
+    write_csv,
+)
 
 __all__ = ["PRETRAIN", "TRANSFER_REPORT_FILES", "TransferRecord", "TransferRow", "plot_accuracy_vs_images_per_class",
            "source_table", "summarise_transfer", "target_markdown", "target_table", "write_transfer_report"]
@@ -84,8 +93,8 @@ def summarise_transfer(records: Sequence[TransferRecord], methods: Sequence[str]
     rows = []
     for key in sorted(groups, key=position):
         group = groups[key]
-        final_mean, final_std = _mean_std([record.final_accuracy for record in group])
-        best_mean, best_std = _mean_std([record.best_accuracy for record in group])
+        final_mean, final_std = mean_std([record.final_accuracy for record in group])
+        best_mean, best_std = mean_std([record.best_accuracy for record in group])
         rows.append(TransferRow(*key, len(group), final_mean, final_std, best_mean, best_std,
                                 statistics.fmean(record.seconds_per_epoch for record in group)))
     return rows
@@ -102,7 +111,7 @@ def target_table(rows: Sequence[TransferRow]) -> Table:
     settings = sorted({(row.per_class, row.bs) for row in target})
     cells: dict[tuple[str, str], dict[tuple[int, int], str]] = {}
     for row in target:
-        cells.setdefault((row.method, row.mode), {})[(row.per_class, row.bs)] = _percent(row.final_mean, row.final_std)
+        cells.setdefault((row.method, row.mode), {})[(row.per_class, row.bs)] = percent(row.final_mean, row.final_std)
     columns = ["model", "mode", *(_column_label(*setting) for setting in settings)]
     return columns, [[method, mode, *(values.get(setting, "") for setting in settings)]
                      for (method, mode), values in cells.items()]
@@ -110,13 +119,13 @@ def target_table(rows: Sequence[TransferRow]) -> Table:
 
 def target_markdown(rows: Sequence[TransferRow]) -> str:
     """`target_table` in Markdown (also readable as plain text)."""
-    return _markdown_grid(*target_table(rows))
+    return markdown_grid(*target_table(rows))
 
 
 def source_table(rows: Sequence[TransferRow]) -> Table:
     """Accuracy (%) of the pretrained models on the source classes, mean ± std over seeds."""
     columns = ["model", "final accuracy (%)", "best accuracy (%)", "seeds", "bs", "s/epoch"]
-    return columns, [[row.method, _percent(row.final_mean, row.final_std), _percent(row.best_mean, row.best_std),
+    return columns, [[row.method, percent(row.final_mean, row.final_std), percent(row.best_mean, row.best_std),
                       str(row.seeds), str(row.bs), f"{row.seconds_per_epoch:.2f}"]
                      for row in rows if row.mode == PRETRAIN]
 
@@ -150,52 +159,6 @@ def plot_accuracy_vs_images_per_class(rows: Sequence[TransferRow], methods: Sequ
     return fig
 
 
-def _markdown_page(title: str, settings: Mapping[str, object], tables: Mapping[str, Table], notes: Sequence[str],
-                   images: Mapping[str, str]) -> str:
-    lines = [f"# {title}", "", "## Settings", ""]
-    lines += [f"- **{k}**: {v}" for k, v in settings.items()]
-    for heading, table in tables.items():
-        lines += ["", f"## {heading}", "", _markdown_grid(*table)]
-    lines += ["", "## Notes", ""]
-    lines += [f"- {note}" for note in notes]
-    lines += ["", "## Plots", ""]
-    lines += [f"![{alt}]({name})\n" for alt, name in images.items()]
-    return "\n".join(lines)
-
-
-def _html_page(title: str, settings: Mapping[str, object], tables: Mapping[str, Table], notes: Sequence[str],
-               images: Mapping[str, bytes]) -> str:
-    esc = html.escape
-    setting_items = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in settings.items())
-    sections = "".join(f"<h2>{esc(heading)}</h2>{_html_grid(*table)}" for heading, table in tables.items())
-    note_items = "".join(f"<li>{esc(note)}</li>" for note in notes)
-    figures = "".join(
-        f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{esc(alt)}</figcaption></figure>"
-        for alt, png in images.items()
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) {{ text-align: left; }}
-th {{ background: #f3f3f3; }}
-img {{ max-width: 100%; }}
-figcaption {{ color: #555; font-size: 0.9em; }}
-</style></head>
-<body>
-<h1>{esc(title)}</h1>
-<h2>Settings</h2><ul>{setting_items}</ul>
-{sections}
-<h2>Notes</h2><ul>{note_items}</ul>
-<h2>Plots</h2>
-{figures}
-</body></html>
-"""
-
-
 def write_transfer_report(
     out: str | Path,
     records: Sequence[TransferRecord],
@@ -218,11 +181,13 @@ def write_transfer_report(
                      "validation, mean over seeds."]
     paths = {key: out / name for key, name in TRANSFER_REPORT_FILES.items()}
     alt = "final target accuracy vs training images per class (mean ± std over seeds)"
-    png = _png_bytes(plot_accuracy_vs_images_per_class(rows, methods, modes))
+    png = png_bytes(plot_accuracy_vs_images_per_class(rows, methods, modes))
     paths["accuracy_plot"].write_bytes(png)
-    paths["markdown"].write_text(_markdown_page(title, settings, tables, notes,
-                                                {alt: TRANSFER_REPORT_FILES["accuracy_plot"]}))
-    paths["html"].write_text(_html_page(title, settings, tables, notes, {alt: png}))
-    _write_csv(paths["runs"], records)
-    _write_csv(paths["summary"], rows)
+    markdown = [*markdown_sections(tables), "", "## Notes", "", *(f"- {note}" for note in notes)]
+    paths["markdown"].write_text(markdown_document(title, settings, markdown,
+                                                   {alt: TRANSFER_REPORT_FILES["accuracy_plot"]}))
+    body = f"{html_sections(tables)}<h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>"
+    paths["html"].write_text(html_document(title, settings, body, {alt: png}))
+    write_csv(paths["runs"], records)
+    write_csv(paths["summary"], rows)
     return paths

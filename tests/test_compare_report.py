@@ -14,7 +14,7 @@ from normfree.report import RunRecord, markdown_table, summarise, write_report
 PNG = b"\x89PNG\r\n\x1a\n"
 # 2 methods x (bs 8, bs 16, bs 8 x 2 accumulated) x 2 seeds = 12 one-epoch runs on 48 + 48 tiny digits.
 GRID = ["--methods", "bn", "nf-agc", "--batch-sizes", "8", "16", "--seeds", "0", "1", "--epochs", "1", "--size", "8",
-        "--limit", "48"]
+        "--limit", "48", "--lrs", "0.01"]
 
 
 def record(method, bs, seed, final, best, accum=1, seconds=1.0, images=100.0, memory=500.0, lr=0.01):
@@ -76,9 +76,10 @@ def test_compare_cli_trains_the_grid_and_prints_the_table(grid, capsys):
                                   ((8, 1), (16, 1), (8, 2)) for s in (0, 1))
     configs = {name: r["config"] for name, r in runs.items()}
     assert configs["bn-bs8-x2-seed1"]["arch"] == "bn_resnet_tiny" and configs["bn-bs8-x2-seed1"]["agc"] is None
-    assert configs["nf-agc-bs8-x2-seed1"]["arch"] == "nf_resnet_tiny" and configs["nf-agc-bs8-x2-seed1"]["agc"] == 0.01
+    assert configs["nf-agc-bs8-x2-seed1"]["arch"] == "nf_resnet_tiny" and configs["nf-agc-bs8-x2-seed1"]["agc"] == normfree.config.DEFAULT_AGC
     assert configs["nf-agc-bs8-x2-seed1"]["accum"] == 2 and configs["nf-agc-bs16-x1-seed0"]["accum"] == 1
     assert {c["epochs"] for c in configs.values()} == {1} and {c["lr"] for c in configs.values()} == {1e-2}
+    assert not (out / "sweep").exists()  # one lr: nothing to choose, no sweep
     assert {p.name for p in out.iterdir()} == {"runs", "compare.json", "report.md", "report.html", "runs.csv",
                                                "summary.csv", "accuracy_vs_batch_size.png", "validation_curves.png"}
 
@@ -103,7 +104,7 @@ def test_compare_resumes_from_the_runs_already_in_out(grid, capsys):
     redo = out / "runs" / "bn-bs16-x1-seed1" / "result.json"
     redo.unlink()  # as if Ctrl-C had stopped the grid there
     result = normfree.compare(**dict(methods=("bn", "nf-agc"), batch_sizes=(8, 16), seeds=(0, 1), epochs=1, size=8,
-                                     limit=48), out=str(out))
+                                     limit=48, lrs=(0.01,)), out=str(out))
     assert result.complete and len(result.runs) == 12
     after = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
     assert {p for p in after if after[p] != before.get(p)} == {redo}
@@ -113,22 +114,22 @@ def test_compare_resumes_from_the_runs_already_in_out(grid, capsys):
 def test_compare_refuses_to_mix_runs_of_other_settings(grid):
     out, _ = grid
     with pytest.raises(normfree.ConfigError, match="other settings.*epochs"):
-        normfree.compare(methods=("bn",), batch_sizes=(8, 16), seeds=(0,), epochs=2, size=8, limit=48, out=str(out),
-                         quiet=True)
+        normfree.compare(methods=("bn",), batch_sizes=(8, 16), seeds=(0,), epochs=2, size=8, limit=48, lrs=(0.01,),
+                         out=str(out), quiet=True)
 
 
 def test_default_grid_is_the_quick_digits_grid():
     config = normfree.CompareConfig()
-    methods = ["bn", "nf", "nf-agc", "nf-agc-per-sample"]
-    assert config.data == "digits" and config.method_keys() == methods
+    methods = ["bn", "nf-agc"]
+    assert config.data == "digits" and config.method_keys() == methods and config.sweeps
     settings = [(c.bs, c.accum) for c in config.cells() if c.seed == config.seeds[0] and c.method == "bn"]
-    assert settings == [(8, 1), (32, 1), (256, 1), (8, 32), (32, 8)]
-    assert len(config.cells()) == len(methods) * 5 * len(config.seeds)
+    assert settings == [(16, 1), (128, 1), (16, 8)]
+    assert len(config.cells()) == len(methods) * 3 * len(config.seeds)
 
 
 def test_compare_command_line_round_trips():
     config = normfree.CompareConfig(data="digits", methods=("nf", "bn"), batch_sizes=(4, 16), accumulate=False,
-                                    seeds=(3,), epochs=2, lr=3e-2, lrs=(1e-3, 1e-2), opt="sgd", budget="steps",
+                                    seeds=(3,), epochs=2, lrs=(1e-3, 1e-2), opt="sgd", budget="steps",
                                     steps=7, agc=0.02, size=12, limit=30, precision="bf16", out="elsewhere")
     parser, _ = build_parser()
     args = vars(parser.parse_args(config.command().split()[1:]))

@@ -2,7 +2,6 @@
 target data, resuming, the report's statistics and bad input."""
 import json
 import statistics
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +65,7 @@ def test_the_runs_on_disk_are_the_grid(grid):
                             for bs in BATCH_SIZES for s in SEEDS})
     for model in MODELS:
         model_settings = {"arch": "bn_resnet_tiny" if model == "bn" else "nf_resnet_tiny",
-                          "agc": 0.01 if model == "nf-agc" else None}
+                          "agc": normfree.config.DEFAULT_AGC if model == "nf-agc" else None}
         for seed in SEEDS:
             pretrained = (out / "runs" / f"pretrain-{model}-seed{seed}").resolve()
             config = runs[pretrained.name]["config"]
