@@ -46,3 +46,9 @@ class StepBudget(Callback):
 
     def after_batch(self) -> None:
         self.done += 1
+
+    def after_cancel_train(self) -> None:
+        # fastai's Recorder drops the training loss from an epoch whose training was cancelled, which shifts
+        # every later column of its row; the budget ending an epoch early is not a failure
+        if self.done >= self.batches and hasattr(self.learn, "recorder"):
+            self.learn.recorder.cancel_train = False
