@@ -36,7 +36,15 @@ from typing import Any
 
 import torch
 
-from .config import DEFAULT_AGC, ConfigError, TrainConfig, command_line, library_versions, make_config
+from .config import (
+    DEFAULT_AGC,
+    ConfigError,
+    TrainConfig,
+    command_line,
+    library_versions,
+    make_config,
+    whole_numbers,
+)
 from .report import RunRecord, SummaryRow, batch_setting, markdown_table, reading, summarise, write_report
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import TrainResult, build_dataloaders, train
@@ -75,15 +83,6 @@ class GridCell:
 def _sweep_key(method: str, bs: int, accum: int, lr: float) -> str:
     """A sweep run's folder name under ``out/sweep``."""
     return f"{method}-bs{bs}-x{accum}-lr{lr:g}"
-
-
-def _whole_numbers(values: Any, option: str, minimum: int) -> tuple[int, ...]:
-    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
-        raise ConfigError(option, f"must be one or more whole numbers >= {minimum}, got {list(values)!r}")
-    if len(set(values)) != len(values):
-        raise ConfigError(option, f"has repeated values: {list(values)!r}")
-    return values
 
 
 @dataclass(frozen=True)
@@ -127,8 +126,8 @@ class CompareConfig:
     def __post_init__(self) -> None:
         set_field = object.__setattr__.__get__(self)  # frozen: normalise lists (JSON, argparse) to tuples
         set_field("out", str(self.out))  # a Path is welcome too; the config is written as JSON
-        set_field("batch_sizes", _whole_numbers(self.batch_sizes, "batch_sizes", 1))
-        set_field("seeds", _whole_numbers(self.seeds, "seeds", 0))
+        set_field("batch_sizes", whole_numbers(self.batch_sizes, "batch_sizes", 1))
+        set_field("seeds", whole_numbers(self.seeds, "seeds", 0))
         if self.methods is not None:
             methods = tuple(self.methods) if isinstance(self.methods, (list, tuple)) else (self.methods,)
             unknown = [m for m in methods if m not in METHODS]

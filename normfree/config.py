@@ -24,7 +24,8 @@ from .optim import OPTIMIZERS
 from .precision import PRECISIONS
 from .small_resnets import is_small_normfree
 
-__all__ = ["DEFAULT_AGC", "ConfigError", "TrainConfig", "command_line", "library_versions", "make_config"]
+__all__ = ["DEFAULT_AGC", "ConfigError", "TrainConfig", "command_line", "library_versions", "make_config",
+           "whole_numbers"]
 
 _MIN_SIZE = 8
 # AGC's lambda for the batches of 8-256 these tools train with. The paper's 0.01 is for batches of 1024-4096
@@ -87,6 +88,17 @@ def library_versions() -> dict[str, str]:
 def _whole(value: Any, option: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(option, f"must be a whole number >= {minimum}, got {value!r}")
+
+
+def whole_numbers(values: Any, option: str, minimum: int) -> tuple[int, ...]:
+    """`values` (one number or a list) as a tuple of distinct whole numbers >= `minimum`; ConfigError naming
+    `option` otherwise."""
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        raise ConfigError(option, f"must be one or more whole numbers >= {minimum}, got {list(values)!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(option, f"has repeated values: {list(values)!r}")
+    return values
 
 
 def _flag(value: Any, option: str) -> None:
@@ -175,10 +187,8 @@ class TrainConfig:
         if self.size is not None:
             _whole(self.size, "size", _MIN_SIZE)
         if self.classes is not None:
-            classes = tuple(self.classes) if isinstance(self.classes, (list, tuple)) else (self.classes,)
-            for label in classes:
-                _whole(label, "classes", 0)
-            if len(set(classes)) != len(classes) or len(classes) < 2:
+            classes = whole_numbers(self.classes, "classes", 0)
+            if len(classes) < 2:
                 raise ConfigError("classes", f"must be two or more distinct labels, got {list(classes)}")
             object.__setattr__(self, "classes", classes)  # JSON and argparse give lists
         if self.per_class is not None:

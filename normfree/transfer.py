@@ -39,8 +39,16 @@ from typing import Any
 
 import torch
 
-from .compare import METHODS, _whole_numbers, finished_run
-from .config import DEFAULT_AGC, ConfigError, TrainConfig, command_line, library_versions, make_config
+from .compare import METHODS, finished_run
+from .config import (
+    DEFAULT_AGC,
+    ConfigError,
+    TrainConfig,
+    command_line,
+    library_versions,
+    make_config,
+    whole_numbers,
+)
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 from .transfer_report import (
@@ -144,7 +152,7 @@ class TransferConfig:
         set_field("modes", _names(self.modes, "modes", tuple(MODES)))
         for option, minimum in (("source_classes", 0), ("target_classes", 0), ("per_class", 1), ("batch_sizes", 1),
                                 ("seeds", 0)):
-            set_field(option, _whole_numbers(getattr(self, option), option, minimum))
+            set_field(option, whole_numbers(getattr(self, option), option, minimum))
         for option in ("source_classes", "target_classes"):
             if len(getattr(self, option)) < 2:
                 raise ConfigError(option, f"needs two or more labels to classify, got {list(getattr(self, option))}")
