@@ -22,7 +22,7 @@ import torch
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
 import normfree
-from normfree.agc import _clip_with_torch_ops
+from normfree.agc import clip_with_torch_ops
 
 ISOLATED_ROUNDS = 15
 LOOP_ROUNDS = 5
@@ -55,7 +55,7 @@ def methods(params: list[torch.Tensor], copies: list[torch.Tensor]) -> dict:
         "copy": lambda: torch._foreach_copy_(copies, grads),
         "timm": lambda: timm_adaptive_clip_grad(params, CLIPPING, EPS),
         "normfree": lambda: normfree.adaptive_clip_grad_(params, CLIPPING, EPS),
-        "normfree torch ops": torch.no_grad()(lambda: _clip_with_torch_ops(params, CLIPPING, EPS)),
+        "normfree torch ops": torch.no_grad()(lambda: clip_with_torch_ops(params, CLIPPING, EPS)),
     }
 
 

@@ -11,22 +11,27 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from collections import OrderedDict
 from functools import reduce
 
 import torch
 from torch import Tensor
 
-from . import cpu_kernel
+from . import cpu_kernel, gpu_kernel
 
 __all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_grad_"]
 
-def _num_units(x: Tensor) -> int:
+# the paper's floor on ||G_u|| in Eq. (3)'s division, as DeepMind's code has it
+GRAD_NORM_FLOOR = 1e-6
+
+def num_units(x: Tensor) -> int:
+    """How many units `x` has: its dim-0 size when ndim >= 2, else one (the whole tensor)."""
     return x.shape[0] if x.ndim >= 2 else 1
 
 
 def _unit_shape(x: Tensor) -> tuple[int, ...]:
     """Shape of per-unit values that broadcasts against `x`."""
-    return (_num_units(x),) + (1,) * (x.ndim - 1) if x.ndim >= 1 else ()
+    return (num_units(x),) + (1,) * (x.ndim - 1) if x.ndim >= 1 else ()
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -37,7 +42,7 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 def _unit_norms(x: Tensor) -> Tensor:
     """Flat vector of the unit norms of `x`, one entry per unit."""
-    return torch.linalg.vector_norm(x.reshape(_num_units(x), -1), dim=1, dtype=_norm_dtype(x.dtype))
+    return torch.linalg.vector_norm(x.reshape(num_units(x), -1), dim=1, dtype=_norm_dtype(x.dtype))
 
 
 def unitwise_norm(x: Tensor) -> Tensor:
@@ -61,14 +66,15 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
         G_u <- lambda * max(||W_u||, eps) / ||G_u|| * G_u   if ||G_u|| / max(||W_u||, eps) > lambda
         G_u <- G_u                                          otherwise
 
-    with ||G_u|| floored at 1e-6 in the division (as DeepMind's code). A unit whose gradient norm
+    with ||G_u|| floored at GRAD_NORM_FLOOR = 1e-6 in the division (as DeepMind's code). A unit whose gradient norm
     is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
     user decides what to do with it. (The fused CPU kernel, csrc/agc_cpu.c, computes the same
-    rule in C, unit by unit; the tests hold both to one float64 reference.)
+    rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
+    to one float64 reference.)
     """
     max_norm = param_norm.clamp_min(eps) * clipping
     clip = (grad_norm > max_norm) & grad_norm.isfinite()
-    return torch.where(clip, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm))
+    return torch.where(clip, max_norm / grad_norm.clamp_min(GRAD_NORM_FLOOR), torch.ones_like(grad_norm))
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ def _count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
     return torch._foreach_norm(list(mask.float().split(units)), ord=1)
 
 
-def _clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tuple[list[Tensor], list[Tensor]]:
+def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tuple[list[Tensor], list[Tensor]]:
     """AGC with torch ops, on any device and dtype, without host synchronisation.
 
     One multi-tensor norm for the single-unit tensors, one row-wise norm kernel per other tensor,
@@ -135,7 +141,7 @@ def _clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> t
     grads = [params[i].grad for i in order]
     grad_norm = _unit_norm_vector(grads)
     factor = adaptive_clip_factor(_unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
-    units = [_num_units(g) for g in grads]
+    units = [num_units(g) for g in grads]
     torch._foreach_mul_(grads, [f.view(_unit_shape(g)) for f, g in zip(factor.split(units), grads)])
     clipped = torch.stack(_count_per_tensor(factor < 1, units)).long().unbind()
     nonfinite = torch.stack(_count_per_tensor(~grad_norm.isfinite(), units)).long().unbind()
@@ -143,33 +149,57 @@ def _clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> t
     return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
 
 
-@torch.no_grad()
-def adaptive_clip_grad_(
-    parameters: Tensor | Iterable[Tensor], clipping: float = 0.01, eps: float = 1e-3
-) -> ClipStats:
-    """Clip the gradients of `parameters` in place with AGC (Sec. 4, Eq. 3).
+@dataclass(frozen=True)
+class _Dispatch:
+    """Which implementation clips which parameter of one list: everything `adaptive_clip_grad_` decides
+    from the parameters' devices, dtypes and layouts, kept while their storage stays the same."""
 
-    Each unit's gradient G_u is scaled to norm ``clipping * max(||W_u||, eps)`` where it is
-    larger; other units are left exactly as they are. Parameters whose ``.grad`` is None are
-    skipped. `clipping` is the paper's lambda (0.01 for batch 1024-4096; smaller for larger
-    batches and for Adam-like optimizers); `eps` floors the weight norm so that zero-initialised
-    parameters (skip gains) can still move.
+    device: torch.device
+    units: Tensor  # per parameter listed (CPU), 0 without a gradient
+    first: list[int]  # per parameter listed, the position of its first listing
+    cpu_groups: list[list[int]]  # positions clipped by the fused CPU kernel, one list per dtype
+    gpu: list[int]  # positions clipped by the Triton kernel
+    gpu_plan: gpu_kernel.Plan | None
+    torch_ops: list[int]  # positions clipped with torch ops
+    all_gpu: bool  # every parameter with a gradient goes to the Triton kernel
 
-    Contiguous float32 / float64 CPU tensors are clipped by one call of the fused kernel
-    (`normfree.cpu_kernel`: one pass reading each unit's weight and gradient together, writing
-    only the units that clip; squares summed in float64). Everything else (accelerators, half
-    precision, other memory layouts, or no C compiler) goes through torch ops with no host
-    synchronisation (`_clip_with_torch_ops`), where norms are accumulated in float32 (float64
-    for float64 tensors): a unit whose float32 norm overflows
-    (elements beyond ~1e19) counts as non-finite and is left alone.
-    """
-    check_agc_arguments(clipping, eps)
-    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    # a parameter listed twice is clipped once (scaling it twice would clip it by the factor squared)
-    first = {}
+    def run(self, params: list[Tensor], clipping: float, eps: float) -> ClipStats:
+        if self.all_gpu:  # the kernel writes each parameter's counts into its own column: no gathering
+            counts = gpu_kernel.clip_(self.gpu_plan, len(params), clipping, eps, GRAD_NORM_FLOOR)
+            for i, first in enumerate(self.first):
+                if first not in (-1, i):  # listed again: the counts of its first listing
+                    counts[:, i] = counts[:, first]
+            counts = counts.long()
+            return ClipStats(clipped=counts[0], nonfinite=counts[1], units=self.units)
+        found: dict[int, tuple[Tensor, Tensor]] = {}
+        if self.gpu:
+            counts = gpu_kernel.clip_(self.gpu_plan, len(self.gpu), clipping, eps, GRAD_NORM_FLOOR).long()
+            found.update(zip(self.gpu, zip(counts[0].unbind(), counts[1].unbind())))
+        for group in self.cpu_groups:
+            clipped, nonfinite = cpu_kernel.clip_([params[i] for i in group], [num_units(params[i]) for i in group],
+                                                  clipping, eps)
+            found.update(zip(group, zip(clipped.unbind(), nonfinite.unbind())))
+        if self.torch_ops:
+            found.update(zip(self.torch_ops, zip(*clip_with_torch_ops([params[i] for i in self.torch_ops], clipping,
+                                                                        eps))))
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+
+        def per_parameter(field: int) -> Tensor:
+            if not params:
+                return torch.zeros(0, dtype=torch.long, device=self.device)
+            return torch.stack([found[first][field] if first != -1 else zero for first in self.first])
+
+        return ClipStats(clipped=per_parameter(0), nonfinite=per_parameter(1), units=self.units)
+
+
+def _dispatch(params: list[Tensor]) -> _Dispatch:
+    """Check `params` and decide which implementation clips each (ValueError naming a bad parameter)."""
+    first_listing: dict[int, int] = {}
+    first = []
     for i, p in enumerate(params):
-        first.setdefault(id(p), i)
-    positions = [i for i, p in enumerate(params) if p.grad is not None and first[id(p)] == i]
+        k = first_listing.setdefault(id(p), i)
+        first.append(k if p.grad is not None else -1)
+    positions = [i for i, k in enumerate(first) if k == i]
     for i in positions:
         if params[i].grad.is_sparse:
             raise ValueError(
@@ -181,26 +211,77 @@ def adaptive_clip_grad_(
         raise ValueError(f"adaptive_clip_grad_ takes parameters on one device, got {sorted(map(str, devices))}: "
                          "call it once per device")
     device = devices.pop() if devices else torch.device("cpu")
-    fused = [i for i in positions if cpu_kernel.supports(params[i])]
-    if fused and cpu_kernel.load() is None:
-        fused = []
-    counts: dict[int, tuple[Tensor, Tensor]] = {}
-    for dtype in {params[i].dtype for i in fused}:
-        group = [i for i in fused if params[i].dtype == dtype]
-        clipped, nonfinite = cpu_kernel.clip_([params[i] for i in group], [_num_units(params[i]) for i in group], clipping, eps)
-        counts.update(zip(group, zip(clipped.unbind(), nonfinite.unbind())))
-    rest = [i for i in positions if i not in counts]
-    if rest:
-        counts.update(zip(rest, zip(*_clip_with_torch_ops([params[i] for i in rest], clipping, eps))))
-    zero = torch.zeros((), dtype=torch.long, device=device)
-
-    def per_parameter(field: int) -> Tensor:
-        if not params:
-            return torch.zeros(0, dtype=torch.long, device=device)
-        return torch.stack([counts[first[id(p)]][field] if first[id(p)] in counts else zero for p in params])
-
-    return ClipStats(
-        clipped=per_parameter(0),
-        nonfinite=per_parameter(1),
-        units=torch.tensor([_num_units(p) if p.grad is not None else 0 for p in params], dtype=torch.long),
+    cpu = [i for i in positions if cpu_kernel.supports(params[i])] if cpu_kernel.load() is not None else []
+    gpu = [i for i in positions if i not in set(cpu) and gpu_kernel.supports(params[i])]
+    taken = set(cpu) | set(gpu)
+    dtypes = list(dict.fromkeys(params[i].dtype for i in cpu))
+    units = [num_units(params[i]) for i in gpu]
+    all_gpu = bool(gpu) and len(gpu) == len(positions)
+    return _Dispatch(
+        device=device,
+        units=torch.tensor([num_units(p) if f != -1 else 0 for p, f in zip(params, first)], dtype=torch.long),
+        first=first,
+        cpu_groups=[[i for i in cpu if params[i].dtype == dtype] for dtype in dtypes],
+        gpu=gpu,
+        gpu_plan=gpu_kernel.plan([params[i] for i in gpu], units, gpu if all_gpu else list(range(len(gpu))))
+        if gpu else None,
+        torch_ops=[i for i in positions if i not in taken],
+        all_gpu=all_gpu,
     )
+
+
+_DISPATCH_CACHE_SIZE = 8
+_dispatches: OrderedDict[tuple, _Dispatch] = OrderedDict()
+
+
+def _data_ptr(t: Tensor | None) -> int:
+    return -1 if t is None else t.data_ptr()
+
+
+def _cached_dispatch(params: list[Tensor]) -> _Dispatch:
+    # Training calls AGC with the same parameters every step: the checks and the Triton kernel's tables
+    # (which hold data pointers) are reused while every parameter and gradient keeps its storage (and
+    # while the implementations' entry points are the same: tests swap them).
+    try:
+        key = (cpu_kernel.load, gpu_kernel.supports, tuple(map(id, params)),
+               tuple(map(_data_ptr, params)), tuple(_data_ptr(p.grad) for p in params))
+    except RuntimeError:  # a sparse gradient has no data pointer: checked (and refused) below
+        return _dispatch(params)
+    dispatch = _dispatches.get(key)
+    if dispatch is None:
+        dispatch = _dispatches[key] = _dispatch(params)
+        while len(_dispatches) > _DISPATCH_CACHE_SIZE:
+            _dispatches.popitem(last=False)
+    return dispatch
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: Tensor | Iterable[Tensor], clipping: float = 0.01, eps: float = 1e-3
+) -> ClipStats:
+    """Clip the gradients of `parameters` in place with AGC (Sec. 4, Eq. 3).
+
+    Each unit's gradient G_u is scaled to norm ``clipping * max(||W_u||, eps)`` where it is
+    larger; other units are left exactly as they are. Parameters whose ``.grad`` is None are
+    skipped; a parameter listed twice is clipped once. `clipping` is the paper's lambda (0.01 for
+    batch 1024-4096; smaller for larger batches and for Adam-like optimizers); `eps` floors the
+    weight norm so that zero-initialised parameters (skip gains) can still move.
+
+    Three implementations, one rule:
+
+    - CUDA (float32, bfloat16, float16; contiguous or channels-last): the fused Triton kernel
+      (`normfree.gpu_kernel`): a few launches for all parameters, each unit's weight and gradient
+      read once, gradients rewritten only where a unit clips, counts kept on the device.
+    - CPU (contiguous float32 / float64): the fused C kernel (`normfree.cpu_kernel`), one pass
+      with squares summed in float64.
+    - Everything else (other layouts, float64 on a GPU, no Triton or no C compiler): torch ops
+      (`clip_with_torch_ops`), norms accumulated in float32 (float64 for float64 tensors).
+
+    None of them synchronises with the device. Where norms are summed in float32, a unit whose
+    norm overflows (elements beyond ~1e19) counts as non-finite and is left alone. The checks and
+    the kernel's tables are kept between calls while the parameters and gradients keep their
+    storage; to capture the call in a CUDA graph, run it once before capturing.
+    """
+    check_agc_arguments(clipping, eps)
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    return _cached_dispatch(params).run(params, clipping, eps)

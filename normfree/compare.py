@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .config import (
     DEFAULT_AGC,
@@ -43,6 +42,7 @@ from .config import (
     command_line,
     library_versions,
     make_config,
+    training_device,
     whole_numbers,
 )
 from .report import RunRecord, SummaryRow, batch_setting, markdown_table, reading, summarise, write_report
@@ -301,7 +301,7 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
         "AGC lambda": config.agc,
         "image size": f"{config.size} px" if config.size else "native",
         "precision": config.precision,
-        "device": f"{config.device or ('cuda' if torch.cuda.is_available() else 'cpu')}, "
+        "device": f"{training_device(config.device)}, "
                   f"{versions['torch_threads']} CPU threads",
         "peak memory": memory,
         "versions": f"torch {versions['torch']}, fastai {versions['fastai']}, timm {versions['timm']}, "

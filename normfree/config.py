@@ -16,6 +16,7 @@ from typing import Any
 
 import timm
 import torch
+from fastai.torch_core import default_device
 
 from .agc import check_agc_arguments
 from .data_spec import DataSpec, parse_data_spec
@@ -110,6 +111,12 @@ def _positive(value: Any, option: str, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(option, f"must be a finite number > 0 ({what}), got {value!r}")
 
+
+
+def training_device(device: str | None) -> torch.device:
+    """The device a run with this `device` setting trains on: the one named, else fastai's default
+    (the current CUDA GPU when there is one, else Apple's MPS, else the CPU)."""
+    return torch.device(device) if device is not None else default_device()
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -39,7 +39,7 @@ from timm.layers.padding import pad_same
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from .agc import ClipStats, _num_units, adaptive_clip_factor, unitwise_norm
+from .agc import ClipStats, num_units, adaptive_clip_factor, unitwise_norm
 from .standardization import STD_CONVS, standardize_weight, weight_scale
 
 __all__ = ["PerSampleClipper", "check_examples_independent", "loss_reduction"]
@@ -237,7 +237,7 @@ class PerSampleClipper:
 
 def _per_example_unit_norms(grads: Tensor, param: Tensor) -> Tensor:
     """Unit norms (examples x units) of per-example gradients `grads` [B, *param.shape]."""
-    return torch.linalg.vector_norm(grads.reshape(grads.shape[0], _num_units(param), -1).float(), dim=-1)
+    return torch.linalg.vector_norm(grads.reshape(grads.shape[0], num_units(param), -1).float(), dim=-1)
 
 
 def _clipped_sum(clipper: PerSampleClipper, param: Tensor, grads: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ from fastai.torch_core import set_seed
 
 from . import precision as _precision  # noqa: F401  (Learner.to_mixed_precision)
 from .classifier import classifier_init_std, find_classifier, init_classifier_
-from .config import ConfigError, TrainConfig, library_versions, make_config
+from .config import ConfigError, TrainConfig, library_versions, make_config, training_device
 from .data import subset_dataloaders
 from .epoch_log import EpochLog
 from .learner import nf_learner
@@ -168,7 +168,7 @@ def build_dataloaders(config: TrainConfig) -> DataLoaders:
     try:
         dls = config.data_spec.dataloaders(
             config.bs, config.size, config.seed, config.limit, config.valid_pct, config.path_col, config.label_col,
-            config.device,
+            training_device(config.device),
         )
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError("data", str(error)) from None
@@ -298,7 +298,7 @@ def train(
         if quiet:
             stack.enter_context(learn.no_bar())
             stack.enter_context(learn.no_logging())
-        peak = stack.enter_context(PeakMemory(learn.dls.device or "cpu"))
+        peak = stack.enter_context(PeakMemory(learn.dls.device))
         try:
             if config.lr_find:
                 lr = float(learn.lr_find(show_plot=False).valley)

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .compare import METHODS, finished_run
 from .config import (
@@ -47,6 +46,7 @@ from .config import (
     command_line,
     library_versions,
     make_config,
+    training_device,
     whole_numbers,
 )
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
@@ -311,7 +311,7 @@ def _settings(config: TransferConfig, names: list[str], runs: list[TransferRecor
         "seeds": f"{', '.join(map(str, config.seeds))}: initialisation, batch order, which target images are drawn "
                  f"and which pretrained model a target run starts from",
         "precision": config.precision,
-        "device": f"{config.device or ('cuda' if torch.cuda.is_available() else 'cpu')}, "
+        "device": f"{training_device(config.device)}, "
                   f"{versions['torch_threads']} CPU threads",
         "versions": f"torch {versions['torch']}, fastai {versions['fastai']}, timm {versions['timm']}, "
                     f"normfree {versions['normfree']}, Python {versions['python']}",

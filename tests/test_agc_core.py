@@ -1,5 +1,6 @@
 """The functional AGC core against the float64 reference, plus invariants (hypothesis)."""
 import math
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normfree
-from normfree import cpu_kernel
+from normfree import cpu_kernel, gpu_kernel
 
 LAYERS = {
     "scalar": lambda: nn.ParameterList([nn.Parameter(torch.randn(()))]),
@@ -24,13 +25,20 @@ LAYERS = {
 }
 
 
-@pytest.fixture(autouse=True, params=["fused CPU kernel", "torch ops"])
+@pytest.fixture(autouse=True, params=["fused CPU kernel", "Triton GPU kernel", "torch ops"])
 def agc_path(request, monkeypatch):
-    """Every test here runs on both implementations: the fused C kernel and torch ops."""
-    if request.param == "torch ops":
-        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
-    else:
+    """Every test here runs on the three implementations: the fused C kernel, the Triton kernel (on the
+    CPU tensors of these tests, in Triton's interpreter) and torch ops."""
+    if request.param == "fused CPU kernel":
         assert cpu_kernel.load() is not None, "the fused CPU AGC kernel did not build here"
+        return request.param
+    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    if request.param == "Triton GPU kernel":
+        if not gpu_kernel.available():
+            pytest.skip("Triton is not installed")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton kernel runs on these CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
+        monkeypatch.setattr(gpu_kernel, "supports", gpu_kernel.clippable)
     return request.param
 
 

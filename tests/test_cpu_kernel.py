@@ -92,13 +92,13 @@ def test_switched_off_by_environment_without_a_warning(fresh_cache, monkeypatch)
 
 def test_kernel_takes_contiguous_float_cpu_tensors_and_torch_ops_the_rest(monkeypatch):
     taken_by_torch_ops = []
-    torch_ops = agc_module._clip_with_torch_ops
+    torch_ops = agc_module.clip_with_torch_ops
 
     def spy(params, clipping, eps):
         taken_by_torch_ops.extend(params)
         return torch_ops(params, clipping, eps)
 
-    monkeypatch.setattr(agc_module, "_clip_with_torch_ops", spy)
+    monkeypatch.setattr(agc_module, "clip_with_torch_ops", spy)
     plain = layer_with_gradients()
     double = nn.Parameter(torch.randn(16, 8, dtype=torch.float64))
     double.grad = torch.randn(16, 8, dtype=torch.float64)

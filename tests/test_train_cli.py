@@ -16,6 +16,7 @@ from fastai.learner import load_learner
 from safetensors.torch import load_file
 
 import normfree
+from fastai.torch_core import default_device
 from normfree.cli import main
 from normfree.data_spec import parse_data_spec
 
@@ -181,6 +182,22 @@ def test_mixed_precision_runs_on_the_cpu(tmp_path, precision, dtype):
                             out=tmp_path / precision, cbs=[probe])
     assert probe.dtype == dtype
     assert math.isfinite(result.epochs[0]["train_loss"]) and 0 <= result.final_accuracy <= 1
+
+
+class BatchDevice(Callback):
+    def after_pred(self):
+        self.devices = {self.learn.xb[0].device, self.learn.pred.device, next(self.learn.model.parameters()).device}
+
+
+def test_without_a_device_the_run_trains_on_fastais_default_device(tmp_path):
+    """Not on the CPU by accident: with no device named, the data (and so the model) go to the GPU when there is
+    one. (DataLoaders built with device=None stay on the CPU, and fastai then trains the model there too.)"""
+    probe = BatchDevice()
+    result = normfree.train(**QUICK_OPTIONS, quiet=True, save_model=False, save_plots=False, out=tmp_path / "run",
+                            cbs=[probe])
+    assert result.config.device is None
+    assert result.learner.dls.device == default_device()
+    assert probe.devices == {default_device()}
 
 
 def test_accum_k_steps_once_every_k_batches(tmp_path):

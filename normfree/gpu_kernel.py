@@ -1,0 +1,187 @@
+"""AGC fused into a few Triton launches: the GPU kernel behind `adaptive_clip_grad_` on CUDA.
+
+Brock, De, Smith, Simonyan 2021, Sec. 4, Eq. (3), the same rule as `adaptive_clip_factor` and the
+CPU kernel (csrc/agc_cpu.c). Each program of one launch takes a tile of units (a few output rows
+of one tensor; tensors of any number, found through a table of pointers), reads each unit's weight
+and gradient once for the two norms (squares summed in float32), and rewrites the gradient only
+where the unit clips, while the tile is still in the cache. Units are grouped by size into at most
+`len(TILES)` launches per dtype pair, so small filters (a depthwise 3x3) and wide rows (a Linear
+over 3072 features) each get a tile shape that keeps the memory system busy. Clipped and
+non-finite unit counts per parameter are added up on the device with atomics: no host
+synchronisation, and the whole call can be captured in a CUDA graph once it has run outside one
+(the tables of pointers are built, and copied to the device, by `plan` on the first call for a set
+of gradients; `adaptive_clip_grad_` keeps them while the gradients stay where they are).
+
+Triton ships with PyTorch's CUDA builds; where it is missing, `adaptive_clip_grad_` uses torch
+ops. ``NORMFREE_GPU_KERNEL=0`` chooses torch ops. The kernel also runs on CPU tensors under
+``TRITON_INTERPRET=1`` (set before the first import of this module), which is how the tests hold
+it to the float64 reference on machines without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only builds of torch on some platforms
+    triton = None
+
+__all__ = ["available", "clippable", "supports", "plan", "clip_"]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (largest unit size, units per program, elements loaded per unit and iteration), smallest first;
+# units larger than the last bound go to the last tile shape.
+TILES = ((16, 64, 16), (128, 16, 128), (1024, 4, 1024), (None, 2, 2048))
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the Triton kernel can be used at all (Triton imports, and ``NORMFREE_GPU_KERNEL`` is not 0)."""
+    return triton is not None and os.environ.get("NORMFREE_GPU_KERNEL", "1") != "0"
+
+
+def unit_contiguous(t: Tensor) -> bool:
+    """Whether each unit of `t` (one index of dim 0) is one dense block: contiguous or channels-last tensors."""
+    if t.is_contiguous():
+        return True
+    if t.ndim == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def clippable(param: Tensor) -> bool:
+    """Whether the kernel can clip `param.grad` on `param`'s device: a dense float32/bf16/fp16 gradient of
+    `param`'s shape, each unit of weight and gradient one dense block (contiguous or channels-last)."""
+    grad = param.grad
+    return (
+        available() and param.dtype in DTYPES and grad.dtype in DTYPES and not grad.is_sparse
+        and grad.shape == param.shape and unit_contiguous(param) and unit_contiguous(grad)
+    )
+
+
+def supports(param: Tensor) -> bool:
+    """Whether `adaptive_clip_grad_` clips `param` with this kernel: a `clippable` parameter on a CUDA device.
+
+    (Under ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors; the tests call it that way.)
+    """
+    return param.device.type == "cuda" and clippable(param)
+
+
+if triton is not None:
+    @triton.jit
+    def _clip_units(task_tensor, task_unit, weight_ptrs, grad_ptrs, unit_size_of, units_of, slot_of,
+                    clipped, nonfinite, clipping, eps, grad_norm_floor,
+                    WEIGHT: tl.constexpr, GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        task = tl.program_id(0)
+        t = tl.load(task_tensor + task)
+        weight = tl.load(weight_ptrs + t).to(tl.pointer_type(WEIGHT))
+        grad = tl.load(grad_ptrs + t).to(tl.pointer_type(GRAD))
+        size = tl.load(unit_size_of + t)
+        rows = tl.load(task_unit + task) + tl.arange(0, ROWS)
+        in_tensor = rows < tl.load(units_of + t)
+        start = rows.to(tl.int64) * size
+        w_squares = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        g_squares = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for first in range(0, size, BLOCK):
+            columns = first + tl.arange(0, BLOCK)
+            mask = in_tensor[:, None] & (columns < size)[None, :]
+            offsets = start[:, None] + columns[None, :]
+            w = tl.load(weight + offsets, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+            w_squares += w * w
+            g_squares += g * g
+        w_norm = tl.sqrt(tl.sum(w_squares, axis=1))
+        g_norm = tl.sqrt(tl.sum(g_squares, axis=1))
+        max_norm = tl.maximum(w_norm, eps) * clipping
+        finite = g_norm <= 3.4028234663852886e38  # float32's largest: false for inf and NaN
+        clip = (g_norm > max_norm) & finite & in_tensor
+        factor = tl.where(clip, max_norm / tl.maximum(g_norm, grad_norm_floor), 1.0)
+        n_clipped = tl.sum(clip.to(tl.int32), axis=0)
+        if n_clipped > 0:
+            for first in range(0, size, BLOCK):
+                columns = first + tl.arange(0, BLOCK)
+                mask = clip[:, None] & (columns < size)[None, :]
+                offsets = start[:, None] + columns[None, :]
+                g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+                tl.store(grad + offsets, (g * factor[:, None]).to(GRAD), mask=mask)
+        slot = tl.load(slot_of + t)
+        tl.atomic_add(clipped + slot, n_clipped)
+        tl.atomic_add(nonfinite + slot, tl.sum((in_tensor & ~finite).to(tl.int32), axis=0))
+
+    _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One launch: its device tables and tile shape."""
+
+    tables: tuple[Tensor, ...]  # task_tensor, task_unit, weight_ptrs, grad_ptrs, unit_size_of, units_of, slot_of
+    weight_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    rows: int
+    block: int
+
+
+def _tile(unit_size: int) -> tuple[int, int]:
+    for bound, rows, block in TILES:
+        if bound is None or unit_size <= bound:
+            return rows, block
+    raise AssertionError("TILES ends with an unbounded tile")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The launches that clip one list of parameters."""
+
+    device: torch.device
+    launches: list[_Launch]
+
+
+def plan(params: list[Tensor], units: list[int], slots: list[int]) -> Plan:
+    """The launches that clip `params` (all `supports`-ed, on one device; `units[i]` units each), parameter i's
+    counts going to column `slots[i]`. They hold data pointers: valid while every weight and gradient keeps
+    its storage and layout. Copies its tables to the device (outside CUDA-graph capture)."""
+    device = params[0].grad.device
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if units[i] == 0:
+            continue
+        unit_size = p.numel() // units[i]
+        groups.setdefault((p.dtype, p.grad.dtype, _tile(unit_size)), []).append(i)
+    launches = []
+    for (weight_dtype, grad_dtype, (rows, block)), members in groups.items():
+        task_tensor, task_unit = [], []
+        for k, i in enumerate(members):
+            for first in range(0, units[i], rows):
+                task_tensor.append(k)
+                task_unit.append(first)
+        columns = [
+            task_tensor, task_unit,
+            [params[i].data_ptr() for i in members], [params[i].grad.data_ptr() for i in members],
+            [params[i].numel() // units[i] for i in members], [units[i] for i in members], [slots[i] for i in members],
+        ]
+        tables = tuple(torch.tensor(c, dtype=torch.int64).to(device) for c in columns)
+        launches.append(_Launch(tables, weight_dtype, grad_dtype, rows, block))
+    return Plan(device, launches)
+
+
+def clip_(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor: float) -> Tensor:
+    """Run the launches of a `plan`: AGC on its parameters, without host synchronisation.
+
+    Returns [2, n_slots] int32 counts on the device: row 0 the units clipped, row 1 the units whose
+    gradient norm was not finite (left unchanged), in each parameter's column.
+    """
+    counts = torch.zeros(2, n_slots, dtype=torch.int32, device=plan.device)
+    for launch in plan.launches:
+        _clip_units[(len(launch.tables[0]),)](
+            *launch.tables, counts[0], counts[1], float(clipping), float(eps), float(grad_norm_floor),
+            WEIGHT=_TRITON_DTYPES[launch.weight_dtype], GRAD=_TRITON_DTYPES[launch.grad_dtype],
+            ROWS=launch.rows, BLOCK=launch.block,
+        )
+    return counts
