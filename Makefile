@@ -20,8 +20,10 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest -q
 
+# the CPU benchmarks' table, then benchmarks/gpu.py (one skip line where there is no CUDA device)
 bench: $(INSTALLED)
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis
