@@ -162,13 +162,13 @@ class _Dispatch:
     gpu_plan: gpu_kernel.Plan | None
     torch_ops: list[int]  # positions clipped with torch ops
     all_gpu: bool  # every parameter with a gradient goes to the Triton kernel
+    repeats: list[tuple[int, int]]  # (position, position of its first listing) of parameters listed again
 
     def run(self, params: list[Tensor], clipping: float, eps: float) -> ClipStats:
         if self.all_gpu:  # the kernel writes each parameter's counts into its own column: no gathering
             counts = gpu_kernel.clip_(self.gpu_plan, len(params), clipping, eps, GRAD_NORM_FLOOR)
-            for i, first in enumerate(self.first):
-                if first not in (-1, i):  # listed again: the counts of its first listing
-                    counts[:, i] = counts[:, first]
+            for i, first in self.repeats:  # listed again: the counts of its first listing
+                counts[:, i] = counts[:, first]
             counts = counts.long()
             return ClipStats(clipped=counts[0], nonfinite=counts[1], units=self.units)
         found: dict[int, tuple[Tensor, Tensor]] = {}
@@ -227,6 +227,7 @@ def _dispatch(params: list[Tensor]) -> _Dispatch:
         if gpu else None,
         torch_ops=[i for i in positions if i not in taken],
         all_gpu=all_gpu,
+        repeats=[(i, k) for i, k in enumerate(first) if k not in (-1, i)],
     )
 
 

@@ -37,7 +37,7 @@ __all__ = ["available", "clippable", "supports", "plan", "clip_"]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (largest unit size, units per program, elements loaded per unit and iteration), smallest first;
 # units larger than the last bound go to the last tile shape.
-TILES = ((16, 64, 16), (128, 16, 128), (1024, 4, 1024), (None, 2, 2048))
+TILES = ((128, 16, 128), (None, 2, 1024))  # two launches measured 12% faster than four on nfnet_f0 (H200)
 
 
 @functools.cache
@@ -73,19 +73,24 @@ def supports(param: Tensor) -> bool:
     return param.device.type == "cuda" and clippable(param)
 
 
+# One int64 table per launch: a record per program (TASK fields: tensor index, first unit), then a
+# record per tensor (TENSOR fields: weight pointer, gradient pointer, unit size, units, count column).
+# Two tensors and a few numbers per launch: Triton's launcher costs tens of microseconds per tensor.
+TASK, TENSOR = 2, 5
+
 if triton is not None:
     @triton.jit
-    def _clip_units(task_tensor, task_unit, weight_ptrs, grad_ptrs, unit_size_of, units_of, slot_of,
-                    clipped, nonfinite, clipping, eps, grad_norm_floor,
-                    WEIGHT: tl.constexpr, GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        task = tl.program_id(0)
-        t = tl.load(task_tensor + task)
-        weight = tl.load(weight_ptrs + t).to(tl.pointer_type(WEIGHT))
-        grad = tl.load(grad_ptrs + t).to(tl.pointer_type(GRAD))
-        size = tl.load(unit_size_of + t)
-        rows = tl.load(task_unit + task) + tl.arange(0, ROWS)
-        in_tensor = rows < tl.load(units_of + t)
-        start = rows.to(tl.int64) * size
+    def _clip_units(table, tensors_at, counts, n_slots, clipping, eps, grad_norm_floor,
+                    WEIGHT: tl.constexpr, GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                    TASK_FIELDS: tl.constexpr, TENSOR_FIELDS: tl.constexpr):
+        task = table + tl.program_id(0) * TASK_FIELDS
+        record = table + tensors_at + tl.load(task) * TENSOR_FIELDS
+        weight = tl.load(record).to(tl.pointer_type(WEIGHT))
+        grad = tl.load(record + 1).to(tl.pointer_type(GRAD))
+        size = tl.load(record + 2)
+        rows = tl.load(task + 1) + tl.arange(0, ROWS)
+        in_tensor = rows < tl.load(record + 3)
+        start = rows * size
         w_squares = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         g_squares = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for first in range(0, size, BLOCK):
@@ -110,18 +115,19 @@ if triton is not None:
                 offsets = start[:, None] + columns[None, :]
                 g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
                 tl.store(grad + offsets, (g * factor[:, None]).to(GRAD), mask=mask)
-        slot = tl.load(slot_of + t)
-        tl.atomic_add(clipped + slot, n_clipped)
-        tl.atomic_add(nonfinite + slot, tl.sum((in_tensor & ~finite).to(tl.int32), axis=0))
+        slot = tl.load(record + 4)
+        tl.atomic_add(counts + slot, n_clipped)
+        tl.atomic_add(counts + n_slots + slot, tl.sum((in_tensor & ~finite).to(tl.int32), axis=0))
 
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @dataclass(frozen=True)
 class _Launch:
-    """One launch: its device tables and tile shape."""
+    """One launch: its table (on the device), where the tensor records start, and its tile shape."""
 
-    tables: tuple[Tensor, ...]  # task_tensor, task_unit, weight_ptrs, grad_ptrs, unit_size_of, units_of, slot_of
+    table: Tensor
+    tensors_at: int
     weight_dtype: torch.dtype
     grad_dtype: torch.dtype
     rows: int
@@ -156,18 +162,11 @@ def plan(params: list[Tensor], units: list[int], slots: list[int]) -> Plan:
         groups.setdefault((p.dtype, p.grad.dtype, _tile(unit_size)), []).append(i)
     launches = []
     for (weight_dtype, grad_dtype, (rows, block)), members in groups.items():
-        task_tensor, task_unit = [], []
-        for k, i in enumerate(members):
-            for first in range(0, units[i], rows):
-                task_tensor.append(k)
-                task_unit.append(first)
-        columns = [
-            task_tensor, task_unit,
-            [params[i].data_ptr() for i in members], [params[i].grad.data_ptr() for i in members],
-            [params[i].numel() // units[i] for i in members], [units[i] for i in members], [slots[i] for i in members],
-        ]
-        tables = tuple(torch.tensor(c, dtype=torch.int64).to(device) for c in columns)
-        launches.append(_Launch(tables, weight_dtype, grad_dtype, rows, block))
+        tasks = [(k, first) for k, i in enumerate(members) for first in range(0, units[i], rows)]
+        records = [(params[i].data_ptr(), params[i].grad.data_ptr(), params[i].numel() // units[i], units[i], slots[i])
+                   for i in members]
+        table = torch.tensor([v for record in tasks + records for v in record], dtype=torch.int64).to(device)
+        launches.append(_Launch(table, TASK * len(tasks), weight_dtype, grad_dtype, rows, block))
     return Plan(device, launches)
 
 
@@ -179,9 +178,9 @@ def clip_(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor
     """
     counts = torch.zeros(2, n_slots, dtype=torch.int32, device=plan.device)
     for launch in plan.launches:
-        _clip_units[(len(launch.tables[0]),)](
-            *launch.tables, counts[0], counts[1], float(clipping), float(eps), float(grad_norm_floor),
+        _clip_units[(launch.tensors_at // TASK,)](
+            launch.table, launch.tensors_at, counts, n_slots, float(clipping), float(eps), float(grad_norm_floor),
             WEIGHT=_TRITON_DTYPES[launch.weight_dtype], GRAD=_TRITON_DTYPES[launch.grad_dtype],
-            ROWS=launch.rows, BLOCK=launch.block,
+            ROWS=launch.rows, BLOCK=launch.block, TASK_FIELDS=TASK, TENSOR_FIELDS=TENSOR,
         )
     return counts
