@@ -24,9 +24,15 @@ __all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_
 # the paper's floor on ||G_u|| in Eq. (3)'s division, as DeepMind's code has it
 GRAD_NORM_FLOOR = 1e-6
 
+def is_single_unit(x: Tensor) -> bool:
+    """Whether `x` is one unit as a whole: its squeezed rank is <= 1 (DeepMind's and optax's rule), as for a
+    scalar, a bias, a gain vector, a gain stored as [O, 1, 1, 1] (timm's ScaledStdConv2d) or an [O, 1] matrix."""
+    return sum(size != 1 for size in x.shape) <= 1
+
+
 def num_units(x: Tensor) -> int:
-    """How many units `x` has: its dim-0 size when ndim >= 2, else one (the whole tensor)."""
-    return x.shape[0] if x.ndim >= 2 else 1
+    """How many units `x` has: one if `is_single_unit`, else its dim-0 size."""
+    return 1 if is_single_unit(x) else x.shape[0]
 
 
 def _unit_shape(x: Tensor) -> tuple[int, ...]:
@@ -42,20 +48,23 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 def _unit_norms(x: Tensor) -> Tensor:
     """Flat vector of the unit norms of `x`, one entry per unit."""
-    return torch.linalg.vector_norm(x.reshape(num_units(x), -1), dim=1, dtype=_norm_dtype(x.dtype))
+    units = num_units(x)
+    rows = x.reshape(units, x.numel() // units if units else 0)  # explicit sizes: -1 is ambiguous for empty tensors
+    return torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(x.dtype))
 
 
 def unitwise_norm(x: Tensor) -> Tensor:
     """Frobenius norm of each unit of `x`, ||W_u||_F (Sec. 4, "unit-wise ratios").
 
-    - ``x.ndim <= 1`` (a bias, a gain, a scalar): the whole tensor is one unit.
-    - ``x.ndim >= 2``: one norm per index of dim 0, taken over all other dims. That is one output
+    - A tensor whose squeezed rank is <= 1 is one unit as a whole, as in DeepMind's code and optax:
+      a scalar, a bias, a gain vector, a conv gain stored as ``[O, 1, 1, 1]``, an ``[O, 1]`` matrix.
+    - Otherwise, one norm per index of dim 0, taken over all other dims. That is one output
       row of a Linear ``[out, in]``; one filter of a Conv1d/2d/3d ``[out, in/groups, *kernel]``,
       grouped and depthwise convs included (a depthwise filter is its single ``[1, *kernel]``
       slice); one row of an Embedding-like table ``[num_embeddings, dim]``.
 
-    Returns a tensor that broadcasts against `x` (``[out, 1, ..., 1]``, ``[1]`` for vectors,
-    ``[]`` for scalars), in float32 for half-precision inputs.
+    Returns a tensor that broadcasts against `x` (``[out, 1, ..., 1]``, ``[1, ..., 1]`` for a
+    single unit, ``[]`` for scalars), in float32 for half-precision inputs.
     """
     return _unit_norms(x).reshape(_unit_shape(x))
 
@@ -110,10 +119,10 @@ def check_agc_arguments(clipping: float, eps: float) -> None:
 def _unit_norm_vector(tensors: list[Tensor]) -> Tensor:
     """The unit norms of `tensors`, in order, as one vector.
 
-    The single-unit tensors (ndim <= 1: gains, biases, scalars) must come first: they are normed
+    The single-unit tensors (`is_single_unit`: gains, biases, scalars) must come first: they are normed
     in one multi-tensor call; the others with one row-wise norm kernel each.
     """
-    singles = [t for t in tensors if t.ndim <= 1]
+    singles = [t for t in tensors if is_single_unit(t)]
     norms = []
     if singles:
         dtype = reduce(torch.promote_types, [t.dtype for t in singles], torch.float32)
@@ -137,7 +146,7 @@ def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tu
     the factors of all units from one computation, one `_foreach_mul_`. Returns the clipped and
     the non-finite unit counts of each parameter, in order, as 0-d int64 device tensors.
     """
-    order = sorted(range(len(params)), key=lambda i: params[i].ndim >= 2)  # single-unit tensors first
+    order = sorted(range(len(params)), key=lambda i: not is_single_unit(params[i]))  # single-unit tensors first
     grads = [params[i].grad for i in order]
     grad_norm = _unit_norm_vector(grads)
     factor = adaptive_clip_factor(_unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
@@ -205,6 +214,11 @@ def _dispatch(params: list[Tensor]) -> _Dispatch:
             raise ValueError(
                 f"adaptive_clip_grad_ needs dense gradients; parameter {i} of shape {tuple(params[i].shape)} has a "
                 "sparse one (e.g. nn.Embedding(sparse=True)): use sparse=False or exclude it"
+            )
+        if not (params[i].is_floating_point() and params[i].grad.is_floating_point()):
+            raise ValueError(
+                f"adaptive_clip_grad_ clips floating-point parameters; parameter {i} of shape {tuple(params[i].shape)} "
+                f"is {params[i].dtype} with a {params[i].grad.dtype} gradient: leave it out of the list"
             )
     devices = {params[i].grad.device for i in positions}
     if len(devices) > 1:

@@ -16,6 +16,7 @@ from .agc import adaptive_clip_grad_, check_agc_arguments
 from .clip_history import ClipHistory
 from .classifier import find_classifier, unwrap_model
 from .exclusion import Exclusion, SkipClassifier, check_skip_classifier, excluded_parameters
+from .fit_guard import in_fit
 from .per_sample import PerSampleClipper, check_examples_independent, loss_reduction
 
 __all__ = ["AGC", "ClipRate"]
@@ -136,8 +137,9 @@ class AGC(Callback):
         return [float(c) for c in self.clipping]
 
     def before_fit(self) -> None:
-        # fastai also calls before_fit for get_preds/predict/validate, which train nothing
-        if hasattr(self.learn, "gather_preds") or self.learn.opt is None:
+        # fastai also calls before_fit for get_preds/predict/validate, which train nothing (and must not
+        # get clip-rate columns)
+        if not in_fit(self.learn) or self.learn.opt is None:
             self.run = False
             return
         n_groups = len(self.learn.opt.param_lists)
@@ -237,12 +239,22 @@ class AGC(Callback):
                 stacklevel=2,
             )
 
-    def after_cancel_fit(self) -> None:
+    def _end_fit(self) -> None:
+        """Undo what the fit changed: the per-sample patches and the clip-rate columns."""
         self._stop_per_sample()
+        self.learn.metrics = [m for m in self.learn.metrics if not (isinstance(m, ClipRate) and m.agc is self)]
+        self._clip_metrics = []
+
+    def after_cancel_fit(self) -> None:
+        self._end_fit()
 
     def after_fit(self) -> None:
-        self._stop_per_sample()
-        self.learn.metrics = [m for m in self.learn.metrics if all(m is not own for own in self._clip_metrics)]
+        self._end_fit()
+
+    def end_interrupted_fit(self) -> None:
+        """The fit ended by an exception (Ctrl-C, an error in any callback): see `normfree.fit_guard`."""
+        self._end_fit()
+        self.run = True  # fastai resets it only in after_fit
 
     def plot(self, **kwargs):
         """Per-layer clip rate over the last fit (see `ClipHistory.plot`); returns the figure."""

@@ -37,7 +37,7 @@ class DeviceMixedPrecision(MixedPrecision):
     Same `order` as fastai's (10): it unscales the gradients, and skips steps that overflowed,
     before `AGC` (order 11) clips them. It is a `MixedPrecision`, so ``learn.to_fp32()`` removes
     it, and is reachable as ``learn.mixed_precision``. An interrupted batch (Ctrl-C inside the
-    forward pass) does not leave autocast switched on: `after_fit` leaves it.
+    forward pass, an error in a callback) does not leave autocast switched on.
     """
 
     def __init__(self, amp_mode: str | AMPMode = AMPMode.FP16, **kwargs):
@@ -72,6 +72,10 @@ class DeviceMixedPrecision(MixedPrecision):
             self.autocast.__exit__(None, None, None)
             self._autocasting = False
         super().after_fit()
+
+    def end_interrupted_fit(self) -> None:
+        """The fit ended by an exception inside a batch: leave autocast (see `normfree.fit_guard`)."""
+        self.after_fit()
 
 
 @patch

@@ -8,10 +8,15 @@ import math
 import torch
 
 
+def one_unit(t: torch.Tensor) -> bool:
+    """DeepMind's rule (nfnets' and optax's unitwise_norm): a tensor whose squeezed rank is <= 1 is one unit."""
+    return t.squeeze().ndim <= 1
+
+
 def units_of(t: torch.Tensor) -> list[torch.Tensor]:
-    """The units of `t`: the whole tensor when ndim <= 1, else each index of dim 0."""
+    """The units of `t`: the whole tensor when `one_unit`, else each index of dim 0."""
     t = t.detach().double()
-    return [t] if t.ndim <= 1 else [t[u] for u in range(t.shape[0])]
+    return [t] if one_unit(t) else [t[u] for u in range(t.shape[0])]
 
 
 def norm64(t: torch.Tensor) -> float:
@@ -26,7 +31,7 @@ def reference_agc(param: torch.Tensor, grad: torch.Tensor, clipping: float, eps:
     """(clipped float64 gradient, number of units clipped) for one parameter."""
     out = grad.detach().double().clone()
     clipped = 0
-    targets = [out] if out.ndim <= 1 else [out[u] for u in range(out.shape[0])]
+    targets = [out] if one_unit(out) else [out[u] for u in range(out.shape[0])]
     for w_u, g_u in zip(units_of(param), targets):
         max_norm = clipping * max(norm64(w_u), eps)
         g_norm = norm64(g_u)

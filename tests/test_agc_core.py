@@ -286,3 +286,30 @@ def test_paper_floor_on_the_gradient_norm_below_1e_6():
     p.grad = torch.tensor(5e-7)
     normfree.adaptive_clip_grad_(p, clipping=1e-4, eps=1e-3)  # threshold 1e-7 < ||G|| = 5e-7 < 1e-6
     assert p.grad.item() == pytest.approx(5e-7 * 1e-7 / 1e-6, rel=1e-6)
+
+
+def test_a_gain_stored_as_o111_is_one_unit_as_in_deepmind_and_optax():
+    """Weight ones(2,1,1,1), gradient [1, 0], lambda 0.5: ||W|| = sqrt(2), so the one unit's gradient norm 1 is
+    cut to 0.5 * sqrt(2) = 0.7071 (optax gives [0.707, 0]; clipping each element alone would give [0.5, 0])."""
+    gain = nn.Parameter(torch.ones(2, 1, 1, 1))
+    gain.grad = torch.tensor([1.0, 0.0]).view(2, 1, 1, 1)
+    stats = normfree.adaptive_clip_grad_(gain, clipping=0.5)
+    torch.testing.assert_close(gain.grad.flatten(), torch.tensor([math.sqrt(0.5), 0.0]))
+    assert stats.units.tolist() == [1] and stats.clipped.tolist() == [1]
+    assert normfree.unitwise_norm(gain).shape == (1, 1, 1, 1)
+    matrix = torch.ones(5, 1)  # an [O, 1] matrix is one unit too; [1, O] is one row anyway
+    torch.testing.assert_close(normfree.unitwise_norm(matrix), torch.full((1, 1), math.sqrt(5.0)))
+
+
+def test_zero_size_parameters_have_no_units_and_are_left_alone():
+    empty_rows, empty_units = nn.Parameter(torch.zeros(0, 3)), nn.Parameter(torch.zeros(3, 0))
+    empty_rows.grad, empty_units.grad = torch.zeros(0, 3), torch.zeros(3, 0)
+    stats = normfree.adaptive_clip_grad_([empty_rows, empty_units])
+    assert stats.units.tolist() == [0, 3] and stats.clipped.tolist() == [0, 0]
+
+
+def test_integer_tensors_are_refused_naming_the_parameter():
+    counts = torch.zeros(4, 3, dtype=torch.long)
+    counts.grad = torch.ones(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"parameter 1 of shape \(4, 3\) is torch.int64"):
+        normfree.adaptive_clip_grad_([nn.Parameter(torch.randn(2)), counts])

@@ -71,13 +71,11 @@ class InterruptInForward(Callback):
         raise KeyboardInterrupt
 
 
-def test_after_fit_leaves_autocast_when_an_interrupt_broke_off_the_forward_pass():
+def test_an_interrupt_inside_the_forward_pass_does_not_leave_autocast_on():
     learn = make_learner(tiny_model(), tiny_dls(), [InterruptInForward()]).to_mixed_precision("bf16")
     with pytest.raises(KeyboardInterrupt), learn.no_bar(), learn.no_logging():
         learn.fit(1)
     try:
-        assert torch.is_autocast_enabled("cpu")  # the hazard: autocast entered, never left
-        learn("after_fit")
-        assert not torch.is_autocast_enabled("cpu")
+        assert not torch.is_autocast_enabled("cpu")  # fastai skips after_fit here; normfree's fit guard does not
     finally:
         torch.set_autocast_enabled("cpu", False)
