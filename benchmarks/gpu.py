@@ -34,7 +34,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,10 +43,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_LINE = "benchmarks/gpu.py: skipped, no CUDA device"
 
-# Per-sample engine variants, each timed on every setting of section 3: a name and module-level settings
-# to apply while it runs, as {"dotted.module.path.ATTRIBUTE": value}; restored afterwards.
-# e.g. ("bmm", {"normfree.per_sample.layers.MATERIALISE": "bmm"})
-PER_SAMPLE_VARIANTS: list[tuple[str, dict]] = [("default", {})]
+# Per-sample engine variants, each timed on every setting of section 3: a name and the tuning knobs to set
+# while it runs (`normfree.per_sample.tuned(**knobs)`, see normfree/per_sample/tuning.py).
+PER_SAMPLE_VARIANTS: list[tuple[str, dict]] = [("default", {}), ("k x k convs by conv", {"kxk_weight_grads": "conv"})]
 
 CLIPPING, EPS = 0.01, 1e-3
 BUDGET_S = 285  # a section that would start later than this is skipped
@@ -245,22 +244,6 @@ def autocast(ctx: Context, precision: str):
     if precision == "bf16":
         return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-@contextmanager
-def module_settings(settings: dict):
-    """Set {"package.module.ATTRIBUTE": value} for the duration of the block, then restore."""
-    saved = []
-    try:
-        for dotted, value in settings.items():
-            module_name, attribute = dotted.rsplit(".", 1)
-            module = importlib.import_module(module_name)
-            saved.append((module, attribute, getattr(module, attribute)))  # AttributeError: a knob that does not exist
-            setattr(module, attribute, value)
-        yield
-    finally:
-        for module, attribute, value in reversed(saved):
-            setattr(module, attribute, value)
 
 
 @contextmanager
@@ -608,7 +591,7 @@ def profile_table(ctx: Context, run) -> str:
 
 def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[float, float]:
     """Per-sample engine against per-example autograd + float64 AGC per example, fp32 without TF32."""
-    from normfree.per_sample import PerSampleClipper
+    from normfree.per_sample import PerSampleClipper, tuned
 
     s = ctx.sizes
     model = make_model(s.check_arch, ctx)
@@ -625,7 +608,7 @@ def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[fl
                 total[k] += agc_reference([p], [grad])[0][0] if id(p) in clipped else grad.double()
         reference = [t / len(x) for t in total]
         model.zero_grad(set_to_none=True)
-        with module_settings(settings):
+        with tuned(**settings):
             clipper = PerSampleClipper(model, {id(p): CLIPPING for p in params if id(p) in clipped}, EPS)
             try:
                 clipper.grad_scale = torch.tensor(1.0 / len(x), device=ctx.device)
@@ -673,6 +656,8 @@ def section_per_sample(ctx: Context) -> dict:
 
 
 def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, PerSampleClipper) -> None:
+    from normfree.per_sample import tuned
+
     name, s = S3, ctx.sizes
     channels_last = setting.precision == "bf16"
     model = make_model(setting.arch, ctx, channels_last=channels_last)
@@ -690,7 +675,7 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
     for variant, settings in PER_SAMPLE_VARIANTS:
         label = setting.label + ("" if len(PER_SAMPLE_VARIANTS) == 1 and variant == "default" else f", {variant}")
         try:
-            with module_settings(settings):
+            with tuned(**settings):
                 clipper = PerSampleClipper(model, {id(p): CLIPPING for p in params}, EPS)
                 try:
                     run = per_sample_step(model, optimizer, x, y, clipper, setting.precision, ctx)

@@ -11,6 +11,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from agc_reference import reference_agc
 from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders
@@ -24,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 import normfree  # noqa: F401  (Learner.to_mixed_precision)
 from normfree import AGC, excluded_parameters
-from normfree.per_sample import PerSampleClipper
+from normfree.per_sample import PerSampleClipper, tuned
 
 LR = 0.5
 CLIPPING = 0.01
@@ -117,6 +119,11 @@ MODELS = {
     "plain conv + linear": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(inplace=True), nn.Flatten(),
                                                   nn.Linear(196, 7), nn.Tanh(), nn.Linear(7, 5)), image_batch),
     "embedding, conv1d, layernorm": (TokenModel, lambda: (torch.randint(0, 20, (6, 9)), torch.randint(0, 5, (6,)))),
+    # weights of squeezed rank 1, [6, 1, 1, 1] and [7, 1]: each one unit as a whole (DeepMind's rule)
+    "single-unit layer weights": (lambda: nn.Sequential(nn.Conv2d(1, 6, 1), nn.ReLU(), nn.Conv2d(6, 1, 3),
+                                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 7),
+                                                        nn.Tanh(), nn.Linear(7, 5)),
+                                  partial(image_batch, channels=1)),
 }
 
 
@@ -300,3 +307,97 @@ def test_a_callback_that_reshapes_the_loss_per_example_is_refused():
     x, y = image_batch()
     with pytest.raises(ValueError, match="not a multiple of the loss function's own gradient"):
         fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=6, cbs=[PenaliseConfidence()])
+
+
+# --- engine paths and tuning knobs ---------------------------------------------------------------
+class StdConvNet(nn.Module):
+    """timm ScaledStdConv2d layers with a gain (weight standardisation): 3x3, strided 1x1 and a grouped 3x3."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import ScaledStdConv2d
+        torch.manual_seed(0)
+        self.a = ScaledStdConv2d(3, 8, 3, padding=1, gain_init=1.0)
+        self.b = ScaledStdConv2d(8, 8, 1, stride=2, gain_init=0.8)
+        self.c = ScaledStdConv2d(8, 8, 3, padding=1, groups=2, gain_init=1.2)
+        self.fc = nn.Linear(8, 5)
+        for conv in (self.a, self.b, self.c):  # give each gain a spread of values with real gradients
+            nn.init.uniform_(conv.gain, 0.5, 1.5)
+
+    def forward(self, x):
+        h = F.gelu(self.c(F.gelu(self.b(F.gelu(self.a(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["conv", "bmm"])
+@pytest.mark.parametrize("name", ["nf_resnet (7x7 stem + pool, bottlenecks, ReLU)", "nfnet (SE, grouped, SAME, SkipInit, GELU)",
+                                  "embedding, conv1d, layernorm", "standardised convs with gains"])
+def test_kxk_methods_equal_a_loop_over_examples(name, method):
+    make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
+    model, (x, y) = make_model().train(), make_batch()
+    reference = per_example_reference(model, x, y, F.cross_entropy)
+    with tuned(kxk_weight_grads=method):
+        got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
+    assert relative_error(got, reference) < 1e-5
+    for n in reference:
+        assert (got[n] - reference[n]).norm() <= 1e-3 * reference[n].norm() + 1e-12, n
+    assert stats.fraction > 0
+
+
+def test_the_direct_clipped_sum_with_weight_standardisation_equals_the_loop():
+    """Materialised g_i of standardised convs with gains: the clipped sum is taken from g_i, then
+    standardisation's backward; the gains' per-example gradients come from the same sums."""
+    model, (x, y) = StdConvNet().train(), image_batch(n=5)
+    reference = per_example_reference(model, x, y, F.cross_entropy)
+    got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
+    for n in ("a.weight", "a.gain", "b.weight", "b.gain", "c.weight", "c.gain"):
+        assert (got[n] - reference[n]).norm() <= 1e-5 * reference[n].norm() + 1e-12, n
+    assert 0 < stats.fraction < 1
+
+
+@settings(max_examples=8, deadline=None)
+@given(budget=st.integers(1, 64 << 10), method=st.sampled_from(["conv", "bmm"]))
+def test_chunks_of_any_size_give_the_result_of_one_chunk(budget, method):
+    """A tiny scratch budget (many chunks, down to one example each) changes nothing but rounding."""
+    model, (x, y) = tiny_nfnet(), image_batch(n=7)
+    with tuned(cpu_scratch_bytes=1 << 40, kxk_weight_grads=method):
+        whole, _ = clipped_mean_gradient(model, x, y, F.cross_entropy)
+    with tuned(cpu_scratch_bytes=budget, kxk_weight_grads=method):
+        chunked, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
+    assert relative_error(chunked, whole) < 1e-6
+    assert int(stats.units.sum()) > 0
+
+
+def test_tuning_knobs_are_checked_and_restored():
+    from normfree.per_sample import TUNING
+    before = (TUNING.cpu_scratch_bytes, TUNING.cuda_scratch_bytes, TUNING.kxk_weight_grads)
+    with pytest.raises(TypeError, match="no tuning knob 'chunk'"), tuned(chunk=3):
+        pass
+    with tuned(kxk_weight_grads="im2col"), pytest.raises(ValueError, match="kxk_weight_grads must be one of"):
+        clipped_mean_gradient(tiny_nfnet(), *image_batch(), F.cross_entropy)
+    assert (TUNING.cpu_scratch_bytes, TUNING.cuda_scratch_bytes, TUNING.kxk_weight_grads) == before
+    assert TUNING.kxk_method(torch.device("cpu")) == "conv" and TUNING.kxk_method(torch.device("cuda")) == "bmm"
+
+
+@pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "standardised convs with gains"])
+def test_bfloat16_autocast_on_the_cpu_is_close_to_the_loop(name):
+    """Under bf16 autocast the per-example products run in bf16 (norms in float32): within bf16 precision
+    of the float64 loop over examples of the float32 model."""
+    make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
+    model, (x, y) = make_model().train(), make_batch()
+    reference = per_example_reference(model, x, y, F.cross_entropy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, stats = clipped_mean_gradient(model, x, y, lambda p, t: F.cross_entropy(p.float(), t))
+    assert relative_error(got, reference) < 2e-2
+    assert stats.fraction > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)))
+def test_patches_are_torchs_unfold(kernel, stride, padding, dilation):
+    from normfree.per_sample.layers import Layer
+    conv = nn.Conv2d(4, 6, kernel, stride, padding, dilation, groups=2)
+    x = torch.randn(3, 4, 9, 8)
+    expected = F.unfold(x, kernel, dilation, padding, stride)
+    assert torch.equal(Layer.of(conv).patches(x), expected.reshape(3, 2, -1, expected.shape[-1]))

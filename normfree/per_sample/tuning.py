@@ -1,0 +1,70 @@
+"""Tuning knobs of the per-sample engines: scratch budget and how k x k convolutions materialise g_i.
+
+One object, `TUNING`, read by the engines at every backward pass; a benchmark or a test changes
+its fields (or uses `tuned(...)`) to time or check the alternatives. No knob changes the
+result beyond floating-point rounding: they only trade memory, kernel count and kernel kind.
+
+- `cpu_scratch_bytes` / `cuda_scratch_bytes`: examples are processed in chunks whose scratch
+  tensors (patches, per-example gradients g_i or Gram matrices) take about this many bytes, so
+  memory stays bounded whatever the batch size. The CPU's is sized for its caches (16 MiB); a GPU
+  wants few large kernels, so its budget is large (256 MiB by default).
+- `cpu_pass_cost` / `cuda_pass_cost`: what one pass over an entry of a materialised g_i costs
+  (writing it, its norm, the clipped sum), in multiply-adds of a matmul, for the cost model that
+  chooses between materialising g_i and ghost norms (`layers.Layer.plan`). 4 on the CPU (measured
+  on nf_resnet26: 1 made its step 1.4 times slower); 100 on a GPU, whose matmuls are about that much
+  faster than its passes over memory, which favours ghost norms for layers with few positions.
+- `kxk_weight_grads`: how per-example gradients of k x k convolutions (k > 1) are materialised:
+  "conv", one weight-gradient convolution with the examples as groups (fastest on the CPU), or
+  "bmm", im2col patches (a strided view of the input, copied once) and a batched matmul delta_i @ U_i^T (cuDNN's grouped
+  weight-gradient kernel is slow). None: "conv" on the CPU, "bmm" elsewhere.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["TUNING", "Tuning", "tuned"]
+
+KXK_METHODS = ("conv", "bmm")
+
+
+@dataclass
+class Tuning:
+    cpu_scratch_bytes: int = 16 << 20
+    cuda_scratch_bytes: int = 256 << 20
+    cpu_pass_cost: float = 4.0
+    cuda_pass_cost: float = 100.0
+    kxk_weight_grads: str | None = None  # "conv", "bmm" or None (by device)
+
+    def scratch_bytes(self, device: torch.device) -> int:
+        return self.cpu_scratch_bytes if device.type == "cpu" else self.cuda_scratch_bytes
+
+    def pass_cost(self, device: torch.device) -> float:
+        return self.cpu_pass_cost if device.type == "cpu" else self.cuda_pass_cost
+
+    def kxk_method(self, device: torch.device) -> str:
+        method = self.kxk_weight_grads or ("conv" if device.type == "cpu" else "bmm")
+        if method not in KXK_METHODS:
+            raise ValueError(f"per-sample AGC: kxk_weight_grads must be one of {KXK_METHODS} or None, not {method!r}")
+        return method
+
+
+TUNING = Tuning()
+
+
+@contextmanager
+def tuned(**changes) -> Iterator[Tuning]:
+    """Within the block, `TUNING` has the given fields changed (e.g. `tuned(kxk_weight_grads="bmm")`)."""
+    before = {f.name: getattr(TUNING, f.name) for f in fields(TUNING)}
+    for name, value in changes.items():
+        if name not in before:
+            raise TypeError(f"no tuning knob {name!r}; knobs: {', '.join(before)}")
+        setattr(TUNING, name, value)
+    try:
+        yield TUNING
+    finally:
+        for name, value in before.items():
+            setattr(TUNING, name, value)
