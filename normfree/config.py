@@ -20,7 +20,7 @@ from fastai.torch_core import default_device
 
 from .agc import check_agc_arguments
 from .data_spec import DataSpec, parse_data_spec
-from .learner import _unknown_arch
+from .learner import unknown_arch_error as _unknown_arch
 from .optim import OPTIMIZERS
 from .precision import PRECISIONS
 from .small_resnets import is_small_normfree

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import random
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,9 +22,11 @@ from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.data.transforms import IndexSplitter, Normalize, get_image_files
+from fastai.torch_core import TensorImage
 from fastai.vision.augment import Resize
+from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock
-from fasttransform import ItemTransform
+from fasttransform import ItemTransform, Transform
 from torch.utils.data import TensorDataset
 
 __all__ = [
@@ -104,6 +108,60 @@ def _check_several_classes(labels: Sequence | torch.Tensor, source: object) -> N
     found = set(labels.tolist() if isinstance(labels, torch.Tensor) else labels)
     if len(found) < 2:
         raise ValueError(f"{source}: expected at least 2 classes, found {len(found)} ({sorted(map(str, found))})")
+
+
+def _class_labels(labels: np.ndarray, where: object) -> np.ndarray:
+    """Class labels as int64, refusing what is not a class number: non-numeric, NaN, fractional, negative."""
+    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+        raise ValueError(f"{where}: labels of type {labels.dtype} are not class numbers; expected whole numbers 0..C-1")
+    if np.issubdtype(labels.dtype, np.floating):
+        fractional = labels[labels != np.round(labels)]  # NaN is != itself: counted here too
+        if fractional.size:
+            raise ValueError(f"{where}: {fractional.size} label(s) are not whole numbers (e.g. {fractional.flat[0]}); "
+                             f"class labels must be 0..C-1. Round or map them to class numbers yourself, e.g. "
+                             f"np.unique(labels, return_inverse=True)")
+    labels = labels.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{where}: negative class label {labels.min()}; class labels must be 0..C-1")
+    return labels
+
+
+def _check_label_range(labels: Sequence[np.ndarray], source: object) -> int:
+    """The class count max label + 1, refused when more than half of the classes 0..max occur in no split:
+    labels such as 0, 1, 2 and 100000 are ids or a typo, not class numbers, and would build a
+    100001-class model in silence."""
+    present = np.unique(np.concatenate([np.asarray(y).ravel() for y in labels]))
+    classes = int(present.max()) + 1
+    if classes > 2 * len(present):
+        shown = ", ".join(map(str, present[:6])) + (", ..." if len(present) > 6 else "")
+        raise ValueError(f"{source}: labels go up to {classes - 1} (a {classes}-class model) but only {len(present)} "
+                         f"distinct labels occur ({shown}): class labels must be 0..C-1 with few gaps. Renumber "
+                         f"them, e.g. np.unique(labels, return_inverse=True)")
+    return classes
+
+
+def _warn_untrained_classes(train: Sequence, others: dict[str, Sequence], source: object,
+                            names: Sequence[str] | None = None) -> None:
+    """Warn when a class of another split (valid, test) has no training example: it is never predicted."""
+    trained = set(train.tolist() if hasattr(train, "tolist") else train)
+    for split, labels in others.items():
+        missing = sorted(set(labels.tolist() if hasattr(labels, "tolist") else labels) - trained)
+        if missing:
+            shown = [names[k] if names is not None else k for k in missing]
+            warnings.warn(f"{source}: class(es) {', '.join(map(str, shown))} of the {split} split have no training "
+                          f"image: the model never predicts them and scores 0 on their {split} images", stacklevel=4)
+
+
+def _check_finite_pixels(images: np.ndarray, where: object) -> None:
+    """Refuse NaN or infinite pixels (float images): they make the loss NaN."""
+    if not np.issubdtype(images.dtype, np.floating):
+        return
+    bad = ~np.isfinite(images)
+    if bad.any():
+        per_image = bad.reshape(len(images), -1).any(1)
+        raise ValueError(f"{where}: {int(bad.sum())} NaN or infinite pixel value(s) in {int(per_image.sum())} "
+                         f"image(s) (first: image {int(per_image.argmax())}); they would make the loss NaN. Fix or "
+                         f"drop those images (e.g. np.nan_to_num)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +356,10 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
     if raw[:2] != b"\0\0" or type_code not in _IDX_DTYPES or ndim == 0:
         raise ValueError(f"{path}: not an IDX file (magic number {magic:#010x})")
     if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+        wanted = _IDX_DTYPES.get((expected_magic >> 8) & 0xFF)
+        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic} (found "
+                         f"{np.dtype(_IDX_DTYPES[type_code]).name} data in {ndim} dim(s), expected "
+                         f"{np.dtype(wanted).name if wanted else '?'} in {expected_magic & 0xFF})")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, expected {header} for {ndim} dims)")
@@ -322,6 +383,7 @@ def _fashion_split(folder: Path, prefix: str, limit: int | None) -> tuple[torch.
         raise ValueError(f"{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels")
     if len(images) == 0:
         raise ValueError(f"{images_path}: no images")
+    # The magic numbers fix both files to uint8: labels are whole numbers >= 0 and pixels finite.
     if labels.max() >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"{labels_path}: label {labels.max()} found, expected 0..{len(FASHION_MNIST_CLASSES) - 1}")
     images, labels = images[:limit], labels[:limit]
@@ -345,15 +407,26 @@ def fashion_mnist_dataloaders(
     folder = _existing(path, "a folder with the Fashion-MNIST IDX .gz files")
     splits = [_fashion_split(folder, prefix, limit) for prefix in ("train", "t10k")]
     _check_several_classes(splits[0][1], folder / "train-labels-idx1-ubyte.gz")
+    _warn_untrained_classes(splits[0][1], {"t10k": splits[1][1]}, folder, FASHION_MNIST_CLASSES)
     dls = _tensor_dataloaders(splits, size, bs, seed, device, len(FASHION_MNIST_CLASSES))
     dls.vocab = list(FASHION_MNIST_CLASSES)
     return dls
 
 
+def _medmnist_array(data, key: str, source: Path, limit: int | None) -> np.ndarray:
+    try:
+        return data[key][:limit]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{source}: cannot read {key} ({error}): truncated or corrupt .npz?") from None
+
+
 def _medmnist_split(data, split: str, source: Path, limit: int | None) -> tuple[torch.Tensor, np.ndarray]:
-    images, labels = data[f"{split}_images"][:limit], data[f"{split}_labels"][:limit]
+    images = _medmnist_array(data, f"{split}_images", source, limit)
+    labels = _medmnist_array(data, f"{split}_labels", source, limit)
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
         raise ValueError(f"{source}: {split}_images has shape {images.shape}, expected [N, H, W] or [N, H, W, 3]")
+    if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
+        raise ValueError(f"{source}: {split}_images holds {images.dtype} values, expected numbers (uint8 pixels)")
     if labels.ndim == 1:
         labels = labels[:, None]
     if labels.ndim != 2:
@@ -362,9 +435,14 @@ def _medmnist_split(data, split: str, source: Path, limit: int | None) -> tuple[
         raise ValueError(f"{source}: {split} has {len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise ValueError(f"{source}: {split} split is empty")
+    _check_finite_pixels(images, f"{source}: {split}_images")
     pixels = torch.from_numpy(images)
     pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2).contiguous()
-    return pixels, labels
+    return pixels, _class_labels(labels, f"{source}: {split}_labels")
+
+
+# An .npz is a zip archive (numpy.savez); this is the start of every zip file with at least one member.
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def medmnist_dataloaders(
@@ -377,19 +455,33 @@ def medmnist_dataloaders(
 ) -> DataLoaders:
     """A MedMNIST ``.npz`` (keys ``{train,val,test}_{images,labels}``) as DataLoaders.
 
-    Images uint8 [N, H, W] (1 channel) or [N, H, W, 3] (RGB), resized to `size` px if given.
+    Images uint8 [N, H, W] (1 channel) or [N, H, W, 3] (RGB), resized to `size` px if given
+    (other numeric types are standardised the same way; NaN or infinite pixels are refused).
     Labels [N, 1] give integer targets (``dls.c`` = max label + 1); [N, K] with K > 1 are
     multi-label: float multi-hot targets, ``dls.c = K`` and ``dls.multi_label = True``.
+    Labels must be whole numbers (floats such as 0.5 are refused, 2.0 is class 2) and class
+    numbers 0..C-1: labels whose max + 1 is more than twice the number of distinct labels in
+    the file (more than half of the classes 0..max never occur, e.g. 0, 1, 2 and 100000) are
+    refused rather than building a mostly empty classifier. A class of the val or test split
+    with no training image is named in a warning (it would score 0).
     Train = train, valid = val; the test split is ``dls.test`` (also ``dls[2]``), so
     ``learn.validate(ds_idx=2)`` scores it. `seed` fixes the order of the training batches.
     `limit` keeps the first n images of each split for quick runs.
     """
     _check_args(bs)
     source = _existing(npz_path, "a MedMNIST .npz file")
+    if source.is_dir():
+        raise ValueError(f"{source}: a folder, expected a MedMNIST .npz file")
+    with open(source, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        found = "the file is empty" if not head else f"this file begins {head!r}"
+        raise ValueError(f"{source}: not an .npz archive (numpy.savez writes a zip file; {found}). Give the MedMNIST "
+                         f".npz file itself, e.g. as downloaded by the medmnist package")
     try:
         data = np.load(source, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{source}: not a readable .npz file ({error})") from error
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{source}: not a readable .npz archive ({error}): truncated or corrupt?") from None
     with data:
         missing = [key for key in _MEDMNIST_KEYS if key not in data.files]
         if missing:
@@ -403,16 +495,17 @@ def medmnist_dataloaders(
         raise ValueError(f"{source}: splits disagree on image shape {shapes} or label width {widths}")
     multi_label = widths.pop() > 1
     if multi_label:
-        if any(((labels != 0) & (labels != 1)).any() for _, labels in splits):
-            raise ValueError(f"{source}: multi-label labels must be 0/1")
+        for split, (_, labels) in zip(("train", "val", "test"), splits):
+            if ((labels != 0) & (labels != 1)).any():
+                raise ValueError(f"{source}: {split}_labels has {labels.shape[1]} columns (multi-label) but holds "
+                                 f"values other than 0 and 1 (e.g. {labels[(labels != 0) & (labels != 1)][0]})")
         targets = [torch.from_numpy(labels.astype(np.float32)) for _, labels in splits]
         c = splits[0][1].shape[1]
     else:
-        targets = [torch.from_numpy(labels[:, 0].astype(np.int64)) for _, labels in splits]
-        if min(int(t.min()) for t in targets) < 0:
-            raise ValueError(f"{source}: negative class labels")
+        targets = [torch.from_numpy(labels[:, 0]) for _, labels in splits]
         _check_several_classes(targets[0], f"{source} (train_labels)")
-        c = max(int(t.max()) for t in targets) + 1
+        c = _check_label_range([labels for _, labels in splits], source)
+        _warn_untrained_classes(targets[0], {"val": targets[1], "test": targets[2]}, source)
     dls = _tensor_dataloaders([(images, t) for (images, _), t in zip(splits, targets)], size, bs, seed, device, c)
     dls.multi_label = multi_label
     dls.test = dls[2]
@@ -423,22 +516,83 @@ def medmnist_dataloaders(
 # Image files (folders, CSV)
 
 
-def _readable_images(paths: Sequence[Path], on_bad_image: str, source: object) -> list[Path]:
-    """`paths` minus files PIL cannot open/verify (a header check; no full decode, to stay fast)."""
+# PIL modes deeper than 8 bits -> the value that maps to 1.0. fastai's ImageBlock opens every image as 8-bit
+# RGB, which clips 16-bit values (a 16-bit PNG comes out white) and truncates float ones (a 0-1 float TIFF
+# comes out black). These are read as float at full depth instead: 16-bit (and 32-bit integer) images on the
+# 16-bit scale, 0..65535 -> 0..1; float images as stored (float data has no fixed range; 0..1 is the usual
+# convention, and physical units such as CT's Hounsfield units are kept). Either way the per-channel
+# standardisation with the training images' mean and std brings them to mean 0, std 1, and one fixed scale
+# for all images keeps their intensities comparable, which a per-image min-max scaling would not.
+_DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1}
+
+
+def _non_finite(pixels: np.ndarray) -> str | None:
+    bad = int((~np.isfinite(pixels)).sum())
+    return f"{bad} of {pixels.size} pixels are NaN or infinite" if bad else None
+
+
+class _FullDepthImage(PILImage):
+    """`PILImage` that opens 16-bit, 32-bit integer and float images at full depth (see `_DEEP_MODES`) as a
+    float ``F`` image in the 0-255 units of fastai's pipeline (`IntToFloatTensor` then divides by 255);
+    8-bit images open as fastai opens them (RGB)."""
+
+    @classmethod
+    def create(cls, fn, **kwargs):
+        if isinstance(fn, (str, Path)):
+            from PIL import Image
+
+            with Image.open(fn) as image:
+                if image.mode in _DEEP_MODES:
+                    pixels = np.asarray(image, dtype=np.float32) * np.float32(255 / _DEEP_MODES[image.mode])
+                    problem = _non_finite(pixels)
+                    if problem:  # the builders skip such files; this is for images given later (predict)
+                        raise ValueError(f"{fn}: {problem}; fix or remove this image")
+                    return cls(Image.fromarray(pixels))
+        return super().create(fn, **kwargs)
+
+
+class _FloatRGB(Transform):
+    """Item transform after `ToTensor`: every image as float with 3 channels, so full-depth (1-channel
+    float) and 8-bit (RGB uint8) images can share a batch."""
+
+    order = 6
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        x = x.float()
+        return x.repeat(3, 1, 1) if x.shape[0] == 1 else x
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why PIL cannot use the image at `path`, or None: a header check (no full decode, to stay fast),
+    except for float images, decoded to look for NaN or infinite pixels."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            image.verify()
+        if mode == "F":
+            with Image.open(path) as image:
+                return _non_finite(np.asarray(image))
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ...) for bad files
+        return str(error) or type(error).__name__
+    return None
+
+
+def _readable_images(paths: Sequence[Path], on_bad_image: str, source: object) -> list[Path]:
+    """`paths` minus files PIL cannot open/verify and float images with NaN or infinite pixels."""
     good, bad = [], []
     for p in paths:
-        try:
-            with Image.open(p) as image:
-                image.verify()
+        problem = _image_problem(p)
+        if problem is None:
             good.append(p)
-        except Exception as error:  # PIL raises many types (OSError, SyntaxError, ...) for bad files
-            if on_bad_image == "error":
-                raise ValueError(f"{source}: unreadable or corrupt image {p} ({error})") from error
-            bad.append(p)
+        elif on_bad_image == "error":
+            raise ValueError(f"{source}: unreadable or corrupt image {p} ({problem})")
+        else:
+            bad.append((p, problem))
     if bad:
-        warnings.warn(f"{source}: skipped {len(bad)} unreadable or corrupt image(s), e.g. {bad[0]}", stacklevel=4)
+        warnings.warn(f"{source}: skipped {len(bad)} unreadable or corrupt image(s), e.g. {bad[0][0]} ({bad[0][1]})",
+                      stacklevel=4)
     return good
 
 
@@ -483,13 +637,15 @@ def _image_dataloaders(
         train = [i for i, p in enumerate(paths) if not valid_of[p]]
         if not train or not valid:
             raise ValueError(f"{source}: the {'train' if not train else 'valid'} split has no readable images")
+    _warn_untrained_classes([label_of[paths[i]] for i in train], {"valid": [label_of[paths[i]] for i in valid]},
+                            source)
 
     def dataloaders(batch_tfms: list) -> DataLoaders:
         block = DataBlock(
-            blocks=(ImageBlock, CategoryBlock(vocab=vocab)),
+            blocks=(ImageBlock(_FullDepthImage), CategoryBlock(vocab=vocab)),
             get_y=_LabelOf(label_of),
             splitter=IndexSplitter(valid),
-            item_tfms=Resize(size),
+            item_tfms=[Resize(size), _FloatRGB()],
             batch_tfms=batch_tfms,
         )
         return _seeded_shuffle(block.dataloaders(paths, bs=bs, device=device), seed)
@@ -529,9 +685,12 @@ def image_folder_dataloaders(
     ``path/valid/<class>/...`` (then `valid_pct` is unused).
 
     Images are opened as RGB and resized to `size` px (`Resize`: crop to square, centre crop on
-    valid). Normalize uses per-channel stats computed on (up to 1024 of) the training images,
-    not ImageNet's. Unreadable/corrupt files are skipped with a warning (``on_bad_image="skip"``)
-    or raise ValueError (``"error"``). `seed` picks the random split and the training order.
+    valid); 16-bit and float images (PIL modes I;16, I, F) at full depth, see `_DEEP_MODES`.
+    Normalize uses per-channel stats computed on (up to 1024 of) the training images,
+    not ImageNet's. Unreadable/corrupt files, and float images with NaN or infinite pixels, are
+    skipped with a warning (``on_bad_image="skip"``) or raise ValueError (``"error"``). A valid
+    class with no training image is named in a warning. `seed` picks the random split and the
+    training order.
     """
     _check_args(bs, valid_pct)
     _check_bad_image_mode(on_bad_image)

@@ -29,7 +29,7 @@ from .classifier import classifier_init_std, find_classifier, init_classifier_
 from .data import _StandardiseImages
 from .weights import load_weights
 
-__all__ = ["nf_learner", "build_model", "normalizer_free_archs", "body_head_splitter"]
+__all__ = ["nf_learner", "build_model", "normalizer_free_archs", "body_head_splitter", "unknown_arch_error"]
 
 _NF_PREFIXES = ("nfnet_", "dm_nfnet_", "eca_nfnet_", "nf_regnet_", "nf_resnet", "nf_seresnet", "nf_ecaresnet",
                 "test_nfnet")
@@ -40,17 +40,43 @@ def normalizer_free_archs() -> list[str]:
     return [name for name in timm.list_models() if name.startswith(_NF_PREFIXES)]
 
 
-def _unknown_arch(arch: str) -> ValueError:
+def _name_key(name: str) -> str:
+    """A name as compared for suggestions: case and separators ignored (``ResNet-18`` ~ ``resnet18``)."""
+    return "".join(ch for ch in name.lower() if ch not in "-_ .")
+
+
+def _close_names(arch: str, names: list[str], n: int) -> list[str]:
+    by_key: dict[str, list[str]] = {}
+    for name in names:
+        by_key.setdefault(_name_key(name), []).append(name)
+    close = difflib.get_close_matches(_name_key(arch), list(by_key), n=n, cutoff=0.6)
+    return [name for key in close for name in by_key[key]][:n]
+
+
+def unknown_arch_error(arch: str) -> ValueError:
+    """The error for an architecture name timm does not know, suggesting names from all of timm's:
+    the same name written with other separators or case first (``resnet-18`` -> ``resnet18``), then
+    close normalizer-free names, then other close names."""
     nf = normalizer_free_archs()
-    close = difflib.get_close_matches(arch, nf, n=6, cutoff=0.5) or difflib.get_close_matches(
-        arch, timm.list_models(), n=6, cutoff=0.6)
-    hint = f"close names: {', '.join(close)}" if close else f"normalizer-free names include: {', '.join(nf[:8])}, ..."
-    return ValueError(f"unknown arch {arch!r}; {hint} (normfree.normalizer_free_archs() lists them all)")
+    nf_set = set(nf)
+    everything = timm.list_models()
+    same = [name for name in everything if _name_key(name) == _name_key(arch)]
+    close = [name for name in _close_names(arch, nf, 4) + _close_names(arch, [m for m in everything
+                                                                                if m not in nf_set], 4)
+             if name not in same]
+    if same:
+        hint = f"did you mean {', '.join(same)}?" + (f" Other close names: {', '.join(close)}" if close else "")
+    elif close:
+        hint = f"close names: {', '.join(close)}"
+    else:
+        hint = f"normalizer-free names include: {', '.join(nf[:8])}, ..."
+    return ValueError(f"unknown arch {arch!r}; {hint} (normfree.normalizer_free_archs() lists the normalizer-free "
+                      f"names, timm.list_models() all)")
 
 
 def _timm_model(arch: str, n_out: int, n_in: int, pretrained: bool, drop_rate: float, model_kwargs: dict) -> nn.Module:
     if arch not in timm.list_models():
-        raise _unknown_arch(arch)
+        raise unknown_arch_error(arch)
     kwargs = dict(num_classes=n_out, in_chans=n_in, drop_rate=drop_rate, **model_kwargs)
     if not pretrained:
         return timm.create_model(arch, **kwargs)

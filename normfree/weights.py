@@ -9,6 +9,7 @@ Accepted files:
 """
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -43,15 +44,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
     if path.suffix not in _STATE_DICT_SUFFIXES:
         raise ValueError(f"weights file {path.name!r}: expected one of {', '.join(_STATE_DICT_SUFFIXES)}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            arch = (f.metadata() or {}).get("normfree_arch") or None
-            return {k: f.get_tensor(k) for k in f.keys()}, arch
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=path.suffix != ".pkl")
-    except Exception as error:  # a pickle of arbitrary objects, a truncated file...
-        raise ValueError(f"weights file {str(path)!r} is not a readable state dict: {error}") from None
+        return _read_safetensors(path)
+    content = _torch_load(path)
     if isinstance(getattr(content, "model", None), nn.Module):  # learn.export()
         content = content.model.state_dict()
     if isinstance(content, dict) and isinstance(content.get("model"), dict):  # fastai learn.save()
@@ -59,6 +53,49 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
     if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
         raise ValueError(f"weights file {str(path)!r} holds a {type(content).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in content.items()}, None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], str | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            arch = (f.metadata() or {}).get("normfree_arch") or None
+            return {k: f.get_tensor(k) for k in f.keys()}, arch
+    except SafetensorError as error:  # a text file, a truncated download, another format renamed...
+        raise ValueError(f"weights file {str(path)!r} is not a readable safetensors file ({error}): truncated or "
+                         f"corrupt? Download or save it again (normfree.save_weights writes one), or give the "
+                         f"file its own suffix (.pth for torch.save)") from None
+
+
+# torch.save writes a zip archive (since torch 1.6) or, in the legacy format, a pickle (first byte 0x80).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load with normfree's own messages: a file torch.save did not write is named as such, and the
+    advice torch gives for files it refuses (``weights_only=False``, unsafe) is not passed on."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_MAGIC):
+        found = "the file is empty" if not head else f"this file begins {head!r}"
+        raise ValueError(f"weights file {str(path)!r} is not a PyTorch checkpoint (torch.save writes a zip archive "
+                         f"or a pickle; {found}): point to a file written by torch.save, learn.save, learn.export or "
+                         f"normfree.save_weights")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=path.suffix != ".pkl")
+    except pickle.UnpicklingError as error:
+        if "weights_only" not in str(error):
+            raise ValueError(f"weights file {str(path)!r} is not a readable PyTorch checkpoint ({error}): truncated "
+                             f"or corrupt?") from None
+        raise ValueError(f"weights file {str(path)!r} holds Python objects other than tensors, which normfree does "
+                         f"not unpickle (that could run code from the file). Save the weights alone: "
+                         f"torch.save(model.state_dict(), ...) or normfree.save_weights(model, 'w.safetensors'); "
+                         f"a learn.export() file of your own is read as .pkl") from None
+    except Exception as error:  # a truncated zip, a broken pickle stream...
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"weights file {str(path)!r} is not a readable PyTorch checkpoint ({reason}): truncated or "
+                         f"corrupt? Save or download it again") from None
 
 
 def _names_of(model: nn.Module, module: nn.Module) -> list[str]:

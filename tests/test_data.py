@@ -4,6 +4,7 @@ import gzip
 import numpy as np
 import pytest
 import torch
+from fastai.data.transforms import Normalize
 from PIL import Image
 
 from normfree.data import (
@@ -381,3 +382,254 @@ def test_csv_bad_inputs(tmp_path):
     blank.write_text("path,label\npics/0.png,\npics/1.png,b\n")
     with pytest.raises(ValueError, match="blank.csv: row 2 has an empty"):
         csv_dataloaders(blank)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data read right: full-depth images, class labels, pixels, archives
+
+
+def undo_normalize(dls, x):
+    """Batch `x` in the 0-1 units the images were read in, before the per-channel standardisation."""
+    (norm,) = [t for t in dls.after_batch.fs if isinstance(t, Normalize)]
+    return x * norm.std + norm.mean
+
+
+def write_deep_folder(root, make, suffix, per_class=3):
+    """Class folders a/ and b/ of images `make(class index, image index)` (a 2-D numpy array)."""
+    written = {}
+    for k, cls in enumerate("ab"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = make(k, i)
+            path = root / cls / f"{i}{suffix}"
+            Image.fromarray(pixels).save(path)
+            written[path] = pixels
+    return written
+
+
+def read_back(dls, paths):
+    """The 0-1 images the loaders yield for `paths` (in order), one channel."""
+    (x,) = dls.test_dl(paths, bs=len(paths)).one_batch()
+    x = undo_normalize(dls, x)
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # gray copied to RGB
+    return x[:, 0]
+
+
+def test_16_bit_pngs_are_read_at_full_depth(tmp_path):
+    rng = np.random.default_rng(0)
+    written = write_deep_folder(tmp_path / "png16", lambda k, i: rng.integers(0, 65536, (8, 8), dtype=np.uint16),
+                                ".png")
+    assert Image.open(next(iter(written))).mode == "I;16"
+    dls = image_folder_dataloaders(tmp_path / "png16", bs=4, size=8, valid_pct=0.34)
+    got = read_back(dls, list(written))
+    expected = torch.tensor(np.stack(list(written.values())) / 65535, dtype=torch.float32)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)  # 8-bit would be 2e-3 off; clipping, 1.0
+    assert got.std() > 0.2  # spread over 0-1, not saturated to white
+
+
+def test_16_bit_steps_of_one_survive(tmp_path):
+    # 12-bit data in 16-bit files (CT, X-ray): values 1000..1003 must stay four distinct levels
+    written = write_deep_folder(tmp_path / "ct", lambda k, i: np.full((6, 6), 1000 + 2 * k + i % 2, np.uint16), ".png",
+                                per_class=2)
+    dls = image_folder_dataloaders(tmp_path / "ct", bs=2, size=6, valid_pct=0.25)
+    levels = read_back(dls, list(written)).mean((1, 2)) * 65535
+    torch.testing.assert_close(levels, torch.tensor([1000.0, 1001, 1002, 1003]), atol=1e-2, rtol=0)
+
+
+def test_float_tiffs_keep_their_values(tmp_path):
+    rng = np.random.default_rng(1)
+    written = write_deep_folder(tmp_path / "tif", lambda k, i: rng.random((8, 8), dtype=np.float32) * (k + 1), ".tif")
+    assert Image.open(next(iter(written))).mode == "F"
+    dls = image_folder_dataloaders(tmp_path / "tif", bs=4, size=8, valid_pct=0.34)
+    got = read_back(dls, list(written))
+    torch.testing.assert_close(got, torch.tensor(np.stack(list(written.values()))), atol=1e-5, rtol=1e-5)
+    assert got.std() > 0.2  # not black
+    x, _ = dls.one_batch()
+    assert abs(x.mean()) < 0.5 and 0.5 < x.std() < 1.5  # standardised like any other image
+
+
+def test_8_bit_16_bit_and_float_images_share_a_batch(tmp_path):
+    root = write_folder(tmp_path / "mixed", per_class=2)  # 8-bit RGB and gray
+    deep = write_deep_folder(root, lambda k, i: np.full((10, 10), 30000 * k, np.uint16), ".png")
+    deep.update(write_deep_folder(root, lambda k, i: np.full((10, 10), 0.5, np.float32), ".tif"))
+    dls = image_folder_dataloaders(root, bs=4, size=8, valid_pct=0.2)
+    eight_bit = sorted(root.glob("*/*.png"))
+    eight_bit = [p for p in eight_bit if p not in deep]
+    paths = eight_bit + list(deep)
+    (x,) = dls.test_dl(paths, bs=len(paths)).one_batch()  # every kind in one batch
+    x = undo_normalize(dls, x)
+    assert x.shape == (len(paths), 3, 8, 8) and x.dtype == torch.float32
+    rgb = np.asarray(Image.open(eight_bit[0]).convert("RGB").resize((8, 8), Image.BILINEAR)) / 255
+    rgb = torch.tensor(rgb, dtype=torch.float32)
+    torch.testing.assert_close(x[0], rgb.permute(2, 0, 1), atol=1e-5, rtol=0)  # 8-bit images as before
+    levels = x[len(eight_bit):].mean((1, 2, 3))
+    expected = torch.tensor([pixels.mean() / (65535 if pixels.dtype == np.uint16 else 1) for pixels in deep.values()],
+                            dtype=torch.float32)
+    torch.testing.assert_close(levels, expected, atol=1e-5, rtol=0)
+
+
+def test_float_tiff_with_nan_pixels_is_skipped_or_refused(tmp_path):
+    root = tmp_path / "nan"
+    write_deep_folder(root, lambda k, i: np.ones((6, 6), np.float32) * k, ".tif")
+    bad = root / "a" / "1.tif"
+    pixels = np.zeros((6, 6), np.float32)
+    pixels[2, :3] = np.nan
+    pixels[4, 4] = np.inf
+    Image.fromarray(pixels).save(bad)
+    with pytest.warns(UserWarning, match=rf"skipped 1 unreadable or corrupt image\(s\), e.g. {bad} \(4 of 36 "
+                                         rf"pixels are NaN or infinite\)"):
+        dls = image_folder_dataloaders(root, bs=2, size=6, valid_pct=0.4)
+    assert bad not in list(dls.train.items) + list(dls.valid.items)
+    with pytest.raises(ValueError, match=rf"corrupt image {bad} \(4 of 36 pixels are NaN or infinite\)"):
+        image_folder_dataloaders(root, bs=2, size=6, on_bad_image="error")
+    with pytest.raises(ValueError, match=rf"{bad}: 4 of 36 pixels are NaN or infinite; fix or remove this image"):
+        dls.test_dl([bad]).one_batch()  # a file given later, as learn.predict would
+
+
+def test_a_valid_class_without_training_images_is_named(tmp_path):
+    root = write_folder(tmp_path / "imgs", per_class=2, layout="train")
+    write_folder(root, classes=("cat", "dog", "fox"), per_class=1, layout="valid")
+    with pytest.warns(UserWarning, match=r"imgs: class\(es\) fox of the valid split have no training image"):
+        dls = image_folder_dataloaders(root, bs=2, size=8)
+    assert list(dls.vocab) == ["cat", "dog", "fox"]
+
+
+def npz_labels(*values):
+    return np.array(values)[:, None]
+
+
+def test_npz_labels_far_beyond_the_classes_present_are_refused(tmp_path):
+    train = npz_labels(*([0, 1, 2] * 9), 100000, 0, 1)
+    path = write_npz(tmp_path / "ids.npz", train_labels=train)
+    with pytest.raises(ValueError, match=r"ids.npz: labels go up to 100000 \(a 100001-class model\) but only 4 "
+                                         r"distinct labels occur \(0, 1, 2, 100000\).*0\.\.C-1.*np.unique"):
+        medmnist_dataloaders(path)
+    # a few gaps are fine: labels 0, 1, 3 make a 4-class model (class 2 is never seen)
+    gaps = npz_labels(*[0, 1, 3] * 10)
+    dls = medmnist_dataloaders(write_npz(tmp_path / "gaps.npz", train_labels=gaps, val_labels=gaps[:10],
+                                         test_labels=gaps[:8]), bs=8)
+    assert dls.c == 4
+
+
+def test_npz_non_integer_labels_are_refused(tmp_path):
+    halves = npz_labels(*[0.5, 1.5, 2.0] * 10)
+    path = write_npz(tmp_path / "halves.npz", train_labels=halves)
+    with pytest.raises(ValueError, match=r"halves.npz: train_labels: 20 label\(s\) are not whole numbers \(e.g. 0.5\)"):
+        medmnist_dataloaders(path)
+    path = write_npz(tmp_path / "nan.npz", val_labels=npz_labels(*[0.0, np.nan] * 5))
+    with pytest.raises(ValueError, match=r"nan.npz: val_labels: 5 label\(s\) are not whole numbers \(e.g. nan\)"):
+        medmnist_dataloaders(path)
+    path = write_npz(tmp_path / "text.npz", test_labels=npz_labels(*"abcdefgh"))
+    with pytest.raises(ValueError, match=r"text.npz: test_labels: labels of type <U1 are not class numbers"):
+        medmnist_dataloaders(path)
+    path = write_npz(tmp_path / "multi.npz", label_width=3, val_labels=np.full((10, 3), 0.5))
+    with pytest.raises(ValueError, match=r"multi.npz: val_labels: 30 label\(s\) are not whole numbers"):
+        medmnist_dataloaders(path)
+    path = write_npz(tmp_path / "multi2.npz", label_width=3, val_labels=np.full((10, 3), 2))
+    with pytest.raises(ValueError, match=r"multi2.npz: val_labels has 3 columns \(multi-label\) but holds values other "
+                                         r"than 0 and 1 \(e.g. 2\)"):
+        medmnist_dataloaders(path)
+    path = write_npz(tmp_path / "negative.npz", train_labels=npz_labels(*[0, 1, -1] * 10))
+    with pytest.raises(ValueError, match=r"negative.npz: train_labels: negative class label -1"):
+        medmnist_dataloaders(path)
+    # whole numbers stored as floats are class numbers
+    whole = npz_labels(*[0.0, 1.0, 2.0] * 10)
+    dls = medmnist_dataloaders(write_npz(tmp_path / "whole.npz", train_labels=whole), bs=8)
+    assert dls.c == 3 and dls.one_batch()[1].dtype == torch.int64
+
+
+def test_npz_that_is_not_an_archive_says_so(tmp_path):
+    for name, payload, found in (("text.npz", b"hello", "this file begins b'hell'"),
+                                 ("empty.npz", b"", "the file is empty")):
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(ValueError, match=rf"{name}: not an .npz archive \(numpy.savez writes a zip file; {found}") \
+                as error:
+            medmnist_dataloaders(tmp_path / name)
+        assert "pickle" not in str(error.value)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    with pytest.raises(ValueError, match=r"array.npz: not an .npz archive .*begins b'\\x93NUM'"):
+        medmnist_dataloaders(tmp_path / "array.npz")
+    whole = write_npz(tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut.npz: not a readable .npz archive .*truncated or corrupt"):
+        medmnist_dataloaders(tmp_path / "cut.npz")
+    damaged = bytearray(whole)
+    start = whole.index(b"train_images.npy") + 200  # inside that member's data (stored uncompressed)
+    damaged[start : start + 50] = bytes(50)
+    (tmp_path / "damaged.npz").write_bytes(damaged)
+    with pytest.raises(ValueError, match=r"damaged.npz: cannot read train_images \(Bad CRC-32.*truncated or corrupt"):
+        medmnist_dataloaders(tmp_path / "damaged.npz")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_npz_nan_or_infinite_pixels_are_refused(tmp_path, bad):
+    images = np.random.default_rng(0).random((10, 12, 12), dtype=np.float32)
+    images[3, 0, :2] = bad
+    images[7, 5, 5] = bad
+    path = write_npz(tmp_path / "pixels.npz", val_images=images)
+    with pytest.raises(ValueError, match=r"pixels.npz: val_images: 3 NaN or infinite pixel value\(s\) in 2 image\(s\) "
+                                         r"\(first: image 3\)"):
+        medmnist_dataloaders(path)
+    # float pixels without NaN are standardised like uint8 ones
+    images[np.isinf(images) | np.isnan(images)] = 0.5
+    dls = medmnist_dataloaders(write_npz(tmp_path / "float.npz", val_images=images), bs=8)
+    assert torch.isfinite(all_train_images(dls)).all() and torch.isfinite(dls.valid.one_batch()[0]).all()
+
+
+def test_npz_class_missing_from_training_is_named(tmp_path):
+    path = write_npz(tmp_path / "unseen.npz", val_labels=npz_labels(*[0, 1, 2, 3] * 2, 3, 3))
+    with pytest.warns(UserWarning, match=r"unseen.npz: class\(es\) 3 of the val split have no training image"):
+        dls = medmnist_dataloaders(path, bs=8)
+    assert dls.c == 4
+
+
+def write_idx_typed(path, array, type_code):
+    """`array` as a gzipped IDX file of the given type (0x09 int8, 0x0D float32, ...)."""
+    dtype = {0x09: ">i1", 0x0D: ">f4"}[type_code]
+    array = np.asarray(array, dtype=dtype)
+    header = bytes([0, 0, type_code, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.tobytes()))
+    return path
+
+
+def test_fashion_mnist_labels_and_pixels_other_than_uint8_are_refused(tmp_path):
+    # The IDX magic number says the type: Fashion-MNIST's files are uint8, so float labels (0.5), negative
+    # int8 labels and float pixels (NaN) are refused by type, saying which type was found.
+    for name, prefix, array, code, found in (
+        ("halves", "train-labels-idx1", np.arange(40) % 10 + 0.5, 0x0D,
+         "float32 data in 1 dim\\(s\\), expected uint8 in 1"),
+        ("negative", "t10k-labels-idx1", np.arange(20) % 10 - 1, 0x09,
+         "int8 data in 1 dim\\(s\\), expected uint8 in 1"),
+        ("nan", "train-images-idx3", np.full((40, 28, 28), np.nan), 0x0D,
+         "float32 data in 3 dim\\(s\\), expected uint8 in 3"),
+    ):
+        folder = write_fashion(tmp_path / name)
+        path = write_idx_typed(folder / f"{prefix}-ubyte.gz", array, code)
+        with pytest.raises(ValueError, match=rf"{path}: IDX magic number \d+, expected 20\d\d \(found {found}\)"):
+            fashion_mnist_dataloaders(folder)
+
+
+def test_fashion_mnist_class_missing_from_training_is_named(tmp_path):
+    folder = write_fashion(tmp_path / "unseen")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(40) % 9)  # no "Ankle boot" (9) in training
+    with pytest.warns(UserWarning, match=r"unseen: class\(es\) Ankle boot of the t10k split have no training image"):
+        fashion_mnist_dataloaders(folder, bs=8)
+
+
+@pytest.mark.filterwarnings("ignore:load_learner")
+def test_full_depth_loaders_export_and_predict(tmp_path):
+    from fastai.learner import load_learner
+
+    from normfree import nf_learner
+
+    rng = np.random.default_rng(2)
+    written = write_deep_folder(tmp_path / "png16", lambda k, i: rng.integers(0, 65536, (8, 8), dtype=np.uint16),
+                                ".png")
+    learn = nf_learner(image_folder_dataloaders(tmp_path / "png16", bs=2, size=8, valid_pct=0.34), "test_nfnet")
+    learn.export(tmp_path / "learner.pkl")
+    loaded = load_learner(tmp_path / "learner.pkl")
+    image = next(iter(written))
+    with learn.no_bar(), loaded.no_bar():
+        expected, actual = learn.predict(image)[2], loaded.predict(image)[2]
+    torch.testing.assert_close(actual, expected)

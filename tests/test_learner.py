@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 import normfree
 from test_data import write_npz
 from normfree import AGC, build_model, nf_learner, normalizer_free_archs, save_weights, write_digits_image_folder
+from normfree.learner import unknown_arch_error
 
 NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 PAPER_PARAMS_M = {"nfnet_f0": 71.5, "nfnet_f1": 132.6, "nfnet_f2": 193.8, "nfnet_f3": 254.9,
@@ -114,6 +115,23 @@ def test_weights_bring_input_normalisation_from_the_timm_config(tmp_path):
 def test_unknown_arch_lists_close_normalizer_free_names():
     with pytest.raises(ValueError, match=r"unknown arch 'nfnet_f9'; close names: nfnet_f\d"):
         nf_learner(image_dls(), "nfnet_f9")
+
+
+@pytest.mark.parametrize("typed, meant", [("resnet-18", "resnet18"), ("NFNET-F0", "nfnet_f0"),
+                                          ("nf-resnet-50", "nf_resnet50"), ("ResNet50", "resnet50")])
+def test_unknown_arch_suggests_the_timm_name_written_otherwise(typed, meant):
+    with pytest.raises(ValueError, match=rf"unknown arch '{typed}'; did you mean {meant}\? "
+                                         rf"Other close names: (dm_)?nf"):
+        nf_learner(image_dls(), typed)
+
+
+def test_unknown_arch_suggestions_put_normalizer_free_names_first():
+    message = str(unknown_arch_error("resnet-18"))
+    names = message.split("Other close names: ")[1].split(" (")[0].split(", ")
+    nf = set(normalizer_free_archs())
+    assert "resnet18d" in names and names[0] in nf
+    assert [name in nf for name in names] == sorted((name in nf for name in names), reverse=True)  # NF, then others
+    assert "timm.list_models() all" in message
 
 
 def test_n_out_mismatch_and_missing_class_count():

@@ -1,4 +1,6 @@
 """Local weight files: round trips, head re-creation, channel adaptation, and errors that name what disagrees."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -114,8 +116,43 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"expected one of \.safetensors, \.pth, \.pt, \.bin, \.pkl"):
         load_weights(timm.create_model("test_nfnet"), tmp_path / "w.txt")
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="is not a readable state dict"):
+    with pytest.raises(ValueError, match="broken.pth' is not a PyTorch checkpoint") as error:
         load_weights(timm.create_model("test_nfnet"), tmp_path / "broken.pth")
+    assert "weights_only" not in str(error.value)
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="holds a list, not a state dict"):
         load_weights(timm.create_model("test_nfnet"), tmp_path / "list.pth")
+
+
+def test_files_that_are_not_safetensors_or_checkpoints_get_a_one_line_error(tmp_path):
+    model = timm.create_model("test_nfnet")
+    whole = save_weights(model, tmp_path / "whole.safetensors").read_bytes()
+    cases = {
+        "text.safetensors": b"hello, a text file\n",  # safetensors: "header too large"
+        "tiny.safetensors": b"hi",  # "header too small"
+        "truncated.safetensors": whole[: len(whole) // 2],  # "file not fully covered"
+    }
+    for name, payload in cases.items():
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(ValueError, match=rf"'.*{name}' is not a readable safetensors file .*truncated or corrupt"):
+            load_weights(model, tmp_path / name)
+
+    (tmp_path / "notes.pth").write_text("my notes\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, found in (("notes.pth", "begins b'my n'"), ("empty.pt", "the file is empty")):
+        with pytest.raises(ValueError, match=rf"'.*{name}' is not a PyTorch checkpoint .*{found}\): point to a file "
+                                             rf"written by torch.save") as error:
+            load_weights(model, tmp_path / name)
+        assert "weights_only" not in str(error.value)
+
+    checkpoint = tmp_path / "full.pth"
+    torch.save(model.state_dict(), checkpoint)
+    (tmp_path / "cut.pth").write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"'.*cut.pth' is not a readable PyTorch checkpoint .*truncated or corrupt"):
+        load_weights(model, tmp_path / "cut.pth")
+
+    torch.save({"model": model.state_dict(), "maker": Path}, tmp_path / "objects.pth")  # a class: not weights-only
+    with pytest.raises(ValueError, match=r"'.*objects.pth' holds Python objects other than tensors.*state_dict\(\)") \
+            as error:
+        load_weights(model, tmp_path / "objects.pth")
+    assert "weights_only=False" not in str(error.value)
