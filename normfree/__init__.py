@@ -1,6 +1,8 @@
 """normfree: Normalizer-Free Networks and Adaptive Gradient Clipping for fastai."""
 import warnings
 
+from . import startup  # noqa: F401  (first: Ctrl-C while the normfree command starts is one line)
+
 # fastai 2.8 decorates a layer with torch.jit.script at import time, which torch now deprecates: a
 # warning on every start of the `normfree` command that no user can act on.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)

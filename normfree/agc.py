@@ -108,11 +108,12 @@ class ClipStats:
 
 def check_agc_arguments(clipping: float, eps: float) -> None:
     """Raise ValueError naming the argument when `clipping` or `eps` is out of range."""
-    if not isinstance(clipping, (int, float)) or not math.isfinite(clipping) or clipping <= 0:
+    if isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or not math.isfinite(clipping) \
+            or clipping <= 0:
         raise ValueError(
             f"clipping must be a finite number > 0 (the paper's lambda, e.g. 0.01), got {clipping!r}"
         )
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0 (the paper uses 1e-3), got {eps!r}")
 
 

@@ -4,8 +4,10 @@
 ``compare --transfer`` has its own parser (its own options and defaults: Fashion-MNIST, batch sizes 8
 and 32, ...); `main` hands it the arguments whenever ``--transfer`` follows ``compare``.
 
-Bad input is reported as ``normfree train: error: --OPTION: what is wrong and what would work``,
-with exit status 2 and no traceback. Ctrl-C exits with status 130 after saving a checkpoint.
+Exit status: 0 done; 2 bad input, reported as ``normfree train: error: --OPTION: what is wrong and
+what would work`` with no traceback, before anything is trained or written; 1 a run that diverged
+(its training loss stopped being finite: lower --lr); 130 Ctrl-C and 143 SIGTERM (what ``timeout``
+and job schedulers send), each after saving the checkpoint of the run it stopped.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from . import startup
 from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare
 from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
+from .signals import exit_status, how_stopped, sigterm_as_interrupt
 from .train import train
 from .transfer import MODES, TRANSFER_METHODS, TransferConfig, compare_transfer
 
@@ -83,7 +87,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results already in --out instead of stopping (train) or reusing them "
                              "(compare)")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
 
 
 def _train_parser(subparsers) -> argparse.ArgumentParser:
@@ -257,22 +261,32 @@ def _settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in _RUN_OPTIONS}
 
 
+_DIVERGED = 1  # the exit status of a run whose training loss stopped being finite
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         result = train(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
-        return 130 if result.interrupted else 0
-    if args.command == _TRANSFER:
-        result = compare_transfer(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
-        return 0 if result.complete else 130
-    result = compare(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
-    return 0 if result.complete else 130
+        if result.diverged and args.quiet:  # train() said it already unless quiet
+            print(f"normfree train: {result.divergence()}", file=sys.stderr)
+        return exit_status(result.stopped_by) if result.interrupted else _DIVERGED if result.diverged else 0
+    run = compare_transfer if args.command == _TRANSFER else compare
+    result = run(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+    return 0 if result.complete else exit_status(result.stopped_by)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``normfree`` with `argv` (default: the process's arguments); returns the exit status.
 
-    Argument errors exit through argparse (SystemExit 2) with the option named.
+    Argument errors exit through argparse (SystemExit 2) with the option named. SIGTERM is handled as
+    Ctrl-C for the whole command.
     """
+    startup.command_started()
+    with sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser, commands = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     transfer = argv[:1] == ["compare"] and "--transfer" in argv
@@ -288,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except ConfigError as error:
         command.error(f"{_flag(error.option)}: {error.message}")
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # outside a fit (those are checkpointed and return): starting, saving
+        how = how_stopped(error)
+        where = getattr(error, "normfree_note", "before training started")
+        print(f"\n{command.prog}: stopped by {how} {where}.", file=sys.stderr)
+        return exit_status(how)
     return 0  # not reached: command.error exits

@@ -45,7 +45,9 @@ from .config import (
     training_device,
     whole_numbers,
 )
+from .outdir import INCOMPLETE, atomic_write, locked_folder
 from .report import RunRecord, SummaryRow, batch_setting, markdown_table, reading, summarise, write_report
+from .signals import how_stopped, interrupt, sigterm_as_interrupt
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import TrainResult, build_dataloaders, train
 
@@ -235,6 +237,7 @@ class CompareResult:
     files: dict[str, Path]
     complete: bool
     seconds: float
+    stopped_by: str | None = None  # Ctrl-C or SIGTERM, when not complete
 
     @property
     def table(self) -> str:
@@ -252,9 +255,10 @@ def _record(cell: GridCell, result: TrainResult) -> RunRecord:
 
 def finished_run(cell_config: TrainConfig, overwrite: bool) -> TrainResult | None:
     """The saved result of the run `cell_config` describes if it finished with the same settings; None if it
-    must be trained; ConfigError if its folder holds a run with other settings."""
+    must be trained; ConfigError if its folder holds a run with other settings. A run that was stopped or
+    killed (its folder still holds the INCOMPLETE marker, or result.json says interrupted) is never finished."""
     path = Path(cell_config.out) / "result.json"
-    if overwrite or not path.exists():
+    if overwrite or not path.exists() or (path.parent / INCOMPLETE).exists():
         return None
     try:
         saved = TrainResult.load(path)
@@ -376,6 +380,11 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     and the final table.
     """
     config = make_config(CompareConfig, config, options)
+    with sigterm_as_interrupt(), locked_folder(config.out):  # SIGTERM stops it as Ctrl-C does; one grid per folder
+        return _compare(config, quiet, overwrite)
+
+
+def _compare(config: CompareConfig, quiet: bool, overwrite: bool) -> CompareResult:
     out = Path(config.out)
     methods = config.method_keys()
     cells = config.cells()
@@ -394,7 +403,7 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     points: list[_SweepPoint] = []
     chosen: dict[tuple[str, int, int], float] = {}
     memory_kind = None
-    complete = True
+    complete, stopped_by = True, None
     try:
         if config.sweeps:
             for method, bs, accum in groups:
@@ -403,7 +412,7 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
                 for lr in config.lrs:
                     result, reused = _run(config.train_config(cell, lr, steps, holdout=True), overwrite)
                     if result.interrupted:
-                        raise KeyboardInterrupt
+                        raise interrupt(result.stopped_by)
                     group_points.append(_SweepPoint(method, bs, accum, lr, result.final_accuracy,
                                                     result.final_valid_loss))
                     progress(f"sweep {METHODS[method]:<19} {batch_setting(bs, accum):<16} lr {lr:<8g}", result, reused)
@@ -413,27 +422,26 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
             lr = chosen.get((cell.method, cell.bs, cell.accum), config.lrs[0])
             result, reused = _run(config.train_config(cell, lr, steps), overwrite)
             if result.interrupted:
-                raise KeyboardInterrupt
+                raise interrupt(result.stopped_by)
             memory_kind = memory_kind or result.memory_kind
             runs.append(_record(cell, result))
             progress(f"{METHODS[cell.method]:<19} {batch_setting(cell.bs, cell.accum):<16} seed {cell.seed}",
                      result, reused)
-    except KeyboardInterrupt:  # train() saved the interrupted run; Ctrl-C outside a run lands here too
-        complete = False
+    except KeyboardInterrupt as error:  # train() saved the interrupted run; Ctrl-C outside a run lands here too
+        complete, stopped_by = False, how_stopped(error)
         say(f"Stopped after {progress.done} of {progress.total} runs; run the same command again to continue.")
     seconds = time.perf_counter() - start
     notes = []
     if not complete:
         notes.append(f"Incomplete: {len(runs)} of {len(cells)} runs finished; running the same command again "
                      f"continues the grid.")
-    out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "compare.json"}
-    files["config"].write_text(json.dumps(
+    atomic_write(files["config"], json.dumps(
         {"config": config.to_dict(), "command": config.command(), "steps": steps,
          "chosen_lrs": [{"method": m, "bs": bs, "accum": accum, "lr": lr} for (m, bs, accum), lr in chosen.items()],
          "versions": library_versions()}, indent=2) + "\n")
     labels = [METHODS[m] for m in methods]
-    result = CompareResult(config, runs, summarise(runs, labels), files, complete, seconds)
+    result = CompareResult(config, runs, summarise(runs, labels), files, complete, seconds, stopped_by)
     if not runs:
         return result
     title = f"normfree compare: BatchNorm vs normalizer-free on {config.data}"

@@ -6,6 +6,7 @@ Every check raises `ConfigError`, which names the offending setting (the command
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import platform
@@ -20,7 +21,7 @@ from fastai.torch_core import default_device
 
 from .agc import check_agc_arguments
 from .data_spec import DataSpec, parse_data_spec
-from .learner import unknown_arch_error as _unknown_arch
+from .learner import unknown_arch_error
 from .optim import OPTIMIZERS
 from .precision import PRECISIONS
 from .small_resnets import is_small_normfree
@@ -29,6 +30,14 @@ __all__ = ["DEFAULT_AGC", "ConfigError", "TrainConfig", "command_line", "library
            "whole_numbers"]
 
 _MIN_SIZE = 8
+# Upper bounds that no real run reaches and that stop a typo before it allocates terabytes
+# (size 100000: an 8 TB batch) or schedules for ever (epochs 10**21 overflowed fastai's schedule).
+_MAX_SIZE = 2048
+_MAX_EPOCHS = 100_000
+_MAX_STEPS = 10**9
+# Keys that older normfree versions or other tools write, and the TrainConfig field meaning the same.
+_RENAMED_KEYS = {"batch_size": "bs", "clipping": "agc", "clip": "agc", "lr_max": "lr", "n_epochs": "epochs",
+                 "model": "arch", "dataset": "data"}
 # AGC's lambda for the batches of 8-256 these tools train with. The paper's 0.01 is for batches of 1024-4096
 # ("lambda should be smaller for larger batches"); at batch 16-64 on digits it clipped 40-60% of
 # nf_resnet_tiny's units at every step (README, "A recipe that trains").
@@ -86,9 +95,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _whole(value: Any, option: str, minimum: int) -> None:
+def _whole(value: Any, option: str, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(option, f"must be a whole number >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(option, f"must be at most {maximum}, got {value}")
 
 
 def whole_numbers(values: Any, option: str, minimum: int) -> tuple[int, ...]:
@@ -192,7 +203,7 @@ class TrainConfig:
     def _check_data(self) -> None:
         spec = self.data_spec
         if self.size is not None:
-            _whole(self.size, "size", _MIN_SIZE)
+            _whole(self.size, "size", _MIN_SIZE, _MAX_SIZE)
         if self.classes is not None:
             classes = whole_numbers(self.classes, "classes", 0)
             if len(classes) < 2:
@@ -216,7 +227,7 @@ class TrainConfig:
 
     def _check_model(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in timm.list_models():
-            raise ConfigError("arch", str(_unknown_arch(str(self.arch))))
+            raise ConfigError("arch", str(unknown_arch_error(str(self.arch))))
         _flag(self.pretrained, "pretrained")
         if self.weights is not None:
             if self.pretrained:
@@ -234,6 +245,9 @@ class TrainConfig:
                 raise ConfigError("skipinit", f"is an option of normfree's small NF ResNets (nf_resnet_tiny/small/"
                                               f"base), not {self.arch}; leave it out")
         if self.agc is not None:
+            if isinstance(self.agc, bool):
+                raise ConfigError("agc", f"is AGC's lambda, a number such as {DEFAULT_AGC}, not {self.agc!r}; for no "
+                                         f"AGC give None (--no-agc)")
             try:
                 check_agc_arguments(self.agc, 1e-3)
             except ValueError:
@@ -246,18 +260,22 @@ class TrainConfig:
     def _check_training(self) -> None:
         _whole(self.bs, "bs", 1)
         _whole(self.accum, "accum", 1)
-        _whole(self.epochs, "epochs", 1)
+        _whole(self.epochs, "epochs", 1, _MAX_EPOCHS)
         if self.opt not in OPTIMIZERS:
             raise ConfigError("opt", f"must be one of {', '.join(OPTIMIZERS)}, got {self.opt!r}")
         if self.steps is not None:
-            _whole(self.steps, "steps", 1)
+            _whole(self.steps, "steps", 1, _MAX_STEPS)
             if self.fine_tune:
                 raise ConfigError("steps", "a budget in steps works with one fit, not fine_tune's two; give epochs")
-        _whole(self.freeze_epochs, "freeze_epochs", 0)
+        _whole(self.freeze_epochs, "freeze_epochs", 0, _MAX_EPOCHS)
         _whole(self.seed, "seed", 0)
         _positive(self.lr, "lr", "the peak learning rate, e.g. 1e-2")
         _flag(self.lr_find, "lr_find")
         _flag(self.fine_tune, "fine_tune")
+        if self.fine_tune and not (self.weights or self.pretrained):
+            raise ConfigError("fine_tune", "fastai's fine_tune first trains the head on a frozen body, which only "
+                                           "makes sense on trained weights: give weights or pretrained, or drop "
+                                           "fine_tune to train everything from the start")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device is not None:
@@ -308,6 +326,21 @@ class TrainConfig:
             content = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise ConfigError("config", f"{path}: not a readable normfree config.json ({error})") from None
+        command = content.get("command") if isinstance(content, dict) else None
+        if isinstance(command, str) and command.startswith("normfree compare"):
+            kind = "compare --transfer" if "--transfer" in command else "compare"
+            raise ConfigError("config", f"{path} is a normfree {kind} config, not a run's config.json; repeat that "
+                                        f"grid with: {command}")
         if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
             raise ConfigError("config", f"{path}: expected a JSON object with a \"config\" object")
-        return cls.from_dict(content["config"])
+        settings = content["config"]
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in settings:
+            if key not in known:
+                close = _RENAMED_KEYS.get(key) or next(iter(difflib.get_close_matches(key, known, 1)), None)
+                hint = f" (did you mean '{close}'?)" if close else ""
+                raise ConfigError("config", f"{path}: unknown key '{key}'{hint}; known keys: {', '.join(known)}")
+        try:
+            return cls.from_dict(settings)
+        except ConfigError as error:  # the file's key, not a flag the user never typed
+            raise ConfigError("config", f"{path}: key '{error.option}': {error.message}") from None

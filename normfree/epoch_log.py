@@ -1,12 +1,13 @@
-"""One row per training epoch: the Recorder's losses and metrics plus exact timings, appended to a CSV as it goes.
+"""One row per training epoch: the Recorder's losses and metrics plus exact timings, written to a CSV as it goes.
 
 fastai's `CSVLogger` writes the Recorder's row with the epoch time as "mm:ss"; comparisons of
 speed need seconds and throughput, and a run stopped with Ctrl-C needs its finished epochs on
-disk. `EpochLog` keeps both, across the several fits of one run (``fine_tune`` makes two).
+disk, whole rows only. `EpochLog` keeps both, across the several fits of one run (``fine_tune`` makes two).
 """
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.torch_core import find_bs
+
+from .outdir import atomic_write
 
 __all__ = ["EpochLog"]
 
@@ -26,7 +29,8 @@ class EpochLog(Callback):
     ``train_seconds`` and ``images_per_s`` (training examples per second).
 
     Pass it to the fits of a run (``learn.fit_one_cycle(n, cbs=log)``); `rows` accumulates over
-    them and, when `path` is given, every row is appended to that CSV as soon as its epoch ends.
+    them and, when `path` is given, that CSV is rewritten (atomically) with every row as soon as an
+    epoch ends.
     lr_find and prediction passes are ignored.
     """
 
@@ -35,7 +39,6 @@ class EpochLog(Callback):
     def __init__(self, path: str | Path | None = None):
         self.path = None if path is None else Path(path)
         self.rows: list[dict[str, Any]] = []
-        self._columns: list[str] | None = None
 
     def before_fit(self) -> None:
         self.run = not (hasattr(self.learn, "lr_finder") or hasattr(self.learn, "gather_preds"))
@@ -59,15 +62,12 @@ class EpochLog(Callback):
         row["images_per_s"] = self._images / self._train_seconds if self._train_seconds > 0 else float("nan")
         self.rows.append(row)
         if self.path is not None:
-            self._append(row)
+            self._write()
 
-    def _append(self, row: dict[str, Any]) -> None:
-        first = self._columns is None
-        if first:
-            self._columns = list(row)
-        with self.path.open("w" if first else "a", newline="") as f:
-            writer = csv.DictWriter(f, self._columns, restval="", extrasaction="ignore")
-            if first:
-                writer.writeheader()
-            writer.writerow(row)
-
+    def _write(self) -> None:
+        """The whole CSV again, replaced at once: a run killed mid-write never leaves half a row."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, list(self.rows[0]), restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.path, text.getvalue())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from .outdir import atomic_write
 from .plots import plot_accuracy_vs_batch_size, plot_validation_curves
 
 __all__ = ["REPORT_FILES", "RunRecord", "SummaryRow", "batch_setting", "markdown_table", "reading", "summarise",
@@ -190,10 +191,11 @@ def _validation_curves(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[tu
 
 def write_csv(path: Path, records: Sequence[object]) -> None:
     dicts = [dataclasses.asdict(record) for record in records]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, list(dicts[0]) if dicts else [])
-        writer.writeheader()
-        writer.writerows(dicts)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, list(dicts[0]) if dicts else [])
+    writer.writeheader()
+    writer.writerows(dicts)
+    atomic_write(path, text.getvalue())
 
 
 Tables = Mapping[str, tuple[Sequence[str], Sequence[Sequence[str]]]]  # heading -> (columns, rows of cells)
@@ -284,15 +286,15 @@ def write_report(
     pngs = {}
     for alt, (fig, key) in figures.items():
         pngs[alt] = png_bytes(fig)
-        paths[key].write_bytes(pngs[alt])
+        atomic_write(paths[key], pngs[alt])
     paragraph, tables = reading(rows, methods), tables or {}
     markdown = ["## Results", "", markdown_table(rows), "", paragraph, "", *(f"- {note}" for note in notes),
                 *markdown_sections(tables)]
-    paths["markdown"].write_text(markdown_document(
+    atomic_write(paths["markdown"], markdown_document(
         title, settings, markdown, {alt: REPORT_FILES[key] for alt, (_, key) in figures.items()}))
     body = (f"<h2>Results</h2>{html_grid(_COLUMNS, [_cells(row) for row in rows])}<p>{html.escape(paragraph)}</p>"
             f"<ul>{''.join(f'<li>{html.escape(note)}</li>' for note in notes)}</ul>{html_sections(tables)}")
-    paths["html"].write_text(html_document(title, settings, body, pngs))
+    atomic_write(paths["html"], html_document(title, settings, body, pngs))
     write_csv(paths["runs"], runs)
     write_csv(paths["summary"], rows)
     return paths

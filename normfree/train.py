@@ -5,7 +5,7 @@ What lands in ``out`` (and nowhere else):
 | file | what |
 |---|---|
 | ``config.json`` | the resolved settings (absolute paths, the size used, the lr found) and library versions |
-| ``metrics.csv`` | one row per epoch (`EpochLog`), appended as each epoch ends |
+| ``metrics.csv`` | one row per epoch (`EpochLog`), rewritten whole as each epoch ends |
 | ``curves.png`` | loss and validation accuracy per epoch |
 | ``agc_clip_rates.png`` | AGC's per-layer clip rate over the last fit (runs with AGC) |
 | ``lr_find.png`` | fastai's learning-rate finder plot (runs with ``lr_find``) |
@@ -13,14 +13,20 @@ What lands in ``out`` (and nowhere else):
 | ``learner.pkl`` | the exported Learner (`learn.export`; fastai's ``load_learner`` reads it) |
 | ``result.json`` | the per-epoch metrics and the run's summary (`TrainResult`) |
 
-Ctrl-C during training stops it cleanly: the weights at that point, the finished epochs'
-metrics and the config are saved, a message says where, and the result has ``interrupted=True``.
+Ctrl-C (or SIGTERM, what ``timeout`` and job schedulers send) during training stops it cleanly: the
+weights at that point, the finished epochs' metrics and the config are saved, a message says where,
+and the result has ``interrupted=True``. Every file is written atomically (`normfree.outdir`); the
+folder is locked for the whole run and holds an ``INCOMPLETE`` marker until the run has finished, so
+a run killed without warning is never taken for a finished one. A run whose training loss stops
+being finite stops there (``diverged=True``).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,10 +35,10 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
 from fastai.losses import BCEWithLogitsLossFlat
 from fastai.metrics import accuracy, accuracy_multi
 from fastai.torch_core import set_seed
@@ -45,7 +51,9 @@ from .epoch_log import EpochLog
 from .learner import nf_learner
 from .memory import PeakMemory
 from .optim import OPTIMIZERS
+from .outdir import INCOMPLETE, atomic_write, locked_folder, remove_temporary_files
 from .plots import plot_run_curves
+from .signals import how_stopped, sigterm_as_interrupt
 from .step_budget import StepBudget, epochs_for_steps
 from .weights import save_weights
 
@@ -68,7 +76,8 @@ class TrainResult:
     """What a run produced. `epochs` are the `EpochLog` rows; the summaries are computed from them.
 
     `metric` is the validation metric's column (``accuracy``, or ``accuracy_multi`` for multi-label
-    data). `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
+    data). `interrupted`: stopped by `stopped_by` (``Ctrl-C`` or ``SIGTERM``) before the end;
+    `diverged`: stopped early because the training loss was no longer finite (see `divergence`). `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
     `learner` is the trained Learner (not saved in ``result.json``).
     """
 
@@ -77,6 +86,8 @@ class TrainResult:
     metric: str
     lr: float
     interrupted: bool = False
+    stopped_by: str | None = None
+    diverged: bool = False
     peak_memory_mib: float | None = None
     memory_kind: str | None = None
     files: dict[str, str] = field(default_factory=dict)
@@ -115,6 +126,12 @@ class TrainResult:
         images = sum(r * s for r, s in zip(self._column("images_per_s"), self._column("train_seconds")))
         return images / seconds if seconds > 0 else math.nan
 
+    def divergence(self) -> str:
+        """What a diverged run says: where the loss stopped being finite, and the fix."""
+        return (f"training diverged: the training loss was {self.epochs[-1]['train_loss']} after epoch "
+                f"{len(self.epochs)}, so the run stopped; at lr {self.lr:g} the steps are too large: lower lr (--lr), "
+                f"e.g. to {self.lr / 10:g}, or let --lr-find choose it")
+
     def summary(self) -> dict[str, Any]:
         return {
             "final_accuracy": self.final_accuracy,
@@ -131,6 +148,8 @@ class TrainResult:
             "metric": self.metric,
             "lr": self.lr,
             "interrupted": self.interrupted,
+            "stopped_by": self.stopped_by,
+            "diverged": self.diverged,
             "peak_memory_mib": self.peak_memory_mib,
             "memory_kind": self.memory_kind,
             "files": self.files,
@@ -150,17 +169,44 @@ class TrainResult:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError("out", f"{out} is a file; out must be a folder")
-    if (out / OUTPUT_FILES["config"]).exists() and not overwrite:
+    if overwrite:
+        return
+    if (out / INCOMPLETE).exists():
+        raise ConfigError("out", f"{out} holds an incomplete run ({INCOMPLETE}: it was stopped or killed before it "
+                                 f"finished); pass overwrite=True (--overwrite) to replace it, or choose another out "
+                                 f"folder")
+    if (out / OUTPUT_FILES["config"]).exists():
         raise ConfigError("out", f"{out} already holds a run (config.json); choose another out folder or "
                                  f"pass overwrite=True (--overwrite) to replace it")
 
 
 def _prepare_out(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    remove_temporary_files(out)
     for name in OUTPUT_FILES.values():  # only this module's own files: a previous run's would mislead
         (out / name).unlink(missing_ok=True)
+    atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train started it at {time.ctime()} "
+                                   f"(process {os.getpid()}). If no normfree run is writing here any more, it was "
+                                   f"killed before it finished. normfree compare trains such a run again; normfree "
+                                   f"train refuses this folder unless --overwrite is given.\n")
+
+
+class _StopOnDivergence(Callback):
+    """Ends the training (this fit and any later one of the run) after an epoch whose training loss is not
+    finite: every later step would be NaN too."""
+
+    order = Recorder.order + 10  # after EpochLog has written the epoch's row
+
+    def __init__(self):
+        self.diverged = False
+
+    def before_fit(self) -> None:
+        if self.diverged:  # fine_tune's second fit
+            raise CancelFitException
+
+    def after_epoch(self) -> None:
+        if not math.isfinite(float(self.learn.smooth_loss)):
+            self.diverged = True
+            raise CancelFitException
 
 
 def build_dataloaders(config: TrainConfig) -> DataLoaders:
@@ -172,6 +218,10 @@ def build_dataloaders(config: TrainConfig) -> DataLoaders:
         )
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError("data", str(error)) from None
+    return _subset(dls, config)
+
+
+def _subset(dls: DataLoaders, config: TrainConfig) -> DataLoaders:
     if config.classes is None and config.per_class is None and not config.holdout:
         return dls
     try:
@@ -182,8 +232,22 @@ def build_dataloaders(config: TrainConfig) -> DataLoaders:
         raise ConfigError(option if option in ("classes", "per_class", "holdout") else "data", str(error)) from None
 
 
+def _check_batches(dls: DataLoaders, config: TrainConfig) -> None:
+    """A batch size larger than the data is said (every epoch is one batch); an accumulation longer than an
+    epoch is refused (no optimizer step would be made)."""
+    images, batches = len(dls.train_ds), len(dls.train)
+    if config.bs > images:
+        print(f"normfree train: warning: bs {config.bs} (--bs) is more than the {images} training images: every "
+              f"epoch is one batch of {images}", file=sys.stderr)
+    if config.accum > batches:
+        raise ConfigError("accum", f"{config.accum} batches per optimizer step is more than the {batches} batches of "
+                                   f"an epoch ({images} training images, bs {config.bs}): training would make no "
+                                   f"optimizer step; give accum <= {batches} or a smaller bs")
+
+
 def _build_learner(config: TrainConfig) -> Learner:
     dls = build_dataloaders(config)
+    _check_batches(dls, config)
     multi_label = getattr(dls, "multi_label", False)
     try:
         learn = nf_learner(
@@ -217,11 +281,11 @@ def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> No
         "repeat": f"normfree train --config {out / OUTPUT_FILES['config']} --out NEW_FOLDER",
         "versions": library_versions(),
     }
-    (out / OUTPUT_FILES["config"]).write_text(json.dumps(content, indent=2) + "\n")
+    atomic_write(out / OUTPUT_FILES["config"], json.dumps(content, indent=2) + "\n")
 
 
 def _save_figure(fig, path: Path) -> None:
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110))
     plt.close(fig)  # pyplot-made figures (fastai's, ClipHistory's) stay open until closed; harmless for others
 
 
@@ -283,17 +347,31 @@ def train(
     """
     config = make_config(TrainConfig, config, options).resolved()
     out = Path(config.out)
-    _check_out(out, overwrite)
-    set_seed(config.seed, reproducible=True)
-    learn = _build_learner(config)
+    with sigterm_as_interrupt(), locked_folder(out):  # SIGTERM stops it as Ctrl-C does; one run per folder
+        _check_out(out, overwrite)
+        set_seed(config.seed, reproducible=True)
+        try:
+            learn = _build_learner(config)
+        except KeyboardInterrupt as error:
+            error.normfree_note = f"while starting (building the data and model), before anything was written to {out}"
+            raise
+        try:
+            return _train(learn, config, out, quiet, save_model, save_plots, cbs)
+        except KeyboardInterrupt as error:  # after the fit, while saving: the folder stays marked incomplete
+            error.normfree_note = f"while saving the results; {out} is marked incomplete ({INCOMPLETE})"
+            raise
+
+
+def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
+           cbs: Sequence[Callback]) -> TrainResult:
     _prepare_out(out)
     learn.path, learn.model_dir = out, "."  # lr_find's temporary weights go into out, and are removed
     _write_config(out, config)
-    say = (lambda *args: None) if quiet else print
+    say = (lambda *args, **kwargs: None) if quiet else print
     say(_describe(learn, config))
 
-    log = EpochLog(out / OUTPUT_FILES["metrics"])
-    lr, finding_lr, interrupted = config.lr, config.lr_find, False
+    log, divergence = EpochLog(out / OUTPUT_FILES["metrics"]), _StopOnDivergence()
+    lr, finding_lr, stopped_by = config.lr, config.lr_find, None
     with ExitStack() as stack:
         if quiet:
             stack.enter_context(learn.no_bar())
@@ -307,20 +385,23 @@ def train(
                 if save_plots:
                     _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
                 say(f"lr_find suggests lr={lr:.2e}")
-            _fit(learn, config, lr, [log, *cbs])
-        except KeyboardInterrupt:
-            interrupted = True
+            _fit(learn, config, lr, [log, divergence, *cbs])
+        except KeyboardInterrupt as error:
+            stopped_by = how_stopped(error)
             _stop_interrupted_fit(learn)
+    interrupted = stopped_by is not None
     metric = learn.metrics[0].name
-    result = TrainResult(config, log.rows, metric, lr, interrupted, peak.mib, peak.kind, learner=learn)
+    result = TrainResult(config, log.rows, metric, lr, interrupted, stopped_by, divergence.diverged, peak.mib,
+                         peak.kind, learner=learn)
 
     if interrupted and finding_lr:
-        print(f"\nInterrupted (Ctrl-C) during lr_find, before any training: no weights saved; the config is in "
+        print(f"\nInterrupted ({stopped_by}) during lr_find, before any training: no weights saved; the config is in "
               f"{out / OUTPUT_FILES['config']}.", file=sys.stderr)
     elif save_model or interrupted:
-        save_weights(learn.model, out / OUTPUT_FILES["weights"], arch=config.arch)
+        atomic_write(out / OUTPUT_FILES["weights"],
+                     lambda temporary: save_weights(learn.model, temporary, arch=config.arch))
         if not interrupted:
-            learn.export(out / OUTPUT_FILES["learner"])
+            atomic_write(out / OUTPUT_FILES["learner"], learn.export)
     if save_plots and log.rows:
         _save_figure(plot_run_curves(log.rows, metric, title=f"{config.arch} on {config.data}"),
                      out / OUTPUT_FILES["curves"])
@@ -329,14 +410,23 @@ def train(
             _save_figure(agc_callback.plot(), out / OUTPUT_FILES["clip_rates"])
     result.files = {key: str(out / name) for key, name in OUTPUT_FILES.items() if (out / name).exists()}
     result.files["result"] = str(out / OUTPUT_FILES["result"])
-    (out / OUTPUT_FILES["result"]).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write(out / OUTPUT_FILES["result"], json.dumps(result.to_dict(), indent=2) + "\n")
 
+    if interrupted:
+        atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
+                                       f"{len(log.rows)} finished epoch(s); result.json says so (\"interrupted\": "
+                                       f"true). normfree compare trains such a run again; normfree train refuses this "
+                                       f"folder unless --overwrite is given.\n")
+    else:
+        (out / INCOMPLETE).unlink()  # the last step: the run is whole
     if interrupted and not finding_lr:
-        print(f"\nInterrupted (Ctrl-C) after {len(log.rows)} finished epoch(s) of {config.epochs}. Checkpoint in "
-              f"{out}: {OUTPUT_FILES['weights']} (the weights now), {OUTPUT_FILES['metrics']} (finished epochs), "
-              f"{OUTPUT_FILES['config']}. Train on from these weights with: normfree train --config "
-              f"{out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} --fine-tune --out NEW_FOLDER",
-              file=sys.stderr)
+        print(f"\nInterrupted ({stopped_by}) after {len(log.rows)} finished epoch(s) of {config.epochs}. Checkpoint "
+              f"in {out}: {OUTPUT_FILES['weights']} (the weights now), {OUTPUT_FILES['metrics']} (finished epochs), "
+              f"{OUTPUT_FILES['config']}; {INCOMPLETE} marks the run as unfinished. Train on from these weights "
+              f"with: normfree train --config {out / OUTPUT_FILES['config']} --weights "
+              f"{out / OUTPUT_FILES['weights']} --fine-tune --out NEW_FOLDER", file=sys.stderr)
+    elif result.diverged:
+        say(f"normfree train: {result.divergence()}", file=sys.stderr)
     elif not interrupted:
         say(f"validation {metric}: {result.final_accuracy:.4f} after {len(log.rows)} epochs "
             f"(best {result.best_accuracy:.4f}); {result.seconds_per_epoch:.1f} s/epoch, "

@@ -49,6 +49,8 @@ from .config import (
     training_device,
     whole_numbers,
 )
+from .outdir import atomic_write, locked_folder
+from .signals import sigterm_as_interrupt
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 from .transfer_report import (
@@ -246,6 +248,7 @@ class TransferResult:
     files: dict[str, Path]
     complete: bool
     seconds: float
+    stopped_by: str | None = None  # Ctrl-C or SIGTERM, when not complete
 
     @property
     def table(self) -> str:
@@ -353,6 +356,11 @@ def compare_transfer(config: TransferConfig | None = None, /, *, quiet: bool = F
     and the same call again continues the grid. `quiet` silences the per-run lines and the table.
     """
     config = make_config(TransferConfig, config, options)
+    with sigterm_as_interrupt(), locked_folder(config.out):  # SIGTERM stops it as Ctrl-C does; one grid per folder
+        return _compare_transfer(config, quiet, overwrite)
+
+
+def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> TransferResult:
     names = _data_classes(config)
     out = Path(config.out)
     cells = config.cells()
@@ -362,7 +370,7 @@ def compare_transfer(config: TransferConfig | None = None, /, *, quiet: bool = F
         f"{len(config.per_class)} sizes x {len(config.batch_sizes)} batch sizes x {len(config.seeds)} seeds) -> {out}")
     start = time.perf_counter()
     runs: list[TransferRecord] = []
-    complete = True
+    complete, stopped_by = True, None
     for i, cell in enumerate(cells, 1):
         cell_config = config.train_config(cell)
         result = _reusable_run(cell, cell_config, overwrite)
@@ -371,7 +379,7 @@ def compare_transfer(config: TransferConfig | None = None, /, *, quiet: bool = F
             result = train(cell_config, quiet=True, overwrite=True, save_model=cell.mode == PRETRAIN, save_plots=False)
             result.learner = None  # free the model and data before the next run
         if result.interrupted:
-            complete = False
+            complete, stopped_by = False, result.stopped_by
             say(f"Stopped at run {i} of {len(cells)}; run the same command again to continue the grid.")
             break
         runs.append(_record(cell, result))
@@ -380,13 +388,12 @@ def compare_transfer(config: TransferConfig | None = None, /, *, quiet: bool = F
             f"seed {cell.seed}: final {result.final_accuracy:6.1%}, best {result.best_accuracy:6.1%}, "
             f"{result.seconds_per_epoch:5.2f} s/epoch" + (" (done before)" if reused else ""))
     seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "transfer.json"}
-    files["config"].write_text(json.dumps(
+    atomic_write(files["config"], json.dumps(
         {"config": config.to_dict(), "command": config.command(), "versions": library_versions()}, indent=2) + "\n")
     labels = [METHODS[m] for m in config.methods]
     result = TransferResult(config, runs, summarise_transfer(runs, labels, [PRETRAIN, *config.modes]), files,
-                            complete, seconds)
+                            complete, seconds, stopped_by)
     if not runs:
         return result
     files.update(write_transfer_report(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from .outdir import atomic_write
 from .report import (
     html_document,
     html_sections,
@@ -182,12 +183,12 @@ def write_transfer_report(
     paths = {key: out / name for key, name in TRANSFER_REPORT_FILES.items()}
     alt = "final target accuracy vs training images per class (mean ± std over seeds)"
     png = png_bytes(plot_accuracy_vs_images_per_class(rows, methods, modes))
-    paths["accuracy_plot"].write_bytes(png)
+    atomic_write(paths["accuracy_plot"], png)
     markdown = [*markdown_sections(tables), "", "## Notes", "", *(f"- {note}" for note in notes)]
-    paths["markdown"].write_text(markdown_document(title, settings, markdown,
+    atomic_write(paths["markdown"], markdown_document(title, settings, markdown,
                                                    {alt: TRANSFER_REPORT_FILES["accuracy_plot"]}))
     body = f"{html_sections(tables)}<h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>"
-    paths["html"].write_text(html_document(title, settings, body, {alt: png}))
+    atomic_write(paths["html"], html_document(title, settings, body, {alt: png}))
     write_csv(paths["runs"], records)
     write_csv(paths["summary"], rows)
     return paths

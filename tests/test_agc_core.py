@@ -198,6 +198,8 @@ def test_non_finite_gradients_are_left_alone_and_counted():
         (dict(clipping=math.inf), "clipping"),
         (dict(eps=-1e-3), "eps"),
         (dict(eps=math.nan), "eps"),
+        (dict(clipping=True), "clipping"),
+        (dict(eps=False), "eps"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, argument):

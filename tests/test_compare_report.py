@@ -150,6 +150,8 @@ def test_compare_command_line_round_trips():
     (["--budget", "hours"], "--budget"),
     (["--steps", "10"], "--steps"),
     (["--budget", "steps", "--steps", "0"], "--steps"),
+    (["--size", "100000"], "--size"),
+    (["--epochs", "1000000000000000000000"], "--epochs"),
 ])
 def test_compare_bad_input(tmp_path, monkeypatch, capsys, argv, flag):
     monkeypatch.chdir(tmp_path)

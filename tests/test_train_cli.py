@@ -240,6 +240,13 @@ def test_per_sample_agc_run(tmp_path):
     (["--skipinit", "--arch", "bn_resnet_tiny"], "--skipinit"),
     (["--skipinit", "--arch", "test_nfnet"], "--skipinit"),
     (["--new-head"], "--new-head"),
+    (["--size", "100000"], "--size"),  # an 8 TB batch
+    (["--epochs", "1000000000000000000000"], "--epochs"),  # overflowed fastai's schedule, left a config.json
+    (["--epochs", "1e21"], "--epochs"),
+    (["--steps", "10000000000"], "--steps"),
+    (["--freeze-epochs", "1000000000"], "--freeze-epochs"),
+    (["--accum", "5"], "--accum"),  # 64 images in batches of 16: 4 batches, so no optimizer step
+    (["--fine-tune"], "--fine-tune"),  # a frozen epoch on a random body
 ])
 def test_bad_input_is_a_clear_error_with_status_2(tmp_path, monkeypatch, capsys, argv, flag):
     monkeypatch.chdir(tmp_path)
