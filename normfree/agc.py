@@ -259,7 +259,7 @@ def _cached_dispatch(params: list[Tensor]) -> _Dispatch:
     # (which hold data pointers) are reused while every parameter and gradient keeps its storage (and
     # while the implementations' entry points are the same: tests swap them).
     try:
-        key = (cpu_kernel.load, gpu_kernel.supports, tuple(map(id, params)),
+        key = (cpu_kernel.load, gpu_kernel.supports, gpu_kernel.available(), tuple(map(id, params)),
                tuple(map(_data_ptr, params)), tuple(_data_ptr(p.grad) for p in params))
     except RuntimeError:  # a sparse gradient has no data pointer: checked (and refused) below
         return _dispatch(params)
@@ -300,4 +300,7 @@ def adaptive_clip_grad_(
     """
     check_agc_arguments(clipping, eps)
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    return _cached_dispatch(params).run(params, clipping, eps)
+    try:
+        return _cached_dispatch(params).run(params, clipping, eps)
+    except gpu_kernel.KernelFailed:  # warned once; the kernel is off from now on
+        return _cached_dispatch(params).run(params, clipping, eps)

@@ -12,8 +12,9 @@ synchronisation, and the whole call can be captured in a CUDA graph once it has 
 (the tables of pointers are built, and copied to the device, by `plan` on the first call for a set
 of gradients; `adaptive_clip_grad_` keeps them while the gradients stay where they are).
 
-Triton ships with PyTorch's CUDA builds; where it is missing, `adaptive_clip_grad_` uses torch
-ops. ``NORMFREE_GPU_KERNEL=0`` chooses torch ops. The kernel also runs on CPU tensors under
+Triton ships with PyTorch's CUDA builds; where it is missing, or the kernel fails to build or launch
+(then with one warning; a kernel that runs twice over part of the gradients is harmless: AGC applied
+again to clipped units changes nothing), `adaptive_clip_grad_` uses torch ops. ``NORMFREE_GPU_KERNEL=0`` chooses torch ops. The kernel also runs on CPU tensors under
 ``TRITON_INTERPRET=1`` (set before the first import of this module), which is how the tests hold
 it to the float64 reference on machines without a GPU.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,7 @@ try:
 except ImportError:  # CPU-only builds of torch on some platforms
     triton = None
 
-__all__ = ["available", "clippable", "supports", "plan", "clip_"]
+__all__ = ["KernelFailed", "available", "clippable", "supports", "plan", "clip_"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (largest unit size, units per program, elements loaded per unit and iteration), smallest first;
@@ -40,10 +42,17 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TILES = ((128, 16, 128), (None, 2, 1024))  # two launches measured 12% faster than four on nfnet_f0 (H200)
 
 
+class KernelFailed(RuntimeError):
+    """The kernel could not be compiled or launched here; `available()` is False from now on."""
+
+
+_failure: list[str] = []  # why the kernel failed in this process, if it did
+
+
 @functools.cache
 def available() -> bool:
-    """Whether the Triton kernel can be used at all (Triton imports, and ``NORMFREE_GPU_KERNEL`` is not 0)."""
-    return triton is not None and os.environ.get("NORMFREE_GPU_KERNEL", "1") != "0"
+    """Whether the Triton kernel can be used: Triton imports, ``NORMFREE_GPU_KERNEL`` is not 0, and it has not failed."""
+    return triton is not None and os.environ.get("NORMFREE_GPU_KERNEL", "1") != "0" and not _failure
 
 
 def unit_contiguous(t: Tensor) -> bool:
@@ -178,9 +187,19 @@ def clip_(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor
     """
     counts = torch.zeros(2, n_slots, dtype=torch.int32, device=plan.device)
     for launch in plan.launches:
-        _clip_units[(launch.tensors_at // TASK,)](
-            launch.table, launch.tensors_at, counts, n_slots, float(clipping), float(eps), float(grad_norm_floor),
-            WEIGHT=_TRITON_DTYPES[launch.weight_dtype], GRAD=_TRITON_DTYPES[launch.grad_dtype],
-            ROWS=launch.rows, BLOCK=launch.block, TASK_FIELDS=TASK, TENSOR_FIELDS=TENSOR,
-        )
+        try:
+            _clip_units[(launch.tensors_at // TASK,)](
+                launch.table, launch.tensors_at, counts, n_slots, float(clipping), float(eps), float(grad_norm_floor),
+                WEIGHT=_TRITON_DTYPES[launch.weight_dtype], GRAD=_TRITON_DTYPES[launch.grad_dtype],
+                ROWS=launch.rows, BLOCK=launch.block, TASK_FIELDS=TASK, TENSOR_FIELDS=TENSOR,
+            )
+        except Exception as error:  # a Triton or driver that cannot build it: torch ops from now on
+            _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}")
+            available.cache_clear()
+            warnings.warn(
+                f"normfree's Triton AGC kernel failed here ({_failure[-1]}), so AGC on this GPU uses torch ops from now "
+                "on (correct, slower). Set NORMFREE_GPU_KERNEL=0 to choose torch ops without trying the kernel.",
+                RuntimeWarning, stacklevel=4,
+            )
+            raise KernelFailed(_failure[-1]) from error
     return counts

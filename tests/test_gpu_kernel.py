@@ -2,6 +2,7 @@
 reference. Without a GPU it runs on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1);
 the tests marked `cuda` need a GPU. (test_agc_core.py runs every core test on this kernel too.)"""
 import os
+import warnings
 
 import pytest
 import torch
@@ -144,3 +145,24 @@ def test_on_cuda_no_host_synchronisation_and_graph_capture():
     for p, (grad, n) in zip(params, expected):
         torch.testing.assert_close(p.grad.double(), grad, rtol=1e-5, atol=1e-30)
     assert stats.clipped.tolist() == [n for _, n in expected]
+
+
+def test_a_kernel_that_fails_to_build_warns_once_and_torch_ops_take_over(on_cpu_tensors, monkeypatch):
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PTX assembly failed")
+            return launch
+
+    monkeypatch.setattr(gpu_kernel, "_clip_units", Unbuildable())
+    monkeypatch.setattr(gpu_kernel, "_failure", [])
+    gpu_kernel.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="PTX assembly failed"):
+            check([parameter((12, 5)), parameter((7,))])
+        assert not gpu_kernel.available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the kernel is not tried again: no second warning
+            check([parameter((12, 5))])
+    finally:
+        gpu_kernel.available.cache_clear()
