@@ -187,7 +187,7 @@ class _Dispatch:
             found.update(zip(self.gpu, zip(counts[0].unbind(), counts[1].unbind())))
         for group in self.cpu_groups:
             clipped, nonfinite = cpu_kernel.clip_([params[i] for i in group], [num_units(params[i]) for i in group],
-                                                  clipping, eps)
+                                                  clipping, eps, GRAD_NORM_FLOOR)
             found.update(zip(group, zip(clipped.unbind(), nonfinite.unbind())))
         if self.torch_ops:
             found.update(zip(self.torch_ops, zip(*clip_with_torch_ops([params[i] for i in self.torch_ops], clipping,

@@ -30,7 +30,7 @@ SOURCE = Path(__file__).with_name("csrc") / "agc_cpu.c"
 # OpenMP threads the kernel; a compiler without it (Apple's clang) still builds a one-thread kernel.
 _FLAG_SETS = (["-O3", "-fPIC", "-shared", "-fopenmp"], ["-O3", "-fPIC", "-shared"])
 _FUNCTIONS = {torch.float32: "agc_clip_float32", torch.float64: "agc_clip_float64"}
-_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_double] * 2 + [ctypes.c_void_p] * 3
+_ARGTYPES = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_double] * 3 + [ctypes.c_void_p] * 3
 
 
 def cache_dir() -> Path:
@@ -98,7 +98,8 @@ def _pointers(tensors: list[Tensor]) -> Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
-def clip_(params: list[Tensor], units: list[int], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
+def clip_(params: list[Tensor], units: list[int], clipping: float, eps: float,
+          grad_norm_floor: float) -> tuple[Tensor, Tensor]:
     """AGC on `params` (all `supports`-ed, one dtype; `units[i]` units each) in one kernel call.
 
     Returns the clipped and the non-finite unit counts per parameter (int64, CPU).
@@ -111,6 +112,6 @@ def clip_(params: list[Tensor], units: list[int], clipping: float, eps: float) -
     clipped, nonfinite = torch.empty(len(params), dtype=torch.int64), torch.empty(len(params), dtype=torch.int64)
     getattr(library, _FUNCTIONS[params[0].dtype])(
         len(params), weights.data_ptr(), grads.data_ptr(), first_unit.data_ptr(), unit_size.data_ptr(),
-        float(clipping), float(eps), outcome.data_ptr(), clipped.data_ptr(), nonfinite.data_ptr(),
+        float(clipping), float(eps), float(grad_norm_floor), outcome.data_ptr(), clipped.data_ptr(), nonfinite.data_ptr(),
     )
     return clipped, nonfinite

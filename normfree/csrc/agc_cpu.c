@@ -4,7 +4,9 @@
  * Normalization", Sec. 4, Eq. (3): for each unit u (one index of dim 0 of a weight in PyTorch's
  * [out, in, *kernel] layout; a whole tensor of ndim <= 1),
  *
- *     G_u <- lambda * max(||W_u||, eps) / max(||G_u||, 1e-6) * G_u   if ||G_u|| > lambda * max(||W_u||, eps)
+ *     G_u <- lambda * max(||W_u||, eps) / max(||G_u||, floor) * G_u   if ||G_u|| > lambda * max(||W_u||, eps)
+ *
+ * with floor = agc.GRAD_NORM_FLOOR (1e-6, DeepMind's), passed in by the caller.
  *
  * The torch-ops version reads W and G once for their norms and then G again to scale it. Here a
  * unit's weight and gradient are read together once, and the gradient is rewritten, while it is
@@ -30,14 +32,14 @@ static int64_t owner(const int64_t *first_unit, int64_t n_tensors, int64_t u) {
     return lo;
 }
 
-/* clip_T(n_tensors, weights, grads, first_unit, unit_size, clipping, eps, outcome, clipped, nonfinite)
+/* clip_T(n_tensors, weights, grads, first_unit, unit_size, clipping, eps, floor, outcome, clipped, nonfinite)
  *   weights[t], grads[t]: data of tensor t, first_unit[n_tensors] + 1 prefix sums of unit counts,
  *   unit_size[t]: elements per unit; outcome: one byte per unit (scratch);
  *   clipped[t], nonfinite[t]: per-tensor counts, written. */
 #define DEFINE_CLIP(NAME, T)                                                                                   \
     void NAME(int64_t n_tensors, T *const *weights, T *const *grads, const int64_t *first_unit,                 \
-              const int64_t *unit_size, double clipping, double eps, int8_t *outcome, int64_t *clipped,        \
-              int64_t *nonfinite) {                                                                            \
+              const int64_t *unit_size, double clipping, double eps, double floor, int8_t *outcome,             \
+              int64_t *clipped, int64_t *nonfinite) {                                                          \
         int64_t n_units = first_unit[n_tensors], n_elements = 0;                                               \
         for (int64_t t = 0; t < n_tensors; t++) n_elements += (first_unit[t + 1] - first_unit[t]) * unit_size[t]; \
         _Pragma("omp parallel for schedule(dynamic, 256) if (n_elements > 65536)")                              \
@@ -57,7 +59,7 @@ static int64_t owner(const int64_t *first_unit, int64_t n_tensors, int64_t u) {
             if (!isfinite(g2)) {                                                                               \
                 outcome[u] = NONFINITE;                                                                        \
             } else if (g_norm > max_norm) {                                                                    \
-                T factor = (T)(max_norm / (g_norm > 1e-6 ? g_norm : 1e-6));                                    \
+                T factor = (T)(max_norm / (g_norm > floor ? g_norm : floor));                                    \
                 for (int64_t i = 0; i < m; i++) g[i] *= factor;                                                \
                 outcome[u] = CLIPPED;                                                                          \
             } else {                                                                                           \
