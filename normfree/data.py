@@ -207,7 +207,7 @@ class _TensorImages(TensorDataset):
         return _TensorImages(*(t[:0] for t in self.tensors))
 
 
-class _StandardiseImages(ItemTransform):
+class StandardiseImages(ItemTransform):
     """Batch transform: stored pixels [B, C, H, W] (any dtype) -> standardised float at `size` px.
 
     Done per batch, on the batch's device, so the stored set stays compact (uint8) and resizing
@@ -232,7 +232,7 @@ def _tensor_dataloaders(
     train_images = splits[0][0]
     chunks = (_resize(train_images[i : i + 4096], size) for i in range(0, len(train_images), 4096))
     mean, std = _batch_stats(chunks)
-    standardise = _StandardiseImages(size, mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1))
+    standardise = StandardiseImages(size, mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1))
     loaders = [
         DataLoader(_TensorImages(x, y), bs=bs if i == 0 else 2 * bs, shuffle=i == 0, after_batch=standardise)
         for i, (x, y) in enumerate(splits)

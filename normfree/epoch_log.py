@@ -20,8 +20,6 @@ from .outdir import atomic_write
 
 __all__ = ["EpochLog"]
 
-_TIMING = ("seconds", "train_seconds", "images_per_s")
-
 
 class EpochLog(Callback):
     """Per-epoch rows: ``epoch`` (1 = the first), ``train_loss`` (fastai's smoothed loss),

@@ -26,7 +26,7 @@ from torch import nn
 
 from .callback import AGC
 from .classifier import classifier_init_std, find_classifier, init_classifier_
-from .data import _StandardiseImages
+from .data import StandardiseImages
 from .weights import load_weights
 
 __all__ = ["nf_learner", "build_model", "normalizer_free_archs", "body_head_splitter", "unknown_arch_error"]
@@ -148,7 +148,7 @@ def _add_input_normalisation(dls: DataLoaders, model: nn.Module, n_in: int) -> N
     if mean is None or len(mean) != n_in:
         return
     pipeline = getattr(dls.after_batch, "fs", None)
-    if isinstance(dls.after_batch, _StandardiseImages):  # normfree's tensor data: standardised already
+    if isinstance(dls.after_batch, StandardiseImages):  # normfree's tensor data: standardised already
         return
     if pipeline is None:
         warnings.warn(f"these DataLoaders take no batch transforms: normalise inputs yourself with mean={mean}, "
