@@ -33,6 +33,14 @@ from .memory import PeakMemory
 from .optim import nesterov_sgd
 from .precision import DeviceMixedPrecision  # also Learner.to_mixed_precision
 from .report import RunRecord, write_report
+from .signal_propagation import (
+    BlockStats,
+    SignalPropagation,
+    average_channel_squared_mean,
+    average_channel_variance,
+    signal_propagation,
+)
+from .spp import write_spp
 from .step_budget import StepBudget
 from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name  # registers nf_/bn_resnet_* in timm
 from .train import TrainResult, train
@@ -43,6 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGC",
+    "BlockStats",
     "ClipHistory",
     "ClipRate",
     "ClipStats",
@@ -56,6 +65,7 @@ __all__ = [
     "PerSampleClipper",
     "PeakMemory",
     "RunRecord",
+    "SignalPropagation",
     "SmallResNet",
     "StepBudget",
     "TrainConfig",
@@ -64,6 +74,8 @@ __all__ = [
     "TransferResult",
     "adaptive_clip_factor",
     "adaptive_clip_grad_",
+    "average_channel_squared_mean",
+    "average_channel_variance",
     "batchnorm_twin_name",
     "body_head_splitter",
     "build_model",
@@ -85,9 +97,11 @@ __all__ = [
     "read_idx",
     "normalizer_free_archs",
     "save_weights",
+    "signal_propagation",
     "subset_dataloaders",
     "train",
     "unitwise_norm",
     "write_digits_image_folder",
     "write_report",
+    "write_spp",
 ]

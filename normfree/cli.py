@@ -1,5 +1,6 @@
-"""The ``normfree`` command: ``normfree train ...``, ``normfree compare ...`` and ``normfree compare --transfer
-...``, a thin layer over `normfree.train`, `normfree.compare` and `normfree.compare_transfer`.
+"""The ``normfree`` command: ``normfree train ...``, ``normfree compare ...``, ``normfree compare --transfer
+...`` and ``normfree spp ...``, a thin layer over `normfree.train`, `normfree.compare`,
+`normfree.compare_transfer` and `normfree.write_spp`.
 
 ``compare --transfer`` has its own parser (its own options and defaults: Fashion-MNIST, batch sizes 8
 and 32, ...); `main` hands it the arguments whenever ``--transfer`` follows ``compare``.
@@ -21,7 +22,9 @@ from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare
 from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
+from .signal_propagation import DEFAULT_BATCH
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
+from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
 from .train import train
 from .transfer import MODES, TRANSFER_METHODS, TransferConfig, compare_transfer
 
@@ -198,6 +201,43 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _spp_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "spp", formatter_class=_HelpFormatter,
+        help="signal propagation plots: mean and variance at every residual block, several models overlaid",
+        description="Signal propagation plots (Brock, De & Smith 2021, arXiv 2101.08692): run each model once on\n"
+                    "N(0, 1) noise (or one training batch of --data) and record, at every residual block, the\n"
+                    "average channel squared mean, the average channel variance and the residual branch's\n"
+                    f"average channel variance. Writes {SPP_FILES['png']} and {SPP_FILES['csv']} into --out.",
+        epilog="examples:\n  normfree spp --arch nf_resnet_small bn_resnet_small resnet18 --size 64 --out spp\n"
+               "  normfree spp --arch nf_resnet_tiny --weights runs/nf/model.safetensors --data digits --out spp-trained",
+    )
+    parser.add_argument("--arch", nargs="+", required=True, metavar="ARCH",
+                        help="timm names: normfree's nf_/bn_resnet_tiny/small/base, NF models (nf_resnet26, "
+                             "nfnet_f0, ...), BatchNorm ResNets (resnet18, ...) (default: none, required)")
+    parser.add_argument("--weights", nargs="+", default=None, metavar="FILE",
+                        help="trained weights, one file per --arch in the same order ('none' for an arch left at "
+                             "its initialisation) (default: none, every model at initialisation)")
+    parser.add_argument("--data", default=None,
+                        help=f"use one training batch of this data instead of noise: {DATA_SPEC_HELP} "
+                             "(default: none, N(0, 1) noise)")
+    parser.add_argument("--size", type=int, default=None, metavar="PX",
+                        help=f"image size in pixels (default: {DEFAULT_NOISE_SIZE} for noise, the data's own "
+                             "with --data)")
+    parser.add_argument("--bs", type=int, default=DEFAULT_BATCH, help="images in the batch")
+    parser.add_argument("--channels", type=int, default=3,
+                        help="channels of the noise images (with --data: the data's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the models' initialisation and the noise")
+    parser.add_argument("--running-stats", action="store_true",
+                        help="BatchNorm layers normalise with their running averages, as at inference of a trained "
+                             "model (default: with the batch's own statistics, as in training; at initialisation "
+                             "the running averages make every BatchNorm an identity)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--out", default="spp", metavar="DIR", help="folder for spp.png and spp.csv")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
+    return parser
+
+
 def _whole_list(parser: argparse.ArgumentParser, flag: str, default: tuple[int, ...], metavar: str, what: str) -> None:
     parser.add_argument(flag, type=int, nargs="+", default=list(default), metavar=metavar,
                         help=f"{what} (default: {' '.join(map(str, default))})")
@@ -249,12 +289,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         prog="normfree", formatter_class=_HelpFormatter,
         description="Normalizer-free networks and Adaptive Gradient Clipping for fastai.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="{train,compare}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{train,compare,spp}")
     compare_parser = _compare_parser(subparsers)
     compare_parser.add_argument("--transfer", action="store_true", default=argparse.SUPPRESS,
                                 help="transfer learning, measured: pretrain, then fine-tune on a few images of other "
                                      "classes; its options: normfree compare --transfer --help")
-    return parser, {"train": _train_parser(subparsers), "compare": compare_parser, _TRANSFER: _transfer_parser()}
+    return parser, {"train": _train_parser(subparsers), "compare": compare_parser, "spp": _spp_parser(subparsers),
+                    _TRANSFER: _transfer_parser()}
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -265,6 +306,9 @@ _DIVERGED = 1  # the exit status of a run whose training loss stopped being fini
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "spp":
+        write_spp(quiet=args.quiet, **_settings(args))
+        return 0
     if args.command == "train":
         result = train(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
         if result.diverged and args.quiet:  # train() said it already unless quiet
