@@ -33,7 +33,7 @@ from .memory import PeakMemory
 from .optim import nesterov_sgd
 from .precision import DeviceMixedPrecision  # also Learner.to_mixed_precision
 from .report import RunRecord, write_report
-from .signal_propagation import (
+from .propagation import (
     BlockStats,
     SignalPropagation,
     average_channel_squared_mean,

@@ -22,7 +22,7 @@ from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare
 from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
-from .signal_propagation import DEFAULT_BATCH
+from .propagation import DEFAULT_BATCH
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
 from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
 from .train import train

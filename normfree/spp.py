@@ -23,7 +23,7 @@ from .config import ConfigError
 from .data_spec import parse_data_spec
 from .learner import build_model, unknown_arch_error
 from .outdir import atomic_write, locked_folder
-from .signal_propagation import DEFAULT_BATCH, SignalPropagation, signal_propagation
+from .propagation import DEFAULT_BATCH, SignalPropagation, signal_propagation
 
 __all__ = ["SPP_COLUMNS", "SPP_FILES", "write_spp"]
 
