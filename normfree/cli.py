@@ -22,7 +22,7 @@ from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
-from .train import train
+from .train import resume, train
 from .transfer import MODES, TRANSFER_METHODS, TransferConfig, compare_transfer
 
 __all__ = ["build_parser", "main"]
@@ -34,7 +34,7 @@ _TRANSFER = "compare --transfer"  # the command name `main` and `_run` dispatch 
 # Command-line spelling of the settings whose flag is not simply --name-with-dashes.
 _FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc",
           "skipinit": "--skipinit/--no-skipinit"}
-_RUN_OPTIONS = ("command", "config", "quiet", "overwrite")  # not settings of the run itself
+_RUN_OPTIONS = ("command", "config", "quiet", "overwrite", "resume")  # not settings of the run itself
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -98,10 +98,15 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                     "plots (PNG), weights, exported learner and resolved config (JSON) into --out.",
         epilog="examples:\n  normfree train --data digits --arch nf_resnet_tiny --agc 0.04 --epochs 5 --out runs/nf\n"
                "  normfree train --data fashion-mnist --arch bn_resnet_small --no-agc --bs 32 --accum 8 --out runs/bn\n"
-               "  normfree train --config runs/nf/config.json --seed 1 --out runs/nf-seed1   # repeat, one change",
+               "  normfree train --config runs/nf/config.json --seed 1 --out runs/nf-seed1   # repeat, one change\n"
+               "  normfree train --resume runs/nf   # continue a run stopped by Ctrl-C, SIGTERM or a kill",
     )
     parser.add_argument("--config", metavar="JSON", default=None,
                         help="start from a run's config.json (repeat it); options given here override it "
+                             "(default: none)")
+    parser.add_argument("--resume", metavar="DIR", default=None,
+                        help="continue the unfinished run in DIR (stopped by Ctrl-C, SIGTERM or a kill) from its last "
+                             "finished epoch, with its own settings; it ends with the metrics of an uninterrupted run "
                              "(default: none)")
     _add_data_and_model(parser, d, "any timm model: an NF family (nfnet_f0, nf_resnet26, test_nfnet, ...), the "
                                    "small nf_resnet_tiny/small/base, their BatchNorm twins bn_resnet_*, or e.g. "
@@ -264,9 +269,22 @@ def _settings(args: argparse.Namespace) -> dict:
 _DIVERGED = 1  # the exit status of a run whose training loss stopped being finite
 
 
+def _check_resume_alone(args: argparse.Namespace) -> None:
+    """--resume continues a run with its own settings: any other setting given is refused, naming it."""
+    given = sorted(_flag(k) for k, v in _settings(args).items() if v != _TRAIN_DEFAULTS[k])
+    given += ["--config"] * bool(args.config) + ["--overwrite"] * args.overwrite
+    if given:
+        raise ConfigError("resume", f"continues the run with the settings it was started with; drop {', '.join(given)} "
+                                    f"(to change settings, start a new run with --config DIR/config.json)")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        result = train(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+        if args.resume is not None:
+            _check_resume_alone(args)
+            result = resume(args.resume, quiet=args.quiet)
+        else:
+            result = train(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
         if result.diverged and args.quiet:  # train() said it already unless quiet
             print(f"normfree train: {result.divergence()}", file=sys.stderr)
         return exit_status(result.stopped_by) if result.interrupted else _DIVERGED if result.diverged else 0
