@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from . import startup
-from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare
+from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
 from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
@@ -34,7 +34,8 @@ _TRANSFER = "compare --transfer"  # the command name `main` and `_run` dispatch 
 # Command-line spelling of the settings whose flag is not simply --name-with-dashes.
 _FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc",
           "skipinit": "--skipinit/--no-skipinit"}
-_RUN_OPTIONS = ("command", "config", "quiet", "overwrite", "resume")  # not settings of the run itself
+# not settings of the run or grid itself
+_RUN_OPTIONS = ("command", "config", "quiet", "overwrite", "resume", "jobs", "devices", "plan", "report")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -172,7 +173,12 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                     "Runs already in --out are reused, so an interrupted grid continues.\n"
                     "With no options: a quick grid on digits.",
         epilog="examples:\n  normfree compare                       # the quick digits grid (make demo)\n"
-               "  normfree compare --data fashion-mnist --size 28 --epochs 10 --seeds 0 1 2 --out fmnist",
+               "  normfree compare --data fashion-mnist --size 28 --epochs 10 --seeds 0 1 2 --out fmnist\n"
+               "  normfree compare --jobs 2 --out grid                 # two runs at once, the cores split\n"
+               "  normfree compare --devices cuda:0 cuda:1 --out grid  # one run per GPU\n"
+               "  normfree compare --out grid --plan grid.txt          # one normfree train command a line, e.g. for\n"
+               "  sbatch --array=1-$(wc -l < grid.txt) ...             #   a SLURM array: sed -n ${SLURM_ARRAY_TASK_ID}p\n"
+               "  normfree compare --out grid --report                 # then the report from their folders",
     )
     _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
                                    "bn_resnet_tiny/small/base")
@@ -199,6 +205,20 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                              "makes in --epochs epochs)")
     parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA", help="lambda of the AGC methods")
     parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train up to N runs at once, in processes that split the CPU cores (the same results "
+                             "as one at a time)")
+    parser.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                        help="one worker per device (cuda:0 cuda:1 ...), each run on its worker's device; --jobs "
+                             "defaults to their count (default: none)")
+    elsewhere = parser.add_mutually_exclusive_group()
+    elsewhere.add_argument("--plan", metavar="FILE", default=None,
+                           help="train nothing: write one normfree train command per run still to train into FILE, "
+                                "one a line, for a job array or shell loop (with several --lrs: the sweep first, "
+                                "then the grid once the sweep is done) (default: none)")
+    elsewhere.add_argument("--report", action="store_true",
+                           help="train nothing: build the report from the run folders in --out (after --plan's "
+                                "commands); refused, listing them, while runs are missing or unfinished")
     _add_run_options(parser)
     return parser
 
@@ -288,8 +308,14 @@ def _run(args: argparse.Namespace) -> int:
         if result.diverged and args.quiet:  # train() said it already unless quiet
             print(f"normfree train: {result.divergence()}", file=sys.stderr)
         return exit_status(result.stopped_by) if result.interrupted else _DIVERGED if result.diverged else 0
-    run = compare_transfer if args.command == _TRANSFER else compare
-    result = run(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+    if args.command == _TRANSFER:
+        result = compare_transfer(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+    elif args.plan is not None:
+        write_plan(path=args.plan, quiet=args.quiet, **_settings(args))
+        return 0
+    else:
+        result = compare(quiet=args.quiet, overwrite=args.overwrite, jobs=args.jobs, devices=args.devices,
+                         report=args.report, **_settings(args))
     return 0 if result.complete else exit_status(result.stopped_by)
 
 
