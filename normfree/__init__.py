@@ -43,7 +43,7 @@ from .propagation import (
 from .spp import write_spp
 from .step_budget import StepBudget
 from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name  # registers nf_/bn_resnet_* in timm
-from .train import TrainResult, train
+from .train import TrainResult, resume, train
 from .transfer import TransferConfig, TransferResult, compare_transfer
 from .weights import load_weights, save_weights
 
@@ -95,6 +95,7 @@ __all__ = [
     "nf_learner",
     "normfree_twin_name",
     "read_idx",
+    "resume",
     "normalizer_free_archs",
     "save_weights",
     "signal_propagation",

@@ -18,14 +18,14 @@ import sys
 from collections.abc import Sequence
 
 from . import startup
-from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare
+from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
 from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
 from .propagation import DEFAULT_BATCH
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
 from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
-from .train import train
+from .train import resume, train
 from .transfer import MODES, TRANSFER_METHODS, TransferConfig, compare_transfer
 
 __all__ = ["build_parser", "main"]
@@ -37,7 +37,8 @@ _TRANSFER = "compare --transfer"  # the command name `main` and `_run` dispatch 
 # Command-line spelling of the settings whose flag is not simply --name-with-dashes.
 _FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc",
           "skipinit": "--skipinit/--no-skipinit"}
-_RUN_OPTIONS = ("command", "config", "quiet", "overwrite")  # not settings of the run itself
+# not settings of the run or grid itself
+_RUN_OPTIONS = ("command", "config", "quiet", "overwrite", "resume", "jobs", "devices", "plan", "report")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -101,10 +102,15 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                     "plots (PNG), weights, exported learner and resolved config (JSON) into --out.",
         epilog="examples:\n  normfree train --data digits --arch nf_resnet_tiny --agc 0.04 --epochs 5 --out runs/nf\n"
                "  normfree train --data fashion-mnist --arch bn_resnet_small --no-agc --bs 32 --accum 8 --out runs/bn\n"
-               "  normfree train --config runs/nf/config.json --seed 1 --out runs/nf-seed1   # repeat, one change",
+               "  normfree train --config runs/nf/config.json --seed 1 --out runs/nf-seed1   # repeat, one change\n"
+               "  normfree train --resume runs/nf   # continue a run stopped by Ctrl-C, SIGTERM or a kill",
     )
     parser.add_argument("--config", metavar="JSON", default=None,
                         help="start from a run's config.json (repeat it); options given here override it "
+                             "(default: none)")
+    parser.add_argument("--resume", metavar="DIR", default=None,
+                        help="continue the unfinished run in DIR (stopped by Ctrl-C, SIGTERM or a kill) from its last "
+                             "finished epoch, with its own settings; it ends with the metrics of an uninterrupted run "
                              "(default: none)")
     _add_data_and_model(parser, d, "any timm model: an NF family (nfnet_f0, nf_resnet26, test_nfnet, ...), the "
                                    "small nf_resnet_tiny/small/base, their BatchNorm twins bn_resnet_*, or e.g. "
@@ -170,7 +176,12 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                     "Runs already in --out are reused, so an interrupted grid continues.\n"
                     "With no options: a quick grid on digits.",
         epilog="examples:\n  normfree compare                       # the quick digits grid (make demo)\n"
-               "  normfree compare --data fashion-mnist --size 28 --epochs 10 --seeds 0 1 2 --out fmnist",
+               "  normfree compare --data fashion-mnist --size 28 --epochs 10 --seeds 0 1 2 --out fmnist\n"
+               "  normfree compare --jobs 2 --out grid                 # two runs at once, the cores split\n"
+               "  normfree compare --devices cuda:0 cuda:1 --out grid  # one run per GPU\n"
+               "  normfree compare --out grid --plan grid.txt          # one normfree train command a line, e.g. for\n"
+               "  sbatch --array=1-$(wc -l < grid.txt) ...             #   a SLURM array: sed -n ${SLURM_ARRAY_TASK_ID}p\n"
+               "  normfree compare --out grid --report                 # then the report from their folders",
     )
     _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
                                    "bn_resnet_tiny/small/base")
@@ -197,6 +208,20 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                              "makes in --epochs epochs)")
     parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA", help="lambda of the AGC methods")
     parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train up to N runs at once, in processes that split the CPU cores (the same results "
+                             "as one at a time)")
+    parser.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                        help="one worker per device (cuda:0 cuda:1 ...), each run on its worker's device; --jobs "
+                             "defaults to their count (default: none)")
+    elsewhere = parser.add_mutually_exclusive_group()
+    elsewhere.add_argument("--plan", metavar="FILE", default=None,
+                           help="train nothing: write one normfree train command per run still to train into FILE, "
+                                "one a line, for a job array or shell loop (with several --lrs: the sweep first, "
+                                "then the grid once the sweep is done) (default: none)")
+    elsewhere.add_argument("--report", action="store_true",
+                           help="train nothing: build the report from the run folders in --out (after --plan's "
+                                "commands); refused, listing them, while runs are missing or unfinished")
     _add_run_options(parser)
     return parser
 
@@ -305,17 +330,36 @@ def _settings(args: argparse.Namespace) -> dict:
 _DIVERGED = 1  # the exit status of a run whose training loss stopped being finite
 
 
+def _check_resume_alone(args: argparse.Namespace) -> None:
+    """--resume continues a run with its own settings: any other setting given is refused, naming it."""
+    given = sorted(_flag(k) for k, v in _settings(args).items() if v != _TRAIN_DEFAULTS[k])
+    given += ["--config"] * bool(args.config) + ["--overwrite"] * args.overwrite
+    if given:
+        raise ConfigError("resume", f"continues the run with the settings it was started with; drop {', '.join(given)} "
+                                    f"(to change settings, start a new run with --config DIR/config.json)")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "spp":
         write_spp(quiet=args.quiet, **_settings(args))
         return 0
     if args.command == "train":
-        result = train(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+        if args.resume is not None:
+            _check_resume_alone(args)
+            result = resume(args.resume, quiet=args.quiet)
+        else:
+            result = train(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
         if result.diverged and args.quiet:  # train() said it already unless quiet
             print(f"normfree train: {result.divergence()}", file=sys.stderr)
         return exit_status(result.stopped_by) if result.interrupted else _DIVERGED if result.diverged else 0
-    run = compare_transfer if args.command == _TRANSFER else compare
-    result = run(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+    if args.command == _TRANSFER:
+        result = compare_transfer(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
+    elif args.plan is not None:
+        write_plan(path=args.plan, quiet=args.quiet, **_settings(args))
+        return 0
+    else:
+        result = compare(quiet=args.quiet, overwrite=args.overwrite, jobs=args.jobs, devices=args.devices,
+                         report=args.report, **_settings(args))
     return 0 if result.complete else exit_status(result.stopped_by)
 
 

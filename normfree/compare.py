@@ -30,6 +30,8 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +47,14 @@ from .config import (
     training_device,
     whole_numbers,
 )
+from .grid_jobs import already_trained, in_parallel, one_by_one, train_command
 from .outdir import INCOMPLETE, atomic_write, locked_folder
 from .report import RunRecord, SummaryRow, batch_setting, markdown_table, reading, summarise, write_report
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
 from .small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import TrainResult, build_dataloaders, train
 
-__all__ = ["BUDGETS", "METHODS", "CompareConfig", "CompareResult", "GridCell", "compare", "finished_run"]
+__all__ = ["BUDGETS", "METHODS", "CompareConfig", "CompareResult", "GridCell", "compare", "finished_run", "write_plan"]
 
 METHODS = {
     "bn": "BatchNorm",
@@ -369,7 +372,11 @@ def _run(cell_config: TrainConfig, overwrite: bool) -> tuple[TrainResult, bool]:
     return result, False
 
 
+_Trainer = Callable[[list[TrainConfig]], Iterator[tuple[int, TrainResult, bool]]]
+
+
 def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, overwrite: bool = False,
+            jobs: int = 1, devices: Sequence[str] | None = None, report: bool = False,
             **options: Any) -> CompareResult:
     """Train the grid (see the module docstring) and write its report into ``out``; the keyword
     `options` are `CompareConfig`'s fields. ``compare()`` alone runs the quick digits grid.
@@ -378,13 +385,84 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     stops after saving the interrupted run's checkpoint; the report then covers the runs finished so
     far, and running the same call again continues the grid. `quiet` silences the per-run lines
     and the final table.
+
+    `jobs`: train up to that many runs at once, in worker processes that split the CPU cores (the same
+    numbers as one at a time, up to float rounding); `devices` (``["cuda:0", "cuda:1"]``): one worker
+    per device, each run on its worker's device (`jobs` defaults to their count). `report`: train
+    nothing, build the report from runs trained elsewhere (`write_plan`'s commands); ConfigError naming
+    ``report`` listing the runs that are missing or unfinished.
     """
     config = make_config(CompareConfig, config, options)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError("jobs", f"must be a whole number >= 1, got {jobs!r}")
+    if devices:
+        if config.device is not None:
+            raise ConfigError("devices", f"gives each worker its device; drop device={config.device!r} (--device)")
+        devices = list(devices) * (max(jobs, len(devices)) // len(devices) if jobs > 1 else 1)
+        jobs = len(devices)
+    if report:
+        trainer: _Trainer = lambda configs: already_trained(configs, finished_run)  # noqa: E731
+    elif jobs > 1:
+        trainer = lambda configs: in_parallel(configs, _run, overwrite, jobs, devices)  # noqa: E731
+    else:
+        trainer = lambda configs: one_by_one(configs, _run, overwrite)  # noqa: E731
     with sigterm_as_interrupt(), locked_folder(config.out):  # SIGTERM stops it as Ctrl-C does; one grid per folder
-        return _compare(config, quiet, overwrite)
+        return _compare(config, quiet, trainer)
 
 
-def _compare(config: CompareConfig, quiet: bool, overwrite: bool) -> CompareResult:
+def _train_stage(trainer: _Trainer, configs: list[TrainConfig], labels: list[str], progress: _Progress,
+                 done: dict[int, TrainResult]) -> list[TrainResult]:
+    """Train `configs` with `trainer`, filling `done` (by index) as runs finish; a stopped run stops the stage."""
+    with closing(trainer(configs)) as results:
+        for index, result, reused in results:
+            if result.interrupted:
+                raise interrupt(result.stopped_by)
+            done[index] = result
+            progress(labels[index], result, reused)
+    return [done[index] for index in range(len(configs))]
+
+
+def _sweep_configs(config: CompareConfig, steps: int | None) -> tuple[list[tuple[str, int, int, float]], list[TrainConfig]]:
+    keys = [(m, bs, accum, lr) for bs, accum in config.settings() for m in config.method_keys() for lr in config.lrs]
+    return keys, [config.train_config(GridCell(m, bs, accum, config.seeds[0]), lr, steps, holdout=True)
+                  for m, bs, accum, lr in keys]
+
+
+def _sweep_choice(keys: list[tuple[str, int, int, float]], results: list[TrainResult]) -> tuple[
+        list[_SweepPoint], dict[tuple[str, int, int], float]]:
+    points = [_SweepPoint(m, bs, accum, lr, r.final_accuracy, r.final_valid_loss)
+              for (m, bs, accum, lr), r in zip(keys, results)]
+    groups = dict.fromkeys((p.method, p.bs, p.accum) for p in points)
+    return points, {g: _choose_lr([p for p in points if (p.method, p.bs, p.accum) == g]) for g in groups}
+
+
+def write_plan(config: CompareConfig | None = None, /, *, path: str | Path, quiet: bool = False,
+               **options: Any) -> list[str]:
+    """Write into `path` one ``normfree train`` command per run of the grid that is not finished yet, one a line
+    (for a SLURM job array, a shell loop, ...); ``compare(..., report=True)`` then builds the report from
+    the run folders they fill. With several `lrs` the runs' lr comes from the sweep: until the sweep's runs
+    are all finished, the plan holds them only (write the plan again after them). Returns the commands."""
+    config = make_config(CompareConfig, config, options)
+    steps = config.step_budget()
+    keys, sweep = _sweep_configs(config, steps) if config.sweeps else ([], [])
+    sweep_results = [finished_run(c, False) for c in sweep]
+    stage, chosen = "", {}
+    if any(result is None for result in sweep_results):
+        stage, configs = "the lr sweep (write the plan again once it is done, for the grid's runs)", sweep
+    else:
+        chosen = _sweep_choice(keys, sweep_results)[1] if sweep else {}
+        stage, configs = "the grid", [config.train_config(cell, chosen.get((cell.method, cell.bs, cell.accum),
+                                                                           config.lrs[0]), steps)
+                                      for cell in config.cells()]
+    commands = [train_command(c) for c in configs if finished_run(c, False) is None]
+    atomic_write(path, "".join(f"{command}\n" for command in commands))
+    if not quiet:
+        print(f"normfree compare --plan: {len(commands)} of {len(configs)} runs of {stage} still to train -> {path}"
+              + ("" if commands else f"; all finished: {config.command()} --report builds the report"))
+    return commands
+
+
+def _compare(config: CompareConfig, quiet: bool, trainer: _Trainer) -> CompareResult:
     out = Path(config.out)
     methods = config.method_keys()
     cells = config.cells()
@@ -399,37 +477,25 @@ def _compare(config: CompareConfig, quiet: bool, overwrite: bool) -> CompareResu
            if config.sweeps else "") + f" -> {out}")
     progress = _Progress(len(cells) + sweep_runs, quiet)
     start = time.perf_counter()
-    runs: list[RunRecord] = []
     points: list[_SweepPoint] = []
     chosen: dict[tuple[str, int, int], float] = {}
-    memory_kind = None
     complete, stopped_by = True, None
+    done: dict[int, TrainResult] = {}
     try:
         if config.sweeps:
-            for method, bs, accum in groups:
-                cell = GridCell(method, bs, accum, config.seeds[0])
-                group_points = []
-                for lr in config.lrs:
-                    result, reused = _run(config.train_config(cell, lr, steps, holdout=True), overwrite)
-                    if result.interrupted:
-                        raise interrupt(result.stopped_by)
-                    group_points.append(_SweepPoint(method, bs, accum, lr, result.final_accuracy,
-                                                    result.final_valid_loss))
-                    progress(f"sweep {METHODS[method]:<19} {batch_setting(bs, accum):<16} lr {lr:<8g}", result, reused)
-                points += group_points
-                chosen[(method, bs, accum)] = _choose_lr(group_points)
-        for cell in cells:
-            lr = chosen.get((cell.method, cell.bs, cell.accum), config.lrs[0])
-            result, reused = _run(config.train_config(cell, lr, steps), overwrite)
-            if result.interrupted:
-                raise interrupt(result.stopped_by)
-            memory_kind = memory_kind or result.memory_kind
-            runs.append(_record(cell, result))
-            progress(f"{METHODS[cell.method]:<19} {batch_setting(cell.bs, cell.accum):<16} seed {cell.seed}",
-                     result, reused)
+            keys, sweep = _sweep_configs(config, steps)
+            labels = [f"sweep {METHODS[m]:<19} {batch_setting(bs, accum):<16} lr {lr:<8g}" for m, bs, accum, lr in keys]
+            points, chosen = _sweep_choice(keys, _train_stage(trainer, sweep, labels, progress, {}))
+        configs = [config.train_config(cell, chosen.get((cell.method, cell.bs, cell.accum), config.lrs[0]), steps)
+                   for cell in cells]
+        labels = [f"{METHODS[cell.method]:<19} {batch_setting(cell.bs, cell.accum):<16} seed {cell.seed}"
+                  for cell in cells]
+        _train_stage(trainer, configs, labels, progress, done)
     except KeyboardInterrupt as error:  # train() saved the interrupted run; Ctrl-C outside a run lands here too
         complete, stopped_by = False, how_stopped(error)
         say(f"Stopped after {progress.done} of {progress.total} runs; run the same command again to continue.")
+    runs = [_record(cells[index], done[index]) for index in sorted(done)]  # grid order, however they finished
+    memory_kind = next((result.memory_kind for result in done.values() if result.memory_kind), None)
     seconds = time.perf_counter() - start
     notes = []
     if not complete:

@@ -29,17 +29,24 @@ class EpochLog(Callback):
     Pass it to the fits of a run (``learn.fit_one_cycle(n, cbs=log)``); `rows` accumulates over
     them and, when `path` is given, that CSV is rewritten (atomically) with every row as soon as an
     epoch ends.
-    lr_find and prediction passes are ignored.
+    lr_find and prediction passes are ignored, and so are the epochs fastai skips when a run is resumed
+    (``start_epoch``, see `normfree.checkpoint`): `rows` then starts with the rows of the epochs before.
     """
 
     order = Recorder.order + 5  # after the Recorder has computed the epoch's values
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, rows: list[dict[str, Any]] | None = None):
         self.path = None if path is None else Path(path)
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])
 
     def before_fit(self) -> None:
         self.run = not (hasattr(self.learn, "lr_finder") or hasattr(self.learn, "gather_preds"))
+
+    def before_epoch(self) -> None:
+        self._skipped = False
+
+    def after_cancel_epoch(self) -> None:  # fastai's SkipToEpoch: trained before the run was resumed
+        self._skipped = True
 
     def before_train(self) -> None:
         self._images, self._start = 0, time.perf_counter()
@@ -52,6 +59,8 @@ class EpochLog(Callback):
         self._train_seconds = time.perf_counter() - self._start
 
     def after_epoch(self) -> None:
+        if self._skipped:
+            return
         names = [name for name in self.recorder.metric_names[1:] if name != "time"]
         row: dict[str, Any] = {"epoch": len(self.rows) + 1}
         row.update((name, float(value)) for name, value in zip(names, self.learn.final_record))

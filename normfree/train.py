@@ -12,6 +12,7 @@ What lands in ``out`` (and nowhere else):
 | ``model.safetensors`` | the weights (`normfree.save_weights`; ``weights=`` reads them back) |
 | ``learner.pkl`` | the exported Learner (`learn.export`; fastai's ``load_learner`` reads it) |
 | ``result.json`` | the per-epoch metrics and the run's summary (`TrainResult`) |
+| ``checkpoint.pth`` | while the run is unfinished: its state after the last finished epoch (`normfree.checkpoint`) |
 
 Ctrl-C (or SIGTERM, what ``timeout`` and job schedulers send) during training stops it cleanly: the
 weights at that point, the finished epochs' metrics and the config are saved, a message says where,
@@ -19,6 +20,10 @@ and the result has ``interrupted=True``. Every file is written atomically (`norm
 folder is locked for the whole run and holds an ``INCOMPLETE`` marker until the run has finished, so
 a run killed without warning is never taken for a finished one. A run whose training loss stops
 being finite stops there (``diverged=True``).
+
+`resume` (``normfree train --resume DIR``) continues such an unfinished run from ``checkpoint.pth``,
+written at the end of every epoch and removed when the run finishes: from its last finished epoch, with
+the same batches, optimizer, schedule and generators, so it ends as the run would have without the stop.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from fastai.metrics import accuracy, accuracy_multi
 from fastai.torch_core import set_seed
 
 from . import precision as _precision  # noqa: F401  (Learner.to_mixed_precision)
+from .checkpoint import CHECKPOINT, EpochCheckpoint, ResumeFit, load_checkpoint
 from .classifier import classifier_init_std, find_classifier, init_classifier_
 from .config import ConfigError, TrainConfig, library_versions, make_config, training_device
 from .data import subset_dataloaders
@@ -57,7 +63,7 @@ from .signals import how_stopped, sigterm_as_interrupt
 from .step_budget import StepBudget, epochs_for_steps
 from .weights import save_weights
 
-__all__ = ["OUTPUT_FILES", "TrainResult", "build_dataloaders", "train"]
+__all__ = ["OUTPUT_FILES", "TrainResult", "build_dataloaders", "resume", "train"]
 
 OUTPUT_FILES = {
     "config": "config.json",
@@ -68,6 +74,7 @@ OUTPUT_FILES = {
     "weights": "model.safetensors",
     "learner": "learner.pkl",
     "result": "result.json",
+    "checkpoint": CHECKPOINT,
 }
 
 
@@ -173,8 +180,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
         return
     if (out / INCOMPLETE).exists():
         raise ConfigError("out", f"{out} holds an incomplete run ({INCOMPLETE}: it was stopped or killed before it "
-                                 f"finished); pass overwrite=True (--overwrite) to replace it, or choose another out "
-                                 f"folder")
+                                 f"finished); continue it with --resume {out}"
+                                 + (" (it has a checkpoint)" if (out / CHECKPOINT).exists() else "")
+                                 + ", pass overwrite=True (--overwrite) to replace it, or choose another out folder")
     if (out / OUTPUT_FILES["config"]).exists():
         raise ConfigError("out", f"{out} already holds a run (config.json); choose another out folder or "
                                  f"pass overwrite=True (--overwrite) to replace it")
@@ -186,8 +194,9 @@ def _prepare_out(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train started it at {time.ctime()} "
                                    f"(process {os.getpid()}). If no normfree run is writing here any more, it was "
-                                   f"killed before it finished. normfree compare trains such a run again; normfree "
-                                   f"train refuses this folder unless --overwrite is given.\n")
+                                   f"killed before it finished. normfree train --resume continues it from its last "
+                                   f"finished epoch; normfree compare trains it again; normfree train refuses this "
+                                   f"folder unless --overwrite is given.\n")
 
 
 class _StopOnDivergence(Callback):
@@ -203,8 +212,14 @@ class _StopOnDivergence(Callback):
         if self.diverged:  # fine_tune's second fit
             raise CancelFitException
 
+    def before_epoch(self) -> None:
+        self.skipped = False
+
+    def after_cancel_epoch(self) -> None:  # fastai's SkipToEpoch: trained before the run was resumed
+        self.skipped = True
+
     def after_epoch(self) -> None:
-        if not math.isfinite(float(self.learn.smooth_loss)):
+        if not self.skipped and not math.isfinite(float(self.learn.smooth_loss)):
             self.diverged = True
             raise CancelFitException
 
@@ -303,14 +318,22 @@ def _describe(learn: Learner, config: TrainConfig) -> str:
             f"{torch.get_num_threads()} CPU threads -> {config.out}")
 
 
-def _fit(learn: Learner, config: TrainConfig, lr: float, cbs: list[Callback]) -> None:
-    if config.fine_tune:
-        learn.fine_tune(config.epochs, lr, freeze_epochs=config.freeze_epochs, cbs=cbs)
+def _fit(learn: Learner, config: TrainConfig, lr: float, cbs: list[Callback], start: tuple[int, int] = (0, 0)) -> None:
+    """The run's fits; `start` (fit, epoch): where a resumed run continues (its earlier fits and epochs skipped)."""
+    fit, epoch = start
+    if config.fine_tune:  # fastai's fine_tune, one fit at a time so that a resumed run can start in either
+        if fit == 0:
+            learn.freeze()
+            learn.fit_one_cycle(config.freeze_epochs, slice(lr), pct_start=0.99, cbs=cbs, start_epoch=epoch)
+            epoch = 0
+        learn.unfreeze()
+        learn.fit_one_cycle(config.epochs, slice(lr / 2 / 100, lr / 2), pct_start=0.3, div=5.0, cbs=cbs,
+                            start_epoch=epoch)
     elif config.steps is not None:
         epochs = epochs_for_steps(config.steps, config.accum, len(learn.dls.train))
-        learn.fit_one_cycle(epochs, lr, cbs=[*cbs, StepBudget(config.steps, config.accum)])
+        learn.fit_one_cycle(epochs, lr, cbs=[*cbs, StepBudget(config.steps, config.accum)], start_epoch=epoch)
     else:
-        learn.fit_one_cycle(config.epochs, lr, cbs=cbs)
+        learn.fit_one_cycle(config.epochs, lr, cbs=cbs, start_epoch=epoch)
 
 
 def _stop_interrupted_fit(learn: Learner) -> None:
@@ -349,43 +372,99 @@ def train(
     out = Path(config.out)
     with sigterm_as_interrupt(), locked_folder(out):  # SIGTERM stops it as Ctrl-C does; one run per folder
         _check_out(out, overwrite)
-        set_seed(config.seed, reproducible=True)
+        return _build_and_train(config, out, quiet, save_model, save_plots, cbs)
+
+
+def _resumable(out: Path) -> None:
+    """ConfigError naming --resume unless `out` holds a run that was stopped after a finished epoch."""
+    if not out.is_dir():
+        raise ConfigError("resume", f"{out} is not a folder; give the --out folder of the run to continue")
+    if not (out / OUTPUT_FILES["config"]).exists():
+        raise ConfigError("resume", f"{out} is not a normfree run folder (no {OUTPUT_FILES['config']}); give the "
+                                    f"--out folder of the run to continue")
+    if not (out / INCOMPLETE).exists():
+        raise ConfigError("resume", f"{out} holds a finished run (no {INCOMPLETE} marker): there is nothing to "
+                                    f"resume; train a new run with another --out")
+    if not (out / CHECKPOINT).exists():
+        raise ConfigError("resume", f"{out} holds a run stopped before its first epoch finished (no {CHECKPOINT}): "
+                                    f"there is nothing to resume; train it again with --overwrite")
+
+
+def resume(out: str | Path, /, *, quiet: bool = False, save_model: bool = True, save_plots: bool = True,
+           cbs: Sequence[Callback] = ()) -> TrainResult:
+    """Continue the unfinished run in `out` (``normfree train --resume``) from its last finished epoch, with
+    the settings it was started with, and finish it as `train` would have (same metrics, up to float
+    rounding). ConfigError naming ``resume`` for a folder that is not an unfinished run with a checkpoint.
+    The other arguments are `train`'s."""
+    out = Path(out)
+    _resumable(out)
+    with sigterm_as_interrupt(), locked_folder(out):  # refused while another process still trains it
+        _resumable(out)
         try:
-            learn = _build_learner(config)
-        except KeyboardInterrupt as error:
-            error.normfree_note = f"while starting (building the data and model), before anything was written to {out}"
-            raise
-        try:
-            return _train(learn, config, out, quiet, save_model, save_plots, cbs)
-        except KeyboardInterrupt as error:  # after the fit, while saving: the folder stays marked incomplete
-            error.normfree_note = f"while saving the results; {out} is marked incomplete ({INCOMPLETE})"
-            raise
+            state = load_checkpoint(out / CHECKPOINT)
+            config = TrainConfig.from_dict(state["config"])
+        except Exception as error:  # noqa: BLE001 - a damaged file, whatever the unpickler raises
+            raise ConfigError("resume", f"{out / CHECKPOINT} cannot be read ({error}); train the run again with "
+                                        f"--overwrite") from None
+        return _build_and_train(config, out, quiet, save_model, save_plots, cbs, state)
+
+
+def _build_and_train(config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
+                     cbs: Sequence[Callback], resumed: dict[str, Any] | None = None) -> TrainResult:
+    set_seed(config.seed, reproducible=True)
+    try:
+        learn = _build_learner(config)
+    except KeyboardInterrupt as error:
+        error.normfree_note = ("while starting (building the data and model), " +
+                               (f"before anything was written to {out}" if resumed is None else f"{out} is as it was"))
+        raise
+    try:
+        return _train(learn, config, out, quiet, save_model, save_plots, cbs, resumed)
+    except KeyboardInterrupt as error:  # after the fit, while saving: the folder stays marked incomplete
+        error.normfree_note = f"while saving the results; {out} is marked incomplete ({INCOMPLETE})"
+        raise
 
 
 def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
-           cbs: Sequence[Callback]) -> TrainResult:
-    _prepare_out(out)
+           cbs: Sequence[Callback], resumed: dict[str, Any] | None = None) -> TrainResult:
+    if resumed is None:
+        _prepare_out(out)
+        _write_config(out, config)
+    else:  # config.json (and lr_find.png) stay; metrics.csv goes on from the checkpoint's rows
+        remove_temporary_files(out)
+        for name in ("weights", "learner", "result", "curves", "clip_rates"):  # the stop's, rewritten at the end
+            (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
+        atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train --resume continued it at "
+                                       f"{time.ctime()} (process {os.getpid()}) after epoch {len(resumed['rows'])}.\n")
     learn.path, learn.model_dir = out, "."  # lr_find's temporary weights go into out, and are removed
-    _write_config(out, config)
     say = (lambda *args, **kwargs: None) if quiet else print
     say(_describe(learn, config))
 
-    log, divergence = EpochLog(out / OUTPUT_FILES["metrics"]), _StopOnDivergence()
-    lr, finding_lr, stopped_by = config.lr, config.lr_find, None
+    log, divergence = EpochLog(out / OUTPUT_FILES["metrics"], resumed and resumed["rows"]), _StopOnDivergence()
+    lr, finding_lr, stopped_by = config.lr, config.lr_find and resumed is None, None
+    if resumed is not None:
+        lr = resumed["lr"]
+        cbs = [ResumeFit(resumed), *cbs]
+        say(f"resuming after {len(resumed['rows'])} finished epoch(s), from {out / CHECKPOINT}")
     with ExitStack() as stack:
         if quiet:
             stack.enter_context(learn.no_bar())
             stack.enter_context(learn.no_logging())
         peak = stack.enter_context(PeakMemory(learn.dls.device))
         try:
-            if config.lr_find:
+            if finding_lr:
                 lr = float(learn.lr_find(show_plot=False).valley)
                 finding_lr = False
                 _write_config(out, config, lr)
                 if save_plots:
                     _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
                 say(f"lr_find suggests lr={lr:.2e}")
-            _fit(learn, config, lr, [log, divergence, *cbs])
+            checkpoint = EpochCheckpoint(out / CHECKPOINT, log.rows, {"lr": lr, "config": config.to_dict()},
+                                         fit=0 if resumed is None else resumed["fit"])
+            if resumed is None:
+                _fit(learn, config, lr, [log, divergence, checkpoint, *cbs])
+            else:
+                _fit(learn, config, lr, [log, divergence, checkpoint, *cbs], (resumed["fit"], resumed["epoch"]))
         except KeyboardInterrupt as error:
             stopped_by = how_stopped(error)
             _stop_interrupted_fit(learn)
@@ -408,23 +487,29 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
         agc_callback = getattr(learn, "adaptive_clip", None)
         if agc_callback is not None and agc_callback.history is not None and len(agc_callback.history):
             _save_figure(agc_callback.plot(), out / OUTPUT_FILES["clip_rates"])
-    result.files = {key: str(out / name) for key, name in OUTPUT_FILES.items() if (out / name).exists()}
+    result.files = {key: str(out / name) for key, name in OUTPUT_FILES.items()
+                    if (out / name).exists() and not (name == CHECKPOINT and not interrupted)}
     result.files["result"] = str(out / OUTPUT_FILES["result"])
     atomic_write(out / OUTPUT_FILES["result"], json.dumps(result.to_dict(), indent=2) + "\n")
 
     if interrupted:
         atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
                                        f"{len(log.rows)} finished epoch(s); result.json says so (\"interrupted\": "
-                                       f"true). normfree compare trains such a run again; normfree train refuses this "
-                                       f"folder unless --overwrite is given.\n")
+                                       f"true). normfree train --resume {out} continues it from its last finished epoch; "
+                                       f"normfree compare trains it again; normfree train refuses this folder unless "
+                                       f"--overwrite is given.\n")
     else:
+        (out / CHECKPOINT).unlink(missing_ok=True)  # a finished run is not resumed
         (out / INCOMPLETE).unlink()  # the last step: the run is whole
     if interrupted and not finding_lr:
         print(f"\nInterrupted ({stopped_by}) after {len(log.rows)} finished epoch(s) of {config.epochs}. Checkpoint "
               f"in {out}: {OUTPUT_FILES['weights']} (the weights now), {OUTPUT_FILES['metrics']} (finished epochs), "
-              f"{OUTPUT_FILES['config']}; {INCOMPLETE} marks the run as unfinished. Train on from these weights "
-              f"with: normfree train --config {out / OUTPUT_FILES['config']} --weights "
-              f"{out / OUTPUT_FILES['weights']} --fine-tune --out NEW_FOLDER", file=sys.stderr)
+              f"{OUTPUT_FILES['config']}; {INCOMPLETE} marks the run as unfinished. "
+              + (f"Continue it from its last finished epoch with: normfree train --resume {out}"
+                 if (out / CHECKPOINT).exists() else
+                 f"No epoch finished, so there is nothing to resume; train on from these weights with: normfree "
+                 f"train --config {out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} "
+                 f"--fine-tune --out NEW_FOLDER"), file=sys.stderr)
     elif result.diverged:
         say(f"normfree train: {result.divergence()}", file=sys.stderr)
     elif not interrupted:
