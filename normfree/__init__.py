@@ -24,6 +24,7 @@ from .data import (
     write_digits_image_folder,
 )
 from .classifier import find_classifier, init_classifier_
+from .convert import ConversionError, ConvertedResidual, to_normfree
 from .epoch_log import EpochLog
 from .exclusion import excluded_parameters
 from .fusion import fuse_standardization
@@ -58,6 +59,8 @@ __all__ = [
     "CompareConfig",
     "CompareResult",
     "ConfigError",
+    "ConversionError",
+    "ConvertedResidual",
     "DeviceMixedPrecision",
     "EpochLog",
     "FASHION_MNIST_CLASSES",
@@ -100,6 +103,7 @@ __all__ = [
     "save_weights",
     "signal_propagation",
     "subset_dataloaders",
+    "to_normfree",
     "train",
     "unitwise_norm",
     "write_digits_image_folder",

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from . import startup
-from .compare import BUDGETS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
+from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
 from .config import ConfigError, TrainConfig
 from .data_spec import DATA_SPEC_HELP
 from .optim import OPTIMIZERS
@@ -130,6 +130,9 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],
                         help="small NF ResNets: start each residual branch switched off (SkipInit's zero gain) or, "
                              "with --no-skipinit, at full strength (default: the model's own, --no-skipinit)")
+    parser.add_argument("--to-normfree", action="store_true",
+                        help="make a BatchNorm --arch (e.g. resnet18) normalizer-free with normfree.to_normfree: "
+                             "BatchNorm dropped, Scaled WS convolutions, NF residual blocks (alpha 0.2, SkipInit)")
     parser.add_argument("--new-head", action="store_true",
                         help="with --weights/--pretrained: a freshly initialised classifier even when the class count "
                              "matches (a new task)")
@@ -184,9 +187,11 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                "  normfree compare --out grid --report                 # then the report from their folders",
     )
     _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
-                                   "bn_resnet_tiny/small/base")
+                                   "bn_resnet_tiny/small/base; or your own BatchNorm timm arch (e.g. resnet18), "
+                                   "compared with its conversion (methods bn, converted, converted-agc)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
-                        help=f"methods to train, from {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
+                        help=f"methods to train, from {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)}; "
+                             f"{' '.join(CONVERTED_METHODS)} for an arch other than the small ResNets)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(d["batch_sizes"]), metavar="BS",
                         help="batch sizes of one forward/backward pass (default: "
                              f"{' '.join(map(str, d['batch_sizes']))})")

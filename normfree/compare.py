@@ -11,6 +11,14 @@ of `normfree.small_resnets`:
 | ``nf-agc`` | the normalizer-free twin | AGC, lambda `agc` |
 | ``nf-agc-skipinit`` | the normalizer-free twin, residual branches starting switched off (SkipInit) | AGC |
 | ``nf-agc-per-sample`` | the normalizer-free twin | per-sample AGC, lambda `agc` |
+| ``converted`` | the BatchNorm model converted by `normfree.to_normfree` | none |
+| ``converted-agc`` | the BatchNorm model converted by `normfree.to_normfree` | AGC, lambda `agc` |
+
+With a small ResNet as `arch`, ``bn`` trains its BatchNorm twin and ``converted*`` convert that twin
+(which `to_normfree` refuses: its pre-activation blocks are not ones it knows). With any other
+BatchNorm arch (``resnet18``, ...), ``bn`` trains the arch itself and ``converted*`` its conversion,
+so a user compares their own model with its normalizer-free version; the ``nf*`` methods need the
+twin pair, and the default methods are then ``bn converted converted-agc``.
 
 Fairness is built in:
 - the budget is the same for every run: `epochs` (one-cycle schedule), or with ``budget="steps"``
@@ -62,12 +70,15 @@ METHODS = {
     "nf-agc": "NF + AGC",
     "nf-agc-skipinit": "NF + AGC, SkipInit",
     "nf-agc-per-sample": "NF + per-sample AGC",
+    "converted": "converted to NF",
+    "converted-agc": "converted to NF + AGC",
 }
 DEFAULT_METHODS = ("bn", "nf-agc")  # the question in normfree's name; --methods adds the others
+CONVERTED_METHODS = ("bn", "converted", "converted-agc")  # the default for an arch without an NF twin
 BUDGETS = ("epochs", "steps")
 _PER_SAMPLE = "nf-agc-per-sample"
 # A TrainConfig option that a compare option feeds, named back as the compare option in errors.
-_OPTION_OF = {"bs": "batch_sizes", "seed": "seeds", "lr": "lrs"}
+_OPTION_OF = {"bs": "batch_sizes", "seed": "seeds", "lr": "lrs", "to_normfree": "methods"}
 
 
 @dataclass(frozen=True)
@@ -153,10 +164,12 @@ class CompareConfig:
             raise ConfigError("batch_sizes", f"with accumulation every batch size must divide the largest "
                                              f"({max(self.batch_sizes)}), got {list(self.batch_sizes)}; change "
                                              f"them or turn accumulation off (--no-accum)")
-        try:
-            batchnorm_twin_name(self.arch)
-        except ValueError as error:
-            raise ConfigError("arch", f"{error}; compare trains a twin pair") from None
+        twin_methods = [m for m in self.method_keys() if m.startswith("nf")]
+        if twin_methods and not self.has_twins:
+            raise ConfigError("arch", f"{self.arch!r} is not one of the small ResNets (nf_resnet_tiny/small/base or "
+                                      f"bn_resnet_tiny/small/base), whose NF twin the methods {', '.join(twin_methods)} "
+                                      f"train; with your own BatchNorm arch use the methods bn, converted and "
+                                      f"converted-agc (the default for such an arch)")
         first_of_each_method = {cell.method: cell for cell in reversed(self.cells())}
         for cell in first_of_each_method.values():  # the shared options, checked by TrainConfig itself
             for lr in self.lrs:
@@ -168,16 +181,28 @@ class CompareConfig:
         return len(self.lrs) > 1
 
     @property
+    def has_twins(self) -> bool:
+        """Whether `arch` is one of the small ResNets, with an NF and a BatchNorm twin."""
+        try:
+            batchnorm_twin_name(self.arch)
+        except ValueError:
+            return False
+        return True
+
+    @property
     def nf_arch(self) -> str:
         return normfree_twin_name(self.arch)
 
     @property
     def bn_arch(self) -> str:
-        return batchnorm_twin_name(self.arch)
+        """The BatchNorm model: the small ResNet's twin, or `arch` itself."""
+        return batchnorm_twin_name(self.arch) if self.has_twins else self.arch
 
     def method_keys(self) -> list[str]:
-        """The methods run: `methods`, or `DEFAULT_METHODS`."""
-        return list(self.methods) if self.methods is not None else list(DEFAULT_METHODS)
+        """The methods run: `methods`, or `DEFAULT_METHODS` (`CONVERTED_METHODS` for an arch without twins)."""
+        if self.methods is not None:
+            return list(self.methods)
+        return list(DEFAULT_METHODS if self.has_twins else CONVERTED_METHODS)
 
     def settings(self) -> list[tuple[int, int]]:
         """The (bs, accum) batch settings: plain batch sizes, then accumulated ones."""
@@ -198,10 +223,12 @@ class CompareConfig:
         (None: `epochs`); `holdout`: a sweep run, validated on a hold-out of the training images."""
         folder = Path(self.out) / ("sweep" if holdout else "runs")
         try:
+            converted = cell.method.startswith("converted")
             return TrainConfig(
-                data=self.data, arch=self.bn_arch if cell.method == "bn" else self.nf_arch,
-                skipinit=True if cell.method == "nf-agc-skipinit" else None,
-                agc=self.agc if cell.method.startswith("nf-agc") else None, per_sample=cell.method == _PER_SAMPLE,
+                data=self.data, arch=self.bn_arch if cell.method == "bn" or converted else self.nf_arch,
+                skipinit=True if cell.method == "nf-agc-skipinit" else None, to_normfree=converted,
+                agc=self.agc if cell.method.startswith("nf-agc") or cell.method == "converted-agc" else None,
+                per_sample=cell.method == _PER_SAMPLE,
                 bs=cell.bs, accum=cell.accum, opt=self.opt, epochs=self.epochs, steps=steps, lr=lr,
                 precision=self.precision, seed=cell.seed, size=self.size, limit=self.limit,
                 valid_pct=self.valid_pct, holdout=holdout, device=self.device,
@@ -299,7 +326,7 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
     return {
         "command": config.command(),
         "data": config.data,
-        "models": f"{config.bn_arch} (BatchNorm) and {config.nf_arch} (normalizer-free), trained from scratch",
+        "models": _models(config, methods),
         "methods": ", ".join(METHODS[m] for m in methods),
         "batch sizes": ", ".join(map(str, config.batch_sizes)) + f"; gradient accumulation {accumulation}",
         "seeds": ", ".join(map(str, config.seeds)),
@@ -317,6 +344,15 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
                                      f"wall time of this invocation: {seconds:.0f} s (runs found in the folder are "
                                      f"reused)",
     }
+
+
+def _models(config: CompareConfig, methods: list[str]) -> str:
+    models = [f"{config.bn_arch} (BatchNorm)"]
+    if any(m.startswith("nf") for m in methods):
+        models.append(f"{config.nf_arch} (normalizer-free)")
+    if any(m.startswith("converted") for m in methods):
+        models.append(f"{config.bn_arch} converted by normfree.to_normfree (alpha 0.2, SkipInit)")
+    return " and ".join(models) + ", trained from scratch"
 
 
 @dataclass(frozen=True)

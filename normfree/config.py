@@ -21,7 +21,8 @@ from fastai.torch_core import default_device
 
 from .agc import check_agc_arguments
 from .data_spec import DataSpec, parse_data_spec
-from .learner import unknown_arch_error
+from .convert import ConversionError, to_normfree
+from .learner import normalizer_free_archs, unknown_arch_error
 from .optim import OPTIMIZERS
 from .precision import PRECISIONS
 from .small_resnets import is_small_normfree
@@ -141,6 +142,9 @@ class TrainConfig:
       trained weights; the body then starts frozen, as in fastai.
     - `skipinit`: normfree's small NF ResNets only: True starts every residual branch switched off
       (SkipInit's zero gain), False at full strength; None keeps the model's default (False).
+    - `to_normfree`: convert a BatchNorm `arch` (e.g. ``resnet18``) to a normalizer-free model with
+      `normfree.to_normfree` (defaults: alpha 0.2, SkipInit) after building it; refused for archs that
+      are already normalizer-free. Checked up front on the meta device (no memory, no weights).
     - `new_head`: with `weights`/`pretrained`, start from a freshly initialised classifier even when
       the class count matches (a new task).
     - `agc`: AGC's lambda, or None for no clipping; `per_sample`: clip each example's gradient.
@@ -171,6 +175,7 @@ class TrainConfig:
     weights: str | None = None
     new_head: bool = False
     skipinit: bool | None = None
+    to_normfree: bool = False
     agc: float | None = DEFAULT_AGC
     per_sample: bool = False
     bs: int = 64
@@ -235,6 +240,9 @@ class TrainConfig:
             if not Path(self.weights).expanduser().is_file():
                 raise ConfigError("weights", f"{self.weights}: no such file; expected a .safetensors, .pth, .pt, "
                                              f".bin or learn.export() .pkl file")
+        _flag(self.to_normfree, "to_normfree")
+        if self.to_normfree:
+            self._check_convertible()
         _flag(self.new_head, "new_head")
         if self.new_head and not (self.weights or self.pretrained):
             raise ConfigError("new_head", "a new classifier only makes sense on trained weights: give weights or "
@@ -256,6 +264,17 @@ class TrainConfig:
         _flag(self.per_sample, "per_sample")
         if self.per_sample and self.agc is None:
             raise ConfigError("per_sample", "per-sample clipping needs AGC: give agc a lambda, or drop per_sample")
+
+    def _check_convertible(self) -> None:
+        if self.arch in normalizer_free_archs():
+            raise ConfigError("to_normfree", f"{self.arch} is already normalizer-free; drop to_normfree "
+                                             f"(--to-normfree), or give a BatchNorm arch such as resnet18")
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
+            model = timm.create_model(self.arch, num_classes=10)
+        try:
+            to_normfree(model)
+        except ConversionError as error:
+            raise ConfigError("to_normfree", f"{self.arch} cannot be converted: {error}") from None
 
     def _check_training(self) -> None:
         _whole(self.bs, "bs", 1)

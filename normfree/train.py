@@ -51,6 +51,7 @@ from fastai.torch_core import set_seed
 from . import precision as _precision  # noqa: F401  (Learner.to_mixed_precision)
 from .checkpoint import CHECKPOINT, EpochCheckpoint, ResumeFit, load_checkpoint
 from .classifier import classifier_init_std, find_classifier, init_classifier_
+from .convert import ConversionError
 from .config import ConfigError, TrainConfig, library_versions, make_config, training_device
 from .data import subset_dataloaders
 from .epoch_log import EpochLog
@@ -270,7 +271,10 @@ def _build_learner(config: TrainConfig) -> Learner:
             metrics=accuracy_multi if multi_label else accuracy,
             loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=OPTIMIZERS[config.opt],
             model_kwargs=None if config.skipinit is None else {"skipinit": config.skipinit},
+            convert=config.to_normfree,
         )
+    except ConversionError as error:
+        raise ConfigError("to_normfree", f"{config.arch}: {error}") from None
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         option = "weights" if config.weights else "pretrained" if config.pretrained else "arch"
         raise ConfigError(option, str(error)) from None
@@ -306,7 +310,8 @@ def _save_figure(fig, path: Path) -> None:
 
 def _describe(learn: Learner, config: TrainConfig) -> str:
     params = sum(p.numel() for p in learn.model.parameters())
-    clipping = "no AGC" if config.agc is None else f"AGC lambda={config.agc}"
+    clipping = "converted to normalizer-free (to_normfree), " if config.to_normfree else ""
+    clipping += "no AGC" if config.agc is None else f"AGC lambda={config.agc}"
     clipping += " per sample" if config.per_sample else ""
     batch = f"bs {config.bs}"
     batch += f" x {config.accum} accumulated = {config.bs * config.accum} per step" if config.accum > 1 else ""

@@ -1,0 +1,232 @@
+"""to_normfree: BatchNorm models made normalizer-free (Brock, De & Smith 2021, arXiv 2101.08692, Sec. 3-4)."""
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.vision.models.xresnet import xresnet18
+from timm.layers import ScaledStdConv2d
+from timm.models.nfnet import _nonlin_gamma
+from torch import nn
+from torch.utils.data import TensorDataset
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+import normfree
+from normfree import ConvertedResidual, nf_learner, to_normfree
+from normfree.convert import ConversionError, activation_gamma, expected_variance, nf_residual, residual_beta
+from normfree.standardization import standardized_weight
+
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+RELU = _nonlin_gamma["relu"]
+ALPHA = 0.2
+
+
+def assert_normalizer_free(model):
+    assert not [name for name, m in model.named_modules() if isinstance(m, NORMS)]
+    assert not [name for name, m in model.named_modules() if type(m) is nn.Conv2d]
+
+
+def gamma_of(conv):
+    return conv.scale * conv.weight[0].numel() ** 0.5
+
+
+def tiny_resnet(block=BasicBlock, layers=(1, 1, 1, 1), **kwargs):
+    return ResNet(block, list(layers), num_classes=10, **kwargs)
+
+
+def test_torchvision_resnet18_keeps_weights_and_gets_the_nf_recipe():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    converted = to_normfree(model)
+    assert_normalizer_free(converted)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    assert isinstance(converted.conv1, ScaledStdConv2d)
+    assert torch.equal(converted.conv1.weight, model.conv1.weight)  # the standardised weight's source
+    assert torch.equal(converted.layer3[1].branch.conv2.weight, model.layer3[1].conv2.weight)
+    assert gamma_of(converted.conv1) == pytest.approx(1.0)  # reads the image
+    assert gamma_of(converted.layer1[0].branch.conv1) == pytest.approx(RELU)
+    assert gamma_of(converted.layer2[0].shortcut[0]) == pytest.approx(RELU)
+    assert torch.equal(converted.layer1[0].branch.conv1.bias, torch.zeros(64))  # BatchNorm's shift, dropped
+    blocks = [converted.layer1[0], converted.layer1[1], converted.layer2[0], converted.layer2[1], converted.layer4[1]]
+    assert all(isinstance(b, ConvertedResidual) for b in blocks)
+    assert [b.transition for b in blocks] == [False, False, True, False, False]
+    # beta = sqrt(expected Var(h)): 1 after the stem, + alpha^2 per block, 1 + alpha^2 after a transition
+    assert [b.beta ** 2 for b in blocks] == pytest.approx([1.0, 1.04, 1.08, 1.04, 1.04])
+    assert all(float(b.skip_gain.detach()) == 0.0 for b in blocks)
+    assert [b.final_act is not None for b in converted.modules() if isinstance(b, ConvertedResidual)] == \
+        [False] * 7 + [True]  # only the last block activates its output, for the head
+    assert converted(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert to_normfree(model, skipinit=False).layer1[0].skip_gain is None
+
+
+def test_torchvision_bottleneck_resnet_small_widths():
+    model = tiny_resnet(Bottleneck, width_per_group=16)
+    converted = to_normfree(model, alpha=0.5)
+    assert_normalizer_free(converted)
+    first = converted.layer1[0]
+    assert first.transition and first.beta == 1.0  # 64 -> 256 channels: a projection shortcut
+    assert converted.layer2[0].beta ** 2 == pytest.approx(1.25)
+    assert list(dict(first.branch.named_children())) == ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "conv3",
+                                                          "bn3"]
+    assert torch.equal(first.branch.conv3.weight, model.layer1[0].conv3.weight)
+    assert converted(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_timm_resnet_and_fastai_xresnet():
+    for model in (timm.create_model("resnet18", num_classes=10), xresnet18(n_out=10)):
+        converted = to_normfree(model)
+        assert_normalizer_free(converted)
+        blocks = [m for m in converted.modules() if isinstance(m, ConvertedResidual)]
+        assert [b.transition for b in blocks] == [False, False] + [True, False] * 3
+        assert converted(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert to_normfree(timm.create_model("resnet18", num_classes=10)).get_classifier().out_features == 10
+
+
+def test_plain_cnn_is_converted_layer_by_layer():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU(),
+                          nn.Conv2d(16, 16, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    converted = to_normfree(model)
+    assert_normalizer_free(converted)
+    assert [type(m).__name__ for m in converted] == ["ScaledStdConv2d", "Identity", "ReLU", "MaxPool2d",
+                                                      "ScaledStdConv2d", "Identity", "SiLU", "ScaledStdConv2d", "GELU",
+                                                      "AdaptiveAvgPool2d", "Flatten", "Linear"]
+    assert [gamma_of(converted[i]) for i in (0, 4, 7)] == pytest.approx([1.0, RELU, _nonlin_gamma["silu"]])
+    assert torch.equal(converted[0].weight, model[0].weight) and torch.equal(converted[0].bias, model[0].bias)
+    assert torch.equal(converted[11].weight, model[11].weight)
+    x = torch.randn(4, 1, 8, 8)
+    expected = F.conv2d(x, standardized_weight(converted[0]), model[0].bias, padding=1)
+    assert torch.allclose(converted[:2](x), expected, atol=1e-6)
+    # activation_gamma overrides, by one value or by class
+    assert gamma_of(to_normfree(model, activation_gamma=2.0)[4]) == pytest.approx(2.0)
+    assert gamma_of(to_normfree(model, activation_gamma={nn.SiLU: 1.5})[7]) == pytest.approx(1.5)
+
+
+def test_nf_residual_equation_by_hand():
+    torch.manual_seed(0)
+    model = tiny_resnet(layers=(2, 1, 1, 1))
+    for skipinit in (False, True):
+        block = to_normfree(model, skipinit=skipinit).layer1[1]
+        if skipinit:
+            with torch.no_grad():
+                block.skip_gain.fill_(0.5)
+        beta = math.sqrt(1 + ALPHA ** 2)
+        assert block.beta == pytest.approx(beta)
+        h = torch.randn(3, 64, 6, 6)
+        x = torch.relu(h / beta)
+        inner = torch.relu(F.conv2d(x, standardized_weight(block.branch.conv1), block.branch.conv1.bias, padding=1))
+        branch = F.conv2d(inner, standardized_weight(block.branch.conv2), block.branch.conv2.bias, padding=1)
+        gain = 0.5 if skipinit else 1.0
+        assert torch.allclose(block(h), h + ALPHA * gain * branch, atol=1e-5)
+    # the equations one by one
+    assert residual_beta(1.44) == pytest.approx(1.2)
+    assert expected_variance(1.08, 0.2, transition=False) == pytest.approx(1.12)
+    assert expected_variance(1.08, 0.2, transition=True) == pytest.approx(1.04)
+    shortcut, branch = torch.ones(2), torch.full((2,), 3.0)
+    assert torch.allclose(nf_residual(shortcut, branch, 0.2), torch.full((2,), 1.6))
+    assert torch.allclose(nf_residual(shortcut, branch, 0.2, torch.tensor(0.5)), torch.full((2,), 1.3))
+    # timm measured its gammas empirically: 1.71396 for ReLU against the exact 1.71286
+    assert activation_gamma(nn.ReLU()) == pytest.approx(math.sqrt(2 / (1 - 1 / math.pi)), rel=1e-3)
+
+
+def test_variance_at_init_follows_the_nf_prediction_where_deleting_batchnorm_explodes():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None)
+    converted = to_normfree(model, skipinit=False)
+    converted.layer4[-1].final_act = None  # the residual stream itself, before the head's activation
+    deleted = copy.deepcopy(model)
+    for module in list(deleted.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.Identity())
+    outputs = {}
+    for key, net in (("converted", converted), ("deleted", deleted)):
+        net.layer4.register_forward_hook(lambda module, args, out, key=key: outputs.__setitem__(key, out))
+        with torch.no_grad():
+            net(torch.randn(8, 3, 64, 64))
+    # NF prediction for layer4's output: a transition (1 + alpha^2), then two blocks (+ alpha^2 each)
+    predicted = expected_variance(expected_variance(expected_variance(1.0, 0.2, True), 0.2, False), 0.2, False)
+    variance = {k: float(v.var(dim=(0, 2, 3)).mean()) for k, v in outputs.items()}  # average channel variance
+    second_moment = {k: float(v.pow(2).mean()) for k, v in outputs.items()}
+    assert predicted / 2 < variance["converted"] < 2 * predicted, variance
+    assert variance["deleted"] > 20 * predicted, variance
+    assert second_moment["deleted"] > 100 * second_moment["converted"], second_moment  # mean shift as well
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("model, message", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Residual()),
+     r"^2 \(Residual\) holds a Conv2d \(2\.conv\) and its forward is not known .*rewrite it"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), r"^1 is a GroupNorm: .*replace it by nn.Identity\(\)"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(4)), r"^1 is a LayerNorm"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(3, 4), nn.BatchNorm1d(4)),
+     r"^2 \(BatchNorm1d\) does not follow a convolution \(it follows 1 \(Linear\)\).*build the model with "
+     r"normfree.build_model"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 3)),
+     r"^2 reads the output of 1 \(Hardswish\): no gamma is known .*activation_gamma=\{Hardswish: value\}"),
+    (nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), r"^0 \(Conv1d\): .*2-D convolutions"),
+])
+def test_what_cannot_be_converted_is_refused_with_path_and_fix(model, message):
+    with pytest.raises(ConversionError, match=message):
+        to_normfree(model)
+    assert isinstance(ConversionError("x"), ValueError)
+
+
+def test_refusals_of_whole_models():
+    with pytest.raises(ValueError, match=r"^the model \(NormFreeNet\) holds"):
+        to_normfree(timm.create_model("test_nfnet"))
+    with pytest.raises(ValueError, match="alpha must be"):
+        to_normfree(nn.Sequential(), alpha=0)
+    hardswish = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 3))
+    assert gamma_of(to_normfree(hardswish, activation_gamma={"Hardswish": 1.9})[2]) == pytest.approx(1.9)
+
+
+def image_dls(n=64, size=16, classes=4, bs=16):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=generator)
+    y = torch.randint(0, classes, (n,), generator=generator)
+    x += y.view(-1, 1, 1, 1) * 0.5  # learnable
+    ds = TensorDataset(x, y)
+    dls = DataLoaders(DataLoader(ds, bs=bs, shuffle=True), DataLoader(ds, bs=bs))
+    dls.c = classes
+    return dls
+
+
+def test_converted_model_trains_with_agc_and_per_sample_agc():
+    torch.manual_seed(0)
+    dls = image_dls()
+    learn = nf_learner(dls, lambda weights: tiny_resnet(), convert=True, agc=None)
+    assert_normalizer_free(learn.model)
+    learn.agc(0.04)
+    x, y = dls.one_batch()
+    before = float(learn.loss_func(learn.model.eval()(x), y))
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(4, 3e-3)
+    after = float(learn.loss_func(learn.model.eval()(x), y))
+    assert after < before
+    assert learn.adaptive_clip.history.rate() >= 0
+    per_sample = nf_learner(dls, lambda weights: tiny_resnet(), convert={"skipinit": True}, agc=None)
+    per_sample.agc(0.04, per_sample=True)
+    with per_sample.no_bar(), per_sample.no_logging():
+        per_sample.fit(1, 1e-3)
+    gains = [b.skip_gain for b in per_sample.model.modules() if isinstance(b, ConvertedResidual)]
+    assert gains and any(float(g.detach()) != 0 for g in gains)  # the container gains were trained per example
+
+
+def test_nf_learner_refuses_to_convert_normalizer_free_archs():
+    with pytest.raises(ValueError, match="already normalizer-free; drop convert"):
+        nf_learner(image_dls(), "nf_resnet_tiny", convert=True)
+    assert "to_normfree" in normfree.__all__ and "ConvertedResidual" in normfree.__all__
