@@ -438,7 +438,7 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
         jobs = len(devices)
     if report:
         trainer: _Trainer = lambda configs: already_trained(configs, finished_run)  # noqa: E731
-    elif jobs > 1:
+    elif jobs > 1 or devices:
         trainer = lambda configs: in_parallel(configs, _run, overwrite, jobs, devices)  # noqa: E731
     else:
         trainer = lambda configs: one_by_one(configs, _run, overwrite)  # noqa: E731
