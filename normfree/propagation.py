@@ -183,6 +183,8 @@ def _families() -> list[_Family]:
     from timm.models import resnet, resnetv2
     from timm.models.nfnet import NormFreeBlock
 
+    from .convert import ConvertedResidual
+
     preact = tuple(t for t in (getattr(resnetv2, "PreActBottleneck", None), getattr(resnetv2, "PreActBasic", None))
                    if t is not None)
     return [
@@ -197,6 +199,8 @@ def _families() -> list[_Family]:
         _Family((tv.Bottleneck,), _has_downsample, branch_end=lambda b: b.bn3),
         # fastai: act(convpath(x) + idpath(x))
         _Family((ResBlock,), lambda b: len(b.idpath) > 0, branch_end=lambda b: b.convpath),
+        # normfree.to_normfree's blocks: h + alpha * gain * branch(act(h / beta)); the branch is output - shortcut
+        _Family((ConvertedResidual,), lambda b: b.transition, shortcut=lambda b: b.shortcut),
     ]
 
 
