@@ -260,7 +260,8 @@ def _cached_dispatch(params: list[Tensor]) -> _Dispatch:
     # while the implementations' entry points are the same: tests swap them).
     try:
         key = (cpu_kernel.load, gpu_kernel.supports, gpu_kernel.available(), tuple(map(id, params)),
-               tuple(map(_data_ptr, params)), tuple(_data_ptr(p.grad) for p in params))
+               tuple(map(_data_ptr, params)), tuple(_data_ptr(p.grad) for p in params),
+               tuple((p.shape, p.dtype) for p in params))  # freed tensors' ids and storage get reused
     except RuntimeError:  # a sparse gradient has no data pointer: checked (and refused) below
         return _dispatch(params)
     dispatch = _dispatches.get(key)

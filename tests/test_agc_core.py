@@ -315,3 +315,16 @@ def test_integer_tensors_are_refused_naming_the_parameter():
     counts.grad = torch.ones(4, 3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"parameter 1 of shape \(4, 3\) is torch.int64"):
         normfree.adaptive_clip_grad_([nn.Parameter(torch.randn(2)), counts])
+
+
+def test_a_new_tensor_in_the_storage_of_a_freed_one_is_clipped_by_its_own_shape():
+    """Shapes are part of the per-list cache key: a freed (4, 3) parameter's id and storage can be reused by a
+    (4, 1)-shaped one, which is one unit, not four."""
+    for shape in [(4, 3), (12, 1), (4, 3), (3, 4), (12,)]:
+        p = nn.Parameter(torch.randn(shape))
+        p.grad = torch.randn(shape) * 100
+        expected, n_clipped = reference_agc(p, p.grad, 0.01, 1e-3)
+        stats = normfree.adaptive_clip_grad_(p)
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-5, atol=1e-30)
+        assert stats.units.tolist() == [len(units_of(p))] and stats.clipped.tolist() == [n_clipped]
+        del p

@@ -139,7 +139,7 @@ def test_compare_command_line_round_trips():
 
 @pytest.mark.parametrize("argv, flag", [
     (["--batch-sizes", "8", "30"], "--batch-sizes"),
-    (["--arch", "resnet18", "--methods", "bn", "nf-agc"], "--arch"),  # nf* need the small ResNets' twins
+    (["--arch", "resnet18", "--methods", "bn", "nf-agc"], "--arch"),  # resnet18 alone: bn vs its conversion
     (["--seeds", "1", "1"], "--seeds"),
     (["--methods", "nf", "nf"], "--methods"),
     (["--methods", "groupnorm"], "--methods"),

@@ -294,6 +294,6 @@ def test_help_shows_every_default_through_a_real_subprocess():
         assert expected in text, expected
     described = done.stdout.split("options:")[1].split("examples:")[0]
     blocks = described.split("\n  -")[1:]  # one per option
-    assert len(blocks) == 36  # --help and the 35 options
+    assert len(blocks) == 37  # --help and the 36 options
     for block in blocks:
         assert "default" in block or block.startswith("h, --help"), block
