@@ -1,17 +1,13 @@
 """`normfree train --resume DIR` / `normfree.resume`: a run stopped by Ctrl-C, SIGTERM or a kill continues from its
 last finished epoch and ends with the metrics of the same run never stopped; only unfinished runs are accepted."""
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 import normfree
 from normfree.cli import main
 from normfree.outdir import INCOMPLETE
-from test_run_folder import QUICK, ROOT, SLOW_RUN, SendAt, stopped_with_status_2, with_callback
+from test_run_folder import QUICK, SendAt, kill_mid_run, stopped_with_status_2, with_callback
 from test_train_cli import InterruptAt, QUICK_OPTIONS, read_rows, without_timing
 
 QUIET = dict(quiet=True, save_model=False, save_plots=False)
@@ -79,13 +75,7 @@ def test_cli_resume_after_sigterm(tmp_path, monkeypatch, capsys):
 
 def test_resume_after_a_kill(tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(out), *QUICK, "--epochs", "3"], cwd=tmp_path,
-                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while not out.with_suffix(".ready").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.kill()  # SIGKILL: nothing saved at the stop, only the last epoch's checkpoint
-    assert process.wait(30) == -signal.SIGKILL
+    kill_mid_run(out)  # SIGKILL: nothing saved at the stop, only the last epoch's checkpoint
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     whole = normfree.train(**{**QUICK_OPTIONS, "epochs": 3}, out=tmp_path / "whole", **QUIET)
     assert_same_metrics(read_rows(out / "metrics.csv"), metrics(whole))

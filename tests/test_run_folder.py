@@ -105,15 +105,20 @@ SLOW_RUN = textwrap.dedent("""
 """)
 
 
-def test_a_run_killed_without_warning_is_marked_incomplete_and_never_reused(tmp_path, capsys):
-    out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(out), *QUICK, "--epochs", "3"], cwd=tmp_path,
+def kill_mid_run(out: Path) -> None:
+    """Start `SLOW_RUN` (3 epochs) into `out`, SIGKILL it once its first epoch has ended: no handler runs."""
+    process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(out), *QUICK, "--epochs", "3"], cwd=out.parent,
                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not out.with_suffix(".ready").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.kill()  # SIGKILL: no handler runs
+    process.kill()
     assert process.wait(30) == -signal.SIGKILL
+
+
+def test_a_run_killed_without_warning_is_marked_incomplete_and_never_reused(tmp_path, capsys):
+    out = tmp_path / "run"
+    kill_mid_run(out)
     assert INCOMPLETE in {p.name for p in out.iterdir()} and "has not finished" in (out / INCOMPLETE).read_text()
     lines = (out / "metrics.csv").read_text().splitlines()
     assert len(lines) == 2 and lines[1].startswith("1,")  # the header and the finished epoch, whole
