@@ -22,7 +22,7 @@ import torch
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
 import normfree
-from normfree.agc import clip_with_torch_ops
+from normfree.agc.clip import clip_with_torch_ops
 
 ISOLATED_ROUNDS = 15
 LOOP_ROUNDS = 5

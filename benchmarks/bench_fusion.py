@@ -26,7 +26,7 @@ import timm
 import torch
 from torch.fx.experimental.optimization import fuse
 
-from normfree.fusion import fuse_standardization
+from normfree.models.fusion import fuse_standardization
 
 ROUNDS = 40
 BUDGET_S = 75  # seconds for the timed rounds (~20 s on an idle 2-core machine)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from normfree import adaptive_clip_grad_, excluded_parameters
-from normfree.per_sample import PerSampleClipper
+from normfree.agc.per_sample import PerSampleClipper
 
 ROUNDS = 6
 SETTINGS = [  # (arch, batch, size, channels)

@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from normfree.small_resnets import FAMILY, batchnorm_twin_name
+from normfree.models.small_resnets import FAMILY, batchnorm_twin_name
 
 ROUNDS = 20
 BATCH, SIZE, CHANNELS, CLASSES = 64, 32, 1, 10

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SKIP_LINE = "benchmarks/gpu.py: skipped, no CUDA device"
 
 # Per-sample engine variants, each timed on every setting of section 3: a name and the tuning knobs to set
-# while it runs (`normfree.per_sample.tuned(**knobs)`, see normfree/per_sample/tuning.py).
+# while it runs (`normfree.agc.per_sample.tuned(**knobs)`, see normfree/agc/per_sample/tuning.py).
 PER_SAMPLE_VARIANTS: list[tuple[str, dict]] = [("default", {}), ("k x k convs by conv", {"kxk_weight_grads": "conv"})]
 
 CLIPPING, EPS = 0.01, 1e-3
@@ -296,7 +296,7 @@ def clipped_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def torch_ops_clip():
     """normfree's public torch-ops AGC path; today's private name as a fallback."""
-    from normfree import agc
+    from normfree.agc import clip as agc
 
     fn = getattr(agc, "clip_with_torch_ops", None)
     return (fn, "clip_with_torch_ops") if fn is not None else (agc._clip_with_torch_ops, "_clip_with_torch_ops (private)")
@@ -591,7 +591,7 @@ def profile_table(ctx: Context, run) -> str:
 
 def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[float, float]:
     """Per-sample engine against per-example autograd + float64 AGC per example, fp32 without TF32."""
-    from normfree.per_sample import PerSampleClipper, tuned
+    from normfree.agc.per_sample import PerSampleClipper, tuned
 
     s = ctx.sizes
     model = make_model(s.check_arch, ctx)
@@ -623,7 +623,7 @@ def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[fl
 
 
 def section_per_sample(ctx: Context) -> dict:
-    from normfree.per_sample import PerSampleClipper
+    from normfree.agc.per_sample import PerSampleClipper
 
     name, s = S3, ctx.sizes
     data: dict = dict(variants={v: settings for v, settings in PER_SAMPLE_VARIANTS}, settings={})
@@ -656,7 +656,7 @@ def section_per_sample(ctx: Context) -> dict:
 
 
 def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, PerSampleClipper) -> None:
-    from normfree.per_sample import tuned
+    from normfree.agc.per_sample import tuned
 
     name, s = S3, ctx.sizes
     channels_last = setting.precision == "bf16"

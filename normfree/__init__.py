@@ -1,54 +1,77 @@
-"""normfree: Normalizer-Free Networks and Adaptive Gradient Clipping for fastai."""
+"""normfree: Normalizer-Free Networks and Adaptive Gradient Clipping for fastai.
+
+The layers, bottom up (docs/ARCHITECTURE.md): `utils`, `models` and `agc` (torch and timm only), `data` and
+`learner` (fastai), `app` (the runs, reports and the command line). `import normfree` loads the first three only;
+the fastai-level names below load on first use, so that a script using AGC alone never imports fastai or pyplot.
+Where fastai is imported already, the fastai integration (``Learner.agc``, ``Learner.to_mixed_precision``) is
+installed at once.
+"""
+import importlib
+import sys
 import warnings
 
-from . import startup  # noqa: F401  (first: Ctrl-C while the normfree command starts is one line)
+from .app import startup  # noqa: F401  (first: Ctrl-C while the normfree command starts is one line)
 
 # fastai 2.8 decorates a layer with torch.jit.script at import time, which torch now deprecates: a
 # warning on every start of the `normfree` command that no user can act on.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
-from .agc import ClipStats, adaptive_clip_factor, adaptive_clip_grad_, unitwise_norm
-from .callback import AGC, ClipRate
-from .clip_history import ClipHistory
-from .compare import METHODS, CompareConfig, CompareResult, compare
-from .config import ConfigError, TrainConfig
-from .data import (
-    FASHION_MNIST_CLASSES,
-    csv_dataloaders,
-    digits_dataloaders,
-    fashion_mnist_dataloaders,
-    image_folder_dataloaders,
-    medmnist_dataloaders,
-    read_idx,
-    subset_dataloaders,
-    write_digits_image_folder,
-)
-from .classifier import find_classifier, init_classifier_
-from .convert import ConversionError, ConvertedResidual, to_normfree
-from .epoch_log import EpochLog
-from .exclusion import excluded_parameters
-from .fusion import fuse_standardization
-from .per_sample import PerSampleClipper
-from .learner import body_head_splitter, build_model, nf_learner, normalizer_free_archs
-from .memory import PeakMemory
-from .optim import nesterov_sgd
-from .precision import DeviceMixedPrecision  # also Learner.to_mixed_precision
-from .report import RunRecord, write_report
-from .propagation import (
+from .agc import ClipStats, PerSampleClipper, adaptive_clip_factor, adaptive_clip_grad_, excluded_parameters, unitwise_norm
+from .models import (  # importing the models registers normfree's small ResNets (nf_/bn_resnet_*) with timm
     BlockStats,
+    ConversionError,
+    ConvertedResidual,
     SignalPropagation,
+    SmallResNet,
     average_channel_squared_mean,
     average_channel_variance,
+    batchnorm_twin_name,
+    body_head_splitter,
+    build_model,
+    find_classifier,
+    fuse_standardization,
+    init_classifier_,
+    load_weights,
+    normalizer_free_archs,
+    normfree_twin_name,
+    save_weights,
     signal_propagation,
+    to_normfree,
 )
-from .spp import write_spp
-from .step_budget import StepBudget
-from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name  # registers nf_/bn_resnet_* in timm
-from .train import TrainResult, resume, train
-from .transfer import TransferConfig, TransferResult, compare_transfer
-from .weights import load_weights, save_weights
+from .utils.errors import ConfigError
+from .utils.memory import PeakMemory
 
 __version__ = "0.1.0"
+
+_LAZY = {  # name -> the module that defines it (each needs fastai)
+    **dict.fromkeys(["AGC", "ClipRate", "ClipHistory", "DeviceMixedPrecision", "EpochLog", "StepBudget",
+                     "nesterov_sgd", "nf_learner"], "normfree.learner"),
+    **dict.fromkeys(["FASHION_MNIST_CLASSES", "csv_dataloaders", "digits_dataloaders", "fashion_mnist_dataloaders",
+                     "image_folder_dataloaders", "medmnist_dataloaders", "read_idx", "subset_dataloaders",
+                     "write_digits_image_folder"], "normfree.data"),
+    **dict.fromkeys(["TrainConfig"], "normfree.app.config"),
+    **dict.fromkeys(["TrainResult", "resume", "train"], "normfree.app.train"),
+    **dict.fromkeys(["METHODS", "CompareConfig", "CompareResult", "compare"], "normfree.app.compare"),
+    **dict.fromkeys(["TransferConfig", "TransferResult", "compare_transfer"], "normfree.app.transfer"),
+    **dict.fromkeys(["RunRecord", "write_report"], "normfree.app.report"),
+    **dict.fromkeys(["write_spp"], "normfree.app.spp"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'normfree' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if "fastai.learner" in sys.modules:
+    importlib.import_module("normfree.learner")
 
 __all__ = [
     "AGC",

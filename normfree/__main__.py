@@ -1,6 +1,6 @@
-"""``python -m normfree``: the ``normfree`` command (see `normfree.cli`)."""
+"""``python -m normfree``: the ``normfree`` command (see `normfree.app.cli`)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter, which is chosen when
-# normfree.gpu_kernel is first imported: set it before any test imports normfree.
+# normfree.agc.gpu_kernel is first imported: set it before any test imports normfree.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 matplotlib.use("Agg")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import normfree
-from normfree.cli import build_parser, main
-from normfree.report import RunRecord, markdown_table, summarise, write_report
+from normfree.app.cli import build_parser, main
+from normfree.app.report import RunRecord, markdown_table, summarise, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # 2 methods x (bs 8, bs 16, bs 8 x 2 accumulated) x 2 seeds = 12 one-epoch runs on 48 + 48 tiny digits.
@@ -76,7 +76,7 @@ def test_compare_cli_trains_the_grid_and_prints_the_table(grid, capsys):
                                   ((8, 1), (16, 1), (8, 2)) for s in (0, 1))
     configs = {name: r["config"] for name, r in runs.items()}
     assert configs["bn-bs8-x2-seed1"]["arch"] == "bn_resnet_tiny" and configs["bn-bs8-x2-seed1"]["agc"] is None
-    assert configs["nf-agc-bs8-x2-seed1"]["arch"] == "nf_resnet_tiny" and configs["nf-agc-bs8-x2-seed1"]["agc"] == normfree.config.DEFAULT_AGC
+    assert configs["nf-agc-bs8-x2-seed1"]["arch"] == "nf_resnet_tiny" and configs["nf-agc-bs8-x2-seed1"]["agc"] == normfree.app.config.DEFAULT_AGC
     assert configs["nf-agc-bs8-x2-seed1"]["accum"] == 2 and configs["nf-agc-bs16-x1-seed0"]["accum"] == 1
     assert {c["epochs"] for c in configs.values()} == {1} and {c["lr"] for c in configs.values()} == {1e-2}
     assert not (out / "sweep").exists()  # one lr: nothing to choose, no sweep
@@ -164,7 +164,7 @@ def test_compare_bad_input(tmp_path, monkeypatch, capsys, argv, flag):
 
 
 def test_reading_states_each_gap_to_the_baseline_with_its_seed_spread():
-    paragraph = normfree.report.reading(summarise(HAND_RUNS, ["A", "B"]), ["A", "B"])
+    paragraph = normfree.app.report.reading(summarise(HAND_RUNS, ["A", "B"]), ["A", "B"])
     # B at bs 8: 50.0 against A's 80.0 +- 10.0; A's accumulated setting has no B run to compare with
     assert paragraph == ("B against A, in points of final accuracy: bs 8: -30.0 (seed spread up to 10.0). "
                          "Within 2 points at 0 of 1 batch settings, ahead at 0, behind at 1.")

@@ -18,8 +18,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import normfree
 from normfree import ConvertedResidual, nf_learner, to_normfree
-from normfree.convert import ConversionError, activation_gamma, expected_variance, nf_residual, residual_beta
-from normfree.standardization import standardized_weight
+from normfree.models.convert import ConversionError, activation_gamma, expected_variance, nf_residual, residual_beta
+from normfree.models.standardization import standardized_weight
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 RELU = _nonlin_gamma["relu"]

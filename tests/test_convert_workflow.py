@@ -5,7 +5,7 @@ import pytest
 
 import normfree
 from normfree import ConvertedResidual
-from normfree.cli import main
+from normfree.app.cli import main
 
 QUICK = dict(data="digits", size=8, limit=64, bs=16, epochs=1)
 
@@ -44,7 +44,7 @@ def test_compare_converted_methods_on_your_own_arch(tmp_path, capsys):
     assert {name: (c["arch"], c["to_normfree"], c["agc"]) for name, c in configs.items()} == {
         "bn-bs16-x1-seed0": ("resnet18", False, None),
         "converted-bs16-x1-seed0": ("resnet18", True, None),
-        "converted-agc-bs16-x1-seed0": ("resnet18", True, normfree.config.DEFAULT_AGC),
+        "converted-agc-bs16-x1-seed0": ("resnet18", True, normfree.app.config.DEFAULT_AGC),
     }
     report = (out / "report.md").read_text()
     assert "converted to NF + AGC" in report and "resnet18 converted by normfree.to_normfree" in report

@@ -9,8 +9,8 @@ from agc_reference import reference_agc
 from torch import nn
 
 import normfree
-from normfree import agc as agc_module
-from normfree import cpu_kernel
+from normfree.agc import clip as agc_module
+from normfree.agc import cpu_kernel
 
 
 @pytest.fixture

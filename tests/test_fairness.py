@@ -12,9 +12,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import normfree
-from normfree.cli import main
-from normfree.compare import _choose_lr, _SweepPoint
-from normfree.optim import nesterov_sgd
+from normfree.app.cli import main
+from normfree.app.compare import _choose_lr, _SweepPoint
+from normfree.learner.optim import nesterov_sgd
 
 TINY = dict(data="digits", arch="nf_resnet_tiny", size=8, limit=64, bs=16, epochs=1)
 

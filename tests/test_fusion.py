@@ -10,7 +10,7 @@ from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdCon
 from timm.models.nfnet import NormFreeBlock
 from torch import nn
 
-from normfree.fusion import FusedNormFreeBlock, fuse_standardization
+from normfree.models.fusion import FusedNormFreeBlock, fuse_standardization
 
 STD_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
 MODELS = {

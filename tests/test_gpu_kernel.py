@@ -10,7 +10,7 @@ from agc_reference import reference_agc
 from torch import nn
 
 import normfree
-from normfree import cpu_kernel, gpu_kernel
+from normfree.agc import cpu_kernel, gpu_kernel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 import normfree
-from normfree.cli import main
-from normfree.outdir import INCOMPLETE
+from normfree.app.cli import main
+from normfree.utils.outdir import INCOMPLETE
 
 # 1 method x bs 8 x 2 seeds = 2 one-epoch runs on 48 + 48 tiny digits
 GRID = dict(methods=("nf-agc",), batch_sizes=(8,), seeds=(0, 1), epochs=1, size=8, limit=48, lrs=(0.01,))

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import normfree
 from test_data import write_npz
 from normfree import AGC, build_model, nf_learner, normalizer_free_archs, save_weights, write_digits_image_folder
-from normfree.learner import unknown_arch_error
+from normfree.models.factory import unknown_arch_error
 
 NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 PAPER_PARAMS_M = {"nfnet_f0": 71.5, "nfnet_f1": 132.6, "nfnet_f2": 193.8, "nfnet_f3": 254.9,

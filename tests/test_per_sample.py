@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 import normfree  # noqa: F401  (Learner.to_mixed_precision)
 from normfree import AGC, excluded_parameters
-from normfree.per_sample import PerSampleClipper, tuned
+from normfree.agc.per_sample import PerSampleClipper, tuned
 
 LR = 0.5
 CLIPPING = 0.01
@@ -369,7 +369,7 @@ def test_chunks_of_any_size_give_the_result_of_one_chunk(budget, method):
 
 
 def test_tuning_knobs_are_checked_and_restored():
-    from normfree.per_sample import TUNING
+    from normfree.agc.per_sample import TUNING
     before = (TUNING.cpu_scratch_bytes, TUNING.cuda_scratch_bytes, TUNING.kxk_weight_grads)
     with pytest.raises(TypeError, match="no tuning knob 'chunk'"), tuned(chunk=3):
         pass
@@ -396,7 +396,7 @@ def test_bfloat16_autocast_on_the_cpu_is_close_to_the_loop(name):
 @given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)))
 def test_patches_are_torchs_unfold(kernel, stride, padding, dilation):
-    from normfree.per_sample.layers import Layer
+    from normfree.agc.per_sample.layers import Layer
     conv = nn.Conv2d(4, 6, kernel, stride, padding, dilation, groups=2)
     x = torch.randn(3, 4, 9, 8)
     expected = F.unfold(x, kernel, dilation, padding, stride)

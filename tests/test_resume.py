@@ -5,8 +5,8 @@ import signal
 import pytest
 
 import normfree
-from normfree.cli import main
-from normfree.outdir import INCOMPLETE
+from normfree.app.cli import main
+from normfree.utils.outdir import INCOMPLETE
 from test_run_folder import QUICK, SendAt, kill_mid_run, stopped_with_status_2, with_callback
 from test_train_cli import InterruptAt, QUICK_OPTIONS, read_rows, without_timing
 

@@ -14,17 +14,17 @@ import pytest
 from fastai.callback.core import Callback
 
 import normfree
-from normfree.cli import main
-from normfree.compare import finished_run
-from normfree.config import TrainConfig
-from normfree.outdir import INCOMPLETE, atomic_write, locked_folder
-from normfree.signals import Terminated
+from normfree.app.cli import main
+from normfree.app.compare import finished_run
+from normfree.app.config import TrainConfig
+from normfree.utils.outdir import INCOMPLETE, atomic_write, locked_folder
+from normfree.app.signals import Terminated
 
 QUICK = ["--data", "digits", "--arch", "nf_resnet_tiny", "--size", "8", "--limit", "64", "--bs", "16",
          "--epochs", "1", "--quiet"]
 QUICK_OPTIONS = dict(data="digits", arch="nf_resnet_tiny", size=8, limit=64, bs=16, epochs=1)
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = importlib.import_module("normfree.train")  # the module (normfree.train is the function)
+TRAIN = importlib.import_module("normfree.app.train")  # the module (normfree.train is the function)
 
 
 def stopped_with_status_2(argv, capsys):
@@ -90,8 +90,8 @@ SLOW_RUN = textwrap.dedent("""
     from pathlib import Path
     from fastai.callback.core import Callback
     import importlib
-    from normfree.cli import main
-    train_module = importlib.import_module("normfree.train")
+    from normfree.app.cli import main
+    train_module = importlib.import_module("normfree.app.train")
 
     class Slow(Callback):  # the second epoch never ends; says when it is there
         def after_batch(self):

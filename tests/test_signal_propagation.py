@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from timm.models.nfnet import DownsampleAvg
 from torch import nn
 
-from normfree.propagation import (
+from normfree.models.propagation import (
     average_channel_squared_mean,
     average_channel_variance,
     signal_propagation,
 )
-from normfree.small_resnets import ALPHA
+from normfree.models.small_resnets import ALPHA
 
 
 def hand_stats(h):
@@ -234,10 +234,10 @@ def test_modules_import_no_plotting_library_at_import_time():
     modules' own top-level imports rather than sys.modules)."""
     import ast
 
-    import normfree.propagation
-    import normfree.spp
+    import normfree.models.propagation
+    import normfree.app.spp
 
-    for module in (normfree.propagation, normfree.spp):
+    for module in (normfree.models.propagation, normfree.app.spp):
         tree = ast.parse(open(module.__file__).read())
         top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
         names = [alias.name for node in top for alias in node.names] + [node.module or "" for node in top

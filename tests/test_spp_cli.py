@@ -6,7 +6,7 @@ import timm
 import torch
 
 import normfree
-from normfree.cli import main
+from normfree.app.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--arch", "nf_resnet_tiny", "bn_resnet_tiny", "--size", "16", "--bs", "4", "--quiet"]

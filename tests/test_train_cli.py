@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import normfree
 from fastai.torch_core import default_device
-from normfree.cli import main
-from normfree.data_spec import parse_data_spec
+from normfree.app.cli import main
+from normfree.data.registry import parse_data_spec
 
 # One short epoch on 64 + 64 tiny digits.
 QUICK = ["--data", "digits", "--arch", "nf_resnet_tiny", "--size", "8", "--limit", "64", "--bs", "16",
@@ -96,7 +96,7 @@ def test_cli_train_config_records_the_settings_and_versions(cli_run):
     config = content["config"]
     assert (config["data"], config["arch"], config["size"], config["limit"], config["bs"], config["epochs"]) == (
         "digits", "nf_resnet_tiny", 8, 64, 16, 1)
-    assert (config["agc"], config["seed"], config["precision"], config["accum"]) == (normfree.config.DEFAULT_AGC, 0, "fp32", 1)
+    assert (config["agc"], config["seed"], config["precision"], config["accum"]) == (normfree.app.config.DEFAULT_AGC, 0, "fp32", 1)
     assert config["out"] == str(out.resolve())
     for package in ("torch", "fastai", "timm"):
         assert content["versions"][package] == metadata.version(package)
@@ -105,7 +105,7 @@ def test_cli_train_config_records_the_settings_and_versions(cli_run):
 def test_exported_learner_of_tensor_data_loads_and_predicts_like_the_weights(cli_run):
     out = cli_run[0] / "run"
     learn = load_learner(out / "learner.pkl")
-    assert [cb.clipping for cb in learn.cbs if isinstance(cb, normfree.AGC)] == [normfree.config.DEFAULT_AGC]
+    assert [cb.clipping for cb in learn.cbs if isinstance(cb, normfree.AGC)] == [normfree.app.config.DEFAULT_AGC]
     dls = normfree.digits_dataloaders(bs=16, size=8, limit=64, device="cpu")
     images, _ = dls.valid.dataset.tensors
     with learn.no_bar():
@@ -273,7 +273,7 @@ def test_data_spec_parsing(tmp_path):
     (tmp_path / "a.csv").write_text("path,label\n")
     (tmp_path / "a.txt").write_text("")
     assert parse_data_spec("digits").kind == "digits"
-    assert parse_data_spec(f"fashion-mnist:{tmp_path}") == normfree.data_spec.DataSpec("fashion-mnist", tmp_path)
+    assert parse_data_spec(f"fashion-mnist:{tmp_path}") == normfree.data.registry.DataSpec("fashion-mnist", tmp_path)
     assert parse_data_spec(folder).kind == "image-folder"
     assert parse_data_spec(tmp_path / "a.npz").kind == "medmnist"
     assert parse_data_spec(tmp_path / "a.csv").kind == "csv"

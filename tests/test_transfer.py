@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import normfree
-from normfree.cli import build_parser, main
-from normfree.data import read_idx
-from normfree.train import build_dataloaders
+from normfree.app.cli import build_parser, main
+from normfree.data.loaders import read_idx
+from normfree.app.train import build_dataloaders
 from test_data import write_fashion
 
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -65,7 +65,7 @@ def test_the_runs_on_disk_are_the_grid(grid):
                             for bs in BATCH_SIZES for s in SEEDS})
     for model in MODELS:
         model_settings = {"arch": "bn_resnet_tiny" if model == "bn" else "nf_resnet_tiny",
-                          "agc": normfree.config.DEFAULT_AGC if model == "nf-agc" else None}
+                          "agc": normfree.app.config.DEFAULT_AGC if model == "nf-agc" else None}
         for seed in SEEDS:
             pretrained = (out / "runs" / f"pretrain-{model}-seed{seed}").resolve()
             config = runs[pretrained.name]["config"]

@@ -18,8 +18,8 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 
 import normfree
-from normfree.optim import OPTIMIZERS
-from normfree.small_resnets import FAMILY, SmallResNet
+from normfree.learner.optim import OPTIMIZERS
+from normfree.models.small_resnets import FAMILY, SmallResNet
 
 OLD = dict(skipinit=True, alpha=0.2, classifier_std=0.01, agc=0.01)  # the defaults before the recipe
 NEW = dict(skipinit=False, alpha=0.5, classifier_std=0.1, agc=0.04)  # the recipe

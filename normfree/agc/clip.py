@@ -1,0 +1,236 @@
+"""`adaptive_clip_grad_`: AGC (`normfree.agc.rule`) applied in place to a list of parameters, each by the
+fastest implementation for its device, dtype and layout: the fused CPU kernel, the Triton kernel, or torch ops."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from collections import OrderedDict
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernel, gpu_kernel
+from .rule import (
+    DEFAULT_CLIPPING,
+    DEFAULT_EPS,
+    GRAD_NORM_FLOOR,
+    adaptive_clip_factor,
+    check_agc_arguments,
+    is_single_unit,
+    num_units,
+    unit_norms,
+    unit_shape,
+)
+
+__all__ = ["ClipStats", "adaptive_clip_grad_", "clip_with_torch_ops"]
+
+
+@dataclass(frozen=True)
+class ClipStats:
+    """What one call of `adaptive_clip_grad_` did, one entry per parameter passed, in order.
+
+    `clipped` and `nonfinite` stay on the gradients' device: reading them (`.item()`, `int()`)
+    is the only host synchronisation, and it is left to the caller. `units` is known without the
+    device and lives on the CPU; parameters without a gradient have 0 units.
+    """
+
+    clipped: Tensor  # units whose gradient was scaled down
+    nonfinite: Tensor  # units whose gradient norm was inf or NaN, left unchanged
+    units: Tensor  # units per parameter (CPU)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of all units that were clipped (synchronises with the device)."""
+        total = int(self.units.sum())
+        return int(self.clipped.sum()) / total if total else 0.0
+
+
+def _unit_norm_vector(tensors: list[Tensor]) -> Tensor:
+    """The unit norms of `tensors`, in order, as one vector.
+
+    The single-unit tensors (`is_single_unit`: gains, biases, scalars) must come first: they are normed
+    in one multi-tensor call; the others with one row-wise norm kernel each.
+    """
+    singles = [t for t in tensors if is_single_unit(t)]
+    norms = []
+    if singles:
+        dtype = reduce(torch.promote_types, [t.dtype for t in singles], torch.float32)
+        norms.append(torch.stack(torch._foreach_norm(singles, dtype=dtype)))
+    return torch.cat(norms + [unit_norms(t) for t in tensors[len(singles):]])
+
+
+def _count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
+    """True entries of `mask` in each consecutive run of `units` entries, as 0-d device tensors.
+
+    The 1-norm of a 0/1 vector is its count: one multi-tensor call, and no index tensor to copy
+    from the host (a pageable host-to-device copy would synchronise a CUDA stream).
+    """
+    return torch._foreach_norm(list(mask.float().split(units)), ord=1)
+
+
+def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tuple[list[Tensor], list[Tensor]]:
+    """AGC with torch ops, on any device and dtype, without host synchronisation.
+
+    One multi-tensor norm for the single-unit tensors, one row-wise norm kernel per other tensor,
+    the factors of all units from one computation, one `_foreach_mul_`. Returns the clipped and
+    the non-finite unit counts of each parameter, in order, as 0-d int64 device tensors.
+    """
+    order = sorted(range(len(params)), key=lambda i: not is_single_unit(params[i]))  # single-unit tensors first
+    grads = [params[i].grad for i in order]
+    grad_norm = _unit_norm_vector(grads)
+    factor = adaptive_clip_factor(_unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
+    units = [num_units(g) for g in grads]
+    torch._foreach_mul_(grads, [f.view(unit_shape(g)) for f, g in zip(factor.split(units), grads)])
+    clipped = torch.stack(_count_per_tensor(factor < 1, units)).long().unbind()
+    nonfinite = torch.stack(_count_per_tensor(~grad_norm.isfinite(), units)).long().unbind()
+    position = {i: k for k, i in enumerate(order)}
+    return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
+
+
+@dataclass(frozen=True)
+class _Dispatch:
+    """Which implementation clips which parameter of one list: everything `adaptive_clip_grad_` decides
+    from the parameters' devices, dtypes and layouts, kept while their storage stays the same."""
+
+    device: torch.device
+    units: Tensor  # per parameter listed (CPU), 0 without a gradient
+    first: list[int]  # per parameter listed, the position of its first listing
+    cpu_groups: list[list[int]]  # positions clipped by the fused CPU kernel, one list per dtype
+    gpu: list[int]  # positions clipped by the Triton kernel
+    gpu_plan: gpu_kernel.Plan | None
+    torch_ops: list[int]  # positions clipped with torch ops
+    all_gpu: bool  # every parameter with a gradient goes to the Triton kernel
+    repeats: list[tuple[int, int]]  # (position, position of its first listing) of parameters listed again
+
+    def run(self, params: list[Tensor], clipping: float, eps: float) -> ClipStats:
+        if self.all_gpu:  # the kernel writes each parameter's counts into its own column: no gathering
+            counts = gpu_kernel.clip_(self.gpu_plan, len(params), clipping, eps, GRAD_NORM_FLOOR)
+            for i, first in self.repeats:  # listed again: the counts of its first listing
+                counts[:, i] = counts[:, first]
+            counts = counts.long()
+            return ClipStats(clipped=counts[0], nonfinite=counts[1], units=self.units)
+        found: dict[int, tuple[Tensor, Tensor]] = {}
+        if self.gpu:
+            counts = gpu_kernel.clip_(self.gpu_plan, len(self.gpu), clipping, eps, GRAD_NORM_FLOOR).long()
+            found.update(zip(self.gpu, zip(counts[0].unbind(), counts[1].unbind())))
+        for group in self.cpu_groups:
+            clipped, nonfinite = cpu_kernel.clip_([params[i] for i in group], [num_units(params[i]) for i in group],
+                                                  clipping, eps, GRAD_NORM_FLOOR)
+            found.update(zip(group, zip(clipped.unbind(), nonfinite.unbind())))
+        if self.torch_ops:
+            found.update(zip(self.torch_ops, zip(*clip_with_torch_ops([params[i] for i in self.torch_ops], clipping,
+                                                                        eps))))
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+
+        def per_parameter(field: int) -> Tensor:
+            if not params:
+                return torch.zeros(0, dtype=torch.long, device=self.device)
+            return torch.stack([found[first][field] if first != -1 else zero for first in self.first])
+
+        return ClipStats(clipped=per_parameter(0), nonfinite=per_parameter(1), units=self.units)
+
+
+def _dispatch(params: list[Tensor]) -> _Dispatch:
+    """Check `params` and decide which implementation clips each (ValueError naming a bad parameter)."""
+    first_listing: dict[int, int] = {}
+    first = []
+    for i, p in enumerate(params):
+        k = first_listing.setdefault(id(p), i)
+        first.append(k if p.grad is not None else -1)
+    positions = [i for i, k in enumerate(first) if k == i]
+    for i in positions:
+        if params[i].grad.is_sparse:
+            raise ValueError(
+                f"adaptive_clip_grad_ needs dense gradients; parameter {i} of shape {tuple(params[i].shape)} has a "
+                "sparse one (e.g. nn.Embedding(sparse=True)): use sparse=False or exclude it"
+            )
+        if not (params[i].is_floating_point() and params[i].grad.is_floating_point()):
+            raise ValueError(
+                f"adaptive_clip_grad_ clips floating-point parameters; parameter {i} of shape {tuple(params[i].shape)} "
+                f"is {params[i].dtype} with a {params[i].grad.dtype} gradient: leave it out of the list"
+            )
+    devices = {params[i].grad.device for i in positions}
+    if len(devices) > 1:
+        raise ValueError(f"adaptive_clip_grad_ takes parameters on one device, got {sorted(map(str, devices))}: "
+                         "call it once per device")
+    device = devices.pop() if devices else torch.device("cpu")
+    cpu = [i for i in positions if cpu_kernel.supports(params[i])] if cpu_kernel.load() is not None else []
+    gpu = [i for i in positions if i not in set(cpu) and gpu_kernel.supports(params[i])]
+    taken = set(cpu) | set(gpu)
+    dtypes = list(dict.fromkeys(params[i].dtype for i in cpu))
+    units = [num_units(params[i]) for i in gpu]
+    all_gpu = bool(gpu) and len(gpu) == len(positions)
+    return _Dispatch(
+        device=device,
+        units=torch.tensor([num_units(p) if f != -1 else 0 for p, f in zip(params, first)], dtype=torch.long),
+        first=first,
+        cpu_groups=[[i for i in cpu if params[i].dtype == dtype] for dtype in dtypes],
+        gpu=gpu,
+        gpu_plan=gpu_kernel.plan([params[i] for i in gpu], units, gpu if all_gpu else list(range(len(gpu))))
+        if gpu else None,
+        torch_ops=[i for i in positions if i not in taken],
+        all_gpu=all_gpu,
+        repeats=[(i, k) for i, k in enumerate(first) if k not in (-1, i)],
+    )
+
+
+_DISPATCH_CACHE_SIZE = 8
+_dispatches: OrderedDict[tuple, _Dispatch] = OrderedDict()
+
+
+def _data_ptr(t: Tensor | None) -> int:
+    return -1 if t is None else t.data_ptr()
+
+
+def _cached_dispatch(params: list[Tensor]) -> _Dispatch:
+    # Training calls AGC with the same parameters every step: the checks and the Triton kernel's tables
+    # (which hold data pointers) are reused while every parameter and gradient keeps its storage (and
+    # while the implementations' entry points are the same: tests swap them).
+    try:
+        key = (cpu_kernel.load, gpu_kernel.supports, gpu_kernel.available(), tuple(map(id, params)),
+               tuple(map(_data_ptr, params)), tuple(_data_ptr(p.grad) for p in params),
+               tuple((p.shape, p.dtype) for p in params))  # freed tensors' ids and storage get reused
+    except RuntimeError:  # a sparse gradient has no data pointer: checked (and refused) below
+        return _dispatch(params)
+    dispatch = _dispatches.get(key)
+    if dispatch is None:
+        dispatch = _dispatches[key] = _dispatch(params)
+        while len(_dispatches) > _DISPATCH_CACHE_SIZE:
+            _dispatches.popitem(last=False)
+    return dispatch
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: Tensor | Iterable[Tensor], clipping: float = DEFAULT_CLIPPING, eps: float = DEFAULT_EPS
+) -> ClipStats:
+    """Clip the gradients of `parameters` in place with AGC (Sec. 4, Eq. 3).
+
+    Each unit's gradient G_u is scaled to norm ``clipping * max(||W_u||, eps)`` where it is
+    larger; other units are left exactly as they are. Parameters whose ``.grad`` is None are
+    skipped; a parameter listed twice is clipped once. `clipping` is the paper's lambda (0.01 for
+    batch 1024-4096; smaller for larger batches and for Adam-like optimizers); `eps` floors the
+    weight norm so that zero-initialised parameters (skip gains) can still move.
+
+    Three implementations, one rule:
+
+    - CUDA (float32, bfloat16, float16; contiguous or channels-last): the fused Triton kernel
+      (`normfree.agc.gpu_kernel`): a few launches for all parameters, each unit's weight and gradient
+      read once, gradients rewritten only where a unit clips, counts kept on the device.
+    - CPU (contiguous float32 / float64): the fused C kernel (`normfree.agc.cpu_kernel`), one pass
+      with squares summed in float64.
+    - Everything else (other layouts, float64 on a GPU, no Triton or no C compiler): torch ops
+      (`clip_with_torch_ops`), norms accumulated in float32 (float64 for float64 tensors).
+
+    None of them synchronises with the device. Where norms are summed in float32, a unit whose
+    norm overflows (elements beyond ~1e19) counts as non-finite and is left alone. The checks and
+    the kernel's tables are kept between calls while the parameters and gradients keep their
+    storage; to capture the call in a CUDA graph, run it once before capturing.
+    """
+    check_agc_arguments(clipping, eps)
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    try:
+        return _cached_dispatch(params).run(params, clipping, eps)
+    except gpu_kernel.KernelFailed:  # warned once; the kernel is off from now on
+        return _cached_dispatch(params).run(params, clipping, eps)

@@ -1,0 +1,370 @@
+"""Per-sample AGC for linear and convolution layers: book-keeping inside the layer's own backward.
+
+Plain, timm's weight-standardised, SAME-padded, grouped and depthwise convolutions, Conv1d and
+Linear. The gradient of the layer's effective weight for example i and output unit u is
+g_iu = sum_p delta_iu[p] * U_i[:, p], with U_i the input patches and delta the back-propagated
+signal (book-keeping, Bu et al. 2023). Per chunk of examples, one of two ways, chosen from the
+layer's shape by a cost model (`Layer.plan`):
+
+- materialise g_i (a batched matmul of signal and patches, or for k x k kernels one convolution with
+  the examples as groups, see `tuning`), take its unit norms, and accumulate the clipped sum
+  sum_i c_iu * g_iu directly from it;
+- with few output positions P, ghost norms (Li et al. 2022): ||g_iu||^2 = delta_iu^T U_i^T U_i delta_iu
+  from the Gram matrix of the patches, no g_i at all; the clipped sum is then one ordinary
+  weight-gradient call on the signal scaled by c_iu.
+
+Weight standardisation is row-wise and linear in the gradient, so its per-example norms follow from
+sums over g_iu (`Standardization.grad_norms`) and its backward applies to the clipped sum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same
+from torch import Tensor, nn
+
+from ...models.standardization import STD_CONVS, standardize_weight, weight_scale
+from .clipped_sum import clipped_sum, compute_dtype, weighted_sum
+from .tuning import TUNING
+
+if TYPE_CHECKING:
+    from .clipper import PerSampleClipper
+
+__all__ = ["ClippedLayer", "Layer", "Plan", "Standardization", "WeightGradSums", "layer_forward", "weight_grad_sums"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one backward pass of a layer, for one input shape, computes its per-example sums."""
+
+    groups: int
+    fan_in: int  # per group
+    per_group: int  # output units per group
+    positions: int  # output positions per example
+    ghost: bool  # Gram matrices of the patches instead of g_i
+    by_convolution: bool  # g_i by one convolution with the examples as groups (else by batched matmul)
+    chunk: int  # examples per chunk
+
+    @property
+    def units(self) -> int:
+        return self.groups * self.per_group
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What the per-sample backward needs to know about a linear or convolution layer."""
+
+    kind: str  # "linear" or "conv"
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    is_1d: bool = False  # Conv1d, computed as a Conv2d of height 1
+    same_pad: bool = False  # timm pads SAME dynamically in forward
+    standardized: bool = False  # timm (Scaled)StdConv2d(Same)
+    eps: float = 0.0
+    plans: dict = field(default_factory=dict, compare=False, repr=False)  # Plan per input shape, dtype and knobs
+
+    @staticmethod
+    def of(module: nn.Module) -> Layer | None:
+        if type(module) is nn.Linear:
+            return Layer("linear")
+        if type(module) is nn.Conv1d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+            return Layer("conv", (1, module.kernel_size[0]), (1, module.stride[0]), (0, module.padding[0]),
+                         (1, module.dilation[0]), module.groups, is_1d=True)
+        if type(module) in (nn.Conv2d, Conv2dSame, *STD_CONVS) and module.padding_mode == "zeros" \
+                and isinstance(module.padding, tuple):
+            same = type(module) is Conv2dSame or bool(getattr(module, "same_pad", False))
+            return Layer("conv", module.kernel_size, module.stride, (0, 0) if same else module.padding,
+                         module.dilation, module.groups, same_pad=same, standardized=isinstance(module, STD_CONVS),
+                         eps=getattr(module, "eps", 0.0))
+        return None
+
+    def plan(self, x: Tensor, signal: Tensor, dtype: torch.dtype, clip: bool, along_weight: bool) -> Plan:
+        """The plan for this input, cached: it depends only on shapes, dtype, device and `TUNING`.
+
+        Costs, per example and group, in multiply-adds of a matmul (K fan-in, U units, P positions):
+        materialising g_i is P * K * U plus about 5 passes over its K * U entries (writing it, its
+        norm, the clipped sum, the standardisation sums), each pass weighted by `TUNING.pass_cost`;
+        ghost norms are P^2 (K + U), plus the scaled weight-gradient call (P * K * U) that gives the
+        clipped sum, plus P * K * U for the sums along the standardised weight. Deterministic, so
+        runs repeat exactly.
+        """
+        scratch_budget, kxk, pass_cost = TUNING.scratch_bytes(x.device), TUNING.kxk_method(x.device), \
+            TUNING.pass_cost(x.device)
+        key = (tuple(x.shape), tuple(signal.shape), dtype, x.device, clip, along_weight, scratch_budget, kxk, pass_cost)
+        plan = self.plans.get(key)
+        if plan is not None:
+            return plan
+        if self.kind == "linear":
+            groups, fan_in, units = 1, x.shape[-1], signal.shape[-1]
+            positions = x[0].numel() // fan_in
+        else:
+            groups, units = self.groups, signal.shape[1]
+            fan_in = x.shape[1] // groups * self.kernel[0] * self.kernel[1]
+            positions = signal[0, 0].numel()
+        per_group = units // groups
+        weight_cost = positions * fan_in * per_group
+        materialise_cost = weight_cost + 5 * pass_cost * fan_in * per_group
+        ghost_cost = (positions * positions * (fan_in + per_group) + weight_cost if clip else 0) \
+            + (weight_cost if along_weight else 0)
+        ghost = ghost_cost < materialise_cost
+        by_convolution = not ghost and self.kind == "conv" and self.kernel != (1, 1) and kxk == "conv"
+        scratch = groups * (positions * (positions + per_group) if ghost else per_group * fan_in) \
+            + (0 if by_convolution else groups * fan_in * positions)
+        chunk = max(1, scratch_budget // (torch.finfo(dtype).bits // 8 * scratch))
+        plan = self.plans[key] = Plan(groups, fan_in, per_group, positions, ghost, by_convolution, chunk)
+        return plan
+
+    # The layer as y = op(x, W_eff) + b, and the pieces of its backward pass.
+    def effective_weight(self, module: nn.Module, weight: Tensor) -> Tensor:
+        if self.standardized:
+            return standardize_weight(weight, weight_scale(module), self.eps)
+        return weight
+
+    def as_2d(self, weight: Tensor) -> Tensor:
+        return weight.unsqueeze(2) if self.is_1d else weight
+
+    def as_2d_input(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(2) if self.is_1d else x
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        out = F.conv2d(self.as_2d_input(x), self.as_2d(weight), bias, self.stride, self.padding, self.dilation,
+                       self.groups)
+        return out.squeeze(2) if self.is_1d else out
+
+    def input_grad(self, x: Tensor, weight: Tensor, signal: Tensor) -> Tensor:
+        if self.kind == "linear":
+            return signal @ weight
+        grad = torch.nn.grad.conv2d_input(self.as_2d_input(x).shape, self.as_2d(weight), self.as_2d_input(signal),
+                                          self.stride, self.padding, self.dilation, self.groups)
+        return grad.squeeze(2) if self.is_1d else grad
+
+    def weight_grad(self, x: Tensor, weight: Tensor, signal: Tensor) -> Tensor:
+        """sum over examples and positions of signal x patches: the ordinary weight gradient."""
+        if self.kind == "linear":
+            return signal.reshape(-1, signal.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        grad = torch.nn.grad.conv2d_weight(self.as_2d_input(x), self.as_2d(weight).shape, self.as_2d_input(signal),
+                                           self.stride, self.padding, self.dilation, self.groups)
+        return grad.reshape(weight.shape)
+
+    def patches(self, x: Tensor) -> Tensor:
+        """Input patches U, [examples, groups, fan-in, positions]."""
+        if self.kind == "linear":
+            return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2).unsqueeze(1)
+        x2 = self.as_2d_input(x)
+        if self.kernel == (1, 1) and self.padding == (0, 0):  # a 1x1 convolution's patches are its input pixels
+            u = x2[:, :, :: self.stride[0], :: self.stride[1]]
+        else:
+            u = self.im2col(x2)
+        return u.reshape(x.shape[0], self.groups, -1, u.shape[2:].numel())
+
+    def im2col(self, x2: Tensor) -> Tensor:
+        """`F.unfold(x2, kernel, dilation, padding, stride)`, [examples, channels * kernel, positions], as one
+        copy of a strided view (CUDA's unfold launches one kernel per example)."""
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        if self.padding != (0, 0):
+            x2 = F.pad(x2, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+        n, channels, height, width = x2.shape
+        out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+        s_n, s_c, s_h, s_w = x2.stride()
+        view = x2.as_strided((n, channels, kh, kw, out_h, out_w), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw))
+        return view.reshape(n, channels * kh * kw, out_h * out_w)
+
+    def per_example_weight_grads(self, x: Tensor, signal: Tensor) -> Tensor:
+        """g_i for each example, [examples, groups, units per group, fan-in]: one convolution with the
+        examples as groups (the weight-gradient kernel, fastest on the CPU where there are many positions)."""
+        n, units = x.shape[0], signal.shape[1]
+        x2, d2 = self.as_2d_input(x), self.as_2d_input(signal)
+        x2, d2 = x2.reshape(1, -1, *x2.shape[2:]), d2.reshape(1, -1, *d2.shape[2:])
+        in_per_group = x.shape[1] // self.groups
+        g = torch.nn.grad.conv2d_weight(x2, (n * units, in_per_group, *self.kernel), d2, self.stride, self.padding,
+                                        self.dilation, n * self.groups)
+        return g.reshape(n, self.groups, units // self.groups, -1)
+
+    def signals(self, signal: Tensor) -> Tensor:
+        """Back-propagated signal delta, [examples, groups, units per group, positions]."""
+        if self.kind == "linear":
+            return signal.reshape(signal.shape[0], -1, signal.shape[-1]).transpose(1, 2).unsqueeze(1)
+        return signal.reshape(signal.shape[0], self.groups, signal.shape[1] // self.groups, -1)
+
+    def per_unit_view(self, factor: Tensor, signal: Tensor) -> Tensor:
+        """Per-(example, unit) factors shaped to broadcast against the layer's output signal."""
+        if self.kind == "linear":
+            return factor.reshape(factor.shape[0], *(1,) * (signal.ndim - 2), factor.shape[1])
+        return factor.reshape(*factor.shape, *(1,) * (signal.ndim - 2))
+
+    def per_example_bias_grads(self, signal: Tensor) -> Tensor:
+        """d loss_i / d b, [examples, units], in float32 (or float64)."""
+        dtype = torch.promote_types(signal.dtype, torch.float32)
+        if self.kind == "linear":
+            return signal.reshape(signal.shape[0], -1, signal.shape[-1]).sum(1, dtype=dtype)
+        return signal.sum(dim=tuple(range(2, signal.ndim)), dtype=dtype)
+
+
+@dataclass
+class WeightGradSums:
+    """Per example i and output unit u, sums over the effective-weight gradient g_iu (fan-in entries k), float32;
+    and, where g_i was materialised and the weight is clipped, the clipped sum itself."""
+
+    square: Tensor | None = None  # sum_k g_iuk^2
+    total: Tensor | None = None  # sum_k g_iuk
+    along_weight: Tensor | None = None  # sum_k g_iuk * w_hat_uk (w_hat: standardised, before gain and scale)
+    clipped: Tensor | None = None  # sum_i c_iu * g_iu, [units, fan-in], float32 (materialised plans only)
+    factor: Tensor | None = None  # c_iu, [examples, units] (ghost plans only)
+
+
+def weight_grad_sums(clipper: PerSampleClipper, weight: Tensor, layer: Layer, x: Tensor, signal: Tensor,
+                     standardization: Standardization | None, clip: bool, along_weight: bool) -> WeightGradSums:
+    """The per-example sums over each unit's effective-weight gradient that the clipping needs, and its clipping.
+
+    With `clip`, the weight's AGC factors are taken (per chunk where g_i is materialised, so that the
+    clipped sum is accumulated from g_i; once for the whole batch with ghost norms). `along_weight`:
+    the sums along the standardised weight are needed (for the gain), whether or not the weight is clipped.
+    """
+    dtype = compute_dtype(signal)
+    acc = torch.promote_types(dtype, torch.float32)  # sums and the clipped sum accumulate in float32 (or float64)
+    plan = layer.plan(x, signal, dtype, clip, along_weight)
+    groups, per_group, fan_in, units = plan.groups, plan.per_group, plan.fan_in, plan.units
+    standardized = standardization is not None and (clip or along_weight)
+    w = standardization.unit_weight.to(dtype).reshape(groups, per_group, fan_in) if standardized else None
+    parts: dict[str, list[Tensor]] = {"square": [], "total": [], "along_weight": []}
+    clipped = None
+    for start in range(0, x.shape[0], plan.chunk):
+        x_c, signal_c = x[start : start + plan.chunk].to(dtype), signal[start : start + plan.chunk].to(dtype)
+        n = x_c.shape[0]
+        if plan.by_convolution:
+            g = layer.per_example_weight_grads(x_c, signal_c)
+        else:
+            u, d = layer.patches(x_c), layer.signals(signal_c)
+            if not plan.ghost:
+                g = d @ u.transpose(-1, -2)
+        chunk = {}
+        if plan.ghost:
+            if clip:
+                chunk["square"] = ((d @ (u.transpose(-1, -2) @ u)) * d).sum(-1, dtype=acc).reshape(n, units)
+            if w is not None:
+                chunk["total"] = (d * u.sum(2, keepdim=True)).sum(-1, dtype=acc).reshape(n, units)
+                # w_hat applied to every example's patches: one matmul (a broadcast batched one would copy w_hat per example)
+                y = (w @ u.permute(1, 2, 0, 3).reshape(groups, fan_in, -1)).reshape(groups, per_group, n, -1)
+                chunk["along_weight"] = (y.permute(2, 0, 1, 3) * d).sum(-1, dtype=acc).reshape(n, units)
+        else:
+            if clip:
+                chunk["square"] = torch.linalg.vector_norm(g, dim=-1, dtype=acc).square().reshape(n, units)
+            if w is not None:
+                chunk["total"] = g.sum(-1, dtype=acc).reshape(n, units)
+                chunk["along_weight"] = (g * w).sum(-1, dtype=acc).reshape(n, units)
+            if clip:
+                factor = clipper.clip_factors(weight, unit_norms(WeightGradSums(**chunk), standardization))
+                part = weighted_sum(factor, g.reshape(n, units, fan_in)).to(acc)
+                clipped = part if clipped is None else clipped + part
+        for name, value in chunk.items():
+            parts[name].append(value)
+    sums = WeightGradSums(**{k: torch.cat(v) if len(v) > 1 else v[0] if v else None for k, v in parts.items()},
+                          clipped=clipped)
+    if clip and plan.ghost:
+        sums.factor = clipper.clip_factors(weight, unit_norms(sums, standardization))
+    return sums
+
+
+def unit_norms(sums: WeightGradSums, standardization: Standardization | None) -> Tensor:
+    """Per-example unit norms of dL/dW from the sums over g (examples x units)."""
+    return standardization.grad_norms(sums) if standardization is not None else sums.square.sqrt()
+
+
+@dataclass
+class Standardization:
+    """Per output unit of a weight-standardised layer: w = (W - mean) / sqrt(var + eps), its scale
+    (gain * gamma / sqrt(fan_in), or 1) and 1 / sqrt(var + eps)."""
+
+    unit_weight: Tensor  # [units, fan-in], float32
+    scale: Tensor  # [units]
+    inv_std: Tensor  # [units]
+    eps: float
+
+    @staticmethod
+    def of(module: nn.Module, weight: Tensor, eps: float) -> Standardization:
+        rows = weight.detach().float().reshape(weight.shape[0], -1)
+        unit_weight, inv_std = standardize_weight(rows, None, eps, with_inv_std=True)
+        scale = weight_scale(module)
+        return Standardization(unit_weight, torch.ones_like(inv_std) if scale is None else scale.detach().float(),
+                               inv_std, eps)
+
+    def grad_norms(self, sums: WeightGradSums) -> Tensor:
+        """Per-example unit norms of dL/dW from the sums over the gradient g of the standardised weight.
+
+        dL/dW = scale / sqrt(var + eps) * (g - mean(g) - w * mean(g * w)) (the batch-norm backward
+        pass, see `backward`), whose squared norm is ||g||^2 - n mean(g)^2 - n mean(g w)^2 (2 - r),
+        with n the fan-in and r = ||w||^2 / n = var / (var + eps).
+        """
+        n = self.unit_weight.shape[1]
+        ratio = 1 - self.eps * self.inv_std.square()  # var / (var + eps)
+        square = sums.square - sums.total.square() / n - sums.along_weight.square() * (2 - ratio) / n
+        return square.clamp_min(0).sqrt() * (self.scale.abs() * self.inv_std)
+
+    def backward(self, grad: Tensor) -> Tensor:
+        """dL/dW from dL/dW_hat for W_hat = scale * w (row-wise, exact)."""
+        g = grad.float().reshape(self.unit_weight.shape)
+        w = self.unit_weight
+        projected = g - g.mean(1, keepdim=True) - w * (g * w).mean(1, keepdim=True)
+        return (projected * (self.scale * self.inv_std).unsqueeze(1)).reshape(grad.shape)
+
+
+class ClippedLayer(torch.autograd.Function):
+    """y = op(x, W_eff) + b whose backward returns the per-sample clipped sums for W, its gain and b."""
+
+    @staticmethod
+    def forward(ctx, clipper, module, layer, x, weight, bias, gain):
+        ctx.clipper, ctx.module, ctx.layer = clipper, module, layer
+        effective = layer.effective_weight(module, weight)
+        ctx.save_for_backward(x, weight, effective, bias, gain)
+        return layer.apply(x, effective, bias)
+
+    @staticmethod
+    def backward(ctx, signal):
+        clipper, module, layer = ctx.clipper, ctx.module, ctx.layer
+        x, weight, effective, bias, gain = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_gain = ctx.needs_input_grad[3:]
+        with torch.no_grad():
+            dtype = signal.dtype  # under autocast the layer ran in half precision: so does its backward
+            grad_x = layer.input_grad(x.to(dtype), effective.to(dtype), signal).to(x.dtype) if need_x else None
+            clip_weight = need_weight and id(weight) in clipper.clipping
+            standardization = Standardization.of(module, weight, layer.eps) if layer.standardized and (
+                need_weight or need_gain) else None
+            along_weight = standardization is not None and need_gain
+            sums = weight_grad_sums(clipper, weight, layer, x, signal, standardization, clip_weight, along_weight) \
+                if clip_weight or along_weight else WeightGradSums()
+
+            grad_weight = grad_gain = grad_bias = None
+            if need_weight:
+                if sums.clipped is not None:  # materialised: the clipped sum of dL/dW_eff is there already
+                    grad_weight = sums.clipped.reshape(weight.shape)
+                else:
+                    scaled = signal if sums.factor is None else signal * layer.per_unit_view(sums.factor, signal).to(dtype)
+                    grad_weight = layer.weight_grad(x.to(dtype), effective, scaled)
+                if standardization is not None:
+                    grad_weight = standardization.backward(grad_weight)
+                grad_weight = grad_weight.to(weight.dtype)
+            if need_gain:
+                per_example = sums.along_weight * module.scale  # d loss / d gain_u, per example
+                grad_gain = clipped_sum(clipper, gain, per_example.reshape(-1, *gain.shape)).to(gain.dtype)
+            if need_bias:
+                grad_bias = clipped_sum(clipper, bias, layer.per_example_bias_grads(signal)).to(bias.dtype)
+        return None, None, None, grad_x, grad_weight, grad_bias, grad_gain
+
+
+def layer_forward(clipper: PerSampleClipper, layer: Layer, module: nn.Module, x: Tensor) -> Tensor:
+    """`module`'s forward through `ClippedLayer` while the clipper records."""
+    if not clipper.recording():
+        return type(module).forward(module, x)
+    clipper.note_call(module)
+    if layer.same_pad:
+        x = pad_same(x, module.kernel_size, module.stride, module.dilation)
+    return ClippedLayer.apply(clipper, module, layer, x, module.weight, module.bias, getattr(module, "gain", None))

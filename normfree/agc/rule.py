@@ -1,0 +1,94 @@
+"""The AGC rule and what it acts on: units, unit-wise norms, and the clip factor of Eq. (3).
+
+Brock, De, Smith, Simonyan 2021, "High-Performance Large-Scale Image Recognition Without
+Normalization" (arXiv 2102.06171), Section 4. Every function here works on PyTorch's weight
+layout, [out, in, *kernel]: a *unit* is one output row or one filter, i.e. one index of dim 0.
+(DeepMind's JAX code stores weights HWIO, so its axis numbers must not be copied onto PyTorch
+tensors: that is how a popular port came to norm Linear weights over the wrong axis.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["DEFAULT_CLIPPING", "DEFAULT_EPS", "GRAD_NORM_FLOOR", "adaptive_clip_factor", "check_agc_arguments",
+           "is_single_unit", "num_units", "unit_norms", "unit_shape", "unitwise_norm"]
+
+DEFAULT_CLIPPING = 0.01  # the paper's lambda for batch 1024-4096 (Sec. 4.1)
+DEFAULT_EPS = 1e-3  # the paper's floor on ||W_u|| (Sec. 4)
+# the paper's floor on ||G_u|| in Eq. (3)'s division, as DeepMind's code has it
+GRAD_NORM_FLOOR = 1e-6
+
+def is_single_unit(x: Tensor) -> bool:
+    """Whether `x` is one unit as a whole: its squeezed rank is <= 1 (DeepMind's and optax's rule), as for a
+    scalar, a bias, a gain vector, a gain stored as [O, 1, 1, 1] (timm's ScaledStdConv2d) or an [O, 1] matrix."""
+    return sum(size != 1 for size in x.shape) <= 1
+
+
+def num_units(x: Tensor) -> int:
+    """How many units `x` has: one if `is_single_unit`, else its dim-0 size."""
+    return 1 if is_single_unit(x) else x.shape[0]
+
+
+def unit_shape(x: Tensor) -> tuple[int, ...]:
+    """Shape of per-unit values that broadcasts against `x`."""
+    return (num_units(x),) + (1,) * (x.ndim - 1) if x.ndim >= 1 else ()
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    # fp16 / bf16 are normed in float32 (their squares overflow); float32 and float64 as they are,
+    # without a dtype argument, which is the faster reduction kernel.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def unit_norms(x: Tensor) -> Tensor:
+    """Flat vector of the unit norms of `x`, one entry per unit."""
+    units = num_units(x)
+    rows = x.reshape(units, x.numel() // units if units else 0)  # explicit sizes: -1 is ambiguous for empty tensors
+    return torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(x.dtype))
+
+
+def unitwise_norm(x: Tensor) -> Tensor:
+    """Frobenius norm of each unit of `x`, ||W_u||_F (Sec. 4, "unit-wise ratios").
+
+    - A tensor whose squeezed rank is <= 1 is one unit as a whole, as in DeepMind's code and optax:
+      a scalar, a bias, a gain vector, a conv gain stored as ``[O, 1, 1, 1]``, an ``[O, 1]`` matrix.
+    - Otherwise, one norm per index of dim 0, taken over all other dims. That is one output
+      row of a Linear ``[out, in]``; one filter of a Conv1d/2d/3d ``[out, in/groups, *kernel]``,
+      grouped and depthwise convs included (a depthwise filter is its single ``[1, *kernel]``
+      slice); one row of an Embedding-like table ``[num_embeddings, dim]``.
+
+    Returns a tensor that broadcasts against `x` (``[out, 1, ..., 1]``, ``[1, ..., 1]`` for a
+    single unit, ``[]`` for scalars), in float32 for half-precision inputs.
+    """
+    return unit_norms(x).reshape(unit_shape(x))
+
+
+def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float, eps: float) -> Tensor:
+    """Factor by which AGC scales each unit's gradient: Eq. (3) of Sec. 4.
+
+        G_u <- lambda * max(||W_u||, eps) / ||G_u|| * G_u   if ||G_u|| / max(||W_u||, eps) > lambda
+        G_u <- G_u                                          otherwise
+
+    with ||G_u|| floored at GRAD_NORM_FLOOR = 1e-6 in the division (as DeepMind's code). A unit whose gradient norm
+    is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
+    user decides what to do with it. (The fused CPU kernel, csrc/agc_cpu.c, computes the same
+    rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
+    to one float64 reference.)
+    """
+    max_norm = param_norm.clamp_min(eps) * clipping
+    clip = (grad_norm > max_norm) & grad_norm.isfinite()
+    return torch.where(clip, max_norm / grad_norm.clamp_min(GRAD_NORM_FLOOR), torch.ones_like(grad_norm))
+
+
+def check_agc_arguments(clipping: float, eps: float) -> None:
+    """Raise ValueError naming the argument when `clipping` or `eps` is out of range."""
+    if isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or not math.isfinite(clipping) \
+            or clipping <= 0:
+        raise ValueError(
+            f"clipping must be a finite number > 0 (the paper's lambda, e.g. 0.01), got {clipping!r}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (the paper uses 1e-3), got {eps!r}")

@@ -1,0 +1,358 @@
+"""The settings of one training run (`TrainConfig`): checked up front, written to JSON, read back to repeat a run.
+
+Every check raises `ConfigError`, which names the offending setting (the command line turns
+``per_sample`` into ``--per-sample``) and says what would be accepted, before anything is trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from fastai.torch_core import default_device
+
+from ..agc.rule import check_agc_arguments
+from ..utils.errors import ConfigError
+from ..data.registry import DataSpec, parse_data_spec
+from ..models.convert import ConversionError, to_normfree
+from ..models.factory import normalizer_free_archs, unknown_arch_error
+from ..learner.optim import OPTIMIZERS
+from ..learner.precision import PRECISIONS
+from ..models.small_resnets import is_small_normfree
+
+__all__ = ["DEFAULT_AGC", "ConfigError", "TrainConfig", "command_line", "library_versions", "make_config",
+           "whole_numbers"]
+
+_MIN_SIZE = 8
+# Upper bounds that no real run reaches and that stop a typo before it allocates terabytes
+# (size 100000: an 8 TB batch) or schedules for ever (epochs 10**21 overflowed fastai's schedule).
+_MAX_SIZE = 2048
+_MAX_EPOCHS = 100_000
+_MAX_STEPS = 10**9
+# Keys that older normfree versions or other tools write, and the TrainConfig field meaning the same.
+_RENAMED_KEYS = {"batch_size": "bs", "clipping": "agc", "clip": "agc", "lr_max": "lr", "n_epochs": "epochs",
+                 "model": "arch", "dataset": "data"}
+# AGC's lambda for the batches of 8-256 these tools train with. The paper's 0.01 is for batches of 1024-4096
+# ("lambda should be smaller for larger batches"); at batch 16-64 on digits it clipped 40-60% of
+# nf_resnet_tiny's units at every step (README, "A recipe that trains").
+DEFAULT_AGC = 0.04
+
+
+def make_config(cls: type, config: Any | None, options: dict[str, Any]) -> Any:
+    """`config` (a dataclass of type `cls`, or `cls()` if None) with `options` replacing its fields;
+    ConfigError naming an unknown option and listing the known ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(known)}")
+    return dataclasses.replace(config, **options) if config is not None else cls(**options)
+
+
+def command_line(prefix: str, config: Any, flags: dict[str, str] | None = None) -> str:
+    """The command that repeats `config` (a settings dataclass): `prefix`, then one option per field that
+    differs from its default (``--name value``, ``--name v1 v2`` for tuples, ``--fp16``/``--bf16`` for the
+    precision); `flags` spells the switches whose flag is not ``--name`` (e.g. ``{"accumulate": "--no-accum"}``)."""
+    parts = [prefix]
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value == f.default:
+            continue
+        flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        if f.name == "precision":
+            parts.append(f"--{value}")
+        elif isinstance(value, bool):
+            parts.append(flag)
+        elif isinstance(value, tuple):
+            parts.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that decide a run's numbers, plus the CPU thread count."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("normfree", "torch", "fastai", "timm", "numpy", "scikit-learn", "fastcore"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["torch_threads"] = str(torch.get_num_threads())
+    return versions
+
+
+def _whole(value: Any, option: str, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(option, f"must be a whole number >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(option, f"must be at most {maximum}, got {value}")
+
+
+def whole_numbers(values: Any, option: str, minimum: int) -> tuple[int, ...]:
+    """`values` (one number or a list) as a tuple of distinct whole numbers >= `minimum`; ConfigError naming
+    `option` otherwise."""
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        raise ConfigError(option, f"must be one or more whole numbers >= {minimum}, got {list(values)!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(option, f"has repeated values: {list(values)!r}")
+    return values
+
+
+def _flag(value: Any, option: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(option, f"must be True or False, got {value!r}")
+
+
+def _positive(value: Any, option: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(option, f"must be a finite number > 0 ({what}), got {value!r}")
+
+
+
+def training_device(device: str | None) -> torch.device:
+    """The device a run with this `device` setting trains on: the one named, else fastai's default
+    (the current CUDA GPU when there is one, else Apple's MPS, else the CPU)."""
+    return torch.device(device) if device is not None else default_device()
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a `normfree.train` run; the fields are `train`'s keyword arguments.
+
+    - `data`: ``digits``, ``fashion-mnist[:DIR]``, a MedMNIST ``.npz``, a ``.csv`` of image paths and
+      labels (columns `path_col`, `label_col`) or an image folder (see `normfree.data.registry`).
+    - `arch`: a timm name: any NF family, the small ``nf_resnet_tiny/small/base``, their BatchNorm twins
+      ``bn_resnet_*``, or a BatchNorm baseline such as ``resnet18``.
+    - `pretrained` (timm's hub) or `weights` (a local file, see `normfree.load_weights`): start from
+      trained weights; the body then starts frozen, as in fastai.
+    - `skipinit`: normfree's small NF ResNets only: True starts every residual branch switched off
+      (SkipInit's zero gain), False at full strength; None keeps the model's default (False).
+    - `to_normfree`: convert a BatchNorm `arch` (e.g. ``resnet18``) to a normalizer-free model with
+      `normfree.to_normfree` (defaults: alpha 0.2, SkipInit) after building it; refused for archs that
+      are already normalizer-free. Checked up front on the meta device (no memory, no weights).
+    - `new_head`: with `weights`/`pretrained`, start from a freshly initialised classifier even when
+      the class count matches (a new task).
+    - `agc`: AGC's lambda, or None for no clipping; `per_sample`: clip each example's gradient.
+    - `bs`: the batch size of one forward/backward pass; `accum`: accumulate that many batches per
+      optimizer step (fastai's `GradientAccumulation`), so one step sees ``bs * accum`` examples.
+    - `opt`: ``adam`` (fastai's Adam) or ``sgd`` (Nesterov momentum 0.9, the NFNet papers'), both with
+      fastai's decoupled weight decay (see `normfree.learner.optim`).
+    - `epochs`, `lr`: the one-cycle schedule; `lr_find` replaces `lr` by fastai's ``lr_find()`` valley
+      suggestion. `steps`: a budget of this many optimizer steps instead of `epochs` (the last epoch
+      is then partial; see `normfree.learner.step_budget`).
+    - `precision`: ``fp32``, ``fp16`` or ``bf16`` (mixed precision on any device).
+    - `fine_tune`: fastai's transfer-learning schedule: `freeze_epochs` with the body frozen, then
+      `epochs` with everything trained at discriminative learning rates.
+    - `seed`: initialisation, batch order and, where the data has no validation split of its own,
+      which `valid_pct` of the images are held out. `size`: image size in px (None: the data's
+      default). `limit`: first n images of each split (in-memory data sets only).
+    - `holdout`: validate on `valid_pct` of the training images instead of the validation split
+      (which is then never seen; for choosing hyperparameters). `classes`: keep only these labels
+      (renumbered 0..k-1); `per_class`: at most n training images of each class. In-memory data only
+      (see `normfree.subset_dataloaders`).
+    - `device`: ``cpu``, ``cuda``, ``cuda:1``, ...; None picks CUDA when there is one.
+    - `out`: the folder every output file is written to.
+    """
+
+    data: str = "digits"
+    arch: str = "nf_resnet_tiny"
+    pretrained: bool = False
+    weights: str | None = None
+    new_head: bool = False
+    skipinit: bool | None = None
+    to_normfree: bool = False
+    agc: float | None = DEFAULT_AGC
+    per_sample: bool = False
+    bs: int = 64
+    accum: int = 1
+    opt: str = "adam"
+    epochs: int = 8
+    steps: int | None = None
+    lr: float = 1e-2
+    lr_find: bool = False
+    precision: str = "fp32"
+    fine_tune: bool = False
+    freeze_epochs: int = 1
+    seed: int = 0
+    size: int | None = None
+    limit: int | None = None
+    valid_pct: float = 0.2
+    holdout: bool = False
+    classes: tuple[int, ...] | None = None
+    per_class: int | None = None
+    path_col: str = "path"
+    label_col: str = "label"
+    device: str | None = None
+    out: str = "normfree-run"
+
+    def __post_init__(self) -> None:
+        self._check_data()
+        self._check_model()
+        self._check_training()
+
+    def _check_data(self) -> None:
+        spec = self.data_spec
+        if self.size is not None:
+            _whole(self.size, "size", _MIN_SIZE, _MAX_SIZE)
+        if self.classes is not None:
+            classes = whole_numbers(self.classes, "classes", 0)
+            if len(classes) < 2:
+                raise ConfigError("classes", f"must be two or more distinct labels, got {list(classes)}")
+            object.__setattr__(self, "classes", classes)  # JSON and argparse give lists
+        if self.per_class is not None:
+            _whole(self.per_class, "per_class", 1)
+        _flag(self.holdout, "holdout")
+        for option in ("limit", "classes", "per_class", "holdout"):
+            if getattr(self, option) not in (None, False) and not spec.supports_limit:
+                raise ConfigError(option, f"works with in-memory data sets (digits, fashion-mnist, .npz) only, "
+                                          f"not {spec.kind} data; leave {option} out")
+        if self.limit is not None:
+            _whole(self.limit, "limit", 1)
+        valid_pct = self.valid_pct
+        if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not 0 < valid_pct < 1:
+            raise ConfigError("valid_pct", f"must be between 0 and 1 (exclusive), got {self.valid_pct!r}")
+        for option in ("path_col", "label_col"):
+            if not isinstance(getattr(self, option), str) or not getattr(self, option):
+                raise ConfigError(option, f"must be a CSV column name, got {getattr(self, option)!r}")
+
+    def _check_model(self) -> None:
+        if not isinstance(self.arch, str) or self.arch not in timm.list_models():
+            raise ConfigError("arch", str(unknown_arch_error(str(self.arch))))
+        _flag(self.pretrained, "pretrained")
+        if self.weights is not None:
+            if self.pretrained:
+                raise ConfigError("weights", "give either pretrained (timm's hub) or weights (a local file), not both")
+            if not Path(self.weights).expanduser().is_file():
+                raise ConfigError("weights", f"{self.weights}: no such file; expected a .safetensors, .pth, .pt, "
+                                             f".bin or learn.export() .pkl file")
+        _flag(self.to_normfree, "to_normfree")
+        if self.to_normfree:
+            self._check_convertible()
+        _flag(self.new_head, "new_head")
+        if self.new_head and not (self.weights or self.pretrained):
+            raise ConfigError("new_head", "a new classifier only makes sense on trained weights: give weights or "
+                                          "pretrained, or drop new_head")
+        if self.skipinit is not None:
+            _flag(self.skipinit, "skipinit")
+            if not is_small_normfree(self.arch):
+                raise ConfigError("skipinit", f"is an option of normfree's small NF ResNets (nf_resnet_tiny/small/"
+                                              f"base), not {self.arch}; leave it out")
+        if self.agc is not None:
+            if isinstance(self.agc, bool):
+                raise ConfigError("agc", f"is AGC's lambda, a number such as {DEFAULT_AGC}, not {self.agc!r}; for no "
+                                         f"AGC give None (--no-agc)")
+            try:
+                check_agc_arguments(self.agc, 1e-3)
+            except ValueError:
+                raise ConfigError("agc", f"AGC's lambda must be a finite number > 0 (0.01 is the paper's), got "
+                                         f"{self.agc!r}; for no AGC give None (--no-agc)") from None
+        _flag(self.per_sample, "per_sample")
+        if self.per_sample and self.agc is None:
+            raise ConfigError("per_sample", "per-sample clipping needs AGC: give agc a lambda, or drop per_sample")
+
+    def _check_convertible(self) -> None:
+        if self.arch in normalizer_free_archs():
+            raise ConfigError("to_normfree", f"{self.arch} is already normalizer-free; drop to_normfree "
+                                             f"(--to-normfree), or give a BatchNorm arch such as resnet18")
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
+            model = timm.create_model(self.arch, num_classes=10)
+        try:
+            to_normfree(model)
+        except ConversionError as error:
+            raise ConfigError("to_normfree", f"{self.arch} cannot be converted: {error}") from None
+
+    def _check_training(self) -> None:
+        _whole(self.bs, "bs", 1)
+        _whole(self.accum, "accum", 1)
+        _whole(self.epochs, "epochs", 1, _MAX_EPOCHS)
+        if self.opt not in OPTIMIZERS:
+            raise ConfigError("opt", f"must be one of {', '.join(OPTIMIZERS)}, got {self.opt!r}")
+        if self.steps is not None:
+            _whole(self.steps, "steps", 1, _MAX_STEPS)
+            if self.fine_tune:
+                raise ConfigError("steps", "a budget in steps works with one fit, not fine_tune's two; give epochs")
+        _whole(self.freeze_epochs, "freeze_epochs", 0, _MAX_EPOCHS)
+        _whole(self.seed, "seed", 0)
+        _positive(self.lr, "lr", "the peak learning rate, e.g. 1e-2")
+        _flag(self.lr_find, "lr_find")
+        _flag(self.fine_tune, "fine_tune")
+        if self.fine_tune and not (self.weights or self.pretrained):
+            raise ConfigError("fine_tune", "fastai's fine_tune first trains the head on a frozen body, which only "
+                                           "makes sense on trained weights: give weights or pretrained, or drop "
+                                           "fine_tune to train everything from the start")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError("device", f"{self.device!r} is not a device; use cpu, cuda or cuda:N") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("device", "CUDA was asked for but no GPU is available; use cpu")
+        if not isinstance(self.out, (str, Path)) or not str(self.out):
+            raise ConfigError("out", f"must be a folder path, got {self.out!r}")
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """The parsed `data` (ConfigError if it names nothing readable)."""
+        try:
+            return parse_data_spec(self.data)
+        except ValueError as error:
+            raise ConfigError("data", str(error)) from None
+
+    def resolved(self) -> TrainConfig:
+        """This config with paths made absolute and the data's default size filled in: repeatable from anywhere."""
+        spec = self.data_spec
+        if spec.path is not None:
+            spec = dataclasses.replace(spec, path=spec.path.resolve())
+        return dataclasses.replace(
+            self,
+            data=str(spec),
+            weights=None if self.weights is None else str(Path(self.weights).expanduser().resolve()),
+            size=self.size if self.size is not None else spec.default_size(),
+            out=str(Path(self.out).expanduser().resolve()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from `to_dict()` output (or a config.json's ``"config"``); ConfigError on unknown keys."""
+        return make_config(cls, None, values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """The config of a finished run, from its ``config.json`` (or the run folder holding it)."""
+        path = Path(path)
+        path = path / "config.json" if path.is_dir() else path
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError("config", f"{path}: not a readable normfree config.json ({error})") from None
+        command = content.get("command") if isinstance(content, dict) else None
+        if isinstance(command, str) and command.startswith("normfree compare"):
+            kind = "compare --transfer" if "--transfer" in command else "compare"
+            raise ConfigError("config", f"{path} is a normfree {kind} config, not a run's config.json; repeat that "
+                                        f"grid with: {command}")
+        if not isinstance(content, dict) or not isinstance(content.get("config"), dict):
+            raise ConfigError("config", f"{path}: expected a JSON object with a \"config\" object")
+        settings = content["config"]
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in settings:
+            if key not in known:
+                close = _RENAMED_KEYS.get(key) or next(iter(difflib.get_close_matches(key, known, 1)), None)
+                hint = f" (did you mean '{close}'?)" if close else ""
+                raise ConfigError("config", f"{path}: unknown key '{key}'{hint}; known keys: {', '.join(known)}")
+        try:
+            return cls.from_dict(settings)
+        except ConfigError as error:  # the file's key, not a flag the user never typed
+            raise ConfigError("config", f"{path}: key '{error.option}': {error.message}") from None

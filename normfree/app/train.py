@@ -1,0 +1,523 @@
+"""`normfree.train`: one training run from a `TrainConfig`, every output written into its ``out`` folder.
+
+What lands in ``out`` (and nowhere else):
+
+| file | what |
+|---|---|
+| ``config.json`` | the resolved settings (absolute paths, the size used, the lr found) and library versions |
+| ``metrics.csv`` | one row per epoch (`EpochLog`), rewritten whole as each epoch ends |
+| ``curves.png`` | loss and validation accuracy per epoch |
+| ``agc_clip_rates.png`` | AGC's per-layer clip rate over the last fit (runs with AGC) |
+| ``lr_find.png`` | fastai's learning-rate finder plot (runs with ``lr_find``) |
+| ``model.safetensors`` | the weights (`normfree.save_weights`; ``weights=`` reads them back) |
+| ``learner.pkl`` | the exported Learner (`learn.export`; fastai's ``load_learner`` reads it) |
+| ``result.json`` | the per-epoch metrics and the run's summary (`TrainResult`) |
+| ``checkpoint.pth`` | while the run is unfinished: its state after the last finished epoch (`normfree.learner.checkpoint`) |
+
+Ctrl-C (or SIGTERM, what ``timeout`` and job schedulers send) during training stops it cleanly: the
+weights at that point, the finished epochs' metrics and the config are saved, a message says where,
+and the result has ``interrupted=True``. Every file is written atomically (`normfree.utils.outdir`); the
+folder is locked for the whole run and holds an ``INCOMPLETE`` marker until the run has finished, so
+a run killed without warning is never taken for a finished one. A run whose training loss stops
+being finite stops there (``diverged=True``).
+
+`resume` (``normfree train --resume DIR``) continues such an unfinished run from ``checkpoint.pth``,
+written at the end of every epoch and removed when the run finishes: from its last finished epoch, with
+the same batches, optimizer, schedule and generators, so it ends as the run would have without the stop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.training import GradientAccumulation
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner, Recorder
+from fastai.losses import BCEWithLogitsLossFlat
+from fastai.metrics import accuracy, accuracy_multi
+from fastai.torch_core import set_seed
+
+from ..learner.checkpoint import CHECKPOINT, EpochCheckpoint, ResumeFit, load_checkpoint
+from ..models.classifier import classifier_init_std, find_classifier, init_classifier_
+from ..models.convert import ConversionError
+from .config import ConfigError, TrainConfig, library_versions, make_config, training_device
+from ..data.loaders import subset_dataloaders
+from ..learner.epoch_log import EpochLog
+from ..learner.nf_learner import nf_learner
+from ..utils.memory import PeakMemory
+from ..learner.optim import OPTIMIZERS
+from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder, remove_temporary_files
+from .plots import plot_run_curves
+from .signals import how_stopped, sigterm_as_interrupt
+from ..learner.step_budget import StepBudget, epochs_for_steps
+from ..models.weights import save_weights
+
+__all__ = ["OUTPUT_FILES", "TrainResult", "build_dataloaders", "resume", "train"]
+
+OUTPUT_FILES = {
+    "config": "config.json",
+    "metrics": "metrics.csv",
+    "curves": "curves.png",
+    "clip_rates": "agc_clip_rates.png",
+    "lr_find": "lr_find.png",
+    "weights": "model.safetensors",
+    "learner": "learner.pkl",
+    "result": "result.json",
+    "checkpoint": CHECKPOINT,
+}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `epochs` are the `EpochLog` rows; the summaries are computed from them.
+
+    `metric` is the validation metric's column (``accuracy``, or ``accuracy_multi`` for multi-label
+    data). `interrupted`: stopped by `stopped_by` (``Ctrl-C`` or ``SIGTERM``) before the end;
+    `diverged`: stopped early because the training loss was no longer finite (see `divergence`). `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
+    `learner` is the trained Learner (not saved in ``result.json``).
+    """
+
+    config: TrainConfig
+    epochs: list[dict[str, float]]
+    metric: str
+    lr: float
+    interrupted: bool = False
+    stopped_by: str | None = None
+    diverged: bool = False
+    peak_memory_mib: float | None = None
+    memory_kind: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    learner: Learner | None = field(default=None, repr=False, compare=False)
+
+    def _column(self, name: str) -> list[float]:
+        return [row[name] for row in self.epochs if name in row]
+
+    @property
+    def final_accuracy(self) -> float:
+        """The validation metric after the last finished epoch (NaN if none finished)."""
+        values = self._column(self.metric)
+        return values[-1] if values else math.nan
+
+    @property
+    def best_accuracy(self) -> float:
+        """The best validation metric over the finished epochs (NaN if none finished)."""
+        values = self._column(self.metric)
+        return max(values) if values else math.nan
+
+    @property
+    def final_valid_loss(self) -> float:
+        values = self._column("valid_loss")
+        return values[-1] if values else math.nan
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Mean wall time of an epoch, validation included."""
+        values = self._column("seconds")
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def images_per_second(self) -> float:
+        """Training examples per second of training time, over all epochs."""
+        seconds = sum(self._column("train_seconds"))
+        images = sum(r * s for r, s in zip(self._column("images_per_s"), self._column("train_seconds")))
+        return images / seconds if seconds > 0 else math.nan
+
+    def divergence(self) -> str:
+        """What a diverged run says: where the loss stopped being finite, and the fix."""
+        return (f"training diverged: the training loss was {self.epochs[-1]['train_loss']} after epoch "
+                f"{len(self.epochs)}, so the run stopped; at lr {self.lr:g} the steps are too large: lower lr (--lr), "
+                f"e.g. to {self.lr / 10:g}, or let --lr-find choose it")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "final_accuracy": self.final_accuracy,
+            "best_accuracy": self.best_accuracy,
+            "final_valid_loss": self.final_valid_loss,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "images_per_second": self.images_per_second,
+            "peak_memory_mib": self.peak_memory_mib,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "metric": self.metric,
+            "lr": self.lr,
+            "interrupted": self.interrupted,
+            "stopped_by": self.stopped_by,
+            "diverged": self.diverged,
+            "peak_memory_mib": self.peak_memory_mib,
+            "memory_kind": self.memory_kind,
+            "files": self.files,
+            "summary": self.summary(),  # for readers of the file; recomputed from `epochs` on load
+            "epochs": self.epochs,
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainResult:
+        """A run's result from its ``result.json`` (or the ``out`` folder holding it)."""
+        path = Path(path)
+        path = path / OUTPUT_FILES["result"] if path.is_dir() else path
+        content = json.loads(path.read_text())
+        content.pop("summary", None)
+        content["config"] = TrainConfig.from_dict(content["config"])
+        return cls(**content)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if overwrite:
+        return
+    if (out / INCOMPLETE).exists():
+        raise ConfigError("out", f"{out} holds an incomplete run ({INCOMPLETE}: it was stopped or killed before it "
+                                 f"finished); continue it with --resume {out}"
+                                 + (" (it has a checkpoint)" if (out / CHECKPOINT).exists() else "")
+                                 + ", pass overwrite=True (--overwrite) to replace it, or choose another out folder")
+    if (out / OUTPUT_FILES["config"]).exists():
+        raise ConfigError("out", f"{out} already holds a run (config.json); choose another out folder or "
+                                 f"pass overwrite=True (--overwrite) to replace it")
+
+
+def _prepare_out(out: Path) -> None:
+    remove_temporary_files(out)
+    for name in OUTPUT_FILES.values():  # only this module's own files: a previous run's would mislead
+        (out / name).unlink(missing_ok=True)
+    atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train started it at {time.ctime()} "
+                                   f"(process {os.getpid()}). If no normfree run is writing here any more, it was "
+                                   f"killed before it finished. normfree train --resume continues it from its last "
+                                   f"finished epoch; normfree compare trains it again; normfree train refuses this "
+                                   f"folder unless --overwrite is given.\n")
+
+
+class _StopOnDivergence(Callback):
+    """Ends the training (this fit and any later one of the run) after an epoch whose training loss is not
+    finite: every later step would be NaN too."""
+
+    order = Recorder.order + 10  # after EpochLog has written the epoch's row
+
+    def __init__(self):
+        self.diverged = False
+
+    def before_fit(self) -> None:
+        if self.diverged:  # fine_tune's second fit
+            raise CancelFitException
+
+    def before_epoch(self) -> None:
+        self.skipped = False
+
+    def after_cancel_epoch(self) -> None:  # fastai's SkipToEpoch: trained before the run was resumed
+        self.skipped = True
+
+    def after_epoch(self) -> None:
+        if not self.skipped and not math.isfinite(float(self.learn.smooth_loss)):
+            self.diverged = True
+            raise CancelFitException
+
+
+def build_dataloaders(config: TrainConfig) -> DataLoaders:
+    """The DataLoaders a run with `config` trains and validates on (ConfigError naming the option for bad data)."""
+    try:
+        dls = config.data_spec.dataloaders(
+            config.bs, config.size, config.seed, config.limit, config.valid_pct, config.path_col, config.label_col,
+            training_device(config.device),
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError("data", str(error)) from None
+    return _subset(dls, config)
+
+
+def _subset(dls: DataLoaders, config: TrainConfig) -> DataLoaders:
+    if config.classes is None and config.per_class is None and not config.holdout:
+        return dls
+    try:
+        return subset_dataloaders(dls, config.classes, config.per_class, config.valid_pct if config.holdout else None,
+                                  config.seed)
+    except ValueError as error:
+        option = str(error).partition(":")[0]
+        raise ConfigError(option if option in ("classes", "per_class", "holdout") else "data", str(error)) from None
+
+
+def _check_batches(dls: DataLoaders, config: TrainConfig) -> None:
+    """A batch size larger than the data is said (every epoch is one batch); an accumulation longer than an
+    epoch is refused (no optimizer step would be made)."""
+    images, batches = len(dls.train_ds), len(dls.train)
+    if config.bs > images:
+        print(f"normfree train: warning: bs {config.bs} (--bs) is more than the {images} training images: every "
+              f"epoch is one batch of {images}", file=sys.stderr)
+    if config.accum > batches:
+        raise ConfigError("accum", f"{config.accum} batches per optimizer step is more than the {batches} batches of "
+                                   f"an epoch ({images} training images, bs {config.bs}): training would make no "
+                                   f"optimizer step; give accum <= {batches} or a smaller bs")
+
+
+def _build_learner(config: TrainConfig) -> Learner:
+    dls = build_dataloaders(config)
+    _check_batches(dls, config)
+    multi_label = getattr(dls, "multi_label", False)
+    try:
+        learn = nf_learner(
+            dls, config.arch, pretrained=config.pretrained, weights=config.weights, agc=None,
+            metrics=accuracy_multi if multi_label else accuracy,
+            loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=OPTIMIZERS[config.opt],
+            model_kwargs=None if config.skipinit is None else {"skipinit": config.skipinit},
+            convert=config.to_normfree,
+        )
+    except ConversionError as error:
+        raise ConfigError("to_normfree", f"{config.arch}: {error}") from None
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        option = "weights" if config.weights else "pretrained" if config.pretrained else "arch"
+        raise ConfigError(option, str(error)) from None
+    if config.new_head:
+        init_classifier_(find_classifier(learn.model), classifier_init_std(learn.model))
+    if config.per_sample:
+        try:
+            learn.agc(config.agc, per_sample=True)
+        except ValueError as error:  # e.g. BatchNorm layers, which couple the examples of a batch
+            raise ConfigError("per_sample", f"{config.arch}: {error}") from None
+    elif config.agc is not None:
+        learn.agc(config.agc)
+    if config.accum > 1:
+        learn.add_cb(GradientAccumulation(config.accum * config.bs))  # fastai counts examples, not batches
+    learn.to_mixed_precision(config.precision)
+    return learn
+
+
+def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> None:
+    content = {
+        "config": config.to_dict(),
+        "lr_used": lr if lr is not None else config.lr,
+        "repeat": f"normfree train --config {out / OUTPUT_FILES['config']} --out NEW_FOLDER",
+        "versions": library_versions(),
+    }
+    atomic_write(out / OUTPUT_FILES["config"], json.dumps(content, indent=2) + "\n")
+
+
+def _save_figure(fig, path: Path) -> None:
+    atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110))
+    plt.close(fig)  # pyplot-made figures (fastai's, ClipHistory's) stay open until closed; harmless for others
+
+
+def _describe(learn: Learner, config: TrainConfig) -> str:
+    params = sum(p.numel() for p in learn.model.parameters())
+    clipping = "converted to normalizer-free (to_normfree), " if config.to_normfree else ""
+    clipping += "no AGC" if config.agc is None else f"AGC lambda={config.agc}"
+    clipping += " per sample" if config.per_sample else ""
+    batch = f"bs {config.bs}"
+    batch += f" x {config.accum} accumulated = {config.bs * config.accum} per step" if config.accum > 1 else ""
+    valid = "held-out train" if config.holdout else "valid"
+    data = f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} {valid}, {config.size or 'native'} px"
+    budget = f"{config.steps} steps" if config.steps is not None else f"{config.epochs} epochs"
+    return (f"normfree train: {config.arch} ({params / 1e6:.2f}M params) on {config.data} ({data}), {clipping}, "
+            f"{batch}, {config.opt} lr {config.lr:g}, {config.precision}, {budget}, seed {config.seed}, "
+            f"{torch.get_num_threads()} CPU threads -> {config.out}")
+
+
+def _fit(learn: Learner, config: TrainConfig, lr: float, cbs: list[Callback], start: tuple[int, int] = (0, 0)) -> None:
+    """The run's fits; `start` (fit, epoch): where a resumed run continues (its earlier fits and epochs skipped)."""
+    fit, epoch = start
+    if config.fine_tune:  # fastai's fine_tune, one fit at a time so that a resumed run can start in either
+        if fit == 0:
+            learn.freeze()
+            learn.fit_one_cycle(config.freeze_epochs, slice(lr), pct_start=0.99, cbs=cbs, start_epoch=epoch)
+            epoch = 0
+        learn.unfreeze()
+        learn.fit_one_cycle(config.epochs, slice(lr / 2 / 100, lr / 2), pct_start=0.3, div=5.0, cbs=cbs,
+                            start_epoch=epoch)
+    elif config.steps is not None:
+        epochs = epochs_for_steps(config.steps, config.accum, len(learn.dls.train))
+        learn.fit_one_cycle(epochs, lr, cbs=[*cbs, StepBudget(config.steps, config.accum)], start_epoch=epoch)
+    else:
+        learn.fit_one_cycle(config.epochs, lr, cbs=cbs, start_epoch=epoch)
+
+
+def _stop_interrupted_fit(learn: Learner) -> None:
+    """Let the callbacks end the fit Ctrl-C broke off (progress bars, autocast, AGC's metrics)."""
+    try:
+        learn("after_fit")
+    except Exception as error:  # best effort: the checkpoint matters more than a tidy Learner
+        print(f"(cleaning up after the interruption failed: {error})", file=sys.stderr)
+    learn._end_cleanup()
+
+
+def train(
+    config: TrainConfig | None = None,
+    /,
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
+    save_model: bool = True,
+    save_plots: bool = True,
+    cbs: Sequence[Callback] = (),
+    **options: Any,
+) -> TrainResult:
+    """Train one model as `normfree train` does; the keyword `options` are `TrainConfig`'s fields.
+
+    ``train(data="digits", arch="nf_resnet_tiny", agc=0.04, bs=64, epochs=8, out="runs/nf")``, or
+    ``train(TrainConfig.load("runs/nf"), out="runs/nf-again")`` to repeat a run (options override).
+    Same config and seed, same metrics. Bad settings raise `ConfigError` (a ValueError naming the
+    option) before anything is trained or written.
+
+    - `quiet`: no progress bars, table or messages. `overwrite`: replace a run already in ``out``.
+    - `save_model` / `save_plots`: write the weights and exported Learner / the PNG plots
+      (`normfree.compare` turns both off for its many runs). An interrupted run saves its weights anyway.
+    - `cbs`: extra fastai callbacks for the fits.
+    """
+    config = make_config(TrainConfig, config, options).resolved()
+    out = Path(config.out)
+    with sigterm_as_interrupt(), locked_folder(out):  # SIGTERM stops it as Ctrl-C does; one run per folder
+        _check_out(out, overwrite)
+        return _build_and_train(config, out, quiet, save_model, save_plots, cbs)
+
+
+def _resumable(out: Path) -> None:
+    """ConfigError naming --resume unless `out` holds a run that was stopped after a finished epoch."""
+    if not out.is_dir():
+        raise ConfigError("resume", f"{out} is not a folder; give the --out folder of the run to continue")
+    if not (out / OUTPUT_FILES["config"]).exists():
+        raise ConfigError("resume", f"{out} is not a normfree run folder (no {OUTPUT_FILES['config']}); give the "
+                                    f"--out folder of the run to continue")
+    if not (out / INCOMPLETE).exists():
+        raise ConfigError("resume", f"{out} holds a finished run (no {INCOMPLETE} marker): there is nothing to "
+                                    f"resume; train a new run with another --out")
+    if not (out / CHECKPOINT).exists():
+        raise ConfigError("resume", f"{out} holds a run stopped before its first epoch finished (no {CHECKPOINT}): "
+                                    f"there is nothing to resume; train it again with --overwrite")
+
+
+def resume(out: str | Path, /, *, quiet: bool = False, save_model: bool = True, save_plots: bool = True,
+           cbs: Sequence[Callback] = ()) -> TrainResult:
+    """Continue the unfinished run in `out` (``normfree train --resume``) from its last finished epoch, with
+    the settings it was started with, and finish it as `train` would have (same metrics, up to float
+    rounding). ConfigError naming ``resume`` for a folder that is not an unfinished run with a checkpoint.
+    The other arguments are `train`'s."""
+    out = Path(out)
+    _resumable(out)
+    with sigterm_as_interrupt(), locked_folder(out):  # refused while another process still trains it
+        _resumable(out)
+        try:
+            state = load_checkpoint(out / CHECKPOINT)
+            config = TrainConfig.from_dict(state["config"])
+        except Exception as error:  # noqa: BLE001 - a damaged file, whatever the unpickler raises
+            raise ConfigError("resume", f"{out / CHECKPOINT} cannot be read ({error}); train the run again with "
+                                        f"--overwrite") from None
+        return _build_and_train(config, out, quiet, save_model, save_plots, cbs, state)
+
+
+def _build_and_train(config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
+                     cbs: Sequence[Callback], resumed: dict[str, Any] | None = None) -> TrainResult:
+    set_seed(config.seed, reproducible=True)
+    try:
+        learn = _build_learner(config)
+    except KeyboardInterrupt as error:
+        error.normfree_note = ("while starting (building the data and model), " +
+                               (f"before anything was written to {out}" if resumed is None else f"{out} is as it was"))
+        raise
+    try:
+        return _train(learn, config, out, quiet, save_model, save_plots, cbs, resumed)
+    except KeyboardInterrupt as error:  # after the fit, while saving: the folder stays marked incomplete
+        error.normfree_note = f"while saving the results; {out} is marked incomplete ({INCOMPLETE})"
+        raise
+
+
+def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
+           cbs: Sequence[Callback], resumed: dict[str, Any] | None = None) -> TrainResult:
+    if resumed is None:
+        _prepare_out(out)
+        _write_config(out, config)
+    else:  # config.json (and lr_find.png) stay; metrics.csv goes on from the checkpoint's rows
+        remove_temporary_files(out)
+        for name in ("weights", "learner", "result", "curves", "clip_rates"):  # the stop's, rewritten at the end
+            (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
+        atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train --resume continued it at "
+                                       f"{time.ctime()} (process {os.getpid()}) after epoch {len(resumed['rows'])}.\n")
+    learn.path, learn.model_dir = out, "."  # lr_find's temporary weights go into out, and are removed
+    say = (lambda *args, **kwargs: None) if quiet else print
+    say(_describe(learn, config))
+
+    log, divergence = EpochLog(out / OUTPUT_FILES["metrics"], resumed and resumed["rows"]), _StopOnDivergence()
+    lr, finding_lr, stopped_by = config.lr, config.lr_find and resumed is None, None
+    if resumed is not None:
+        lr = resumed["lr"]
+        cbs = [ResumeFit(resumed), *cbs]
+        say(f"resuming after {len(resumed['rows'])} finished epoch(s), from {out / CHECKPOINT}")
+    with ExitStack() as stack:
+        if quiet:
+            stack.enter_context(learn.no_bar())
+            stack.enter_context(learn.no_logging())
+        peak = stack.enter_context(PeakMemory(learn.dls.device))
+        try:
+            if finding_lr:
+                lr = float(learn.lr_find(show_plot=False).valley)
+                finding_lr = False
+                _write_config(out, config, lr)
+                if save_plots:
+                    _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
+                say(f"lr_find suggests lr={lr:.2e}")
+            checkpoint = EpochCheckpoint(out / CHECKPOINT, log.rows, {"lr": lr, "config": config.to_dict()},
+                                         fit=0 if resumed is None else resumed["fit"])
+            if resumed is None:
+                _fit(learn, config, lr, [log, divergence, checkpoint, *cbs])
+            else:
+                _fit(learn, config, lr, [log, divergence, checkpoint, *cbs], (resumed["fit"], resumed["epoch"]))
+        except KeyboardInterrupt as error:
+            stopped_by = how_stopped(error)
+            _stop_interrupted_fit(learn)
+    interrupted = stopped_by is not None
+    metric = learn.metrics[0].name
+    result = TrainResult(config, log.rows, metric, lr, interrupted, stopped_by, divergence.diverged, peak.mib,
+                         peak.kind, learner=learn)
+
+    if interrupted and finding_lr:
+        print(f"\nInterrupted ({stopped_by}) during lr_find, before any training: no weights saved; the config is in "
+              f"{out / OUTPUT_FILES['config']}.", file=sys.stderr)
+    elif save_model or interrupted:
+        atomic_write(out / OUTPUT_FILES["weights"],
+                     lambda temporary: save_weights(learn.model, temporary, arch=config.arch))
+        if not interrupted:
+            atomic_write(out / OUTPUT_FILES["learner"], learn.export)
+    if save_plots and log.rows:
+        _save_figure(plot_run_curves(log.rows, metric, title=f"{config.arch} on {config.data}"),
+                     out / OUTPUT_FILES["curves"])
+        agc_callback = getattr(learn, "adaptive_clip", None)
+        if agc_callback is not None and agc_callback.history is not None and len(agc_callback.history):
+            _save_figure(agc_callback.plot(), out / OUTPUT_FILES["clip_rates"])
+    result.files = {key: str(out / name) for key, name in OUTPUT_FILES.items()
+                    if (out / name).exists() and not (name == CHECKPOINT and not interrupted)}
+    result.files["result"] = str(out / OUTPUT_FILES["result"])
+    atomic_write(out / OUTPUT_FILES["result"], json.dumps(result.to_dict(), indent=2) + "\n")
+
+    if interrupted:
+        atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
+                                       f"{len(log.rows)} finished epoch(s); result.json says so (\"interrupted\": "
+                                       f"true). normfree train --resume {out} continues it from its last finished epoch; "
+                                       f"normfree compare trains it again; normfree train refuses this folder unless "
+                                       f"--overwrite is given.\n")
+    else:
+        (out / CHECKPOINT).unlink(missing_ok=True)  # a finished run is not resumed
+        (out / INCOMPLETE).unlink()  # the last step: the run is whole
+    if interrupted and not finding_lr:
+        print(f"\nInterrupted ({stopped_by}) after {len(log.rows)} finished epoch(s) of {config.epochs}. Checkpoint "
+              f"in {out}: {OUTPUT_FILES['weights']} (the weights now), {OUTPUT_FILES['metrics']} (finished epochs), "
+              f"{OUTPUT_FILES['config']}; {INCOMPLETE} marks the run as unfinished. "
+              + (f"Continue it from its last finished epoch with: normfree train --resume {out}"
+                 if (out / CHECKPOINT).exists() else
+                 f"No epoch finished, so there is nothing to resume; train on from these weights with: normfree "
+                 f"train --config {out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} "
+                 f"--fine-tune --out NEW_FOLDER"), file=sys.stderr)
+    elif result.diverged:
+        say(f"normfree train: {result.divergence()}", file=sys.stderr)
+    elif not interrupted:
+        say(f"validation {metric}: {result.final_accuracy:.4f} after {len(log.rows)} epochs "
+            f"(best {result.best_accuracy:.4f}); {result.seconds_per_epoch:.1f} s/epoch, "
+            f"{result.images_per_second:.0f} images/s; outputs in {out}")
+    return result

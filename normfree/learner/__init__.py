@@ -1,0 +1,14 @@
+"""The fastai integration: callbacks, clip history, mixed precision on any device, and `nf_learner`.
+
+Importing it adds ``Learner.agc`` and ``Learner.to_mixed_precision`` to fastai's Learner.
+"""
+from .callback import AGC, ClipRate
+from .clip_history import ClipHistory
+from .epoch_log import EpochLog
+from .nf_learner import nf_learner
+from .optim import nesterov_sgd
+from .precision import DeviceMixedPrecision
+from .step_budget import StepBudget
+
+__all__ = ["AGC", "ClipHistory", "ClipRate", "DeviceMixedPrecision", "EpochLog", "StepBudget", "nesterov_sgd",
+           "nf_learner"]

@@ -1,0 +1,286 @@
+"""The fastai callback for Adaptive Gradient Clipping (Brock et al. 2021, Sec. 4)."""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.learner import Learner, Metric
+from fastcore.basics import patch
+import torch
+from torch import Tensor, nn
+
+from ..agc.clip import adaptive_clip_grad_
+from ..agc.rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments
+from .clip_history import ClipHistory
+from ..models.classifier import find_classifier, unwrap_model
+from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, excluded_parameters
+from .fit_guard import in_fit
+from ..agc.per_sample import PerSampleClipper, check_examples_independent, loss_reduction
+
+__all__ = ["AGC", "ClipRate"]
+
+
+class ClipRate(Metric):
+    """Recorder column: fraction of units AGC clipped in this epoch's training steps.
+
+    `group=None` is over all clipped parameters; an int is one optimizer param group.
+    """
+
+    def __init__(self, agc: AGC, group: int | None = None):
+        self.agc, self.group = agc, group
+
+    def reset(self) -> None:  # the value comes from the AGC callback's history, not from batches
+        pass
+
+    def accumulate(self, learn: Learner) -> None:
+        pass
+
+    @property
+    def value(self) -> float:
+        if self.agc.history is None:
+            return math.nan
+        return self.agc.history.rate(slice(self.agc.epoch_start, None), self.group)
+
+    @property
+    def name(self) -> str:
+        return "agc_clip" if self.group is None else f"agc_clip_{self.group}"
+
+
+def _as_list(exclude: Exclusion | Iterable[Exclusion] | None) -> list[Exclusion]:
+    if exclude is None:
+        return []
+    if isinstance(exclude, (str, nn.Module)) or callable(exclude):
+        return [exclude]
+    return list(exclude)
+
+
+class AGC(Callback):
+    """Adaptive Gradient Clipping for a fastai `Learner` (Brock et al. 2021, Sec. 4).
+
+    Clips in `before_step`, after `MixedPrecision` (order 10) has unscaled the gradients and
+    skipped overflowing steps, after `GradientAccumulation` (order 6) has let the whole effective
+    batch accumulate, and after distributed training's backward pass has all-reduced the
+    gradients. Only parameters the optimizer trains (its param groups, frozen ones left out) are
+    clipped.
+
+    - `clipping`: lambda; one number, or one per optimizer param group (like fastai's `slice` of
+      learning rates). 0.01 is the paper's value at batch 1024-4096; use more for small batches,
+      less for Adam-like optimizers.
+    - `eps`: the weight-norm floor that lets zero-initialised parameters move.
+    - `skip_classifier`: which of the final classifier's parameters to leave alone: "weight"
+      (DeepMind's rule, the default), "weight_and_bias" (timm's), or None (clip it too).
+    - `exclude`: more parameters to leave alone: name patterns ("stem.*", or a module name such as
+      "head"), modules, or predicates ``f(name, param) -> bool``.
+    - `per_sample`: clip each example's gradient before the batch mean (see `normfree.agc.per_sample`):
+      the step uses (1/N) sum_i clip(g_i) over the N examples of the effective batch (all
+      micro-batches of a `GradientAccumulation`, all processes of a distributed run). Needs a model
+      whose examples do not interact (no BatchNorm in training mode) and a loss that is the mean or
+      the sum of per-example terms; dropout and drop-path are fine. Excluded parameters get their
+      ordinary mean gradient. Clip rates then count (example, unit) pairs.
+
+    After a fit, `history` holds the units clipped per parameter at every step (see
+    `ClipHistory`); the Recorder shows the epoch's clip rate as `agc_clip` (and `agc_clip_<g>`
+    per param group when there are several); `plot()` draws the per-layer clip rate over training.
+    """
+
+    order = MixedPrecision.order + 1
+    run_valid = False
+
+    def __init__(
+        self,
+        clipping: float | Sequence[float] = DEFAULT_CLIPPING,
+        eps: float = DEFAULT_EPS,
+        skip_classifier: SkipClassifier = "weight",
+        exclude: Exclusion | Iterable[Exclusion] | None = (),
+        per_sample: bool = False,
+    ):
+        clippings = [clipping] if isinstance(clipping, (int, float)) else list(clipping)
+        if not clippings:
+            raise ValueError("clipping must be a number > 0 or one number per param group, got an empty sequence")
+        for value in clippings:
+            check_agc_arguments(value, eps)
+        check_skip_classifier(skip_classifier)
+        self.clipping, self.eps = clipping, eps
+        self.skip_classifier, self.exclude = skip_classifier, _as_list(exclude)
+        self.per_sample = bool(per_sample)
+        self._clipper: PerSampleClipper | None = None
+        self.history: ClipHistory | None = None
+        self.epoch_start = 0
+        self._clip_metrics: list[ClipRate] = []
+        self._history_started = False
+
+    @property
+    def name(self) -> str:
+        return "adaptive_clip"  # not fastai's default "agc": `learn.agc` is the Learner method that attaches it
+
+    def clipped_parameters(self, model: nn.Module, param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
+        """Per optimizer param group, the (name, parameter) pairs AGC clips."""
+        model = unwrap_model(model)
+        excluded = {id(p) for p in excluded_parameters(model, self.skip_classifier, self.exclude)}
+        names = {id(p): name for name, p in model.named_parameters()}
+        return [
+            [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group)
+             if p.requires_grad and id(p) not in excluded]
+            for g, group in enumerate(param_lists)
+        ]
+
+    def _clipping_per_group(self, n_groups: int) -> list[float]:
+        if isinstance(self.clipping, (int, float)):
+            return [float(self.clipping)] * n_groups
+        if len(self.clipping) != n_groups:
+            raise ValueError(
+                f"clipping has {len(self.clipping)} values but the optimizer has {n_groups} param groups: "
+                "give one number, or one per param group"
+            )
+        return [float(c) for c in self.clipping]
+
+    def before_fit(self) -> None:
+        # fastai also calls before_fit for get_preds/predict/validate, which train nothing (and must not
+        # get clip-rate columns)
+        if not in_fit(self.learn) or self.learn.opt is None:
+            self.run = False
+            return
+        n_groups = len(self.learn.opt.param_lists)
+        self._clip_metrics = [ClipRate(self), *([ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else [])]
+        self.learn.metrics = self.learn.metrics + self._clip_metrics
+        self._history_started = False
+
+    def _start_history(self) -> None:
+        """Resolve what to clip and start a new history: at the first training epoch of a fit, so that a
+        `learn.validate()` after training keeps the statistics of the fit."""
+        model = unwrap_model(self.learn.model)
+        if self.skip_classifier is not None and find_classifier(model) is None:
+            warnings.warn(
+                "AGC found no final classifier (no get_classifier(), no nn.Linear), so it clips every "
+                "parameter; name the classifier with exclude=[...] or pass skip_classifier=None",
+                stacklevel=3,
+            )
+        groups = self.clipped_parameters(model, self.learn.opt.param_lists)
+        self._params = [[p for _, p in group] for group in groups]
+        self._clippings = self._clipping_per_group(len(groups))
+        self.history = ClipHistory([[name for name, _ in group] for group in groups])
+        self._history_started = True
+        if self.per_sample:
+            self._start_per_sample(model)
+
+    def _start_per_sample(self, model: nn.Module) -> None:
+        clipping = {id(p): c for params, c in zip(self._params, self._clippings) for p in params}
+        self._clipper = PerSampleClipper(model, clipping, self.eps)
+        self._reduction: str | None = None
+        self._checked_proportional = False
+
+    def _stop_per_sample(self) -> None:
+        if self._clipper is not None:
+            self._clipper.remove()
+            self._clipper = None
+
+    def before_batch(self) -> None:
+        if self._clipper is None:
+            return
+        self._clipper.check_examples_independent()
+        self._clipper.start()
+
+    def after_loss(self) -> None:
+        """Per-sample: find what the backward pass will multiply each example's loss gradient by."""
+        if self._clipper is None or not self.learn.pred.requires_grad:
+            return
+        pred, targets = self.learn.pred, self.learn.yb
+        if self._reduction is None:
+            self._reduction = loss_reduction(self.learn.loss_func, pred.detach(), *targets)
+        with torch.enable_grad():
+            detached = pred.detach().requires_grad_()
+            own, = torch.autograd.grad(self.learn.loss_func(detached, *targets), detached)
+        own = own.float()
+        per_example = len(pred) if self._reduction == "mean" else 1
+
+        def set_grad_scale(signal: Tensor) -> None:
+            # signal = k * own: k is what GradientAccumulation and the grad scaler multiplied the loss by
+            k = (signal.float() * own).sum() / own.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+            if not self._checked_proportional:
+                self._check_proportional(signal.float(), k * own)
+            self._clipper.grad_scale = torch.where(k > 0, k / per_example, torch.ones_like(k))
+
+        pred.register_hook(set_grad_scale)
+
+    def _check_proportional(self, signal: Tensor, expected: Tensor) -> None:
+        if float((signal - expected).norm()) > 1e-3 * float(signal.norm()) + 1e-30:
+            raise ValueError(
+                "per-sample AGC: the gradient reaching the model output is not a multiple of the loss function's "
+                f"own gradient, so per-example gradients cannot be recovered; does a callback change the loss after "
+                f"{type(self.learn.loss_func).__name__} computed it? Turn per_sample off for such a set-up"
+            )
+        self._checked_proportional = True
+
+    def after_batch(self) -> None:
+        if self._clipper is not None:
+            self._clipper.stop()
+
+    def before_train(self) -> None:
+        if not self._history_started:
+            self._start_history()
+        self.epoch_start = len(self.history)
+
+    def before_step(self) -> None:
+        if self._clipper is not None:  # the backward pass clipped each example already
+            self.history.record(self._clipper.collect(self._params))
+            return
+        self.history.record(
+            [adaptive_clip_grad_(params, clipping, self.eps) for params, clipping in zip(self._params, self._clippings)]
+        )
+
+    def after_train(self) -> None:
+        nonfinite = int(self.history.nonfinite(slice(self.epoch_start, None)).sum())
+        if nonfinite:
+            warnings.warn(
+                f"AGC saw {nonfinite} units with inf/NaN gradients this epoch and left them unchanged; "
+                "use mixed precision's grad scaler (learn.to_fp16()) or a lower learning rate",
+                stacklevel=2,
+            )
+
+    def _end_fit(self) -> None:
+        """Undo what the fit changed: the per-sample patches and the clip-rate columns."""
+        self._stop_per_sample()
+        self.learn.metrics = [m for m in self.learn.metrics if not (isinstance(m, ClipRate) and m.agc is self)]
+        self._clip_metrics = []
+
+    def after_cancel_fit(self) -> None:
+        self._end_fit()
+
+    def after_fit(self) -> None:
+        self._end_fit()
+
+    def end_interrupted_fit(self) -> None:
+        """The fit ended by an exception (Ctrl-C, an error in any callback): see `normfree.learner.fit_guard`."""
+        self._end_fit()
+        self.run = True  # fastai resets it only in after_fit
+
+    def plot(self, **kwargs):
+        """Per-layer clip rate over the last fit (see `ClipHistory.plot`); returns the figure."""
+        if self.history is None or not len(self.history):
+            raise RuntimeError("AGC has no statistics yet: call learn.fit(...) first")
+        return self.history.plot(**kwargs)
+
+
+@patch
+def agc(
+    self: Learner,
+    clipping: float | Sequence[float] = DEFAULT_CLIPPING,
+    eps: float = DEFAULT_EPS,
+    skip_classifier: SkipClassifier = "weight",
+    exclude: Exclusion | Iterable[Exclusion] | None = (),
+    per_sample: bool = False,
+) -> Learner:
+    """Attach Adaptive Gradient Clipping (replacing any AGC already attached), like `to_fp16()`.
+
+    The callback is then `learn.adaptive_clip`. Exclusions are checked against the model now, and so,
+    with `per_sample=True`, is the absence of BatchNorm layers (which couple the examples).
+    """
+    callback = AGC(clipping, eps, skip_classifier, exclude, per_sample)
+    excluded_parameters(self.model, skip_classifier, callback.exclude)
+    if per_sample:
+        check_examples_independent(unwrap_model(self.model))
+    self.remove_cb(AGC)
+    return self.add_cb(callback)

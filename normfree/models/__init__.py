@@ -1,0 +1,29 @@
+"""Models: normalizer-free building blocks and architectures. Needs torch and timm; fastai only for torchvision archs.
+
+- `standardization`: Scaled Weight Standardization (NF-ResNets, Eq. 5).
+- `equations`: the NF-ResNet signal-propagation equations: the residual, its beta schedule, SkipInit, gamma.
+- `classifier`: finding the final classifier and initialising it.
+- `small_resnets`: small-image NF ResNets and their BatchNorm twins (registered with timm on import).
+- `convert`: `to_normfree`, a BatchNorm model made normalizer-free.
+- `fusion`: Scaled WS folded into plain convolutions for inference.
+- `weights`: local weight files.  `factory`: `build_model` by timm name or torchvision function.
+- `propagation`: signal propagation plots' statistics.
+"""
+from .classifier import find_classifier, init_classifier_
+from .convert import ConversionError, ConvertedResidual, to_normfree
+from .factory import body_head_splitter, build_model, normalizer_free_archs
+from .fusion import fuse_standardization
+from .propagation import (
+    BlockStats,
+    SignalPropagation,
+    average_channel_squared_mean,
+    average_channel_variance,
+    signal_propagation,
+)
+from .small_resnets import SmallResNet, batchnorm_twin_name, normfree_twin_name
+from .weights import load_weights, save_weights
+
+__all__ = ["BlockStats", "ConversionError", "ConvertedResidual", "SignalPropagation", "SmallResNet",
+           "average_channel_squared_mean", "average_channel_variance", "batchnorm_twin_name", "body_head_splitter",
+           "build_model", "find_classifier", "fuse_standardization", "init_classifier_", "load_weights",
+           "normalizer_free_archs", "normfree_twin_name", "save_weights", "signal_propagation", "to_normfree"]

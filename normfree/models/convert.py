@@ -1,0 +1,445 @@
+"""`to_normfree`: a BatchNorm model made normalizer-free by the NF-ResNet recipe.
+
+Brock, De & Smith 2021, "Characterizing signal propagation to close the performance gap in
+unnormalized ResNets" (arXiv 2101.08692), Sec. 3-4; one function per equation:
+
+- `activation_gamma` (Sec. 4.2): gamma = 1 / sqrt(Var(g(x))), x ~ N(0, 1), the gain that gives the
+  output of activation g unit variance again; read from timm's table (`timm.models.nfnet._nonlin_gamma`),
+  folded into the Scaled Weight Standardised convolution that reads g's output (timm's ScaledStdConv2d:
+  W_hat = gain * gamma * (W - mean) / (std * sqrt(fan_in)); see `normfree.models.standardization`).
+- `residual_beta` (Sec. 4): beta_i = sqrt(Var(h_i)), the expected standard deviation of the residual
+  stream entering block i, so the branch reads a unit-variance input.
+- `expected_variance` (Sec. 4): Var(h_{i+1}) = Var(h_i) + alpha^2, and 1 + alpha^2 after a transition
+  block (whose shortcut convolves the normalised input).
+- `nf_residual` (Sec. 4): h_{i+1} = h_i + alpha * f_i(h_i / beta_i), times a SkipInit gain
+  (De & Smith 2020, arXiv 2002.10444) when there is one.
+
+Residual blocks of post-activation ResNets (torchvision's and timm's BasicBlock / Bottleneck, fastai's
+xresnet ResBlock: ``act(f(h) + shortcut(h))``) become pre-activation NF blocks, as NF-ResNets and
+NFNets are (timm's NormFreeBlock): the activation after the addition moves to the start of the
+block, ``x = act(h / beta)``, the branch and a projection shortcut read x, an identity shortcut reads
+h, and the last block of the network applies the activation to its output so that the head sees
+activated features as before.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torchvision.models.resnet as tv_resnet
+from timm.layers import ScaledStdConv2d
+from timm.models import resnet as timm_resnet
+from timm.models.nfnet import _nonlin_gamma
+from torch import Tensor, nn
+
+from .small_resnets import _STD_CONV_EPS
+from .standardization import STD_CONVS
+
+__all__ = [
+    "ConversionError",
+    "ConvertedResidual",
+    "activation_gamma",
+    "expected_variance",
+    "nf_residual",
+    "residual_beta",
+    "to_normfree",
+]
+
+_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+_OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
+                nn.RMSNorm)
+_NORMS = _BATCHNORMS + _OTHER_NORMS
+# torch activation classes -> the key of timm's gamma table
+_GAMMA_KEYS: dict[type, str] = {
+    nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.ELU: "elu", nn.CELU: "celu", nn.SELU: "selu",
+    nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softsign: "softsign", nn.Softplus: "softplus",
+    nn.LeakyReLU: "leaky_relu", nn.LogSigmoid: "log_sigmoid", nn.Identity: "identity",
+}
+# models whose forward calls their children in registration order: walked like an nn.Sequential
+_SEQUENTIAL_MODELS = (nn.Sequential, tv_resnet.ResNet, timm_resnet.ResNet)
+_HOW = ("to_normfree converts nn.Sequential stacks of Conv2d / BatchNorm2d / activation layers and the residual "
+        "blocks of torchvision and timm ResNets (BasicBlock, Bottleneck) and fastai's xresnet (ResBlock)")
+
+
+class ConversionError(ValueError):
+    """What `to_normfree` cannot convert, with the module path and the fix."""
+
+
+def activation_gamma(activation: nn.Module, overrides: float | Mapping | None = None) -> float:
+    """gamma = 1 / sqrt(Var(g(x))) for x ~ N(0, 1) (2101.08692, Sec. 4.2): the scale that restores unit
+    variance after activation `activation` (ReLU sqrt(2 / (1 - 1/pi)) ~ 1.7139, GELU 1.7015, SiLU 1.7881).
+
+    The values are timm's (`timm.models.nfnet._nonlin_gamma`). `overrides`: one gamma for every
+    activation, or a mapping from activation classes (or class names) to gammas. KeyError (with the
+    fix) for an activation with no known gamma.
+    """
+    if isinstance(overrides, (int, float)) and not isinstance(overrides, bool):
+        return float(overrides)
+    kind = type(activation)
+    for key in (kind, kind.__name__):
+        if isinstance(overrides, Mapping) and key in overrides:
+            return float(overrides[key])
+    name = _GAMMA_KEYS.get(kind)
+    if kind is nn.GELU and activation.approximate == "tanh":
+        name = "gelu_tanh" if "gelu_tanh" in _nonlin_gamma else None
+    if kind is nn.LeakyReLU and activation.negative_slope != nn.LeakyReLU().negative_slope:
+        name = None  # timm's gamma is for the default slope
+    if name is None and kind.__name__.lower() in _nonlin_gamma:  # timm's own activation classes (GELU, Tanh, ...)
+        name = kind.__name__.lower()
+    if name is None or name not in _nonlin_gamma:
+        raise KeyError(f"no gamma is known for {activation!r}: pass activation_gamma={{{kind.__name__}: value}} with "
+                       f"1 / std of its output for N(0, 1) inputs (2101.08692, Sec. 4.2)")
+    return float(_nonlin_gamma[name])
+
+
+def residual_beta(expected_var: float) -> float:
+    """beta_i = sqrt(Var(h_i)), the expected standard deviation of the residual stream entering block i
+    (2101.08692, Sec. 4): the block's branch reads h_i / beta_i, of unit variance."""
+    return math.sqrt(expected_var)
+
+
+def expected_variance(expected_var: float, alpha: float, transition: bool) -> float:
+    """Var(h_{i+1}) = Var(h_i) + alpha^2, or 1 + alpha^2 after a transition block, whose shortcut convolves
+    the normalised input h_i / beta_i and so restarts at unit variance (2101.08692, Sec. 4)."""
+    return (1.0 if transition else expected_var) + alpha ** 2
+
+
+def nf_residual(shortcut: Tensor, branch: Tensor, alpha: float, gain: Tensor | None = None) -> Tensor:
+    """h_{i+1} = h_i + alpha * f_i(h_i / beta_i) (2101.08692, Sec. 4): `shortcut` is h_i (or a transition's
+    projection of h_i / beta_i), `branch` is f_i(h_i / beta_i); `gain` is the SkipInit scalar (De & Smith
+    2020), initialised to 0, multiplying the branch (None: no gain)."""
+    if gain is None:
+        return torch.add(shortcut, branch, alpha=alpha)
+    return shortcut + branch * (gain * alpha)
+
+
+class ConvertedResidual(nn.Module):
+    """A residual block of a converted model: ``h + alpha * skip_gain * branch(act(h / beta))``.
+
+    `pre_act` is the activation the original block applied after its addition, moved to the start
+    (pre-activation, as in NF-ResNets); `shortcut` is the converted projection (None: identity on h),
+    which reads ``act(h / beta)``; `final_act` is set on the network's last block only, so the head
+    reads activated features as in the original. `skip_gain` is SkipInit's scalar, 0 at conversion
+    (None with ``skipinit=False``). `transition` says whether the shortcut restarts the variance.
+    """
+
+    def __init__(self, pre_act: nn.Module, branch: nn.Module, shortcut: nn.Module | None, alpha: float,
+                 beta: float, skipinit: bool, transition: bool):
+        super().__init__()
+        self.pre_act, self.branch, self.shortcut = pre_act, branch, shortcut
+        self.alpha, self.beta, self.transition = alpha, beta, transition
+        self.skip_gain = nn.Parameter(torch.zeros(())) if skipinit else None
+        self.final_act: nn.Module | None = None
+
+    def forward(self, h: Tensor) -> Tensor:
+        x = self.pre_act(h / self.beta)
+        shortcut = h if self.shortcut is None else self.shortcut(x)
+        out = nf_residual(shortcut, self.branch(x), self.alpha, self.skip_gain)
+        return out if self.final_act is None else self.final_act(out)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta:.4f}, transition={self.transition}"
+
+
+@dataclass
+class _Walk:
+    """The state of a walk in execution order: the last activation (whose output the next conv reads; None:
+    the input image or a linear output), the previous leaf, the expected variance of the residual stream
+    and the last residual block (open until something other than a block reads its output)."""
+
+    alpha: float
+    skipinit: bool
+    gammas: float | Mapping | None
+    last_act: nn.Module | None = None
+    last_act_path: str = "the input"
+    prev: nn.Module | None = None
+    prev_path: str = ""
+    expected_var: float = 1.0
+    open_block: ConvertedResidual | None = None
+    open_act: nn.Module | None = None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _no_inplace(act: nn.Module) -> nn.Module:
+    act = copy.deepcopy(act)
+    if hasattr(act, "inplace"):
+        act.inplace = False
+    return act
+
+
+def _is_activation(module: nn.Module, gammas) -> bool:
+    kind = type(module)
+    if isinstance(gammas, Mapping) and (kind in gammas or kind.__name__ in gammas):
+        return True
+    if kind is nn.Identity or any(True for _ in module.children()):
+        return False
+    return kind.__module__ in ("torch.nn.modules.activation",) or kind.__module__.startswith("timm.layers.activations")
+
+
+def _holds(module: nn.Module, kinds: tuple[type, ...]) -> str | None:
+    """The relative path of the first submodule of `module` of one of `kinds` (itself: ''), or None."""
+    return next((name for name, m in module.named_modules() if isinstance(m, kinds)), None)
+
+
+def _scaled_conv(conv: nn.Conv2d, gamma: float, bias: bool) -> ScaledStdConv2d:
+    """`conv` as a timm ScaledStdConv2d with `gamma`, keeping its weight (and bias; a zero bias if it had none and
+    `bias`, in place of the dropped BatchNorm's shift)."""
+    weight = conv.weight
+    new = ScaledStdConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                          padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                          bias=bias or conv.bias is not None, gamma=gamma, eps=_STD_CONV_EPS,
+                          device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if new.bias is not None:
+            new.bias.copy_(conv.bias) if conv.bias is not None else new.bias.zero_()
+    new.weight.requires_grad_(weight.requires_grad)
+    new.train(conv.training)
+    return new
+
+
+def _convert_conv(conv: nn.Conv2d, path: str, walk: _Walk, feeds_batchnorm: bool) -> nn.Module:
+    if isinstance(conv, STD_CONVS):
+        return conv  # already weight-standardised
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+        raise ConversionError(f"{path} ({type(conv).__name__}{'' if type(conv) is not nn.Conv2d else ', padding_mode '}"
+                         f"{'' if type(conv) is not nn.Conv2d else repr(conv.padding_mode)}): to_normfree replaces "
+                         f"plain nn.Conv2d layers with zero padding only; replace this layer by an nn.Conv2d (or a "
+                         f"timm ScaledStdConv2d) before converting")
+    if walk.last_act is None:
+        gamma = 1.0  # reads the image or a linear output, not an activation
+    else:
+        try:
+            gamma = activation_gamma(walk.last_act, walk.gammas)
+        except KeyError as error:
+            raise ConversionError(f"{path} reads the output of {walk.last_act_path} ({type(walk.last_act).__name__}): "
+                             f"{error.args[0]}") from None
+    return _scaled_conv(conv, gamma, bias=feeds_batchnorm)
+
+
+def _next_is_batchnorm(children: list[tuple[str, nn.Module]], index: int) -> bool:
+    return index + 1 < len(children) and isinstance(children[index + 1][1], _BATCHNORMS)
+
+
+def _close_block(walk: _Walk) -> None:
+    """Something other than a residual block reads the stream: the last block applies its activation."""
+    if walk.open_block is not None:
+        walk.open_block.final_act = walk.open_act
+        walk.open_block = walk.open_act = None
+
+
+def _convert_batchnorm(bn: nn.Module, path: str, walk: _Walk) -> nn.Module:
+    if not isinstance(walk.prev, nn.Conv2d):
+        follows = (f"it follows {walk.prev_path} ({type(walk.prev).__name__})" if walk.prev is not None
+                   else "nothing precedes it")
+        raise ConversionError(f"{path} ({type(bn).__name__}) does not follow a convolution ({follows}): to_normfree drops "
+                         f"a BatchNorm only where the convolution before it takes over with Scaled Weight "
+                         f"Standardisation. Remove or replace this layer yourself (e.g. a fastai vision_learner head's "
+                         f"BatchNorm1d: build the model with normfree.build_model or nf_learner, whose head has none)")
+    if bn.num_features != walk.prev.out_channels:
+        raise ConversionError(f"{path} ({type(bn).__name__}) normalises {bn.num_features} channels but {walk.prev_path} "
+                         f"outputs {walk.prev.out_channels}: it does not normalise that convolution's output")
+    walk.prev, walk.prev_path = bn, path
+    act = getattr(bn, "act", None)  # timm's BatchNormAct2d holds its activation: keep it
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+        walk.last_act, walk.last_act_path = act, f"{path}.act"
+        return act
+    return nn.Identity()
+
+
+def _convert_children(module: nn.Module, path: str, walk: _Walk, in_branch: bool) -> None:
+    children = list(module.named_children())
+    for index, (name, child) in enumerate(children):
+        child_path = f"{path}.{name}" if path else name
+        new = _convert(child, child_path, walk, in_branch, _next_is_batchnorm(children, index))
+        if new is not child:
+            setattr(module, name, new)
+
+
+def _convert(module: nn.Module, path: str, walk: _Walk, in_branch: bool, feeds_batchnorm: bool = False) -> nn.Module:
+    """`module` converted (replaced or changed in place), visited in execution order."""
+    block = _block_reader(module)
+    if block is not None:
+        if in_branch:
+            raise ConversionError(f"{path}: a residual block inside another block's branch; {_HOW}")
+        return _convert_block(module, path, walk, *block(module, path))
+    if isinstance(module, _SEQUENTIAL_MODELS):  # containers: their children decide
+        _convert_children(module, path, walk, in_branch)
+        return module
+    if not in_branch:
+        _close_block(walk)
+    if isinstance(module, _BATCHNORMS):
+        return _convert_batchnorm(module, path, walk)
+    if isinstance(module, _OTHER_NORMS):
+        raise ConversionError(f"{path} is a {type(module).__name__}: to_normfree removes BatchNorm only, so the model "
+                         f"would keep a normalisation layer. If dropping it is what you want, replace it by "
+                         f"nn.Identity() before converting")
+    if isinstance(module, nn.Conv2d):
+        new = _convert_conv(module, path, walk, feeds_batchnorm)
+        walk.last_act, walk.last_act_path = None, path
+        walk.prev, walk.prev_path = module, path  # the original: a following BatchNorm checks its channels
+        if not in_branch:
+            walk.expected_var = 1.0  # a weight-standardised conv of an activation has unit variance
+        return new
+    if isinstance(module, (nn.modules.conv._ConvNd)):
+        raise ConversionError(f"{path} ({type(module).__name__}): to_normfree converts 2-D convolutions (nn.Conv2d) only")
+    if _is_activation(module, walk.gammas):
+        walk.last_act, walk.last_act_path = module, path
+        walk.prev, walk.prev_path = module, path
+        return module
+    if any(True for _ in module.children()):
+        inside = _holds(module, _NORMS + (nn.modules.conv._ConvNd,))
+        if inside is not None:
+            what = type(module.get_submodule(inside)).__name__
+            where = path or "the model"
+            raise ConversionError(f"{where} ({type(module).__name__}) holds a {what} ({_join(path, inside)}) and its forward is "
+                             f"not known to normfree (a residual connection?), so it cannot be converted safely. "
+                             f"{_HOW}: rewrite it as one of those, or convert its parts yourself (e.g. "
+                             f"to_normfree(model.features) for an nn.Sequential inside it)")
+    # pooling, dropout, flatten, linear layers, heads without convolutions: kept as they are
+    if any(True for _ in module.parameters(recurse=False)) or isinstance(module, nn.Linear):
+        walk.last_act, walk.last_act_path = None, path
+    walk.prev, walk.prev_path = module, path
+    return module
+
+
+def _extra(module: nn.Module, path: str, names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """The optional parts of a timm block (attention, anti-aliasing, drop-block), refusing ones with layers."""
+    parts = []
+    for name in names:
+        part = getattr(module, name, None)
+        if part is None or isinstance(part, nn.Identity):
+            continue
+        if any(True for _ in part.parameters()) or _holds(part, _NORMS + (nn.modules.conv._ConvNd,)) is not None:
+            raise ConversionError(f"{path}.{name} ({type(part).__name__}): to_normfree does not convert attention or "
+                             f"other layered parts of a residual branch; build the model without it")
+        parts.append((name, part))
+    return parts
+
+
+def _torchvision_block(block: nn.Module, path: str):
+    parts = [("conv1", block.conv1), ("bn1", block.bn1), ("relu1", block.relu), ("conv2", block.conv2),
+             ("bn2", block.bn2)]
+    if isinstance(block, tv_resnet.Bottleneck):
+        parts += [("relu2", block.relu), ("conv3", block.conv3), ("bn3", block.bn3)]
+    return parts, block.downsample, block.relu, "downsample"
+
+
+def _timm_block(block: nn.Module, path: str):
+    if isinstance(block, timm_resnet.Bottleneck):
+        parts = [("conv1", block.conv1), ("bn1", block.bn1), ("act1", block.act1), ("conv2", block.conv2),
+                 ("bn2", block.bn2), *_extra(block, path, ("drop_block",)), ("act2", block.act2),
+                 *_extra(block, path, ("aa",)), ("conv3", block.conv3), ("bn3", block.bn3)]
+        act = block.act3
+    else:
+        parts = [("conv1", block.conv1), ("bn1", block.bn1), *_extra(block, path, ("drop_block",)),
+                 ("act1", block.act1), *_extra(block, path, ("aa",)), ("conv2", block.conv2), ("bn2", block.bn2)]
+        act = block.act2
+    parts += _extra(block, path, ("se", "drop_path"))
+    return parts, block.downsample, act, "downsample"
+
+
+def _fastai_block(block: nn.Module, path: str):
+    parts = list(block.convpath.named_children())
+    return parts, block.idpath if len(block.idpath) else None, block.act, "idpath"
+
+
+_BLOCKS = {
+    tv_resnet.BasicBlock: _torchvision_block,
+    tv_resnet.Bottleneck: _torchvision_block,
+    timm_resnet.BasicBlock: _timm_block,
+    timm_resnet.Bottleneck: _timm_block,
+}
+
+
+def _block_reader(module: nn.Module):
+    """How to take `module` apart if it is a residual block `to_normfree` knows, else None."""
+    fastai_layers = sys.modules.get("fastai.layers")  # a fastai ResBlock exists only once fastai is imported
+    if fastai_layers is not None and type(module) is fastai_layers.ResBlock:
+        return _fastai_block
+    return _BLOCKS.get(type(module))
+
+
+def _convert_block(block: nn.Module, path: str, walk: _Walk, parts: list[tuple[str, nn.Module]],
+                   shortcut: nn.Module | None, act: nn.Module, shortcut_name: str) -> ConvertedResidual:
+    """A post-activation residual block ``act(branch(h) + shortcut(h))`` as a pre-activation NF block."""
+    act_path = f"{path}.{next(n for n, m in block.named_children() if m is act)}"
+    transition = shortcut is not None and _holds(shortcut, (nn.modules.conv._ConvNd,)) is not None
+    beta = residual_beta(walk.expected_var)
+    pre_act = _no_inplace(act)
+    branch = nn.Sequential()
+    for name, part in parts:
+        branch.add_module(name, part if not isinstance(part, nn.ReLU) else _no_inplace(part))
+
+    # the branch: each part in order, one walk (so a BatchNorm finds the conv before it)
+    branch_walk = _Walk(walk.alpha, walk.skipinit, walk.gammas, last_act=pre_act, last_act_path=act_path)
+    children = list(branch.named_children())
+    for index, (name, part) in enumerate(children):
+        new = _convert(part, f"{path}.{name}", branch_walk, True, _next_is_batchnorm(children, index))
+        if new is not part:
+            setattr(branch, name, new)
+    new_shortcut = None
+    if shortcut is not None:  # reads act(h / beta), as the branch does
+        shortcut_walk = _Walk(walk.alpha, walk.skipinit, walk.gammas, last_act=pre_act, last_act_path=act_path)
+        new_shortcut = _convert(shortcut, f"{path}.{shortcut_name}", shortcut_walk, in_branch=True)
+    if new_shortcut is not None and not transition:
+        raise ConversionError(f"{path}.{shortcut_name}: a shortcut without a convolution (pooling only) is not supported; "
+                         f"{_HOW}")
+    converted = ConvertedResidual(pre_act, branch, new_shortcut, walk.alpha, beta, walk.skipinit, transition)
+    converted.to(next((p.device for p in block.parameters()), torch.device("cpu")))
+    walk.expected_var = expected_variance(walk.expected_var, walk.alpha, transition)
+    walk.open_block, walk.open_act = converted, _no_inplace(act)
+    walk.last_act, walk.last_act_path, walk.prev, walk.prev_path = None, path, converted, path
+    return converted
+
+
+def to_normfree(model: nn.Module, *, alpha: float = 0.2, skipinit: bool = True,
+                activation_gamma: float | Mapping | None = None) -> nn.Module:
+    """A copy of BatchNorm model `model` made normalizer-free by the NF-ResNet recipe (Brock, De & Smith 2021,
+    arXiv 2101.08692, Sec. 3-4); `model` itself is not changed.
+
+    - Every BatchNorm is removed: its running statistics and affine parameters are dropped (not folded
+      into the convolution), so a trained model's function changes; its weights are a starting point.
+      A convolution that fed a BatchNorm gets a bias (zero) in place of BatchNorm's shift.
+    - Every nn.Conv2d becomes timm's ScaledStdConv2d, keeping its weight (the standardised weight's
+      source; gains start at 1), with the gamma of the activation whose output it reads (ReLU, SiLU,
+      GELU, ... from timm's table; 1 for a conv reading the image). `activation_gamma` overrides: one
+      value for all, or ``{nn.Hardswish: 1.9}`` by activation class (or class name).
+    - Residual blocks of torchvision ResNets (BasicBlock, Bottleneck), timm ResNets and fastai's xresnet
+      (ResBlock) become `ConvertedResidual` blocks, h + alpha * gain * f(act(h / beta)), beta the expected
+      std of h from `expected_variance` (alpha^2 more per block, 1 + alpha^2 after a transition: a block
+      with a projection shortcut). `skipinit`: the SkipInit gain, a learnable scalar starting at 0
+      (False: no gain, the branches start at full strength).
+    - nn.Sequential stacks of Conv2d, BatchNorm2d, activations, pooling and Linear layers (plain CNNs)
+      are converted layer by layer.
+
+    ValueError naming the module path and the fix for what cannot be converted: an unknown module holding
+    a BatchNorm or a convolution (its forward, maybe a residual connection, is unknown), GroupNorm /
+    LayerNorm / InstanceNorm, a BatchNorm not directly after a convolution, an activation without a known
+    gamma. No partial conversion is ever returned.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConversionError(f"alpha must be a finite number > 0 (the paper's 0.2), got {alpha!r}")
+    if not isinstance(skipinit, bool):
+        raise ConversionError(f"skipinit must be True or False, got {skipinit!r}")
+    if activation_gamma is not None and not isinstance(activation_gamma, Mapping) and (
+            isinstance(activation_gamma, bool) or not isinstance(activation_gamma, (int, float))):
+        raise ConversionError(f"activation_gamma must be a number or a mapping from activation classes to numbers, got "
+                         f"{activation_gamma!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"to_normfree converts an nn.Module, got {type(model).__name__}")
+    converted = copy.deepcopy(model)
+    walk = _Walk(float(alpha), skipinit, activation_gamma)
+    converted = _convert(converted, "", walk, in_branch=False)
+    _close_block(walk)
+    left = [name or type(converted).__name__ for name, m in converted.named_modules() if isinstance(m, _NORMS)]
+    if left:  # cannot happen by construction; never hand back a partial conversion
+        raise ConversionError(f"to_normfree left normalisation layers in the model: {', '.join(left)}")
+    return converted

@@ -1,0 +1,104 @@
+"""The layers of docs/ARCHITECTURE.md hold: no module imports from a layer above its own, the core needs neither
+fastai nor matplotlib, and `import normfree` imports neither (fastai imports pyplot)."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "normfree"
+LAYERS = ["utils", "models", "agc", "data", "learner", "app"]  # bottom up
+CORE = ("utils", "models", "agc")
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a dotted module name inside normfree ("normfree.agc.rule" -> "agc"); None for the package root."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, bool]]:
+    """(absolute module, at module level) for each import statement of the file at `path`."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            found.append((target, id(node) in top_level))
+    return found
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if layer_of(module_name(p)) is not None)
+
+
+def test_every_module_is_in_a_layer():
+    flat = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert flat == [], f"modules outside the layers' subpackages: {flat}"
+    assert len(MODULES) > 40
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_no_import_from_a_layer_above(path):
+    own = LAYERS.index(layer_of(module_name(path)))
+    above = [(target, LAYERS[LAYERS.index(layer_of(target))]) for target, _ in imports(path)
+             if target.startswith("normfree.") and layer_of(target) and LAYERS.index(layer_of(target)) > own]
+    assert above == [], f"{module_name(path)} imports from layers above its own: {above}"
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if layer_of(module_name(p)) in CORE], ids=lambda p: module_name(p))
+def test_core_imports_neither_fastai_nor_matplotlib_at_module_level(path):
+    heavy = [target for target, top in imports(path) if top and target.split(".")[0] in ("fastai", "matplotlib")]
+    assert heavy == []
+
+
+def test_the_layer_checks_can_fail():
+    """The helpers see an upward import and a module-level fastai import where there is one."""
+    names = [target for target, _ in imports(PACKAGE / "app" / "train.py")]
+    assert "normfree.learner.nf_learner" in names and "fastai.learner" in names
+    assert layer_of("normfree.app.train") == "app" and layer_of("normfree") is None
+
+
+@pytest.mark.parametrize("statement", ["import normfree", "import normfree.agc", "import normfree.models",
+                                       "from normfree import adaptive_clip_grad_, to_normfree, SmallResNet"])
+def test_importing_the_core_loads_neither_fastai_nor_pyplot(statement):
+    code = f"{statement}; import sys; print(sorted(m for m in ('fastai', 'matplotlib', 'matplotlib.pyplot') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_fastai_names_load_on_first_use_and_patch_the_learner():
+    code = ("import normfree, sys; assert 'fastai' not in sys.modules; agc = normfree.AGC; "
+            "from fastai.learner import Learner; print(agc.__module__, hasattr(Learner, 'agc'), "
+            "hasattr(Learner, 'to_mixed_precision'), 'AGC' in dir(normfree))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["normfree.learner.callback", "True", "True", "True"]
+
+
+def test_fastai_imported_first_gets_the_integration_at_import():
+    code = "import fastai.learner; import normfree; print(hasattr(fastai.learner.Learner, 'agc'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True"]
+
+
+def test_every_public_name_resolves():
+    import normfree
+
+    missing = [name for name in normfree.__all__ if getattr(normfree, name, None) is None]
+    assert missing == []
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        normfree.not_a_name
