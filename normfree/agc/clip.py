@@ -88,51 +88,9 @@ def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tu
     return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
 
 
-@dataclass(frozen=True)
-class _Dispatch:
-    """Which implementation clips which parameter of one list: everything `adaptive_clip_grad_` decides
-    from the parameters' devices, dtypes and layouts, kept while their storage stays the same."""
-
-    device: torch.device
-    units: Tensor  # per parameter listed (CPU), 0 without a gradient
-    first: list[int]  # per parameter listed, the position of its first listing
-    cpu_groups: list[list[int]]  # positions clipped by the fused CPU kernel, one list per dtype
-    gpu: list[int]  # positions clipped by the Triton kernel
-    gpu_plan: gpu_kernel.Plan | None
-    torch_ops: list[int]  # positions clipped with torch ops
-    all_gpu: bool  # every parameter with a gradient goes to the Triton kernel
-    repeats: list[tuple[int, int]]  # (position, position of its first listing) of parameters listed again
-
-    def run(self, params: list[Tensor], clipping: float, eps: float) -> ClipStats:
-        if self.all_gpu:  # the kernel writes each parameter's counts into its own column: no gathering
-            counts = gpu_kernel.clip_(self.gpu_plan, len(params), clipping, eps, GRAD_NORM_FLOOR)
-            for i, first in self.repeats:  # listed again: the counts of its first listing
-                counts[:, i] = counts[:, first]
-            counts = counts.long()
-            return ClipStats(clipped=counts[0], nonfinite=counts[1], units=self.units)
-        found: dict[int, tuple[Tensor, Tensor]] = {}
-        if self.gpu:
-            counts = gpu_kernel.clip_(self.gpu_plan, len(self.gpu), clipping, eps, GRAD_NORM_FLOOR).long()
-            found.update(zip(self.gpu, zip(counts[0].unbind(), counts[1].unbind())))
-        for group in self.cpu_groups:
-            clipped, nonfinite = cpu_kernel.clip_([params[i] for i in group], [num_units(params[i]) for i in group],
-                                                  clipping, eps, GRAD_NORM_FLOOR)
-            found.update(zip(group, zip(clipped.unbind(), nonfinite.unbind())))
-        if self.torch_ops:
-            found.update(zip(self.torch_ops, zip(*clip_with_torch_ops([params[i] for i in self.torch_ops], clipping,
-                                                                        eps))))
-        zero = torch.zeros((), dtype=torch.long, device=self.device)
-
-        def per_parameter(field: int) -> Tensor:
-            if not params:
-                return torch.zeros(0, dtype=torch.long, device=self.device)
-            return torch.stack([found[first][field] if first != -1 else zero for first in self.first])
-
-        return ClipStats(clipped=per_parameter(0), nonfinite=per_parameter(1), units=self.units)
-
-
-def _dispatch(params: list[Tensor]) -> _Dispatch:
-    """Check `params` and decide which implementation clips each (ValueError naming a bad parameter)."""
+def _validate(params: list[Tensor]) -> tuple[list[int], torch.device]:
+    """Check `params` (ValueError naming a bad parameter). Returns, per parameter listed, the position of its
+    first listing (-1 without a gradient), and the gradients' device."""
     first_listing: dict[int, int] = {}
     first = []
     for i, p in enumerate(params):
@@ -154,7 +112,62 @@ def _dispatch(params: list[Tensor]) -> _Dispatch:
     if len(devices) > 1:
         raise ValueError(f"adaptive_clip_grad_ takes parameters on one device, got {sorted(map(str, devices))}: "
                          "call it once per device")
-    device = devices.pop() if devices else torch.device("cpu")
+    return first, devices.pop() if devices else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class _Dispatch:
+    """Which implementation clips which parameter of one list: everything `adaptive_clip_grad_` decides
+    from the parameters' devices, dtypes and layouts, kept while their storage stays the same."""
+
+    device: torch.device
+    units: Tensor  # per parameter listed (CPU), 0 without a gradient
+    first: list[int]  # per parameter listed, the position of its first listing (-1 without a gradient)
+    cpu_groups: list[list[int]]  # positions clipped by the fused CPU kernel, one list per dtype
+    gpu: list[int]  # positions clipped by the Triton kernel
+    gpu_plan: gpu_kernel.Plan | None
+    torch_ops: list[int]  # positions clipped with torch ops
+    all_gpu: bool  # every parameter with a gradient goes to the Triton kernel
+    repeats: list[tuple[int, int]]  # (position, position of its first listing) of parameters listed again
+
+    def run(self, params: list[Tensor], clipping: float, eps: float) -> ClipStats:
+        """Clip `params` in place; their statistics."""
+        if self.all_gpu:  # the kernel writes each parameter's counts into its own column: no gathering
+            counts = gpu_kernel.clip_(self.gpu_plan, len(params), clipping, eps, GRAD_NORM_FLOOR)
+            for i, first in self.repeats:  # listed again: the counts of its first listing
+                counts[:, i] = counts[:, first]
+            counts = counts.long()
+            return ClipStats(clipped=counts[0], nonfinite=counts[1], units=self.units)
+        found: dict[int, tuple[Tensor, Tensor]] = {}
+        if self.gpu:
+            counts = gpu_kernel.clip_(self.gpu_plan, len(self.gpu), clipping, eps, GRAD_NORM_FLOOR).long()
+            found.update(zip(self.gpu, zip(counts[0].unbind(), counts[1].unbind())))
+        for group in self.cpu_groups:
+            clipped, nonfinite = cpu_kernel.clip_([params[i] for i in group], [num_units(params[i]) for i in group],
+                                                  clipping, eps, GRAD_NORM_FLOOR)
+            found.update(zip(group, zip(clipped.unbind(), nonfinite.unbind())))
+        if self.torch_ops:
+            found.update(zip(self.torch_ops, zip(*clip_with_torch_ops([params[i] for i in self.torch_ops], clipping,
+                                                                        eps))))
+        return self._statistics(found)
+
+    def _statistics(self, found: dict[int, tuple[Tensor, Tensor]]) -> ClipStats:
+        """One `ClipStats` entry per parameter listed, from the (clipped, non-finite) counts `found` per position
+        clipped: a parameter listed again gets its first listing's counts, one without a gradient zeros."""
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+
+        def per_parameter(field: int) -> Tensor:
+            if not self.first:
+                return torch.zeros(0, dtype=torch.long, device=self.device)
+            return torch.stack([found[first][field] if first != -1 else zero for first in self.first])
+
+        return ClipStats(clipped=per_parameter(0), nonfinite=per_parameter(1), units=self.units)
+
+
+def _dispatch(params: list[Tensor]) -> _Dispatch:
+    """Check `params` and decide which implementation clips each."""
+    first, device = _validate(params)
+    positions = [i for i, k in enumerate(first) if k == i]
     cpu = [i for i in positions if cpu_kernel.supports(params[i])] if cpu_kernel.load() is not None else []
     gpu = [i for i in positions if i not in set(cpu) and gpu_kernel.supports(params[i])]
     taken = set(cpu) | set(gpu)

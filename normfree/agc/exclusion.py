@@ -8,14 +8,14 @@ classifier's weight and bias.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, Union
 
 from torch import Tensor, nn
 
 from ..models.classifier import find_classifier, unwrap_model
 
-__all__ = ["excluded_parameters", "Exclusion", "SkipClassifier"]
+__all__ = ["clipped_parameters", "excluded_parameters", "Exclusion", "SkipClassifier"]
 
 SkipClassifier = Literal["weight", "weight_and_bias"] | None
 # An exclusion is a parameter-name pattern (fnmatch glob, or a module name for all its
@@ -81,3 +81,19 @@ def excluded_parameters(
     for exclusion in exclude:
         found.extend(_excluded_by(model, exclusion))
     return found
+
+
+def clipped_parameters(
+    model: nn.Module, param_lists: Sequence[Sequence[Tensor]], skip_classifier: SkipClassifier = "weight",
+    exclude: Iterable[Exclusion] = (),
+) -> list[list[tuple[str, Tensor]]]:
+    """Per optimizer param group, the (name, parameter) pairs AGC clips: the trained ones (`requires_grad`), less
+    `excluded_parameters`. Parameters outside `model` are named ``group<g>.param<i>``."""
+    model = unwrap_model(model)
+    excluded = {id(p) for p in excluded_parameters(model, skip_classifier, exclude)}
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [
+        [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group)
+         if p.requires_grad and id(p) not in excluded]
+        for g, group in enumerate(param_lists)
+    ]

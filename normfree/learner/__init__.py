@@ -2,8 +2,8 @@
 
 Importing it adds ``Learner.agc`` and ``Learner.to_mixed_precision`` to fastai's Learner.
 """
-from .callback import AGC, ClipRate
-from .clip_history import ClipHistory
+from .callback import AGC
+from .clip_history import ClipHistory, ClipRate
 from .epoch_log import EpochLog
 from .nf_learner import nf_learner
 from .optim import nesterov_sgd

@@ -1,52 +1,24 @@
 """The fastai callback for Adaptive Gradient Clipping (Brock et al. 2021, Sec. 4)."""
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.learner import Learner, Metric
+from fastai.learner import Learner
 from fastcore.basics import patch
-import torch
 from torch import Tensor, nn
 
 from ..agc.clip import adaptive_clip_grad_
+from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
+from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent
 from ..agc.rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments
-from .clip_history import ClipHistory
 from ..models.classifier import find_classifier, unwrap_model
-from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, excluded_parameters
+from .clip_history import ClipHistory, ClipRate
 from .fit_guard import in_fit
-from ..agc.per_sample import PerSampleClipper, check_examples_independent, loss_reduction
 
-__all__ = ["AGC", "ClipRate"]
-
-
-class ClipRate(Metric):
-    """Recorder column: fraction of units AGC clipped in this epoch's training steps.
-
-    `group=None` is over all clipped parameters; an int is one optimizer param group.
-    """
-
-    def __init__(self, agc: AGC, group: int | None = None):
-        self.agc, self.group = agc, group
-
-    def reset(self) -> None:  # the value comes from the AGC callback's history, not from batches
-        pass
-
-    def accumulate(self, learn: Learner) -> None:
-        pass
-
-    @property
-    def value(self) -> float:
-        if self.agc.history is None:
-            return math.nan
-        return self.agc.history.rate(slice(self.agc.epoch_start, None), self.group)
-
-    @property
-    def name(self) -> str:
-        return "agc_clip" if self.group is None else f"agc_clip_{self.group}"
+__all__ = ["AGC"]
 
 
 def _as_list(exclude: Exclusion | Iterable[Exclusion] | None) -> list[Exclusion]:
@@ -106,26 +78,25 @@ class AGC(Callback):
         self.clipping, self.eps = clipping, eps
         self.skip_classifier, self.exclude = skip_classifier, _as_list(exclude)
         self.per_sample = bool(per_sample)
-        self._clipper: PerSampleClipper | None = None
         self.history: ClipHistory | None = None
         self.epoch_start = 0
-        self._clip_metrics: list[ClipRate] = []
+        self._clipper: PerSampleClipper | None = None
         self._history_started = False
 
     @property
     def name(self) -> str:
         return "adaptive_clip"  # not fastai's default "agc": `learn.agc` is the Learner method that attaches it
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError now, rather than at the first step, if the exclusions name nothing in `model` or, with
+        `per_sample`, if it has BatchNorm layers (which couple the examples)."""
+        excluded_parameters(model, self.skip_classifier, self.exclude)
+        if self.per_sample:
+            check_examples_independent(unwrap_model(model))
+
     def clipped_parameters(self, model: nn.Module, param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
-        """Per optimizer param group, the (name, parameter) pairs AGC clips."""
-        model = unwrap_model(model)
-        excluded = {id(p) for p in excluded_parameters(model, self.skip_classifier, self.exclude)}
-        names = {id(p): name for name, p in model.named_parameters()}
-        return [
-            [(names.get(id(p), f"group{g}.param{i}"), p) for i, p in enumerate(group)
-             if p.requires_grad and id(p) not in excluded]
-            for g, group in enumerate(param_lists)
-        ]
+        """Per optimizer param group, the (name, parameter) pairs AGC clips (`normfree.agc.exclusion`)."""
+        return clipped_parameters(model, param_lists, self.skip_classifier, self.exclude)
 
     def _clipping_per_group(self, n_groups: int) -> list[float]:
         if isinstance(self.clipping, (int, float)):
@@ -144,8 +115,8 @@ class AGC(Callback):
             self.run = False
             return
         n_groups = len(self.learn.opt.param_lists)
-        self._clip_metrics = [ClipRate(self), *([ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else [])]
-        self.learn.metrics = self.learn.metrics + self._clip_metrics
+        self.learn.metrics = self.learn.metrics + [ClipRate(self),
+                                                   *([ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else [])]
         self._history_started = False
 
     def _start_history(self) -> None:
@@ -164,55 +135,19 @@ class AGC(Callback):
         self.history = ClipHistory([[name for name, _ in group] for group in groups])
         self._history_started = True
         if self.per_sample:
-            self._start_per_sample(model)
+            clipping = {id(p): c for params, c in zip(self._params, self._clippings) for p in params}
+            self._clipper = PerSampleClipper(model, clipping, self.eps)
+            self._loss_scale = LossGradScale(self._clipper)
 
-    def _start_per_sample(self, model: nn.Module) -> None:
-        clipping = {id(p): c for params, c in zip(self._params, self._clippings) for p in params}
-        self._clipper = PerSampleClipper(model, clipping, self.eps)
-        self._reduction: str | None = None
-        self._checked_proportional = False
-
-    def _stop_per_sample(self) -> None:
-        if self._clipper is not None:
-            self._clipper.remove()
-            self._clipper = None
-
+    # per-sample AGC: the backward pass clips each example; these hooks frame each batch for it
     def before_batch(self) -> None:
-        if self._clipper is None:
-            return
-        self._clipper.check_examples_independent()
-        self._clipper.start()
+        if self._clipper is not None:
+            self._clipper.check_examples_independent()
+            self._clipper.start()
 
     def after_loss(self) -> None:
-        """Per-sample: find what the backward pass will multiply each example's loss gradient by."""
-        if self._clipper is None or not self.learn.pred.requires_grad:
-            return
-        pred, targets = self.learn.pred, self.learn.yb
-        if self._reduction is None:
-            self._reduction = loss_reduction(self.learn.loss_func, pred.detach(), *targets)
-        with torch.enable_grad():
-            detached = pred.detach().requires_grad_()
-            own, = torch.autograd.grad(self.learn.loss_func(detached, *targets), detached)
-        own = own.float()
-        per_example = len(pred) if self._reduction == "mean" else 1
-
-        def set_grad_scale(signal: Tensor) -> None:
-            # signal = k * own: k is what GradientAccumulation and the grad scaler multiplied the loss by
-            k = (signal.float() * own).sum() / own.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
-            if not self._checked_proportional:
-                self._check_proportional(signal.float(), k * own)
-            self._clipper.grad_scale = torch.where(k > 0, k / per_example, torch.ones_like(k))
-
-        pred.register_hook(set_grad_scale)
-
-    def _check_proportional(self, signal: Tensor, expected: Tensor) -> None:
-        if float((signal - expected).norm()) > 1e-3 * float(signal.norm()) + 1e-30:
-            raise ValueError(
-                "per-sample AGC: the gradient reaching the model output is not a multiple of the loss function's "
-                f"own gradient, so per-example gradients cannot be recovered; does a callback change the loss after "
-                f"{type(self.learn.loss_func).__name__} computed it? Turn per_sample off for such a set-up"
-            )
-        self._checked_proportional = True
+        if self._clipper is not None and self.learn.pred.requires_grad:
+            self._loss_scale.watch(self.learn.loss_func, self.learn.pred, self.learn.yb)
 
     def after_batch(self) -> None:
         if self._clipper is not None:
@@ -226,10 +161,9 @@ class AGC(Callback):
     def before_step(self) -> None:
         if self._clipper is not None:  # the backward pass clipped each example already
             self.history.record(self._clipper.collect(self._params))
-            return
-        self.history.record(
-            [adaptive_clip_grad_(params, clipping, self.eps) for params, clipping in zip(self._params, self._clippings)]
-        )
+        else:
+            self.history.record([adaptive_clip_grad_(params, clipping, self.eps)
+                                 for params, clipping in zip(self._params, self._clippings)])
 
     def after_train(self) -> None:
         nonfinite = int(self.history.nonfinite(slice(self.epoch_start, None)).sum())
@@ -242,9 +176,10 @@ class AGC(Callback):
 
     def _end_fit(self) -> None:
         """Undo what the fit changed: the per-sample patches and the clip-rate columns."""
-        self._stop_per_sample()
+        if self._clipper is not None:
+            self._clipper.remove()
+            self._clipper = None
         self.learn.metrics = [m for m in self.learn.metrics if not (isinstance(m, ClipRate) and m.agc is self)]
-        self._clip_metrics = []
 
     def after_cancel_fit(self) -> None:
         self._end_fit()
@@ -265,22 +200,14 @@ class AGC(Callback):
 
 
 @patch
-def agc(
-    self: Learner,
-    clipping: float | Sequence[float] = DEFAULT_CLIPPING,
-    eps: float = DEFAULT_EPS,
-    skip_classifier: SkipClassifier = "weight",
-    exclude: Exclusion | Iterable[Exclusion] | None = (),
-    per_sample: bool = False,
-) -> Learner:
-    """Attach Adaptive Gradient Clipping (replacing any AGC already attached), like `to_fp16()`.
+def agc(self: Learner, *args, **kwargs) -> Learner:
+    """Attach Adaptive Gradient Clipping (replacing any AGC already attached), like `to_fp16()`: takes `AGC`'s
+    arguments (`clipping`, `eps`, `skip_classifier`, `exclude`, `per_sample`).
 
     The callback is then `learn.adaptive_clip`. Exclusions are checked against the model now, and so,
     with `per_sample=True`, is the absence of BatchNorm layers (which couple the examples).
     """
-    callback = AGC(clipping, eps, skip_classifier, exclude, per_sample)
-    excluded_parameters(self.model, skip_classifier, callback.exclude)
-    if per_sample:
-        check_examples_independent(unwrap_model(self.model))
+    callback = AGC(*args, **kwargs)
+    callback.check_model(self.model)
     self.remove_cb(AGC)
     return self.add_cb(callback)

@@ -25,7 +25,8 @@ How each layer does it (book-keeping, Bu et al. 2023; ghost norms, Li et al. 202
 - `generic`: any other layer with parameters goes through torch.func (vmap of vjp) in chunks of
   examples: exact, slower.
 
-`clipper` holds `PerSampleClipper`, which installs them; `clipped_sum` the clipped sum shared by the
+`clipper` holds `PerSampleClipper`, which installs them; `loss_scale` finds what the loss's reduction, gradient
+accumulation and a grad scaler multiplied each example's gradient by; `clipped_sum` the clipped sum shared by the
 engines and the precision they compute in (bfloat16 signals stay bfloat16, norms accumulate in
 float32); `tuning` the knobs a benchmark may turn (`TUNING`: scratch budget per device, how k x k
 convolutions materialise g_i).
@@ -33,7 +34,8 @@ convolutions materialise g_i).
 BatchNorm in training mode couples the examples of a batch: per-example gradients do not exist,
 and `PerSampleClipper` refuses such models. Dropout and drop-path are per-example and fine.
 """
-from .clipper import PerSampleClipper, check_examples_independent, loss_reduction
+from .clipper import PerSampleClipper, check_examples_independent
+from .loss_scale import LossGradScale, loss_reduction
 from .tuning import TUNING, Tuning, tuned
 
-__all__ = ["PerSampleClipper", "TUNING", "Tuning", "check_examples_independent", "loss_reduction", "tuned"]
+__all__ = ["LossGradScale", "PerSampleClipper", "TUNING", "Tuning", "check_examples_independent", "loss_reduction", "tuned"]

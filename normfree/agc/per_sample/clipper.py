@@ -4,7 +4,7 @@
 for its kind: `layers` (linear and convolution layers: book-keeping, Bu et al. 2023, and ghost norms,
 Li et al. 2022), `containers` (gains of container modules) or `generic` (torch.func). The engines
 call back `clip_factors` with per-example unit norms. Also here: the checks that make per-example
-gradients meaningful (`check_examples_independent`, `loss_reduction`).
+gradients meaningful (`check_examples_independent`; `loss_scale.loss_reduction`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .containers import container_forward
 from .generic import generic_forward
 from .layers import Layer, layer_forward
 
-__all__ = ["PerSampleClipper", "check_examples_independent", "loss_reduction"]
+__all__ = ["PerSampleClipper", "check_examples_independent"]
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -44,29 +44,6 @@ def check_examples_independent(batchnorms: nn.Module | list[tuple[str, nn.Module
         f"({shown}): BatchNorm couples the examples of a batch, so per-example gradients do not exist. Use a "
         "normalizer-free model (normfree.nf_learner with e.g. 'nf_resnet26' or 'nf_resnet_small'), or turn "
         "per_sample off"
-    )
-
-
-def loss_reduction(loss_func, pred: Tensor, *targets: Tensor) -> str:
-    """How `loss_func` reduces per-example terms: "mean" or "sum"; ValueError if it is neither.
-
-    Checked directly: the loss of the batch must equal the mean (or the sum) of the losses of its
-    examples one at a time. A weighted mean, a median or any custom reduction fails the check.
-    """
-    with torch.no_grad():
-        batch = float(loss_func(pred, *targets))
-        each = [float(loss_func(pred[i : i + 1], *(t[i : i + 1] for t in targets))) for i in range(len(pred))]
-    tolerance = 1e-4 * max(1.0, abs(batch))
-    if abs(batch - sum(each) / len(each)) <= tolerance:
-        return "mean"
-    if abs(batch - sum(each)) <= tolerance:
-        return "sum"
-    name = getattr(loss_func, "__name__", type(loss_func).__name__)
-    raise ValueError(
-        f"per-sample AGC needs a loss that is the mean or the sum of one term per example; {name} on this batch "
-        f"is {batch:.6g}, but the mean of its per-example values is {sum(each) / len(each):.6g} and their sum "
-        f"{sum(each):.6g} (a custom or weighted reduction?). Use a standard loss such as CrossEntropyLossFlat, "
-        "or turn per_sample off"
     )
 
 
