@@ -1,5 +1,7 @@
 """`normfree compare` and its report: the grid, resuming, the table's statistics and the HTML page."""
 import base64
+import csv
+import dataclasses
 import json
 import re
 import statistics
@@ -109,6 +111,25 @@ def test_compare_resumes_from_the_runs_already_in_out(grid, capsys):
     after = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
     assert {p for p in after if after[p] != before.get(p)} == {redo}
     assert capsys.readouterr().out.count("(done before)") == 11
+
+
+def test_compare_summarises_the_runs_once_and_reports_those_rows(grid, monkeypatch):
+    out, _ = grid
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return summarise(*args, **kwargs)
+
+    monkeypatch.setattr(normfree.app.report, "summarise", counted)
+    monkeypatch.setattr(normfree.app.compare, "summarise", counted)
+    result = normfree.compare(methods=("bn", "nf-agc"), batch_sizes=(8, 16), seeds=(0, 1), epochs=1, size=8, limit=48,
+                              lrs=(0.01,), out=str(out), quiet=True)  # every run reused: nothing trains
+    assert len(calls) == 1 and result.rows == summarise(result.runs, ["BatchNorm", "NF + AGC"])
+    with open(out / "summary.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert written == [{key: "" if value is None else str(value) for key, value in dataclasses.asdict(row).items()}
+                       for row in result.rows]
 
 
 def test_compare_refuses_to_mix_runs_of_other_settings(grid):

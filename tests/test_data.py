@@ -633,3 +633,59 @@ def test_full_depth_loaders_export_and_predict(tmp_path):
     with learn.no_bar(), loaded.no_bar():
         expected, actual = learn.predict(image)[2], loaded.predict(image)[2]
     torch.testing.assert_close(actual, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry of data kinds (normfree.data.registry.DATA_KINDS)
+
+
+def test_each_kind_states_its_builder_default_size_path_and_limit_once():
+    from pathlib import Path
+
+    from normfree.data import digits_dataloaders
+    from normfree.data.registry import DATA_KINDS
+
+    expected = {  # kind: (builder, default size, default path, limit applies)
+        "digits": (digits_dataloaders, 32, None, True),
+        "fashion-mnist": (fashion_mnist_dataloaders, 28, Path("/usr/share/datasets/fashion-mnist"), True),
+        "medmnist": (medmnist_dataloaders, None, None, True),
+        "csv": (csv_dataloaders, 64, None, False),
+        "image-folder": (image_folder_dataloaders, 64, None, False),
+    }
+    assert {name: (kind.builder, kind.default_size, kind.default_path, kind.supports_limit)
+            for name, kind in DATA_KINDS.items()} == expected
+
+
+def one_of_each_kind(tmp_path):
+    """A --data string of every kind, each naming tiny data: {kind: (spec, native image size)}."""
+    folder = write_folder(tmp_path / "folder", per_class=5)
+    write_folder(tmp_path / "listed", per_class=5)
+    rows = [f"{cls}/{i}.png,{cls}" for cls in ("cat", "dog") for i in range(5)]
+    (tmp_path / "listed" / "images.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    return {
+        "digits": ("digits", 8),
+        "fashion-mnist": (f"fashion-mnist:{write_fashion(tmp_path / 'fashion')}", 28),
+        "medmnist": (str(write_npz(tmp_path / "set.npz")), 12),
+        "csv": (str(tmp_path / "listed" / "images.csv"), 10),
+        "image-folder": (str(folder), 10),
+    }
+
+
+def test_every_kind_parses_round_trips_and_builds_at_its_default_size(tmp_path):
+    from normfree.data.registry import DATA_KINDS, parse_data_spec
+    from normfree.utils.errors import ConfigError
+
+    examples = one_of_each_kind(tmp_path)
+    assert sorted(examples) == sorted(DATA_KINDS)
+    for name, (text, native) in examples.items():
+        spec = parse_data_spec(text)
+        assert spec.kind == name and parse_data_spec(str(spec)) == spec
+        dls = spec.dataloaders(bs=2, seed=0, valid_pct=0.3)
+        size = DATA_KINDS[name].default_size or native  # None: the images' own size
+        assert tuple(dls.one_batch()[0].shape[-2:]) == (size, size), name
+        if DATA_KINDS[name].supports_limit:
+            assert len(spec.dataloaders(bs=2, limit=3).valid_ds) == 3
+        else:
+            with pytest.raises(ConfigError, match=r"^limit: works with in-memory data sets \(digits, fashion-mnist, "
+                                                  r"\.npz\) only"):
+                spec.dataloaders(bs=2, limit=3)

@@ -281,6 +281,95 @@ def test_data_spec_parsing(tmp_path):
         parse_data_spec(tmp_path / "a.txt")
 
 
+def noise_dataloaders(bs: int = 64, size: int = 12, seed: int = 0, limit: int | None = None, device=None):
+    """A data kind that normfree does not have: the digits under another name and default size."""
+    return normfree.digits_dataloaders(bs, size, seed=seed, limit=limit, device=device)
+
+
+def test_the_registry_is_the_one_list_of_data_kinds(tmp_path, monkeypatch):
+    """A kind added to DATA_KINDS is parsed, accepted by TrainConfig (limit included) and listed in the help; a kind
+    taken out is refused everywhere: no other module keeps its own list."""
+    from normfree.app.cli import build_parser
+    from normfree.data.registry import DATA_KINDS, DataKind, data_spec_help
+
+    monkeypatch.setitem(DATA_KINDS, "noise", DataKind("noise", noise_dataloaders, "noise", "noise", named=True))
+    monkeypatch.delitem(DATA_KINDS, "csv")
+    (tmp_path / "a.csv").write_text("path,label\n")
+    assert parse_data_spec("noise") == normfree.data.registry.DataSpec("noise")
+    config = normfree.TrainConfig(data="noise", limit=3).resolved()
+    assert (config.data, config.size, config.limit) == ("noise", 12, 3)
+    with pytest.raises(normfree.ConfigError, match="data: .*a.csv: a .csv file is not data normfree reads"):
+        normfree.TrainConfig(data=str(tmp_path / "a.csv"))
+    expected = "digits, fashion-mnist[:DIR], a MedMNIST .npz file, an image folder, or noise"
+    assert data_spec_help() == expected
+    helps = {action.dest: " ".join(action.help.split()) for action in build_parser()[1]["train"]._actions}
+    assert helps["data"] == expected
+    assert helps["size"].endswith("(default: the data's own: digits 32, fashion-mnist 28, .npz native, folders 64, "
+                                  "noise 12)")
+    assert "(digits, fashion-mnist, .npz, noise; default: all)" in helps["limit"]
+    with pytest.raises(normfree.ConfigError, match=r"^holdout: works with in-memory data sets \(digits, "
+                                                   r"fashion-mnist, \.npz, noise\) only, not image-folder data"):
+        normfree.TrainConfig(data=str(normfree.write_digits_image_folder(tmp_path / "f", size=8, per_class=1)),
+                             holdout=True)
+
+
+def test_no_module_of_the_app_or_data_spells_a_list_of_data_kinds():
+    """Messages and help that list kinds build the list from the registry (docstrings may describe them)."""
+    import ast
+    import re
+
+    kind = r"(digits|fashion-mnist|\.npz|\.csv)"
+    listed = re.compile(rf"{kind}\S*( \d+)?,? (or |and )?\S*{kind}")  # "digits, fashion-mnist", "digits 32, ..."
+    assert listed.search("in-memory data (digits, fashion-mnist, .npz)") and listed.search("digits 32, .npz native")
+    assert not listed.search("--data digits --arch nf_resnet_tiny ... --data fashion-mnist")
+    package = Path(normfree.__file__).parent
+    for path in sorted([*(package / "app").glob("*.py"), *(package / "data").glob("*.py")]):
+        if path.name == "registry.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert not listed.search(node.value), (path.name, node.lineno, node.value)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("bs", 0, "bs: must be a whole number >= 1, got 0"),
+    ("bs", 2.5, "bs: must be a whole number >= 1, got 2.5"),
+    ("valid_pct", 1.0, "valid_pct: must be between 0 and 1 (exclusive), got 1.0"),
+    ("limit", 0, "limit: must be a whole number >= 1, got 0"),
+])
+def test_a_bad_value_is_refused_by_one_check_from_the_config_and_the_builder(option, value, message):
+    with pytest.raises(normfree.ConfigError) as from_config:
+        normfree.TrainConfig(**{option: value})
+    with pytest.raises(normfree.ConfigError) as from_builder:
+        normfree.digits_dataloaders(**{option: value})
+    assert str(from_config.value) == str(from_builder.value) == message
+    assert from_config.value.option == from_builder.value.option == option
+
+
+def test_the_clip_rate_figure_is_made_without_pyplot():
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from normfree.agc.clip import ClipStats
+    from normfree.learner.clip_history import ClipHistory
+
+    history = ClipHistory([["stem.weight", "stem.bias"], ["head.weight"]])
+    for clipped in ([1, 0, 2], [3, 1, 0]):  # units clipped per parameter, of 4, 2 and 2 units
+        history.record([ClipStats(torch.tensor(clipped[:2]), torch.zeros(2), torch.tensor([4, 2])),
+                        ClipStats(torch.tensor(clipped[2:]), torch.zeros(1), torch.tensor([2]))])
+    open_before = plt.get_fignums()
+    figure = history.plot()
+    assert type(figure) is Figure and plt.get_fignums() == open_before
+    top, heat, _ = figure.axes
+    lines = {line.get_label(): list(line.get_ydata()) for line in top.get_lines()}
+    assert lines["all"] == pytest.approx([3 / 8, 4 / 8]) and lines["group 1"] == pytest.approx([1.0, 0.0])
+    assert heat.images[0].get_array().ravel().tolist() == pytest.approx([1 / 6, 4 / 6, 1.0, 0.0])  # stem, head
+
+
 def test_help_shows_every_default_through_a_real_subprocess():
     done = subprocess.run([sys.executable, "-m", "normfree", "train", "--help"], capture_output=True, text=True,
                           timeout=120)

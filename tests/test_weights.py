@@ -1,4 +1,5 @@
 """Local weight files: round trips, head re-creation, channel adaptation, and errors that name what disagrees."""
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,20 @@ def test_files_that_are_not_safetensors_or_checkpoints_get_a_one_line_error(tmp_
             as error:
         load_weights(model, tmp_path / "objects.pth")
     assert "weights_only=False" not in str(error.value)
+
+
+def test_the_weight_suffixes_are_stated_once_and_quoted_everywhere(tmp_path, capsys):
+    from normfree.app.cli import build_parser
+    from normfree.app.config import TrainConfig
+    from normfree.app.train import OUTPUT_FILES
+    from normfree.models.weights import SAVE_SUFFIX, WEIGHT_FILES, WEIGHT_SUFFIXES
+
+    assert WEIGHT_SUFFIXES == (".safetensors", ".pth", ".pt", ".bin", ".pkl") and SAVE_SUFFIX == ".safetensors"
+    assert WEIGHT_FILES == ".safetensors, .pth, .pt, .bin or a learn.export() .pkl"
+    assert (OUTPUT_FILES["weights"], OUTPUT_FILES["learner"]) == ("model.safetensors", "learner.pkl")
+    weights_help = next(a.help for a in build_parser()[1]["train"]._actions if a.dest == "weights")
+    assert weights_help.startswith(f"start from a local weights file: {WEIGHT_FILES} (default")
+    with pytest.raises(ValueError, match=re.escape(f"nope.pt: no such file; expected a {WEIGHT_FILES} file") + "$"):
+        TrainConfig(weights=str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match="save_weights writes .safetensors files; got 'w.pth'"):
+        save_weights(source_model(), tmp_path / "w.pth")

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from . import startup
 from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
 from .config import ConfigError, TrainConfig
-from ..data.registry import DATA_SPEC_HELP
+from ..data.registry import data_spec_help, limited_kinds, size_help
 from ..learner.optim import OPTIMIZERS
 from ..models.propagation import DEFAULT_BATCH
+from ..models.weights import WEIGHT_FILES
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
 from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
 from .train import resume, train
@@ -65,15 +66,15 @@ def _add_precision(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_data_and_model(parser: argparse.ArgumentParser, defaults: dict, arch_help: str) -> None:
-    parser.add_argument("--data", default=defaults["data"], help=DATA_SPEC_HELP)
+    parser.add_argument("--data", default=defaults["data"], help=data_spec_help())
     parser.add_argument("--arch", default=defaults["arch"], help=arch_help)
     parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
-    own_size = " (default: the data's own: digits 32, fashion-mnist 28, .npz native, folders and CSVs 64)"
+    own_size = f" (default: the data's own: {size_help()})"
     parser.add_argument("--size", type=int, default=defaults["size"], metavar="PX",
                         help="image size in pixels" + (own_size if defaults["size"] is None else ""))
     parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="use only the first N images of each split, for quick runs (digits, fashion-mnist, "
-                             ".npz; default: all)")
+                        help=f"use only the first N images of each split, for quick runs ({limited_kinds()}; "
+                             f"default: all)")
     parser.add_argument("--valid-pct", type=float, default=defaults["valid_pct"],
                         help="fraction held out for validation where the data has no validation split "
                              "(digits, folders, CSVs), and by --holdout")
@@ -118,8 +119,7 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--pretrained", action="store_true", help="start from timm's hub weights (needs the network)")
     start.add_argument("--weights", metavar="PATH", default=None,
-                       help="start from a local weights file: .safetensors, .pth, .pt, .bin or a learn.export() .pkl "
-                            "(default: none, random initialisation)")
+                       help=f"start from a local weights file: {WEIGHT_FILES} (default: none, random initialisation)")
     clipping = parser.add_mutually_exclusive_group()
     clipping.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA",
                           help="Adaptive Gradient Clipping's lambda (the paper's 0.01 is for batches >= 1024)")
@@ -249,7 +249,7 @@ def _spp_parser(subparsers) -> argparse.ArgumentParser:
                         help="trained weights, one file per --arch in the same order ('none' for an arch left at "
                              "its initialisation) (default: none, every model at initialisation)")
     parser.add_argument("--data", default=None,
-                        help=f"use one training batch of this data instead of noise: {DATA_SPEC_HELP} "
+                        help=f"use one training batch of this data instead of noise: {data_spec_help()} "
                              "(default: none, N(0, 1) noise)")
     parser.add_argument("--size", type=int, default=None, metavar="PX",
                         help=f"image size in pixels (default: {DEFAULT_NOISE_SIZE} for noise, the data's own "

@@ -48,19 +48,20 @@ from typing import Any
 from .config import (
     DEFAULT_AGC,
     ConfigError,
+    GridRunOptions,
     TrainConfig,
     command_line,
+    environment_settings,
     library_versions,
     make_config,
-    training_device,
     whole_numbers,
 )
 from .grid_jobs import already_trained, in_parallel, one_by_one, train_command
 from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder
-from .report import RunRecord, SummaryRow, batch_setting, markdown_table, reading, summarise, write_report
+from .report import GridResult, RunRecord, batch_setting, markdown_table, reading, summarise, write_report
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
 from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
-from .train import TrainResult, build_dataloaders, train
+from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 
 __all__ = ["BUDGETS", "METHODS", "CompareConfig", "CompareResult", "GridCell", "compare", "finished_run", "write_plan"]
 
@@ -102,7 +103,7 @@ def _sweep_key(method: str, bs: int, accum: int, lr: float) -> str:
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(GridRunOptions):
     """The grid and its shared budget; the fields are `compare`'s keyword arguments.
 
     The defaults are the quick grid `make demo` runs on digits (minutes on 2 CPU cores).
@@ -133,15 +134,14 @@ class CompareConfig:
     steps: int | None = None
     agc: float = DEFAULT_AGC
     size: int | None = 16
-    limit: int | None = None
-    valid_pct: float = 0.2
-    precision: str = "fp32"
-    device: str | None = None
+    limit: int | None = TrainConfig.limit
+    valid_pct: float = TrainConfig.valid_pct
+    precision: str = TrainConfig.precision
+    device: str | None = TrainConfig.device
     out: str = "compare-output"
 
     def __post_init__(self) -> None:
-        set_field = object.__setattr__.__get__(self)  # frozen: normalise lists (JSON, argparse) to tuples
-        set_field("out", str(self.out))  # a Path is welcome too; the config is written as JSON
+        set_field = self.field_setter()
         set_field("batch_sizes", whole_numbers(self.batch_sizes, "batch_sizes", 1))
         set_field("seeds", whole_numbers(self.seeds, "seeds", 0))
         if self.methods is not None:
@@ -230,8 +230,7 @@ class CompareConfig:
                 agc=self.agc if cell.method.startswith("nf-agc") or cell.method == "converted-agc" else None,
                 per_sample=cell.method == _PER_SAMPLE,
                 bs=cell.bs, accum=cell.accum, opt=self.opt, epochs=self.epochs, steps=steps, lr=lr,
-                precision=self.precision, seed=cell.seed, size=self.size, limit=self.limit,
-                valid_pct=self.valid_pct, holdout=holdout, device=self.device,
+                seed=cell.seed, holdout=holdout, **self.run_options(),
                 out=str(folder / (_sweep_key(cell.method, cell.bs, cell.accum, lr) if holdout else cell.key)),
             ).resolved()
         except ConfigError as error:
@@ -258,16 +257,10 @@ class CompareConfig:
 
 
 @dataclass
-class CompareResult:
-    """The grid's runs (finished ones), the summary rows of the report, and its files."""
+class CompareResult(GridResult):
+    """The grid's runs (finished ones, `RunRecord`), the summary rows of the report (`SummaryRow`), and its files."""
 
     config: CompareConfig
-    runs: list[RunRecord]
-    rows: list[SummaryRow]
-    files: dict[str, Path]
-    complete: bool
-    seconds: float
-    stopped_by: str | None = None  # Ctrl-C or SIGTERM, when not complete
 
     @property
     def table(self) -> str:
@@ -287,7 +280,7 @@ def finished_run(cell_config: TrainConfig, overwrite: bool) -> TrainResult | Non
     """The saved result of the run `cell_config` describes if it finished with the same settings; None if it
     must be trained; ConfigError if its folder holds a run with other settings. A run that was stopped or
     killed (its folder still holds the INCOMPLETE marker, or result.json says interrupted) is never finished."""
-    path = Path(cell_config.out) / "result.json"
+    path = Path(cell_config.out) / OUTPUT_FILES["result"]
     if overwrite or not path.exists() or (path.parent / INCOMPLETE).exists():
         return None
     try:
@@ -309,7 +302,6 @@ def finished_run(cell_config: TrainConfig, overwrite: bool) -> TrainResult | Non
 
 def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], memory_kind: str | None,
               seconds: float, steps: int | None) -> dict[str, object]:
-    versions = library_versions()
     memory = {
         "process resident": "peak resident memory of the process during the run (Linux VmHWM, reset before each "
                             "run): it includes what Python, torch and the data already held",
@@ -335,14 +327,8 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
         "AGC lambda": config.agc,
         "image size": f"{config.size} px" if config.size else "native",
         "precision": config.precision,
-        "device": f"{training_device(config.device)}, "
-                  f"{versions['torch_threads']} CPU threads",
         "peak memory": memory,
-        "versions": f"torch {versions['torch']}, fastai {versions['fastai']}, timm {versions['timm']}, "
-                    f"normfree {versions['normfree']}, Python {versions['python']}",
-        "training time of the runs": f"{sum(run.seconds_per_epoch * len(run.curve) for run in runs):.0f} s; "
-                                     f"wall time of this invocation: {seconds:.0f} s (runs found in the folder are "
-                                     f"reused)",
+        **environment_settings(config.device, sum(run.seconds_per_epoch * len(run.curve) for run in runs), seconds),
     }
 
 
@@ -553,7 +539,7 @@ def _compare(config: CompareConfig, quiet: bool, trainer: _Trainer) -> CompareRe
             _sweep_table(points, chosen)
     files.update(write_report(out, runs, labels, title=title,
                               settings=_settings(config, methods, runs, memory_kind, seconds, steps), notes=notes,
-                              tables=tables))
+                              tables=tables, rows=result.rows))
     say(f"\n{result.table}\n\n{reading(result.rows, labels)}\n\nreport: {files['html']} (and "
         f"{files['markdown'].name}); {seconds:.0f} s")
     return result

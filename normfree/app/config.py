@@ -21,16 +21,19 @@ from fastai.torch_core import default_device
 
 from ..agc.rule import check_agc_arguments
 from ..utils.errors import ConfigError
+from ..data.loaders import check_bs, check_limit, check_valid_pct
 from ..data.registry import DataSpec, parse_data_spec
 from ..models.convert import ConversionError, to_normfree
 from ..models.factory import normalizer_free_archs, unknown_arch_error
 from ..learner.optim import OPTIMIZERS
 from ..learner.precision import PRECISIONS
 from ..models.small_resnets import is_small_normfree
+from ..models.weights import WEIGHT_FILES
 
-__all__ = ["DEFAULT_AGC", "ConfigError", "TrainConfig", "command_line", "library_versions", "make_config",
-           "whole_numbers"]
+__all__ = ["CONFIG_FILE", "DEFAULT_AGC", "ConfigError", "GridRunOptions", "TrainConfig", "command_line",
+           "environment_settings", "library_versions", "make_config", "whole_numbers"]
 
+CONFIG_FILE = "config.json"  # a run's settings, in its out folder (`normfree.app.train.OUTPUT_FILES`)
 _MIN_SIZE = 8
 # Upper bounds that no real run reaches and that stop a typo before it allocates terabytes
 # (size 100000: an 8 TB batch) or schedules for ever (epochs 10**21 overflowed fastai's schedule).
@@ -89,6 +92,19 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def environment_settings(device: str | None, trained_seconds: float, wall_seconds: float) -> dict[str, str]:
+    """The report settings that say where and how long a grid trained: the device and CPU threads, the library
+    versions, and the runs' training time against this invocation's wall time."""
+    versions = library_versions()
+    return {
+        "device": f"{training_device(device)}, {versions['torch_threads']} CPU threads",
+        "versions": f"torch {versions['torch']}, fastai {versions['fastai']}, timm {versions['timm']}, "
+                    f"normfree {versions['normfree']}, Python {versions['python']}",
+        "training time of the runs": f"{trained_seconds:.0f} s; wall time of this invocation: {wall_seconds:.0f} s "
+                                     f"(runs found in the folder are reused)",
+    }
+
+
 def _whole(value: Any, option: str, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(option, f"must be a whole number >= {minimum}, got {value!r}")
@@ -122,6 +138,24 @@ def training_device(device: str | None) -> torch.device:
     """The device a run with this `device` setting trains on: the one named, else fastai's default
     (the current CUDA GPU when there is one, else Apple's MPS, else the CPU)."""
     return torch.device(device) if device is not None else default_device()
+
+
+class GridRunOptions:
+    """For the settings dataclasses of the comparison grids (`CompareConfig`, `TransferConfig`), whose fields
+    include `size`, `limit`, `valid_pct`, `precision`, `device` (every run of the grid takes them alike)
+    and `out`."""
+
+    def run_options(self) -> dict[str, Any]:
+        """The `TrainConfig` keyword arguments that every run of the grid shares."""
+        return {option: getattr(self, option) for option in ("size", "limit", "valid_pct", "precision", "device")}
+
+    def field_setter(self) -> Any:
+        """`object.__setattr__` bound to this frozen dataclass (to normalise lists from JSON and argparse to
+        tuples), after normalising `out` to a string (a Path is welcome too; the config is written as JSON)."""
+        set_field = object.__setattr__.__get__(self)
+        set_field("out", str(self.out))
+        return set_field
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -211,14 +245,9 @@ class TrainConfig:
             _whole(self.per_class, "per_class", 1)
         _flag(self.holdout, "holdout")
         for option in ("limit", "classes", "per_class", "holdout"):
-            if getattr(self, option) not in (None, False) and not spec.supports_limit:
-                raise ConfigError(option, f"works with in-memory data sets (digits, fashion-mnist, .npz) only, "
-                                          f"not {spec.kind} data; leave {option} out")
-        if self.limit is not None:
-            _whole(self.limit, "limit", 1)
-        valid_pct = self.valid_pct
-        if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not 0 < valid_pct < 1:
-            raise ConfigError("valid_pct", f"must be between 0 and 1 (exclusive), got {self.valid_pct!r}")
+            spec.check_in_memory(option, getattr(self, option))
+        check_limit(self.limit)
+        check_valid_pct(self.valid_pct)
         for option in ("path_col", "label_col"):
             if not isinstance(getattr(self, option), str) or not getattr(self, option):
                 raise ConfigError(option, f"must be a CSV column name, got {getattr(self, option)!r}")
@@ -231,8 +260,7 @@ class TrainConfig:
             if self.pretrained:
                 raise ConfigError("weights", "give either pretrained (timm's hub) or weights (a local file), not both")
             if not Path(self.weights).expanduser().is_file():
-                raise ConfigError("weights", f"{self.weights}: no such file; expected a .safetensors, .pth, .pt, "
-                                             f".bin or learn.export() .pkl file")
+                raise ConfigError("weights", f"{self.weights}: no such file; expected a {WEIGHT_FILES} file")
         _flag(self.to_normfree, "to_normfree")
         if self.to_normfree:
             self._check_convertible()
@@ -270,7 +298,7 @@ class TrainConfig:
             raise ConfigError("to_normfree", f"{self.arch} cannot be converted: {error}") from None
 
     def _check_training(self) -> None:
-        _whole(self.bs, "bs", 1)
+        check_bs(self.bs)
         _whole(self.accum, "accum", 1)
         _whole(self.epochs, "epochs", 1, _MAX_EPOCHS)
         if self.opt not in OPTIMIZERS:
@@ -333,7 +361,7 @@ class TrainConfig:
     def load(cls, path: str | Path) -> TrainConfig:
         """The config of a finished run, from its ``config.json`` (or the run folder holding it)."""
         path = Path(path)
-        path = path / "config.json" if path.is_dir() else path
+        path = path / CONFIG_FILE if path.is_dir() else path
         try:
             content = json.loads(path.read_text())
         except (OSError, ValueError) as error:

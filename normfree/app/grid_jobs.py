@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import CONFIG_FILE, ConfigError, TrainConfig
 from ..utils.outdir import INCOMPLETE
 from .signals import Terminated
 
@@ -92,7 +92,7 @@ def already_trained(configs: Sequence[TrainConfig], finished: Callable) -> Itera
     absent = [config.out for config, result in zip(configs, results) if result is None]
     if absent:
         def state(out: str) -> str:
-            return "unfinished" if (Path(out) / INCOMPLETE).exists() or (Path(out) / "config.json").exists() \
+            return "unfinished" if (Path(out) / INCOMPLETE).exists() or (Path(out) / CONFIG_FILE).exists() \
                 else "missing"
         listed = "; ".join(f"{out} ({state(out)})" for out in absent[:20])
         more = f"; and {len(absent) - 20} more" if len(absent) > 20 else ""

@@ -16,13 +16,14 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
 from ..utils.outdir import atomic_write
 from .plots import plot_accuracy_vs_batch_size, plot_validation_curves
 
-__all__ = ["REPORT_FILES", "RunRecord", "SummaryRow", "batch_setting", "markdown_table", "reading", "summarise",
+__all__ = ["REPORT_FILES", "GridResult", "RunRecord", "SummaryRow", "batch_setting", "markdown_table", "reading", "summarise",
            "write_report"]
 
 REPORT_FILES = {
@@ -35,6 +36,21 @@ REPORT_FILES = {
 }
 _COLUMNS = ["method", "batch", "lr", "final accuracy (%)", "best accuracy (%)", "seeds", "s/epoch", "images/s",
             "peak memory (MiB)"]
+
+
+@dataclass
+class GridResult:
+    """What a comparison grid returns (`normfree.compare`, `normfree.compare_transfer`): its finished `runs`,
+    their summary `rows` (the report's table), the report's `files`, whether the grid is `complete` and its
+    wall time in `seconds`; `stopped_by` (Ctrl-C or SIGTERM) when it is not complete."""
+
+    config: Any
+    runs: list[Any]
+    rows: list[Any]
+    files: dict[str, Path]
+    complete: bool
+    seconds: float
+    stopped_by: str | None = None
 
 
 def batch_setting(bs: int, accum: int) -> str:
@@ -96,6 +112,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def over_seeds(group: Sequence[Any]) -> tuple[int, float, float, float, float, float]:
+    """The summary columns every report shares, over the seeds of one group of runs (each with `final_accuracy`,
+    `best_accuracy` and `seconds_per_epoch`): seeds, final mean and std, best mean and std, mean s/epoch."""
+    final_mean, final_std = mean_std([run.final_accuracy for run in group])
+    best_mean, best_std = mean_std([run.best_accuracy for run in group])
+    return (len(group), final_mean, final_std, best_mean, best_std,
+            statistics.fmean(run.seconds_per_epoch for run in group))
+
+
 def summarise(runs: Sequence[RunRecord], methods: Sequence[str] | None = None) -> list[SummaryRow]:
     """One row per (method, bs, accum), over seeds (which share one lr); rows by method (in `methods`
     order), then plain settings by batch size, then accumulated ones."""
@@ -107,12 +132,9 @@ def summarise(runs: Sequence[RunRecord], methods: Sequence[str] | None = None) -
     for (method, bs, accum), group in sorted(
         groups.items(), key=lambda item: (order.index(item[0][0]), item[0][2] > 1, item[0][1])
     ):
-        final_mean, final_std = mean_std([run.final_accuracy for run in group])
-        best_mean, best_std = mean_std([run.best_accuracy for run in group])
         memories = [run.peak_memory_mib for run in group if run.peak_memory_mib is not None]
         rows.append(SummaryRow(
-            method, bs, accum, group[0].lr, len(group), final_mean, final_std, best_mean, best_std,
-            statistics.fmean(run.seconds_per_epoch for run in group),
+            method, bs, accum, group[0].lr, *over_seeds(group),
             statistics.fmean(run.images_per_second for run in group),
             max(memories) if memories else None,
         ))
@@ -261,14 +283,16 @@ def write_report(
     settings: Mapping[str, object] | None = None,
     notes: Sequence[str] = (),
     tables: Tables | None = None,
+    rows: Sequence[SummaryRow] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html (plots embedded as base64 PNG), runs.csv, summary.csv and the two
     plots into `out`; returns their paths by `REPORT_FILES` key. `tables` are further sections
-    after the results (heading -> (columns, rows of cell strings)), e.g. a learning-rate sweep."""
+    after the results (heading -> (columns, rows of cell strings)), e.g. a learning-rate sweep.
+    `rows`: ``summarise(runs, methods)`` where the caller has it already (computed here otherwise)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(settings or {})
-    rows = summarise(runs, methods)
+    rows = summarise(runs, methods) if rows is None else rows
     notes = [
         *notes,
         "Accuracy: validation accuracy after the last epoch (final) and the best epoch (best), "

@@ -23,14 +23,14 @@ from .config import ConfigError
 from ..data.registry import parse_data_spec
 from ..models.factory import build_model, unknown_arch_error
 from ..utils.outdir import atomic_write, locked_folder
-from ..models.propagation import DEFAULT_BATCH, SignalPropagation, signal_propagation
+from ..models.propagation import DEFAULT_BATCH, DEFAULT_SIZE, SignalPropagation, signal_propagation
 
 __all__ = ["SPP_COLUMNS", "SPP_FILES", "write_spp"]
 
 SPP_FILES = {"csv": "spp.csv", "png": "spp.png"}
 SPP_COLUMNS = ("model", "block", "name", "transition", "squared_mean", "variance", "residual_variance", "arch",
                "weights", "input")
-DEFAULT_NOISE_SIZE = 64
+DEFAULT_NOISE_SIZE = DEFAULT_SIZE  # the noise images' size: `signal_propagation`'s own default
 _NO_WEIGHTS = "none"  # in --weights: this arch keeps its random initialisation
 
 

@@ -51,7 +51,7 @@ from fastai.torch_core import set_seed
 from ..learner.checkpoint import CHECKPOINT, EpochCheckpoint, ResumeFit, load_checkpoint
 from ..models.classifier import classifier_init_std, find_classifier, init_classifier_
 from ..models.convert import ConversionError
-from .config import ConfigError, TrainConfig, library_versions, make_config, training_device
+from .config import CONFIG_FILE, ConfigError, TrainConfig, library_versions, make_config, training_device
 from ..data.loaders import subset_dataloaders
 from ..learner.epoch_log import EpochLog
 from ..learner.nf_learner import nf_learner
@@ -61,18 +61,18 @@ from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder, remove_tempo
 from .plots import plot_run_curves
 from .signals import how_stopped, sigterm_as_interrupt
 from ..learner.step_budget import StepBudget, epochs_for_steps
-from ..models.weights import save_weights
+from ..models.weights import EXPORT_SUFFIX, SAVE_SUFFIX, save_weights
 
 __all__ = ["OUTPUT_FILES", "TrainResult", "build_dataloaders", "resume", "train"]
 
 OUTPUT_FILES = {
-    "config": "config.json",
+    "config": CONFIG_FILE,
     "metrics": "metrics.csv",
     "curves": "curves.png",
     "clip_rates": "agc_clip_rates.png",
     "lr_find": "lr_find.png",
-    "weights": "model.safetensors",
-    "learner": "learner.pkl",
+    "weights": f"model{SAVE_SUFFIX}",
+    "learner": f"learner{EXPORT_SUFFIX}",
     "result": "result.json",
     "checkpoint": CHECKPOINT,
 }
@@ -184,7 +184,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
                                  + (" (it has a checkpoint)" if (out / CHECKPOINT).exists() else "")
                                  + ", pass overwrite=True (--overwrite) to replace it, or choose another out folder")
     if (out / OUTPUT_FILES["config"]).exists():
-        raise ConfigError("out", f"{out} already holds a run (config.json); choose another out folder or "
+        raise ConfigError("out", f"{out} already holds a run ({CONFIG_FILE}); choose another out folder or "
                                  f"pass overwrite=True (--overwrite) to replace it")
 
 
@@ -231,6 +231,8 @@ def build_dataloaders(config: TrainConfig) -> DataLoaders:
             config.bs, config.size, config.seed, config.limit, config.valid_pct, config.path_col, config.label_col,
             training_device(config.device),
         )
+    except ConfigError:  # a shared check (normfree.data.loaders) that names its option already
+        raise
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError("data", str(error)) from None
     return _subset(dls, config)
@@ -304,7 +306,7 @@ def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> No
 
 def _save_figure(fig, path: Path) -> None:
     atomic_write(path, lambda temporary: fig.savefig(temporary, dpi=110))
-    plt.close(fig)  # pyplot-made figures (fastai's, ClipHistory's) stay open until closed; harmless for others
+    plt.close(fig)  # pyplot-made figures (fastai's lr_find) stay open until closed; harmless for others
 
 
 def _describe(learn: Learner, config: TrainConfig) -> str:
@@ -498,7 +500,7 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
 
     if interrupted:
         atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
-                                       f"{len(log.rows)} finished epoch(s); result.json says so (\"interrupted\": "
+                                       f"{len(log.rows)} finished epoch(s); {OUTPUT_FILES['result']} says so (\"interrupted\": "
                                        f"true). normfree train --resume {out} continues it from its last finished epoch; "
                                        f"normfree compare trains it again; normfree train refuses this folder unless "
                                        f"--overwrite is given.\n")

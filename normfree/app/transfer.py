@@ -42,21 +42,22 @@ from .compare import METHODS, finished_run
 from .config import (
     DEFAULT_AGC,
     ConfigError,
+    GridRunOptions,
     TrainConfig,
     command_line,
+    environment_settings,
     library_versions,
     make_config,
-    training_device,
     whole_numbers,
 )
 from ..utils.outdir import atomic_write, locked_folder
+from .report import GridResult
 from .signals import sigterm_as_interrupt
 from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 from .transfer_report import (
     PRETRAIN,
     TransferRecord,
-    TransferRow,
     summarise_transfer,
     target_markdown,
     write_transfer_report,
@@ -106,7 +107,7 @@ def _names(values: Any, option: str, known: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class TransferConfig:
+class TransferConfig(GridRunOptions):
     """The transfer grid and its budgets; the fields are `compare_transfer`'s keyword arguments.
 
     - `data`: an in-memory data set (``fashion-mnist``, ``digits``, a MedMNIST ``.npz``); `arch`:
@@ -141,15 +142,14 @@ class TransferConfig:
     opt: str = "adam"
     agc: float = DEFAULT_AGC
     size: int | None = 16
-    limit: int | None = None
-    valid_pct: float = 0.2
-    precision: str = "fp32"
-    device: str | None = None
+    limit: int | None = TrainConfig.limit
+    valid_pct: float = TrainConfig.valid_pct
+    precision: str = TrainConfig.precision
+    device: str | None = TrainConfig.device
     out: str = "transfer-output"
 
     def __post_init__(self) -> None:
-        set_field = object.__setattr__.__get__(self)  # frozen: normalise lists (JSON, argparse) to tuples
-        set_field("out", str(self.out))  # a Path is welcome too; the config is written as JSON
+        set_field = self.field_setter()
         set_field("methods", _names(self.methods, "methods", TRANSFER_METHODS))
         set_field("modes", _names(self.modes, "modes", tuple(MODES)))
         for option, minimum in (("source_classes", 0), ("target_classes", 0), ("per_class", 1), ("batch_sizes", 1),
@@ -211,9 +211,8 @@ class TransferConfig:
         weights file to exist (ConfigError naming ``weights`` otherwise)."""
         options: dict[str, Any] = dict(
             data=self.data, arch=self.bn_arch if cell.method == "bn" else self.nf_arch,
-            agc=self.agc if cell.method == "nf-agc" else None, opt=self.opt, precision=self.precision, bs=cell.bs,
-            seed=cell.seed, size=self.size, limit=self.limit, valid_pct=self.valid_pct, device=self.device,
-            out=str(self.run_folder(cell)),
+            agc=self.agc if cell.method == "nf-agc" else None, opt=self.opt, bs=cell.bs, seed=cell.seed,
+            out=str(self.run_folder(cell)), **self.run_options(),
         )
         if cell.mode == PRETRAIN:
             options.update(classes=self.source_classes, epochs=self.source_epochs, lr=self.source_lr)
@@ -239,16 +238,10 @@ class TransferConfig:
 
 
 @dataclass
-class TransferResult:
-    """The grid's finished runs, their summary rows and the report's files."""
+class TransferResult(GridResult):
+    """The grid's finished runs (`TransferRecord`), their summary rows (`TransferRow`) and the report's files."""
 
     config: TransferConfig
-    runs: list[TransferRecord]
-    rows: list[TransferRow]
-    files: dict[str, Path]
-    complete: bool
-    seconds: float
-    stopped_by: str | None = None  # Ctrl-C or SIGTERM, when not complete
 
     @property
     def table(self) -> str:
@@ -288,7 +281,6 @@ def _classes(labels: tuple[int, ...], names: list[str]) -> str:
 
 def _settings(config: TransferConfig, names: list[str], runs: list[TransferRecord],
               seconds: float) -> dict[str, object]:
-    versions = library_versions()
     modes = "; ".join(f"{mode}: {MODES[mode]}" for mode in config.modes)
     if "fine-tune" in config.modes:
         modes += (f". fine-tune is fastai's fine_tune({config.epochs - config.freeze_epochs}, {config.lr}, "
@@ -314,12 +306,7 @@ def _settings(config: TransferConfig, names: list[str], runs: list[TransferRecor
         "seeds": f"{', '.join(map(str, config.seeds))}: initialisation, batch order, which target images are drawn "
                  f"and which pretrained model a target run starts from",
         "precision": config.precision,
-        "device": f"{training_device(config.device)}, "
-                  f"{versions['torch_threads']} CPU threads",
-        "versions": f"torch {versions['torch']}, fastai {versions['fastai']}, timm {versions['timm']}, "
-                    f"normfree {versions['normfree']}, Python {versions['python']}",
-        "training time of the runs": f"{sum(run.seconds_per_epoch * run.epochs for run in runs):.0f} s; wall time "
-                                     f"of this invocation: {seconds:.0f} s (runs found in the folder are reused)",
+        **environment_settings(config.device, sum(run.seconds_per_epoch * run.epochs for run in runs), seconds),
     }
 
 
@@ -399,6 +386,7 @@ def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> T
     files.update(write_transfer_report(
         out, runs, labels, config.modes, title=f"normfree compare --transfer: BatchNorm vs normalizer-free, "
                                                f"pretrained and transferred on {config.data}",
-        settings=_settings(config, names, runs, seconds), notes=_notes(complete, len(runs), len(cells))))
+        settings=_settings(config, names, runs, seconds), notes=_notes(complete, len(runs), len(cells)),
+        rows=result.rows))
     say(f"\n{result.table}\n\nreport: {files['html']} (and {files['markdown'].name}); {seconds:.0f} s")
     return result

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,13 @@ from matplotlib.figure import Figure
 
 from ..utils.outdir import atomic_write
 from .report import (
+    REPORT_FILES,
     html_document,
     html_sections,
     markdown_document,
     markdown_grid,
     markdown_sections,
-    mean_std,
+    over_seeds,
     percent,
     png_bytes,
     write_csv,
@@ -32,11 +32,8 @@ from .report import (
 __all__ = ["PRETRAIN", "TRANSFER_REPORT_FILES", "TransferRecord", "TransferRow", "plot_accuracy_vs_images_per_class",
            "source_table", "summarise_transfer", "target_markdown", "target_table", "write_transfer_report"]
 
-TRANSFER_REPORT_FILES = {
-    "markdown": "report.md",
-    "html": "report.html",
-    "runs": "runs.csv",
-    "summary": "summary.csv",
+TRANSFER_REPORT_FILES = {  # the pages and tables are named as in the batch-size comparison
+    **{key: REPORT_FILES[key] for key in ("markdown", "html", "runs", "summary")},
     "accuracy_plot": "accuracy_vs_images_per_class.png",
 }
 PRETRAIN = "pretrain"  # the `mode` of a pretraining run on the source classes
@@ -93,11 +90,7 @@ def summarise_transfer(records: Sequence[TransferRecord], methods: Sequence[str]
 
     rows = []
     for key in sorted(groups, key=position):
-        group = groups[key]
-        final_mean, final_std = mean_std([record.final_accuracy for record in group])
-        best_mean, best_std = mean_std([record.best_accuracy for record in group])
-        rows.append(TransferRow(*key, len(group), final_mean, final_std, best_mean, best_std,
-                                statistics.fmean(record.seconds_per_epoch for record in group)))
+        rows.append(TransferRow(*key, *over_seeds(groups[key])))
     return rows
 
 
@@ -168,12 +161,14 @@ def write_transfer_report(
     title: str,
     settings: Mapping[str, object],
     notes: Sequence[str] = (),
+    rows: Sequence[TransferRow] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html (plot embedded), runs.csv, summary.csv and the plot into `out`;
-    returns their paths by `TRANSFER_REPORT_FILES` key. `modes` are the target modes, in table order."""
+    returns their paths by `TRANSFER_REPORT_FILES` key. `modes` are the target modes, in table order.
+    `rows`: ``summarise_transfer(records, methods, [PRETRAIN, *modes])`` where the caller has it already."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarise_transfer(records, methods, [PRETRAIN, *modes])
+    rows = summarise_transfer(records, methods, [PRETRAIN, *modes]) if rows is None else rows
     tables = {"Target accuracy (%): final validation accuracy on the target classes, mean ± std over seeds":
               target_table(rows)}
     if any(row.mode == PRETRAIN for row in rows):

@@ -29,6 +29,8 @@ from fastai.vision.data import ImageBlock
 from fasttransform import ItemTransform, Transform
 from torch.utils.data import TensorDataset
 
+from ..utils.errors import ConfigError
+
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "csv_dataloaders",
@@ -81,11 +83,34 @@ def write_digits_image_folder(path: str | Path, size: int = 32, per_class: int |
 # Shared checks and splitting
 
 
-def _check_args(bs: int, valid_pct: float | None = None) -> None:
-    if bs < 1:
-        raise ValueError(f"bs must be >= 1, got {bs}")
-    if valid_pct is not None and not 0 < valid_pct < 1:
-        raise ValueError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct}")
+# The one check of each value that the builders and `normfree.app.config.TrainConfig` share: a ConfigError
+# (a ValueError) naming the argument, raised where the value enters, whichever of the two that is.
+
+
+def check_bs(bs: int) -> None:
+    """ConfigError naming ``bs`` unless it is a whole number >= 1."""
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ConfigError("bs", f"must be a whole number >= 1, got {bs!r}")
+
+
+def check_valid_pct(valid_pct: float) -> None:
+    """ConfigError naming ``valid_pct`` unless it is a number strictly between 0 and 1."""
+    if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not 0 < valid_pct < 1:
+        raise ConfigError("valid_pct", f"must be between 0 and 1 (exclusive), got {valid_pct!r}")
+
+
+def check_limit(limit: int | None) -> None:
+    """ConfigError naming ``limit`` unless it is None (all images) or a whole number >= 1."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError("limit", f"must be a whole number >= 1, got {limit!r}")
+
+
+def _check_image_options(bs: int, valid_pct: float, on_bad_image: str) -> None:
+    """The checks of the image-file builders (folders, CSVs)."""
+    check_bs(bs)
+    check_valid_pct(valid_pct)
+    if on_bad_image not in _BAD_IMAGE_MODES:
+        raise ValueError(f"on_bad_image must be one of {_BAD_IMAGE_MODES}, got {on_bad_image!r}")
 
 
 def _existing(path: str | Path, what: str) -> Path:
@@ -259,7 +284,9 @@ def digits_dataloaders(
     """
     from sklearn.datasets import load_digits
 
-    _check_args(bs, valid_pct)
+    check_bs(bs)
+    check_valid_pct(valid_pct)
+    check_limit(limit)
     if size < 8:
         raise ValueError(f"size must be >= 8 px (the digits are 8x8), got {size}")
     pixels, labels = load_digits(return_X_y=True)
@@ -293,8 +320,10 @@ def subset_dataloaders(
     ValueError naming the argument for anything that cannot work.
     """
     if not isinstance(dls.train_ds, _TensorImages):
-        raise ValueError("classes, per_class and holdout work with in-memory data (digits, fashion-mnist, .npz), "
-                         "not image folders or CSVs")
+        from .registry import limited_kinds  # the registry imports this module
+
+        raise ValueError(f"classes, per_class and holdout work with in-memory data ({limited_kinds()}), not image "
+                         f"folders or CSVs")
     standardise = dls.train.after_batch  # _tensor_dataloaders' own transform
     splits = [ds.tensors for ds in (dls.train_ds, dls.valid_ds, *(dl.dataset for dl in dls.loaders[2:]))]
     c = dls.c
@@ -403,7 +432,8 @@ def fashion_mnist_dataloaders(
     Train = ``train-*`` files, valid = ``t10k-*``; `limit` keeps the first n of each for quick
     runs. `seed` fixes the order of the training batches. (Debian: ``dataset-fashion-mnist``.)
     """
-    _check_args(bs)
+    check_bs(bs)
+    check_limit(limit)
     folder = _existing(path, "a folder with the Fashion-MNIST IDX .gz files")
     splits = [_fashion_split(folder, prefix, limit) for prefix in ("train", "t10k")]
     _check_several_classes(splits[0][1], folder / "train-labels-idx1-ubyte.gz")
@@ -468,7 +498,8 @@ def medmnist_dataloaders(
     ``learn.validate(ds_idx=2)`` scores it. `seed` fixes the order of the training batches.
     `limit` keeps the first n images of each split for quick runs.
     """
-    _check_args(bs)
+    check_bs(bs)
+    check_limit(limit)
     source = _existing(npz_path, "a MedMNIST .npz file")
     if source.is_dir():
         raise ValueError(f"{source}: a folder, expected a MedMNIST .npz file")
@@ -657,11 +688,6 @@ def _image_dataloaders(
     return dataloaders([Normalize.from_stats(mean, std)])
 
 
-def _check_bad_image_mode(on_bad_image: str) -> None:
-    if on_bad_image not in _BAD_IMAGE_MODES:
-        raise ValueError(f"on_bad_image must be one of {_BAD_IMAGE_MODES}, got {on_bad_image!r}")
-
-
 def _class_folder_images(root: Path) -> tuple[list[Path], list[str]]:
     """Images under each class subfolder of `root` (``root/<class>/**/<image>``), with their class."""
     paths, labels = [], []
@@ -692,8 +718,7 @@ def image_folder_dataloaders(
     class with no training image is named in a warning. `seed` picks the random split and the
     training order.
     """
-    _check_args(bs, valid_pct)
-    _check_bad_image_mode(on_bad_image)
+    _check_image_options(bs, valid_pct, on_bad_image)
     root = _existing(path, "a folder of class subfolders of images")
     if not root.is_dir():
         raise ValueError(f"{root}: expected a folder of class subfolders of images, found a file")
@@ -729,8 +754,7 @@ def csv_dataloaders(
     """
     import pandas as pd
 
-    _check_args(bs, valid_pct)
-    _check_bad_image_mode(on_bad_image)
+    _check_image_options(bs, valid_pct, on_bad_image)
     csv_path = _existing(csv_path, "a CSV of image paths and labels")
     base = _existing(folder, "the folder the CSV's image paths are relative to") if folder else csv_path.parent
     try:

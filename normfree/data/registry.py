@@ -1,4 +1,4 @@
-"""The one-string data description of ``normfree train --data`` and ``normfree.train(data=...)``.
+"""The data kinds of ``normfree train --data`` and ``normfree.train(data=...)``: one `DataKind` per kind, in `DATA_KINDS`.
 
 | spec | data | builder |
 |---|---|---|
@@ -7,15 +7,24 @@
 | ``PATH.npz`` | a MedMNIST file | `medmnist_dataloaders` |
 | ``PATH.csv`` | a CSV of image paths and labels | `csv_dataloaders` |
 | a folder | class subfolders of images, or ``train/`` + ``valid/`` | `image_folder_dataloaders` |
+
+`DATA_KINDS` is the only list of kinds: `parse_data_spec`, `DataSpec.dataloaders`, the checks of
+`normfree.app.config.TrainConfig` and the command line's help all read it. A kind's default image
+size, default path and whether `limit` applies are its builder's own: the ``size`` and path defaults
+of the builder's signature, and whether it takes a ``limit``.
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from fastai.data.core import DataLoaders
 
+from ..utils.errors import ConfigError
 from .loaders import (
     csv_dataloaders,
     digits_dataloaders,
@@ -24,31 +33,125 @@ from .loaders import (
     medmnist_dataloaders,
 )
 
-__all__ = ["DATA_SPEC_HELP", "DataSpec", "parse_data_spec"]
+__all__ = ["DATA_KINDS", "DATA_SPEC_HELP", "DataKind", "DataSpec", "data_spec_help", "limited_kinds",
+           "parse_data_spec", "size_help"]
 
-DATA_SPEC_HELP = ("digits, fashion-mnist[:DIR], a MedMNIST .npz file, a .csv of image paths and labels, or an "
-                  "image folder")
-_FASHION = "fashion-mnist"
-_DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-# Image size (px) when none is asked for: the data's own where it has one, else fastai's usual small size.
-_DEFAULT_SIZE = {"digits": 32, _FASHION: 28, "medmnist": None, "csv": 64, "image-folder": 64}
-_LIMITED = ("digits", _FASHION, "medmnist")  # in-memory sets: `limit` keeps the first n of each split
+
+@dataclass(frozen=True)
+class DataKind:
+    """One kind of data: how ``--data`` names it and which builder reads it.
+
+    - `builder`: the ``*_dataloaders`` function; its first parameter is the path it reads unless it is
+      ``bs`` (a bundled data set such as digits).
+    - `spec`: how ``--data`` writes it, for the help (``fashion-mnist[:DIR]``, ``a MedMNIST .npz file``).
+    - `label`: its short name in lists of kinds (``digits``, ``.npz``, ``folders``).
+    - selected by its name (`named`: ``digits``, ``fashion-mnist[:DIR]``), by a file `suffix`, or as the
+      kind of a `folder`.
+    - `missing`: what the default folder of a named kind should hold, and `install`: how to get it.
+    """
+
+    name: str
+    builder: Callable[..., DataLoaders]
+    spec: str
+    label: str
+    named: bool = False
+    suffix: str | None = None
+    folder: bool = False
+    missing: str = ""
+    install: str = ""
+
+    @property
+    def _parameters(self) -> dict[str, inspect.Parameter]:
+        return dict(inspect.signature(self.builder).parameters)
+
+    @property
+    def reads_path(self) -> bool:
+        """Whether the builder reads a path (its first parameter), i.e. the kind is not a bundled data set."""
+        return next(iter(self._parameters)) != "bs"
+
+    @property
+    def default_size(self) -> int | None:
+        """Image size (px) when none is asked for: the builder's default (None: the images' own size)."""
+        return self._parameters["size"].default
+
+    @property
+    def default_path(self) -> Path | None:
+        """The folder a named kind reads when none is given (the builder's default), else None."""
+        if not self.reads_path:
+            return None
+        default = next(iter(self._parameters.values())).default
+        return None if default is inspect.Parameter.empty else Path(default)
+
+    @property
+    def supports_limit(self) -> bool:
+        """Whether `limit` (the first n images of each split) applies: in-memory data sets only."""
+        return "limit" in self._parameters
+
+    def build(self, path: Path | None, **options: Any) -> DataLoaders:
+        """The builder called with `path` (for kinds that read one) and the `options` it takes (others unused,
+        e.g. `valid_pct` for data with its own validation split)."""
+        parameters = self._parameters
+        given = {name: value for name, value in options.items() if name in parameters}
+        return self.builder(path, **given) if self.reads_path else self.builder(**given)
+
+
+DATA_KINDS: dict[str, DataKind] = {kind.name: kind for kind in (
+    DataKind("digits", digits_dataloaders, "digits", "digits", named=True),
+    DataKind("fashion-mnist", fashion_mnist_dataloaders, "fashion-mnist[:DIR]", "fashion-mnist", named=True,
+             missing="the Fashion-MNIST IDX .gz files", install="Debian/Ubuntu: apt-get install dataset-fashion-mnist"),
+    DataKind("medmnist", medmnist_dataloaders, "a MedMNIST .npz file", ".npz", suffix=".npz"),
+    DataKind("csv", csv_dataloaders, "a .csv of image paths and labels", "CSVs", suffix=".csv"),
+    DataKind("image-folder", image_folder_dataloaders, "an image folder", "folders", folder=True),
+)}
+
+
+def _listed(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + f", or {words[-1]}" if len(words) > 1 else "".join(words)
+
+
+def data_spec_help() -> str:
+    """What ``--data`` accepts, in words: every kind's `spec`."""
+    return _listed([kind.spec for kind in DATA_KINDS.values()])
+
+
+def limited_kinds() -> str:
+    """The kinds `limit` (and the other in-memory options) work with, e.g. ``digits, fashion-mnist, .npz``."""
+    return ", ".join(kind.label for kind in DATA_KINDS.values() if kind.supports_limit)
+
+
+def size_help() -> str:
+    """Each kind's default image size, e.g. ``digits 32, fashion-mnist 28, .npz native, ...``."""
+    return ", ".join(f"{kind.label} {kind.default_size or 'native'}" for kind in DATA_KINDS.values())
+
+
+DATA_SPEC_HELP = data_spec_help()
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A parsed ``--data`` value: which builder (`kind`) reads which `path` (None for digits)."""
+    """A parsed ``--data`` value: which kind (`kind`, a key of `DATA_KINDS`) reads which `path` (None for digits)."""
 
     kind: str
     path: Path | None = None
 
     @property
+    def data_kind(self) -> DataKind:
+        return DATA_KINDS[self.kind]
+
+    @property
     def supports_limit(self) -> bool:
-        return self.kind in _LIMITED
+        return self.data_kind.supports_limit
 
     def default_size(self) -> int | None:
         """Image size used when none is given (None: the images' own size)."""
-        return _DEFAULT_SIZE[self.kind]
+        return self.data_kind.default_size
+
+    def check_in_memory(self, option: str, value: Any) -> None:
+        """ConfigError naming `option` when it is set (not None/False) and this kind is not an in-memory data
+        set (`DataKind.supports_limit`): `limit`, `classes`, `per_class` and `holdout` need one."""
+        if value not in (None, False) and not self.supports_limit:
+            raise ConfigError(option, f"works with in-memory data sets ({limited_kinds()}) only, not {self.kind} "
+                                      f"data; leave {option} out")
 
     def dataloaders(
         self,
@@ -62,25 +165,18 @@ class DataSpec:
         device: torch.device | str | None = None,
     ) -> DataLoaders:
         """Build the DataLoaders; `size` None means `default_size()`. `limit` needs `supports_limit`."""
-        if limit is not None and not self.supports_limit:
-            raise ValueError(f"limit works with {', '.join(_LIMITED)} data only, not {self.kind}")
-        size = self.default_size() if size is None else size
-        if self.kind == "digits":
-            return digits_dataloaders(bs, size, valid_pct, seed, limit, device)
-        if self.kind == _FASHION:
-            return fashion_mnist_dataloaders(self.path, bs, size, seed, limit, device)
-        if self.kind == "medmnist":
-            return medmnist_dataloaders(self.path, bs, size, seed, limit, device)
-        if self.kind == "csv":
-            return csv_dataloaders(self.path, path_col, label_col, None, bs, size, valid_pct, seed, device=device)
-        return image_folder_dataloaders(self.path, bs, size, valid_pct, seed, device=device)
+        self.check_in_memory("limit", limit)
+        options = dict(bs=bs, size=self.default_size() if size is None else size, seed=seed, valid_pct=valid_pct,
+                       path_col=path_col, label_col=label_col, device=device)
+        if limit is not None:
+            options["limit"] = limit
+        return self.data_kind.build(self.path, **options)
 
     def __str__(self) -> str:
-        if self.kind == "digits":
-            return "digits"
-        if self.kind == _FASHION:
-            return _FASHION if self.path == _DEFAULT_FASHION_DIR else f"{_FASHION}:{self.path}"
-        return str(self.path)
+        kind = self.data_kind
+        if not kind.named:
+            return str(self.path)
+        return kind.name if self.path is None or self.path == kind.default_path else f"{kind.name}:{self.path}"
 
 
 def parse_data_spec(spec: str | Path) -> DataSpec:
@@ -89,23 +185,23 @@ def parse_data_spec(spec: str | Path) -> DataSpec:
     Paths are checked for existence here; their contents are checked when the data is built.
     """
     text = str(spec).strip()
-    if text == "digits":
-        return DataSpec("digits")
-    if text == _FASHION or text.startswith(_FASHION + ":"):
-        folder = Path(text.partition(":")[2] or _DEFAULT_FASHION_DIR).expanduser()
+    name, colon, folder_text = text.partition(":")
+    kind = DATA_KINDS.get(name)
+    if kind is not None and kind.named and (kind.default_path is not None or not colon):
+        if kind.default_path is None:
+            return DataSpec(kind.name)
+        folder = Path(folder_text or kind.default_path).expanduser()
         if not folder.is_dir():
-            hint = " (Debian/Ubuntu: apt-get install dataset-fashion-mnist)" if folder == _DEFAULT_FASHION_DIR else ""
-            raise ValueError(f"{folder}: no such folder; expected the Fashion-MNIST IDX .gz files there{hint}, "
-                             f"or give another folder as fashion-mnist:DIR")
-        return DataSpec(_FASHION, folder)
+            hint = f" ({kind.install})" if kind.install and folder == kind.default_path else ""
+            raise ValueError(f"{folder}: no such folder; expected {kind.missing or 'the data'} there{hint}, "
+                             f"or give another folder as {kind.name}:DIR")
+        return DataSpec(kind.name, folder)
     path = Path(text).expanduser()
     if not path.exists():
-        raise ValueError(f"{text!r} is not a known data set nor an existing path; expected {DATA_SPEC_HELP}")
-    if path.is_dir():
-        return DataSpec("image-folder", path)
-    if path.suffix.lower() == ".npz":
-        return DataSpec("medmnist", path)
-    if path.suffix.lower() == ".csv":
-        return DataSpec("csv", path)
+        raise ValueError(f"{text!r} is not a known data set nor an existing path; expected {data_spec_help()}")
+    for kind in DATA_KINDS.values():
+        if (kind.folder and path.is_dir()) or (kind.suffix and not path.is_dir() and
+                                               path.suffix.lower() == kind.suffix):
+            return DataSpec(kind.name, path)
     raise ValueError(f"{path}: a {path.suffix or 'suffix-less'} file is not data normfree reads; "
-                     f"expected {DATA_SPEC_HELP}")
+                     f"expected {data_spec_help()}")

@@ -87,9 +87,12 @@ class ClipHistory:
         """Clip rate per step (overall and per param group) above a layer x step heat map.
 
         Layers are in model order, so the stem is at the top and the head at the bottom; at most
-        `max_layers` rows are drawn (evenly spaced) to keep labels readable. Returns the figure.
+        `max_layers` rows are drawn (evenly spaced) to keep labels readable. Returns the figure: a
+        `matplotlib.figure.Figure` made without pyplot (as `normfree.app.plots` makes its figures), so no
+        figure is left open in pyplot's list; Jupyter shows it as a cell's last value, and ``fig.savefig``
+        writes it.
         """
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # here: recording statistics needs no matplotlib
 
         layers = self.layer_rates()
         names = list(layers)
@@ -98,10 +101,8 @@ class ClipHistory:
             names = [names[i] for i in keep]
         heat = torch.stack([layers[n] for n in names]).numpy() if len(self) else torch.zeros(len(names), 0).numpy()
         height = 2.5 + 0.16 * len(names)
-        fig, (top, bottom) = plt.subplots(
-            2, 1, figsize=figsize or (9, height), sharex=True,
-            gridspec_kw={"height_ratios": [2.2, max(2.5, 0.16 * len(names))]},
-        )
+        fig = Figure(figsize=figsize or (9, height))
+        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2.2, max(2.5, 0.16 * len(names))]})
         steps = range(len(self))
         top.plot(steps, self.step_rates().numpy(), label="all", color="black", linewidth=1.2)
         if len(self.names) > 1:

@@ -21,7 +21,12 @@ from .classifier import find_classifier
 
 __all__ = ["save_weights", "load_weights"]
 
-_STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pkl")
+# The one list of weight-file suffixes; the command line's help and the settings' checks quote it.
+SAVE_SUFFIX = ".safetensors"  # what `save_weights` writes
+EXPORT_SUFFIX = ".pkl"  # a `learn.export()` file: a whole pickled Learner
+STATE_DICT_SUFFIXES = (SAVE_SUFFIX, ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (*STATE_DICT_SUFFIXES, EXPORT_SUFFIX)
+WEIGHT_FILES = f"{', '.join(STATE_DICT_SUFFIXES)} or a learn.export() {EXPORT_SUFFIX}"  # in words, for messages
 
 
 def save_weights(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
@@ -29,8 +34,8 @@ def save_weights(model: nn.Module, path: str | Path, arch: str | None = None) ->
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"save_weights writes .safetensors files; got {path.name!r}")
+    if path.suffix != SAVE_SUFFIX:
+        raise ValueError(f"save_weights writes {SAVE_SUFFIX} files; got {path.name!r}")
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     save_file(tensors, str(path), metadata={"normfree_arch": arch or ""})
     return path
@@ -41,9 +46,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix not in _STATE_DICT_SUFFIXES:
-        raise ValueError(f"weights file {path.name!r}: expected one of {', '.join(_STATE_DICT_SUFFIXES)}")
-    if path.suffix == ".safetensors":
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"weights file {path.name!r}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    if path.suffix == SAVE_SUFFIX:
         return _read_safetensors(path)
     content = _torch_load(path)
     if isinstance(getattr(content, "model", None), nn.Module):  # learn.export()
@@ -83,7 +88,7 @@ def _torch_load(path: Path) -> object:
                          f"or a pickle; {found}): point to a file written by torch.save, learn.save, learn.export or "
                          f"normfree.save_weights")
     try:
-        return torch.load(path, map_location="cpu", weights_only=path.suffix != ".pkl")
+        return torch.load(path, map_location="cpu", weights_only=path.suffix != EXPORT_SUFFIX)
     except pickle.UnpicklingError as error:
         if "weights_only" not in str(error):
             raise ValueError(f"weights file {str(path)!r} is not a readable PyTorch checkpoint ({error}): truncated "
