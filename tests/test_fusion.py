@@ -123,9 +123,9 @@ def test_original_training_mode_kept():
 
 
 def test_nf_resnet26_blocks_do_no_scalar_multiplication():
-    _, _, fused = built("nf_resnet26")
+    model, _, fused = built("nf_resnet26")
     blocks = [m for m in fused.modules() if isinstance(m, FusedNormFreeBlock)]
-    assert len(blocks) == 8  # depths (2, 2, 2, 2)
+    assert len(blocks) == sum(isinstance(m, NormFreeBlock) for m in model.modules()) > 0
     for block in blocks:
         assert block.attn is None and block.attn_last is None and block.residual_scale is None
         assert not any(hasattr(block, a) for a in ("alpha", "beta", "skipinit_gain"))
@@ -186,8 +186,9 @@ def test_any_module_tree():
     convs = [type(m) for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert convs == [nn.Conv2d, Conv2dSame, nn.Conv2d, nn.Conv2d]
     x = torch.randn(2, 3, 33, 30)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # outputs reach ~200: the float32 rounding of weights that timm computes alike
+        expected = model(x)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
     assert_weight(fused[0], reference_weight(model[0], gamma=None, eps=1e-6))
     assert_weight(fused[4][0], reference_weight(model[4][0], gamma=1.0, eps=1e-6))
 

@@ -1,7 +1,8 @@
 """Models: normalizer-free building blocks and architectures. Needs torch and timm; fastai only for torchvision archs.
 
-- `standardization`: Scaled Weight Standardization (NF-ResNets, Eq. 5).
-- `equations`: the NF-ResNet signal-propagation equations: the residual, its beta schedule, SkipInit, gamma.
+- `equations`: one function per equation of the papers: the NF residual, its beta schedule, SkipInit's gain,
+  the activation gammas, Scaled Weight Standardization.
+- `standardization`: Scaled Weight Standardization on timm's layers, and the eps of the layers normfree builds.
 - `classifier`: finding the final classifier and initialising it.
 - `small_resnets`: small-image NF ResNets and their BatchNorm twins (registered with timm on import).
 - `convert`: `to_normfree`, a BatchNorm model made normalizer-free.

@@ -1,18 +1,13 @@
 """`to_normfree`: a BatchNorm model made normalizer-free by the NF-ResNet recipe.
 
 Brock, De & Smith 2021, "Characterizing signal propagation to close the performance gap in
-unnormalized ResNets" (arXiv 2101.08692), Sec. 3-4; one function per equation:
+unnormalized ResNets" (arXiv 2101.08692), Sec. 3-4, with the equations of `normfree.models.equations`:
 
-- `activation_gamma` (Sec. 4.2): gamma = 1 / sqrt(Var(g(x))), x ~ N(0, 1), the gain that gives the
-  output of activation g unit variance again; read from timm's table (`timm.models.nfnet._nonlin_gamma`),
-  folded into the Scaled Weight Standardised convolution that reads g's output (timm's ScaledStdConv2d:
-  W_hat = gain * gamma * (W - mean) / (std * sqrt(fan_in)); see `normfree.models.standardization`).
-- `residual_beta` (Sec. 4): beta_i = sqrt(Var(h_i)), the expected standard deviation of the residual
-  stream entering block i, so the branch reads a unit-variance input.
-- `expected_variance` (Sec. 4): Var(h_{i+1}) = Var(h_i) + alpha^2, and 1 + alpha^2 after a transition
-  block (whose shortcut convolves the normalised input).
-- `nf_residual` (Sec. 4): h_{i+1} = h_i + alpha * f_i(h_i / beta_i), times a SkipInit gain
-  (De & Smith 2020, arXiv 2002.10444) when there is one.
+- `activation_gamma` (Sec. 4.2): the gamma of the activation a convolution reads, folded into its Scaled
+  Weight Standardisation (timm's ScaledStdConv2d, `standardize_weight`).
+- `residual_betas` (Sec. 4): beta_i, the expected std of the stream entering block i, from the blocks
+  since the variance last restarted and which of them are transitions.
+- `nf_residual` (Sec. 4) with `skipinit_gain` (De & Smith 2020): h + alpha * gain * f(h / beta).
 
 Residual blocks of post-activation ResNets (torchvision's and timm's BasicBlock / Bottleneck, fastai's
 xresnet ResBlock: ``act(f(h) + shortcut(h))``) become pre-activation NF blocks, as NF-ResNets and
@@ -27,38 +22,23 @@ import copy
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torchvision.models.resnet as tv_resnet
 from timm.layers import ScaledStdConv2d
 from timm.models import resnet as timm_resnet
-from timm.models.nfnet import _nonlin_gamma
 from torch import Tensor, nn
 
-from .small_resnets import _STD_CONV_EPS
-from .standardization import STD_CONVS
+from .equations import activation_gamma, nf_residual, residual_betas, skipinit_gain
+from .standardization import STD_CONV_EPS, STD_CONVS
 
-__all__ = [
-    "ConversionError",
-    "ConvertedResidual",
-    "activation_gamma",
-    "expected_variance",
-    "nf_residual",
-    "residual_beta",
-    "to_normfree",
-]
+__all__ = ["ConversionError", "ConvertedResidual", "to_normfree"]
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
                 nn.RMSNorm)
 _NORMS = _BATCHNORMS + _OTHER_NORMS
-# torch activation classes -> the key of timm's gamma table
-_GAMMA_KEYS: dict[type, str] = {
-    nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.ELU: "elu", nn.CELU: "celu", nn.SELU: "selu",
-    nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softsign: "softsign", nn.Softplus: "softplus",
-    nn.LeakyReLU: "leaky_relu", nn.LogSigmoid: "log_sigmoid", nn.Identity: "identity",
-}
 # models whose forward calls their children in registration order: walked like an nn.Sequential
 _SEQUENTIAL_MODELS = (nn.Sequential, tv_resnet.ResNet, timm_resnet.ResNet)
 _HOW = ("to_normfree converts nn.Sequential stacks of Conv2d / BatchNorm2d / activation layers and the residual "
@@ -69,62 +49,15 @@ class ConversionError(ValueError):
     """What `to_normfree` cannot convert, with the module path and the fix."""
 
 
-def activation_gamma(activation: nn.Module, overrides: float | Mapping | None = None) -> float:
-    """gamma = 1 / sqrt(Var(g(x))) for x ~ N(0, 1) (2101.08692, Sec. 4.2): the scale that restores unit
-    variance after activation `activation` (ReLU sqrt(2 / (1 - 1/pi)) ~ 1.7139, GELU 1.7015, SiLU 1.7881).
-
-    The values are timm's (`timm.models.nfnet._nonlin_gamma`). `overrides`: one gamma for every
-    activation, or a mapping from activation classes (or class names) to gammas. KeyError (with the
-    fix) for an activation with no known gamma.
-    """
-    if isinstance(overrides, (int, float)) and not isinstance(overrides, bool):
-        return float(overrides)
-    kind = type(activation)
-    for key in (kind, kind.__name__):
-        if isinstance(overrides, Mapping) and key in overrides:
-            return float(overrides[key])
-    name = _GAMMA_KEYS.get(kind)
-    if kind is nn.GELU and activation.approximate == "tanh":
-        name = "gelu_tanh" if "gelu_tanh" in _nonlin_gamma else None
-    if kind is nn.LeakyReLU and activation.negative_slope != nn.LeakyReLU().negative_slope:
-        name = None  # timm's gamma is for the default slope
-    if name is None and kind.__name__.lower() in _nonlin_gamma:  # timm's own activation classes (GELU, Tanh, ...)
-        name = kind.__name__.lower()
-    if name is None or name not in _nonlin_gamma:
-        raise KeyError(f"no gamma is known for {activation!r}: pass activation_gamma={{{kind.__name__}: value}} with "
-                       f"1 / std of its output for N(0, 1) inputs (2101.08692, Sec. 4.2)")
-    return float(_nonlin_gamma[name])
-
-
-def residual_beta(expected_var: float) -> float:
-    """beta_i = sqrt(Var(h_i)), the expected standard deviation of the residual stream entering block i
-    (2101.08692, Sec. 4): the block's branch reads h_i / beta_i, of unit variance."""
-    return math.sqrt(expected_var)
-
-
-def expected_variance(expected_var: float, alpha: float, transition: bool) -> float:
-    """Var(h_{i+1}) = Var(h_i) + alpha^2, or 1 + alpha^2 after a transition block, whose shortcut convolves
-    the normalised input h_i / beta_i and so restarts at unit variance (2101.08692, Sec. 4)."""
-    return (1.0 if transition else expected_var) + alpha ** 2
-
-
-def nf_residual(shortcut: Tensor, branch: Tensor, alpha: float, gain: Tensor | None = None) -> Tensor:
-    """h_{i+1} = h_i + alpha * f_i(h_i / beta_i) (2101.08692, Sec. 4): `shortcut` is h_i (or a transition's
-    projection of h_i / beta_i), `branch` is f_i(h_i / beta_i); `gain` is the SkipInit scalar (De & Smith
-    2020), initialised to 0, multiplying the branch (None: no gain)."""
-    if gain is None:
-        return torch.add(shortcut, branch, alpha=alpha)
-    return shortcut + branch * (gain * alpha)
-
-
 class ConvertedResidual(nn.Module):
     """A residual block of a converted model: ``h + alpha * skip_gain * branch(act(h / beta))``.
 
     `pre_act` is the activation the original block applied after its addition, moved to the start
     (pre-activation, as in NF-ResNets); `shortcut` is the converted projection (None: identity on h),
     which reads ``act(h / beta)``; `final_act` is set on the network's last block only, so the head
-    reads activated features as in the original. `skip_gain` is SkipInit's scalar, 0 at conversion
-    (None with ``skipinit=False``). `transition` says whether the shortcut restarts the variance.
+    reads activated features as in the original. `skip_gain` is SkipInit's scalar (`skipinit_gain`), 0 at
+    conversion (None with ``skipinit=False``). `beta` is the papers' beta (`residual_betas`), the divisor of h.
+    `transition` says whether the shortcut restarts the variance.
     """
 
     def __init__(self, pre_act: nn.Module, branch: nn.Module, shortcut: nn.Module | None, alpha: float,
@@ -132,7 +65,7 @@ class ConvertedResidual(nn.Module):
         super().__init__()
         self.pre_act, self.branch, self.shortcut = pre_act, branch, shortcut
         self.alpha, self.beta, self.transition = alpha, beta, transition
-        self.skip_gain = nn.Parameter(torch.zeros(())) if skipinit else None
+        self.skip_gain = skipinit_gain() if skipinit else None
         self.final_act: nn.Module | None = None
 
     def forward(self, h: Tensor) -> Tensor:
@@ -148,8 +81,9 @@ class ConvertedResidual(nn.Module):
 @dataclass
 class _Walk:
     """The state of a walk in execution order: the last activation (whose output the next conv reads; None:
-    the input image or a linear output), the previous leaf, the expected variance of the residual stream
-    and the last residual block (open until something other than a block reads its output)."""
+    the input image or a linear output), the previous leaf, the transition flags of the residual blocks since
+    the stream's variance last restarted (`stack`: their betas are `residual_betas` of it) and the last
+    residual block (open until something other than a block reads its output)."""
 
     alpha: float
     skipinit: bool
@@ -158,7 +92,7 @@ class _Walk:
     last_act_path: str = "the input"
     prev: nn.Module | None = None
     prev_path: str = ""
-    expected_var: float = 1.0
+    stack: list[bool] = field(default_factory=list)
     open_block: ConvertedResidual | None = None
     open_act: nn.Module | None = None
 
@@ -194,7 +128,7 @@ def _scaled_conv(conv: nn.Conv2d, gamma: float, bias: bool) -> ScaledStdConv2d:
     weight = conv.weight
     new = ScaledStdConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                          bias=bias or conv.bias is not None, gamma=gamma, eps=_STD_CONV_EPS,
+                          bias=bias or conv.bias is not None, gamma=gamma, eps=STD_CONV_EPS,
                           device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
@@ -286,7 +220,7 @@ def _convert(module: nn.Module, path: str, walk: _Walk, in_branch: bool, feeds_b
         walk.last_act, walk.last_act_path = None, path
         walk.prev, walk.prev_path = module, path  # the original: a following BatchNorm checks its channels
         if not in_branch:
-            walk.expected_var = 1.0  # a weight-standardised conv of an activation has unit variance
+            walk.stack = []  # a weight-standardised conv of an activation has unit variance: a new stack
         return new
     if isinstance(module, (nn.modules.conv._ConvNd)):
         raise ConversionError(f"{path} ({type(module).__name__}): to_normfree converts 2-D convolutions (nn.Conv2d) only")
@@ -372,7 +306,8 @@ def _convert_block(block: nn.Module, path: str, walk: _Walk, parts: list[tuple[s
     """A post-activation residual block ``act(branch(h) + shortcut(h))`` as a pre-activation NF block."""
     act_path = f"{path}.{next(n for n, m in block.named_children() if m is act)}"
     transition = shortcut is not None and _holds(shortcut, (nn.modules.conv._ConvNd,)) is not None
-    beta = residual_beta(walk.expected_var)
+    walk.stack.append(transition)
+    beta = residual_betas(walk.stack, walk.alpha)[-1]
     pre_act = _no_inplace(act)
     branch = nn.Sequential()
     for name, part in parts:
@@ -394,7 +329,6 @@ def _convert_block(block: nn.Module, path: str, walk: _Walk, parts: list[tuple[s
                          f"{_HOW}")
     converted = ConvertedResidual(pre_act, branch, new_shortcut, walk.alpha, beta, walk.skipinit, transition)
     converted.to(next((p.device for p in block.parameters()), torch.device("cpu")))
-    walk.expected_var = expected_variance(walk.expected_var, walk.alpha, transition)
     walk.open_block, walk.open_act = converted, _no_inplace(act)
     walk.last_act, walk.last_act_path, walk.prev, walk.prev_path = None, path, converted, path
     return converted
@@ -410,12 +344,13 @@ def to_normfree(model: nn.Module, *, alpha: float = 0.2, skipinit: bool = True,
       A convolution that fed a BatchNorm gets a bias (zero) in place of BatchNorm's shift.
     - Every nn.Conv2d becomes timm's ScaledStdConv2d, keeping its weight (the standardised weight's
       source; gains start at 1), with the gamma of the activation whose output it reads (ReLU, SiLU,
-      GELU, ... from timm's table; 1 for a conv reading the image). `activation_gamma` overrides: one
-      value for all, or ``{nn.Hardswish: 1.9}`` by activation class (or class name).
+      GELU, ... from `normfree.models.equations.ACTIVATION_GAMMAS`; 1 for a conv reading the image).
+      `activation_gamma` overrides: one value for all, or ``{nn.Hardswish: 1.9}`` by activation class
+      (or class name).
     - Residual blocks of torchvision ResNets (BasicBlock, Bottleneck), timm ResNets and fastai's xresnet
       (ResBlock) become `ConvertedResidual` blocks, h + alpha * gain * f(act(h / beta)), beta the expected
-      std of h from `expected_variance` (alpha^2 more per block, 1 + alpha^2 after a transition: a block
-      with a projection shortcut). `skipinit`: the SkipInit gain, a learnable scalar starting at 0
+      std of h from `residual_betas` (variance alpha^2 more per block, 1 + alpha^2 after a transition: a
+      block with a projection shortcut). `skipinit`: the SkipInit gain, a learnable scalar starting at 0
       (False: no gain, the branches start at full strength).
     - nn.Sequential stacks of Conv2d, BatchNorm2d, activations, pooling and Linear layers (plain CNNs)
       are converted layer by layer.

@@ -8,6 +8,7 @@ from timm.layers import Conv2dSame
 from timm.models.nfnet import NormFreeBlock
 from torch import Tensor, nn
 
+from .equations import nf_residual
 from .standardization import STD_CONVS, standardized_weight
 
 __all__ = ["FusedNormFreeBlock", "fuse_standardization"]
@@ -63,14 +64,16 @@ class FusedNormFreeBlock(nn.Module):
         if self.attn is not None:  # an activation follows, so attn_gain cannot move into conv3
             out = self.attn_gain * self.attn(out)
         out = self.conv3(self.act3(out))
-        if self.attn_last is None:  # conv3's (or DropPath's) fresh output takes the sum in place
+        if self.attn_last is None:  # nf_residual with alpha * gain in conv3: its fresh output takes the sum in place
             return self.drop_path(out).add_(shortcut)
-        return torch.add(shortcut, self.drop_path(self.attn_last(out)), alpha=self.residual_scale)
+        return nf_residual(shortcut, self.drop_path(self.attn_last(out)), self.residual_scale)
 
 
 @torch.no_grad()
 def _fuse_block(block: NormFreeBlock) -> FusedNormFreeBlock:
-    """Fold beta, and alpha * skipinit_gain where nothing nonlinear follows conv3, into the block's convs.
+    """Fold beta, and `nf_residual`'s alpha * skipinit_gain where nothing nonlinear follows conv3, into the convs.
+
+    (timm's `block.beta` multiplies the block input: it is 1 / the papers' beta_i.)
 
     `act1(x) * beta` feeds only conv1 and the downsample (average pool, then conv), both linear and
     ahead of any bias, so beta scales their weights. DropPath multiplies each sample by a constant,

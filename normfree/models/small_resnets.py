@@ -64,12 +64,14 @@ from typing import Any, Literal
 import torch
 from timm.layers import BatchNormAct2d, ClassifierHead, ScaledStdConv2d, create_conv2d, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.nfnet import NormFreeBlock, _nonlin_gamma
+from timm.models.nfnet import NormFreeBlock
 from timm.models.resnetv2 import DownsampleAvg as PreActDownsampleAvg
 from timm.models.resnetv2 import PreActBottleneck
 from torch import nn
 
 from .classifier import init_classifier_
+from .equations import activation_gamma, nf_residual, residual_betas, skipinit_gain
+from .standardization import STD_CONV_EPS
 
 __all__ = [
     "ALPHA",
@@ -98,11 +100,9 @@ FAMILY: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 _PREFIX: dict[Normalization, str] = {"nf": "nf_resnet_", "batchnorm": "bn_resnet_"}
 
-_RELU_GAMMA = _nonlin_gamma["relu"]
+_RELU_GAMMA = activation_gamma(nn.ReLU())
 ALPHA = 0.5  # residual branch scale of this family (the paper's 0.2 is for deep ImageNet ResNets)
 CLASSIFIER_INIT_STD = 0.1  # of both twins' classifier weight (NFNets use 0.01 on unit-variance features)
-# timm's NfCfg default; eps is added to the per-filter weight variance
-_STD_CONV_EPS = 1e-5
 _CH_DIV = 8
 _DEFAULT_SIZE = 32
 
@@ -128,11 +128,13 @@ def _cfg(in_chans: int = 1, num_classes: int = 10, **kwargs: Any) -> dict[str, A
 class _NormFreeBottleneck(NormFreeBlock):
     """timm's NormFreeBlock (bottleneck, no attention), computing the same function with fewer full-size passes.
 
-    - beta scales act1's output, which only conv1 and the shortcut conv read, ahead of their bias: it is
-      folded into their constant weight scale, where timm already keeps gamma, and `beta` reads 1.0. Values
-      and gradients are unchanged, and so is `NormFreeBlock.forward` on this block.
-    - alpha and the SkipInit gain are one out-of-place multiplication; timm's in-place `mul_` makes autograd
-      keep a copy of the branch output for the gain's gradient.
+    - `beta` is the papers' beta_i (from `residual_betas`), the divisor of the block input h_i. act1's output
+      is read only by conv1 and the shortcut conv, ahead of their bias, so 1 / beta is folded into their
+      constant weight scale, where timm already keeps gamma, and the attribute `beta` (timm's multiplier,
+      1 / beta_i) reads 1.0. Values and gradients are unchanged, and so is `NormFreeBlock.forward` on this block.
+    - the output is `nf_residual`: alpha and the SkipInit gain (`skipinit_gain`) are one out-of-place
+      multiplication; timm's in-place `mul_` makes autograd keep a copy of the branch output for the gain's
+      gradient.
     - without SkipInit the branch starts at full strength: conv3's gain starts at 1, where timm's
       NormFreeBlock zeroes it whenever SkipInit is off.
     """
@@ -142,23 +144,22 @@ class _NormFreeBottleneck(NormFreeBlock):
         skipinit: bool, conv_layer: Callable[..., nn.Conv2d],
     ) -> None:
         super().__init__(
-            in_chs, out_chs, stride=stride, alpha=alpha, beta=beta, bottle_ratio=bottle_ratio, ch_div=_CH_DIV,
+            in_chs, out_chs, stride=stride, alpha=alpha, beta=1.0, bottle_ratio=bottle_ratio, ch_div=_CH_DIV,
             reg=False, skipinit=skipinit, act_layer=nn.ReLU, conv_layer=conv_layer,
         )
-        if not skipinit:
+        if skipinit:
+            self.skipinit_gain = skipinit_gain()
+        else:
             nn.init.ones_(self.conv3.gain)
-        self.conv1.scale *= beta
+        self.conv1.scale /= beta
         if self.downsample is not None:
-            self.downsample.conv.scale *= beta
-        self.beta = 1.0
+            self.downsample.conv.scale /= beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(x)
         shortcut = x if self.downsample is None else self.downsample(out)
-        out = self.conv3(self.act3(self.conv2(self.act2(self.conv1(out)))))
-        if self.skipinit_gain is None:
-            return torch.add(shortcut, out, alpha=self.alpha)
-        return shortcut + out * (self.skipinit_gain * self.alpha)
+        return nf_residual(shortcut, self.conv3(self.act3(self.conv2(self.act2(self.conv1(out))))), self.alpha,
+                           self.skipinit_gain)
 
 
 class SmallResNet(nn.Module):
@@ -212,29 +213,32 @@ class SmallResNet(nn.Module):
         self.stem = nn.Sequential()
         if normalization == "nf":
             # the stem convolves the image, not a ReLU output: no gamma
-            self.stem.add_module("conv", ScaledStdConv2d(in_chans, stem_chs, 3, gamma=1.0, eps=_STD_CONV_EPS))
-            conv_layer = partial(ScaledStdConv2d, gamma=_RELU_GAMMA, eps=_STD_CONV_EPS)
+            self.stem.add_module("conv", ScaledStdConv2d(in_chans, stem_chs, 3, gamma=1.0, eps=STD_CONV_EPS))
+            conv_layer = partial(ScaledStdConv2d, gamma=_RELU_GAMMA, eps=STD_CONV_EPS)
         else:
             self.stem.add_module("conv", create_conv2d(in_chans, stem_chs, 3))
         self.feature_info = [dict(num_chs=stem_chs, reduction=1, module="stem.conv")]
 
+        stage_strides = (1,) + (2,) * (len(depths) - 1)
+        # NormFreeBlock adds a projection shortcut exactly when shape changes (a stage's first block if it strides
+        # or widens); the twin mirrors that
+        transitions = [block_idx == 0 and (stride != 1 or in_chs != out_chs)
+                       for depth, stride, in_chs, out_chs in zip(depths, stage_strides, (stem_chs, *widths), widths)
+                       for block_idx in range(depth)]
+        # the stem output has unit variance for inputs standardised to unit variance (2101.08692, Sec. 4)
+        betas, transitions = iter(residual_betas(transitions, alpha)), iter(transitions)
         prev_chs, net_stride = stem_chs, 1
-        expected_var = 1.0  # of the stem output, for inputs standardised to unit variance
         stages = []
-        for stage_idx, (depth, out_chs) in enumerate(zip(depths, widths)):
-            stage_stride = 1 if stage_idx == 0 else 2
+        for stage_idx, (depth, out_chs, stage_stride) in enumerate(zip(depths, widths, stage_strides)):
             net_stride *= stage_stride
             blocks = []
             for block_idx in range(depth):
                 stride = stage_stride if block_idx == 0 else 1
-                # NormFreeBlock adds a projection shortcut exactly when shape changes; mirror that in the twin
-                transition = stride != 1 or prev_chs != out_chs
+                transition, beta = next(transitions), next(betas)
                 if normalization == "nf":
                     blocks.append(_NormFreeBottleneck(
-                        prev_chs, out_chs, stride, alpha, expected_var ** -0.5, bottle_ratio, skipinit, conv_layer,
+                        prev_chs, out_chs, stride, alpha, beta, bottle_ratio, skipinit, conv_layer,
                     ))
-                    # a transition's shortcut convolves the normalised input: variance restarts at 1 (Sec. 4)
-                    expected_var = (1.0 if transition else expected_var) + alpha ** 2
                 else:
                     blocks.append(PreActBottleneck(
                         prev_chs, out_chs, stride=stride, bottle_ratio=bottle_ratio, conv_layer=create_conv2d,

@@ -1,32 +1,23 @@
-"""Scaled Weight Standardization (Brock, De, Smith 2021, arXiv 2101.08692, Sec. 4), as timm computes it."""
+"""Scaled Weight Standardization (NF-ResNets, arXiv 2101.08692, Sec. 4.1; NFNets, arXiv 2102.06171, Sec. 3,
+Eq. 2) on timm's layers. The equation itself is `normfree.models.equations.standardize_weight`."""
 from __future__ import annotations
 
-import torch
 from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import Tensor, nn
 
-__all__ = ["STD_CONVS", "standardize_weight", "standardized_weight", "weight_scale"]
+from .equations import standardize_weight
+
+__all__ = ["STD_CONVS", "STD_CONV_EPS", "standardize_weight", "standardized_weight", "weight_scale"]
 
 STD_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
+# eps added to each unit's weight variance by the Scaled WS convs normfree builds (small ResNets, to_normfree):
+# timm's NfCfg.std_conv_eps default (timm's ScaledStdConv2d itself defaults to 1e-6)
+STD_CONV_EPS = 1e-5
 
 
 def weight_scale(conv: nn.Conv2d) -> Tensor | None:
     """Per-output-channel factor gain * gamma / sqrt(fan_in) of a timm ScaledStdConv2d(Same); None for StdConv2d(Same)."""
     return (conv.gain * conv.scale).view(-1) if isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame)) else None
-
-
-def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, with_inv_std: bool = False):
-    """W_hat = scale * (W - mean) / sqrt(var + eps), per output channel, with the biased variance.
-
-    Batch norm on the weight, exactly as timm's layers do, so values match the layer bit for bit.
-    `scale` is `weight_scale(conv)` (None: no scaling). With `with_inv_std`, returns
-    (W_hat, 1 / sqrt(var + eps)) from the same pass.
-    """
-    standardized, _, inv_std = torch.native_batch_norm(
-        weight.reshape(1, weight.shape[0], -1), scale, None, None, None, True, 0.0, eps,
-    )
-    standardized = standardized.reshape_as(weight)
-    return (standardized, inv_std) if with_inv_std else standardized
 
 
 def standardized_weight(conv: nn.Conv2d) -> Tensor:
