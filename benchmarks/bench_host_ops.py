@@ -25,8 +25,10 @@ from bench_per_sample import ordinary_step, per_sample_step, setup, time_ratio  
 
 from normfree.per_sample import PerSampleClipper  # noqa: E402
 
-# Operations that allocate nothing and launch no kernel on a GPU (metadata or dtype arithmetic).
-_NO_KERNEL = {"promote_types", "result_type", "new_empty", "empty", "lift_fresh", "_local_scalar_dense"}
+# Operations that launch no kernel on a GPU: views that autograd does not call views, dtype arithmetic,
+# allocation, CPU scalars.
+_NO_KERNEL = {"_unsafe_view", "promote_types", "result_type", "new_empty", "empty", "lift_fresh", "scalar_tensor",
+              "_local_scalar_dense"}
 
 
 class OpCount(TorchDispatchMode):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import cpu_kernel, gpu_kernel
 
-__all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_grad_"]
+__all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_grad_", "clip_factor_below", "clip_threshold"]
 
 # the paper's floor on ||G_u|| in Eq. (3)'s division, as DeepMind's code has it
 GRAD_NORM_FLOOR = 1e-6
@@ -79,11 +79,23 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
     is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
     user decides what to do with it. (The fused CPU kernel, csrc/agc_cpu.c, computes the same
     rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
-    to one float64 reference.)
+    to one float64 reference.) The rule in two halves, `clip_threshold` and `clip_factor_below`,
+    serves callers that take the factors of many gradients against the same weights (per-sample AGC).
     """
-    max_norm = param_norm.clamp_min(eps) * clipping
-    clip = (grad_norm > max_norm) & grad_norm.isfinite()
-    return torch.where(clip, max_norm / grad_norm.clamp_min(GRAD_NORM_FLOOR), torch.ones_like(grad_norm))
+    return clip_factor_below(clip_threshold(param_norm, clipping, eps), grad_norm)
+
+
+def clip_threshold(param_norm: Tensor, clipping: float, eps: float) -> Tensor:
+    """lambda * max(||W_u||, eps): the largest gradient norm AGC leaves unscaled (Eq. 3)."""
+    return param_norm.clamp_min(eps) * clipping
+
+
+def clip_factor_below(max_norm: Tensor, grad_norm: Tensor) -> Tensor:
+    """AGC's factor for gradient norms `grad_norm` against the thresholds `max_norm` of `clip_threshold`."""
+    # grad_norm < inf excludes +inf, and grad_norm > max_norm excludes NaN and -inf: with the two,
+    # isfinite (four kernels: it is composite) is not needed
+    clip = (grad_norm > max_norm) & (grad_norm < math.inf)
+    return torch.where(clip, max_norm / grad_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ..agc import ClipStats, adaptive_clip_factor, num_units, unitwise_norm
+from ..agc import ClipStats, _count_per_tensor, _unit_norm_vector, clip_factor_below, clip_threshold, is_single_unit
 from .containers import container_forward
 from .generic import generic_forward
 from .layers import Layer, layer_forward
@@ -69,13 +68,6 @@ def loss_reduction(loss_func, pred: Tensor, *targets: Tensor) -> str:
     )
 
 
-@dataclass
-class _Counts:
-    clipped: Tensor
-    nonfinite: Tensor
-    units: int = 0
-
-
 class PerSampleClipper:
     """Installs per-sample AGC on the layers of `model`; `clipping` maps parameters to lambda.
 
@@ -94,7 +86,13 @@ class PerSampleClipper:
         self.grad_scale: Tensor | None = None
         self._active = False
         self._bypass = 0
-        self._counts: dict[int, _Counts] = {}
+        # AGC's thresholds per clipped parameter, [1, units], taken once per forward pass (the weights
+        # do not change before its backward pass) in a few batched norm kernels; None: not yet in this pass
+        self._thresholds: dict[int, Tensor] | None = None
+        # (parameter id, factors, norms) of the `clip_factors` calls of the current backward pass, and the counts
+        # of earlier passes since `collect` (per clipped parameter, in `_clipped`'s order): counted once per pass
+        self._outcomes: list[tuple[int, Tensor, Tensor]] = []
+        self._counts: tuple[Tensor, Tensor, list[int]] | None = None  # clipped, non-finite, units
         self._installed: list[nn.Module] = []
         self._names: dict[nn.Module, str] = {}
         self._called: set[nn.Module] = set()  # installed modules called in the current forward pass
@@ -111,6 +109,8 @@ class PerSampleClipper:
             if own:
                 self._install(module, has_children=any(True for c in module.children() for _ in c.parameters()))
                 self._names[module] = name or type(module).__name__
+        self._clipped = [p for p in model.parameters() if id(p) in clipping]
+        self._position = {id(p): i for i, p in enumerate(self._clipped)}
         self._root_hook = model.register_forward_pre_hook(self._new_forward_pass)
 
     def check_examples_independent(self) -> None:
@@ -138,6 +138,7 @@ class PerSampleClipper:
 
     def _new_forward_pass(self, model: nn.Module, args: tuple) -> None:
         self._called.clear()
+        self._thresholds = None
 
     def note_call(self, module: nn.Module) -> None:
         """Refuse a layer called twice in one forward pass of the model (weights reused), and remove itself.
@@ -174,38 +175,77 @@ class PerSampleClipper:
             self._bypass -= 1
 
     # -- clipping -------------------------------------------------------------------------------
+    def _take_thresholds(self) -> dict[int, Tensor]:
+        """lambda * max(||W_u||, eps) of every clipped parameter: per device and lambda, one multi-tensor norm of
+        the single-unit tensors, one row-wise norm per other tensor, one threshold computation."""
+        groups: dict[tuple, list[Tensor]] = {}
+        for p in self._clipped:
+            groups.setdefault((p.device, self.clipping[id(p)]), []).append(p)
+        thresholds = {}
+        for (_, clipping), params in groups.items():
+            params = sorted(params, key=lambda p: not is_single_unit(p))  # `_unit_norm_vector` wants singles first
+            with torch.no_grad():
+                norms = clip_threshold(_unit_norm_vector(params).float(), clipping, self.eps)
+            units = [1 if is_single_unit(p) else p.shape[0] for p in params]
+            thresholds.update(zip(map(id, params), (t.view(1, -1) for t in norms.split(units))))
+        return thresholds
+
     def clip_factors(self, param: Tensor, norms: Tensor) -> Tensor | None:
-        """AGC factors (examples x units) for per-example unit norms of the backpropagated signal; None: not clipped."""
-        clipping = self.clipping.get(id(param))
-        if clipping is None:
+        """AGC factors (examples x units) for per-example unit norms of the backpropagated signal; None: not clipped.
+
+        No host synchronisation: the counts of clipped and non-finite units are taken in `collect`.
+        """
+        if id(param) not in self.clipping:
             return None
         if self.grad_scale is None:
             raise RuntimeError("per-sample AGC: grad_scale was not set before the backward pass")
+        if self._thresholds is None:  # the first call of a backward pass
+            self._count_outcomes()
+            self._thresholds = self._take_thresholds()
+        threshold = self._thresholds[id(param)]
         norms = norms.float() / self.grad_scale
         rows = norms.shape[1]
-        if num_units(param) != rows:  # a layer weight of squeezed rank <= 1 (Linear(1, O)): one unit, DeepMind's rule
+        if threshold.shape[1] != rows:  # a layer weight of squeezed rank <= 1 (Linear(1, O)): one unit, DeepMind's rule
             norms = torch.linalg.vector_norm(norms, dim=1, keepdim=True)
-        factor = adaptive_clip_factor(unitwise_norm(param.detach()).reshape(1, -1).float(), norms, clipping, self.eps)
-        clipped, nonfinite = (factor < 1).sum(), norms.isfinite().logical_not_().sum()  # on the device: no sync
-        counts = self._counts.get(id(param))
-        if counts is None:
-            self._counts[id(param)] = _Counts(clipped, nonfinite, factor.numel())
-        else:
-            counts.clipped, counts.nonfinite = counts.clipped + clipped, counts.nonfinite + nonfinite
-            counts.units += factor.numel()
+        factor = clip_factor_below(threshold, norms)
+        self._outcomes.append((id(param), factor, norms))
         return factor.expand(-1, rows)
+
+    def _count_outcomes(self) -> None:
+        """Add the clipped and non-finite units of the calls so far to the counts, in a few kernels for all
+        parameters: the factors and norms of every call concatenated, counted per parameter by one
+        multi-tensor reduction each. No host synchronisation."""
+        if not self._outcomes:
+            return
+        calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self._clipped]
+        for key, factor, norms in self._outcomes:
+            calls[self._position[key]].append((factor, norms))
+        self._outcomes = []
+        units = [sum(factor.numel() for factor, _ in found) for found in calls]
+        factors = torch.cat([factor.reshape(-1) for found in calls for factor, _ in found])
+        norms = torch.cat([norm.reshape(-1) for found in calls for _, norm in found])
+        clipped = torch.stack(_count_per_tensor(factors < 1, units)).long()
+        nonfinite = torch.stack(_count_per_tensor(norms.isfinite().logical_not_(), units)).long()
+        if self._counts is not None:
+            clipped, nonfinite = clipped + self._counts[0], nonfinite + self._counts[1]
+            units = [a + b for a, b in zip(units, self._counts[2])]
+        self._counts = clipped, nonfinite, units
 
     def collect(self, groups: Sequence[Sequence[Tensor]]) -> list[ClipStats]:
         """Statistics since the last `collect`, per group of parameters (units are example-units), then reset."""
+        self._count_outcomes()
+        counts, self._counts = self._counts, None
+        if counts is None:
+            none = torch.zeros(len(self._clipped), dtype=torch.long)
+            counts = none, none, [0] * len(self._clipped)
+        clipped, nonfinite = counts[0].unbind(), counts[1].unbind()
+        zero = torch.zeros((), dtype=torch.long, device=counts[0].device)
         stats = []
         for params in groups:
-            counts = [self._counts.get(id(p)) for p in params]
-            device = next((c.clipped.device for c in counts if c is not None), torch.device("cpu"))
-            zero = torch.zeros((), device=device)
+            at = [self._position.get(id(p)) for p in params]
             stats.append(ClipStats(
-                torch.stack([c.clipped if c else zero for c in counts]) if counts else zero.new_zeros(0),
-                torch.stack([c.nonfinite if c else zero for c in counts]) if counts else zero.new_zeros(0),
-                torch.tensor([c.units if c else 0 for c in counts], dtype=torch.long),
+                torch.stack([zero if i is None else clipped[i] for i in at]) if at else zero.new_zeros(0),
+                torch.stack([zero if i is None else nonfinite[i] for i in at]) if at else zero.new_zeros(0),
+                torch.tensor([0 if i is None else counts[2][i] for i in at], dtype=torch.long),
             ))
-        self._counts = {}
         return stats
