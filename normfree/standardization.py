@@ -15,18 +15,18 @@ def weight_scale(conv: nn.Conv2d) -> Tensor | None:
     return (conv.gain * conv.scale).view(-1) if isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame)) else None
 
 
-def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, with_inv_std: bool = False):
+def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, with_stats: bool = False):
     """W_hat = scale * (W - mean) / sqrt(var + eps), per output channel, with the biased variance.
 
     Batch norm on the weight, exactly as timm's layers do, so values match the layer bit for bit.
-    `scale` is `weight_scale(conv)` (None: no scaling). With `with_inv_std`, returns
-    (W_hat, 1 / sqrt(var + eps)) from the same pass.
+    `scale` is `weight_scale(conv)` (None: no scaling). With `with_stats`, returns
+    (W_hat, mean, 1 / sqrt(var + eps)) from the same pass.
     """
-    standardized, _, inv_std = torch.native_batch_norm(
+    standardized, mean, inv_std = torch.native_batch_norm(
         weight.reshape(1, weight.shape[0], -1), scale, None, None, None, True, 0.0, eps,
     )
     standardized = standardized.reshape_as(weight)
-    return (standardized, inv_std) if with_inv_std else standardized
+    return (standardized, mean, inv_std) if with_stats else standardized
 
 
 def standardized_weight(conv: nn.Conv2d) -> Tensor:

@@ -68,6 +68,15 @@ def loss_reduction(loss_func, pred: Tensor, *targets: Tensor) -> str:
     )
 
 
+def _concatenated(tensors: list[Tensor]) -> Tensor:
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+
+def _flat(t: Tensor) -> Tensor:
+    """The entries of a 2-d `t` in some order: a view where `t` or its transpose is contiguous."""
+    return (t if t.is_contiguous() else t.t()).reshape(-1)
+
+
 class PerSampleClipper:
     """Installs per-sample AGC on the layers of `model`; `clipping` maps parameters to lambda.
 
@@ -86,7 +95,7 @@ class PerSampleClipper:
         self.grad_scale: Tensor | None = None
         self._active = False
         self._bypass = 0
-        # AGC's thresholds per clipped parameter, [1, units], taken once per forward pass (the weights
+        # AGC's thresholds per clipped parameter, [units, 1], taken once per forward pass (the weights
         # do not change before its backward pass) in a few batched norm kernels; None: not yet in this pass
         self._thresholds: dict[int, Tensor] | None = None
         # (parameter id, factors, norms) of the `clip_factors` calls of the current backward pass, and the counts
@@ -187,29 +196,40 @@ class PerSampleClipper:
             with torch.no_grad():
                 norms = clip_threshold(_unit_norm_vector(params).float(), clipping, self.eps)
             units = [1 if is_single_unit(p) else p.shape[0] for p in params]
-            thresholds.update(zip(map(id, params), (t.view(1, -1) for t in norms.split(units))))
+            thresholds.update(zip(map(id, params), (t.view(-1, 1) for t in norms.split(units))))
         return thresholds
 
-    def clip_factors(self, param: Tensor, norms: Tensor) -> Tensor | None:
-        """AGC factors (examples x units) for per-example unit norms of the backpropagated signal; None: not clipped.
+    def clip_factors(self, params: Sequence[Tensor], norms: Sequence[Tensor]) -> list[Tensor | None]:
+        """AGC factors of each parameter ([examples, units]) for its per-example unit norms of the backpropagated
+        signal ([examples, units]); None for a parameter that is not clipped.
 
-        No host synchronisation: the counts of clipped and non-finite units are taken in `collect`.
+        One evaluation of AGC's rule for all of them (an engine passes all the parameters of a layer), and no
+        host synchronisation: the clipped and non-finite units are counted once per backward pass.
         """
-        if id(param) not in self.clipping:
-            return None
+        factors: list[Tensor | None] = [None] * len(params)
+        clipped = [i for i, p in enumerate(params) if id(p) in self.clipping]
+        if not clipped:
+            return factors
         if self.grad_scale is None:
             raise RuntimeError("per-sample AGC: grad_scale was not set before the backward pass")
         if self._thresholds is None:  # the first call of a backward pass
             self._count_outcomes()
             self._thresholds = self._take_thresholds()
-        threshold = self._thresholds[id(param)]
-        norms = norms.float() / self.grad_scale
-        rows = norms.shape[1]
-        if threshold.shape[1] != rows:  # a layer weight of squeezed rank <= 1 (Linear(1, O)): one unit, DeepMind's rule
-            norms = torch.linalg.vector_norm(norms, dim=1, keepdim=True)
-        factor = clip_factor_below(threshold, norms)
-        self._outcomes.append((id(param), factor, norms))
-        return factor.expand(-1, rows)
+        thresholds, columns = [], []
+        for i in clipped:
+            threshold, norm = self._thresholds[id(params[i])], norms[i]
+            if threshold.shape[0] != norm.shape[1]:  # a layer weight of squeezed rank <= 1 (Linear(1, O)): one unit
+                norm = torch.linalg.vector_norm(norm, dim=1, keepdim=True)
+            thresholds.append(threshold)
+            columns.append(norm.t())
+        # units x examples: each parameter's rows are one block, which `_count_outcomes` reads as a flat view
+        norm = _concatenated(columns).float() / self.grad_scale
+        factor = clip_factor_below(_concatenated(thresholds), norm)
+        units = [t.shape[0] for t in thresholds]
+        for i, f, n in zip(clipped, factor.split(units), norm.split(units)):
+            self._outcomes.append((id(params[i]), f, n))
+            factors[i] = f.t().expand(-1, norms[i].shape[1])
+        return factors
 
     def _count_outcomes(self) -> None:
         """Add the clipped and non-finite units of the calls so far to the counts, in a few kernels for all
@@ -222,8 +242,8 @@ class PerSampleClipper:
             calls[self._position[key]].append((factor, norms))
         self._outcomes = []
         units = [sum(factor.numel() for factor, _ in found) for found in calls]
-        factors = torch.cat([factor.reshape(-1) for found in calls for factor, _ in found])
-        norms = torch.cat([norm.reshape(-1) for found in calls for _, norm in found])
+        factors = torch.cat([_flat(factor) for found in calls for factor, _ in found])
+        norms = torch.cat([_flat(norm) for found in calls for _, norm in found])
         clipped = torch.stack(_count_per_tensor(factors < 1, units)).long()
         nonfinite = torch.stack(_count_per_tensor(norms.isfinite().logical_not_(), units)).long()
         if self._counts is not None:
