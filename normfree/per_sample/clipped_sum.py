@@ -38,7 +38,7 @@ def per_example_unit_norms(grads: Tensor, units: int) -> Tensor:
 def weighted_sum(factor: Tensor, grads: Tensor) -> Tensor:
     """sum_i factor_iu * grads_iu for `grads` [B, units, fan-in] and `factor` [B, units]: [units, fan-in]."""
     # batched over units: [units, 1, B] @ [units, B, fan-in], with no copy of the per-example gradients
-    return (factor.t().unsqueeze(1).to(grads.dtype) @ grads.transpose(0, 1)).squeeze(1)
+    return torch.bmm(factor.t().unsqueeze(1).to(grads.dtype), grads.transpose(0, 1)).squeeze(1)
 
 
 def sum_clipped(factor: Tensor | None, grads: Tensor, units: int) -> Tensor:

@@ -122,10 +122,14 @@ class Layer:
         return plan
 
     # The layer as y = op(x, W_eff) + b, and the pieces of its backward pass.
-    def effective_weight(self, module: nn.Module, weight: Tensor) -> Tensor:
-        if self.standardized:
-            return standardize_weight(weight, weight_scale(module), self.eps)
-        return weight
+    def effective_weight(self, module: nn.Module, weight: Tensor) -> tuple[Tensor, tuple | None]:
+        """The weight the layer applies; for a standardised layer also (scale, mean, 1 / std) of its rows, which
+        the backward pass reuses (`Standardization.of`) rather than standardising the weight again."""
+        if not self.standardized:
+            return weight, None
+        scale = weight_scale(module)
+        effective, mean, inv_std = standardize_weight(weight, scale, self.eps, with_stats=True)
+        return effective, (scale, mean, inv_std)
 
     def as_2d(self, weight: Tensor) -> Tensor:
         return weight.unsqueeze(2) if self.is_1d else weight
@@ -344,11 +348,11 @@ class Standardization:
     norm_factor: Tensor  # |scale| / sqrt(var + eps), [units]
 
     @staticmethod
-    def of(module: nn.Module, weight: Tensor, eps: float) -> Standardization:
+    def of(weight: Tensor, stats: tuple, eps: float) -> Standardization:
+        """From the (scale, mean, 1 / std) of `Layer.effective_weight`."""
+        scale, mean, inv_std = (None if t is None else t.detach().float() for t in stats)
         rows = weight.detach().float().reshape(weight.shape[0], -1)
-        unit_weight, mean, inv_std = standardize_weight(rows, None, eps, with_stats=True)
-        scale = weight_scale(module)
-        scale = None if scale is None else scale.detach().float()
+        unit_weight = (rows - mean.unsqueeze(1)).mul_(inv_std.unsqueeze(1))
         fan_in = rows.shape[1]
         along_factor = inv_std.square().mul_(eps / fan_in).add_(1 / fan_in)
         norm_factor = inv_std if scale is None else scale.abs().mul_(inv_std)
@@ -379,7 +383,7 @@ class ClippedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, clipper, module, layer, x, weight, bias, gain):
         ctx.clipper, ctx.module, ctx.layer = clipper, module, layer
-        effective = layer.effective_weight(module, weight)
+        effective, ctx.standardization_stats = layer.effective_weight(module, weight)
         ctx.save_for_backward(x, weight, effective, bias, gain)
         return layer.apply(x, effective, bias)
 
@@ -391,8 +395,8 @@ class ClippedLayer(torch.autograd.Function):
         with torch.no_grad():
             dtype = signal.dtype  # under autocast the layer ran in half precision: so does its backward
             grad_x = layer.input_grad(x.to(dtype), effective.to(dtype), signal).to(x.dtype) if need_x else None
-            standardization = Standardization.of(module, weight, layer.eps) if layer.standardized and (
-                need_weight or need_gain) else None
+            standardization = Standardization.of(weight, ctx.standardization_stats, layer.eps) \
+                if layer.standardized and (need_weight or need_gain) else None
             sums = layer_sums(clipper, layer, x, signal, standardization, weight if need_weight else None,
                               gain if need_gain else None, getattr(module, "scale", 1.0), bias if need_bias else None)
             grad_weight = grad_gain = grad_bias = None
