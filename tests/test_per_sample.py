@@ -379,6 +379,25 @@ def test_tuning_knobs_are_checked_and_restored():
     assert TUNING.kxk_method(torch.device("cpu")) == "conv" and TUNING.kxk_method(torch.device("cuda")) == "bmm"
 
 
+def test_the_gpu_scratch_budget_comes_from_the_devices_memory(monkeypatch):
+    """On CUDA: a quarter of what the allocator holds, at most half of what is free (driver plus the allocator's
+    cached blocks), at least 16 MiB; the CPU keeps its cache-sized budget; a number set by hand wins."""
+    from normfree.per_sample import TUNING
+    cuda = torch.device("cuda", 0)
+    memory = {"held": 8 << 30, "reserved": 9 << 30, "free": 40 << 30}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["held"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: memory["reserved"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory["free"], 80 << 30))
+    assert TUNING.scratch_bytes(cuda) == 2 << 30
+    memory.update(held=60 << 30, reserved=60 << 30, free=4 << 30)
+    assert TUNING.scratch_bytes(cuda) == 2 << 30  # half of the 4 GiB free
+    memory.update(held=1 << 20, reserved=1 << 20)
+    assert TUNING.scratch_bytes(cuda) == 16 << 20
+    assert TUNING.scratch_bytes(torch.device("cpu")) == 16 << 20
+    with tuned(cuda_scratch_bytes=123 << 20):
+        assert TUNING.scratch_bytes(cuda) == 123 << 20
+
+
 @pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "standardised convs with gains"])
 def test_bfloat16_autocast_on_the_cpu_is_close_to_the_loop(name):
     """Under bf16 autocast the per-example products run in bf16 (norms in float32): within bf16 precision

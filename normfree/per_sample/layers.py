@@ -86,21 +86,23 @@ class Layer:
         return None
 
     def plan(self, x: Tensor, signal: Tensor, dtype: torch.dtype, clip: bool, along_weight: bool) -> Plan:
-        """The plan for this input, cached: it depends only on shapes, dtype, device and `TUNING`.
+        """The plan for this input, cached: it depends only on shapes, dtype, device, `TUNING` and, on a GPU, the
+        memory held when it is made (`Tuning.scratch_bytes`).
 
         Costs, per example and group, in multiply-adds of a matmul (K fan-in, U units, P positions):
         materialising g_i is P * K * U plus about 5 passes over its K * U entries (writing it, its
         norm, the clipped sum, the standardisation sums), each pass weighted by `TUNING.pass_cost`;
         ghost norms are P^2 (K + U), plus the scaled weight-gradient call (P * K * U) that gives the
-        clipped sum, plus P * K * U for the sums along the standardised weight. Deterministic, so
-        runs repeat exactly.
+        clipped sum, plus P * K * U for the sums along the standardised weight. Deterministic where the
+        scratch budget is fixed (the CPU's), so runs repeat exactly.
         """
-        scratch_budget, kxk, pass_cost = TUNING.scratch_bytes(x.device), TUNING.kxk_method(x.device), \
-            TUNING.pass_cost(x.device)
-        key = (tuple(x.shape), tuple(signal.shape), dtype, x.device, clip, along_weight, scratch_budget, kxk, pass_cost)
+        kxk, pass_cost = TUNING.kxk_method(x.device), TUNING.pass_cost(x.device)
+        key = (tuple(x.shape), tuple(signal.shape), dtype, x.device, clip, along_weight, TUNING.scratch_key(x.device),
+               kxk, pass_cost)
         plan = self.plans.get(key)
         if plan is not None:
             return plan
+        scratch_budget = TUNING.scratch_bytes(x.device)
         if self.kind == "linear":
             groups, fan_in, units = 1, x.shape[-1], signal.shape[-1]
             positions = x[0].numel() // fan_in
