@@ -306,12 +306,13 @@ def agc_reference(weights: list[torch.Tensor], grads: list[torch.Tensor], clippi
                   eps: float = EPS) -> tuple[list[torch.Tensor], int, int]:
     """AGC in float64 from the paper's rule (Brock et al. 2021, Eq. 3), written here independently of normfree.
 
-    A unit is one index of dim 0 for ndim >= 2, the whole tensor otherwise. Returns the clipped gradients
+    A unit is one index of dim 0, except that a tensor of squeezed rank <= 1 (a bias, a gain stored as
+    [O, 1, 1, 1]) is one unit as a whole (DeepMind's and optax's rule). Returns the clipped gradients
     and (units clipped, units).
     """
     out, clipped, units = [], 0, 0
     for w, g in zip(weights, grads):
-        rows = w.shape[0] if w.ndim >= 2 else 1
+        rows = 1 if sum(size != 1 for size in w.shape) <= 1 else w.shape[0]
         w64, g64 = w.detach().double().reshape(rows, -1), g.detach().double().reshape(rows, -1)
         w_norm = w64.norm(dim=1, keepdim=True).clamp_min(eps)
         g_norm = g64.norm(dim=1, keepdim=True)
@@ -683,6 +684,7 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
                     peak_reset(ctx)
                     run()
                     per_peak = peak_mib(ctx)
+                    host_sync = sync_check(ctx, run)
                     if setting.profile:
                         profiles.append(f"== per-sample AGC step ({variant}): {setting.label} ==\n{profile_table(ctx, run)}")
                 finally:
@@ -692,8 +694,10 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
             ctx.results.row(name, label, "per-sample ERROR", _short(error))
             continue
         ratio = per_ms / ordinary_ms
-        entry[variant] = dict(per_sample_ms=per_ms, per_sample_peak_mib=per_peak, time_ratio=ratio)
+        entry[variant] = dict(per_sample_ms=per_ms, per_sample_peak_mib=per_peak, time_ratio=ratio, host_sync=host_sync)
         ctx.results.row(name, label, "per-sample step, median", ms(per_ms))
+        ctx.results.row(name, label, "host synchronisation in one per-sample step", host_sync, "none",
+                        None if host_sync.startswith("n/a") else host_sync == "none")
         ctx.results.row(name, label, "per-sample / ordinary step time", f"{ratio:.2f}x", "<= 1.5", ratio <= 1.5)
         if per_peak is not None and ordinary_peak:
             memory = per_peak / ordinary_peak
