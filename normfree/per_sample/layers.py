@@ -254,10 +254,10 @@ def layer_sums(clipper: PerSampleClipper, layer: Layer, x: Tensor, signal: Tenso
     w = None
     if standardization is not None and plan is not None:
         w = standardization.unit_weight.to(dtype).reshape(plan.groups, plan.per_group, plan.fan_in)
-    extras = [p for p in (gain, bias) if p is not None]
+    extras = {name: p for name, p in (("gain", gain), ("bias", bias)) if p is not None}
     waiting: list[list[Tensor]] = [[] for _ in extras]  # per-example gradients of `extras`, per chunk
     parts: dict[str, list[Tensor]] = {"square": [], "total": [], "along_weight": []}
-    result = LayerSums()
+    clipped: dict[str, Tensor] = {}  # running clipped sums, by parameter
     step = x.shape[0] if plan is None else plan.chunk
     for start in range(0, x.shape[0], step):
         signal_c = signal[start : start + step]
@@ -266,27 +266,28 @@ def layer_sums(clipper: PerSampleClipper, layer: Layer, x: Tensor, signal: Tenso
         grads = [(chunk["along_weight"] * gain_scale).reshape(-1, *gain.shape)] if gain is not None else []
         grads += [layer.per_example_bias_grads(signal_c)] if bias is not None else []
         if materialised:
-            n, units = g.shape[0], plan.units
             weight_factor, *factors = clipper.clip_factors(
-                [weight, *extras], [unit_norms(WeightGradSums(**chunk), standardization), *map(_one_unit_norms, grads)])
-            part = weighted_sum(weight_factor, g.reshape(n, units, plan.fan_in)).to(acc)
-            result.weight = part if result.weight is None else result.weight + part
-            for param, factor, grad in zip(extras, factors, grads):
-                _add_clipped(result, param is gain, sum_clipped(factor, grad, 1))
-        else:
-            for found, grad in zip(waiting, grads):
-                found.append(grad)
+                [weight, *extras.values()],
+                [unit_norms(WeightGradSums(**chunk), standardization), *map(_one_unit_norms, grads)])
+            _add(clipped, "weight", weighted_sum(weight_factor, g.reshape(g.shape[0], plan.units, plan.fan_in)).to(acc))
+            for name, factor, grad in zip(extras, factors, grads):
+                _add(clipped, name, sum_clipped(factor, grad, 1))
+            continue
+        for found, grad in zip(waiting, grads):
+            found.append(grad)
         for name, value in chunk.items():
             parts[name].append(value)
-    sums = WeightGradSums(**{k: torch.cat(v) if len(v) > 1 else v[0] if v else None for k, v in parts.items()})
+    result = LayerSums(weight=clipped.get("weight"))
     if not materialised:
+        sums = WeightGradSums(**{k: torch.cat(v) if len(v) > 1 else v[0] if v else None for k, v in parts.items()})
         grads = [torch.cat(found) if len(found) > 1 else found[0] for found in waiting]
         weights, norms = ([weight], [unit_norms(sums, standardization)]) if clip_weight else ([], [])
-        factors = clipper.clip_factors([*weights, *extras], [*norms, *map(_one_unit_norms, grads)])
+        factors = clipper.clip_factors([*weights, *extras.values()], [*norms, *map(_one_unit_norms, grads)])
         if clip_weight:
             result.weight_factor, *factors = factors
-        for param, factor, grad in zip(extras, factors, grads):
-            _add_clipped(result, param is gain, sum_clipped(factor, grad, 1))
+        for name, factor, grad in zip(extras, factors, grads):
+            _add(clipped, name, sum_clipped(factor, grad, 1))
+    result.gain, result.bias = clipped.get("gain"), clipped.get("bias")
     return result
 
 
@@ -294,10 +295,8 @@ def _one_unit_norms(grads: Tensor) -> Tensor:
     return per_example_unit_norms(grads, 1)  # gains and biases are one unit each (squeezed rank <= 1)
 
 
-def _add_clipped(result: LayerSums, is_gain: bool, part: Tensor) -> None:
-    name = "gain" if is_gain else "bias"
-    before = getattr(result, name)
-    setattr(result, name, part if before is None else before + part)
+def _add(totals: dict[str, Tensor], name: str, part: Tensor) -> None:
+    totals[name] = totals[name] + part if name in totals else part
 
 
 def _chunk_sums(layer: Layer, plan: Plan, x_c: Tensor, signal_c: Tensor, dtype: torch.dtype, acc: torch.dtype,
