@@ -47,7 +47,8 @@ SKIP_LINE = "benchmarks/gpu.py: skipped, no CUDA device"
 # while it runs (`normfree.per_sample.tuned(**knobs)`, see normfree/per_sample/tuning.py).
 # (k x k convs by "conv" and "bmm" were within noise on an H200; the fixed 256 MiB budget was the default before
 # the budget came from the device's memory.)
-PER_SAMPLE_VARIANTS: list[tuple[str, dict]] = [("default", {}), ("fixed 256 MiB scratch", {"cuda_scratch_bytes": 256 << 20})]
+PER_SAMPLE_VARIANTS: list[tuple[str, dict]] = [
+    ("default", {}), ("fixed 256 MiB scratch", {"cuda_scratch_bytes": 256 << 20})]
 
 CLIPPING, EPS = 0.01, 1e-3
 BUDGET_S = 285  # a section that would start later than this is skipped
@@ -696,7 +697,8 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
             ctx.results.row(name, label, "per-sample ERROR", _short(error))
             continue
         ratio = per_ms / ordinary_ms
-        entry[variant] = dict(per_sample_ms=per_ms, per_sample_peak_mib=per_peak, time_ratio=ratio, host_sync=host_sync)
+        entry[variant] = dict(per_sample_ms=per_ms, per_sample_peak_mib=per_peak, time_ratio=ratio,
+                              host_sync=host_sync)
         ctx.results.row(name, label, "per-sample step, median", ms(per_ms))
         ctx.results.row(name, label, "host synchronisation in one per-sample step", host_sync, "none",
                         None if host_sync.startswith("n/a") else host_sync == "none")

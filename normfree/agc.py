@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import cpu_kernel, gpu_kernel
 
-__all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_grad_", "clip_factor_below", "clip_threshold"]
+__all__ = ["ClipStats", "unitwise_norm", "adaptive_clip_factor", "adaptive_clip_grad_", "clip_factor_below",
+           "clip_threshold"]
 
 # the paper's floor on ||G_u|| in Eq. (3)'s division, as DeepMind's code has it
 GRAD_NORM_FLOOR = 1e-6

@@ -15,7 +15,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..agc import ClipStats, _count_per_tensor, _unit_norm_vector, clip_factor_below, clip_threshold, is_single_unit
+from ..agc import (ClipStats, _count_per_tensor, _unit_norm_vector, clip_factor_below, clip_threshold, is_single_unit,
+                   num_units)
 from .containers import container_forward
 from .generic import generic_forward
 from .layers import Layer, layer_forward
@@ -195,8 +196,7 @@ class PerSampleClipper:
             params = sorted(params, key=lambda p: not is_single_unit(p))  # `_unit_norm_vector` wants singles first
             with torch.no_grad():
                 norms = clip_threshold(_unit_norm_vector(params).float(), clipping, self.eps)
-            units = [1 if is_single_unit(p) else p.shape[0] for p in params]
-            thresholds.update(zip(map(id, params), (t.view(-1, 1) for t in norms.split(units))))
+            thresholds.update(zip(map(id, params), (t.view(-1, 1) for t in norms.split(list(map(num_units, params))))))
         return thresholds
 
     def clip_factors(self, params: Sequence[Tensor], norms: Sequence[Tensor]) -> list[Tensor | None]:

@@ -34,7 +34,8 @@ from .tuning import TUNING
 if TYPE_CHECKING:
     from .clipper import PerSampleClipper
 
-__all__ = ["ClippedLayer", "Layer", "LayerSums", "Plan", "Standardization", "WeightGradSums", "layer_forward", "layer_sums"]
+__all__ = ["ClippedLayer", "Layer", "LayerSums", "Plan", "Standardization", "WeightGradSums", "layer_forward",
+           "layer_sums"]
 
 
 @dataclass(frozen=True)
