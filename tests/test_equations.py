@@ -248,11 +248,12 @@ def test_standardize_weight_gradients_match_timms_layer(kind, out_chs, in_chs, k
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_standardize_weight_with_inv_std():
+def test_standardize_weight_with_stats():
     conv = random_conv(ScaledStdConv2d, 6, 4, 3, 1e-5, 1.7, seed=0)
-    weight, inv_std = standardize_weight(conv.weight, weight_scale(conv), conv.eps, with_inv_std=True)
+    weight, mean, inv_std = standardize_weight(conv.weight, weight_scale(conv), conv.eps, with_stats=True)
     torch.testing.assert_close(weight, standardize_weight(conv.weight, weight_scale(conv), conv.eps), rtol=0, atol=0)
     rows = conv.weight.detach().double().reshape(6, -1)
     expected = (rows.var(1, unbiased=False) + conv.eps).rsqrt()
-    assert inv_std.shape == (6,)
+    assert inv_std.shape == mean.shape == (6,)
     torch.testing.assert_close(inv_std.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), rows.mean(1), rtol=1e-6, atol=1e-7)

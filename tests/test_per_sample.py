@@ -355,6 +355,47 @@ def test_the_direct_clipped_sum_with_weight_standardisation_equals_the_loop():
     assert 0 < stats.fraction < 1
 
 
+@pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "single-unit layer weights",
+                                  "standardised convs with gains", "embedding, conv1d, layernorm"])
+def test_clip_counts_per_parameter_equal_the_loop_over_two_backward_passes(name):
+    """The units clipped and the units counted, per parameter and per group, summed over two backward passes
+    (the two halves of the batch, as under gradient accumulation) before one `collect`, are the loop's."""
+    make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
+    model, (x, y) = make_model().train(), make_batch()
+    unclipped = {id(p) for p in excluded_parameters(model)}
+    params = list(model.parameters())
+    reference = copy.deepcopy(model)
+    expected = [0] * len(params)
+    for i in range(len(x)):
+        reference.zero_grad()
+        F.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]).backward()
+        for k, (p, r) in enumerate(zip(params, reference.parameters())):
+            expected[k] += 0 if id(p) in unclipped else reference_agc(r, r.grad, CLIPPING, 1e-3)[1]
+    clipper = PerSampleClipper(model, {id(p): CLIPPING for p in params if id(p) not in unclipped})
+    clipper.start()
+    for half in (slice(0, 3), slice(3, None)):
+        clipper.grad_scale = torch.tensor(1.0 / len(x[half]))
+        F.cross_entropy(model(x[half]), y[half]).backward()
+    stats = clipper.collect([params[:2], params[2:]])
+    clipper.remove()
+    assert torch.cat([s.clipped for s in stats]).tolist() == expected
+    assert sum(expected) > 0
+    assert torch.cat([s.units for s in stats]).tolist() == [
+        0 if id(p) in unclipped else len(x) * (1 if p.squeeze().ndim <= 1 else p.shape[0]) for p in params]
+    assert int(torch.cat([s.nonfinite for s in stats]).sum()) == 0
+
+
+def test_an_example_with_a_non_finite_gradient_is_counted_and_left_unclipped():
+    make_model, make_batch = MODELS["plain conv + linear"]
+    model, (x, y) = make_model().train(), make_batch()
+    x[2, 0, 0, 0] = float("inf")
+    got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
+    params = dict(model.named_parameters())
+    expected = [0 if n == "5.weight" else (1 if p.squeeze().ndim <= 1 else p.shape[0]) for n, p in params.items()]
+    assert stats.nonfinite.tolist() == expected  # every unit of example 2, in every clipped parameter
+    assert not torch.isfinite(got["0.weight"]).all()  # left unchanged (factor 1), as ordinary AGC does
+
+
 @settings(max_examples=8, deadline=None)
 @given(budget=st.integers(1, 64 << 10), method=st.sampled_from(["conv", "bmm"]))
 def test_chunks_of_any_size_give_the_result_of_one_chunk(budget, method):
@@ -377,6 +418,25 @@ def test_tuning_knobs_are_checked_and_restored():
         clipped_mean_gradient(tiny_nfnet(), *image_batch(), F.cross_entropy)
     assert (TUNING.cpu_scratch_bytes, TUNING.cuda_scratch_bytes, TUNING.kxk_weight_grads) == before
     assert TUNING.kxk_method(torch.device("cpu")) == "conv" and TUNING.kxk_method(torch.device("cuda")) == "bmm"
+
+
+def test_the_gpu_scratch_budget_comes_from_the_devices_memory(monkeypatch):
+    """On CUDA: a quarter of what the allocator holds, at most half of what is free (driver plus the allocator's
+    cached blocks), at least 16 MiB; the CPU keeps its cache-sized budget; a number set by hand wins."""
+    from normfree.agc.per_sample import TUNING
+    cuda = torch.device("cuda", 0)
+    memory = {"held": 8 << 30, "reserved": 9 << 30, "free": 40 << 30}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["held"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: memory["reserved"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory["free"], 80 << 30))
+    assert TUNING.scratch_bytes(cuda) == 2 << 30
+    memory.update(held=60 << 30, reserved=60 << 30, free=4 << 30)
+    assert TUNING.scratch_bytes(cuda) == 2 << 30  # half of the 4 GiB free
+    memory.update(held=1 << 20, reserved=1 << 20)
+    assert TUNING.scratch_bytes(cuda) == 16 << 20
+    assert TUNING.scratch_bytes(torch.device("cpu")) == 16 << 20
+    with tuned(cuda_scratch_bytes=123 << 20):
+        assert TUNING.scratch_bytes(cuda) == 123 << 20
 
 
 @pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "standardised convs with gains"])

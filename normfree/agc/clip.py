@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from collections import OrderedDict
-from functools import reduce
 
 import torch
 from torch import Tensor
@@ -19,11 +18,11 @@ from .rule import (
     check_agc_arguments,
     is_single_unit,
     num_units,
-    unit_norms,
+    unit_norm_vector,
     unit_shape,
 )
 
-__all__ = ["ClipStats", "adaptive_clip_grad_", "clip_with_torch_ops"]
+__all__ = ["ClipStats", "adaptive_clip_grad_", "clip_with_torch_ops", "count_per_tensor"]
 
 
 @dataclass(frozen=True)
@@ -46,21 +45,7 @@ class ClipStats:
         return int(self.clipped.sum()) / total if total else 0.0
 
 
-def _unit_norm_vector(tensors: list[Tensor]) -> Tensor:
-    """The unit norms of `tensors`, in order, as one vector.
-
-    The single-unit tensors (`is_single_unit`: gains, biases, scalars) must come first: they are normed
-    in one multi-tensor call; the others with one row-wise norm kernel each.
-    """
-    singles = [t for t in tensors if is_single_unit(t)]
-    norms = []
-    if singles:
-        dtype = reduce(torch.promote_types, [t.dtype for t in singles], torch.float32)
-        norms.append(torch.stack(torch._foreach_norm(singles, dtype=dtype)))
-    return torch.cat(norms + [unit_norms(t) for t in tensors[len(singles):]])
-
-
-def _count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
+def count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
     """True entries of `mask` in each consecutive run of `units` entries, as 0-d device tensors.
 
     The 1-norm of a 0/1 vector is its count: one multi-tensor call, and no index tensor to copy
@@ -78,12 +63,12 @@ def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tu
     """
     order = sorted(range(len(params)), key=lambda i: not is_single_unit(params[i]))  # single-unit tensors first
     grads = [params[i].grad for i in order]
-    grad_norm = _unit_norm_vector(grads)
-    factor = adaptive_clip_factor(_unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
+    grad_norm = unit_norm_vector(grads)
+    factor = adaptive_clip_factor(unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
     units = [num_units(g) for g in grads]
     torch._foreach_mul_(grads, [f.view(unit_shape(g)) for f, g in zip(factor.split(units), grads)])
-    clipped = torch.stack(_count_per_tensor(factor < 1, units)).long().unbind()
-    nonfinite = torch.stack(_count_per_tensor(~grad_norm.isfinite(), units)).long().unbind()
+    clipped = torch.stack(count_per_tensor(factor < 1, units)).long().unbind()
+    nonfinite = torch.stack(count_per_tensor(~grad_norm.isfinite(), units)).long().unbind()
     position = {i: k for k, i in enumerate(order)}
     return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
 

@@ -108,7 +108,7 @@ def clip_(params: list[Tensor], units: list[int], clipping: float, eps: float,
     first_unit = torch.tensor([0] + units, dtype=torch.int64).cumsum(0)
     unit_size = torch.tensor([p.numel() // n if n else 0 for p, n in zip(params, units)], dtype=torch.int64)
     weights, grads = _pointers(params), _pointers([p.grad for p in params])
-    outcome = torch.empty(int(first_unit[-1]), dtype=torch.int8)
+    outcome = torch.empty(sum(units), dtype=torch.int8)
     clipped, nonfinite = torch.empty(len(params), dtype=torch.int64), torch.empty(len(params), dtype=torch.int64)
     getattr(library, _FUNCTIONS[params[0].dtype])(
         len(params), weights.data_ptr(), grads.data_ptr(), first_unit.data_ptr(), unit_size.data_ptr(),

@@ -9,12 +9,13 @@ tensors: that is how a popular port came to norm Linear weights over the wrong a
 from __future__ import annotations
 
 import math
+from functools import reduce
 
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_CLIPPING", "DEFAULT_EPS", "GRAD_NORM_FLOOR", "adaptive_clip_factor", "check_agc_arguments",
-           "is_single_unit", "num_units", "unit_norms", "unit_shape", "unitwise_norm"]
+__all__ = ["DEFAULT_CLIPPING", "DEFAULT_EPS", "GRAD_NORM_FLOOR", "adaptive_clip_factor", "check_agc_arguments", "clip_factor_below", "clip_threshold",
+           "is_single_unit", "num_units", "unit_norm_vector", "unit_norms", "unit_shape", "unitwise_norm"]
 
 DEFAULT_CLIPPING = 0.01  # the paper's lambda for batch 1024-4096 (Sec. 4.1)
 DEFAULT_EPS = 1e-3  # the paper's floor on ||W_u|| (Sec. 4)
@@ -50,6 +51,20 @@ def unit_norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(x.dtype))
 
 
+def unit_norm_vector(tensors: list[Tensor]) -> Tensor:
+    """The unit norms of `tensors`, in order, as one vector.
+
+    The single-unit tensors (`is_single_unit`: gains, biases, scalars) must come first: they are normed
+    in one multi-tensor call; the others with one row-wise norm kernel each.
+    """
+    singles = [t for t in tensors if is_single_unit(t)]
+    norms = []
+    if singles:
+        dtype = reduce(torch.promote_types, [t.dtype for t in singles], torch.float32)
+        norms.append(torch.stack(torch._foreach_norm(singles, dtype=dtype)))
+    return torch.cat(norms + [unit_norms(t) for t in tensors[len(singles):]])
+
+
 def unitwise_norm(x: Tensor) -> Tensor:
     """Frobenius norm of each unit of `x`, ||W_u||_F (Sec. 4, "unit-wise ratios").
 
@@ -76,11 +91,23 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
     is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
     user decides what to do with it. (The fused CPU kernel, csrc/agc_cpu.c, computes the same
     rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
-    to one float64 reference.)
+    to one float64 reference.) The rule in two halves, `clip_threshold` and `clip_factor_below`,
+    serves callers that take the factors of many gradients against the same weights (per-sample AGC).
     """
-    max_norm = param_norm.clamp_min(eps) * clipping
-    clip = (grad_norm > max_norm) & grad_norm.isfinite()
-    return torch.where(clip, max_norm / grad_norm.clamp_min(GRAD_NORM_FLOOR), torch.ones_like(grad_norm))
+    return clip_factor_below(clip_threshold(param_norm, clipping, eps), grad_norm)
+
+
+def clip_threshold(param_norm: Tensor, clipping: float, eps: float) -> Tensor:
+    """lambda * max(||W_u||, eps): the largest gradient norm AGC leaves unscaled (Eq. 3)."""
+    return param_norm.clamp_min(eps) * clipping
+
+
+def clip_factor_below(max_norm: Tensor, grad_norm: Tensor) -> Tensor:
+    """AGC's factor for gradient norms `grad_norm` against the thresholds `max_norm` of `clip_threshold`."""
+    # grad_norm < inf excludes +inf, and grad_norm > max_norm excludes NaN and -inf: with the two,
+    # isfinite (four kernels: it is composite) is not needed
+    clip = (grad_norm > max_norm) & (grad_norm < math.inf)
+    return torch.where(clip, max_norm / grad_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
 
 
 def check_agc_arguments(clipping: float, eps: float) -> None:

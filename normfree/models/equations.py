@@ -141,7 +141,7 @@ def activation_gamma(activation: nn.Module | str, overrides: float | Mapping | N
     return ACTIVATION_GAMMAS[name]
 
 
-def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, with_inv_std: bool = False):
+def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, with_stats: bool = False):
     """Scaled Weight Standardization: W_hat = scale * (W - mean) / sqrt(var + eps), per output unit.
 
     NF-ResNets (2101.08692), Sec. 4.1; NFNets (2102.06171), Sec. 3, Eq. (2):
@@ -150,12 +150,12 @@ def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, with_in
     it: `scale` = gain * gamma / sqrt(N), one value per output unit (`normfree.models.standardization.
     weight_scale`; None: no scaling, timm's StdConv2d), and eps is added to the variance.
 
-    `weight` is [out, *fan-in dims]. With `with_inv_std`, returns (W_hat, 1 / sqrt(var + eps)) with the
-    second of shape [out].
+    `weight` is [out, *fan-in dims]. With `with_stats`, returns (W_hat, mean, 1 / sqrt(var + eps)), the last two
+    of shape [out] (what batch norm's backward kernel takes: the per-sample engines use it).
     """
     rows = weight.reshape(weight.shape[0], -1)
     variance, mean = torch.var_mean(rows, dim=1, correction=0, keepdim=True)  # one reduction (Welford's)
     inv_std = torch.rsqrt(variance + eps)
     factor = inv_std if scale is None else inv_std * scale.reshape(-1, 1)
     standardized = ((rows - mean) * factor).reshape_as(weight)
-    return (standardized, inv_std.reshape(-1)) if with_inv_std else standardized
+    return (standardized, mean.reshape(-1), inv_std.reshape(-1)) if with_stats else standardized

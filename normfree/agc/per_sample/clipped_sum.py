@@ -16,7 +16,7 @@ from ..rule import num_units
 if TYPE_CHECKING:
     from .clipper import PerSampleClipper
 
-__all__ = ["clipped_sum", "compute_dtype", "per_example_unit_norms", "weighted_sum"]
+__all__ = ["clipped_sum", "compute_dtype", "per_example_unit_norms", "sum_clipped", "weighted_sum"]
 
 
 def compute_dtype(signal: Tensor) -> torch.dtype:
@@ -38,13 +38,19 @@ def per_example_unit_norms(grads: Tensor, units: int) -> Tensor:
 def weighted_sum(factor: Tensor, grads: Tensor) -> Tensor:
     """sum_i factor_iu * grads_iu for `grads` [B, units, fan-in] and `factor` [B, units]: [units, fan-in]."""
     # batched over units: [units, 1, B] @ [units, B, fan-in], with no copy of the per-example gradients
-    return (factor.t().unsqueeze(1).to(grads.dtype) @ grads.transpose(0, 1)).squeeze(1)
+    return torch.bmm(factor.t().unsqueeze(1).to(grads.dtype), grads.transpose(0, 1)).squeeze(1)
+
+
+def sum_clipped(factor: Tensor | None, grads: Tensor, units: int) -> Tensor:
+    """sum_i factor_iu * grads_iu for per-example gradients `grads` [B, ...] of `units` units (the plain sum where
+    `factor` is None: a parameter that is not clipped), in the shape of one example's gradient."""
+    if factor is None:
+        return grads.sum(0)
+    return weighted_sum(factor, grads.reshape(grads.shape[0], units, -1)).reshape(grads.shape[1:])
 
 
 def clipped_sum(clipper: PerSampleClipper, param: Tensor, grads: Tensor) -> Tensor:
     """sum_i clip(g_i) for per-example gradients `grads` [B, *param.shape]."""
     units = num_units(param)
-    factor = clipper.clip_factors(param, per_example_unit_norms(grads, units))
-    if factor is None:
-        return grads.sum(0)
-    return weighted_sum(factor, grads.reshape(grads.shape[0], units, -1)).reshape(param.shape)
+    factor, = clipper.clip_factors([param], [per_example_unit_norms(grads, units)])
+    return sum_clipped(factor, grads, units)

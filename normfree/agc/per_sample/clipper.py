@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ..clip import ClipStats
-from ..rule import DEFAULT_EPS, adaptive_clip_factor, num_units, unitwise_norm
+from ..clip import ClipStats, count_per_tensor
+from ..rule import DEFAULT_EPS, clip_factor_below, clip_threshold, is_single_unit, num_units, unit_norm_vector
 from .containers import container_forward
 from .generic import generic_forward
 from .layers import Layer, layer_forward
@@ -47,11 +46,13 @@ def check_examples_independent(batchnorms: nn.Module | list[tuple[str, nn.Module
     )
 
 
-@dataclass
-class _Counts:
-    clipped: Tensor
-    nonfinite: Tensor
-    units: int = 0
+def _concatenated(tensors: list[Tensor]) -> Tensor:
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+
+def _flat(t: Tensor) -> Tensor:
+    """The entries of a 2-d `t` in some order: a view where `t` or its transpose is contiguous."""
+    return (t if t.is_contiguous() else t.t()).reshape(-1)
 
 
 class PerSampleClipper:
@@ -72,7 +73,13 @@ class PerSampleClipper:
         self.grad_scale: Tensor | None = None
         self._active = False
         self._bypass = 0
-        self._counts: dict[int, _Counts] = {}
+        # AGC's thresholds per clipped parameter, [units, 1], taken once per forward pass (the weights
+        # do not change before its backward pass) in a few batched norm kernels; None: not yet in this pass
+        self._thresholds: dict[int, Tensor] | None = None
+        # (parameter id, factors, norms) of the `clip_factors` calls of the current backward pass, and the counts
+        # of earlier passes since `collect` (per clipped parameter, in `_clipped`'s order): counted once per pass
+        self._outcomes: list[tuple[int, Tensor, Tensor]] = []
+        self._counts: tuple[Tensor, Tensor, list[int]] | None = None  # clipped, non-finite, units
         self._installed: list[nn.Module] = []
         self._names: dict[nn.Module, str] = {}
         self._called: set[nn.Module] = set()  # installed modules called in the current forward pass
@@ -89,6 +96,8 @@ class PerSampleClipper:
             if own:
                 self._install(module, has_children=any(True for c in module.children() for _ in c.parameters()))
                 self._names[module] = name or type(module).__name__
+        self._clipped = [p for p in model.parameters() if id(p) in clipping]
+        self._position = {id(p): i for i, p in enumerate(self._clipped)}
         self._root_hook = model.register_forward_pre_hook(self._new_forward_pass)
 
     def check_examples_independent(self) -> None:
@@ -116,6 +125,7 @@ class PerSampleClipper:
 
     def _new_forward_pass(self, model: nn.Module, args: tuple) -> None:
         self._called.clear()
+        self._thresholds = None
 
     def note_call(self, module: nn.Module) -> None:
         """Refuse a layer called twice in one forward pass of the model (weights reused), and remove itself.
@@ -152,38 +162,87 @@ class PerSampleClipper:
             self._bypass -= 1
 
     # -- clipping -------------------------------------------------------------------------------
-    def clip_factors(self, param: Tensor, norms: Tensor) -> Tensor | None:
-        """AGC factors (examples x units) for per-example unit norms of the backpropagated signal; None: not clipped."""
-        clipping = self.clipping.get(id(param))
-        if clipping is None:
-            return None
+    def _take_thresholds(self) -> dict[int, Tensor]:
+        """lambda * max(||W_u||, eps) of every clipped parameter: per device and lambda, one multi-tensor norm of
+        the single-unit tensors, one row-wise norm per other tensor, one threshold computation."""
+        groups: dict[tuple, list[Tensor]] = {}
+        for p in self._clipped:
+            groups.setdefault((p.device, self.clipping[id(p)]), []).append(p)
+        thresholds = {}
+        for (_, clipping), params in groups.items():
+            params = sorted(params, key=lambda p: not is_single_unit(p))  # `_unit_norm_vector` wants singles first
+            with torch.no_grad():
+                norms = clip_threshold(unit_norm_vector(params).float(), clipping, self.eps)
+            thresholds.update(zip(map(id, params), (t.view(-1, 1) for t in norms.split(list(map(num_units, params))))))
+        return thresholds
+
+    def clip_factors(self, params: Sequence[Tensor], norms: Sequence[Tensor]) -> list[Tensor | None]:
+        """AGC factors of each parameter ([examples, units]) for its per-example unit norms of the backpropagated
+        signal ([examples, units]); None for a parameter that is not clipped.
+
+        One evaluation of AGC's rule for all of them (an engine passes all the parameters of a layer), and no
+        host synchronisation: the clipped and non-finite units are counted once per backward pass.
+        """
+        factors: list[Tensor | None] = [None] * len(params)
+        clipped = [i for i, p in enumerate(params) if id(p) in self.clipping]
+        if not clipped:
+            return factors
         if self.grad_scale is None:
             raise RuntimeError("per-sample AGC: grad_scale was not set before the backward pass")
-        norms = norms.float() / self.grad_scale
-        rows = norms.shape[1]
-        if num_units(param) != rows:  # a layer weight of squeezed rank <= 1 (Linear(1, O)): one unit, DeepMind's rule
-            norms = torch.linalg.vector_norm(norms, dim=1, keepdim=True)
-        factor = adaptive_clip_factor(unitwise_norm(param.detach()).reshape(1, -1).float(), norms, clipping, self.eps)
-        clipped, nonfinite = (factor < 1).sum(), norms.isfinite().logical_not_().sum()  # on the device: no sync
-        counts = self._counts.get(id(param))
-        if counts is None:
-            self._counts[id(param)] = _Counts(clipped, nonfinite, factor.numel())
-        else:
-            counts.clipped, counts.nonfinite = counts.clipped + clipped, counts.nonfinite + nonfinite
-            counts.units += factor.numel()
-        return factor.expand(-1, rows)
+        if self._thresholds is None:  # the first call of a backward pass
+            self._count_outcomes()
+            self._thresholds = self._take_thresholds()
+        thresholds, columns = [], []
+        for i in clipped:
+            threshold, norm = self._thresholds[id(params[i])], norms[i]
+            if threshold.shape[0] != norm.shape[1]:  # a layer weight of squeezed rank <= 1 (Linear(1, O)): one unit
+                norm = torch.linalg.vector_norm(norm, dim=1, keepdim=True)
+            thresholds.append(threshold)
+            columns.append(norm.t())
+        # units x examples: each parameter's rows are one block, which `_count_outcomes` reads as a flat view
+        norm = _concatenated(columns).float() / self.grad_scale
+        factor = clip_factor_below(_concatenated(thresholds), norm)
+        units = [t.shape[0] for t in thresholds]
+        for i, f, n in zip(clipped, factor.split(units), norm.split(units)):
+            self._outcomes.append((id(params[i]), f, n))
+            factors[i] = f.t().expand(-1, norms[i].shape[1])
+        return factors
+
+    def _count_outcomes(self) -> None:
+        """Add the clipped and non-finite units of the calls so far to the counts, in a few kernels for all
+        parameters: the factors and norms of every call concatenated, counted per parameter by one
+        multi-tensor reduction each. No host synchronisation."""
+        if not self._outcomes:
+            return
+        calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self._clipped]
+        for key, factor, norms in self._outcomes:
+            calls[self._position[key]].append((factor, norms))
+        self._outcomes = []
+        units = [sum(factor.numel() for factor, _ in found) for found in calls]
+        factors = torch.cat([_flat(factor) for found in calls for factor, _ in found])
+        norms = torch.cat([_flat(norm) for found in calls for _, norm in found])
+        clipped = torch.stack(count_per_tensor(factors < 1, units)).long()
+        nonfinite = torch.stack(count_per_tensor(norms.isfinite().logical_not_(), units)).long()
+        if self._counts is not None:
+            clipped, nonfinite = clipped + self._counts[0], nonfinite + self._counts[1]
+            units = [a + b for a, b in zip(units, self._counts[2])]
+        self._counts = clipped, nonfinite, units
 
     def collect(self, groups: Sequence[Sequence[Tensor]]) -> list[ClipStats]:
         """Statistics since the last `collect`, per group of parameters (units are example-units), then reset."""
+        self._count_outcomes()
+        counts, self._counts = self._counts, None
+        if counts is None:
+            none = torch.zeros(len(self._clipped), dtype=torch.long)
+            counts = none, none, [0] * len(self._clipped)
+        clipped, nonfinite = counts[0].unbind(), counts[1].unbind()
+        zero = torch.zeros((), dtype=torch.long, device=counts[0].device)
         stats = []
         for params in groups:
-            counts = [self._counts.get(id(p)) for p in params]
-            device = next((c.clipped.device for c in counts if c is not None), torch.device("cpu"))
-            zero = torch.zeros((), device=device)
+            at = [self._position.get(id(p)) for p in params]
             stats.append(ClipStats(
-                torch.stack([c.clipped if c else zero for c in counts]) if counts else zero.new_zeros(0),
-                torch.stack([c.nonfinite if c else zero for c in counts]) if counts else zero.new_zeros(0),
-                torch.tensor([c.units if c else 0 for c in counts], dtype=torch.long),
+                torch.stack([zero if i is None else clipped[i] for i in at]) if at else zero.new_zeros(0),
+                torch.stack([zero if i is None else nonfinite[i] for i in at]) if at else zero.new_zeros(0),
+                torch.tensor([0 if i is None else counts[2][i] for i in at], dtype=torch.long),
             ))
-        self._counts = {}
         return stats

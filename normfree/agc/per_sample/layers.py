@@ -28,13 +28,14 @@ from timm.layers.padding import pad_same
 from torch import Tensor, nn
 
 from ...models.standardization import STD_CONVS, standardize_weight, weight_scale
-from .clipped_sum import clipped_sum, compute_dtype, weighted_sum
+from .clipped_sum import compute_dtype, per_example_unit_norms, sum_clipped, weighted_sum
 from .tuning import TUNING
 
 if TYPE_CHECKING:
     from .clipper import PerSampleClipper
 
-__all__ = ["ClippedLayer", "Layer", "Plan", "Standardization", "WeightGradSums", "layer_forward", "weight_grad_sums"]
+__all__ = ["ClippedLayer", "Layer", "LayerSums", "Plan", "Standardization", "WeightGradSums", "layer_forward",
+           "layer_sums"]
 
 
 @dataclass(frozen=True)
@@ -86,21 +87,23 @@ class Layer:
         return None
 
     def plan(self, x: Tensor, signal: Tensor, dtype: torch.dtype, clip: bool, along_weight: bool) -> Plan:
-        """The plan for this input, cached: it depends only on shapes, dtype, device and `TUNING`.
+        """The plan for this input, cached: it depends only on shapes, dtype, device, `TUNING` and, on a GPU, the
+        memory held when it is made (`Tuning.scratch_bytes`).
 
         Costs, per example and group, in multiply-adds of a matmul (K fan-in, U units, P positions):
         materialising g_i is P * K * U plus about 5 passes over its K * U entries (writing it, its
         norm, the clipped sum, the standardisation sums), each pass weighted by `TUNING.pass_cost`;
         ghost norms are P^2 (K + U), plus the scaled weight-gradient call (P * K * U) that gives the
-        clipped sum, plus P * K * U for the sums along the standardised weight. Deterministic, so
-        runs repeat exactly.
+        clipped sum, plus P * K * U for the sums along the standardised weight. Deterministic where the
+        scratch budget is fixed (the CPU's), so runs repeat exactly.
         """
-        scratch_budget, kxk, pass_cost = TUNING.scratch_bytes(x.device), TUNING.kxk_method(x.device), \
-            TUNING.pass_cost(x.device)
-        key = (tuple(x.shape), tuple(signal.shape), dtype, x.device, clip, along_weight, scratch_budget, kxk, pass_cost)
+        kxk, pass_cost = TUNING.kxk_method(x.device), TUNING.pass_cost(x.device)
+        key = (tuple(x.shape), tuple(signal.shape), dtype, x.device, clip, along_weight, TUNING.scratch_key(x.device),
+               kxk, pass_cost)
         plan = self.plans.get(key)
         if plan is not None:
             return plan
+        scratch_budget = TUNING.scratch_bytes(x.device)
         if self.kind == "linear":
             groups, fan_in, units = 1, x.shape[-1], signal.shape[-1]
             positions = x[0].numel() // fan_in
@@ -122,10 +125,14 @@ class Layer:
         return plan
 
     # The layer as y = op(x, W_eff) + b, and the pieces of its backward pass.
-    def effective_weight(self, module: nn.Module, weight: Tensor) -> Tensor:
-        if self.standardized:
-            return standardize_weight(weight, weight_scale(module), self.eps)
-        return weight
+    def effective_weight(self, module: nn.Module, weight: Tensor) -> tuple[Tensor, tuple | None]:
+        """The weight the layer applies; for a standardised layer also (scale, mean, 1 / std) of its rows, which
+        the backward pass reuses (`Standardization.of`) rather than standardising the weight again."""
+        if not self.standardized:
+            return weight, None
+        scale = weight_scale(module)
+        effective, mean, inv_std = standardize_weight(weight, scale, self.eps, with_stats=True)
+        return effective, (scale, mean, inv_std)
 
     def as_2d(self, weight: Tensor) -> Tensor:
         return weight.unsqueeze(2) if self.is_1d else weight
@@ -211,67 +218,116 @@ class Layer:
 
 @dataclass
 class WeightGradSums:
-    """Per example i and output unit u, sums over the effective-weight gradient g_iu (fan-in entries k), float32;
-    and, where g_i was materialised and the weight is clipped, the clipped sum itself."""
+    """Per example i and output unit u, sums over the effective-weight gradient g_iu (fan-in entries k), float32."""
 
     square: Tensor | None = None  # sum_k g_iuk^2
     total: Tensor | None = None  # sum_k g_iuk
     along_weight: Tensor | None = None  # sum_k g_iuk * w_hat_uk (w_hat: standardised, before gain and scale)
-    clipped: Tensor | None = None  # sum_i c_iu * g_iu, [units, fan-in], float32 (materialised plans only)
-    factor: Tensor | None = None  # c_iu, [examples, units] (ghost plans only)
 
 
-def weight_grad_sums(clipper: PerSampleClipper, weight: Tensor, layer: Layer, x: Tensor, signal: Tensor,
-                     standardization: Standardization | None, clip: bool, along_weight: bool) -> WeightGradSums:
-    """The per-example sums over each unit's effective-weight gradient that the clipping needs, and its clipping.
+@dataclass
+class LayerSums:
+    """What the per-sample backward pass of a layer computed for its parameters, float32 (None: not asked for)."""
 
-    With `clip`, the weight's AGC factors are taken (per chunk where g_i is materialised, so that the
-    clipped sum is accumulated from g_i; once for the whole batch with ghost norms). `along_weight`:
-    the sums along the standardised weight are needed (for the gain), whether or not the weight is clipped.
+    weight: Tensor | None = None  # sum_i c_iu * g_iu, [units, fan-in] (materialised plans, clipped weight)
+    weight_factor: Tensor | None = None  # c_iu, [examples, units] (ghost plans, clipped weight)
+    gain: Tensor | None = None  # the gain's clipped sum, in its shape
+    bias: Tensor | None = None  # the bias's clipped sum
+
+
+def layer_sums(clipper: PerSampleClipper, layer: Layer, x: Tensor, signal: Tensor,
+               standardization: Standardization | None, weight: Tensor | None, gain: Tensor | None,
+               gain_scale: float, bias: Tensor | None) -> LayerSums:
+    """The per-example sums of a layer's parameters (None: not needed) and their clipping, one AGC call per chunk.
+
+    The weight's factors are taken per chunk where g_i is materialised (the clipped sum is accumulated
+    from g_i), once for the whole batch with ghost norms. The gain's and the bias's per-example
+    gradients ([examples, units], d loss_i / d gain_u = gain_scale * sum_k g_iuk w_hat_uk) join the
+    weight's call, or wait for it: AGC's rule runs once per chunk for all of the layer's parameters.
+    The sums along the standardised weight are taken whenever the gain is needed, clipped or not.
     """
     dtype = compute_dtype(signal)
     acc = torch.promote_types(dtype, torch.float32)  # sums and the clipped sum accumulate in float32 (or float64)
-    plan = layer.plan(x, signal, dtype, clip, along_weight)
-    groups, per_group, fan_in, units = plan.groups, plan.per_group, plan.fan_in, plan.units
-    standardized = standardization is not None and (clip or along_weight)
-    w = standardization.unit_weight.to(dtype).reshape(groups, per_group, fan_in) if standardized else None
+    clip_weight = weight is not None and id(weight) in clipper.clipping
+    along_weight = standardization is not None and gain is not None
+    plan = layer.plan(x, signal, dtype, clip_weight, along_weight) if clip_weight or along_weight else None
+    materialised = clip_weight and not plan.ghost
+    w = None
+    if standardization is not None and plan is not None:
+        w = standardization.unit_weight.to(dtype).reshape(plan.groups, plan.per_group, plan.fan_in)
+    extras = {name: p for name, p in (("gain", gain), ("bias", bias)) if p is not None}
+    waiting: list[list[Tensor]] = [[] for _ in extras]  # per-example gradients of `extras`, per chunk
     parts: dict[str, list[Tensor]] = {"square": [], "total": [], "along_weight": []}
-    clipped = None
-    for start in range(0, x.shape[0], plan.chunk):
-        x_c, signal_c = x[start : start + plan.chunk].to(dtype), signal[start : start + plan.chunk].to(dtype)
-        n = x_c.shape[0]
-        if plan.by_convolution:
-            g = layer.per_example_weight_grads(x_c, signal_c)
-        else:
-            u, d = layer.patches(x_c), layer.signals(signal_c)
-            if not plan.ghost:
-                g = d @ u.transpose(-1, -2)
-        chunk = {}
-        if plan.ghost:
-            if clip:
-                chunk["square"] = ((d @ (u.transpose(-1, -2) @ u)) * d).sum(-1, dtype=acc).reshape(n, units)
-            if w is not None:
-                chunk["total"] = (d * u.sum(2, keepdim=True)).sum(-1, dtype=acc).reshape(n, units)
-                # w_hat applied to every example's patches: one matmul (a broadcast batched one would copy w_hat per example)
-                y = (w @ u.permute(1, 2, 0, 3).reshape(groups, fan_in, -1)).reshape(groups, per_group, n, -1)
-                chunk["along_weight"] = (y.permute(2, 0, 1, 3) * d).sum(-1, dtype=acc).reshape(n, units)
-        else:
-            if clip:
-                chunk["square"] = torch.linalg.vector_norm(g, dim=-1, dtype=acc).square().reshape(n, units)
-            if w is not None:
-                chunk["total"] = g.sum(-1, dtype=acc).reshape(n, units)
-                chunk["along_weight"] = (g * w).sum(-1, dtype=acc).reshape(n, units)
-            if clip:
-                factor = clipper.clip_factors(weight, unit_norms(WeightGradSums(**chunk), standardization))
-                part = weighted_sum(factor, g.reshape(n, units, fan_in)).to(acc)
-                clipped = part if clipped is None else clipped + part
+    clipped: dict[str, Tensor] = {}  # running clipped sums, by parameter
+    step = x.shape[0] if plan is None else plan.chunk
+    for start in range(0, x.shape[0], step):
+        signal_c = signal[start : start + step]
+        chunk, g = _chunk_sums(layer, plan, x[start : start + step], signal_c, dtype, acc, clip_weight, w) \
+            if plan is not None else ({}, None)
+        grads = [(chunk["along_weight"] * gain_scale).reshape(-1, *gain.shape)] if gain is not None else []
+        grads += [layer.per_example_bias_grads(signal_c)] if bias is not None else []
+        if materialised:
+            weight_factor, *factors = clipper.clip_factors(
+                [weight, *extras.values()],
+                [unit_norms(WeightGradSums(**chunk), standardization), *map(_one_unit_norms, grads)])
+            _add(clipped, "weight", weighted_sum(weight_factor, g.reshape(g.shape[0], plan.units, plan.fan_in)).to(acc))
+            for name, factor, grad in zip(extras, factors, grads):
+                _add(clipped, name, sum_clipped(factor, grad, 1))
+            continue
+        for found, grad in zip(waiting, grads):
+            found.append(grad)
         for name, value in chunk.items():
             parts[name].append(value)
-    sums = WeightGradSums(**{k: torch.cat(v) if len(v) > 1 else v[0] if v else None for k, v in parts.items()},
-                          clipped=clipped)
-    if clip and plan.ghost:
-        sums.factor = clipper.clip_factors(weight, unit_norms(sums, standardization))
-    return sums
+    result = LayerSums(weight=clipped.get("weight"))
+    if not materialised:
+        sums = WeightGradSums(**{k: torch.cat(v) if len(v) > 1 else v[0] if v else None for k, v in parts.items()})
+        grads = [torch.cat(found) if len(found) > 1 else found[0] for found in waiting]
+        weights, norms = ([weight], [unit_norms(sums, standardization)]) if clip_weight else ([], [])
+        factors = clipper.clip_factors([*weights, *extras.values()], [*norms, *map(_one_unit_norms, grads)])
+        if clip_weight:
+            result.weight_factor, *factors = factors
+        for name, factor, grad in zip(extras, factors, grads):
+            _add(clipped, name, sum_clipped(factor, grad, 1))
+    result.gain, result.bias = clipped.get("gain"), clipped.get("bias")
+    return result
+
+
+def _one_unit_norms(grads: Tensor) -> Tensor:
+    return per_example_unit_norms(grads, 1)  # gains and biases are one unit each (squeezed rank <= 1)
+
+
+def _add(totals: dict[str, Tensor], name: str, part: Tensor) -> None:
+    totals[name] = totals[name] + part if name in totals else part
+
+
+def _chunk_sums(layer: Layer, plan: Plan, x_c: Tensor, signal_c: Tensor, dtype: torch.dtype, acc: torch.dtype,
+                clip: bool, w: Tensor | None) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The `WeightGradSums` fields one chunk of examples needs, and its g_i where the plan materialises it."""
+    x_c, signal_c = x_c.to(dtype), signal_c.to(dtype)
+    n, groups, per_group, fan_in, units = x_c.shape[0], plan.groups, plan.per_group, plan.fan_in, plan.units
+    g = None
+    if plan.by_convolution:
+        g = layer.per_example_weight_grads(x_c, signal_c)
+    else:
+        u, d = layer.patches(x_c), layer.signals(signal_c)
+        if not plan.ghost:
+            g = d @ u.transpose(-1, -2)
+    chunk = {}
+    if plan.ghost:
+        if clip:
+            chunk["square"] = ((d @ (u.transpose(-1, -2) @ u)) * d).sum(-1, dtype=acc).reshape(n, units)
+        if w is not None:
+            chunk["total"] = (d * u.sum(2, keepdim=True)).sum(-1, dtype=acc).reshape(n, units)
+            # w_hat applied to every example's patches: one matmul (a broadcast batched one would copy w_hat per example)
+            y = (w @ u.permute(1, 2, 0, 3).reshape(groups, fan_in, -1)).reshape(groups, per_group, n, -1)
+            chunk["along_weight"] = (y.permute(2, 0, 1, 3) * d).sum(-1, dtype=acc).reshape(n, units)
+    else:
+        if clip:
+            chunk["square"] = torch.linalg.vector_norm(g, dim=-1, dtype=acc).square().reshape(n, units)
+        if w is not None:
+            chunk["total"] = g.sum(-1, dtype=acc).reshape(n, units)
+            chunk["along_weight"] = (g * w).sum(-1, dtype=acc).reshape(n, units)
+    return chunk, g
 
 
 def unit_norms(sums: WeightGradSums, standardization: Standardization | None) -> Tensor:
@@ -281,40 +337,46 @@ def unit_norms(sums: WeightGradSums, standardization: Standardization | None) ->
 
 @dataclass
 class Standardization:
-    """Per output unit of a weight-standardised layer: w = (W - mean) / sqrt(var + eps), its scale
-    (gain * gamma / sqrt(fan_in), or 1) and 1 / sqrt(var + eps)."""
+    """Per output unit of a weight-standardised layer: w = (W - mean) / sqrt(var + eps) and what the backward
+    pass needs of it: the batch-norm statistics of W's rows and the factors of `grad_norms`."""
 
-    unit_weight: Tensor  # [units, fan-in], float32
-    scale: Tensor  # [units]
-    inv_std: Tensor  # [units]
+    rows: Tensor  # W as [1, units, fan-in], float32: the batch-norm input
+    unit_weight: Tensor  # w, [units, fan-in], float32
+    mean: Tensor  # [units]
+    inv_std: Tensor  # 1 / sqrt(var + eps), [units]
+    scale: Tensor | None  # gain * gamma / sqrt(fan_in), [units], or None (StdConv2d)
     eps: float
+    along_factor: Tensor  # (1 + eps / (var + eps)) / fan-in, [units]
+    norm_factor: Tensor  # |scale| / sqrt(var + eps), [units]
 
     @staticmethod
-    def of(module: nn.Module, weight: Tensor, eps: float) -> Standardization:
+    def of(weight: Tensor, stats: tuple, eps: float) -> Standardization:
+        """From the (scale, mean, 1 / std) of `Layer.effective_weight`."""
+        scale, mean, inv_std = (None if t is None else t.detach().float() for t in stats)
         rows = weight.detach().float().reshape(weight.shape[0], -1)
-        unit_weight, inv_std = standardize_weight(rows, None, eps, with_inv_std=True)
-        scale = weight_scale(module)
-        return Standardization(unit_weight, torch.ones_like(inv_std) if scale is None else scale.detach().float(),
-                               inv_std, eps)
+        unit_weight = (rows - mean.unsqueeze(1)).mul_(inv_std.unsqueeze(1))
+        fan_in = rows.shape[1]
+        along_factor = inv_std.square().mul_(eps / fan_in).add_(1 / fan_in)
+        norm_factor = inv_std if scale is None else scale.abs().mul_(inv_std)
+        return Standardization(rows.unsqueeze(0), unit_weight, mean, inv_std, scale, eps, along_factor, norm_factor)
 
     def grad_norms(self, sums: WeightGradSums) -> Tensor:
         """Per-example unit norms of dL/dW from the sums over the gradient g of the standardised weight.
 
         dL/dW = scale / sqrt(var + eps) * (g - mean(g) - w * mean(g * w)) (the batch-norm backward
         pass, see `backward`), whose squared norm is ||g||^2 - n mean(g)^2 - n mean(g w)^2 (2 - r),
-        with n the fan-in and r = ||w||^2 / n = var / (var + eps).
+        with n the fan-in and r = ||w||^2 / n = var / (var + eps): 2 - r = 1 + eps / (var + eps).
         """
-        n = self.unit_weight.shape[1]
-        ratio = 1 - self.eps * self.inv_std.square()  # var / (var + eps)
-        square = sums.square - sums.total.square() / n - sums.along_weight.square() * (2 - ratio) / n
-        return square.clamp_min(0).sqrt() * (self.scale.abs() * self.inv_std)
+        square = torch.addcmul(sums.square, sums.total, sums.total, value=-1 / self.unit_weight.shape[1])
+        square.addcmul_(sums.along_weight.square(), self.along_factor, value=-1)
+        return square.clamp_min_(0).sqrt_().mul_(self.norm_factor)
 
     def backward(self, grad: Tensor) -> Tensor:
-        """dL/dW from dL/dW_hat for W_hat = scale * w (row-wise, exact)."""
-        g = grad.float().reshape(self.unit_weight.shape)
-        w = self.unit_weight
-        projected = g - g.mean(1, keepdim=True) - w * (g * w).mean(1, keepdim=True)
-        return (projected * (self.scale * self.inv_std).unsqueeze(1)).reshape(grad.shape)
+        """dL/dW from dL/dW_hat for W_hat = scale * w (row-wise, exact): the batch-norm backward pass."""
+        grad_rows, _, _ = torch.ops.aten.native_batch_norm_backward(
+            grad.float().reshape(self.rows.shape), self.rows, self.scale, None, None, self.mean, self.inv_std, True,
+            self.eps, [True, False, False])
+        return grad_rows.reshape(grad.shape)
 
 
 class ClippedLayer(torch.autograd.Function):
@@ -323,7 +385,7 @@ class ClippedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, clipper, module, layer, x, weight, bias, gain):
         ctx.clipper, ctx.module, ctx.layer = clipper, module, layer
-        effective = layer.effective_weight(module, weight)
+        effective, ctx.standardization_stats = layer.effective_weight(module, weight)
         ctx.save_for_backward(x, weight, effective, bias, gain)
         return layer.apply(x, effective, bias)
 
@@ -335,28 +397,25 @@ class ClippedLayer(torch.autograd.Function):
         with torch.no_grad():
             dtype = signal.dtype  # under autocast the layer ran in half precision: so does its backward
             grad_x = layer.input_grad(x.to(dtype), effective.to(dtype), signal).to(x.dtype) if need_x else None
-            clip_weight = need_weight and id(weight) in clipper.clipping
-            standardization = Standardization.of(module, weight, layer.eps) if layer.standardized and (
-                need_weight or need_gain) else None
-            along_weight = standardization is not None and need_gain
-            sums = weight_grad_sums(clipper, weight, layer, x, signal, standardization, clip_weight, along_weight) \
-                if clip_weight or along_weight else WeightGradSums()
-
+            standardization = Standardization.of(weight, ctx.standardization_stats, layer.eps) \
+                if layer.standardized and (need_weight or need_gain) else None
+            sums = layer_sums(clipper, layer, x, signal, standardization, weight if need_weight else None,
+                              gain if need_gain else None, getattr(module, "scale", 1.0), bias if need_bias else None)
             grad_weight = grad_gain = grad_bias = None
             if need_weight:
-                if sums.clipped is not None:  # materialised: the clipped sum of dL/dW_eff is there already
-                    grad_weight = sums.clipped.reshape(weight.shape)
+                if sums.weight is not None:  # materialised: the clipped sum of dL/dW_eff is there already
+                    grad_weight = sums.weight.reshape(weight.shape)
                 else:
-                    scaled = signal if sums.factor is None else signal * layer.per_unit_view(sums.factor, signal).to(dtype)
+                    scaled = signal if sums.weight_factor is None else \
+                        signal * layer.per_unit_view(sums.weight_factor, signal).to(dtype)
                     grad_weight = layer.weight_grad(x.to(dtype), effective, scaled)
                 if standardization is not None:
                     grad_weight = standardization.backward(grad_weight)
                 grad_weight = grad_weight.to(weight.dtype)
             if need_gain:
-                per_example = sums.along_weight * module.scale  # d loss / d gain_u, per example
-                grad_gain = clipped_sum(clipper, gain, per_example.reshape(-1, *gain.shape)).to(gain.dtype)
+                grad_gain = sums.gain.to(gain.dtype)
             if need_bias:
-                grad_bias = clipped_sum(clipper, bias, layer.per_example_bias_grads(signal)).to(bias.dtype)
+                grad_bias = sums.bias.to(bias.dtype)
         return None, None, None, grad_x, grad_weight, grad_bias, grad_gain
 
 

@@ -6,8 +6,13 @@ result beyond floating-point rounding: they only trade memory, kernel count and 
 
 - `cpu_scratch_bytes` / `cuda_scratch_bytes`: examples are processed in chunks whose scratch
   tensors (patches, per-example gradients g_i or Gram matrices) take about this many bytes, so
-  memory stays bounded whatever the batch size. The CPU's is sized for its caches (16 MiB); a GPU
-  wants few large kernels, so its budget is large (256 MiB by default).
+  memory stays bounded whatever the batch size. The CPU's is sized for its caches (16 MiB). A GPU
+  wants few large kernels (every chunk repeats a layer's launches, and the step is bound by the
+  host), so by default (`cuda_scratch_bytes` None) its budget comes from the device's memory:
+  `cuda_scratch_share` of what the allocator holds when the layer's plan is made (a quarter: the
+  step's peak memory then grows by about that share at most), and at most half of what is still
+  free (`torch.cuda.mem_get_info` plus the allocator's cached blocks), and at least 16 MiB. An
+  int fixes it. Other accelerators get 256 MiB.
 - `cpu_pass_cost` / `cuda_pass_cost`: what one pass over an entry of a materialised g_i costs
   (writing it, its norm, the clipped sum), in multiply-adds of a matmul, for the cost model that
   chooses between materialising g_i and ghost norms (`layers.Layer.plan`). 4 on the CPU (measured
@@ -29,18 +34,36 @@ import torch
 __all__ = ["TUNING", "Tuning", "tuned"]
 
 KXK_METHODS = ("conv", "bmm")
+MIN_SCRATCH_BYTES = 16 << 20  # the CPU's budget, and the floor of a GPU's
+OTHER_DEVICE_SCRATCH_BYTES = 256 << 20
 
 
 @dataclass
 class Tuning:
-    cpu_scratch_bytes: int = 16 << 20
-    cuda_scratch_bytes: int = 256 << 20
+    cpu_scratch_bytes: int = MIN_SCRATCH_BYTES
+    cuda_scratch_bytes: int | None = None  # None: from the device's memory
+    cuda_scratch_share: float = 0.25
     cpu_pass_cost: float = 4.0
     cuda_pass_cost: float = 100.0
     kxk_weight_grads: str | None = None  # "conv", "bmm" or None (by device)
 
+    def scratch_key(self, device: torch.device) -> tuple:
+        """The knobs `scratch_bytes` reads for `device`: what a plan made with its budget depends on (the
+        budget itself is measured on the device when a plan is made, not at every backward pass)."""
+        if device.type == "cpu":
+            return (self.cpu_scratch_bytes,)
+        return self.cuda_scratch_bytes, self.cuda_scratch_share
+
     def scratch_bytes(self, device: torch.device) -> int:
-        return self.cpu_scratch_bytes if device.type == "cpu" else self.cuda_scratch_bytes
+        if device.type == "cpu":
+            return self.cpu_scratch_bytes
+        if self.cuda_scratch_bytes is not None:
+            return self.cuda_scratch_bytes
+        if device.type != "cuda":
+            return OTHER_DEVICE_SCRATCH_BYTES
+        held = torch.cuda.memory_allocated(device)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - held
+        return int(max(MIN_SCRATCH_BYTES, min(self.cuda_scratch_share * held, free / 2)))
 
     def pass_cost(self, device: torch.device) -> float:
         return self.cpu_pass_cost if device.type == "cpu" else self.cuda_pass_cost
