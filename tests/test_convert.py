@@ -10,6 +10,7 @@ import torchvision
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.vision.models.xresnet import xresnet18
+from fastai_helpers import GradientsBeforeAGC, reference_step_rates
 from timm.layers import ScaledStdConv2d
 from timm.models.nfnet import _nonlin_gamma
 from torch import nn
@@ -213,11 +214,14 @@ def test_converted_model_trains_with_agc_and_per_sample_agc():
     learn.agc(0.04)
     x, y = dls.one_batch()
     before = float(learn.loss_func(learn.model.eval()(x), y))
+    gradients = GradientsBeforeAGC(keep=1)
     with learn.no_bar(), learn.no_logging():
-        learn.fit(4, 3e-3)
+        learn.fit(4, 3e-3, cbs=gradients)
     after = float(learn.loss_func(learn.model.eval()(x), y))
     assert after < before
-    assert learn.adaptive_clip.history.rate() >= 0
+    history = learn.adaptive_clip.history  # the last step's rate is the float64 rule's on the same gradients
+    expected = reference_step_rates(gradients.steps, history.parameter_names, 0.04)
+    assert history.step_rates()[-1:].tolist() == pytest.approx(expected, abs=1e-6)
     per_sample = nf_learner(dls, lambda weights: tiny_resnet(), convert={"skipinit": True}, agc=None)
     per_sample.agc(0.04, per_sample=True)
     with per_sample.no_bar(), per_sample.no_logging():
