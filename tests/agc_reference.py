@@ -3,6 +3,7 @@
 Written from Brock et al. 2021, Sec. 4 and DeepMind's code, not from normfree: plain Python loops
 over the units of PyTorch's [out, in, *kernel] layout, sums of squares in float64.
 """
+import copy
 import math
 
 import torch
@@ -39,3 +40,33 @@ def reference_agc(param: torch.Tensor, grad: torch.Tensor, clipping: float, eps:
             g_u.mul_(max_norm / max(g_norm, 1e-6))
             clipped += 1
     return out, clipped
+
+
+def per_example_clipping(model, x, y, loss_func, clipping=0.01, eps=1e-3):
+    """The loop over examples behind per-sample AGC, in float64: (mean_i clip(grad of example i's own loss) per
+    parameter name, units clipped, units counted), the counts over (example, unit) pairs of the clipped parameters.
+
+    Which parameters are left unclipped (the classifier weight) is normfree's `excluded_parameters`, tested on its own.
+    """
+    from normfree import excluded_parameters
+
+    model = copy.deepcopy(model)
+    unclipped = {id(p) for p in excluded_parameters(model)}
+    total = {n: 0.0 for n, _ in model.named_parameters()}
+    clipped = units = 0
+    for i in range(len(x)):
+        model.zero_grad()
+        loss_func(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for n, p in model.named_parameters():
+            if id(p) in unclipped:
+                total[n] = total[n] + p.grad.double()
+                continue
+            grad, n_clipped = reference_agc(p, p.grad, clipping, eps)
+            total[n] = total[n] + grad
+            clipped, units = clipped + n_clipped, units + len(units_of(p))
+    return {n: t / len(x) for n, t in total.items()}, clipped, units
+
+
+def per_example_reference(model, x, y, loss_func, clipping=0.01, eps=1e-3):
+    """mean_i clip(grad of example i's own loss), float64, excluded parameters unclipped."""
+    return per_example_clipping(model, x, y, loss_func, clipping, eps)[0]

@@ -4,7 +4,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from agc_reference import reference_agc
+from agc_reference import reference_agc, units_of
+from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
@@ -12,6 +13,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from normfree import AGC
 
 LR = 0.5
 
@@ -66,3 +69,30 @@ def relative_difference(update, reference, names=None) -> float:
 
 
 CLIPPED = ["0.weight", "0.bias", "3.weight", "3.bias", "5.bias"]
+
+
+class GradientsBeforeAGC(Callback):
+    """At every optimizer step, each parameter and the gradient AGC is about to clip (copies, by name)."""
+
+    order = AGC.order - 0.5  # after MixedPrecision's unscaling, before AGC
+
+    def __init__(self, keep=None):
+        self.keep = keep  # only the last `keep` steps (large models), or all
+
+    def before_fit(self):
+        self.steps = []
+
+    def before_step(self):
+        if self.keep is not None:
+            self.steps = self.steps[len(self.steps) + 1 - self.keep:]
+        self.steps.append({n: (p.detach().clone(), p.grad.detach().clone())
+                           for n, p in self.learn.model.named_parameters() if p.grad is not None})
+
+
+def reference_step_rates(steps, names, clipping, eps=1e-3) -> list[float]:
+    """Per step, the fraction of the units of parameters `names` that the float64 reference clips."""
+    rates = []
+    for step in steps:
+        clipped = sum(reference_agc(*step[n], clipping, eps)[1] for n in names)
+        rates.append(clipped / sum(len(units_of(step[n][0])) for n in names))
+    return rates

@@ -13,8 +13,10 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.vision.learner import vision_learner
 from fastai_helpers import (
     CLIPPED,
+    GradientsBeforeAGC,
     fit_quietly,
     make_learner,
+    reference_step_rates,
     reference_update,
     relative_difference,
     tiny_dls,
@@ -215,23 +217,32 @@ def test_callback_bad_arguments(kwargs, argument):
 
 
 def test_learner_agc_convenience():
-    learn = make_learner(tiny_model(), tiny_dls())
+    model = tiny_model()
+    learn = make_learner(model, tiny_dls())
     assert learn.agc(0.02) is learn
     learn.agc(0.05, skip_classifier=None)
     agcs = [cb for cb in learn.cbs if isinstance(cb, AGC)]
     assert len(agcs) == 1 and learn.adaptive_clip is agcs[0] and agcs[0].clipping == 0.05
-    assert callable(learn.agc)
+    # the attached AGC, alone, makes the reference step: lambda 0.05, the classifier weight clipped too
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit_quietly(learn)
+    update = {n: (p.detach() - before[n]).double() for n, p in model.named_parameters()}
+    assert relative_difference(update, reference_update(tiny_model(), clipping=0.05, unclipped=())) < 1e-5
 
 
 def test_plot_per_layer_clip_rates(tmp_path):
-    learn = make_learner(tiny_model(), tiny_dls(bs=8)).agc(0.01)
+    gradients = GradientsBeforeAGC()
+    learn = make_learner(tiny_model(), tiny_dls(bs=8), [gradients]).agc(0.01)
     with pytest.raises(RuntimeError, match="call learn.fit"):
         learn.adaptive_clip.plot()
     fit_quietly(learn, epochs=2)
     history = learn.adaptive_clip.history
     assert len(history) == 8 and list(history.layer_rates()) == ["0", "3", "5"]
     rates = history.step_rates()
-    assert rates.shape == (8,) and ((rates >= 0) & (rates <= 1)).all()
+    assert history.parameter_names == CLIPPED
+    expected = reference_step_rates(gradients.steps, CLIPPED, 0.01)  # the float64 rule on the same gradients
+    assert rates.shape == (8,) and rates.tolist() == pytest.approx(expected, abs=1e-6)
+    assert any(0 < r < 1 for r in expected)  # some units clipped, some not: the counts matter
     figure = learn.adaptive_clip.plot()
     assert len(figure.axes) == 3  # rates, heat map, colour bar
     figure.savefig(tmp_path / "clip.png")

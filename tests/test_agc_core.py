@@ -266,7 +266,8 @@ def test_directions_are_unchanged_and_small_units_untouched(case):
             assert torch.equal(after, before)
         else:
             scale = norm64(after) / norm64(before)
-            assert 0 <= scale <= 1
+            # Eq. (3)'s factor, with DeepMind's 1e-6 floor on the gradient norm
+            assert scale == pytest.approx(min(1.0, max_norm / max(norm64(before), 1e-6)), rel=1e-5)
             torch.testing.assert_close(after, before * scale, rtol=1e-5, atol=1e-30)
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torch.multiprocessing as mp
+from agc_reference import per_example_reference
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai_helpers import LR, fit_quietly, make_learner, reference_update, relative_difference, tiny_data, tiny_model
@@ -16,7 +17,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from normfree import AGC
-from test_per_sample import per_example_reference
 
 WORLD_SIZE = 2
 

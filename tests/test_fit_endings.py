@@ -10,7 +10,6 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai_helpers import fit_quietly, make_learner, tiny_data, tiny_dls
 from torch import nn
 
-import normfree  # noqa: F401  (Learner.agc, Learner.to_mixed_precision)
 from normfree import AGC, ClipRate
 
 

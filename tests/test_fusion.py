@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
-from timm.models.nfnet import NormFreeBlock
+from timm.models.nfnet import NormFreeBlock, model_cfgs
 from torch import nn
 
 from normfree.models.fusion import FusedNormFreeBlock, fuse_standardization
@@ -123,9 +123,9 @@ def test_original_training_mode_kept():
 
 
 def test_nf_resnet26_blocks_do_no_scalar_multiplication():
-    model, _, fused = built("nf_resnet26")
+    _, _, fused = built("nf_resnet26")
     blocks = [m for m in fused.modules() if isinstance(m, FusedNormFreeBlock)]
-    assert len(blocks) == sum(isinstance(m, NormFreeBlock) for m in model.modules()) > 0
+    assert len(blocks) == sum(model_cfgs["nf_resnet26"].depths)  # one per block of timm's config
     for block in blocks:
         assert block.attn is None and block.attn_last is None and block.residual_scale is None
         assert not any(hasattr(block, a) for a in ("alpha", "beta", "skipinit_gain"))
@@ -162,14 +162,19 @@ def test_weights_match_float64_formula():
 def test_same_padding_kept_dynamic_or_static():
     model, _, fused = built("dm_nfnet_f0")
     originals = dict(model.named_modules())
-    n_dynamic = 0
+    n_dynamic = n_same = 0
     for name, conv in fused.named_modules():
         if isinstance(conv, nn.Conv2d) and isinstance(originals[name], ScaledStdConv2dSame):
-            dynamic = originals[name].same_pad
+            original = originals[name]
+            dynamic = original.same_pad
+            # TF "SAME" padding is static only at stride 1 with an even total padding (timm's is_static_pad)
+            static = all(s == 1 and d * (k - 1) % 2 == 0
+                         for s, d, k in zip(original.stride, original.dilation, original.kernel_size))
+            assert dynamic == (not static), name
             assert type(conv) is (Conv2dSame if dynamic else nn.Conv2d)
-            assert conv.padding == originals[name].padding
-            n_dynamic += dynamic
-    assert n_dynamic > 0
+            assert conv.padding == original.padding
+            n_dynamic, n_same = n_dynamic + dynamic, n_same + 1
+    assert n_same == sum(isinstance(m, ScaledStdConv2dSame) for m in model.modules()) and n_dynamic > 0
 
 
 def test_any_module_tree():

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import normfree
-from test_data import write_npz
+from helpers import write_npz
 from normfree import AGC, build_model, nf_learner, normalizer_free_archs, save_weights, write_digits_image_folder
 from normfree.models.factory import unknown_arch_error
 
@@ -172,6 +172,8 @@ def test_batchnorm_baselines_share_the_interface(arch):
     assert classifier.out_features == 4 and classifier.weight.std().item() == pytest.approx(0.01, rel=0.2)
     assert normalisation_layers(learn.model) != []  # the body keeps its BatchNorm: it is the baseline
     body, head = learn.splitter(learn.model)
-    assert len(head) == 2 and len(body) > 10
+    fc = [m for m in learn.model.modules() if isinstance(m, nn.Linear)][-1]  # the one Linear, last: the classifier
+    assert [id(p) for p in head] == [id(fc.weight), id(fc.bias)]
+    assert [id(p) for p in body + head] == [id(p) for p in learn.model.parameters()]  # the rest, fc last, once each
     with learn.no_bar(), learn.no_logging():
         learn.fit(1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from agc_reference import reference_agc
+from agc_reference import per_example_clipping, per_example_reference, reference_agc, units_of
 from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -24,7 +24,6 @@ from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import normfree  # noqa: F401  (Learner.to_mixed_precision)
 from normfree import AGC, excluded_parameters
 from normfree.agc.per_sample import PerSampleClipper, tuned
 
@@ -77,19 +76,6 @@ def image_batch(n=6, size=16, channels=3):
     return torch.randn(n, channels, size, size, generator=generator) * 2, torch.randint(0, 5, (n,), generator=generator)
 
 
-def per_example_reference(model, x, y, loss_func, clipping=CLIPPING, eps=1e-3):
-    """mean_i clip(grad of example i's own loss), float64, excluded parameters unclipped."""
-    model = copy.deepcopy(model)
-    unclipped = {id(p) for p in excluded_parameters(model)}
-    total = {n: 0.0 for n, _ in model.named_parameters()}
-    for i in range(len(x)):
-        model.zero_grad()
-        loss_func(model(x[i : i + 1]), y[i : i + 1]).backward()
-        for n, p in model.named_parameters():
-            total[n] = total[n] + (p.grad.double() if id(p) in unclipped else reference_agc(p, p.grad, clipping, eps)[0])
-    return {n: t / len(x) for n, t in total.items()}
-
-
 def clipped_mean_gradient(model, x, y, loss_func, clipping=CLIPPING):
     """The gradient left by one backward pass with a PerSampleClipper installed (mean loss)."""
     unclipped = {id(p) for p in excluded_parameters(model)}
@@ -131,12 +117,12 @@ MODELS = {
 def test_equals_a_loop_over_examples(name):
     make_model, make_batch = MODELS[name]
     model, (x, y) = make_model().train(), make_batch()
-    reference = per_example_reference(model, x, y, F.cross_entropy)
+    reference, clipped, units = per_example_clipping(model, x, y, F.cross_entropy)
     got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
     assert relative_error(got, reference) < 1e-5
     for n in reference:  # every parameter, not only the large ones
         assert (got[n] - reference[n]).norm() <= 1e-3 * reference[n].norm() + 1e-12, n
-    assert stats.fraction > 0  # the clipping was exercised
+    assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and clipped > 0  # exercised
 
 
 def test_clipping_each_example_differs_from_clipping_the_mean():
@@ -214,7 +200,8 @@ def test_gradient_accumulation_does_not_depend_on_the_split():
     whole, _ = fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=16)
     split, agc = fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=4, cbs=[GradientAccumulation(16)])
     assert relative_error(split, whole) < 1e-5
-    assert len(agc.history) == 1 and int(agc.history.units().sum()) > 16  # one step, counted over 16 examples
+    units = sum(len(units_of(p)) for n, p in tiny_nfnet().named_parameters() if n != "head.fc.weight")
+    assert len(agc.history) == 1 and int(agc.history.units().sum()) == 16 * units  # one step, counted over 16 examples
 
 
 def test_fp16_clips_unscaled_per_example_gradients():
@@ -257,9 +244,25 @@ def test_dropout_and_drop_path_run():
     torch.manual_seed(0)
     model = NormFreeNet(NfCfg(depths=(1, 1), channels=(16, 32), stem_chs=8, attn_layer=None), num_classes=5,
                         drop_rate=0.3, drop_path_rate=0.2)
+    fresh = copy.deepcopy(model).train()
     x, y = image_batch(n=8)
     update, agc = fastai_update(model, x, y, CrossEntropyLossFlat(), bs=8)
-    assert all(torch.isfinite(u).all() for u in update.values()) and len(agc.history) == 1
+    assert len(agc.history) == 1 and agc.history.rate() > 0 and all(torch.isfinite(u).all() for u in update.values())
+    # The same seed draws the same dropout and drop-path masks. With nothing clipped, the per-example gradients
+    # add up to autograd's gradient of the batch ...
+    torch.manual_seed(1)
+    got, _ = clipped_mean_gradient(fresh, x, y, F.cross_entropy, clipping=1e9)
+    torch.manual_seed(1)
+    fresh.zero_grad()
+    F.cross_entropy(fresh(x), y).backward()
+    assert relative_error(got, {n: p.grad.double() for n, p in fresh.named_parameters()}) < 1e-5
+    # ... and an example's clipped gradient is the float64 reference's, under the same masks
+    torch.manual_seed(2)
+    reference, clipped, units = per_example_clipping(fresh, x[:1], y[:1], F.cross_entropy)
+    torch.manual_seed(2)
+    got, stats = clipped_mean_gradient(fresh, x[:1], y[:1], F.cross_entropy)
+    assert relative_error(got, reference) < 1e-5
+    assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and clipped > 0
 
 
 def test_parameters_tied_between_modules_are_refused():
@@ -335,24 +338,24 @@ class StdConvNet(nn.Module):
 def test_kxk_methods_equal_a_loop_over_examples(name, method):
     make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
     model, (x, y) = make_model().train(), make_batch()
-    reference = per_example_reference(model, x, y, F.cross_entropy)
+    reference, clipped, units = per_example_clipping(model, x, y, F.cross_entropy)
     with tuned(kxk_weight_grads=method):
         got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
     assert relative_error(got, reference) < 1e-5
     for n in reference:
         assert (got[n] - reference[n]).norm() <= 1e-3 * reference[n].norm() + 1e-12, n
-    assert stats.fraction > 0
+    assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and clipped > 0
 
 
 def test_the_direct_clipped_sum_with_weight_standardisation_equals_the_loop():
     """Materialised g_i of standardised convs with gains: the clipped sum is taken from g_i, then
     standardisation's backward; the gains' per-example gradients come from the same sums."""
     model, (x, y) = StdConvNet().train(), image_batch(n=5)
-    reference = per_example_reference(model, x, y, F.cross_entropy)
+    reference, clipped, units = per_example_clipping(model, x, y, F.cross_entropy)
     got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
     for n in ("a.weight", "a.gain", "b.weight", "b.gain", "c.weight", "c.gain"):
         assert (got[n] - reference[n]).norm() <= 1e-5 * reference[n].norm() + 1e-12, n
-    assert 0 < stats.fraction < 1
+    assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and 0 < clipped < units
 
 
 @pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "single-unit layer weights",
@@ -402,11 +405,13 @@ def test_chunks_of_any_size_give_the_result_of_one_chunk(budget, method):
     """A tiny scratch budget (many chunks, down to one example each) changes nothing but rounding."""
     model, (x, y) = tiny_nfnet(), image_batch(n=7)
     with tuned(cpu_scratch_bytes=1 << 40, kxk_weight_grads=method):
-        whole, _ = clipped_mean_gradient(model, x, y, F.cross_entropy)
+        whole, whole_stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
     with tuned(cpu_scratch_bytes=budget, kxk_weight_grads=method):
         chunked, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
     assert relative_error(chunked, whole) < 1e-6
-    assert int(stats.units.sum()) > 0
+    assert torch.equal(stats.units, whole_stats.units) and torch.equal(stats.clipped, whole_stats.clipped)
+    assert int(stats.units.sum()) == len(x) * sum(len(units_of(p)) for n, p in model.named_parameters()
+                                                  if n != "head.fc.weight")
 
 
 def test_tuning_knobs_are_checked_and_restored():
@@ -445,11 +450,11 @@ def test_bfloat16_autocast_on_the_cpu_is_close_to_the_loop(name):
     of the float64 loop over examples of the float32 model."""
     make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
     model, (x, y) = make_model().train(), make_batch()
-    reference = per_example_reference(model, x, y, F.cross_entropy)
+    reference, clipped, units = per_example_clipping(model, x, y, F.cross_entropy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, stats = clipped_mean_gradient(model, x, y, lambda p, t: F.cross_entropy(p.float(), t))
     assert relative_error(got, reference) < 2e-2
-    assert stats.fraction > 0
+    assert int(stats.units.sum()) == units and stats.fraction == pytest.approx(clipped / units, abs=0.02) and clipped
 
 
 @settings(max_examples=25, deadline=None)

@@ -7,8 +7,8 @@ import pytest
 import normfree
 from normfree.app.cli import main
 from normfree.utils.outdir import INCOMPLETE
-from test_run_folder import QUICK, SendAt, kill_mid_run, stopped_with_status_2, with_callback
-from test_train_cli import InterruptAt, QUICK_OPTIONS, read_rows, without_timing
+from helpers import (QUICK, QUICK_OPTIONS, InterruptAt, SendAt, kill_mid_run, read_rows, stopped_with_status_2,
+                     with_callback, without_timing)
 
 QUIET = dict(quiet=True, save_model=False, save_plots=False)
 

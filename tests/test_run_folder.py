@@ -1,17 +1,13 @@
 """What is left in --out whatever way a run ends: SIGTERM, SIGKILL, Ctrl-C while starting, a second run, a file
 in the way, a divergence; and the settings refused before anything is built (config files, batch counts)."""
-import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
-from fastai.callback.core import Callback
 
 import normfree
 from normfree.app.cli import main
@@ -20,20 +16,8 @@ from normfree.app.config import TrainConfig
 from normfree.utils.outdir import INCOMPLETE, atomic_write, locked_folder
 from normfree.app.signals import Terminated
 
-QUICK = ["--data", "digits", "--arch", "nf_resnet_tiny", "--size", "8", "--limit", "64", "--bs", "16",
-         "--epochs", "1", "--quiet"]
-QUICK_OPTIONS = dict(data="digits", arch="nf_resnet_tiny", size=8, limit=64, bs=16, epochs=1)
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = importlib.import_module("normfree.app.train")  # the module (normfree.train is the function)
-
-
-def stopped_with_status_2(argv, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err
-    assert "Traceback" not in error
-    return error
+from helpers import (QUICK, QUICK_OPTIONS, ROOT, TRAIN, SendAt, kill_mid_run, read_rows, stopped_with_status_2,
+                     with_callback)
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):
@@ -53,22 +37,6 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     assert (tmp_path / "b.png").read_bytes() == b".png"
 
 
-class SendAt(Callback):
-    """Sends `signum` to this process in the second epoch's first training batch."""
-
-    def __init__(self, signum):
-        self.signum = signum
-
-    def after_batch(self):
-        if self.training and self.epoch == 1 and self.iter == 0:
-            os.kill(os.getpid(), self.signum)
-
-
-def with_callback(monkeypatch, callback):
-    fit = TRAIN._fit
-    monkeypatch.setattr(TRAIN, "_fit", lambda learn, config, lr, cbs: fit(learn, config, lr, [*cbs, callback]))
-
-
 @pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM is handled here already")
 def test_sigterm_checkpoints_like_ctrl_c_with_status_143(tmp_path, monkeypatch, capsys):
     with_callback(monkeypatch, SendAt(signal.SIGTERM))
@@ -85,37 +53,6 @@ def test_sigterm_checkpoints_like_ctrl_c_with_status_143(tmp_path, monkeypatch, 
     assert finished_run(TrainConfig.load(out), overwrite=False) is None  # compare trains it again
 
 
-SLOW_RUN = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from fastai.callback.core import Callback
-    import importlib
-    from normfree.app.cli import main
-    train_module = importlib.import_module("normfree.app.train")
-
-    class Slow(Callback):  # the second epoch never ends; says when it is there
-        def after_batch(self):
-            if self.training and self.epoch == 1:
-                Path(sys.argv[1]).with_suffix(".ready").touch()
-                time.sleep(0.5)
-
-    fit = train_module._fit
-    train_module._fit = lambda learn, config, lr, cbs: fit(learn, config, lr, [*cbs, Slow()])
-    sys.exit(main(["train", *sys.argv[2:], "--out", sys.argv[1]]))
-""")
-
-
-def kill_mid_run(out: Path) -> None:
-    """Start `SLOW_RUN` (3 epochs) into `out`, SIGKILL it once its first epoch has ended: no handler runs."""
-    process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(out), *QUICK, "--epochs", "3"], cwd=out.parent,
-                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while not out.with_suffix(".ready").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.kill()
-    assert process.wait(30) == -signal.SIGKILL
-
-
 def test_a_run_killed_without_warning_is_marked_incomplete_and_never_reused(tmp_path, capsys):
     out = tmp_path / "run"
     kill_mid_run(out)
@@ -129,7 +66,10 @@ def test_a_run_killed_without_warning_is_marked_incomplete_and_never_reused(tmp_
     assert main(["train", *QUICK, "--out", str(out), "--overwrite"]) == 0
     assert INCOMPLETE not in {p.name for p in out.iterdir()}
     config = TrainConfig.load(out)
-    assert finished_run(config, overwrite=False) is not None
+    finished = finished_run(config, overwrite=False)  # the run just trained, as its folder holds it
+    assert finished.config == config and not finished.interrupted
+    rows = read_rows(out / "metrics.csv")
+    assert [row["accuracy"] for row in finished.epochs] == [float(row["accuracy"]) for row in rows]
     (out / INCOMPLETE).write_text("killed")  # a finished result.json, but the marker says otherwise
     assert finished_run(config, overwrite=False) is None
 

@@ -189,10 +189,33 @@ def test_each_supported_family_finds_its_blocks(build, n_blocks, transitions):
     torch.manual_seed(0)
     model = build()
     channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-    result = signal_propagation(model, input_shape=(2, channels, 32, 32))
+    x = torch.randn(2, channels, 32, 32)
+    result = signal_propagation(model, x)
     assert len(result) == n_blocks
     assert sum(row.transition for row in result.rows) == transitions
-    assert all(math.isfinite(row.variance) and math.isfinite(row.residual_variance) for row in result.rows)
+    # each row's statistics are those of its block's output, read here by hooks on the same forward pass
+    outputs, modules = {}, dict(model.named_modules())
+
+    def keep(name):
+        def hook(module, args, out):  # a copy: the next block may change its input in place
+            outputs[name] = out.detach().double().clone()
+        return hook
+
+    hooks = [modules[row.name].register_forward_hook(keep(row.name)) for row in result.rows]
+    model.eval()
+    for module in model.modules():  # BatchNorm on the batch's own statistics, as signal_propagation runs it
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+            module.track_running_stats = False
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    for row in result.rows:
+        squared_mean, variance = hand_stats(outputs[row.name])
+        assert row.squared_mean == pytest.approx(squared_mean, rel=1e-4) and row.variance == pytest.approx(
+            variance, rel=1e-4), row.name
+        assert math.isfinite(row.residual_variance), row.name
 
 
 def test_no_block_found_names_the_fix():
@@ -224,7 +247,11 @@ def test_table_and_plot():
     drawn = nf.plot(bn, ax=fig.subplots(1, 3), title="t")
     assert drawn is fig
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["nf", "SmallResNet"]
-    assert all(len(ax.lines) >= 2 for ax in fig.axes)
+    for ax, stat in zip(fig.axes, ("squared_mean", "variance", "residual_variance")):  # one line per result
+        drawn = {line.get_label(): list(line.get_ydata()) for line in ax.lines if not line.get_label().startswith("_")}
+        assert drawn == {"nf": [getattr(r, stat) for r in nf.rows], "SmallResNet": [getattr(r, stat) for r in bn.rows]}
+        marks = [line for line in ax.lines if line.get_label().startswith("_")]  # the dotted transition lines
+        assert [line.get_xdata()[0] for line in marks] == [r.index for r in nf.rows if r.transition]
     with pytest.raises(ValueError, match="labels"):
         nf.plot(bn, labels=["one"], ax=fig.subplots(1, 3))
 

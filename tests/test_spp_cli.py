@@ -1,20 +1,14 @@
 """`normfree spp`: the files it writes, trained weights, a real batch, and one-line errors for bad input."""
-import csv
-
 import pytest
 import timm
 import torch
 
 import normfree
 from normfree.app.cli import main
+from helpers import read_rows
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--arch", "nf_resnet_tiny", "bn_resnet_tiny", "--size", "16", "--bs", "4", "--quiet"]
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_writes_the_plot_and_one_csv_row_per_model_and_block(tmp_path, capsys):

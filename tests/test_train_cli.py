@@ -1,7 +1,6 @@
 """`normfree train` and `normfree.train`: outputs, reproducibility, Ctrl-C checkpoints, precision, bad input."""
-import csv
+import argparse
 import json
-import math
 import subprocess
 import sys
 from importlib import metadata
@@ -17,26 +16,16 @@ from safetensors.torch import load_file
 
 import normfree
 from fastai.torch_core import default_device
-from normfree.app.cli import main
+from normfree.app.cli import build_parser, main
 from normfree.data.registry import parse_data_spec
 
-# One short epoch on 64 + 64 tiny digits.
-QUICK = ["--data", "digits", "--arch", "nf_resnet_tiny", "--size", "8", "--limit", "64", "--bs", "16",
-         "--epochs", "1", "--quiet"]
-QUICK_OPTIONS = dict(data="digits", arch="nf_resnet_tiny", size=8, limit=64, bs=16, epochs=1)
+from fastai_helpers import GradientsBeforeAGC, reference_step_rates
+from helpers import (QUICK, QUICK_OPTIONS, InterruptAt, LossesSeen, read_rows, smoothed_loss, validation_accuracy,
+                     with_callback, without_timing)
+
 EXPECTED_FILES = {"config.json", "metrics.csv", "curves.png", "agc_clip_rates.png", "model.safetensors",
                   "learner.pkl", "result.json"}
-TIMING = {"seconds", "train_seconds", "images_per_s"}
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 def digits_validation_accuracy(weights_path, size=8, limit=64, seed=0):
@@ -58,17 +47,20 @@ def cli_run(tmp_path_factory):
     """`normfree train` through main(argv), run from an empty working directory."""
     work = tmp_path_factory.mktemp("work")
     cwd = Path.cwd()
+    gradients = GradientsBeforeAGC()  # what AGC was given at each step, for the clip rate's reference
     try:
         import os
         os.chdir(work)
-        status = main(["train", *QUICK, "--out", "run"])
+        with pytest.MonkeyPatch.context() as patched:
+            with_callback(patched, gradients)
+            status = main(["train", *QUICK, "--out", "run"])
     finally:
         os.chdir(cwd)
-    return work, status
+    return work, status, gradients
 
 
 def test_cli_train_writes_every_output_into_out_and_nothing_elsewhere(cli_run):
-    work, status = cli_run
+    work, status = cli_run[:2]
     assert status == 0
     assert [p.name for p in work.iterdir()] == ["run"]
     out = work / "run"
@@ -84,7 +76,10 @@ def test_cli_train_metrics_are_the_saved_models_accuracy(cli_run):
     assert {"epoch", "train_loss", "valid_loss", "accuracy", "agc_clip", "seconds", "images_per_s"} <= set(rows[0])
     assert rows[0]["epoch"] == "1"
     assert float(rows[0]["accuracy"]) == pytest.approx(digits_validation_accuracy(out / "model.safetensors"), abs=1e-6)
-    assert 0 <= float(rows[0]["agc_clip"]) <= 1
+    steps = cli_run[2].steps  # 64 images in batches of 16
+    clipped = sorted(steps[0].keys() - {"head.fc.weight"})  # all parameters but the classifier weight
+    expected = reference_step_rates(steps, clipped, normfree.app.config.DEFAULT_AGC)
+    assert len(steps) == 4 and float(rows[0]["agc_clip"]) == pytest.approx(sum(expected) / 4, abs=1e-6)
     result = json.loads((out / "result.json").read_text())
     assert result["interrupted"] is False
     assert result["summary"]["final_accuracy"] == pytest.approx(float(rows[0]["accuracy"]))
@@ -135,19 +130,6 @@ def test_an_existing_run_is_not_overwritten_without_asking(cli_run, capsys):
     assert "--out" in capsys.readouterr().err
 
 
-class InterruptAt(Callback):
-    """Ctrl-C arriving in epoch `epoch` (0-based) at training batch `batch`, inside the forward pass."""
-
-    order = MixedPrecision.order - 5
-
-    def __init__(self, epoch, batch):
-        self.at = (epoch, batch)
-
-    def after_pred(self):
-        if self.training and (self.epoch, self.iter) == self.at:
-            raise KeyboardInterrupt
-
-
 def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     result = normfree.train(**{**QUICK_OPTIONS, "epochs": 3}, precision="bf16", quiet=True, out=out,
@@ -165,7 +147,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, capsys):
         assert torch.equal(saved[name], tensor.cpu()), name
     again = normfree.train(**QUICK_OPTIONS, weights=str(out / "model.safetensors"), fine_tune=True, quiet=True,
                            save_model=False, save_plots=False, out=tmp_path / "from-checkpoint")
-    assert math.isfinite(again.final_accuracy)
+    assert again.final_accuracy == pytest.approx(validation_accuracy(again.learner))
 
 
 class PredDtype(Callback):
@@ -177,11 +159,12 @@ class PredDtype(Callback):
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_mixed_precision_runs_on_the_cpu(tmp_path, precision, dtype):
-    probe = PredDtype()
+    probe, losses = PredDtype(), LossesSeen()
     result = normfree.train(**QUICK_OPTIONS, precision=precision, quiet=True, save_model=False, save_plots=False,
-                            out=tmp_path / precision, cbs=[probe])
+                            out=tmp_path / precision, cbs=[probe, losses])
     assert probe.dtype == dtype
-    assert math.isfinite(result.epochs[0]["train_loss"]) and 0 <= result.final_accuracy <= 1
+    assert result.epochs[0]["train_loss"] == pytest.approx(smoothed_loss(losses.losses), rel=1e-5)
+    assert result.final_accuracy == pytest.approx(validation_accuracy(result.learner))
 
 
 class BatchDevice(Callback):
@@ -208,9 +191,12 @@ def test_accum_k_steps_once_every_k_batches(tmp_path):
 
 
 def test_per_sample_agc_run(tmp_path):
+    losses = LossesSeen()
     result = normfree.train(**QUICK_OPTIONS, per_sample=True, quiet=True, save_model=False, save_plots=False,
-                            out=tmp_path / "per-sample")
-    assert result.learner.adaptive_clip.per_sample and math.isfinite(result.final_accuracy)
+                            out=tmp_path / "per-sample", cbs=[losses])
+    assert result.learner.adaptive_clip.per_sample
+    assert result.epochs[0]["train_loss"] == pytest.approx(smoothed_loss(losses.losses), rel=1e-5)
+    assert result.final_accuracy == pytest.approx(validation_accuracy(result.learner))
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -383,6 +369,7 @@ def test_help_shows_every_default_through_a_real_subprocess():
         assert expected in text, expected
     described = done.stdout.split("options:")[1].split("examples:")[0]
     blocks = described.split("\n  -")[1:]  # one per option
-    assert len(blocks) == 37  # --help and the 36 options
+    actions = [a for a in build_parser()[1]["train"]._actions if a.help != argparse.SUPPRESS]
+    assert len(blocks) == len(actions)  # --help and each option of the train parser
     for block in blocks:
         assert "default" in block or block.startswith("h, --help"), block

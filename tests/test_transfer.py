@@ -13,7 +13,7 @@ import normfree
 from normfree.app.cli import build_parser, main
 from normfree.data.loaders import read_idx
 from normfree.app.train import build_dataloaders
-from test_data import write_fashion
+from helpers import write_fashion
 
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 MODELS = {"bn": "BatchNorm", "nf-agc": "NF + AGC"}
