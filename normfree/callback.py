@@ -10,9 +10,10 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner, Metric
 from fastcore.basics import patch
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from .agc import adaptive_clip_grad_, check_agc_arguments
+from .agc import ClipStats, adaptive_clip_grad_, check_agc_arguments
 from .clip_history import ClipHistory
 from .classifier import find_classifier, unwrap_model
 from .exclusion import Exclusion, SkipClassifier, check_skip_classifier, excluded_parameters
@@ -224,7 +225,7 @@ class AGC(Callback):
 
     def before_step(self) -> None:
         if self._clipper is not None:  # the backward pass clipped each example already
-            self.history.record(self._clipper.collect(self._params))
+            self.history.record(_summed_over_processes(self._clipper.collect(self._params)))
             return
         self.history.record(
             [adaptive_clip_grad_(params, clipping, self.eps) for params, clipping in zip(self._params, self._clippings)]
@@ -261,6 +262,20 @@ class AGC(Callback):
         if self.history is None or not len(self.history):
             raise RuntimeError("AGC has no statistics yet: call learn.fit(...) first")
         return self.history.plot(**kwargs)
+
+
+def _summed_over_processes(stats: list[ClipStats]) -> list[ClipStats]:
+    """Per-sample statistics of all the processes of a distributed run, each of which clipped only its own
+    examples (batch AGC clips the all-reduced gradient: its statistics are the same in every process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return stats
+    summed = []
+    for group in stats:  # fresh tensors from the clipper's collect(): reduced in place
+        units = group.units.to(group.clipped.device)  # NCCL reduces device tensors only
+        for counts in (group.clipped, group.nonfinite, units):
+            dist.all_reduce(counts)
+        summed.append(ClipStats(group.clipped, group.nonfinite, units.cpu()))
+    return summed
 
 
 @patch

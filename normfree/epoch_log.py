@@ -16,6 +16,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.torch_core import find_bs
 
+from .distributed import world_size
 from .outdir import atomic_write
 
 __all__ = ["EpochLog"]
@@ -52,8 +53,8 @@ class EpochLog(Callback):
         self._images, self._start = 0, time.perf_counter()
 
     def after_batch(self) -> None:
-        if self.training:
-            self._images += find_bs(self.learn.yb)
+        if self.training:  # every process of a launched run trains on a batch as large as this one's
+            self._images += find_bs(self.learn.yb) * world_size()
 
     def after_train(self) -> None:
         self._train_seconds = time.perf_counter() - self._start
