@@ -55,9 +55,9 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import ConfigError, TrainConfig
 from .outdir import locked_folder
 
-__all__ = ["PeerStopped", "ShardedDL", "agree", "batches_per_epoch", "check_launch", "data_parallel",
-           "gathered_metric", "is_main", "launched", "rank", "rank0_folder", "rank0_speaks", "shard_indices",
-           "process_group", "speaking_for", "world_size"]
+__all__ = ["PeerStopped", "ShardedDL", "agree", "batches_per_epoch", "check_launch", "check_processes",
+           "data_parallel", "gathered_metric", "is_main", "launched", "launcher_prefix", "process_group", "rank",
+           "rank0_folder", "rank0_speaks", "shard_indices", "speaking_for", "world_size"]
 
 T = TypeVar("T")
 
@@ -199,13 +199,38 @@ def check_launch(config: TrainConfig, resuming: bool = False) -> None:
     if not launched():
         return
     if config.lr_find and not resuming:
-        raise ConfigError("lr_find", f"is not available with {world_size()} processes (fastai's finder would run in "
-                                     f"each one); find the lr in one process (normfree train --lr-find ...: config.json "
-                                     f"says lr_used), then launch with --lr")
+        raise ConfigError("lr_find", f"is not available with {world_size()} processes (fastai's finder would run "
+                                     f"in each one); find the lr in one process (normfree train --lr-find ...: "
+                                     f"config.json says lr_used), then launch with --lr")
     if config.device is not None and torch.device(config.device).index is not None:
         raise ConfigError("device", f"{config.device} would put all {world_size()} processes on one device; leave "
                                     f"--device out (each process takes the GPU of its LOCAL_RANK) or give --device "
                                     f"cuda or cpu")
+
+
+def launcher_prefix() -> str:
+    """What to put before ``normfree train ...`` to start it as this process was started: ``torchrun
+    --nproc_per_node N -m `` under a launcher (torchrun comes with torch), nothing in one process."""
+    if not launched():
+        return ""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    nodes = world_size() // per_node
+    return f"torchrun {f'--nnodes {nodes} ' if nodes > 1 else ''}--nproc_per_node {per_node} -m "
+
+
+def check_processes(trained_by: int, out: Path) -> None:
+    """ConfigError naming ``resume`` unless this run has as many processes as the one that trained `out` so far:
+    --bs is per process, so another number would change the batch (and the batch order) midway."""
+    if trained_by == world_size():
+        return
+    start = "normfree train" if trained_by == 1 else f"torchrun --nproc_per_node {trained_by} -m normfree train"
+    raise ConfigError("resume", f"{out} was trained {_in_processes(trained_by)}, and would go on "
+                                f"{_in_processes(world_size())}: --bs is per process, so the batch of a step would "
+                                f"change; resume it as it was trained: {start} --resume {out}")
+
+
+def _in_processes(count: int) -> str:
+    return "in one process" if count == 1 else f"in {count} processes"
 
 
 def _batches(items: int, batch: int, drop_last: bool) -> int:

@@ -255,9 +255,9 @@ def _check_batches(dls: DataLoaders, config: TrainConfig) -> None:
     images, batches = len(dls.train_ds), distributed.batches_per_epoch(dls.train)
     processes = distributed.world_size()
     if distributed.launched() and batches == 0:
-        raise ConfigError("bs", f"bs {config.bs} in each of {processes} processes is a batch of {config.bs * processes}, "
-                                f"more than the {images} training images: no training step; give bs <= "
-                                f"{images // processes}")
+        raise ConfigError("bs", f"bs {config.bs} in each of {processes} processes is a batch of "
+                                f"{config.bs * processes}, more than the {images} training images: no training step; "
+                                f"give bs <= {images // processes}")
     if config.bs > images:
         print(f"normfree train: warning: bs {config.bs} (--bs) is more than the {images} training images: every "
               f"epoch is one batch of {images}", file=sys.stderr)
@@ -303,9 +303,12 @@ def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> No
     content = {
         "config": config.to_dict(),
         "lr_used": lr if lr is not None else config.lr,
-        "repeat": f"normfree train --config {out / OUTPUT_FILES['config']} --out NEW_FOLDER",
+        "repeat": f"{distributed.launcher_prefix()}normfree train --config {out / OUTPUT_FILES['config']} "
+                  f"--out NEW_FOLDER",
         "versions": library_versions(),
     }
+    if distributed.launched():  # --bs is per process: the number of processes is part of the run's settings
+        content["processes"] = distributed.world_size()
     atomic_write(out / OUTPUT_FILES["config"], json.dumps(content, indent=2) + "\n")
 
 
@@ -422,6 +425,7 @@ def resume(out: str | Path, /, *, quiet: bool = False, save_model: bool = True, 
             raise ConfigError("resume", f"{out / CHECKPOINT} cannot be read ({error}); train the run again with "
                                         f"--overwrite") from None
         distributed.check_launch(config, resuming=True)
+        distributed.check_processes(state.get("processes", 1), out)
         return _build_and_train(config, out, quiet, save_model, save_plots, cbs, state)
 
 
@@ -484,7 +488,8 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
                 if save_plots:
                     _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
                 say(f"lr_find suggests lr={lr:.2e}")
-            checkpoint = [EpochCheckpoint(out / CHECKPOINT, log.rows, {"lr": lr, "config": config.to_dict()},
+            extra = {"lr": lr, "config": config.to_dict(), "processes": distributed.world_size()}
+            checkpoint = [EpochCheckpoint(out / CHECKPOINT, log.rows, extra,
                                           fit=0 if resumed is None else resumed["fit"])] if writes else []
             with distributed.data_parallel(learn):
                 if resumed is None:
@@ -520,10 +525,12 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
     result.files["result"] = str(out / OUTPUT_FILES["result"])
     atomic_write(out / OUTPUT_FILES["result"], json.dumps(result.to_dict(), indent=2) + "\n")
 
+    launcher = distributed.launcher_prefix()  # how to start the command again: as this run was started
     if interrupted:
         atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
                                        f"{len(log.rows)} finished epoch(s); result.json says so (\"interrupted\": "
-                                       f"true). normfree train --resume {out} continues it from its last finished epoch; "
+                                       f"true). {launcher}normfree train --resume {out} continues it from its last "
+                                       f"finished epoch; "
                                        f"normfree compare trains it again; normfree train refuses this folder unless "
                                        f"--overwrite is given.\n")
     else:
@@ -533,10 +540,10 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
         print(f"\nInterrupted ({stopped_by}) after {len(log.rows)} finished epoch(s) of {config.epochs}. Checkpoint "
               f"in {out}: {OUTPUT_FILES['weights']} (the weights now), {OUTPUT_FILES['metrics']} (finished epochs), "
               f"{OUTPUT_FILES['config']}; {INCOMPLETE} marks the run as unfinished. "
-              + (f"Continue it from its last finished epoch with: normfree train --resume {out}"
+              + (f"Continue it from its last finished epoch with: {launcher}normfree train --resume {out}"
                  if (out / CHECKPOINT).exists() else
-                 f"No epoch finished, so there is nothing to resume; train on from these weights with: normfree "
-                 f"train --config {out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} "
+                 f"No epoch finished, so there is nothing to resume; train on from these weights with: {launcher}"
+                 f"normfree train --config {out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} "
                  f"--fine-tune --out NEW_FOLDER"), file=sys.stderr)
     elif result.diverged:
         say(f"normfree train: {result.divergence()}", file=sys.stderr)

@@ -19,7 +19,8 @@ import normfree
 from normfree.cli import build_parser, main
 from normfree.distributed import shard_indices
 from normfree.outdir import INCOMPLETE
-from test_train_cli import EXPECTED_FILES, read_rows, without_timing
+from test_resume import assert_same_metrics
+from test_train_cli import EXPECTED_FILES, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--data", "digits", "--arch", "nf_resnet_tiny", "--size", "8", "--limit", "64", "--epochs", "1", "--quiet"]
@@ -54,15 +55,6 @@ def assert_same_weights(path, reference_path):
     assert weights.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def assert_same_metrics(rows, reference_rows):
-    rows, reference_rows = without_timing(rows), without_timing(reference_rows)
-    assert len(rows) == len(reference_rows)
-    for row, reference in zip(rows, reference_rows):
-        assert row.keys() == reference.keys()
-        for key in reference:
-            assert float(row[key]) == pytest.approx(float(reference[key]), rel=1e-4, abs=1e-6), key
 
 
 # Records, in each launched process, what it writes or locks under NORMFREE_AUDIT_OUT (Python's audit hooks see
@@ -120,7 +112,7 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, options, laun
     settings = {**REFERENCE, "per_sample": "--per-sample" in options, "accum": 2 if "--accum" in options else 1}
     normfree.train(**settings, bs=2 * BS, out=tmp_path / "one", quiet=True)
     assert_same_weights(out / "model.safetensors", tmp_path / "one" / "model.safetensors")
-    assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "one" / "metrics.csv"))
+    assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "one" / "metrics.csv"), rel=1e-4)
 
     # written once, by rank 0 alone: the other process opened nothing under --out for writing, locked nothing
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
@@ -154,17 +146,18 @@ def test_a_failing_process_stops_the_run_with_one_message_and_the_run_resumes_un
     stopped = launch([str(script), "train", *RUN, "--epochs", "2", "--bs", str(BS), "--out", str(out)])
     assert stopped.returncode != 0
     output = stopped.stdout + stopped.stderr
-    assert output.count("RuntimeError: injected failure in rank 1") == 1  # the failing process's traceback
+    # one traceback, the failing process's: the other process says only how it stopped
     assert output.count("[rank1]: Traceback") == 1 and "[rank0]: Traceback" not in output
+    assert "injected failure in rank 1" in output
     assert output.count("Interrupted (") == 1  # rank 0: how it stopped, what it saved, how to resume
     assert f"normfree train --resume {out}" in output
     assert {INCOMPLETE, "checkpoint.pth", "model.safetensors"} <= {p.name for p in out.iterdir()}
 
     resumed = launch(["-m", "normfree", "train", "--resume", str(out), "--quiet"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    normfree.train(**REFERENCE, epochs=2, bs=2 * BS, out=tmp_path / "one", quiet=True)
+    normfree.train(**{**REFERENCE, "epochs": 2}, bs=2 * BS, out=tmp_path / "one", quiet=True)
     assert_same_weights(out / "model.safetensors", tmp_path / "one" / "model.safetensors")
-    assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "one" / "metrics.csv"))
+    assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "one" / "metrics.csv"), rel=1e-4)
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
 
 
