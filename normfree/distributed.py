@@ -17,9 +17,8 @@ processes of a launched run:
   backward pass), and AGC clips the averaged gradient once (per-sample AGC clips each process's
   examples before the all-reduce). The last partial batch of a training epoch is dropped so that every
   process steps on an equal share. Validation pads its last batch and the predictions are gathered
-  across processes with the padding removed, so accuracy is over the whole validation set (the
-  validation loss averages the processes' batch losses: exact where the validation set fills its
-  batches, else the padding's repeated examples count too);
+  across processes with the padding removed, so the accuracy and the validation loss are over the
+  whole validation set, each example once;
 - agree before training (`agree`): rank 0 alone locks and checks ``--out``, every process builds
   its data and model, and all go on only if all succeeded; otherwise the first process that failed
   says why and the others stop without a word;
@@ -244,17 +243,17 @@ def batches_per_epoch(dl: DataLoader) -> int:
     return _batches(dl.n, dl.bs * world_size(), drop_last=True) if launched() else len(dl)
 
 
-def shard_indices(idxs: list[int], bs: int, rank: int, world: int, drop_last: bool) -> list[int]:
-    """Process `rank`'s part of an epoch's item order `idxs`: the rank-th slice of `bs` of every batch of ``bs *
-    world`` (one process's batch for a step of all). The last partial batch is dropped (`drop_last`) or filled
-    up by repeating the epoch's first items, so that each process gets the same number of whole batches."""
-    batch = bs * world
+def shard_indices(idxs: list[int], bs: int, process: int, processes: int, drop_last: bool) -> list[int]:
+    """Process `process`'s part of an epoch's item order `idxs`: the process-th slice of `bs` of every batch of
+    ``bs * processes`` (one process's batch for a step of all). The last partial batch is dropped (`drop_last`) or
+    filled up by repeating the epoch's first items, so that each process gets the same number of whole batches."""
+    batch = bs * processes
     if drop_last:
         idxs = idxs[:len(idxs) // batch * batch]
     elif idxs:
         missing = -len(idxs) % batch
         idxs = idxs + (idxs * (missing // len(idxs) + 1))[:missing]
-    return [i for start in range(0, len(idxs), batch) for i in idxs[start + rank * bs:start + (rank + 1) * bs]]
+    return [i for start in range(0, len(idxs), batch) for i in idxs[start + process * bs:start + (process + 1) * bs]]
 
 
 class ShardedDL(DistributedDL):
@@ -270,9 +269,9 @@ class ShardedDL(DistributedDL):
     def rng(self):  # the shuffling generator the checkpoint saves and restores (`learn.dls.train.rng`)
         return self.dl.rng
 
-    def _broadcast(self, t: list[int], rank: int) -> list[int]:
+    def _broadcast(self, t: list[int], src: int) -> list[int]:
         order = torch.tensor(t, dtype=torch.long)
-        dist.broadcast(order, rank)
+        dist.broadcast(order, src)
         return order.tolist()
 
     def __len__(self) -> int:
@@ -290,7 +289,6 @@ class ShardedDL(DistributedDL):
         batch = self.bs * self.world_size
         # `i` counts this process's items up to the current batch (fastai's after_batch), whole batches of bs
         real = min(batch, self.n - (self.i // self.bs - 1) * batch)
-
         return apply(lambda t: t[:real] if t.ndim > 0 else t, b)
 
 
@@ -330,6 +328,10 @@ def data_parallel(learn: Learner) -> Iterator[None]:
     # SyncBatchNorm (batch statistics over all processes) runs on GPUs only
     trainer = _ShardedTrainer(sync_bn=not cpu, cpu=cpu)
     learn.add_cb(trainer)
+    # the validation loss from the gathered predictions, cut back to the real items (fastai averages the
+    # processes' batch losses, and the padding of the last batch would count)
+    recorder = learn.recorder
+    averaged, recorder.loss = recorder.loss, AccumMetric(learn.loss_func, flatten=False)
     try:
         yield
     except BaseException as error:
@@ -339,6 +341,7 @@ def data_parallel(learn: Learner) -> Iterator[None]:
         raise
     finally:
         learn.remove_cb(trainer)
+        recorder.loss = averaged
 
 
 def gathered_metric(metric: Callable) -> Callable | AccumMetric:

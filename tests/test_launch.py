@@ -95,12 +95,14 @@ def test_shard_indices_give_the_processes_together_one_process_batches():
 
 
 @pytest.mark.launch
-@pytest.mark.parametrize("options, launcher", [
-    ([], "torchrun"),
-    (["--per-sample"], "torchrun"),
-    (["--accum", "2"], "accelerate"),
-], ids=["agc-torchrun", "per-sample-agc-torchrun", "accum-accelerate"])
-def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, options, launcher):
+@pytest.mark.parametrize("options, settings, launcher", [
+    # 64 training images and a hold-out of 10 to validate on: the last validation batch is padded, then cut back
+    (["--limit", "74", "--holdout", "--valid-pct", "0.135"], dict(limit=74, holdout=True, valid_pct=0.135),
+     "torchrun"),
+    (["--per-sample"], dict(per_sample=True), "torchrun"),
+    (["--accum", "2"], dict(accum=2), "accelerate"),
+], ids=["agc-padded-validation-torchrun", "per-sample-agc-torchrun", "accum-accelerate"])
+def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, options, settings, launcher):
     out = tmp_path / "run"
     (tmp_path / "audit").mkdir()
     (tmp_path / "site").mkdir()
@@ -109,8 +111,7 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, options, laun
                   site=tmp_path / "site", NORMFREE_AUDIT=str(tmp_path / "audit"), NORMFREE_AUDIT_OUT=str(out))
     assert done.returncode == 0, done.stderr[-3000:]
 
-    settings = {**REFERENCE, "per_sample": "--per-sample" in options, "accum": 2 if "--accum" in options else 1}
-    normfree.train(**settings, bs=2 * BS, out=tmp_path / "one", quiet=True)
+    normfree.train(**{**REFERENCE, **settings}, bs=2 * BS, out=tmp_path / "one", quiet=True)
     assert_same_weights(out / "model.safetensors", tmp_path / "one" / "model.safetensors")
     assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "one" / "metrics.csv"), rel=1e-4)
 
