@@ -330,8 +330,11 @@ def data_parallel(learn: Learner) -> Iterator[None]:
     learn.add_cb(trainer)
     # the validation loss from the gathered predictions, cut back to the real items (fastai averages the
     # processes' batch losses, and the padding of the last batch would count)
+    def valid_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # AccumMetric wants a function
+        return learn.loss_func(preds, targets)
+
     recorder = learn.recorder
-    averaged, recorder.loss = recorder.loss, AccumMetric(learn.loss_func, flatten=False)
+    averaged, recorder.loss = recorder.loss, AccumMetric(valid_loss, flatten=False)
     try:
         yield
     except BaseException as error:
