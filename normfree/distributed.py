@@ -328,13 +328,15 @@ def data_parallel(learn: Learner) -> Iterator[None]:
     # SyncBatchNorm (batch statistics over all processes) runs on GPUs only
     trainer = _ShardedTrainer(sync_bn=not cpu, cpu=cpu)
     learn.add_cb(trainer)
-    # the validation loss from the gathered predictions, cut back to the real items (fastai averages the
-    # processes' batch losses, and the padding of the last batch would count)
-    def valid_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # AccumMetric wants a function
+
+    def valid_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss over the gathered predictions, cut back to the real items: fastai would average the processes'
+        batch losses, the padding of the last batch included (a function, as AccumMetric wants one)."""
         return learn.loss_func(preds, targets)
 
-    recorder = learn.recorder
-    averaged, recorder.loss = recorder.loss, AccumMetric(valid_loss, flatten=False)
+    # in the Recorder's __dict__: fastai's Callback.__setattr__ would warn that `loss` shadows Learner.loss
+    recorder = vars(learn.recorder)
+    averaged, recorder["loss"] = recorder["loss"], AccumMetric(valid_loss, flatten=False)
     try:
         yield
     except BaseException as error:
@@ -344,7 +346,7 @@ def data_parallel(learn: Learner) -> Iterator[None]:
         raise
     finally:
         learn.remove_cb(trainer)
-        recorder.loss = averaged
+        recorder["loss"] = averaged
 
 
 def gathered_metric(metric: Callable) -> Callable | AccumMetric:

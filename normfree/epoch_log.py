@@ -25,7 +25,8 @@ __all__ = ["EpochLog"]
 class EpochLog(Callback):
     """Per-epoch rows: ``epoch`` (1 = the first), ``train_loss`` (fastai's smoothed loss),
     ``valid_loss``, each metric, then ``seconds`` (the epoch, validation included),
-    ``train_seconds`` and ``images_per_s`` (training examples per second).
+    ``train_seconds`` and ``images_per_s`` (training examples per second, those of every process of a launched
+    run, `normfree.distributed`).
 
     Pass it to the fits of a run (``learn.fit_one_cycle(n, cbs=log)``); `rows` accumulates over
     them and, when `path` is given, that CSV is rewritten (atomically) with every row as soon as an

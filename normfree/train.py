@@ -1,6 +1,7 @@
 """`normfree.train`: one training run from a `TrainConfig`, every output written into its ``out`` folder.
 
-What lands in ``out`` (and nowhere else):
+What lands in ``out`` (and nowhere else; in a run started by torchrun or accelerate launch, written by rank 0
+alone, see `normfree.distributed`):
 
 | file | what |
 |---|---|

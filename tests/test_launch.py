@@ -3,7 +3,7 @@ one process with --bs 2B, only rank 0 writes --out, a failing process stops the 
 run resumes under the launcher. The launched runs are real subprocesses, started as a user would start them;
 the reference is a single-process run (no launcher variables: the path of every other test).
 
-Marked ``launch`` (``pytest -m "not launch"`` leaves them out); each takes 10-30 s on 2 cores."""
+Marked ``launch`` (``pytest -m "not launch"`` leaves them out); each takes 10-40 s on 2 cores."""
 import os
 import socket
 import subprocess
