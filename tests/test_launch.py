@@ -140,7 +140,7 @@ FAILING_RUN = textwrap.dedent("""
 
 
 @pytest.mark.launch
-def test_a_failing_process_stops_the_run_with_one_message_and_the_run_resumes_under_the_launcher(tmp_path):
+def test_a_failing_process_stops_the_run_with_one_message_and_the_run_resumes_under_the_launcher(tmp_path, capsys):
     out = tmp_path / "run"
     script = tmp_path / "failing_run.py"
     script.write_text(FAILING_RUN)
@@ -154,6 +154,11 @@ def test_a_failing_process_stops_the_run_with_one_message_and_the_run_resumes_un
     assert f"normfree train --resume {out}" in output
     assert {INCOMPLETE, "checkpoint.pth", "model.safetensors"} <= {p.name for p in out.iterdir()}
 
+    with pytest.raises(SystemExit) as refused:  # --bs is per process: one process would change the batch
+        main(["train", "--resume", str(out)])
+    assert refused.value.code == 2
+    assert f"resume it as it was trained: torchrun --nproc_per_node 2 -m normfree train --resume {out}" in \
+        capsys.readouterr().err
     resumed = launch(["-m", "normfree", "train", "--resume", str(out), "--quiet"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     normfree.train(**{**REFERENCE, "epochs": 2}, bs=2 * BS, out=tmp_path / "one", quiet=True)
