@@ -66,6 +66,19 @@ def counts(arch: str, batch: int, size: int) -> dict[str, OpCount]:
     return found
 
 
+def run() -> list[dict]:
+    """`make bench`'s rows: kernel operations per step on nf_resnet26, batch 8, 64 px."""
+    found = counts("nf_resnet26", 8, 64)
+    setting = "nf_resnet26, batch 8, 64 px, SGD step"
+    rows = [dict(benchmark="torch ops per training step (host work; ~1 GPU launch each)", setting=setting,
+                 measurement=f"{name} AGC: kernel ops (+ views)", value=f"{count.kernels} (+{count.views})",
+                 target="(reference)") for name, count in found.items()]
+    ratio = found["per-sample"].kernels / found["ordinary"].kernels
+    rows.append(dict(benchmark="torch ops per training step (host work; ~1 GPU launch each)", setting=setting,
+                     measurement="per-sample / ordinary kernel ops", value=f"{ratio:.2f}x", target="(reference)"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="nf_resnet26")

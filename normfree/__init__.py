@@ -62,6 +62,7 @@ def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'normfree' has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY[name]), name)
+    importlib.import_module("normfree.learner")  # fastai is loaded now: its Learner gets normfree's methods
     globals()[name] = value  # the next access is a plain lookup
     return value
 

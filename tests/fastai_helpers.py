@@ -11,6 +11,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
+from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -96,3 +97,26 @@ def reference_step_rates(steps, names, clipping, eps=1e-3) -> list[float]:
         clipped = sum(reference_agc(*step[n], clipping, eps)[1] for n in names)
         rates.append(clipped / sum(len(units_of(step[n][0])) for n in names))
     return rates
+
+
+def tiny_nfnet(**overrides):
+    """A few-thousand-parameter timm NormFreeNet; the defaults exercise SE, grouped convs, SAME padding
+    (dynamic at stride 2), SkipInit gains, GELU with gamma in the activation."""
+    cfg = dict(depths=(1, 1), channels=(16, 32), stem_type="3x3", stem_chs=8, group_size=8, attn_layer="se",
+               attn_kwargs=dict(rd_ratio=0.5), skipinit=True, act_layer="gelu", same_padding=True, num_features=48,
+               gamma_in_act=True)
+    torch.manual_seed(0)
+    model = NormFreeNet(NfCfg(**{**cfg, **overrides}), num_classes=5, in_chans=3)
+    for module in model.modules():  # SkipInit gains start at 0; give them a value with a real gradient
+        if getattr(module, "skipinit_gain", None) is not None:
+            nn.init.constant_(module.skipinit_gain, 0.7)
+    return model
+
+
+def image_batch(n=6, size=16, channels=3):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(n, channels, size, size, generator=generator) * 2, torch.randint(0, 5, (n,), generator=generator)
+
+
+def dls_for(x, y, bs):
+    return DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=False), DataLoader(TensorDataset(x[:4], y[:4]), bs=4))

@@ -25,6 +25,9 @@ QUICK_OPTIONS = dict(data="digits", arch="nf_resnet_tiny", size=8, limit=64, bs=
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = importlib.import_module("normfree.app.train")  # the module (normfree.train is the function)
 TIMING = {"seconds", "train_seconds", "images_per_s"}
+# what a finished `normfree train` run leaves in --out
+EXPECTED_FILES = {"config.json", "metrics.csv", "curves.png", "agc_clip_rates.png", "model.safetensors",
+                  "learner.pkl", "result.json"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,3 +179,15 @@ def validation_accuracy(learn):
     with learn.no_bar():
         predictions, targets = learn.get_preds()
     return (predictions.argmax(1) == targets).float().mean().item()
+
+
+def assert_same_metrics(resumed_rows, uninterrupted_rows, rel=1e-6):
+    resumed_rows, uninterrupted_rows = without_timing(resumed_rows), without_timing(uninterrupted_rows)
+    assert len(resumed_rows) == len(uninterrupted_rows)
+    for resumed, whole in zip(resumed_rows, uninterrupted_rows):
+        assert resumed.keys() == whole.keys()
+        for key in resumed:
+            if key.startswith("agc_clip") and resumed[key] in ("nan", ""):  # no clipping in a frozen epoch
+                assert whole[key] == resumed[key]
+            else:
+                assert float(resumed[key]) == pytest.approx(float(whole[key]), rel=rel, abs=1e-9), key

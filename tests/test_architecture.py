@@ -89,6 +89,13 @@ def test_fastai_names_load_on_first_use_and_patch_the_learner():
     assert out.stdout.split() == ["normfree.learner.callback", "True", "True", "True"]
 
 
+def test_any_fastai_level_name_installs_the_integration():
+    code = ("import normfree; normfree.digits_dataloaders; from fastai.learner import Learner; "
+            "print(hasattr(Learner, 'agc'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True"]
+
+
 def test_fastai_imported_first_gets_the_integration_at_import():
     code = "import fastai.learner; import normfree; print(hasattr(fastai.learner.Learner, 'agc'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -102,3 +109,15 @@ def test_every_public_name_resolves():
     assert missing == []
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         normfree.not_a_name
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in helper modules (helpers.py, fastai_helpers.py, agc_reference.py), never in a test_*.py
+    that another imports: a test module can then change without breaking others."""
+    tests = Path(__file__).parent
+    offenders = [(path.name, target) for path in sorted(tests.glob("test_*.py"))
+                 for node in ast.walk(ast.parse(path.read_text()))
+                 for target in ([a.name for a in node.names] if isinstance(node, ast.Import)
+                                else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                 if target.split(".")[0].startswith("test_")]
+    assert offenders == []

@@ -20,7 +20,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
-from test_per_sample import dls_for, image_batch, tiny_nfnet
+from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from normfree import AGC

@@ -14,35 +14,19 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from agc_reference import per_example_clipping, per_example_reference, reference_agc, units_of
+from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from fastai.callback.training import GradientAccumulation
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, MSELossFlat
 from fastai.optimizer import SGD
 from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from normfree import AGC, excluded_parameters
 from normfree.agc.per_sample import PerSampleClipper, tuned
 
 LR = 0.5
 CLIPPING = 0.01
-
-
-def tiny_nfnet(**overrides):
-    """A few-thousand-parameter timm NormFreeNet; the defaults exercise SE, grouped convs, SAME padding
-    (dynamic at stride 2), SkipInit gains, GELU with gamma in the activation."""
-    cfg = dict(depths=(1, 1), channels=(16, 32), stem_type="3x3", stem_chs=8, group_size=8, attn_layer="se",
-               attn_kwargs=dict(rd_ratio=0.5), skipinit=True, act_layer="gelu", same_padding=True, num_features=48,
-               gamma_in_act=True)
-    torch.manual_seed(0)
-    model = NormFreeNet(NfCfg(**{**cfg, **overrides}), num_classes=5, in_chans=3)
-    for module in model.modules():  # SkipInit gains start at 0; give them a value with a real gradient
-        if getattr(module, "skipinit_gain", None) is not None:
-            nn.init.constant_(module.skipinit_gain, 0.7)
-    return model
 
 
 def eca_regnet():
@@ -69,11 +53,6 @@ class TokenModel(nn.Module):
     def forward(self, tokens):
         h = self.conv(self.embed(tokens).transpose(1, 2)).relu().transpose(1, 2)
         return self.fc(self.norm(h)).mean(1)
-
-
-def image_batch(n=6, size=16, channels=3):
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(n, channels, size, size, generator=generator) * 2, torch.randint(0, 5, (n,), generator=generator)
 
 
 def clipped_mean_gradient(model, x, y, loss_func, clipping=CLIPPING):
@@ -154,10 +133,6 @@ def test_layers_are_restored_after_removal():
 
 
 # --- through fastai ------------------------------------------------------------------------------
-def dls_for(x, y, bs):
-    return DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=False), DataLoader(TensorDataset(x[:4], y[:4]), bs=4))
-
-
 def fastai_update(model, x, y, loss_func, bs, cbs=(), **agc_kwargs):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     agc = AGC(CLIPPING, per_sample=True, **agc_kwargs)

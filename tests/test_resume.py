@@ -7,26 +7,14 @@ import pytest
 import normfree
 from normfree.app.cli import main
 from normfree.utils.outdir import INCOMPLETE
-from helpers import (QUICK, QUICK_OPTIONS, InterruptAt, SendAt, kill_mid_run, read_rows, stopped_with_status_2,
-                     with_callback, without_timing)
+from helpers import (QUICK, QUICK_OPTIONS, InterruptAt, SendAt, assert_same_metrics, kill_mid_run, read_rows, stopped_with_status_2,
+                     with_callback)
 
 QUIET = dict(quiet=True, save_model=False, save_plots=False)
 
 
 def metrics(result):
     return [{k: str(v) for k, v in row.items()} for row in result.epochs]
-
-
-def assert_same_metrics(resumed_rows, uninterrupted_rows):
-    resumed_rows, uninterrupted_rows = without_timing(resumed_rows), without_timing(uninterrupted_rows)
-    assert len(resumed_rows) == len(uninterrupted_rows)
-    for resumed, whole in zip(resumed_rows, uninterrupted_rows):
-        assert resumed.keys() == whole.keys()
-        for key in resumed:
-            if key.startswith("agc_clip") and resumed[key] in ("nan", ""):  # no clipping in a frozen epoch
-                assert whole[key] == resumed[key]
-            else:
-                assert float(resumed[key]) == pytest.approx(float(whole[key]), rel=1e-6, abs=1e-9), key
 
 
 @pytest.mark.parametrize("options, at", [

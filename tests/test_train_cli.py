@@ -20,11 +20,9 @@ from normfree.app.cli import build_parser, main
 from normfree.data.registry import parse_data_spec
 
 from fastai_helpers import GradientsBeforeAGC, reference_step_rates
-from helpers import (QUICK, QUICK_OPTIONS, InterruptAt, LossesSeen, read_rows, smoothed_loss, validation_accuracy,
+from helpers import (EXPECTED_FILES, QUICK, QUICK_OPTIONS, InterruptAt, LossesSeen, read_rows, smoothed_loss, validation_accuracy,
                      with_callback, without_timing)
 
-EXPECTED_FILES = {"config.json", "metrics.csv", "curves.png", "agc_clip_rates.png", "model.safetensors",
-                  "learner.pkl", "result.json"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

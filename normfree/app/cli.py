@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from . import startup
+from . import distributed, startup
 from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
 from .config import ConfigError, TrainConfig
 from ..data.registry import data_spec_help, limited_kinds, size_help
@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C for the whole command.
     """
     startup.command_started()
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), distributed.rank0_speaks():  # one voice for a launched run's processes
         return _main(argv)
 
 
@@ -388,13 +388,18 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     command = commands[args.command]
+    if distributed.launched() and args.command != "train":
+        command.error(f"runs in one process, not in each of the {distributed.world_size()} a launcher started; only "
+                      f"normfree train trains data-parallel under torchrun or accelerate launch ({args.command} "
+                      f"--help; compare spreads its runs with --jobs, --devices or --plan)")
     try:
         if getattr(args, "config", None):
             command.set_defaults(**TrainConfig.load(args.config).to_dict())  # the command line still wins
             args = parser.parse_args(argv)
         return _run(args)
     except ConfigError as error:
-        command.error(f"{_flag(error.option)}: {error.message}")
+        with distributed.speaking_for(error):  # a process of a launched run that alone saw this error
+            command.error(f"{_flag(error.option)}: {error.message}")
     except KeyboardInterrupt as error:  # outside a fit (those are checkpointed and return): starting, saving
         how = how_stopped(error)
         where = getattr(error, "normfree_note", "before training started")

@@ -26,7 +26,7 @@ from ..data.registry import DataSpec, parse_data_spec
 from ..models.convert import ConversionError, to_normfree
 from ..models.factory import normalizer_free_archs, unknown_arch_error
 from ..learner.optim import OPTIMIZERS
-from ..learner.precision import PRECISIONS
+from ..learner.precision import check_precision
 from ..models.small_resnets import is_small_normfree
 from ..models.weights import WEIGHT_FILES
 
@@ -316,8 +316,7 @@ class TrainConfig:
             raise ConfigError("fine_tune", "fastai's fine_tune first trains the head on a frozen body, which only "
                                            "makes sense on trained weights: give weights or pretrained, or drop "
                                            "fine_tune to train everything from the start")
-        if self.precision not in PRECISIONS:
-            raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.device is not None:
             try:
                 device = torch.device(self.device)

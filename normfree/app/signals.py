@@ -19,8 +19,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def how_stopped(error: BaseException) -> str:
-    """``SIGTERM`` or ``Ctrl-C``: what stopped a run that raised `error` (a KeyboardInterrupt)."""
-    return "SIGTERM" if isinstance(error, Terminated) else "Ctrl-C"
+    """``SIGTERM`` or ``Ctrl-C``: what stopped a run that raised `error` (a KeyboardInterrupt); an interruption
+    of another kind names itself in its `stopped_by` (`normfree.app.distributed.PeerStopped`)."""
+    return getattr(error, "stopped_by", "SIGTERM" if isinstance(error, Terminated) else "Ctrl-C")
 
 
 def exit_status(how: str | None) -> int:

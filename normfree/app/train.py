@@ -1,6 +1,7 @@
 """`normfree.train`: one training run from a `TrainConfig`, every output written into its ``out`` folder.
 
-What lands in ``out`` (and nowhere else):
+What lands in ``out`` (and nowhere else; in a run started by torchrun or accelerate launch, written by rank 0
+alone, see `normfree.app.distributed`):
 
 | file | what |
 |---|---|
@@ -57,7 +58,8 @@ from ..learner.epoch_log import EpochLog
 from ..learner.nf_learner import nf_learner
 from ..utils.memory import PeakMemory
 from ..learner.optim import OPTIMIZERS
-from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder, remove_temporary_files
+from ..utils.outdir import INCOMPLETE, atomic_write, remove_temporary_files
+from . import distributed
 from .plots import plot_run_curves
 from .signals import how_stopped, sigterm_as_interrupt
 from ..learner.step_budget import StepBudget, epochs_for_steps
@@ -252,7 +254,12 @@ def _subset(dls: DataLoaders, config: TrainConfig) -> DataLoaders:
 def _check_batches(dls: DataLoaders, config: TrainConfig) -> None:
     """A batch size larger than the data is said (every epoch is one batch); an accumulation longer than an
     epoch is refused (no optimizer step would be made)."""
-    images, batches = len(dls.train_ds), len(dls.train)
+    images, batches = len(dls.train_ds), distributed.batches_per_epoch(dls.train)
+    processes = distributed.world_size()
+    if distributed.launched() and batches == 0:
+        raise ConfigError("bs", f"bs {config.bs} in each of {processes} processes is a batch of "
+                                f"{config.bs * processes}, more than the {images} training images: no training step; "
+                                f"give bs <= {images // processes}")
     if config.bs > images:
         print(f"normfree train: warning: bs {config.bs} (--bs) is more than the {images} training images: every "
               f"epoch is one batch of {images}", file=sys.stderr)
@@ -269,7 +276,7 @@ def _build_learner(config: TrainConfig) -> Learner:
     try:
         learn = nf_learner(
             dls, config.arch, pretrained=config.pretrained, weights=config.weights, agc=None,
-            metrics=accuracy_multi if multi_label else accuracy,
+            metrics=distributed.gathered_metric(accuracy_multi if multi_label else accuracy),
             loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=OPTIMIZERS[config.opt],
             model_kwargs=None if config.skipinit is None else {"skipinit": config.skipinit},
             convert=config.to_normfree,
@@ -298,9 +305,12 @@ def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> No
     content = {
         "config": config.to_dict(),
         "lr_used": lr if lr is not None else config.lr,
-        "repeat": f"normfree train --config {out / OUTPUT_FILES['config']} --out NEW_FOLDER",
+        "repeat": f"{distributed.launcher_prefix()}normfree train --config {out / OUTPUT_FILES['config']} "
+                  f"--out NEW_FOLDER",
         "versions": library_versions(),
     }
+    if distributed.launched():  # --bs is per process: the number of processes is part of the run's settings
+        content["processes"] = distributed.world_size()
     atomic_write(out / OUTPUT_FILES["config"], json.dumps(content, indent=2) + "\n")
 
 
@@ -314,8 +324,10 @@ def _describe(learn: Learner, config: TrainConfig) -> str:
     clipping = "converted to normalizer-free (to_normfree), " if config.to_normfree else ""
     clipping += "no AGC" if config.agc is None else f"AGC lambda={config.agc}"
     clipping += " per sample" if config.per_sample else ""
-    batch = f"bs {config.bs}"
-    batch += f" x {config.accum} accumulated = {config.bs * config.accum} per step" if config.accum > 1 else ""
+    processes = distributed.world_size()
+    batch = f"bs {config.bs}" + (f" x {processes} processes" if processes > 1 else "")
+    batch += f" x {config.accum} accumulated" if config.accum > 1 else ""
+    batch += f" = {config.bs * processes * config.accum} per step" if processes * config.accum > 1 else ""
     valid = "held-out train" if config.holdout else "valid"
     data = f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} {valid}, {config.size or 'native'} px"
     budget = f"{config.steps} steps" if config.steps is not None else f"{config.epochs} epochs"
@@ -336,7 +348,7 @@ def _fit(learn: Learner, config: TrainConfig, lr: float, cbs: list[Callback], st
         learn.fit_one_cycle(config.epochs, slice(lr / 2 / 100, lr / 2), pct_start=0.3, div=5.0, cbs=cbs,
                             start_epoch=epoch)
     elif config.steps is not None:
-        epochs = epochs_for_steps(config.steps, config.accum, len(learn.dls.train))
+        epochs = epochs_for_steps(config.steps, config.accum, distributed.batches_per_epoch(learn.dls.train))
         learn.fit_one_cycle(epochs, lr, cbs=[*cbs, StepBudget(config.steps, config.accum)], start_epoch=epoch)
     else:
         learn.fit_one_cycle(config.epochs, lr, cbs=cbs, start_epoch=epoch)
@@ -375,9 +387,11 @@ def train(
     - `cbs`: extra fastai callbacks for the fits.
     """
     config = make_config(TrainConfig, config, options).resolved()
+    distributed.check_launch(config)
     out = Path(config.out)
-    with sigterm_as_interrupt(), locked_folder(out):  # SIGTERM stops it as Ctrl-C does; one run per folder
-        _check_out(out, overwrite)
+    # SIGTERM stops it as Ctrl-C does; one run per folder, locked by rank 0 alone under a launcher
+    with sigterm_as_interrupt(), distributed.process_group(), \
+            distributed.rank0_folder(out, lambda: _check_out(out, overwrite)):
         return _build_and_train(config, out, quiet, save_model, save_plots, cbs)
 
 
@@ -404,22 +418,25 @@ def resume(out: str | Path, /, *, quiet: bool = False, save_model: bool = True, 
     The other arguments are `train`'s."""
     out = Path(out)
     _resumable(out)
-    with sigterm_as_interrupt(), locked_folder(out):  # refused while another process still trains it
-        _resumable(out)
+    # refused while another process still trains it; every process of a launched run reads the checkpoint
+    with sigterm_as_interrupt(), distributed.process_group(), distributed.rank0_folder(out, lambda: _resumable(out)):
         try:
             state = load_checkpoint(out / CHECKPOINT)
             config = TrainConfig.from_dict(state["config"])
         except Exception as error:  # noqa: BLE001 - a damaged file, whatever the unpickler raises
             raise ConfigError("resume", f"{out / CHECKPOINT} cannot be read ({error}); train the run again with "
                                         f"--overwrite") from None
+        distributed.check_launch(config, resuming=True)
+        distributed.check_processes(state.get("processes", 1), out)
         return _build_and_train(config, out, quiet, save_model, save_plots, cbs, state)
 
 
 def _build_and_train(config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
                      cbs: Sequence[Callback], resumed: dict[str, Any] | None = None) -> TrainResult:
     set_seed(config.seed, reproducible=True)
+    quiet = quiet or not distributed.is_main()  # rank 0 speaks for a launched run
     try:
-        learn = _build_learner(config)
+        learn = distributed.agree(lambda: _build_learner(config))
     except KeyboardInterrupt as error:
         error.normfree_note = ("while starting (building the data and model), " +
                                (f"before anything was written to {out}" if resumed is None else f"{out} is as it was"))
@@ -431,22 +448,30 @@ def _build_and_train(config: TrainConfig, out: Path, quiet: bool, save_model: bo
         raise
 
 
-def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
-           cbs: Sequence[Callback], resumed: dict[str, Any] | None = None) -> TrainResult:
+def _start_writing(out: Path, config: TrainConfig, resumed: dict[str, Any] | None) -> None:
     if resumed is None:
         _prepare_out(out)
         _write_config(out, config)
-    else:  # config.json (and lr_find.png) stay; metrics.csv goes on from the checkpoint's rows
-        remove_temporary_files(out)
-        for name in ("weights", "learner", "result", "curves", "clip_rates"):  # the stop's, rewritten at the end
-            (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
-        atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train --resume continued it at "
-                                       f"{time.ctime()} (process {os.getpid()}) after epoch {len(resumed['rows'])}.\n")
+        return
+    # config.json (and lr_find.png) stay; metrics.csv goes on from the checkpoint's rows
+    remove_temporary_files(out)
+    for name in ("weights", "learner", "result", "curves", "clip_rates"):  # the stop's, rewritten at the end
+        (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
+    atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train --resume continued it at "
+                                   f"{time.ctime()} (process {os.getpid()}) after epoch {len(resumed['rows'])}.\n")
+
+
+def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
+           cbs: Sequence[Callback], resumed: dict[str, Any] | None = None) -> TrainResult:
+    writes = distributed.is_main()  # a launched run's other processes write nothing
+    if writes:
+        _start_writing(out, config, resumed)
     learn.path, learn.model_dir = out, "."  # lr_find's temporary weights go into out, and are removed
     say = (lambda *args, **kwargs: None) if quiet else print
     say(_describe(learn, config))
 
-    log, divergence = EpochLog(out / OUTPUT_FILES["metrics"], resumed and resumed["rows"]), _StopOnDivergence()
+    log = EpochLog(out / OUTPUT_FILES["metrics"] if writes else None, resumed and resumed["rows"])
+    divergence = _StopOnDivergence()
     lr, finding_lr, stopped_by = config.lr, config.lr_find and resumed is None, None
     if resumed is not None:
         lr = resumed["lr"]
@@ -465,12 +490,14 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
                 if save_plots:
                     _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
                 say(f"lr_find suggests lr={lr:.2e}")
-            checkpoint = EpochCheckpoint(out / CHECKPOINT, log.rows, {"lr": lr, "config": config.to_dict()},
-                                         fit=0 if resumed is None else resumed["fit"])
-            if resumed is None:
-                _fit(learn, config, lr, [log, divergence, checkpoint, *cbs])
-            else:
-                _fit(learn, config, lr, [log, divergence, checkpoint, *cbs], (resumed["fit"], resumed["epoch"]))
+            extra = {"lr": lr, "config": config.to_dict(), "processes": distributed.world_size()}
+            checkpoint = [EpochCheckpoint(out / CHECKPOINT, log.rows, extra,
+                                          fit=0 if resumed is None else resumed["fit"])] if writes else []
+            with distributed.data_parallel(learn):
+                if resumed is None:
+                    _fit(learn, config, lr, [log, divergence, *checkpoint, *cbs])
+                else:
+                    _fit(learn, config, lr, [log, divergence, *checkpoint, *cbs], (resumed["fit"], resumed["epoch"]))
         except KeyboardInterrupt as error:
             stopped_by = how_stopped(error)
             _stop_interrupted_fit(learn)
@@ -478,6 +505,8 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
     metric = learn.metrics[0].name
     result = TrainResult(config, log.rows, metric, lr, interrupted, stopped_by, divergence.diverged, peak.mib,
                          peak.kind, learner=learn)
+    if not writes:
+        return result
 
     if interrupted and finding_lr:
         print(f"\nInterrupted ({stopped_by}) during lr_find, before any training: no weights saved; the config is in "
@@ -498,10 +527,12 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
     result.files["result"] = str(out / OUTPUT_FILES["result"])
     atomic_write(out / OUTPUT_FILES["result"], json.dumps(result.to_dict(), indent=2) + "\n")
 
+    launcher = distributed.launcher_prefix()  # how to start the command again: as this run was started
     if interrupted:
         atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
                                        f"{len(log.rows)} finished epoch(s); {OUTPUT_FILES['result']} says so (\"interrupted\": "
-                                       f"true). normfree train --resume {out} continues it from its last finished epoch; "
+                                       f"true). {launcher}normfree train --resume {out} continues it from its last "
+                                       f"finished epoch; "
                                        f"normfree compare trains it again; normfree train refuses this folder unless "
                                        f"--overwrite is given.\n")
     else:
@@ -511,10 +542,10 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
         print(f"\nInterrupted ({stopped_by}) after {len(log.rows)} finished epoch(s) of {config.epochs}. Checkpoint "
               f"in {out}: {OUTPUT_FILES['weights']} (the weights now), {OUTPUT_FILES['metrics']} (finished epochs), "
               f"{OUTPUT_FILES['config']}; {INCOMPLETE} marks the run as unfinished. "
-              + (f"Continue it from its last finished epoch with: normfree train --resume {out}"
+              + (f"Continue it from its last finished epoch with: {launcher}normfree train --resume {out}"
                  if (out / CHECKPOINT).exists() else
-                 f"No epoch finished, so there is nothing to resume; train on from these weights with: normfree "
-                 f"train --config {out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} "
+                 f"No epoch finished, so there is nothing to resume; train on from these weights with: {launcher}"
+                 f"normfree train --config {out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} "
                  f"--fine-tune --out NEW_FOLDER"), file=sys.stderr)
     elif result.diverged:
         say(f"normfree train: {result.divergence()}", file=sys.stderr)

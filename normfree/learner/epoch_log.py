@@ -17,6 +17,7 @@ from fastai.learner import Recorder
 from fastai.torch_core import find_bs
 
 from ..utils.outdir import atomic_write
+from ..utils.processes import world_size
 
 __all__ = ["EpochLog"]
 
@@ -24,7 +25,8 @@ __all__ = ["EpochLog"]
 class EpochLog(Callback):
     """Per-epoch rows: ``epoch`` (1 = the first), ``train_loss`` (fastai's smoothed loss),
     ``valid_loss``, each metric, then ``seconds`` (the epoch, validation included),
-    ``train_seconds`` and ``images_per_s`` (training examples per second).
+    ``train_seconds`` and ``images_per_s`` (training examples per second, those of every process of a launched
+    run, `normfree.utils.processes`).
 
     Pass it to the fits of a run (``learn.fit_one_cycle(n, cbs=log)``); `rows` accumulates over
     them and, when `path` is given, that CSV is rewritten (atomically) with every row as soon as an
@@ -52,8 +54,8 @@ class EpochLog(Callback):
         self._images, self._start = 0, time.perf_counter()
 
     def after_batch(self) -> None:
-        if self.training:
-            self._images += find_bs(self.learn.yb)
+        if self.training:  # every process of a launched run trains on a batch as large as this one's
+            self._images += find_bs(self.learn.yb) * world_size()
 
     def after_train(self) -> None:
         self._train_seconds = time.perf_counter() - self._start

@@ -14,9 +14,17 @@ from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.learner import Learner
 from fastcore.basics import patch
 
-__all__ = ["PRECISIONS", "DeviceMixedPrecision", "training_device"]
+from ..utils.errors import ConfigError
+
+__all__ = ["PRECISIONS", "DeviceMixedPrecision", "check_precision", "training_device"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    """ConfigError (a ValueError) naming `precision` unless it is one of `PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def training_device(learn: Learner) -> torch.device:
@@ -95,8 +103,7 @@ def to_mixed_precision(self: Learner, precision: str = "fp16", **scaler_kwargs) 
     Replaces any mixed-precision callback already attached (fastai's included). `scaler_kwargs`
     go to fp16's `torch.amp.GradScaler`.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    check_precision(precision)
     self.remove_cb(MixedPrecision)
     if precision == "fp32":
         return self

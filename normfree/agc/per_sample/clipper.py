@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..clip import ClipStats, count_per_tensor
@@ -53,6 +54,14 @@ def _concatenated(tensors: list[Tensor]) -> Tensor:
 def _flat(t: Tensor) -> Tensor:
     """The entries of a 2-d `t` in some order: a view where `t` or its transpose is contiguous."""
     return (t if t.is_contiguous() else t.t()).reshape(-1)
+
+
+def _summed_over_processes(clipped: Tensor, nonfinite: Tensor, units: list[int]) -> tuple[Tensor, Tensor, list[int]]:
+    """Clip counts of all processes of a distributed run, summed on the device (no host synchronisation). Every
+    process clipped the same number of examples (data-parallel shards are equal), so the units scale by the count."""
+    for counts in (clipped, nonfinite):  # fresh tensors of this collect: reduced in place
+        dist.all_reduce(counts)
+    return clipped, nonfinite, [u * dist.get_world_size() for u in units]
 
 
 class PerSampleClipper:
@@ -229,12 +238,17 @@ class PerSampleClipper:
         self._counts = clipped, nonfinite, units
 
     def collect(self, groups: Sequence[Sequence[Tensor]]) -> list[ClipStats]:
-        """Statistics since the last `collect`, per group of parameters (units are example-units), then reset."""
+        """Statistics since the last `collect`, per group of parameters (units are example-units), then reset.
+
+        In a distributed run they count the examples of all processes: each process clipped only its own.
+        """
         self._count_outcomes()
         counts, self._counts = self._counts, None
         if counts is None:
             none = torch.zeros(len(self._clipped), dtype=torch.long)
             counts = none, none, [0] * len(self._clipped)
+        elif dist.is_initialized() and dist.get_world_size() > 1:
+            counts = _summed_over_processes(*counts)
         clipped, nonfinite = counts[0].unbind(), counts[1].unbind()
         zero = torch.zeros((), dtype=torch.long, device=counts[0].device)
         stats = []
