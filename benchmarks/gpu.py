@@ -340,8 +340,9 @@ def global_relative_error(got: list[torch.Tensor], reference: list[torch.Tensor]
 
 
 def section_agc(ctx: Context) -> dict:
-    import normfree
     from timm.utils.agc import adaptive_clip_grad as timm_agc
+
+    import normfree
 
     name, s = S1, ctx.sizes
     model = make_model(s.nfnet, ctx)
@@ -441,8 +442,9 @@ def stand_in_learner(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def section_train_step(ctx: Context) -> dict:
-    import normfree
     from timm.utils.agc import adaptive_clip_grad as timm_agc
+
+    import normfree
 
     name, s = S2, ctx.sizes
     setting = f"{s.nfnet} bs {s.step_batch} {s.step_size} px bf16 channels-last SGD-Nesterov"

@@ -16,7 +16,14 @@ from .app import startup  # noqa: F401  (first: Ctrl-C while the normfree comman
 # warning on every start of the `normfree` command that no user can act on.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
-from .agc import ClipStats, PerSampleClipper, adaptive_clip_factor, adaptive_clip_grad_, excluded_parameters, unitwise_norm
+from .agc import (
+    ClipStats,
+    PerSampleClipper,
+    adaptive_clip_factor,
+    adaptive_clip_grad_,
+    excluded_parameters,
+    unitwise_norm,
+)
 from .models import (  # importing the models registers normfree's small ResNets (nf_/bn_resnet_*) with timm
     BlockStats,
     ConversionError,

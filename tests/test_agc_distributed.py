@@ -7,8 +7,8 @@ running a fastai Learner on half of the batch, and compares with the single-proc
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from agc_reference import per_example_reference
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader

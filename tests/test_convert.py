@@ -7,10 +7,10 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from agc_reference import reference_agc
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.vision.models.xresnet import xresnet18
-from agc_reference import reference_agc
 from fastai_helpers import GradientsBeforeAGC
 from timm.layers import ScaledStdConv2d
 from timm.models.nfnet import _nonlin_gamma

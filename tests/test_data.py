@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from fastai.data.transforms import Normalize
+from helpers import write_fashion, write_idx, write_npz
 from PIL import Image
 
 from normfree.data import (
@@ -15,8 +16,6 @@ from normfree.data import (
     medmnist_dataloaders,
     read_idx,
 )
-
-from helpers import write_fashion, write_idx, write_npz
 
 
 def write_png(path, seed, size=10, mode="RGB"):

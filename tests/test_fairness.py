@@ -8,8 +8,8 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
-from sklearn.datasets import load_digits
 from helpers import LossesSeen, smoothed_loss
+from sklearn.datasets import load_digits
 from torch import nn
 
 import normfree

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import EXPECTED_FILES, assert_same_metrics, read_rows
 from safetensors.torch import load_file
 
 import normfree
 from normfree.app.cli import build_parser, main
 from normfree.app.distributed import shard_indices
 from normfree.utils.outdir import INCOMPLETE
-from helpers import EXPECTED_FILES, assert_same_metrics, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--data", "digits", "--arch", "nf_resnet_tiny", "--size", "8", "--limit", "64", "--epochs", "1", "--quiet"]

@@ -9,11 +9,11 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.data.transforms import Normalize
 from fastai.vision.data import ImageDataLoaders
+from helpers import write_npz
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import normfree
-from helpers import write_npz
 from normfree import AGC, build_model, nf_learner, normalizer_free_archs, save_weights, write_digits_image_folder
 from normfree.models.factory import unknown_arch_error
 

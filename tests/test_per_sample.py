@@ -11,14 +11,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from agc_reference import per_example_clipping, per_example_reference, reference_agc, units_of
-from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, MSELossFlat
 from fastai.optimizer import SGD
+from fastai_helpers import dls_for, image_batch, tiny_nfnet
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 

@@ -3,12 +3,21 @@ last finished epoch and ends with the metrics of the same run never stopped; onl
 import signal
 
 import pytest
+from helpers import (
+    QUICK,
+    QUICK_OPTIONS,
+    InterruptAt,
+    SendAt,
+    assert_same_metrics,
+    kill_mid_run,
+    read_rows,
+    stopped_with_status_2,
+    with_callback,
+)
 
 import normfree
 from normfree.app.cli import main
 from normfree.utils.outdir import INCOMPLETE
-from helpers import (QUICK, QUICK_OPTIONS, InterruptAt, SendAt, assert_same_metrics, kill_mid_run, read_rows, stopped_with_status_2,
-                     with_callback)
 
 QUIET = dict(quiet=True, save_model=False, save_plots=False)
 

@@ -8,16 +8,24 @@ import sys
 import time
 
 import pytest
+from helpers import (
+    QUICK,
+    QUICK_OPTIONS,
+    ROOT,
+    TRAIN,
+    SendAt,
+    kill_mid_run,
+    read_rows,
+    stopped_with_status_2,
+    with_callback,
+)
 
 import normfree
 from normfree.app.cli import main
 from normfree.app.compare import finished_run
 from normfree.app.config import TrainConfig
-from normfree.utils.outdir import INCOMPLETE, atomic_write, locked_folder
 from normfree.app.signals import Terminated
-
-from helpers import (QUICK, QUICK_OPTIONS, ROOT, TRAIN, SendAt, kill_mid_run, read_rows, stopped_with_status_2,
-                     with_callback)
+from normfree.utils.outdir import INCOMPLETE, atomic_write, locked_folder
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):

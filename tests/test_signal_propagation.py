@@ -261,8 +261,8 @@ def test_modules_import_no_plotting_library_at_import_time():
     modules' own top-level imports rather than sys.modules)."""
     import ast
 
-    import normfree.models.propagation
     import normfree.app.spp
+    import normfree.models.propagation
 
     for module in (normfree.models.propagation, normfree.app.spp):
         tree = ast.parse(open(module.__file__).read())

@@ -11,7 +11,14 @@ from timm.layers import ScaledStdConv2d
 from timm.models.nfnet import NormFreeBlock, _nonlin_gamma
 from torch import nn
 
-from normfree.models.small_resnets import ALPHA, CLASSIFIER_INIT_STD, FAMILY, SmallResNet, batchnorm_twin_name, normfree_twin_name
+from normfree.models.small_resnets import (
+    ALPHA,
+    CLASSIFIER_INIT_STD,
+    FAMILY,
+    SmallResNet,
+    batchnorm_twin_name,
+    normfree_twin_name,
+)
 
 NF_NAMES = [f"nf_resnet_{size}" for size in FAMILY]
 BN_NAMES = [f"bn_resnet_{size}" for size in FAMILY]

@@ -2,10 +2,10 @@
 import pytest
 import timm
 import torch
+from helpers import read_rows
 
 import normfree
 from normfree.app.cli import main
-from helpers import read_rows
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--arch", "nf_resnet_tiny", "bn_resnet_tiny", "--size", "16", "--bs", "4", "--quiet"]

@@ -12,16 +12,25 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import load_learner
+from fastai.torch_core import default_device
+from fastai_helpers import GradientsBeforeAGC, reference_step_rates
+from helpers import (
+    EXPECTED_FILES,
+    QUICK,
+    QUICK_OPTIONS,
+    InterruptAt,
+    LossesSeen,
+    read_rows,
+    smoothed_loss,
+    validation_accuracy,
+    with_callback,
+    without_timing,
+)
 from safetensors.torch import load_file
 
 import normfree
-from fastai.torch_core import default_device
 from normfree.app.cli import build_parser, main
 from normfree.data.registry import parse_data_spec
-
-from fastai_helpers import GradientsBeforeAGC, reference_step_rates
-from helpers import (EXPECTED_FILES, QUICK, QUICK_OPTIONS, InterruptAt, LossesSeen, read_rows, smoothed_loss, validation_accuracy,
-                     with_callback, without_timing)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -6,14 +6,14 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from helpers import write_fashion
 from safetensors.torch import load_file
 from torch import nn
 
 import normfree
 from normfree.app.cli import build_parser, main
-from normfree.data.loaders import read_idx
 from normfree.app.train import build_dataloaders
-from helpers import write_fashion
+from normfree.data.loaders import read_idx
 
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 MODELS = {"bn": "BatchNorm", "nf-agc": "NF + AGC"}

@@ -2,9 +2,9 @@
 fastest implementation for its device, dtype and layout: the fused CPU kernel, the Triton kernel, or torch ops."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from collections import OrderedDict
 
 import torch
 from torch import Tensor

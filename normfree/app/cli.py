@@ -17,13 +17,13 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from . import distributed, startup
-from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
-from .config import ConfigError, TrainConfig
 from ..data.registry import data_spec_help, limited_kinds, size_help
 from ..learner.optim import OPTIMIZERS
 from ..models.propagation import DEFAULT_BATCH
 from ..models.weights import WEIGHT_FILES
+from . import distributed, startup
+from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
+from .config import ConfigError, TrainConfig
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
 from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
 from .train import resume, train

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
+from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
+from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder
 from .config import (
     DEFAULT_AGC,
     ConfigError,
@@ -57,10 +58,8 @@ from .config import (
     whole_numbers,
 )
 from .grid_jobs import already_trained, in_parallel, one_by_one, train_command
-from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder
 from .report import GridResult, RunRecord, batch_setting, markdown_table, reading, summarise, write_report
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
-from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 
 __all__ = ["BUDGETS", "METHODS", "CompareConfig", "CompareResult", "GridCell", "compare", "finished_run", "write_plan"]

@@ -20,15 +20,15 @@ import torch
 from fastai.torch_core import default_device
 
 from ..agc.rule import check_agc_arguments
-from ..utils.errors import ConfigError
 from ..data.loaders import check_bs, check_limit, check_valid_pct
 from ..data.registry import DataSpec, parse_data_spec
-from ..models.convert import ConversionError, to_normfree
-from ..models.factory import normalizer_free_archs, unknown_arch_error
 from ..learner.optim import OPTIMIZERS
 from ..learner.precision import check_precision
+from ..models.convert import ConversionError, to_normfree
+from ..models.factory import normalizer_free_archs, unknown_arch_error
 from ..models.small_resnets import is_small_normfree
 from ..models.weights import WEIGHT_FILES
+from ..utils.errors import ConfigError
 
 __all__ = ["CONFIG_FILE", "DEFAULT_AGC", "ConfigError", "GridRunOptions", "TrainConfig", "command_line",
            "environment_settings", "library_versions", "make_config", "whole_numbers"]

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .config import CONFIG_FILE, ConfigError, TrainConfig
 from ..utils.outdir import INCOMPLETE
+from .config import CONFIG_FILE, ConfigError, TrainConfig
 from .signals import Terminated
 
 __all__ = ["already_trained", "in_parallel", "one_by_one", "train_command"]

@@ -19,11 +19,11 @@ from pathlib import Path
 import timm
 import torch
 
-from .config import ConfigError
 from ..data.registry import parse_data_spec
 from ..models.factory import build_model, unknown_arch_error
-from ..utils.outdir import atomic_write, locked_folder
 from ..models.propagation import DEFAULT_BATCH, DEFAULT_SIZE, SignalPropagation, signal_propagation
+from ..utils.outdir import atomic_write, locked_folder
+from .config import ConfigError
 
 __all__ = ["SPP_COLUMNS", "SPP_FILES", "write_spp"]
 

@@ -49,21 +49,21 @@ from fastai.losses import BCEWithLogitsLossFlat
 from fastai.metrics import accuracy, accuracy_multi
 from fastai.torch_core import set_seed
 
-from ..learner.checkpoint import CHECKPOINT, EpochCheckpoint, ResumeFit, load_checkpoint
-from ..models.classifier import classifier_init_std, find_classifier, init_classifier_
-from ..models.convert import ConversionError
-from .config import CONFIG_FILE, ConfigError, TrainConfig, library_versions, make_config, training_device
 from ..data.loaders import subset_dataloaders
+from ..learner.checkpoint import CHECKPOINT, EpochCheckpoint, ResumeFit, load_checkpoint
 from ..learner.epoch_log import EpochLog
 from ..learner.nf_learner import nf_learner
-from ..utils.memory import PeakMemory
 from ..learner.optim import OPTIMIZERS
+from ..learner.step_budget import StepBudget, epochs_for_steps
+from ..models.classifier import classifier_init_std, find_classifier, init_classifier_
+from ..models.convert import ConversionError
+from ..models.weights import EXPORT_SUFFIX, SAVE_SUFFIX, save_weights
+from ..utils.memory import PeakMemory
 from ..utils.outdir import INCOMPLETE, atomic_write, remove_temporary_files
 from . import distributed
+from .config import CONFIG_FILE, ConfigError, TrainConfig, library_versions, make_config, training_device
 from .plots import plot_run_curves
 from .signals import how_stopped, sigterm_as_interrupt
-from ..learner.step_budget import StepBudget, epochs_for_steps
-from ..models.weights import EXPORT_SUFFIX, SAVE_SUFFIX, save_weights
 
 __all__ = ["OUTPUT_FILES", "TrainResult", "build_dataloaders", "resume", "train"]
 

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
+from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
+from ..utils.outdir import atomic_write, locked_folder
 from .compare import METHODS, finished_run
 from .config import (
     DEFAULT_AGC,
@@ -50,10 +51,8 @@ from .config import (
     make_config,
     whole_numbers,
 )
-from ..utils.outdir import atomic_write, locked_folder
 from .report import GridResult
 from .signals import sigterm_as_interrupt
-from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 from .transfer_report import (
     PRETRAIN,

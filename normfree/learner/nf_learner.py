@@ -20,10 +20,10 @@ from fastai.losses import CrossEntropyLossFlat
 from torch import nn
 
 from ..agc.rule import DEFAULT_CLIPPING
-from .callback import AGC
-from ..models.convert import to_normfree
 from ..data.loaders import StandardiseImages
+from ..models.convert import to_normfree
 from ..models.factory import body_head_splitter, build_model, normalizer_free_archs
+from .callback import AGC
 
 __all__ = ["nf_learner"]
 
