@@ -81,6 +81,7 @@ class AGC(Callback):
         self.history: ClipHistory | None = None
         self.epoch_start = 0
         self._clipper: PerSampleClipper | None = None
+        self._loss_scale: LossGradScale | None = None
         self._history_started = False
 
     @property
@@ -178,7 +179,7 @@ class AGC(Callback):
         """Undo what the fit changed: the per-sample patches and the clip-rate columns."""
         if self._clipper is not None:
             self._clipper.remove()
-            self._clipper = None
+            self._clipper = self._loss_scale = None
         self.learn.metrics = [m for m in self.learn.metrics if not (isinstance(m, ClipRate) and m.agc is self)]
 
     def after_cancel_fit(self) -> None:

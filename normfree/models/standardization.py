@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .equations import standardize_weight
 
-__all__ = ["STD_CONVS", "STD_CONV_EPS", "standardize_weight", "standardized_weight", "weight_scale"]
+__all__ = ["STD_CONVS", "STD_CONV_EPS", "standardized_weight", "weight_scale"]
 
 STD_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
 # eps added to each unit's weight variance by the Scaled WS convs normfree builds (small ResNets, to_normfree):

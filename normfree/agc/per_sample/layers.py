@@ -27,7 +27,8 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import Tensor, nn
 
-from ...models.standardization import STD_CONVS, standardize_weight, weight_scale
+from ...models.equations import standardize_weight
+from ...models.standardization import STD_CONVS, weight_scale
 from .clipped_sum import compute_dtype, per_example_unit_norms, sum_clipped, weighted_sum
 from .tuning import TUNING
 
