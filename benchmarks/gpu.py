@@ -51,7 +51,7 @@ PER_SAMPLE_VARIANTS: list[tuple[str, dict]] = [
     ("default", {}), ("fixed 256 MiB scratch", {"cuda_scratch_bytes": 256 << 20})]
 
 CLIPPING, EPS = 0.01, 1e-3
-BUDGET_S = 285  # a section that would start later than this is skipped
+BUDGET_S = 330  # a section that would start later than this is skipped
 S1, S2, S3, S4 = "1 AGC on real grads", "2 train step", "3 per-sample AGC", "4 normfree train"
 
 
@@ -244,9 +244,38 @@ def peak_mib(ctx: Context) -> float | None:
 
 
 def autocast(ctx: Context, precision: str):
+    # No cast cache: each weight is cast once per forward anyway, and a cache cannot be captured in a CUDA graph.
     if precision == "bf16":
-        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16, cache_enabled=False)
     return nullcontext()
+
+
+def host_ms(fn, warmup: int, reps: int) -> float:
+    """Median host time to issue one call of `fn` (no synchronisation: on a GPU that is faster than the host this
+    is the whole step; near the event time means the step is bound by the host)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(out)
+
+
+def captured(ctx: Context, run, warmup: int = 3):
+    """`run` captured in one CUDA graph after warm-up on a side stream (torch's whole-network recipe); the
+    graph's replay, whose time is the step's kernels without launch gaps or host work."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
 
 
 @contextmanager
@@ -588,8 +617,9 @@ def profile_table(ctx: Context, run) -> str:
     return averages.table(row_limit=25)
 
 
-def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[float, float]:
-    """Per-sample engine against per-example autograd + float64 AGC per example, fp32 without TF32."""
+def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[float, float, str]:
+    """Per-sample engine against per-example autograd + float64 AGC per example, fp32 without TF32: the global
+    relative error, the worst tensor's max error / max and that tensor's name."""
     from normfree.agc.per_sample import PerSampleClipper, tuned
 
     s = ctx.sizes
@@ -618,7 +648,9 @@ def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[fl
             finally:
                 clipper.remove()
         got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        return global_relative_error(got, reference), max_relative_error(got, reference)
+        per_tensor = [(max_relative_error([g], [r]), name) for g, r, (name, _) in zip(got, reference,
+                                                                                    model.named_parameters())]
+        return global_relative_error(got, reference), *max(per_tensor)
 
 
 def section_per_sample(ctx: Context) -> dict:
@@ -628,12 +660,12 @@ def section_per_sample(ctx: Context) -> dict:
     data: dict = dict(variants={v: settings for v, settings in PER_SAMPLE_VARIANTS}, settings={})
     for variant, settings in PER_SAMPLE_VARIANTS:
         try:
-            error, per_tensor = per_sample_exactness(ctx, variant, settings)
+            error, per_tensor, worst = per_sample_exactness(ctx, variant, settings)
             data.setdefault("relative_error", {})[variant] = error
             data.setdefault("max_per_tensor_relative_error", {})[variant] = per_tensor
             ctx.results.row(name, f"{s.check_arch} fp32 no TF32, first {s.check_examples} examples, {variant}",
                             "per-sample grads vs loop over examples + float64 AGC: ||error|| / ||reference|| "
-                            f"(worst tensor's max error / max {per_tensor:.0e})", f"{error:.1e}", "<= 1e-5",
+                            f"(worst tensor's max error / max {per_tensor:.0e}, {worst})", f"{error:.1e}", "<= 1e-5",
                             error <= 1e-5)
         except Exception as error:  # noqa: BLE001
             data.setdefault("errors", {})[f"exactness {variant}"] = traceback.format_exc()
@@ -654,6 +686,23 @@ def section_per_sample(ctx: Context) -> dict:
     return data
 
 
+def graph_ms(ctx: Context, run, entry: dict, key: str) -> float | None:
+    """Median replay time of `run` captured in a CUDA graph; None on the CPU or when capture fails (recorded)."""
+    if not ctx.cuda:
+        return None
+    try:
+        graph = captured(ctx, run)
+        try:
+            return median_ms(ctx, graph.replay, 2, ctx.sizes.ps_reps)
+        finally:
+            del graph
+    except Exception:  # noqa: BLE001 - recorded; the step's other rows stand
+        entry.setdefault("graph_errors", {})[key] = traceback.format_exc()
+        log(f"  CUDA graph capture of {key} failed: {traceback.format_exc().strip().splitlines()[-1][:200]}")
+        torch.cuda.synchronize()
+        return None
+
+
 def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, PerSampleClipper) -> None:
     from normfree.agc.per_sample import tuned
 
@@ -670,6 +719,12 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
     ordinary_peak = peak_mib(ctx)
     entry.update(ordinary_ms=ordinary_ms, ordinary_peak_mib=ordinary_peak)
     ctx.results.row(name, setting.label, "ordinary AGC step, median", ms(ordinary_ms))
+    entry["ordinary_host_ms"] = host_ms(ordinary, 1, s.ps_reps)
+    sync(ctx)
+    ctx.results.row(name, setting.label, "ordinary AGC step, host time to issue it", ms(entry["ordinary_host_ms"]))
+    ordinary_graph_ms = graph_ms(ctx, ordinary, entry, "ordinary")
+    if ordinary_graph_ms is not None:
+        ctx.results.row(name, setting.label, "ordinary AGC step, CUDA graph replay", ms(ordinary_graph_ms))
     profiles = [f"== ordinary AGC step: {setting.label} ==\n{profile_table(ctx, ordinary)}"] if setting.profile else []
     for variant, settings in PER_SAMPLE_VARIANTS:
         label = setting.label + ("" if len(PER_SAMPLE_VARIANTS) == 1 and variant == "default" else f", {variant}")
@@ -683,6 +738,9 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
                     run()
                     per_peak = peak_mib(ctx)
                     host_sync = sync_check(ctx, run)
+                    per_host_ms = host_ms(run, 1, s.ps_reps)
+                    sync(ctx)
+                    per_graph_ms = graph_ms(ctx, run, entry, variant)
                     if setting.profile:
                         profiles.append(f"== per-sample AGC step ({variant}): {setting.label} ==\n{profile_table(ctx, run)}")
                 finally:
@@ -695,6 +753,14 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
         entry[variant] = dict(per_sample_ms=per_ms, per_sample_peak_mib=per_peak, time_ratio=ratio,
                               host_sync=host_sync)
         ctx.results.row(name, label, "per-sample step, median", ms(per_ms))
+        entry[variant]["per_sample_host_ms"] = per_host_ms
+        ctx.results.row(name, label, "per-sample step, host time to issue it", ms(per_host_ms))
+        if per_graph_ms is not None:
+            entry[variant]["per_sample_graph_ms"] = per_graph_ms
+            ctx.results.row(name, label, "per-sample step, CUDA graph replay", ms(per_graph_ms))
+            if ordinary_graph_ms is not None:
+                ctx.results.row(name, label, "per-sample / ordinary, both replayed from CUDA graphs",
+                                f"{per_graph_ms / ordinary_graph_ms:.2f}x")
         ctx.results.row(name, label, "host synchronisation in one per-sample step", host_sync, "none",
                         None if host_sync.startswith("n/a") else host_sync == "none")
         ctx.results.row(name, label, "per-sample / ordinary step time", f"{ratio:.2f}x", "<= 1.5", ratio <= 1.5)

@@ -147,6 +147,26 @@ def test_on_cuda_no_host_synchronisation_and_graph_capture():
     assert stats.clipped.tolist() == [n for _, n in expected]
 
 
+@cuda
+def test_on_cuda_calls_replayed_from_the_plans_graph_clip_each_new_gradient_and_keep_earlier_counts():
+    """The first call launches directly, the second captures the launches and replays them, later ones replay:
+    each clips the gradients written into the same storage since, and the counts returned earlier stay as they were."""
+    params = [parameter(s) for s in [(64, 32, 3, 3), (64,), (10, 2000)]]
+    for p in params:
+        p.data, p.grad = p.data.cuda(), p.grad.cuda()
+    kept = []
+    for call in range(4):
+        for p in params:  # new values, same storage: the plan (and its graph) stay valid
+            p.grad.copy_(torch.randn_like(p.grad) * 10.0 ** (call - 2))
+        expected = [reference_agc(p, p.grad, 0.01, 1e-3) for p in params]
+        stats = normfree.adaptive_clip_grad_(params)
+        for p, (grad, _) in zip(params, expected):
+            torch.testing.assert_close(p.grad.double(), grad, rtol=1e-5, atol=1e-30)
+        kept.append((stats, [n for _, n in expected]))
+    assert [stats.clipped.tolist() for stats, _ in kept] == [counts for _, counts in kept]
+    assert len({tuple(counts) for _, counts in kept}) > 1  # the calls' counts differ, so aliasing would show
+
+
 def test_a_kernel_that_fails_to_build_warns_once_and_torch_ops_take_over(on_cpu_tensors, monkeypatch):
     class Unbuildable:
         def __getitem__(self, grid):

@@ -333,6 +333,41 @@ def test_the_direct_clipped_sum_with_weight_standardisation_equals_the_loop():
     assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and 0 < clipped < units
 
 
+class OffsetInputStdConvs(nn.Module):
+    """Standardised 1x1 and 3x3 convolutions on inputs that share a large mean (as post-activation inputs do):
+    each per-example weight gradient is then mostly its mean over the fan-in, which standardisation removes."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import ScaledStdConv2d
+        torch.manual_seed(0)
+        self.a = ScaledStdConv2d(6, 8, 1, gain_init=1.0)
+        self.b = ScaledStdConv2d(8, 8, 3, padding=1, gain_init=1.0)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x) + 5.0).mean((2, 3)))
+
+
+@pytest.mark.parametrize("knobs", [dict(cpu_pass_cost=0.0, kxk_weight_grads="conv"),
+                                   dict(cpu_pass_cost=0.0, kxk_weight_grads="bmm"), dict(cpu_pass_cost=1e9)],
+                         ids=["materialised by convolution", "materialised by matmul", "ghost norms"])
+def test_standardised_layers_on_inputs_with_a_large_mean_keep_float32_accuracy(knobs):
+    """Every tensor within 1e-5 of the loop over examples run in float64, as float32 backprop itself is here
+    (ordinary gradients: <= 5e-6). The norms of dL/dW must not come from subtracting the fan-in mean's square
+    from sum g^2: that cancellation cost 1e-4 here in float32 (2e-2 on a GPU, with inputs of mean 30, 4e-3)."""
+    model = OffsetInputStdConvs().train()
+    torch.manual_seed(1)
+    x, y = 5.0 + torch.randn(4, 6, 8, 8), torch.randint(0, 5, (4,))
+    reference, clipped, units = per_example_clipping(copy.deepcopy(model).double(), x.double(), y, F.cross_entropy,
+                                                     clipping=0.002)
+    with tuned(**knobs):
+        got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy, clipping=0.002)
+    for n in reference:
+        assert (got[n] - reference[n]).norm() <= 1e-5 * reference[n].norm(), n
+    assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and clipped > 0
+
+
 @pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "single-unit layer weights",
                                   "standardised convs with gains", "embedding, conv1d, layernorm"])
 def test_clip_counts_per_parameter_equal_the_loop_over_two_backward_passes(name):

@@ -118,10 +118,9 @@ class _Dispatch:
     def run(self, params: list[Tensor], clipping: float, eps: float) -> ClipStats:
         """Clip `params` in place; their statistics."""
         if self.all_gpu:  # the kernel writes each parameter's counts into its own column: no gathering
-            counts = gpu_kernel.clip_(self.gpu_plan, len(params), clipping, eps, GRAD_NORM_FLOOR)
+            counts = gpu_kernel.clip_(self.gpu_plan, len(params), clipping, eps, GRAD_NORM_FLOOR).long()
             for i, first in self.repeats:  # listed again: the counts of its first listing
                 counts[:, i] = counts[:, first]
-            counts = counts.long()
             return ClipStats(clipped=counts[0], nonfinite=counts[1], units=self.units)
         found: dict[int, tuple[Tensor, Tensor]] = {}
         if self.gpu:
@@ -186,9 +185,8 @@ def _cached_dispatch(params: list[Tensor]) -> _Dispatch:
     # (which hold data pointers) are reused while every parameter and gradient keeps its storage (and
     # while the implementations' entry points are the same: tests swap them).
     try:
-        key = (cpu_kernel.load, gpu_kernel.supports, gpu_kernel.available(), tuple(map(id, params)),
-               tuple(map(_data_ptr, params)), tuple(_data_ptr(p.grad) for p in params),
-               tuple((p.shape, p.dtype) for p in params))  # freed tensors' ids and storage get reused
+        key = (cpu_kernel.load, gpu_kernel.supports, gpu_kernel.available(),  # freed tensors' ids and storage
+               tuple((id(p), p.data_ptr(), _data_ptr(p.grad), p.shape, p.dtype) for p in params))  # get reused
     except RuntimeError:  # a sparse gradient has no data pointer: checked (and refused) below
         return _dispatch(params)
     dispatch = _dispatches.get(key)

@@ -12,6 +12,11 @@ synchronisation, and the whole call can be captured in a CUDA graph once it has 
 (the tables of pointers are built, and copied to the device, by `plan` on the first call for a set
 of gradients; `adaptive_clip_grad_` keeps them while the gradients stay where they are).
 
+Launching from Python costs more than the kernels on an H200 (0.43 ms of host time per call against
+0.23 ms of GPU time for nfnet_f0's 220 gradients), so from its second call with the same arguments a
+plan replays its launches from a CUDA graph of its own (`clip_`): one graph launch per call. The graph
+holds the same data pointers as the plan's tables, so it is valid exactly as long as they are.
+
 Triton ships with PyTorch's CUDA builds; where it is missing, or the kernel fails to build or launch
 (then with one warning; a kernel that runs twice over part of the gradients is harmless: AGC applied
 again to clipped units changes nothing), `adaptive_clip_grad_` uses torch ops. ``NORMFREE_GPU_KERNEL=0`` chooses torch ops. The kernel also runs on CPU tensors under
@@ -23,7 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -152,10 +157,16 @@ def _tile(unit_size: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Plan:
-    """The launches that clip one list of parameters."""
+    """The launches that clip one list of parameters, and CUDA graphs of them by call arguments."""
 
     device: torch.device
     launches: list[_Launch]
+    # by (n_slots, clipping, eps, floor): None after a first call launched directly, then (graph, its counts), or
+    # NO_GRAPH where capturing failed
+    graphs: dict[tuple, tuple | None] = field(default_factory=dict)
+
+
+NO_GRAPH = ()
 
 
 def plan(params: list[Tensor], units: list[int], slots: list[int]) -> Plan:
@@ -183,8 +194,45 @@ def clip_(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor
     """Run the launches of a `plan`: AGC on its parameters, without host synchronisation.
 
     Returns [2, n_slots] int32 counts on the device: row 0 the units clipped, row 1 the units whose
-    gradient norm was not finite (left unchanged), in each parameter's column.
+    gradient norm was not finite (left unchanged), in each parameter's column. Replayed from the plan's
+    CUDA graph (from the second call with these arguments), they are the graph's own tensor, which the next
+    call rewrites: copy them to keep them.
     """
+    if plan.device.type != "cuda" or torch.cuda.is_current_stream_capturing():  # no graph inside the caller's
+        return _launch(plan, n_slots, clipping, eps, grad_norm_floor)
+    key = (n_slots, float(clipping), float(eps), float(grad_norm_floor))
+    if key not in plan.graphs:  # first call: launch (and compile the kernel) outside a graph
+        plan.graphs[key] = None
+        return _launch(plan, n_slots, clipping, eps, grad_norm_floor)
+    if plan.graphs[key] is None:
+        try:
+            plan.graphs[key] = _captured(plan, n_slots, clipping, eps, grad_norm_floor)
+        except RuntimeError:  # capture refused here (a driver or a debugging mode): launch directly from now on
+            plan.graphs[key] = NO_GRAPH
+    if plan.graphs[key] is NO_GRAPH:
+        return _launch(plan, n_slots, clipping, eps, grad_norm_floor)
+    graph, counts = plan.graphs[key]
+    graph.replay()
+    return counts
+
+
+def _captured(plan: Plan, n_slots: int, clipping: float, eps: float,
+              grad_norm_floor: float) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """The launches captured in a CUDA graph, and the counts tensor the graph writes (zeroed in it)."""
+    graph, stream, current = torch.cuda.CUDAGraph(), torch.cuda.Stream(plan.device), torch.cuda.current_stream()
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        # thread_local: CUDA calls of other threads (pin-memory, loaders) may go on while this thread captures
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            counts = _launch(plan, n_slots, clipping, eps, grad_norm_floor)
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
+    return graph, counts
+
+
+def _launch(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor: float) -> Tensor:
     counts = torch.zeros(2, n_slots, dtype=torch.int32, device=plan.device)
     for launch in plan.launches:
         try:
