@@ -167,6 +167,38 @@ def test_on_cuda_calls_replayed_from_the_plans_graph_clip_each_new_gradient_and_
     assert len({tuple(counts) for _, counts in kept}) > 1  # the calls' counts differ, so aliasing would show
 
 
+@cuda
+def test_on_cuda_a_whole_step_captured_with_gradients_first_allocated_in_the_capture():
+    """zero_grad(set_to_none=True) inside a captured step: the gradients AGC sees in the capture are new tensors of
+    the graph's pool, so its tables are made in the capture (from pinned memory) and replayed with the step."""
+    model = nn.Linear(300, 40).cuda()
+    x = torch.randn(8, 300, device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        (model(x) * 100).square().sum().backward()
+        return normfree.adaptive_clip_grad_(list(model.parameters()))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stats = step()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    twin = nn.Linear(300, 40).cuda()
+    twin.load_state_dict(model.state_dict())
+    (twin(x) * 100).square().sum().backward()
+    expected = [reference_agc(p, p.grad, 0.01, 1e-3) for p in twin.parameters()]
+    for p, (grad, _) in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad.double(), grad, rtol=1e-4, atol=1e-30)
+    assert stats.clipped.tolist() == [n for _, n in expected] and sum(n for _, n in expected) > 0
+
+
 def test_a_kernel_that_fails_to_build_warns_once_and_torch_ops_take_over(on_cpu_tensors, monkeypatch):
     class Unbuildable:
         def __getitem__(self, grid):

@@ -138,9 +138,11 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class _Launch:
-    """One launch: its table (on the device), where the tensor records start, and its tile shape."""
+    """One launch: its table (on the device, and the pinned host copy a CUDA graph captured while the table was made
+    copies it from at every replay), where the tensor records start, and its tile shape."""
 
     table: Tensor
+    host_table: Tensor
     tensors_at: int
     weight_dtype: torch.dtype
     grad_dtype: torch.dtype
@@ -172,7 +174,9 @@ NO_GRAPH = ()
 def plan(params: list[Tensor], units: list[int], slots: list[int]) -> Plan:
     """The launches that clip `params` (all `supports`-ed, on one device; `units[i]` units each), parameter i's
     counts going to column `slots[i]`. They hold data pointers: valid while every weight and gradient keeps
-    its storage and layout. Copies its tables to the device (outside CUDA-graph capture)."""
+    its storage and layout. Copies its tables to the device from pinned memory, so that it can be called
+    inside a CUDA graph's capture too (gradients first allocated in the capture, as after
+    `zero_grad(set_to_none=True)` in a captured step)."""
     device = params[0].grad.device
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
@@ -185,8 +189,11 @@ def plan(params: list[Tensor], units: list[int], slots: list[int]) -> Plan:
         tasks = [(k, first) for k, i in enumerate(members) for first in range(0, units[i], rows)]
         records = [(params[i].data_ptr(), params[i].grad.data_ptr(), params[i].numel() // units[i], units[i], slots[i])
                    for i in members]
-        table = torch.tensor([v for record in tasks + records for v in record], dtype=torch.int64).to(device)
-        launches.append(_Launch(table, TASK * len(tasks), weight_dtype, grad_dtype, rows, block))
+        host_table = torch.tensor([v for record in tasks + records for v in record], dtype=torch.int64)
+        if device.type == "cuda":
+            host_table = host_table.pin_memory()
+        table = host_table.to(device, non_blocking=True)
+        launches.append(_Launch(table, host_table, TASK * len(tasks), weight_dtype, grad_dtype, rows, block))
     return Plan(device, launches)
 
 

@@ -149,10 +149,14 @@ class Layer:
         return out.squeeze(2) if self.is_1d else out
 
     def input_grad(self, x: Tensor, weight: Tensor, signal: Tensor) -> Tensor:
+        """dL/dx, in x's memory format (channels-last stays so: the ops behind it would otherwise mix layouts)."""
         if self.kind == "linear":
             return signal @ weight
-        grad = torch.nn.grad.conv2d_input(self.as_2d_input(x).shape, self.as_2d(weight), self.as_2d_input(signal),
-                                          self.stride, self.padding, self.dilation, self.groups)
+        # the convolution's own backward on x itself (torch.nn.grad.conv2d_input passes an expanded empty tensor,
+        # whose layout is lost)
+        grad = torch.ops.aten.convolution_backward(
+            self.as_2d_input(signal), self.as_2d_input(x), self.as_2d(weight), None, self.stride, self.padding,
+            self.dilation, False, (0, 0), self.groups, (True, False, False))[0]
         return grad.squeeze(2) if self.is_1d else grad
 
     def weight_grad(self, x: Tensor, weight: Tensor, signal: Tensor) -> Tensor:
