@@ -23,7 +23,7 @@ from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 
 from normfree import AGC, excluded_parameters
-from normfree.agc.per_sample import PerSampleClipper, tuned
+from normfree.agc.per_sample import TUNING, PerSampleClipper, tuned
 
 LR = 0.5
 CLIPPING = 0.01
@@ -476,3 +476,95 @@ def test_patches_are_torchs_unfold(kernel, stride, padding, dilation):
     x = torch.randn(3, 4, 9, 8)
     expected = F.unfold(x, kernel, dilation, padding, stride)
     assert torch.equal(Layer.of(conv).patches(x), expected.reshape(3, 2, -1, expected.shape[-1]))
+
+
+# --- per-layer CUDA graphs: their book-keeping, emulated on the CPU --------------------------------------------
+def graphed_steps(make_model, make_batch, mode, steps=5, device="cpu"):
+    """SGD steps with per-sample AGC and `layer_graphs=mode`: per step the gradients and clip counts, and the loop's
+    reference for the last step. New inputs and loss scales every step; step 3 accumulates two half-batch passes."""
+    torch.manual_seed(0)
+    model = make_model().train().to(device)
+    x0, y0 = (t.to(device) for t in make_batch())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    unclipped = {id(p) for p in excluded_parameters(model)}
+    grads, counts = [], []
+    with tuned(layer_graphs=mode):
+        clipper = PerSampleClipper(model, {id(p): CLIPPING for p in model.parameters() if id(p) not in unclipped})
+        for step in range(steps):
+            order = torch.randperm(len(x0), generator=torch.Generator().manual_seed(step)).to(device)
+            x, y = x0[order], y0[order]
+            if x.is_floating_point():
+                x = x * (1 + 0.2 * step)
+            scale = (1.0, 8.0, 0.5, 3.0, 2.0)[step]
+            parts = [slice(0, len(x) // 2), slice(len(x) // 2, len(x))] if step == 3 else [slice(0, len(x))]
+            if step == steps - 1:  # the loss is scaled, the clipping is not: the clipped mean, scaled
+                reference = {n: g * scale for n, g in per_example_reference(model, x, y, F.cross_entropy).items()}
+            optimizer.zero_grad()
+            clipper.start()
+            for part in parts:
+                clipper.grad_scale = torch.tensor(scale / len(x), device=device)
+                (F.cross_entropy(model(x[part]), y[part], reduction="sum") * scale / len(x)).backward()
+            clipper.stop()
+            stats = clipper.collect([list(model.parameters())])[0]
+            grads.append({n: p.grad.double().clone() for n, p in model.named_parameters()})
+            counts.append((stats.clipped.tolist(), stats.units.tolist()))
+            optimizer.step()
+        clipper.remove()
+    return grads, counts, reference
+
+
+@pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "standardised convs with gains",
+                                  "embedding, conv1d, layernorm", "plain conv + linear"])
+def test_layer_graphs_replay_the_steps_without_graphs(name):
+    """TUNING.layer_graphs="emulated" runs the graphs' book-keeping on the CPU (the recorded work re-run on the arena's
+    tensors, its results copied into the recorded outputs, as a replay rewrites a graph's own tensors): over steps with
+    new inputs, weights, loss scales and an accumulated pass, every step's gradients and clip counts are those of the
+    steps without graphs, and the last step's gradient is the loop over examples."""
+    make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
+    eager, eager_counts, reference = graphed_steps(make_model, make_batch, "off")
+    graphed, graphed_counts, _ = graphed_steps(make_model, make_batch, "emulated")
+    assert graphed_counts == eager_counts
+    for step, (got, expected) in enumerate(zip(graphed, eager)):
+        for n in expected:
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-6, atol=1e-12, msg=f"step {step}, {n}")
+    assert relative_error(graphed[-1], reference) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "standardised convs with gains",
+                                  "embedding, conv1d, layernorm"])
+def test_layer_graphs_on_cuda_replay_the_steps_without_graphs(name, monkeypatch):
+    """Real CUDA graphs: what the emulation cannot see (a graph reads the addresses it was captured with, never
+    Python's current objects) shows here as a difference from the steps without graphs."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
+    eager, eager_counts, reference = graphed_steps(make_model, make_batch, "off", device="cuda")
+    graphed, graphed_counts, _ = graphed_steps(make_model, make_batch, "cuda", device="cuda")
+    assert graphed_counts == eager_counts
+    for step, (got, expected) in enumerate(zip(graphed, eager)):
+        for n in expected:
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-9, msg=f"step {step}, {n}")
+    assert relative_error(graphed[-1], reference) < 1e-5
+
+
+def test_a_layer_graph_that_cannot_be_captured_warns_once_and_the_layer_runs_without(monkeypatch):
+    from normfree.agc.per_sample.graphs import LayerGraphs
+
+    def refuse(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(LayerGraphs, "_capture", refuse)
+    eager, eager_counts, _ = graphed_steps(StdConvNet, image_batch, "off", steps=3)
+    with pytest.warns(RuntimeWarning, match="could not be captured") as warned:
+        graphed, graphed_counts, _ = graphed_steps(StdConvNet, image_batch, "emulated", steps=3)
+    assert len([w for w in warned if "could not be captured" in str(w.message)]) == 1
+    assert graphed_counts == eager_counts
+    for got, expected in zip(graphed, eager):
+        for n in expected:
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-6, atol=1e-12)
+
+
+def test_layer_graphs_knob_is_checked():
+    with tuned(layer_graphs="sometimes"), pytest.raises(ValueError, match="layer_graphs must be one of"):
+        TUNING.graph_mode(torch.device("cpu"))

@@ -8,9 +8,10 @@ gradients meaningful (`check_examples_independent`; `loss_scale.loss_reduction`)
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,11 +21,13 @@ from ..clip import ClipStats, count_per_tensor
 from ..rule import DEFAULT_EPS, clip_factor_below, clip_threshold, is_single_unit, num_units, unit_norm_vector
 from .containers import container_forward
 from .generic import generic_forward
+from .graphs import LayerGraphs
 from .layers import Layer, layer_forward
 
 __all__ = ["PerSampleClipper", "check_examples_independent"]
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+T = TypeVar("T")
 
 
 def check_examples_independent(batchnorms: nn.Module | list[tuple[str, nn.Module]]) -> None:
@@ -82,9 +85,14 @@ class PerSampleClipper:
         self.grad_scale: Tensor | None = None
         self._active = False
         self._bypass = 0
-        # AGC's thresholds per clipped parameter, [units, 1], taken once per forward pass (the weights
-        # do not change before its backward pass) in a few batched norm kernels; None: not yet in this pass
-        self._thresholds: dict[int, Tensor] | None = None
+        # AGC's thresholds per clipped parameter, [units, 1], and the signal's scale (`grad_scale`), taken once per
+        # backward pass (`prepare_backward`) into tensors that stay where they are, so that the layers' CUDA graphs
+        # (`graphs.LayerGraphs`) read each pass's values
+        self._thresholds: dict[int, Tensor] = {}
+        self._threshold_store: dict[tuple, Tensor] = {}
+        self._scale: Tensor | None = None
+        self._prepared = False
+        self.graphs = LayerGraphs(self)
         # (parameter id, factors, norms) of the `clip_factors` calls of the current backward pass, and the counts
         # of earlier passes since `collect` (per clipped parameter, in `_clipped`'s order): counted once per pass
         self._outcomes: list[tuple[int, Tensor, Tensor]] = []
@@ -134,7 +142,7 @@ class PerSampleClipper:
 
     def _new_forward_pass(self, model: nn.Module, args: tuple) -> None:
         self._called.clear()
-        self._thresholds = None
+        self._prepared = False
 
     def note_call(self, module: nn.Module) -> None:
         """Refuse a layer called twice in one forward pass of the model (weights reused), and remove itself.
@@ -171,19 +179,39 @@ class PerSampleClipper:
             self._bypass -= 1
 
     # -- clipping -------------------------------------------------------------------------------
-    def _take_thresholds(self) -> dict[int, Tensor]:
+    def prepare_backward(self) -> None:
+        """Once per backward pass, before its first clipping (the engines call it): count the previous passes'
+        outcomes, and take this pass's thresholds and signal scale into the tensors `clip_factors` reads."""
+        if self._prepared:
+            return
+        if self.grad_scale is None:
+            raise RuntimeError("per-sample AGC: grad_scale was not set before the backward pass")
+        self._count_outcomes()
+        self._take_thresholds()
+        scale = self.grad_scale.detach().float()
+        if self._scale is None or self._scale.device != scale.device:
+            self._scale = scale.clone()
+        else:
+            self._scale.copy_(scale)
+        self._prepared = True
+
+    @torch.no_grad()
+    def _take_thresholds(self) -> None:
         """lambda * max(||W_u||, eps) of every clipped parameter: per device and lambda, one multi-tensor norm of
         the single-unit tensors, one row-wise norm per other tensor, one threshold computation."""
         groups: dict[tuple, list[Tensor]] = {}
         for p in self._clipped:
             groups.setdefault((p.device, self.clipping[id(p)]), []).append(p)
-        thresholds = {}
-        for (_, clipping), params in groups.items():
+        for key, params in groups.items():
             params = sorted(params, key=lambda p: not is_single_unit(p))  # `_unit_norm_vector` wants singles first
-            with torch.no_grad():
-                norms = clip_threshold(unit_norm_vector(params).float(), clipping, self.eps)
-            thresholds.update(zip(map(id, params), (t.view(-1, 1) for t in norms.split(list(map(num_units, params))))))
-        return thresholds
+            norms = clip_threshold(unit_norm_vector(params).float(), key[1], self.eps)
+            store = self._threshold_store.get(key)
+            if store is not None:
+                store.copy_(norms)
+                continue
+            self._threshold_store[key] = norms
+            self._thresholds.update(zip(map(id, params),
+                                        (t.view(-1, 1) for t in norms.split(list(map(num_units, params))))))
 
     def clip_factors(self, params: Sequence[Tensor], norms: Sequence[Tensor]) -> list[Tensor | None]:
         """AGC factors of each parameter ([examples, units]) for its per-example unit norms of the backpropagated
@@ -196,11 +224,7 @@ class PerSampleClipper:
         clipped = [i for i, p in enumerate(params) if id(p) in self.clipping]
         if not clipped:
             return factors
-        if self.grad_scale is None:
-            raise RuntimeError("per-sample AGC: grad_scale was not set before the backward pass")
-        if self._thresholds is None:  # the first call of a backward pass
-            self._count_outcomes()
-            self._thresholds = self._take_thresholds()
+        self.prepare_backward()
         thresholds, columns = [], []
         for i in clipped:
             threshold, norm = self._thresholds[id(params[i])], norms[i]
@@ -209,13 +233,26 @@ class PerSampleClipper:
             thresholds.append(threshold)
             columns.append(norm.t())
         # units x examples: each parameter's rows are one block, which `_count_outcomes` reads as a flat view
-        norm = _concatenated(columns).float() / self.grad_scale
+        norm = _concatenated(columns).float() / self._scale
         factor = clip_factor_below(_concatenated(thresholds), norm)
         units = [t.shape[0] for t in thresholds]
         for i, f, n in zip(clipped, factor.split(units), norm.split(units)):
             self._outcomes.append((id(params[i]), f, n))
             factors[i] = f.t().expand(-1, norms[i].shape[1])
         return factors
+
+    def outcomes_of(self, work: Callable[[], T]) -> tuple[T, list[tuple[int, Tensor, Tensor]]]:
+        """`work()`, and the outcomes its `clip_factors` calls added, taken out of this pass's list (a layer's CUDA
+        graph records them at its capture, and `note_outcomes` adds them again at every replay)."""
+        start = len(self._outcomes)
+        result = work()
+        added = self._outcomes[start:]
+        del self._outcomes[start:]
+        return result, added
+
+    def note_outcomes(self, outcomes: list[tuple[int, Tensor, Tensor]]) -> None:
+        """Count these (parameter id, factors, norms) with this pass's clipping (a replayed layer's)."""
+        self._outcomes.extend(outcomes)
 
     def _count_outcomes(self) -> None:
         """Add the clipped and non-finite units of the calls so far to the counts, in a few kernels for all

@@ -71,6 +71,7 @@ class Layer:
     standardized: bool = False  # timm (Scaled)StdConv2d(Same)
     eps: float = 0.0
     plans: dict = field(default_factory=dict, compare=False, repr=False)  # Plan per input shape, dtype and knobs
+    graphs: dict = field(default_factory=dict, compare=False, repr=False)  # `graphs.LayerGraphs.run`'s cache
 
     @staticmethod
     def of(module: nn.Module) -> Layer | None:
@@ -412,26 +413,49 @@ class ClippedLayer(torch.autograd.Function):
         with torch.no_grad():
             dtype = signal.dtype  # under autocast the layer ran in half precision: so does its backward
             grad_x = layer.input_grad(x.to(dtype), effective.to(dtype), signal).to(x.dtype) if need_x else None
-            standardization = Standardization.of(weight, ctx.standardization_stats, layer.eps) \
-                if layer.standardized and (need_weight or need_gain) else None
-            sums = layer_sums(clipper, layer, x, signal, standardization, weight if need_weight else None,
-                              gain if need_gain else None, getattr(module, "scale", 1.0), bias if need_bias else None)
-            grad_weight = grad_gain = grad_bias = None
-            if need_weight:
-                if sums.weight is not None:  # materialised: the clipped sum of dL/dW_eff is there already
-                    grad_weight = sums.weight.reshape(weight.shape)
-                else:
-                    scaled = signal if sums.weight_factor is None else \
-                        signal * layer.per_unit_view(sums.weight_factor, signal).to(dtype)
-                    grad_weight = layer.weight_grad(x.to(dtype), effective, scaled)
-                if standardization is not None:
-                    grad_weight = standardization.backward(grad_weight)
-                grad_weight = grad_weight.to(weight.dtype)
-            if need_gain:
-                grad_gain = sums.gain.to(gain.dtype)
-            if need_bias:
-                grad_bias = sums.bias.to(bias.dtype)
+            params = (weight if need_weight else None, bias if need_bias else None, gain if need_gain else None)
+            if all(p is None for p in params):
+                return None, None, None, grad_x, None, None, None
+            if any(p is not None and id(p) in clipper.clipping for p in params):
+                clipper.prepare_backward()  # before any graph: thresholds and scale of this pass
+            saved_stats = ctx.standardization_stats
+
+            def work(x: Tensor, signal: Tensor, captured: bool = False) -> tuple:
+                # a graph must not read the forward's statistics (new tensors every pass): it standardises again
+                stats = layer.effective_weight(module, weight)[1] if captured and saved_stats else saved_stats
+                return _parameter_grads(clipper, module, layer, x, signal, effective, stats, *params)
+
+            key = tuple(-1 if p is None else p.data_ptr() for p in params)
+            grad_weight, grad_bias, grad_gain = clipper.graphs.run(layer.graphs, key, work, x, signal)
         return None, None, None, grad_x, grad_weight, grad_bias, grad_gain
+
+
+def _parameter_grads(clipper: PerSampleClipper, module: nn.Module, layer: Layer, x: Tensor, signal: Tensor,
+                     effective: Tensor, stats: tuple | None, weight: Tensor | None, bias: Tensor | None,
+                     gain: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The clipped per-example sums of the layer's weight, bias and gain (None: not needed) from its input and output
+    signal; `stats` are the forward's (scale, mean, 1 / std) of a standardised weight."""
+    dtype = signal.dtype
+    weight_param = module.weight
+    standardization = Standardization.of(weight_param, stats, layer.eps) \
+        if layer.standardized and (weight is not None or gain is not None) else None
+    sums = layer_sums(clipper, layer, x, signal, standardization, weight, gain, getattr(module, "scale", 1.0), bias)
+    grad_weight = grad_gain = grad_bias = None
+    if weight is not None:
+        if sums.weight is not None:  # materialised: the clipped sum of dL/dW_eff is there already
+            grad_weight = sums.weight.reshape(weight.shape)
+        else:
+            scaled = signal if sums.weight_factor is None else \
+                signal * layer.per_unit_view(sums.weight_factor, signal).to(dtype)
+            grad_weight = layer.weight_grad(x.to(dtype), effective, scaled)
+        if standardization is not None:
+            grad_weight = standardization.backward(grad_weight)
+        grad_weight = grad_weight.to(weight.dtype)
+    if gain is not None:
+        grad_gain = sums.gain.to(gain.dtype)
+    if bias is not None:
+        grad_bias = sums.bias.to(bias.dtype)
+    return grad_weight, grad_bias, grad_gain
 
 
 def layer_forward(clipper: PerSampleClipper, layer: Layer, module: nn.Module, x: Tensor) -> Tensor:

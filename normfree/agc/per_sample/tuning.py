@@ -18,6 +18,9 @@ result beyond floating-point rounding: they only trade memory, kernel count and 
   chooses between materialising g_i and ghost norms (`layers.Layer.plan`). 4 on the CPU (measured
   on nf_resnet26: 1 made its step 1.4 times slower); 100 on a GPU, whose matmuls are about that much
   faster than its passes over memory, which favours ghost norms for layers with few positions.
+- `layer_graphs`: "cuda" (default): on CUDA, each layer's per-sample work is captured in a CUDA graph on its
+  second call and replayed from then on (`graphs`); "off": never; "emulated": on any device, the same
+  book-keeping with re-run functions in place of graphs (for tests on machines without a GPU).
 - `kxk_weight_grads`: how per-example gradients of k x k convolutions (k > 1) are materialised:
   "conv", one weight-gradient convolution with the examples as groups (fastest on the CPU), or
   "bmm", im2col patches (a strided view of the input, copied once) and a batched matmul delta_i @ U_i^T (cuDNN's grouped
@@ -34,6 +37,7 @@ import torch
 __all__ = ["TUNING", "Tuning", "tuned"]
 
 KXK_METHODS = ("conv", "bmm")
+GRAPH_MODES = ("cuda", "off", "emulated")
 MIN_SCRATCH_BYTES = 16 << 20  # the CPU's budget, and the floor of a GPU's
 OTHER_DEVICE_SCRATCH_BYTES = 256 << 20
 
@@ -46,6 +50,7 @@ class Tuning:
     cpu_pass_cost: float = 4.0
     cuda_pass_cost: float = 100.0
     kxk_weight_grads: str | None = None  # "conv", "bmm" or None (by device)
+    layer_graphs: str = "cuda"  # "cuda", "off" or "emulated"
 
     def scratch_key(self, device: torch.device) -> tuple:
         """The knobs `scratch_bytes` reads for `device`: what a plan made with its budget depends on (the
@@ -67,6 +72,14 @@ class Tuning:
 
     def pass_cost(self, device: torch.device) -> float:
         return self.cpu_pass_cost if device.type == "cpu" else self.cuda_pass_cost
+
+    def graph_mode(self, device: torch.device) -> str:
+        """"cuda", "emulated" or "off": how `graphs.LayerGraphs` runs layers' per-sample work on `device`."""
+        if self.layer_graphs not in GRAPH_MODES:
+            raise ValueError(f"per-sample AGC: layer_graphs must be one of {GRAPH_MODES}, not {self.layer_graphs!r}")
+        if self.layer_graphs == "cuda":
+            return "cuda" if device.type == "cuda" else "off"
+        return self.layer_graphs
 
     def kxk_method(self, device: torch.device) -> str:
         method = self.kxk_weight_grads or ("conv" if device.type == "cpu" else "bmm")

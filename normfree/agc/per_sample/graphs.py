@@ -1,0 +1,162 @@
+"""CUDA graphs of the per-sample work in each layer's backward pass: one graph launch instead of dozens of ops.
+
+On a GPU the per-sample step is bound by the host: a layer's per-sample work (its per-example norms, AGC's
+rule, the clipped sums, weight standardisation's backward) is some forty small kernels, each costing
+more host time than GPU time (an H200 ran nf_resnet26's per-sample step in 11 ms of kernels and 64 ms of
+host time). `LayerGraphs.run` captures that work per layer and input layout into a CUDA graph on the
+layer's second call and replays it from then on.
+
+A graph replays the same kernels on the same addresses. So:
+
+- the layer's input and output signal are copied into one arena of the clipper's (`_Arena`), the same
+  memory for every layer (the layers' backward passes run one after another on one stream), sized for
+  the largest layer: the step's memory grows by one layer's activations, not by all of them;
+- the parameters (fixed addresses) are read where they are; a graph is keyed on their data pointers;
+- the thresholds and the signal's scale are read from tensors of the clipper's that `prepare_backward`
+  rewrites once per pass, before any layer replays;
+- the outputs (the parameters' gradients, the factors and norms the clipper counts) are the graph's
+  own tensors, rewritten by its next replay: autograd copies gradients it accumulates into a fresh
+  `.grad`, and the clipper counts a pass's outcomes before the next pass replays.
+
+The input gradient of the layer is not in the graph (it is one kernel, and autograd holds it across
+other layers' backward passes). `TUNING.layer_graphs` chooses: "cuda" (the default: CUDA tensors), "off",
+or "emulated", which runs the same book-keeping on any device by re-running the recorded function on the
+arena's tensors and copying its results into the recorded outputs, as a replay would (how the CPU
+tests check the mechanism). A capture that fails turns graphs off for that layer and layout, with one warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .tuning import TUNING
+
+if TYPE_CHECKING:
+    from .clipper import PerSampleClipper
+
+__all__ = ["LayerGraphs"]
+
+# A layer's per-sample work: its parameter gradients (or None) from its input and output signal; `captured` says
+# that it runs in a graph (or its emulation), which must not read tensors that are new at every pass
+LayerWork = Callable[..., tuple]  # (x, signal, captured: bool = False)
+
+_ALIGN = 256  # bytes: the arena's tensors start at CUDA's allocation alignment
+_FIRST_CALL, _FAILED = "first call", "failed"
+
+
+def _dense(t: Tensor) -> bool:
+    """Contiguous or channels-last: what the arena holds (other layouts run without a graph)."""
+    return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+class _Arena:
+    """One buffer for the static inputs of every layer's graph. It only grows: a graph keeps the buffer it was
+    captured with (a view holds it), and later captures get a new one at least twice as large."""
+
+    def __init__(self):
+        self.buffer: Tensor | None = None
+
+    def static_like(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Tensors of the shapes, strides and dtypes of `tensors` (dense ones), side by side in the arena."""
+        offsets, size = [], 0
+        for t in tensors:
+            offsets.append(size)
+            size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        device = tensors[0].device
+        if self.buffer is None or self.buffer.numel() < size or self.buffer.device != device:
+            grown = size if self.buffer is None or self.buffer.device != device else max(size, 2 * self.buffer.numel())
+            self.buffer = torch.empty(grown, dtype=torch.uint8, device=device)
+        return [self.buffer[at : at + t.numel() * t.element_size()].view(t.dtype).as_strided(t.shape, t.stride())
+                for at, t in zip(offsets, tensors)]
+
+
+@dataclass
+class _Captured:
+    inputs: list[Tensor]  # in the arena
+    outputs: tuple  # the graph's own tensors (or None)
+    outcomes: list[tuple[int, Tensor, Tensor]]  # what the work added to the clipper's outcomes, the graph's tensors
+    replay: Callable[[], None]
+
+
+class LayerGraphs:
+    """The layers' per-sample work of one clipper, captured per layer and input layout (`run`)."""
+
+    def __init__(self, clipper: PerSampleClipper):
+        self.clipper = clipper
+        self.arena = _Arena()
+        self._pool = None  # one CUDA memory pool for all of the clipper's graphs (they replay in capture order)
+        self._stream: torch.cuda.Stream | None = None
+        self.captured = 0  # graphs captured
+        self.failures: list[str] = []  # why captures failed (the first one is also warned about)
+
+    def run(self, graphs: dict, key: tuple, work: LayerWork, x: Tensor, signal: Tensor) -> tuple:
+        """`work(x, signal)`, from a graph where `TUNING.layer_graphs` allows: `graphs` is the layer's cache, `key`
+        what else the work depends on (it is joined by the layout of x and signal, the knobs and the mode)."""
+        mode = TUNING.graph_mode(x.device)
+        if mode == "off" or not (_dense(x) and _dense(signal)) \
+                or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return work(x, signal)
+        key = (key, mode, dataclasses.astuple(TUNING), *((t.shape, t.stride(), t.dtype, t.device) for t in (x, signal)))
+        entry = graphs.get(key)
+        if entry is None:  # first call: eager, so that plans are made and cuDNN and cuBLAS have their algorithms
+            graphs[key] = _FIRST_CALL
+            return work(x, signal)
+        if entry is _FAILED:
+            return work(x, signal)
+        if entry is _FIRST_CALL:
+            try:
+                entry = graphs[key] = self._capture(mode, work, x, signal)
+                self.captured += 1
+            except Exception as error:  # noqa: BLE001 - any failure: eager from now on, correct and slower
+                graphs[key] = _FAILED
+                self._warn(error)
+                return work(x, signal)
+        for static, t in zip(entry.inputs, (x, signal)):
+            static.copy_(t)
+        entry.replay()
+        self.clipper.note_outcomes(entry.outcomes)
+        return entry.outputs
+
+    def _capture(self, mode: str, work: LayerWork, x: Tensor, signal: Tensor) -> _Captured:
+        inputs = self.arena.static_like([x, signal])
+        for static, t in zip(inputs, (x, signal)):
+            static.copy_(t)
+        if mode == "emulated":
+            outputs, outcomes = self.clipper.outcomes_of(lambda: work(*inputs, True))
+            return _Captured(inputs, outputs, outcomes, lambda: self._emulated_replay(work, inputs, outputs, outcomes))
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(x.device)
+        current = torch.cuda.current_stream(x.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            # thread_local: autograd's device thread captures while other threads (loaders) may use CUDA
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                outputs, outcomes = self.clipper.outcomes_of(lambda: work(*inputs, True))
+            finally:
+                graph.capture_end()
+        current.wait_stream(self._stream)
+        return _Captured(inputs, outputs, outcomes, graph.replay)
+
+    def _emulated_replay(self, work: LayerWork, inputs: list[Tensor], outputs: tuple,
+                         outcomes: list[tuple[int, Tensor, Tensor]]) -> None:
+        new_outputs, new_outcomes = self.clipper.outcomes_of(lambda: work(*inputs, True))
+        pairs = [(old, new) for old, new in zip(outputs, new_outputs) if old is not None]
+        pairs += [(old, new) for (_, *olds), (_, *news) in zip(outcomes, new_outcomes) for old, new in zip(olds, news)]
+        for old, new in pairs:
+            old.copy_(new)
+
+    def _warn(self, error: Exception) -> None:
+        self.failures.append(f"{type(error).__name__}: {error}")
+        if len(self.failures) == 1:
+            warnings.warn(f"per-sample AGC: a layer's CUDA graph could not be captured ({type(error).__name__}: "
+                          f"{error}); that layer runs without one (correct, slower). Set "
+                          "normfree.agc.per_sample.TUNING.layer_graphs = 'off' to turn them off.",
+                          RuntimeWarning, stacklevel=2)
