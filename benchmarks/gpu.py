@@ -161,6 +161,7 @@ class Context:
     sizes: Sizes
     out: Path
     results: Results
+    per_sample: str = ""  # section 3's settings: those whose label contains it
 
     @property
     def cuda(self) -> bool:
@@ -441,6 +442,9 @@ def section_agc(ctx: Context) -> dict:
     if {"normfree", "timm"} <= timings.keys():
         data["b_over_d"] = b_over_d = timings["timm"] / timings["normfree"]
         ctx.results.row(name, setting, "(b) / (d)", f"{b_over_d:.1f}x", ">= 40", b_over_d >= 40)
+    replayed = _plan_graph_state(params)
+    data["plan_graph"] = replayed
+    ctx.results.row(name, setting, "(d)'s launches replayed from the plan's own CUDA graph", replayed)
     if {"graph", "copy"} <= timings.keys():
         ctx.results.row(name, setting, "(e) / (a)", f"{timings['graph'] / timings['copy']:.2f}x")
 
@@ -465,6 +469,20 @@ def section_agc(ctx: Context) -> dict:
 
 
 # -- 2. nfnet_f0 training step -------------------------------------------------------------------------
+def _plan_graph_state(params: list[torch.Tensor]) -> str:
+    """How `adaptive_clip_grad_` ran the Triton kernel for `params` last: from the plan's CUDA graph or not."""
+    from normfree.agc import clip, gpu_kernel
+
+    plans = [d.gpu_plan for d in clip._dispatches.values() if d.gpu_plan is not None and d.first and
+             len(d.first) == len(params)]
+    if not plans:
+        return "n/a (no Triton plan)"
+    states = [state for plan in plans for state in plan.graphs.values()]
+    if any(isinstance(state, tuple) and state for state in states):
+        return "yes"
+    return f"no ({gpu_kernel._graph_failure[0][:200] if gpu_kernel._graph_failure else 'states: ' + repr(states)[:100]})"
+
+
 def stand_in_learner(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> SimpleNamespace:
     """What `normfree.AGC`'s before_train / before_step read from a fastai Learner."""
     return SimpleNamespace(model=model, opt=SimpleNamespace(param_lists=[list(g["params"]) for g in optimizer.param_groups]))
@@ -617,9 +635,27 @@ def profile_table(ctx: Context, run) -> str:
     return averages.table(row_limit=25)
 
 
-def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[float, float, str]:
-    """Per-sample engine against per-example autograd + float64 AGC per example, fp32 without TF32: the global
-    relative error, the worst tensor's max error / max and that tensor's name."""
+def _loop_over_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        clipped: set[str]) -> list[torch.Tensor]:
+    """mean_i of each example's own gradient, AGC'd in float64 (`agc_reference`) for the parameters named in
+    `clipped`; the gradients in the model's dtype."""
+    params = list(model.named_parameters())
+    total = [torch.zeros_like(p, dtype=torch.float64) for _, p in params]
+    for i in range(len(x)):
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for k, (name, p) in enumerate(params):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            total[k] += agc_reference([p], [grad])[0][0] if name in clipped else grad.double()
+    return [t / len(x) for t in total]
+
+
+def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[float, float, str, float]:
+    """Per-sample engine (float32, TF32 off) against the loop over examples run in float64 with float64 AGC: the
+    global relative error, the worst tensor's max error / max and its name, and that tensor's max error / max of
+    the same loop in float32 (what float32 backpropagation itself gets there)."""
+    import copy
+
     from normfree.agc.per_sample import PerSampleClipper, tuned
 
     s = ctx.sizes
@@ -627,15 +663,10 @@ def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[fl
     x, y = batch(ctx, s.check_examples, s.check_size)
     params = list(model.parameters())
     clipped = {id(p) for p in clipped_parameters(model)}
+    clipped_names = {name for name, p in model.named_parameters() if id(p) in clipped}
     with no_tf32():
-        total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        for i in range(len(x)):
-            model.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
-            for k, p in enumerate(params):
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                total[k] += agc_reference([p], [grad])[0][0] if id(p) in clipped else grad.double()
-        reference = [t / len(x) for t in total]
+        reference = _loop_over_examples(copy.deepcopy(model).double(), x.double(), y, clipped_names)
+        float32_loop = _loop_over_examples(model, x, y, clipped_names)
         with tuned(**settings):
             clipper = PerSampleClipper(model, {id(p): CLIPPING for p in params if id(p) in clipped}, EPS)
             try:
@@ -649,9 +680,11 @@ def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[fl
             finally:
                 clipper.remove()
         got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        per_tensor = [(max_relative_error([g], [r]), name) for g, r, (name, _) in zip(got, reference,
-                                                                                    model.named_parameters())]
-        return global_relative_error(got, reference), *max(per_tensor)
+        names = [name for name, _ in model.named_parameters()]
+        per_tensor = [(max_relative_error([g], [r]), k) for k, (g, r) in enumerate(zip(got, reference))]
+        worst, k = max(per_tensor)
+        return (global_relative_error(got, reference), worst, names[k],
+                max_relative_error([float32_loop[k]], [reference[k]]))
 
 
 def section_per_sample(ctx: Context) -> dict:
@@ -661,18 +694,20 @@ def section_per_sample(ctx: Context) -> dict:
     data: dict = dict(variants={v: settings for v, settings in PER_SAMPLE_VARIANTS}, settings={})
     for variant, settings in PER_SAMPLE_VARIANTS:
         try:
-            error, per_tensor, worst = per_sample_exactness(ctx, variant, settings)
+            error, per_tensor, worst, float32_loop = per_sample_exactness(ctx, variant, settings)
             data.setdefault("relative_error", {})[variant] = error
             data.setdefault("max_per_tensor_relative_error", {})[variant] = per_tensor
             ctx.results.row(name, f"{s.check_arch} fp32 no TF32, first {s.check_examples} examples, {variant}",
-                            "per-sample grads vs loop over examples + float64 AGC: ||error|| / ||reference|| "
-                            f"(worst tensor's max error / max {per_tensor:.0e}, {worst})", f"{error:.1e}", "<= 1e-5",
-                            error <= 1e-5)
+                            "per-sample grads vs the loop over examples in float64: ||error|| / ||reference|| "
+                            f"(worst tensor {worst}: max error / max {per_tensor:.0e}; the float32 loop's there "
+                            f"{float32_loop:.0e})", f"{error:.1e}", "<= 1e-5", error <= 1e-5)
         except Exception as error:  # noqa: BLE001
             data.setdefault("errors", {})[f"exactness {variant}"] = traceback.format_exc()
             ctx.results.row(name, f"{s.check_arch} exactness, {variant}", "ERROR", _short(error))
         log(f"  section 3: exactness {variant} done")
     for setting in s.per_sample:
+        if ctx.per_sample not in setting.label:
+            continue
         entry = data["settings"][setting.label] = {}
         try:
             _per_sample_setting(ctx, setting, entry, PerSampleClipper)
@@ -881,6 +916,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="every section at tiny sizes (a smoke test)")
     parser.add_argument("--cpu-smoke", action="store_true", help="run the quick sizes on the CPU (tests the code paths)")
     parser.add_argument("--sections", default="1,2,3,4", help="comma-separated section numbers to run")
+    parser.add_argument("--per-sample", default="", metavar="TEXT",
+                        help="section 3: only the settings whose label contains TEXT (e.g. 'nf_resnet26')")
     return parser.parse_args(argv)
 
 
@@ -899,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()  # the CLI runs of section 4 have another working directory
     args.out.mkdir(parents=True, exist_ok=True)
     results = Results(args.out, metadata(device, args), judge=not args.cpu_smoke)
-    ctx = Context(device, QUICK if args.quick else FULL, args.out, results)
+    ctx = Context(device, QUICK if args.quick else FULL, args.out, results, args.per_sample)
     log(f"device {results.meta['device']}; torch {torch.__version__}, triton {results.meta['triton']}, "
         f"timm {results.meta['timm']}; commit {results.meta['commit']}; out {args.out}")
     wanted = {x.strip() for x in args.sections.split(",")}

@@ -565,6 +565,26 @@ def test_a_layer_graph_that_cannot_be_captured_warns_once_and_the_layer_runs_wit
             torch.testing.assert_close(got[n], expected[n], rtol=1e-6, atol=1e-12)
 
 
+def test_a_model_with_layer_graphs_copies_without_them():
+    """A deep copy (an EMA of the model, a reference loop) of a model whose clipper holds graphs: the copy's clipper
+    starts without graphs (CUDA graphs and streams cannot be copied), and the copy predicts as the original."""
+    torch.manual_seed(0)
+    model, (x, y) = StdConvNet().train(), image_batch()
+    with tuned(layer_graphs="emulated"):
+        clipper = PerSampleClipper(model, {id(p): CLIPPING for p in model.parameters()})
+        clipper.start()
+        for _ in range(3):
+            clipper.grad_scale = torch.tensor(1.0 / len(x))
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        assert clipper.graphs.captured > 0
+        twin = copy.deepcopy(model)
+    twin_clipper = twin.a.forward.args[0]
+    assert twin_clipper is not clipper and twin_clipper.graphs.captured == 0
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
+
+
 def test_layer_graphs_knob_is_checked():
     with tuned(layer_graphs="sometimes"), pytest.raises(ValueError, match="layer_graphs must be one of"):
         TUNING.graph_mode(torch.device("cpu"))

@@ -52,6 +52,7 @@ class KernelFailed(RuntimeError):
 
 
 _failure: list[str] = []  # why the kernel failed in this process, if it did
+_graph_failure: list[str] = []  # why a plan's launches could not be captured in a CUDA graph, if they could not
 
 
 @functools.cache
@@ -214,8 +215,13 @@ def clip_(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor
     if plan.graphs[key] is None:
         try:
             plan.graphs[key] = _captured(plan, n_slots, clipping, eps, grad_norm_floor)
-        except RuntimeError:  # capture refused here (a driver or a debugging mode): launch directly from now on
+        except RuntimeError as error:  # capture refused here (a driver, a debugging mode): launch directly from now on
             plan.graphs[key] = NO_GRAPH
+            if not _graph_failure:
+                _graph_failure.append(f"{type(error).__name__}: {error}")
+                warnings.warn(f"normfree's AGC kernel could not be captured in a CUDA graph here ({_graph_failure[0]}); "
+                              "it is launched directly (correct, more host time per call).", RuntimeWarning,
+                              stacklevel=4)
     if plan.graphs[key] is NO_GRAPH:
         return _launch(plan, n_slots, clipping, eps, grad_norm_floor)
     graph, counts = plan.graphs[key]

@@ -89,20 +89,34 @@ class LayerGraphs:
 
     def __init__(self, clipper: PerSampleClipper):
         self.clipper = clipper
+        self._reset()
+
+    def _reset(self) -> None:
         self.arena = _Arena()
+        self._entries: dict[tuple, _Captured | str] = {}  # by layer and key: a graph, _FIRST_CALL or _FAILED
         self._pool = None  # one CUDA memory pool for all of the clipper's graphs (they replay in capture order)
         self._stream: torch.cuda.Stream | None = None
         self.captured = 0  # graphs captured
         self.failures: list[str] = []  # why captures failed (the first one is also warned about)
 
-    def run(self, graphs: dict, key: tuple, work: LayerWork, x: Tensor, signal: Tensor) -> tuple:
-        """`work(x, signal)`, from a graph where `TUNING.layer_graphs` allows: `graphs` is the layer's cache, `key`
-        what else the work depends on (it is joined by the layout of x and signal, the knobs and the mode)."""
+    def __getstate__(self) -> dict:
+        """A copy (a deep-copied or pickled model with the clipper installed) starts without graphs."""
+        return {"clipper": self.clipper}
+
+    def __setstate__(self, state: dict) -> None:
+        self.clipper = state["clipper"]
+        self._reset()
+
+    def run(self, layer: object, key: tuple, work: LayerWork, x: Tensor, signal: Tensor) -> tuple:
+        """`layer`'s `work(x, signal)`, from a graph where `TUNING.layer_graphs` allows; `key` is what else the work
+        depends on (joined by the layer, the layout of x and signal, the knobs and the mode)."""
         mode = TUNING.graph_mode(x.device)
         if mode == "off" or not (_dense(x) and _dense(signal)) \
                 or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return work(x, signal)
-        key = (key, mode, dataclasses.astuple(TUNING), *((t.shape, t.stride(), t.dtype, t.device) for t in (x, signal)))
+        key = (id(layer), key, mode, dataclasses.astuple(TUNING),
+               *((t.shape, t.stride(), t.dtype, t.device) for t in (x, signal)))
+        graphs = self._entries
         entry = graphs.get(key)
         if entry is None:  # first call: eager, so that plans are made and cuDNN and cuBLAS have their algorithms
             graphs[key] = _FIRST_CALL

@@ -71,7 +71,6 @@ class Layer:
     standardized: bool = False  # timm (Scaled)StdConv2d(Same)
     eps: float = 0.0
     plans: dict = field(default_factory=dict, compare=False, repr=False)  # Plan per input shape, dtype and knobs
-    graphs: dict = field(default_factory=dict, compare=False, repr=False)  # `graphs.LayerGraphs.run`'s cache
 
     @staticmethod
     def of(module: nn.Module) -> Layer | None:
@@ -120,8 +119,11 @@ class Layer:
             + (weight_cost if along_weight else 0)
         ghost = ghost_cost < materialise_cost
         by_convolution = not ghost and self.kind == "conv" and self.kernel != (1, 1) and kxk == "conv"
-        scratch = groups * (positions * (positions + per_group) if ghost else per_group * fan_in) \
-            + (0 if by_convolution else groups * fan_in * positions)
+        products = groups * (positions * (positions + per_group) if ghost else per_group * fan_in)
+        patches = 0 if by_convolution else groups * fan_in * positions
+        # a standardised layer's patches (or g_i) are centred over the fan-in (`_chunk_sums`): a copy of them
+        centred = (products if by_convolution else patches) if self.standardized and clip else 0
+        scratch = products + patches + centred
         chunk = max(1, scratch_budget // (torch.finfo(dtype).bits // 8 * scratch))
         plan = self.plans[key] = Plan(groups, fan_in, per_group, positions, ghost, by_convolution, chunk)
         return plan
@@ -426,7 +428,7 @@ class ClippedLayer(torch.autograd.Function):
                 return _parameter_grads(clipper, module, layer, x, signal, effective, stats, *params)
 
             key = tuple(-1 if p is None else p.data_ptr() for p in params)
-            grad_weight, grad_bias, grad_gain = clipper.graphs.run(layer.graphs, key, work, x, signal)
+            grad_weight, grad_bias, grad_gain = clipper.graphs.run(layer, key, work, x, signal)
         return None, None, None, grad_x, grad_weight, grad_bias, grad_gain
 
 
