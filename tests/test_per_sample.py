@@ -588,3 +588,28 @@ def test_a_model_with_layer_graphs_copies_without_them():
 def test_layer_graphs_knob_is_checked():
     with tuned(layer_graphs="sometimes"), pytest.raises(ValueError, match="layer_graphs must be one of"):
         TUNING.graph_mode(torch.device("cpu"))
+
+
+def test_the_arena_is_made_once_for_the_largest_layer():
+    """The layers' static inputs share one buffer, sized in the forward pass for the largest layer's input and output
+    signal: the captures of later (smaller, then larger) layers make no second buffer."""
+    torch.manual_seed(0)
+    model, (x, y) = StdConvNet().train(), image_batch()
+    with tuned(layer_graphs="emulated"):
+        clipper = PerSampleClipper(model, {id(p): CLIPPING for p in model.parameters()})
+        clipper.start()
+        buffers = set()
+        for _ in range(3):
+            clipper.grad_scale = torch.tensor(1.0 / len(x))
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if clipper.graphs.arena.buffer is not None:
+                buffers.add(id(clipper.graphs.arena.buffer))
+        sizes = []
+        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(i[0].nbytes + o.nbytes))
+                 for m in (model.a, model.b, model.c, model.fc)]
+        with torch.no_grad():
+            model(x)
+        for hook in hooks:
+            hook.remove()
+    assert len(buffers) == 1 and max(sizes) <= clipper.graphs.arena.buffer.numel() < max(sizes) + 2 * 256

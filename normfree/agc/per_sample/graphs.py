@@ -55,22 +55,32 @@ def _dense(t: Tensor) -> bool:
     return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
+def _aligned_bytes(t: Tensor) -> int:
+    return -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+
+
 class _Arena:
-    """One buffer for the static inputs of every layer's graph. It only grows: a graph keeps the buffer it was
-    captured with (a view holds it), and later captures get a new one at least twice as large."""
+    """One buffer for the static inputs of every layer's graph, sized in the forward pass for the largest layer
+    (`reserve`), so that the first capture allocates it once. Should a later capture need more, a new buffer at
+    least twice as large is made: a graph keeps the buffer it was captured with (a view holds it)."""
 
     def __init__(self):
         self.buffer: Tensor | None = None
+        self.needed = 0  # bytes: the largest layer's input and output signal, seen in forward passes
+
+    def reserve(self, tensors: list[Tensor]) -> None:
+        self.needed = max(self.needed, sum(map(_aligned_bytes, tensors)))
 
     def static_like(self, tensors: list[Tensor]) -> list[Tensor]:
         """Tensors of the shapes, strides and dtypes of `tensors` (dense ones), side by side in the arena."""
         offsets, size = [], 0
         for t in tensors:
             offsets.append(size)
-            size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+            size += _aligned_bytes(t)
         device = tensors[0].device
         if self.buffer is None or self.buffer.numel() < size or self.buffer.device != device:
-            grown = size if self.buffer is None or self.buffer.device != device else max(size, 2 * self.buffer.numel())
+            first = self.buffer is None or self.buffer.device != device
+            grown = max(size, self.needed) if first else max(size, 2 * self.buffer.numel())
             self.buffer = torch.empty(grown, dtype=torch.uint8, device=device)
         return [self.buffer[at : at + t.numel() * t.element_size()].view(t.dtype).as_strided(t.shape, t.stride())
                 for at, t in zip(offsets, tensors)]
@@ -106,6 +116,11 @@ class LayerGraphs:
     def __setstate__(self, state: dict) -> None:
         self.clipper = state["clipper"]
         self._reset()
+
+    def note_forward(self, x: Tensor, out: Tensor) -> None:
+        """A layer's forward pass gave `out` from `x`: the arena will hold x and a signal like `out`."""
+        if TUNING.graph_mode(x.device) != "off":
+            self.arena.reserve([x, out])
 
     def run(self, layer: object, key: tuple, work: LayerWork, x: Tensor, signal: Tensor) -> tuple:
         """`layer`'s `work(x, signal)`, from a graph where `TUNING.layer_graphs` allows; `key` is what else the work

@@ -467,4 +467,6 @@ def layer_forward(clipper: PerSampleClipper, layer: Layer, module: nn.Module, x:
     clipper.note_call(module)
     if layer.same_pad:
         x = pad_same(x, module.kernel_size, module.stride, module.dilation)
-    return ClippedLayer.apply(clipper, module, layer, x, module.weight, module.bias, getattr(module, "gain", None))
+    out = ClippedLayer.apply(clipper, module, layer, x, module.weight, module.bias, getattr(module, "gain", None))
+    clipper.graphs.note_forward(x, out)
+    return out
