@@ -922,6 +922,10 @@ def metadata(device: torch.device, args: argparse.Namespace) -> dict:
         python=platform.python_version(), commit=_git_commit(), quick=args.quick, cpu_smoke=args.cpu_smoke,
         cudnn_benchmark=torch.backends.cudnn.benchmark, started=time.strftime("%Y-%m-%d %H:%M:%S"),
         per_sample_variants=PER_SAMPLE_VARIANTS,
+        # what decides whether float32 matmuls and convolutions run in TF32 (the exactness rows depend on it)
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+        matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32, cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        tf32_environment={k: v for k, v in os.environ.items() if "TF32" in k},
     )
 
 
@@ -953,7 +957,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(args.out, metadata(device, args), judge=not args.cpu_smoke)
     ctx = Context(device, QUICK if args.quick else FULL, args.out, results, args.per_sample)
     log(f"device {results.meta['device']}; torch {torch.__version__}, triton {results.meta['triton']}, "
-        f"timm {results.meta['timm']}; commit {results.meta['commit']}; out {args.out}")
+        f"timm {results.meta['timm']}; commit {results.meta['commit']}; out {args.out}; float32 matmul precision "
+        f"{results.meta['float32_matmul_precision']}, TF32 environment {results.meta['tf32_environment'] or 'none'}")
     wanted = {x.strip() for x in args.sections.split(",")}
     start = time.perf_counter()
     for key, function in SECTIONS:

@@ -25,11 +25,14 @@ How each layer does it (book-keeping, Bu et al. 2023; ghost norms, Li et al. 202
 - `generic`: any other layer with parameters goes through torch.func (vmap of vjp) in chunks of
   examples: exact, slower.
 
+On CUDA the host, not the GPU, bounds such a backward pass (a layer's per-sample work is some forty small
+kernels), so `graphs` captures each layer's per-sample work in a CUDA graph on its second call and replays it.
+
 `clipper` holds `PerSampleClipper`, which installs them; `loss_scale` finds what the loss's reduction, gradient
 accumulation and a grad scaler multiplied each example's gradient by; `clipped_sum` the clipped sum shared by the
 engines and the precision they compute in (bfloat16 signals stay bfloat16, norms accumulate in
 float32); `tuning` the knobs a benchmark may turn (`TUNING`: scratch budget per device, how k x k
-convolutions materialise g_i).
+convolutions materialise g_i, the layers' CUDA graphs).
 
 BatchNorm in training mode couples the examples of a batch: per-example gradients do not exist,
 and `PerSampleClipper` refuses such models. Dropout and drop-path are per-example and fine.
