@@ -481,7 +481,8 @@ def test_patches_are_torchs_unfold(kernel, stride, padding, dilation):
 # --- per-layer CUDA graphs: their book-keeping, emulated on the CPU --------------------------------------------
 def graphed_steps(make_model, make_batch, mode, steps=5, device="cpu"):
     """SGD steps with per-sample AGC and `layer_graphs=mode`: per step the gradients and clip counts, and the loop's
-    reference for the last step. New inputs and loss scales every step; step 3 accumulates two half-batch passes."""
+    reference for the last step. New inputs and loss scales every step; steps 3 and 4 accumulate two half-batch
+    passes (a gradient taken from a graph's own output tensor instead of a copy would be overwritten there)."""
     torch.manual_seed(0)
     model = make_model().train().to(device)
     x0, y0 = (t.to(device) for t in make_batch())
@@ -496,7 +497,8 @@ def graphed_steps(make_model, make_batch, mode, steps=5, device="cpu"):
             if x.is_floating_point():
                 x = x * (1 + 0.2 * step)
             scale = (1.0, 8.0, 0.5, 3.0, 2.0)[step]
-            parts = [slice(0, len(x) // 2), slice(len(x) // 2, len(x))] if step == 3 else [slice(0, len(x))]
+            # accumulated passes from step 3 on: the half-batch layout is captured in step 3, replayed in step 4
+            parts = [slice(0, len(x) // 2), slice(len(x) // 2, len(x))] if step >= 3 else [slice(0, len(x))]
             if step == steps - 1:  # the loss is scaled, the clipping is not: the clipped mean, scaled
                 reference = {n: g * scale for n, g in per_example_reference(model, x, y, F.cross_entropy).items()}
             optimizer.zero_grad()
