@@ -553,8 +553,13 @@ def test_layer_graphs_on_cuda_replay_the_steps_without_graphs(name, monkeypatch)
 def test_a_layer_graph_that_cannot_be_captured_warns_once_and_the_layer_runs_without(monkeypatch):
     from normfree.agc.per_sample.graphs import LayerGraphs
 
-    def refuse(self, *args):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    real_capture = LayerGraphs._capture
+
+    def refuse(self, mode, work, x, signal):  # fails after the work has called clip_factors, as a capture can
+        def failing(*args):
+            work(*args)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_capture(self, mode, failing, x, signal)
 
     monkeypatch.setattr(LayerGraphs, "_capture", refuse)
     eager, eager_counts, _ = graphed_steps(StdConvNet, image_batch, "off", steps=3)

@@ -245,9 +245,11 @@ class PerSampleClipper:
         """`work()`, and the outcomes its `clip_factors` calls added, taken out of this pass's list (a layer's CUDA
         graph records them at its capture, and `note_outcomes` adds them again at every replay)."""
         start = len(self._outcomes)
-        result = work()
-        added = self._outcomes[start:]
-        del self._outcomes[start:]
+        try:
+            result = work()
+        finally:  # a capture that fails part-way leaves none of its (never computed) outcomes behind
+            added = self._outcomes[start:]
+            del self._outcomes[start:]
         return result, added
 
     def note_outcomes(self, outcomes: list[tuple[int, Tensor, Tensor]]) -> None:
