@@ -24,6 +24,7 @@ from torch import nn
 
 from normfree import AGC, excluded_parameters
 from normfree.agc.per_sample import TUNING, PerSampleClipper, tuned
+from normfree.agc.per_sample.layers import Layer
 
 LR = 0.5
 CLIPPING = 0.01
@@ -590,6 +591,35 @@ def test_a_model_with_layer_graphs_copies_without_them():
     assert twin_clipper is not clipper and twin_clipper.graphs.captured == 0
     with torch.no_grad():
         torch.testing.assert_close(twin(x), model(x))
+
+
+def test_inputs_of_ever_new_shapes_capture_at_most_max_layouts_graphs_per_layer():
+    """Sequences of changing lengths: each length seen twice, and no layer holds more than MAX_LAYOUTS graphs; the
+    gradients are those without graphs."""
+    from normfree.agc.per_sample.graphs import MAX_LAYOUTS
+
+    def steps(mode):
+        torch.manual_seed(0)
+        model = TokenModel().train()
+        grads = []
+        with tuned(layer_graphs=mode):
+            clipper = PerSampleClipper(model, {id(p): CLIPPING for p in model.parameters()})
+            clipper.start()
+            for length in [5, 6, 7, 8, 9, 10] * 2:
+                x = torch.randint(0, 20, (4, length), generator=torch.Generator().manual_seed(length))
+                model.zero_grad()
+                clipper.grad_scale = torch.tensor(0.25)
+                F.cross_entropy(model(x), x[:, 0] % 5).backward()
+                grads.append([p.grad.clone() for p in model.parameters()])
+        return grads, clipper.graphs
+
+    eager, _ = steps("off")
+    graphed, graphs = steps("emulated")
+    layers = sum(1 for m in TokenModel().modules() if Layer.of(m) is not None)
+    assert graphs.captured == MAX_LAYOUTS * layers
+    for got, expected in zip(graphed, eager):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
 
 def test_layer_graphs_knob_is_checked():

@@ -4,7 +4,8 @@ On a GPU the per-sample step is bound by the host: a layer's per-sample work (it
 rule, the clipped sums, weight standardisation's backward) is some forty small kernels, each costing
 more host time than GPU time (an H200 ran nf_resnet26's per-sample step in 11 ms of kernels and 64 ms of
 host time). `LayerGraphs.run` captures that work per layer and input layout into a CUDA graph on the
-layer's second call and replays it from then on.
+layer's second call and replays it from then on (at most `MAX_LAYOUTS` input layouts per layer; others run
+without a graph).
 
 A graph replays the same kernels on the same addresses. So:
 
@@ -47,12 +48,21 @@ __all__ = ["LayerGraphs"]
 LayerWork = Callable[..., tuple]  # (x, signal, captured: bool = False)
 
 _ALIGN = 256  # bytes: the arena's tensors start at CUDA's allocation alignment
-_FIRST_CALL, _FAILED = "first call", "failed"
+_FIRST_CALL, _FAILED, _EAGER = "first call", "failed", "eager"
+# Graphs per layer at most: the full batch, a last partial one and an accumulation split need three; inputs whose
+# shapes keep changing (sequences of any length) would otherwise hold one graph, and its outputs, per shape
+MAX_LAYOUTS = 4
 
 
 def _dense(t: Tensor) -> bool:
-    """Contiguous or channels-last: what the arena holds (other layouts run without a graph)."""
-    return t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    """Whether `t`'s elements fill `t.numel()` consecutive slots in some order of its dims (contiguous, channels-last,
+    transposed): what the arena can mirror, layout included. Others run without a graph."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _aligned_bytes(t: Tensor) -> int:
@@ -103,7 +113,8 @@ class LayerGraphs:
 
     def _reset(self) -> None:
         self.arena = _Arena()
-        self._entries: dict[tuple, _Captured | str] = {}  # by layer and key: a graph, _FIRST_CALL or _FAILED
+        self._entries: dict[tuple, _Captured | str] = {}  # by layer and key: a graph, _FIRST_CALL, _FAILED or _EAGER
+        self._layouts: dict[int, int] = {}  # graphs captured, by layer
         self._pool = None  # one CUDA memory pool for all of the clipper's graphs (they replay in capture order)
         self._stream: torch.cuda.Stream | None = None
         self.captured = 0  # graphs captured
@@ -136,12 +147,16 @@ class LayerGraphs:
         if entry is None:  # first call: eager, so that plans are made and cuDNN and cuBLAS have their algorithms
             graphs[key] = _FIRST_CALL
             return work(x, signal)
-        if entry is _FAILED:
+        if entry is _FAILED or entry is _EAGER:
             return work(x, signal)
         if entry is _FIRST_CALL:
+            if self._layouts.get(id(layer), 0) >= MAX_LAYOUTS:
+                graphs[key] = _EAGER
+                return work(x, signal)
             try:
                 entry = graphs[key] = self._capture(mode, work, x, signal)
                 self.captured += 1
+                self._layouts[id(layer)] = self._layouts.get(id(layer), 0) + 1
             except Exception as error:  # noqa: BLE001 - any failure: eager from now on, correct and slower
                 graphs[key] = _FAILED
                 self._warn(error)
