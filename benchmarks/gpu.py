@@ -831,6 +831,39 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
         entry["profile"] = str(ctx.out / "per_sample_profile.txt")
 
 
+# Plain fastai on the same data and model, without normfree's callbacks: the second of two one-epoch fits, in seconds.
+# Its fp16 / fp32 ratio is what autocast and the grad scaler cost on this model by themselves.
+PLAIN_FASTAI = """
+import sys, time, timm, torch
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+import normfree
+precision, limit = sys.argv[1], (int(sys.argv[2]) if len(sys.argv) > 2 else None)
+dls = normfree.digits_dataloaders(bs=64, size=32, limit=limit)
+model = timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1)
+learn = Learner(dls, model, CrossEntropyLossFlat())
+learn = learn.to_fp16() if precision == "fp16" else learn.to_bf16() if precision == "bf16" else learn
+with learn.no_bar(), learn.no_logging():
+    learn.fit(1, 1e-3)
+    start = time.perf_counter()
+    learn.fit(1, 1e-3)
+print(time.perf_counter() - start)
+"""
+
+
+def plain_fastai_epoch_s(ctx: Context, precision: str, env: dict) -> float | str:
+    limit = ctx.sizes.train_args[ctx.sizes.train_args.index("--limit") + 1:][:1] if "--limit" in ctx.sizes.train_args \
+        else []
+    try:
+        done = subprocess.run([sys.executable, "-c", PLAIN_FASTAI, precision, *limit], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=ctx.sizes.train_timeout_s)
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    if done.returncode != 0:
+        return f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1][:150]}"
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 # -- 4. normfree train -----------------------------------------------------------------------------------------
 def section_cli(ctx: Context) -> dict:
     name, s = S4, ctx.sizes
@@ -879,6 +912,16 @@ def section_cli(ctx: Context) -> dict:
         ctx.results.row(name, setting, "fp16 s/epoch / fp32 s/epoch", f"{ratio:.2f}x", "<= 1", ratio <= 1)
     if "bf16" in per_epoch and "fp32" in per_epoch:
         ctx.results.row(name, setting, "bf16 s/epoch / fp32 s/epoch", f"{per_epoch['bf16'] / per_epoch['fp32']:.2f}x")
+    plain = data["plain_fastai"] = {}
+    for precision in ("fp32", "fp16"):
+        log(f"  section 4: plain fastai {precision}")
+        plain[precision] = plain_fastai_epoch_s(ctx, precision, env)
+        value = plain[precision]
+        ctx.results.row(name, setting, f"plain fastai Learner (no normfree callbacks), {precision}: s/epoch",
+                        f"{value:.2f} s" if isinstance(value, float) else value)
+    if all(isinstance(plain[k], float) for k in ("fp32", "fp16")):
+        ctx.results.row(name, setting, "plain fastai fp16 / fp32 (what autocast and the scaler cost by themselves)",
+                        f"{plain['fp16'] / plain['fp32']:.2f}x")
     return data
 
 

@@ -1,5 +1,6 @@
 """Mixed precision on the CPU with `DeviceMixedPrecision` / `learn.to_mixed_precision`."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -42,6 +43,14 @@ def test_fp16_autocasts_on_the_cpu_with_a_cpu_grad_scaler():
     assert isinstance(probe.grad_scaler, torch.amp.GradScaler) and probe.scaler_enabled
     assert probe.grad_scaler._device == "cpu"
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_fp16_on_a_cpu_warns_that_it_is_slow_and_names_bf16_and_bf16_does_not_warn():
+    with pytest.warns(RuntimeWarning, match=r"fp16 mixed precision on a CPU.*use bf16"):
+        fit_with("fp16")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fp16 mixed precision on a CPU")
+        fit_with("bf16")
 
 
 def test_bf16_autocasts_without_loss_scaling():
