@@ -199,6 +199,43 @@ def test_on_cuda_a_whole_step_captured_with_gradients_first_allocated_in_the_cap
     assert stats.clipped.tolist() == [n for _, n in expected] and sum(n for _, n in expected) > 0
 
 
+class _FakeGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_a_plans_calls_launch_then_capture_then_replay_or_launch_when_capture_fails(monkeypatch, capture_fails):
+    """`clip_`'s sequence on a CUDA plan, with the launches and the capture stood in for: the first call launches
+    (and compiles), the second captures and replays, later ones replay; a refused capture warns once and every
+    call launches directly. Other arguments (another lambda) start their own sequence."""
+    launches, graph = [], _FakeGraph()
+    counts = torch.zeros(2, 3, dtype=torch.int32)
+
+    def captured(*args):
+        if capture_fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return graph, counts
+
+    monkeypatch.setattr(gpu_kernel, "_launch", lambda *args: launches.append(args[2]) or counts)
+    monkeypatch.setattr(gpu_kernel, "_captured", captured)
+    monkeypatch.setattr(gpu_kernel, "_graph_failure", [])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    plan = gpu_kernel.Plan(torch.device("cuda"), [])
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for clipping in (0.01, 0.01, 0.01, 0.01, 0.02):
+            assert gpu_kernel.clip_(plan, 3, clipping, 1e-3, 1e-6) is counts
+    refused = [w for w in warned if "could not be captured" in str(w.message)]
+    if capture_fails:
+        assert launches == [0.01] * 4 + [0.02] and graph.replays == 0 and len(refused) == 1
+    else:
+        assert launches == [0.01, 0.02] and graph.replays == 3 and not refused
+
+
 def test_a_kernel_that_fails_to_build_warns_once_and_torch_ops_take_over(on_cpu_tensors, monkeypatch):
     class Unbuildable:
         def __getitem__(self, grid):

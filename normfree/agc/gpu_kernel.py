@@ -238,14 +238,17 @@ def _captured(plan: Plan, n_slots: int, clipping: float, eps: float,
         # thread_local: CUDA calls of other threads (pin-memory, loaders) may go on while this thread captures
         graph.capture_begin(capture_error_mode="thread_local")
         try:
-            counts = _launch(plan, n_slots, clipping, eps, grad_norm_floor)
+            counts = _launch(plan, n_slots, clipping, eps, grad_norm_floor, capturing=True)
         finally:
             graph.capture_end()
     current.wait_stream(stream)
     return graph, counts
 
 
-def _launch(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor: float) -> Tensor:
+def _launch(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor: float,
+            capturing: bool = False) -> Tensor:
+    """The plan's launches; a failure turns the kernel off (`KernelFailed`), except while `capturing` a graph of
+    them, where it only means that this graph cannot be made (a RuntimeError)."""
     counts = torch.zeros(2, n_slots, dtype=torch.int32, device=plan.device)
     for launch in plan.launches:
         try:
@@ -255,6 +258,8 @@ def _launch(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_flo
                 ROWS=launch.rows, BLOCK=launch.block, TASK_FIELDS=TASK, TENSOR_FIELDS=TENSOR,
             )
         except Exception as error:  # a Triton or driver that cannot build it: torch ops from now on
+            if capturing:
+                raise RuntimeError(f"launch refused in CUDA-graph capture: {type(error).__name__}: {error}") from error
             _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}")
             available.cache_clear()
             warnings.warn(
