@@ -852,8 +852,8 @@ print(time.perf_counter() - start)
 
 
 def plain_fastai_epoch_s(ctx: Context, precision: str, env: dict) -> float | str:
-    limit = ctx.sizes.train_args[ctx.sizes.train_args.index("--limit") + 1:][:1] if "--limit" in ctx.sizes.train_args \
-        else []
+    args = ctx.sizes.train_args
+    limit = [args[args.index("--limit") + 1]] if "--limit" in args else []
     try:
         done = subprocess.run([sys.executable, "-c", PLAIN_FASTAI, precision, *limit], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=ctx.sizes.train_timeout_s)

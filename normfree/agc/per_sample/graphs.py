@@ -48,7 +48,7 @@ __all__ = ["LayerGraphs"]
 LayerWork = Callable[..., tuple]  # (x, signal, captured: bool = False)
 
 _ALIGN = 256  # bytes: the arena's tensors start at CUDA's allocation alignment
-_FIRST_CALL, _FAILED, _EAGER = "first call", "failed", "eager"
+_FIRST_CALL, _EAGER = "first call", "eager"  # _EAGER: capture failed, or the layer has MAX_LAYOUTS
 # Graphs per layer at most: the full batch, a last partial one and an accumulation split need three; inputs whose
 # shapes keep changing (sequences of any length) would otherwise hold one graph, and its outputs, per shape
 MAX_LAYOUTS = 4
@@ -113,7 +113,7 @@ class LayerGraphs:
 
     def _reset(self) -> None:
         self.arena = _Arena()
-        self._entries: dict[tuple, _Captured | str] = {}  # by layer and key: a graph, _FIRST_CALL, _FAILED or _EAGER
+        self._entries: dict[tuple, _Captured | str] = {}  # by layer and key: a graph, _FIRST_CALL or _EAGER
         self._layouts: dict[int, int] = {}  # graphs captured, by layer
         self._pool = None  # one CUDA memory pool for all of the clipper's graphs (they replay in capture order)
         self._stream: torch.cuda.Stream | None = None
@@ -147,7 +147,7 @@ class LayerGraphs:
         if entry is None:  # first call: eager, so that plans are made and cuDNN and cuBLAS have their algorithms
             graphs[key] = _FIRST_CALL
             return work(x, signal)
-        if entry is _FAILED or entry is _EAGER:
+        if entry is _EAGER:
             return work(x, signal)
         if entry is _FIRST_CALL:
             if self._layouts.get(id(layer), 0) >= MAX_LAYOUTS:
@@ -158,7 +158,7 @@ class LayerGraphs:
                 self.captured += 1
                 self._layouts[id(layer)] = self._layouts.get(id(layer), 0) + 1
             except Exception as error:  # noqa: BLE001 - any failure: eager from now on, correct and slower
-                graphs[key] = _FAILED
+                graphs[key] = _EAGER
                 self._warn(error)
                 return work(x, signal)
         for static, t in zip(entry.inputs, (x, signal)):
