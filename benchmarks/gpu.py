@@ -660,67 +660,132 @@ def _loop_over_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     return [t / len(x) for t in total]
 
 
-def per_sample_exactness(ctx: Context, variant: str, settings: dict) -> tuple[float, float, str, float]:
-    """Per-sample engine (float32, TF32 off) against the loop over examples run in float64 with float64 AGC: the
-    global relative error, the worst tensor's max error / max and its name, and that tensor's max error / max of
-    the same loop in float32 (what float32 backpropagation itself gets there)."""
-    import copy
+def _batch_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The ordinary mean gradient of the batch, no clipping (what batched backpropagation itself gets)."""
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
+
+def _engine_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, clipped: set[int],
+                  settings: dict) -> list[torch.Tensor]:
+    """The per-sample engine's clipped mean gradient, after three passes (the layers' CUDA graphs are captured
+    on the second pass and replayed on the third)."""
     from normfree.agc.per_sample import PerSampleClipper, tuned
 
-    s = ctx.sizes
-    model = make_model(s.check_arch, ctx)
-    x, y = batch(ctx, s.check_examples, s.check_size)
     params = list(model.parameters())
-    clipped = {id(p) for p in clipped_parameters(model)}
-    clipped_names = {name for name, p in model.named_parameters() if id(p) in clipped}
-    with no_tf32():
-        reference = _loop_over_examples(copy.deepcopy(model).double(), x.double(), y, clipped_names)
-        float32_loop = _loop_over_examples(model, x, y, clipped_names)
-        with tuned(**settings):
-            clipper = PerSampleClipper(model, {id(p): CLIPPING for p in params if id(p) in clipped}, EPS)
-            try:
-                for _ in range(3):  # the layers' CUDA graphs are captured on the second pass, replayed on the third
-                    model.zero_grad(set_to_none=True)
-                    clipper.grad_scale = torch.tensor(1.0 / len(x), device=ctx.device)
-                    clipper.start()
-                    torch.nn.functional.cross_entropy(model(x), y).backward()
-                    clipper.stop()
-                    clipper.collect([])
-            finally:
-                clipper.remove()
-        got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    with tuned(**settings):
+        clipper = PerSampleClipper(model, {id(p): CLIPPING for p in params if id(p) in clipped}, EPS)
+        try:
+            for _ in range(3):
+                model.zero_grad(set_to_none=True)
+                clipper.grad_scale = torch.tensor(1.0 / len(x), device=x.device)
+                clipper.start()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                clipper.stop()
+                clipper.collect([])
+        finally:
+            clipper.remove()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def _worst_tensors(got: list[torch.Tensor], reference: list[torch.Tensor], names: list[str],
+                   k: int = 5) -> list[tuple[float, str]]:
+    """The `k` tensors with the largest max error / max, largest first."""
+    per_tensor = [(max_relative_error([g.to(r.device)], [r]), name) for g, r, name in zip(got, reference, names)]
+    return sorted(per_tensor, reverse=True)[:k]
+
+
+@dataclass
+class Exactness:
+    """The per-sample check's model, batch and float64 reference (the loop over examples)."""
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    clipped: set[int]
+    names: list[str]
+    reference: list[torch.Tensor]
+    float32_loop: list[torch.Tensor]
+
+    @staticmethod
+    def make(ctx: Context) -> Exactness:
+        import copy
+
+        s = ctx.sizes
+        model = make_model(s.check_arch, ctx)
+        x, y = batch(ctx, s.check_examples, s.check_size)
+        clipped = {id(p) for p in clipped_parameters(model)}
         names = [name for name, _ in model.named_parameters()]
-        per_tensor = [(max_relative_error([g], [r]), k) for k, (g, r) in enumerate(zip(got, reference))]
-        worst, k = max(per_tensor)
-        return (global_relative_error(got, reference), worst, names[k],
-                max_relative_error([float32_loop[k]], [reference[k]]))
+        clipped_names = {name for name, p in model.named_parameters() if id(p) in clipped}
+        with no_tf32():
+            reference = _loop_over_examples(copy.deepcopy(model).double(), x.double(), y, clipped_names)
+            float32_loop = _loop_over_examples(model, x, y, clipped_names)
+        return Exactness(model, x, y, clipped, names, reference, float32_loop)
+
+    def row(self, ctx: Context, what: str, got: list[torch.Tensor], data: dict, judge: bool = True,
+            reference: list[torch.Tensor] | None = None) -> None:
+        """One row: `got`'s global relative error against the reference, and its worst tensors."""
+        reference = self.reference if reference is None else reference
+        error = global_relative_error([g.to(r.device) for g, r in zip(got, reference)], reference)
+        worst = _worst_tensors(got, reference, self.names)
+        (per_tensor, name), k = worst[0], self.names.index(worst[0][1])
+        float32_loop = max_relative_error([self.float32_loop[k]], [self.reference[k]])
+        data.setdefault("exactness", {})[what] = dict(relative_error=error, worst_tensors=worst)
+        s = ctx.sizes
+        ctx.results.row(S3, f"{s.check_arch} fp32 no TF32, first {s.check_examples} examples, {what}",
+                        "||error|| / ||reference|| against the loop over examples in float64 (worst tensor "
+                        f"{name}: max error / max {per_tensor:.0e}; the float32 loop's there {float32_loop:.0e})",
+                        f"{error:.1e}", "<= 1e-5" if judge else "", (error <= 1e-5) if judge else None)
+
+
+def exactness_rows(ctx: Context, data: dict) -> None:
+    """Per-sample gradients against the loop over examples in float64: the engine's variants, then the controls
+    that locate a disagreement: cuDNN's algorithms (deterministic ones; cuDNN off), the CPU's plans, the
+    engine on this host's CPU, the float64 loop on the CPU, and plain batched backpropagation in float32
+    against float64 (no clipping: float32 arithmetic of the ordinary backward pass)."""
+    import copy
+
+    check = Exactness.make(ctx)
+    cpu_plans = {"cuda_pass_cost": 4.0, "kxk_weight_grads": "conv"}
+    variants = [(v, k, nullcontext) for v, k in PER_SAMPLE_VARIANTS] + [
+        ("default, cuDNN deterministic", {}, cudnn_deterministic),
+        ("default, cuDNN off", {}, lambda: torch.backends.cudnn.flags(enabled=False)),
+        ("the CPU's plans (pass cost 4, k x k by convolution)", cpu_plans, nullcontext)]
+    for variant, settings, context in variants:
+        try:
+            with no_tf32(), context():
+                check.row(ctx, variant, _engine_grads(check.model, check.x, check.y, check.clipped, settings), data)
+        except Exception as error:  # noqa: BLE001
+            data.setdefault("errors", {})[f"exactness {variant}"] = traceback.format_exc()
+            ctx.results.row(S3, f"exactness, {variant}", "ERROR", _short(error))
+    log("  section 3: exactness of the variants done")
+    try:
+        cpu = torch.device("cpu")
+        model = copy.deepcopy(check.model).to(cpu)
+        clipped = {id(q) for p, q in zip(check.model.parameters(), model.parameters()) if id(p) in check.clipped}
+        x, y = check.x.to(cpu), check.y.to(cpu)
+        check.row(ctx, "control: the engine on this host's CPU", _engine_grads(model, x, y, clipped, {}), data)
+        clipped_names = {n for n, p in check.model.named_parameters() if id(p) in check.clipped}
+        cpu_reference = _loop_over_examples(model.double(), x.double(), y, clipped_names)
+        check.row(ctx, "control: the GPU's float64 loop against the CPU's", check.reference, data, judge=False,
+                  reference=cpu_reference)
+        with no_tf32():
+            batch64 = _batch_grads(copy.deepcopy(check.model).double(), check.x.double(), check.y)
+            check.row(ctx, "control: ordinary float32 batch backward against float64 (no AGC)",
+                      _batch_grads(check.model, check.x, check.y), data, judge=False, reference=batch64)
+    except Exception as error:  # noqa: BLE001
+        data.setdefault("errors", {})["exactness controls"] = traceback.format_exc()
+        ctx.results.row(S3, "exactness controls", "ERROR", _short(error))
+    log("  section 3: exactness controls done")
 
 
 def section_per_sample(ctx: Context) -> dict:
     from normfree.agc.per_sample import PerSampleClipper
 
-    name, s = S3, ctx.sizes
     data: dict = dict(variants={v: settings for v, settings in PER_SAMPLE_VARIANTS}, settings={})
-    # On an H200 one tensor of nf_resnet26 (stages.0.0.downsample.conv.weight) was 2e-2 off the float64 loop (the
-    # float32 loop: 7e-6), with and without layer graphs, not on a CPU: the last row runs cuDNN's deterministic
-    # algorithms instead of those `cudnn.benchmark` picks, to tell whether the choice of algorithm is the cause.
-    checks = PER_SAMPLE_VARIANTS + [("default, cuDNN deterministic", {})]
-    for variant, settings in checks:
-        try:
-            with cudnn_deterministic() if "deterministic" in variant else nullcontext():
-                error, per_tensor, worst, float32_loop = per_sample_exactness(ctx, variant, settings)
-            data.setdefault("relative_error", {})[variant] = error
-            data.setdefault("max_per_tensor_relative_error", {})[variant] = per_tensor
-            ctx.results.row(name, f"{s.check_arch} fp32 no TF32, first {s.check_examples} examples, {variant}",
-                            "per-sample grads vs the loop over examples in float64: ||error|| / ||reference|| "
-                            f"(worst tensor {worst}: max error / max {per_tensor:.0e}; the float32 loop's there "
-                            f"{float32_loop:.0e})", f"{error:.1e}", "<= 1e-5", error <= 1e-5)
-        except Exception as error:  # noqa: BLE001
-            data.setdefault("errors", {})[f"exactness {variant}"] = traceback.format_exc()
-            ctx.results.row(name, f"{s.check_arch} exactness, {variant}", "ERROR", _short(error))
-        log(f"  section 3: exactness {variant} done")
-    for setting in s.per_sample:
+    exactness_rows(ctx, data)
+    for setting in ctx.sizes.per_sample:
         if ctx.per_sample not in setting.label:
             continue
         entry = data["settings"][setting.label] = {}
@@ -728,7 +793,7 @@ def section_per_sample(ctx: Context) -> dict:
             _per_sample_setting(ctx, setting, entry, PerSampleClipper)
         except Exception as error:  # noqa: BLE001
             entry["error"] = traceback.format_exc()
-            ctx.results.row(name, setting.label, "ERROR", _short(error))
+            ctx.results.row(S3, setting.label, "ERROR", _short(error))
         finally:
             gc.collect()
             if ctx.cuda:
@@ -864,6 +929,123 @@ def plain_fastai_epoch_s(ctx: Context, precision: str, env: dict) -> float | str
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def _in_process_learner(kind: str, precision: str, limit: int | None):
+    """The learner `normfree train` builds (AGC and its callbacks) or a plain fastai one, on digits at 32 px."""
+    import dataclasses
+
+    import timm
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+
+    import normfree
+    from normfree.app.config import TrainConfig
+    from normfree.app.train import _build_learner
+
+    if kind == "normfree":
+        config = dataclasses.replace(TrainConfig(), data="digits", size=32, bs=64, precision=precision, limit=limit)
+        return _build_learner(config)
+    dls = normfree.digits_dataloaders(bs=64, size=32, limit=limit)
+    learn = Learner(dls, timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1), CrossEntropyLossFlat())
+    return learn.to_fp16() if precision == "fp16" else learn
+
+
+def _graph_model(learn, precision: str) -> None:
+    """Forward and backward of the model in CUDA graphs (`torch.cuda.make_graphed_callables`), for training
+    batches of the train loader's shape; autocast without its cast cache, which a graph cannot hold."""
+    from fastai.callback.core import Callback
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    xb = learn.dls.train.one_batch()[0].as_subclass(torch.Tensor)
+    learn.model.train()
+    with torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else nullcontext():
+        torch.cuda.make_graphed_callables(learn.model, (xb,))
+    class GradsToNone(Callback):
+        # the graph's backward hands out gradients in its own buffers, which autograd keeps as .grad when .grad is
+        # None; fastai zeroes .grad in place, and the next replay would then add a buffer to itself
+        def before_backward(self):
+            for p in self.learn.model.parameters():
+                p.grad = None
+    learn.add_cb(GradsToNone())
+    if dtype is not None:
+        class NoCastCache(Callback):
+            order = 11  # after MixedPrecision's before_fit, which makes its autocast
+
+            def before_fit(self):
+                self.learn.mixed_precision.autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+        learn.add_cb(NoCastCache())
+
+
+def fp16_breakdown(ctx: Context, data: dict) -> None:
+    """Epoch time and host time per training batch, in this process, for normfree's learner and a plain fastai one
+    in fp32 and fp16, and for normfree's with its model's forward and backward in CUDA graphs; kernels per batch
+    (profiler) of normfree's fp32 and fp16 learners."""
+    from fastai.callback.core import Callback
+
+    class BatchTimes(Callback):
+        order = -50
+
+        def before_fit(self):
+            self.times = []
+
+        def before_batch(self):
+            self.start = time.perf_counter()
+
+        def after_batch(self):
+            if self.training:
+                self.times.append((time.perf_counter() - self.start) * 1e3)
+
+    name, args = S4, ctx.sizes.train_args
+    limit = int(args[args.index("--limit") + 1]) if "--limit" in args else None
+    variants = [("normfree", "fp32", False), ("normfree", "fp16", False), ("fastai", "fp32", False),
+                ("fastai", "fp16", False)] + ([("normfree", "fp32", True), ("normfree", "fp16", True)] if ctx.cuda else [])
+    found = data["in_process"] = {}
+    for kind, precision, graphed in variants:
+        label = f"{kind} {precision}" + (", model in CUDA graphs" if graphed else "")
+        try:
+            learn = _in_process_learner(kind, precision, limit)
+            if graphed:
+                _graph_model(learn, precision)
+            timer = BatchTimes()
+            epochs, batch_ms = [], []
+            with learn.no_bar(), learn.no_logging():
+                learn.fit(1, 1e-3, cbs=[timer])  # warm-up
+                for _ in range(3):
+                    sync(ctx)
+                    start = time.perf_counter()
+                    learn.fit(1, 1e-3, cbs=[timer])
+                    sync(ctx)
+                    epochs.append(time.perf_counter() - start)
+                    batch_ms += timer.times
+            found[label] = dict(epoch_s=statistics.median(epochs), batch_ms=statistics.median(batch_ms))
+            ctx.results.row(name, f"in process, {label}", "s/epoch (median of 3); host ms per training batch",
+                            f"{found[label]['epoch_s']:.3f} s; {found[label]['batch_ms']:.2f} ms")
+            if not graphed and kind == "normfree" and ctx.cuda:
+                found[label]["kernels_per_batch"] = _kernels_per_batch(learn)
+                ctx.results.row(name, f"in process, {label}", "CUDA kernels per training batch (profiler)",
+                                f"{found[label]['kernels_per_batch']:.0f}")
+        except Exception as error:  # noqa: BLE001
+            data.setdefault("errors", {})[label] = traceback.format_exc()
+            ctx.results.row(name, f"in process, {label}", "ERROR", _short(error))
+        finally:
+            gc.collect()
+        log(f"  section 4: in process, {label} done")
+    for graphed in ("", ", model in CUDA graphs"):
+        pair = [found.get(f"normfree {p}{graphed}", {}).get("epoch_s") for p in ("fp32", "fp16")]
+        if all(pair):
+            ctx.results.row(name, f"in process, normfree{graphed}", "fp16 s/epoch / fp32 s/epoch",
+                            f"{pair[1] / pair[0]:.2f}x")
+
+
+def _kernels_per_batch(learn) -> float:
+    """CUDA kernels launched per training batch over one epoch (validation's included, shared out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return kernels / len(learn.dls.train)
+
+
 # -- 4. normfree train -----------------------------------------------------------------------------------------
 def section_cli(ctx: Context) -> dict:
     name, s = S4, ctx.sizes
@@ -912,6 +1094,7 @@ def section_cli(ctx: Context) -> dict:
         ctx.results.row(name, setting, "fp16 s/epoch / fp32 s/epoch", f"{ratio:.2f}x", "<= 1", ratio <= 1)
     if "bf16" in per_epoch and "fp32" in per_epoch:
         ctx.results.row(name, setting, "bf16 s/epoch / fp32 s/epoch", f"{per_epoch['bf16'] / per_epoch['fp32']:.2f}x")
+    fp16_breakdown(ctx, data)
     plain = data["plain_fastai"] = {}
     for precision in ("fp32", "fp16"):
         log(f"  section 4: plain fastai {precision}")
