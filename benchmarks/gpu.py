@@ -11,7 +11,8 @@ Sections, each in its own try/except (an error is recorded in the results and th
    normfree's AGC, timm's, and normfree's fastai callback driven by a stand-in learner.
 3. Per-sample AGC step against the ordinary AGC step: time, peak memory, exactness against a loop
    over examples; every entry of `PER_SAMPLE_VARIANTS` is timed; a profiler table of one setting.
-4. ``normfree train`` on the bundled digits in fp32, fp16 and bf16, as subprocesses.
+4. ``normfree train`` on the bundled digits in fp32, fp16 and bf16, as subprocesses; in this process, the
+   learner it builds and a plain fastai one in fp32 and fp16 (host time per batch, kernels per batch).
 
 Times are CUDA-event medians after warm-up; ratios are taken within this run. Full results go to
 ``--out`` (``gpu_bench.json``, rewritten after every section, and ``gpu_bench.md``); the Markdown table
@@ -896,40 +897,7 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
         entry["profile"] = str(ctx.out / "per_sample_profile.txt")
 
 
-# Plain fastai on the same data and model, without normfree's callbacks: the second of two one-epoch fits, in seconds.
-# Its fp16 / fp32 ratio is what autocast and the grad scaler cost on this model by themselves.
-PLAIN_FASTAI = """
-import sys, time, timm, torch
-from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
-import normfree
-precision, limit = sys.argv[1], (int(sys.argv[2]) if len(sys.argv) > 2 else None)
-dls = normfree.digits_dataloaders(bs=64, size=32, limit=limit)
-model = timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1)
-learn = Learner(dls, model, CrossEntropyLossFlat())
-learn = learn.to_fp16() if precision == "fp16" else learn.to_bf16() if precision == "bf16" else learn
-with learn.no_bar(), learn.no_logging():
-    learn.fit(1, 1e-3)
-    start = time.perf_counter()
-    learn.fit(1, 1e-3)
-print(time.perf_counter() - start)
-"""
-
-
-def plain_fastai_epoch_s(ctx: Context, precision: str, env: dict) -> float | str:
-    args = ctx.sizes.train_args
-    limit = [args[args.index("--limit") + 1]] if "--limit" in args else []
-    try:
-        done = subprocess.run([sys.executable, "-c", PLAIN_FASTAI, precision, *limit], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=ctx.sizes.train_timeout_s)
-    except subprocess.TimeoutExpired:
-        return "timed out"
-    if done.returncode != 0:
-        return f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1][:150]}"
-    return float(done.stdout.strip().splitlines()[-1])
-
-
-def _in_process_learner(kind: str, precision: str, limit: int | None):
+def _in_process_learner(kind: str, precision: str, limit: int | None, device: torch.device):
     """The learner `normfree train` builds (AGC and its callbacks) or a plain fastai one, on digits at 32 px."""
     import dataclasses
 
@@ -942,43 +910,18 @@ def _in_process_learner(kind: str, precision: str, limit: int | None):
     from normfree.app.train import _build_learner
 
     if kind == "normfree":
-        config = dataclasses.replace(TrainConfig(), data="digits", size=32, bs=64, precision=precision, limit=limit)
+        config = dataclasses.replace(TrainConfig(), data="digits", size=32, bs=64, precision=precision, limit=limit,
+                                     device=device.type)
         return _build_learner(config)
-    dls = normfree.digits_dataloaders(bs=64, size=32, limit=limit)
+    dls = normfree.digits_dataloaders(bs=64, size=32, limit=limit, device=device)
     learn = Learner(dls, timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1), CrossEntropyLossFlat())
     return learn.to_fp16() if precision == "fp16" else learn
 
 
-def _graph_model(learn, precision: str) -> None:
-    """Forward and backward of the model in CUDA graphs (`torch.cuda.make_graphed_callables`), for training
-    batches of the train loader's shape; autocast without its cast cache, which a graph cannot hold."""
-    from fastai.callback.core import Callback
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    xb = learn.dls.train.one_batch()[0].as_subclass(torch.Tensor)
-    learn.model.train()
-    with torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else nullcontext():
-        torch.cuda.make_graphed_callables(learn.model, (xb,))
-    class GradsToNone(Callback):
-        # the graph's backward hands out gradients in its own buffers, which autograd keeps as .grad when .grad is
-        # None; fastai zeroes .grad in place, and the next replay would then add a buffer to itself
-        def before_backward(self):
-            for p in self.learn.model.parameters():
-                p.grad = None
-    learn.add_cb(GradsToNone())
-    if dtype is not None:
-        class NoCastCache(Callback):
-            order = 11  # after MixedPrecision's before_fit, which makes its autocast
-
-            def before_fit(self):
-                self.learn.mixed_precision.autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False)
-        learn.add_cb(NoCastCache())
-
-
 def fp16_breakdown(ctx: Context, data: dict) -> None:
-    """Epoch time and host time per training batch, in this process, for normfree's learner and a plain fastai one
-    in fp32 and fp16, and for normfree's with its model's forward and backward in CUDA graphs; kernels per batch
-    (profiler) of normfree's fp32 and fp16 learners."""
+    """In this process, normfree's learner (what `normfree train` builds) and a plain fastai one, fp32 and fp16:
+    s/epoch and host time per training batch, then CUDA kernels per training batch of normfree's (profiled last:
+    a profiler slows the launches that follow it)."""
     from fastai.callback.core import Callback
 
     class BatchTimes(Callback):
@@ -996,15 +939,12 @@ def fp16_breakdown(ctx: Context, data: dict) -> None:
 
     name, args = S4, ctx.sizes.train_args
     limit = int(args[args.index("--limit") + 1]) if "--limit" in args else None
-    variants = [("normfree", "fp32", False), ("normfree", "fp16", False), ("fastai", "fp32", False),
-                ("fastai", "fp16", False)] + ([("normfree", "fp32", True), ("normfree", "fp16", True)] if ctx.cuda else [])
     found = data["in_process"] = {}
-    for kind, precision, graphed in variants:
-        label = f"{kind} {precision}" + (", model in CUDA graphs" if graphed else "")
+    learners = {}
+    for kind, precision in (("normfree", "fp32"), ("normfree", "fp16"), ("fastai", "fp32"), ("fastai", "fp16")):
+        label = f"{kind} {precision}"
         try:
-            learn = _in_process_learner(kind, precision, limit)
-            if graphed:
-                _graph_model(learn, precision)
+            learn = learners[label] = _in_process_learner(kind, precision, limit, ctx.device)
             timer = BatchTimes()
             epochs, batch_ms = [], []
             with learn.no_bar(), learn.no_logging():
@@ -1019,21 +959,22 @@ def fp16_breakdown(ctx: Context, data: dict) -> None:
             found[label] = dict(epoch_s=statistics.median(epochs), batch_ms=statistics.median(batch_ms))
             ctx.results.row(name, f"in process, {label}", "s/epoch (median of 3); host ms per training batch",
                             f"{found[label]['epoch_s']:.3f} s; {found[label]['batch_ms']:.2f} ms")
-            if not graphed and kind == "normfree" and ctx.cuda:
-                found[label]["kernels_per_batch"] = _kernels_per_batch(learn)
-                ctx.results.row(name, f"in process, {label}", "CUDA kernels per training batch (profiler)",
-                                f"{found[label]['kernels_per_batch']:.0f}")
         except Exception as error:  # noqa: BLE001
             data.setdefault("errors", {})[label] = traceback.format_exc()
             ctx.results.row(name, f"in process, {label}", "ERROR", _short(error))
-        finally:
-            gc.collect()
         log(f"  section 4: in process, {label} done")
-    for graphed in ("", ", model in CUDA graphs"):
-        pair = [found.get(f"normfree {p}{graphed}", {}).get("epoch_s") for p in ("fp32", "fp16")]
+    for kind in ("normfree", "fastai"):
+        pair = [found.get(f"{kind} {p}", {}).get("epoch_s") for p in ("fp32", "fp16")]
         if all(pair):
-            ctx.results.row(name, f"in process, normfree{graphed}", "fp16 s/epoch / fp32 s/epoch",
-                            f"{pair[1] / pair[0]:.2f}x")
+            ctx.results.row(name, f"in process, {kind}", "fp16 s/epoch / fp32 s/epoch", f"{pair[1] / pair[0]:.2f}x")
+    if not ctx.cuda:
+        return
+    for precision in ("fp32", "fp16"):
+        label = f"normfree {precision}"
+        if label in found:
+            found[label]["kernels_per_batch"] = _kernels_per_batch(learners[label])
+            ctx.results.row(name, f"in process, {label}", "CUDA kernels per training batch (profiler)",
+                            f"{found[label]['kernels_per_batch']:.0f}")
 
 
 def _kernels_per_batch(learn) -> float:
@@ -1095,16 +1036,6 @@ def section_cli(ctx: Context) -> dict:
     if "bf16" in per_epoch and "fp32" in per_epoch:
         ctx.results.row(name, setting, "bf16 s/epoch / fp32 s/epoch", f"{per_epoch['bf16'] / per_epoch['fp32']:.2f}x")
     fp16_breakdown(ctx, data)
-    plain = data["plain_fastai"] = {}
-    for precision in ("fp32", "fp16"):
-        log(f"  section 4: plain fastai {precision}")
-        plain[precision] = plain_fastai_epoch_s(ctx, precision, env)
-        value = plain[precision]
-        ctx.results.row(name, setting, f"plain fastai Learner (no normfree callbacks), {precision}: s/epoch",
-                        f"{value:.2f} s" if isinstance(value, float) else value)
-    if all(isinstance(plain[k], float) for k in ("fp32", "fp16")):
-        ctx.results.row(name, setting, "plain fastai fp16 / fp32 (what autocast and the scaler cost by themselves)",
-                        f"{plain['fp16'] / plain['fp32']:.2f}x")
     return data
 
 

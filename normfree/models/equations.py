@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -150,12 +151,16 @@ def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, with_st
     it: `scale` = gain * gamma / sqrt(N), one value per output unit (`normfree.models.standardization.
     weight_scale`; None: no scaling, timm's StdConv2d), and eps is added to the variance.
 
+    Computed as timm's layers compute it, a batch norm over the rows in training mode, so that code standing
+    in for such a layer's forward pass (per-sample AGC, fusion) gives its outputs bit for bit: a last-bit
+    difference can flip a ReLU whose input is near 0, and then that position's gradient.
+
     `weight` is [out, *fan-in dims]. With `with_stats`, returns (W_hat, mean, 1 / sqrt(var + eps)), the last two
     of shape [out] (what batch norm's backward kernel takes: the per-sample engines use it).
     """
-    rows = weight.reshape(weight.shape[0], -1)
-    variance, mean = torch.var_mean(rows, dim=1, correction=0, keepdim=True)  # one reduction (Welford's)
-    inv_std = torch.rsqrt(variance + eps)
-    factor = inv_std if scale is None else inv_std * scale.reshape(-1, 1)
-    standardized = ((rows - mean) * factor).reshape_as(weight)
-    return (standardized, mean.reshape(-1), inv_std.reshape(-1)) if with_stats else standardized
+    rows = weight.reshape(1, weight.shape[0], -1)
+    standardized = F.batch_norm(rows, None, None, weight=scale, training=True, momentum=0.0, eps=eps)
+    if not with_stats:
+        return standardized.reshape_as(weight)
+    variance, mean = torch.var_mean(rows[0], dim=1, correction=0)  # one reduction (Welford's)
+    return standardized.reshape_as(weight), mean, torch.rsqrt(variance + eps)

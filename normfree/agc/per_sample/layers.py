@@ -147,9 +147,9 @@ class Layer:
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.kind == "linear":
             return F.linear(x, weight, bias)
-        out = F.conv2d(self.as_2d_input(x), self.as_2d(weight), bias, self.stride, self.padding, self.dilation,
-                       self.groups)
-        return out.squeeze(2) if self.is_1d else out
+        if self.is_1d:  # Conv1d's own kernel: the forward pass must be the module's to the last bit
+            return F.conv1d(x, weight, bias, self.stride[1], self.padding[1], self.dilation[1], self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def input_grad(self, x: Tensor, weight: Tensor, signal: Tensor) -> Tensor:
         """dL/dx, in x's memory format (channels-last stays so: the ops behind it would otherwise mix layouts)."""
@@ -315,8 +315,8 @@ def _chunk_sums(layer: Layer, plan: Plan, x_c: Tensor, signal_c: Tensor, dtype: 
     patches (g_iu - mean_k g_iu = delta_iu^T (U_i - mean_k U_i)) or directly where a convolution gives g_i.
     Weight standardisation's backward pass removes that mean anyway (`Standardization`), and the norms of the
     centred g_iu need no subtraction of mean_k g_iu^2 from sum_k g_iu^2, which cancels catastrophically in
-    float32 when the inputs share a large mean (post-activation inputs: 4e-5 relative error on a CPU, 2e-2 on
-    a GPU, before this).
+    float32 when the inputs share a large mean (4e-3 relative error against a float64 loop with inputs of mean
+    30, before this).
     """
     x_c, signal_c = x_c.to(dtype), signal_c.to(dtype)
     n, groups, per_group, fan_in, units = x_c.shape[0], plan.groups, plan.per_group, plan.fan_in, plan.units
