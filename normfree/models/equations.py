@@ -17,7 +17,8 @@ Functions (each the only place this project writes its equation):
   1 + alpha^2 after a transition block; beta_i = sqrt(Var(h_i)).
 - `skipinit_gain`: the SkipInit scalar, a learnable gain on the residual branch initialised to 0.
 - `activation_gamma` (and its table `ACTIVATION_GAMMAS`): gamma = 1 / sqrt(Var(g(x))), x ~ N(0, 1).
-- `standardize_weight`: Scaled Weight Standardization, W_hat = gain * gamma * (W - mean) / (std * sqrt(N)).
+- `standardize_weight`: Scaled Weight Standardization, W_hat = gain * gamma * (W - mean) / (std * sqrt(N));
+  `weight_statistics`: its mean and 1 / std per output unit.
 
 Conventions: the papers' beta_i divides (h_i / beta_i); timm's `NormFreeBlock(beta=...)` multiplies, so
 timm's beta is 1 / beta_i.
@@ -39,6 +40,7 @@ __all__ = [
     "residual_betas",
     "skipinit_gain",
     "standardize_weight",
+    "weight_statistics",
 ]
 
 # gamma = 1 / sqrt(Var(g(x))), x ~ N(0, 1), for the elementwise activations of DeepMind's NFNet code
@@ -142,25 +144,27 @@ def activation_gamma(activation: nn.Module | str, overrides: float | Mapping | N
     return ACTIVATION_GAMMAS[name]
 
 
-def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, with_stats: bool = False):
+def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float) -> Tensor:
     """Scaled Weight Standardization: W_hat = scale * (W - mean) / sqrt(var + eps), per output unit.
 
     NF-ResNets (2101.08692), Sec. 4.1; NFNets (2102.06171), Sec. 3, Eq. (2):
     W_hat_ij = (W_ij - mu_i) / (sqrt(N) * sigma_i), mean and biased variance over the fan-in N of output
     unit i, times the activation's gamma and a learnable per-unit gain. As timm's ScaledStdConv2d computes
     it: `scale` = gain * gamma / sqrt(N), one value per output unit (`normfree.models.standardization.
-    weight_scale`; None: no scaling, timm's StdConv2d), and eps is added to the variance.
+    weight_scale`; None: no scaling, timm's StdConv2d), and eps is added to the variance. `weight` is
+    [out, *fan-in dims]; the statistics are `weight_statistics`.
 
     Computed as timm's layers compute it, a batch norm over the rows in training mode, so that code standing
     in for such a layer's forward pass (per-sample AGC, fusion) gives its outputs bit for bit: a last-bit
     difference can flip a ReLU whose input is near 0, and then that position's gradient.
-
-    `weight` is [out, *fan-in dims]. With `with_stats`, returns (W_hat, mean, 1 / sqrt(var + eps)), the last two
-    of shape [out] (what batch norm's backward kernel takes: the per-sample engines use it).
     """
     rows = weight.reshape(1, weight.shape[0], -1)
-    standardized = F.batch_norm(rows, None, None, weight=scale, training=True, momentum=0.0, eps=eps)
-    if not with_stats:
-        return standardized.reshape_as(weight)
-    variance, mean = torch.var_mean(rows[0], dim=1, correction=0)  # one reduction (Welford's)
-    return standardized.reshape_as(weight), mean, torch.rsqrt(variance + eps)
+    return F.batch_norm(rows, None, None, weight=scale, training=True, momentum=0.0, eps=eps).reshape_as(weight)
+
+
+def weight_statistics(weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Eq. (2)'s statistics of `standardize_weight`: per output unit, the mean of W over its fan-in and
+    1 / sqrt(var + eps) (biased variance), each of shape [out] (what batch norm's backward kernel takes: the
+    per-sample engines use them)."""
+    variance, mean = torch.var_mean(weight.reshape(weight.shape[0], -1), dim=1, correction=0)  # one reduction
+    return mean, torch.rsqrt(variance + eps)

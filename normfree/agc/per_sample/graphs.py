@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["LayerGraphs"]
 
-# A layer's per-sample work: its parameter gradients (or None) from its input and output signal; `captured` says
-# that it runs in a graph (or its emulation), which must not read tensors that are new at every pass
-LayerWork = Callable[..., tuple]  # (x, signal, captured: bool = False)
+# A layer's per-sample work: its parameter gradients (or None) from its input and output signal. A graph of it must
+# not read other tensors that are new at every pass (it would read the ones it was captured with).
+LayerWork = Callable[[Tensor, Tensor], tuple]
 
 _ALIGN = 256  # bytes: the arena's tensors start at CUDA's allocation alignment
 _FIRST_CALL, _EAGER = "first call", "eager"  # _EAGER: capture failed, or the layer has MAX_LAYOUTS
@@ -171,7 +171,7 @@ class LayerGraphs:
         for static, t in zip(inputs, (x, signal)):
             static.copy_(t)
         if mode == "emulated":
-            outputs, outcomes = self.clipper.outcomes_of(lambda: work(*inputs, True))
+            outputs, outcomes = self.clipper.outcomes_of(lambda: work(*inputs))
             return _Captured(inputs, outputs, outcomes, lambda: self._emulated_replay(work, inputs, outputs, outcomes))
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
@@ -182,7 +182,7 @@ class LayerGraphs:
             # thread_local: autograd's device thread captures while other threads (loaders) may use CUDA
             graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
-                outputs, outcomes = self.clipper.outcomes_of(lambda: work(*inputs, True))
+                outputs, outcomes = self.clipper.outcomes_of(lambda: work(*inputs))
             finally:
                 graph.capture_end()
         current.wait_stream(self._stream)
@@ -190,7 +190,7 @@ class LayerGraphs:
 
     def _emulated_replay(self, work: LayerWork, inputs: list[Tensor], outputs: tuple,
                          outcomes: list[tuple[int, Tensor, Tensor]]) -> None:
-        new_outputs, new_outcomes = self.clipper.outcomes_of(lambda: work(*inputs, True))
+        new_outputs, new_outcomes = self.clipper.outcomes_of(lambda: work(*inputs))
         pairs = [(old, new) for old, new in zip(outputs, new_outputs) if old is not None]
         pairs += [(old, new) for (_, *olds), (_, *news) in zip(outcomes, new_outcomes) for old, new in zip(olds, news)]
         for old, new in pairs:

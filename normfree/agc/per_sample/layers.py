@@ -27,7 +27,7 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import Tensor, nn
 
-from ...models.equations import standardize_weight
+from ...models.equations import standardize_weight, weight_statistics
 from ...models.standardization import STD_CONVS, weight_scale
 from .clipped_sum import compute_dtype, per_example_unit_norms, sum_clipped, weighted_sum
 from .tuning import TUNING
@@ -129,14 +129,11 @@ class Layer:
         return plan
 
     # The layer as y = op(x, W_eff) + b, and the pieces of its backward pass.
-    def effective_weight(self, module: nn.Module, weight: Tensor) -> tuple[Tensor, tuple | None]:
-        """The weight the layer applies; for a standardised layer also (scale, mean, 1 / std) of its rows, which
-        the backward pass reuses (`Standardization.of`) rather than standardising the weight again."""
+    def effective_weight(self, module: nn.Module, weight: Tensor) -> Tensor:
+        """The weight the layer applies, computed as the module's own forward pass computes it."""
         if not self.standardized:
-            return weight, None
-        scale = weight_scale(module)
-        effective, mean, inv_std = standardize_weight(weight, scale, self.eps, with_stats=True)
-        return effective, (scale, mean, inv_std)
+            return weight
+        return standardize_weight(weight, weight_scale(module), self.eps)
 
     def as_2d(self, weight: Tensor) -> Tensor:
         return weight.unsqueeze(2) if self.is_1d else weight
@@ -368,10 +365,13 @@ class Standardization:
     norm_factor: Tensor  # |scale| / sqrt(var + eps), [units]
 
     @staticmethod
-    def of(weight: Tensor, stats: tuple, eps: float) -> Standardization:
-        """From the (scale, mean, 1 / std) of `Layer.effective_weight`."""
-        scale, mean, inv_std = (None if t is None else t.detach().float() for t in stats)
-        rows = weight.detach().float().reshape(weight.shape[0], -1)
+    def of(module: nn.Module, eps: float) -> Standardization:
+        """For a timm (Scaled)StdConv2d(Same) `module`, from its weight and gain as they are now."""
+        weight = module.weight.detach()
+        mean, inv_std = weight_statistics(weight.float(), eps)
+        scale = weight_scale(module)
+        scale = None if scale is None else scale.detach().float()
+        rows = weight.float().reshape(weight.shape[0], -1)
         unit_weight = (rows - mean.unsqueeze(1)).mul_(inv_std.unsqueeze(1))
         fan_in = rows.shape[1]
         along_factor = inv_std.square().mul_(eps / fan_in).add_(1 / fan_in)
@@ -403,7 +403,7 @@ class ClippedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, clipper, module, layer, x, weight, bias, gain):
         ctx.clipper, ctx.module, ctx.layer = clipper, module, layer
-        effective, ctx.standardization_stats = layer.effective_weight(module, weight)
+        effective = layer.effective_weight(module, weight)
         ctx.save_for_backward(x, weight, effective, bias, gain)
         return layer.apply(x, effective, bias)
 
@@ -420,12 +420,11 @@ class ClippedLayer(torch.autograd.Function):
                 return None, None, None, grad_x, None, None, None
             if any(p is not None and id(p) in clipper.clipping for p in params):
                 clipper.prepare_backward()  # before any graph: thresholds and scale of this pass
-            saved_stats = ctx.standardization_stats
 
-            def work(x: Tensor, signal: Tensor, captured: bool = False) -> tuple:
-                # a graph must not read the forward's statistics (new tensors every pass): it standardises again
-                stats = layer.effective_weight(module, weight)[1] if captured and saved_stats else saved_stats
-                return _parameter_grads(clipper, module, layer, x, signal, effective, stats, *params)
+            def work(x: Tensor, signal: Tensor) -> tuple:
+                # `effective` lends only its shape: a graph must not read this pass's tensors (the standardised
+                # weight's statistics are taken again inside, from the parameters)
+                return _parameter_grads(clipper, module, layer, x, signal, effective, *params)
 
             key = tuple(-1 if p is None else p.data_ptr() for p in params)
             grad_weight, grad_bias, grad_gain = clipper.graphs.run(layer, key, work, x, signal)
@@ -433,13 +432,12 @@ class ClippedLayer(torch.autograd.Function):
 
 
 def _parameter_grads(clipper: PerSampleClipper, module: nn.Module, layer: Layer, x: Tensor, signal: Tensor,
-                     effective: Tensor, stats: tuple | None, weight: Tensor | None, bias: Tensor | None,
+                     effective: Tensor, weight: Tensor | None, bias: Tensor | None,
                      gain: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The clipped per-example sums of the layer's weight, bias and gain (None: not needed) from its input and output
-    signal; `stats` are the forward's (scale, mean, 1 / std) of a standardised weight."""
+    signal; `effective` is the weight the layer applied (its shape is read)."""
     dtype = signal.dtype
-    weight_param = module.weight
-    standardization = Standardization.of(weight_param, stats, layer.eps) \
+    standardization = Standardization.of(module, layer.eps) \
         if layer.standardized and (weight is not None or gain is not None) else None
     sums = layer_sums(clipper, layer, x, signal, standardization, weight, gain, getattr(module, "scale", 1.0), bias)
     grad_weight = grad_gain = grad_bias = None
