@@ -109,7 +109,9 @@ def test_shard_indices_give_the_processes_together_one_process_batches():
     # 64 training images and a hold-out of 10 to validate on: the last validation batch is padded, then cut back
     (["--limit", "74", "--holdout", "--valid-pct", "0.135"], dict(limit=74, holdout=True, valid_pct=0.135),
      "torchrun"),
-    (["--per-sample"], dict(per_sample=True), "torchrun"),
+    # SGD: over an epoch Adam's normalised steps amplify float32 rounding of per-example sums past the tolerances
+    # at some seeds (seed 0 here: 2e-5 after 8 steps, 2e-7 with SGD or at seeds 1-4)
+    (["--per-sample", "--opt", "sgd"], dict(per_sample=True, opt="sgd"), "torchrun"),
     (["--accum", "2"], dict(accum=2), "accelerate"),
 ], ids=["agc-padded-validation-torchrun", "per-sample-agc-torchrun", "accum-accelerate"])
 def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, options, settings, launcher):
