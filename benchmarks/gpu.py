@@ -705,6 +705,7 @@ class Exactness:
     x: torch.Tensor
     y: torch.Tensor
     clipped: set[int]
+    clipped_names: set[str]
     names: list[str]
     reference: list[torch.Tensor]
     float32_loop: list[torch.Tensor]
@@ -722,7 +723,7 @@ class Exactness:
         with no_tf32():
             reference = _loop_over_examples(copy.deepcopy(model).double(), x.double(), y, clipped_names)
             float32_loop = _loop_over_examples(model, x, y, clipped_names)
-        return Exactness(model, x, y, clipped, names, reference, float32_loop)
+        return Exactness(model, x, y, clipped, clipped_names, names, reference, float32_loop)
 
     def row(self, ctx: Context, what: str, got: list[torch.Tensor], data: dict, judge: bool = True,
             reference: list[torch.Tensor] | None = None) -> None:
@@ -767,8 +768,7 @@ def exactness_rows(ctx: Context, data: dict) -> None:
         clipped = {id(q) for p, q in zip(check.model.parameters(), model.parameters()) if id(p) in check.clipped}
         x, y = check.x.to(cpu), check.y.to(cpu)
         check.row(ctx, "control: the engine on this host's CPU", _engine_grads(model, x, y, clipped, {}), data)
-        clipped_names = {n for n, p in check.model.named_parameters() if id(p) in check.clipped}
-        cpu_reference = _loop_over_examples(model.double(), x.double(), y, clipped_names)
+        cpu_reference = _loop_over_examples(model.double(), x.double(), y, check.clipped_names)
         check.row(ctx, "control: the GPU's float64 loop against the CPU's", check.reference, data, judge=False,
                   reference=cpu_reference)
         with no_tf32():
