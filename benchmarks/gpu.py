@@ -601,33 +601,91 @@ def section_train_step(ctx: Context) -> dict:
 
 
 # -- 3. per-sample AGC ------------------------------------------------------------------------------------
+class Phases:
+    """Host time per phase of a step, accumulated over calls: `with phases("forward"): ...`."""
+
+    def __init__(self):
+        self.ms: dict[str, list[float]] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+
+    def medians(self) -> str:
+        return " / ".join(f"{name} {statistics.median(times):.1f}" for name, times in self.ms.items())
+
+
+def _untimed(name: str):
+    return nullcontext()
+
+
 def ordinary_step(model, optimizer, x, y, params, precision, ctx):
     import normfree
 
-    def run():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(ctx, precision):
+    def run(phase=_untimed):
+        with phase("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+        with phase("forward"), autocast(ctx, precision):
             loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        normfree.adaptive_clip_grad_(params, CLIPPING, EPS)
-        optimizer.step()
+        with phase("backward"):
+            loss.backward()
+        with phase("clip"):
+            normfree.adaptive_clip_grad_(params, CLIPPING, EPS)
+        with phase("step"):
+            optimizer.step()
     return run
 
 
 def per_sample_step(model, optimizer, x, y, clipper, precision, ctx):
     scale = torch.tensor(1.0 / len(x), device=ctx.device)
 
-    def run():
-        optimizer.zero_grad(set_to_none=True)
+    def run(phase=_untimed):
+        with phase("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
         clipper.grad_scale = scale
         clipper.start()
-        with autocast(ctx, precision):
+        with phase("forward"), autocast(ctx, precision):
             loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        with phase("backward"):
+            loss.backward()
         clipper.stop()
-        clipper.collect([])
-        optimizer.step()
+        with phase("clip"):
+            clipper.collect([])
+        with phase("step"):
+            optimizer.step()
     return run
+
+
+def phase_host_ms(run, reps: int) -> str:
+    """Median host time of each phase of `run` (no synchronisation), as "zero_grad a / forward b / ..." in ms."""
+    phases = Phases()
+    run()
+    for _ in range(reps):
+        run(phases)
+    return phases.medians()
+
+
+def layer_replay_host_us(clipper) -> str:
+    """Host time to launch each of the clipper's layer graphs (no synchronisation): median and sum over graphs, in us.
+    The replays rewrite the graphs' outputs and add to the clip tally, as a step's do."""
+    entries = [e for e in clipper.graphs._entries.values() if getattr(e, "graph", None) is not None]
+    if not entries:
+        return "n/a (no graphs)"
+    per_graph = []
+    for entry in entries:
+        entry.graph.replay()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            entry.graph.replay()
+            times.append((time.perf_counter() - start) * 1e6)
+        per_graph.append(statistics.median(times))
+    torch.cuda.synchronize()
+    return f"{len(per_graph)} graphs: median {statistics.median(per_graph):.0f} us, sum {sum(per_graph) / 1e3:.2f} ms"
 
 
 def profile_table(ctx: Context, run) -> str:
@@ -839,6 +897,9 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
     entry["ordinary_host_ms"] = host_ms(ordinary, 1, s.ps_reps)
     sync(ctx)
     ctx.results.row(name, setting.label, "ordinary AGC step, host time to issue it", ms(entry["ordinary_host_ms"]))
+    entry["ordinary_phases"] = phase_host_ms(ordinary, s.ps_reps)
+    sync(ctx)
+    ctx.results.row(name, setting.label, "ordinary AGC step, host ms by phase", entry["ordinary_phases"])
     ordinary_graph_ms = graph_ms(ctx, ordinary, entry, "ordinary")
     if ordinary_graph_ms is not None:
         ctx.results.row(name, setting.label, "ordinary AGC step, CUDA graph replay", ms(ordinary_graph_ms))
@@ -857,6 +918,9 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
                     host_sync = sync_check(ctx, run)
                     per_host_ms = host_ms(run, 1, s.ps_reps)
                     sync(ctx)
+                    per_phases = phase_host_ms(run, s.ps_reps)
+                    sync(ctx)
+                    replays = layer_replay_host_us(clipper) if ctx.cuda else "n/a (CPU)"
                     graphs = clipper.graphs
                     graphs_row = f"{graphs.captured} captured, {len(graphs.failures)} failed" + (
                         f" ({graphs.failures[0][:150]})" if graphs.failures else "")
@@ -876,6 +940,9 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
         ctx.results.row(name, label, "layers' CUDA graphs", graphs_row)
         entry[variant]["per_sample_host_ms"] = per_host_ms
         ctx.results.row(name, label, "per-sample step, host time to issue it", ms(per_host_ms))
+        entry[variant].update(phases=per_phases, layer_replays=replays)
+        ctx.results.row(name, label, "per-sample step, host ms by phase", per_phases)
+        ctx.results.row(name, label, "layers' graph launches, host time each", replays)
         if per_graph_ms is not None:
             entry[variant]["per_sample_graph_ms"] = per_graph_ms
             ctx.results.row(name, label, "per-sample step, CUDA graph replay", ms(per_graph_ms))

@@ -15,10 +15,11 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..clip import ClipStats, count_per_tensor
-from ..rule import DEFAULT_EPS, clip_factor_below, clip_threshold, is_single_unit, num_units, unit_norm_vector
+from ..clip import ClipStats
+from ..rule import DEFAULT_EPS, clip_factor_below, clip_threshold, num_units, unit_norms
 from .containers import container_forward
 from .generic import generic_forward
 from .graphs import LayerGraphs
@@ -54,11 +55,6 @@ def _concatenated(tensors: list[Tensor]) -> Tensor:
     return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
 
-def _flat(t: Tensor) -> Tensor:
-    """The entries of a 2-d `t` in some order: a view where `t` or its transpose is contiguous."""
-    return (t if t.is_contiguous() else t.t()).reshape(-1)
-
-
 def _summed_over_processes(clipped: Tensor, nonfinite: Tensor, units: list[int]) -> tuple[Tensor, Tensor, list[int]]:
     """Clip counts of all processes of a distributed run, summed on the device (no host synchronisation). Every
     process clipped the same number of examples (data-parallel shards are equal), so the units scale by the count."""
@@ -85,18 +81,11 @@ class PerSampleClipper:
         self.grad_scale: Tensor | None = None
         self._active = False
         self._bypass = 0
-        # AGC's thresholds per clipped parameter, [units, 1], and the signal's scale (`grad_scale`), taken once per
-        # backward pass (`prepare_backward`) into tensors that stay where they are, so that the layers' CUDA graphs
-        # (`graphs.LayerGraphs`) read each pass's values
-        self._thresholds: dict[int, Tensor] = {}
-        self._threshold_store: dict[tuple, Tensor] = {}
+        # the signal's scale (`grad_scale`), taken once per backward pass (`prepare_backward`) into a tensor that
+        # stays where it is, so that the layers' CUDA graphs (`graphs.LayerGraphs`) read each pass's value
         self._scale: Tensor | None = None
         self._prepared = False
         self.graphs = LayerGraphs(self)
-        # (parameter id, factors, norms) of the `clip_factors` calls of the current backward pass, and the counts
-        # of earlier passes since `collect` (per clipped parameter, in `_clipped`'s order): counted once per pass
-        self._outcomes: list[tuple[int, Tensor, Tensor]] = []
-        self._counts: tuple[Tensor, Tensor, list[int]] | None = None  # clipped, non-finite, units
         self._installed: list[nn.Module] = []
         self._names: dict[nn.Module, str] = {}
         self._called: set[nn.Module] = set()  # installed modules called in the current forward pass
@@ -115,6 +104,15 @@ class PerSampleClipper:
                 self._names[module] = name or type(module).__name__
         self._clipped = [p for p in model.parameters() if id(p) in clipping]
         self._position = {id(p): i for i, p in enumerate(self._clipped)}
+        # Since `collect`, per clipped parameter (in `_clipped`'s order): its units' clipped and non-finite
+        # (example, unit) pairs, rows of [2, all units] on the device (parameter i's columns start at
+        # `_tally_offsets[i]`), made at the first clipping and added to in place; and the (example, unit) pairs seen
+        self._tally_offsets = [0]
+        for p in self._clipped:
+            self._tally_offsets.append(self._tally_offsets[-1] + num_units(p))
+        self._tally_buffer: Tensor | None = None
+        self._tally_ends: Tensor | None = None  # `_tally_offsets` on the tally's device
+        self._units = [0] * len(self._clipped)
         self._root_hook = model.register_forward_pre_hook(self._new_forward_pass)
 
     def check_examples_independent(self) -> None:
@@ -180,14 +178,12 @@ class PerSampleClipper:
 
     # -- clipping -------------------------------------------------------------------------------
     def prepare_backward(self) -> None:
-        """Once per backward pass, before its first clipping (the engines call it): count the previous passes'
-        outcomes, and take this pass's thresholds and signal scale into the tensors `clip_factors` reads."""
+        """Once per backward pass, before its first clipping (the engines call it): take this pass's signal scale
+        (`grad_scale`) into the tensor `clip_factors` reads, which stays where it is for the layers' CUDA graphs."""
         if self._prepared:
             return
         if self.grad_scale is None:
             raise RuntimeError("per-sample AGC: grad_scale was not set before the backward pass")
-        self._count_outcomes()
-        self._take_thresholds()
         scale = self.grad_scale.detach().float()
         if self._scale is None or self._scale.device != scale.device:
             self._scale = scale.clone()
@@ -195,107 +191,112 @@ class PerSampleClipper:
             self._scale.copy_(scale)
         self._prepared = True
 
-    @torch.no_grad()
-    def _take_thresholds(self) -> None:
-        """lambda * max(||W_u||, eps) of every clipped parameter: per device and lambda, one multi-tensor norm of
-        the single-unit tensors, one row-wise norm per other tensor, one threshold computation."""
-        groups: dict[tuple, list[Tensor]] = {}
-        for p in self._clipped:
-            groups.setdefault((p.device, self.clipping[id(p)]), []).append(p)
-        for key, params in groups.items():
-            params = sorted(params, key=lambda p: not is_single_unit(p))  # `_unit_norm_vector` wants singles first
-            norms = clip_threshold(unit_norm_vector(params).float(), key[1], self.eps)
-            store = self._threshold_store.get(key)
-            if store is not None:
-                store.copy_(norms)
-                continue
-            self._threshold_store[key] = norms
-            self._thresholds.update(zip(map(id, params),
-                                        (t.view(-1, 1) for t in norms.split(list(map(num_units, params))))))
-
     def clip_factors(self, params: Sequence[Tensor], norms: Sequence[Tensor]) -> list[Tensor | None]:
         """AGC factors of each parameter ([examples, units]) for its per-example unit norms of the backpropagated
         signal ([examples, units]); None for a parameter that is not clipped.
 
-        One evaluation of AGC's rule for all of them (an engine passes all the parameters of a layer), and no
-        host synchronisation: the clipped and non-finite units are counted once per backward pass.
+        One evaluation of AGC's rule for all of them (an engine passes all the parameters of a layer), against
+        thresholds taken from the parameters as they are now, and the clipped and non-finite units tallied on
+        the device: no host synchronisation, and nothing left to do once per pass (in a layer's CUDA graph, all
+        of it replays).
         """
         factors: list[Tensor | None] = [None] * len(params)
         clipped = [i for i, p in enumerate(params) if id(p) in self.clipping]
         if not clipped:
             return factors
         self.prepare_backward()
-        thresholds, columns = [], []
+        columns = []
         for i in clipped:
-            threshold, norm = self._thresholds[id(params[i])], norms[i]
-            if threshold.shape[0] != norm.shape[1]:  # a layer weight of squeezed rank <= 1 (Linear(1, O)): one unit
+            norm = norms[i]
+            if num_units(params[i]) != norm.shape[1]:  # a layer weight of squeezed rank <= 1 (Linear(1, O)): one unit
                 norm = torch.linalg.vector_norm(norm, dim=1, keepdim=True)
-            thresholds.append(threshold)
             columns.append(norm.t())
-        # units x examples: each parameter's rows are one block, which `_count_outcomes` reads as a flat view
+        # units x examples: each parameter's rows are one block
         norm = _concatenated(columns).float() / self._scale
-        factor = clip_factor_below(_concatenated(thresholds), norm)
-        units = [t.shape[0] for t in thresholds]
-        for i, f, n in zip(clipped, factor.split(units), norm.split(units)):
-            self._outcomes.append((id(params[i]), f, n))
+        factor = clip_factor_below(self._thresholds([params[i] for i in clipped]), norm)
+        units = [c.shape[0] for c in columns]
+        self._tally([params[i] for i in clipped], factor, norm, units)
+        for i, f in zip(clipped, factor.split(units)):
             factors[i] = f.t().expand(-1, norms[i].shape[1])
         return factors
 
-    def outcomes_of(self, work: Callable[[], T]) -> tuple[T, list[tuple[int, Tensor, Tensor]]]:
-        """`work()`, and the outcomes its `clip_factors` calls added, taken out of this pass's list (a layer's CUDA
-        graph records them at its capture, and `note_outcomes` adds them again at every replay)."""
-        start = len(self._outcomes)
+    def _thresholds(self, params: list[Tensor]) -> Tensor:
+        """lambda * max(||W_u||, eps) of the units of `params`, as one column (float32)."""
+        lambdas = {self.clipping[id(p)] for p in params}
+        if len(lambdas) == 1:
+            norms = _concatenated([unit_norms(p.detach()).float() for p in params])
+            return clip_threshold(norms, lambdas.pop(), self.eps).unsqueeze(1)
+        return _concatenated([clip_threshold(unit_norms(p.detach()).float(), self.clipping[id(p)], self.eps)
+                              for p in params]).unsqueeze(1)
+
+    def _tally(self, params: list[Tensor], factor: Tensor, norm: Tensor, units: list[int]) -> None:
+        """Add the clipped and the non-finite (example, unit) pairs of one `clip_factors` call to the running
+        per-unit tally, in place (a layer's CUDA graph adds its pass's at every replay), and its (example, unit)
+        pairs to those seen (Python ints: a replayed graph notes them again, see `units_of`)."""
+        if self._tally_buffer is None or self._tally_buffer.device != factor.device:
+            if factor.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("per-sample AGC: the clip tally must exist before a CUDA graph is captured")
+            total = self._tally_offsets[-1]
+            self._tally_buffer = torch.zeros(2, total, dtype=torch.long, device=factor.device) \
+                if self._tally_buffer is None else self._tally_buffer.to(factor.device)
+            self._tally_ends = torch.tensor(self._tally_offsets, device=factor.device)
+        marks = torch.stack([factor < 1, norm.isfinite().logical_not_()]).sum(-1)  # [2, units]
+        positions = [self._position[id(p)] for p in params]
+        torch._foreach_add_([self._tally_buffer[:, self._tally_offsets[i] : self._tally_offsets[i + 1]]
+                             for i in positions], list(marks.split(units, dim=1)))
+        for i, u in zip(positions, units):
+            self._units[i] += u * factor.shape[1]
+
+    def units_of(self, work: Callable[[], T]) -> tuple[T, list[tuple[int, int]]]:
+        """`work()`, and the (parameter position, units) its `clip_factors` calls added to the units seen, taken
+        back out (a layer's CUDA graph records them at its capture, and `note_units` adds them at every replay)."""
+        before = list(self._units)
         try:
             result = work()
-        finally:  # a capture that fails part-way leaves none of its (never computed) outcomes behind
-            added = self._outcomes[start:]
-            del self._outcomes[start:]
-        return result, added
+        finally:  # a capture that fails part-way leaves none of its units behind
+            after, self._units = self._units, before
+        return result, [(i, b - a) for i, (a, b) in enumerate(zip(before, after)) if b != a]
 
-    def note_outcomes(self, outcomes: list[tuple[int, Tensor, Tensor]]) -> None:
-        """Count these (parameter id, factors, norms) with this pass's clipping (a replayed layer's)."""
-        self._outcomes.extend(outcomes)
+    @contextmanager
+    def tally_restored(self) -> Iterator[None]:
+        """Within the block, `clip_factors` calls leave the clip tally as it was (an emulated CUDA graph capture:
+        a capture records kernels and executes none)."""
+        saved = None if self._tally_buffer is None else self._tally_buffer.clone()
+        try:
+            yield
+        finally:
+            if saved is not None:
+                self._tally_buffer.copy_(saved)
 
-    def _count_outcomes(self) -> None:
-        """Add the clipped and non-finite units of the calls so far to the counts, in a few kernels for all
-        parameters: the factors and norms of every call concatenated, counted per parameter by one
-        multi-tensor reduction each. No host synchronisation."""
-        if not self._outcomes:
-            return
-        calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self._clipped]
-        for key, factor, norms in self._outcomes:
-            calls[self._position[key]].append((factor, norms))
-        self._outcomes = []
-        units = [sum(factor.numel() for factor, _ in found) for found in calls]
-        factors = torch.cat([_flat(factor) for found in calls for factor, _ in found])
-        norms = torch.cat([_flat(norm) for found in calls for _, norm in found])
-        clipped = torch.stack(count_per_tensor(factors < 1, units)).long()
-        nonfinite = torch.stack(count_per_tensor(norms.isfinite().logical_not_(), units)).long()
-        if self._counts is not None:
-            clipped, nonfinite = clipped + self._counts[0], nonfinite + self._counts[1]
-            units = [a + b for a, b in zip(units, self._counts[2])]
-        self._counts = clipped, nonfinite, units
+    def note_units(self, added: list[tuple[int, int]]) -> None:
+        """Count these (parameter position, units) as seen (a replayed layer's)."""
+        for i, n in added:
+            self._units[i] += n
 
     def collect(self, groups: Sequence[Sequence[Tensor]]) -> list[ClipStats]:
         """Statistics since the last `collect`, per group of parameters (units are example-units), then reset.
 
         In a distributed run they count the examples of all processes: each process clipped only its own.
         """
-        self._count_outcomes()
-        counts, self._counts = self._counts, None
-        if counts is None:
-            none = torch.zeros(len(self._clipped), dtype=torch.long)
-            counts = none, none, [0] * len(self._clipped)
-        elif dist.is_initialized() and dist.get_world_size() > 1:
-            counts = _summed_over_processes(*counts)
-        clipped, nonfinite = counts[0].unbind(), counts[1].unbind()
-        zero = torch.zeros((), dtype=torch.long, device=counts[0].device)
+        n = len(self._clipped)
+        units, self._units = self._units, [0] * n
+        if self._tally_buffer is None:
+            clipped = nonfinite = torch.zeros(n, dtype=torch.long)
+        else:
+            # per parameter, the sum of its units' tallies: differences of the running sum at its offsets
+            running = F.pad(self._tally_buffer.cumsum(1), (1, 0))
+            clipped, nonfinite = running.index_select(1, self._tally_ends).diff(dim=1)
+            self._tally_buffer.zero_()  # in place: the layers' CUDA graphs add to it
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                clipped, nonfinite, units = _summed_over_processes(clipped, nonfinite, units)
+        clipped, nonfinite = clipped.unbind(), nonfinite.unbind()
+        zero = torch.zeros((), dtype=torch.long, device=clipped[0].device if clipped else "cpu")
         stats = []
         for params in groups:
             at = [self._position.get(id(p)) for p in params]
             stats.append(ClipStats(
                 torch.stack([zero if i is None else clipped[i] for i in at]) if at else zero.new_zeros(0),
                 torch.stack([zero if i is None else nonfinite[i] for i in at]) if at else zero.new_zeros(0),
-                torch.tensor([0 if i is None else counts[2][i] for i in at], dtype=torch.long),
+                torch.tensor([0 if i is None else units[i] for i in at], dtype=torch.long),
             ))
         return stats

@@ -12,17 +12,19 @@ A graph replays the same kernels on the same addresses. So:
 - the layer's input and output signal are copied into one arena of the clipper's (`_Arena`), the same
   memory for every layer (the layers' backward passes run one after another on one stream), sized for
   the largest layer: the step's memory grows by one layer's activations, not by all of them;
-- the parameters (fixed addresses) are read where they are; a graph is keyed on their data pointers;
-- the thresholds and the signal's scale are read from tensors of the clipper's that `prepare_backward`
-  rewrites once per pass, before any layer replays;
-- the outputs (the parameters' gradients, the factors and norms the clipper counts) are the graph's
-  own tensors, rewritten by its next replay: autograd copies gradients it accumulates into a fresh
-  `.grad`, and the clipper counts a pass's outcomes before the next pass replays.
+- the parameters (fixed addresses) are read where they are, AGC's thresholds included; a graph is keyed
+  on their data pointers;
+- the signal's scale is read from a tensor of the clipper's that `prepare_backward` rewrites once per
+  pass, before any layer replays;
+- the clip tally is added to in place, in a buffer of the clipper's that stays put; the units the work
+  saw (Python ints) are noted again at each replay (`PerSampleClipper.units_of`);
+- the outputs (the parameters' gradients) are the graph's own tensors, rewritten by its next replay:
+  autograd copies gradients it accumulates into a fresh `.grad`.
 
 The input gradient of the layer is not in the graph (it is one kernel, and autograd holds it across
 other layers' backward passes). `TUNING.layer_graphs` chooses: "cuda" (the default: CUDA tensors), "off",
 or "emulated", which runs the same book-keeping on any device by re-running the recorded function on the
-arena's tensors and copying its results into the recorded outputs, as a replay would (how the CPU
+arena's tensors and copying its results into the captured outputs, as a replay would (how the CPU
 tests check the mechanism). A capture that fails turns graphs off for that layer and layout, with one warning.
 """
 from __future__ import annotations
@@ -99,8 +101,9 @@ class _Arena:
 class _Captured:
     inputs: list[Tensor]  # in the arena
     outputs: tuple  # the graph's own tensors (or None)
-    outcomes: list[tuple[int, Tensor, Tensor]]  # what the work added to the clipper's outcomes, the graph's tensors
-    replay: Callable[[], None]
+    units: list[tuple[int, int]]  # what the work added to the clipper's units seen
+    graph: torch.cuda.CUDAGraph | None  # None: emulated, `work` re-run at each replay
+    work: LayerWork
 
 
 class LayerGraphs:
@@ -162,17 +165,21 @@ class LayerGraphs:
                 return work(x, signal)
         for static, t in zip(entry.inputs, (x, signal)):
             static.copy_(t)
-        entry.replay()
-        self.clipper.note_outcomes(entry.outcomes)
+        if entry.graph is None:
+            self._emulated_replay(entry)
+        else:
+            entry.graph.replay()
+        self.clipper.note_units(entry.units)
         return entry.outputs
 
     def _capture(self, mode: str, work: LayerWork, x: Tensor, signal: Tensor) -> _Captured:
         inputs = self.arena.static_like([x, signal])
         for static, t in zip(inputs, (x, signal)):
             static.copy_(t)
-        if mode == "emulated":
-            outputs, outcomes = self.clipper.outcomes_of(lambda: work(*inputs))
-            return _Captured(inputs, outputs, outcomes, lambda: self._emulated_replay(work, inputs, outputs, outcomes))
+        if mode == "emulated":  # a capture records and executes nothing: the tally is put back as it was
+            with self.clipper.tally_restored():
+                outputs, units = self.clipper.units_of(lambda: work(*inputs))
+            return _Captured(inputs, outputs, units, None, work)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(x.device)
@@ -182,19 +189,19 @@ class LayerGraphs:
             # thread_local: autograd's device thread captures while other threads (loaders) may use CUDA
             graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
-                outputs, outcomes = self.clipper.outcomes_of(lambda: work(*inputs))
+                outputs, units = self.clipper.units_of(lambda: work(*inputs))
             finally:
                 graph.capture_end()
         current.wait_stream(self._stream)
-        return _Captured(inputs, outputs, outcomes, graph.replay)
+        return _Captured(inputs, outputs, units, graph, work)
 
-    def _emulated_replay(self, work: LayerWork, inputs: list[Tensor], outputs: tuple,
-                         outcomes: list[tuple[int, Tensor, Tensor]]) -> None:
-        new_outputs, new_outcomes = self.clipper.outcomes_of(lambda: work(*inputs))
-        pairs = [(old, new) for old, new in zip(outputs, new_outputs) if old is not None]
-        pairs += [(old, new) for (_, *olds), (_, *news) in zip(outcomes, new_outcomes) for old, new in zip(olds, news)]
-        for old, new in pairs:
-            old.copy_(new)
+    def _emulated_replay(self, entry: _Captured) -> None:
+        """What a replay does: the captured work on the arena's tensors, its outputs written into the captured
+        ones (a graph rewrites its own tensors), its tally added; `run` notes its units."""
+        outputs, _ = self.clipper.units_of(lambda: entry.work(*entry.inputs))
+        for old, new in zip(entry.outputs, outputs):
+            if old is not None:
+                old.copy_(new)
 
     def _warn(self, error: Exception) -> None:
         self.failures.append(f"{type(error).__name__}: {error}")

@@ -397,13 +397,21 @@ class Standardization:
         return grad_rows.reshape(grad.shape)
 
 
+def _as_autocast_casts(weight: Tensor, device_type: str) -> Tensor:
+    """`weight` in the dtype autocast would run the layer in (as autocast casts it: the forward pass stays the
+    model's own bit for bit), so that the backward pass reuses the cast, as autograd does, instead of casting again."""
+    if torch.is_autocast_enabled(device_type) and weight.is_floating_point() and weight.dtype != torch.float64:
+        return weight.to(torch.get_autocast_dtype(device_type))
+    return weight
+
+
 class ClippedLayer(torch.autograd.Function):
     """y = op(x, W_eff) + b whose backward returns the per-sample clipped sums for W, its gain and b."""
 
     @staticmethod
     def forward(ctx, clipper, module, layer, x, weight, bias, gain):
         ctx.clipper, ctx.module, ctx.layer = clipper, module, layer
-        effective = layer.effective_weight(module, weight)
+        effective = _as_autocast_casts(layer.effective_weight(module, weight), x.device.type)
         ctx.save_for_backward(x, weight, effective, bias, gain)
         return layer.apply(x, effective, bias)
 
@@ -419,7 +427,7 @@ class ClippedLayer(torch.autograd.Function):
             if all(p is None for p in params):
                 return None, None, None, grad_x, None, None, None
             if any(p is not None and id(p) in clipper.clipping for p in params):
-                clipper.prepare_backward()  # before any graph: thresholds and scale of this pass
+                clipper.prepare_backward()  # before any graph: the signal scale of this pass
 
             def work(x: Tensor, signal: Tensor) -> tuple:
                 # `effective` lends only its shape: a graph must not read this pass's tensors (the standardised
