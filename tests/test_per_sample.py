@@ -500,10 +500,12 @@ def test_patches_are_torchs_unfold(kernel, stride, padding, dilation):
 
 
 # --- per-layer CUDA graphs: their book-keeping, emulated on the CPU --------------------------------------------
-def graphed_steps(make_model, make_batch, mode, steps=5, device="cpu"):
+def graphed_steps(make_model, make_batch, mode, steps=5, device="cpu", set_to_none=True):
     """SGD steps with per-sample AGC and `layer_graphs=mode`: per step the gradients and clip counts, and the loop's
     reference for the last step. New inputs and loss scales every step; steps 3 and 4 accumulate two half-batch
-    passes (a gradient taken from a graph's own output tensor instead of a copy would be overwritten there)."""
+    passes (a gradient taken from a graph's own output tensor instead of a copy would be overwritten there).
+    `set_to_none`: how the gradients are zeroed between steps (None, as torch's default, or zeros in place, as
+    fastai's)."""
     torch.manual_seed(0)
     model = make_model().train().to(device)
     x0, y0 = (t.to(device) for t in make_batch())
@@ -522,7 +524,7 @@ def graphed_steps(make_model, make_batch, mode, steps=5, device="cpu"):
             parts = [slice(0, len(x) // 2), slice(len(x) // 2, len(x))] if step >= 3 else [slice(0, len(x))]
             if step == steps - 1:  # the loss is scaled, the clipping is not: the clipped mean, scaled
                 reference = {n: g * scale for n, g in per_example_reference(model, x, y, F.cross_entropy).items()}
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=set_to_none)
             clipper.start()
             for part in parts:
                 clipper.grad_scale = torch.tensor(scale / len(x), device=device)
@@ -569,6 +571,51 @@ def test_layer_graphs_on_cuda_replay_the_steps_without_graphs(name, monkeypatch)
         for n in expected:
             torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-9, msg=f"step {step}, {n}")
     assert relative_error(graphed[-1], reference) < 1e-5
+
+
+def test_layer_graphs_replay_the_steps_without_graphs_into_gradients_zeroed_in_place():
+    """fastai zeroes `.grad` in place: replayed gradients are then added into it (not handed out as copies)."""
+    eager, eager_counts, reference = graphed_steps(StdConvNet, image_batch, "off", set_to_none=False)
+    graphed, graphed_counts, _ = graphed_steps(StdConvNet, image_batch, "emulated", set_to_none=False)
+    assert graphed_counts == eager_counts
+    for step, (got, expected) in enumerate(zip(graphed, eager)):
+        for n in expected:
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-6, atol=1e-12, msg=f"step {step}, {n}")
+    assert relative_error(graphed[-1], reference) < 1e-5
+
+
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """The strides of `t`'s dims of size > 1 (those of size 1 may have any)."""
+    return [stride for stride, size in zip(t.stride(), t.shape) if size > 1]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_replayed_layer_hands_out_new_gradients_as_views_of_one_copy_in_the_parameters_layouts(channels_last):
+    """Where `.grad` is None, a replayed layer's gradients (weight, gain, bias) are views of one copy, each in its
+    parameter's layout, which autograd keeps as they are (it would copy each of a graph's own tensors), and they
+    are the gradients of the steps without graphs."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, y = image_batch()
+    grads = {}
+    for mode in ("off", "emulated"):
+        model = StdConvNet().train().to(memory_format=layout)
+        clipper = PerSampleClipper(model, {id(p): CLIPPING for p in model.parameters() if p is not model.fc.weight})
+        with tuned(layer_graphs=mode):
+            for _ in range(3):  # eager, captured and replayed, replayed
+                model.zero_grad(set_to_none=True)
+                clipper.grad_scale = torch.tensor(1.0 / len(x))
+                clipper.start()
+                F.cross_entropy(model(x.to(memory_format=layout)), y).backward()
+                clipper.stop()
+        clipper.remove()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+        for conv in (model.a, model.b, model.c):
+            trio = (conv.weight, conv.gain, conv.bias)
+            assert all(_memory_order(p.grad) == _memory_order(p) for p in trio)
+            shared = len({p.grad.untyped_storage().data_ptr() for p in trio}) == 1
+            assert shared == (mode == "emulated")
+    for n, expected in grads["off"].items():
+        torch.testing.assert_close(grads["emulated"][n], expected, rtol=1e-6, atol=1e-12, msg=n)
 
 
 def test_a_layer_graph_that_cannot_be_captured_warns_once_and_the_layer_runs_without(monkeypatch):

@@ -19,7 +19,9 @@ A graph replays the same kernels on the same addresses. So:
 - the clip tally is added to in place, in a buffer of the clipper's that stays put; the units the work
   saw (Python ints) are noted again at each replay (`PerSampleClipper.units_of`);
 - the outputs (the parameters' gradients) are the graph's own tensors, rewritten by its next replay:
-  autograd copies gradients it accumulates into a fresh `.grad`.
+  autograd adds them into an existing `.grad`, and copies them into a new one. They sit side by side in
+  one buffer, in their parameters' layouts, so that for new ones a replay hands out views of one copy,
+  which autograd keeps as they are (`_Captured.handed_out`).
 
 The input gradient of the layer is not in the graph (it is one kernel, and autograd holds it across
 other layers' backward passes). `TUNING.layer_graphs` chooses: "cuda" (the default: CUDA tensors), "off",
@@ -97,13 +99,40 @@ class _Arena:
                 for at, t in zip(offsets, tensors)]
 
 
+def _packed_layouts(outputs: tuple, like: tuple) -> list[tuple[int, torch.Size, tuple[int, ...]] | None] | None:
+    """Where each gradient of `outputs` goes in one buffer, in the layout of its parameter in `like`: (offset,
+    shape, strides), None for a missing one; None if they cannot share a buffer (dtypes or devices differ, a
+    parameter is not dense, or there is none)."""
+    present = [(out, p) for out, p in zip(outputs, like) if out is not None]
+    if not present or len({(out.dtype, out.device) for out, _ in present}) > 1 \
+            or not all(p is not None and out.shape == p.shape and _dense(p) for out, p in present):
+        return None
+    layouts, offset = [], 0
+    for out, p in zip(outputs, like):
+        layouts.append(None if out is None else (offset, p.shape, p.stride()))
+        offset += 0 if out is None else p.numel()
+    return layouts
+
+
 @dataclass
 class _Captured:
     inputs: list[Tensor]  # in the arena
-    outputs: tuple  # the graph's own tensors (or None)
+    outputs: tuple  # the graph's own tensors (or None): views of `packed` where it is not None
+    packed: Tensor | None  # the graph's gradients side by side, each in its parameter's layout
     units: list[tuple[int, int]]  # what the work added to the clipper's units seen
     graph: torch.cuda.CUDAGraph | None  # None: emulated, `work` re-run at each replay
     work: LayerWork
+
+    def handed_out(self, like: tuple) -> tuple:
+        """This replay's gradients for autograd, for the parameters `like`. Where their `.grad` is None, autograd
+        would copy a graph's own tensors one by one: packed ones are handed out as views of one copy, in their
+        parameters' layouts, which it takes as they are. Where a `.grad` exists, autograd adds into it in place,
+        and the graph's tensors serve as they are."""
+        if self.packed is None or any(p is not None and p.grad is not None for p in like):
+            return self.outputs
+        copy = self.packed.clone()
+        return tuple(None if out is None else copy.as_strided(out.shape, out.stride(), out.storage_offset())
+                     for out in self.outputs)
 
 
 class LayerGraphs:
@@ -135,9 +164,10 @@ class LayerGraphs:
         if TUNING.graph_mode(x.device) != "off":
             self.arena.reserve([x, out])
 
-    def run(self, layer: object, key: tuple, work: LayerWork, x: Tensor, signal: Tensor) -> tuple:
+    def run(self, layer: object, key: tuple, work: LayerWork, x: Tensor, signal: Tensor, like: tuple) -> tuple:
         """`layer`'s `work(x, signal)`, from a graph where `TUNING.layer_graphs` allows; `key` is what else the work
-        depends on (joined by the layer, the layout of x and signal, the knobs and the mode)."""
+        depends on (joined by the layer, the layout of x and signal, the knobs and the mode); `like` holds the
+        parameters whose gradients the work returns, in its order (or None)."""
         mode = TUNING.graph_mode(x.device)
         if mode == "off" or not (_dense(x) and _dense(signal)) \
                 or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -156,7 +186,7 @@ class LayerGraphs:
                 graphs[key] = _EAGER
                 return work(x, signal)
             try:
-                entry = graphs[key] = self._capture(mode, work, x, signal)
+                entry = graphs[key] = self._capture(mode, work, x, signal, like)
                 self.captured += 1
                 self._layouts[id(layer)] = self._layouts.get(id(layer), 0) + 1
             except Exception as error:  # noqa: BLE001 - any failure: eager from now on, correct and slower
@@ -170,16 +200,15 @@ class LayerGraphs:
         else:
             entry.graph.replay()
         self.clipper.note_units(entry.units)
-        return entry.outputs
+        return entry.handed_out(like)
 
-    def _capture(self, mode: str, work: LayerWork, x: Tensor, signal: Tensor) -> _Captured:
+    def _capture(self, mode: str, work: LayerWork, x: Tensor, signal: Tensor, like: tuple) -> _Captured:
         inputs = self.arena.static_like([x, signal])
         for static, t in zip(inputs, (x, signal)):
             static.copy_(t)
         if mode == "emulated":  # a capture records and executes nothing: the tally is put back as it was
             with self.clipper.tally_restored():
-                outputs, units = self.clipper.units_of(lambda: work(*inputs))
-            return _Captured(inputs, outputs, units, None, work)
+                return self._record(work, inputs, like, None)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(x.device)
@@ -189,11 +218,28 @@ class LayerGraphs:
             # thread_local: autograd's device thread captures while other threads (loaders) may use CUDA
             graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
-                outputs, units = self.clipper.units_of(lambda: work(*inputs))
+                captured = self._record(work, inputs, like, graph)
             finally:
                 graph.capture_end()
         current.wait_stream(self._stream)
-        return _Captured(inputs, outputs, units, graph, work)
+        return captured
+
+    def _record(self, work: LayerWork, inputs: list[Tensor], like: tuple, graph: torch.cuda.CUDAGraph | None
+                ) -> _Captured:
+        """The work on the arena's tensors, its gradients packed into one buffer where they can share one."""
+        outputs, units = self.clipper.units_of(lambda: work(*inputs))
+        layouts = _packed_layouts(outputs, like)
+        packed = None
+        if layouts is not None:
+            first = next(out for out in outputs if out is not None)
+            size = sum(shape.numel() for _, shape, _ in filter(None, layouts))
+            packed = torch.empty(size, dtype=first.dtype, device=first.device)
+            views = tuple(None if at is None else packed.as_strided(at[1], at[2], at[0]) for at in layouts)
+            for view, out in zip(views, outputs):
+                if view is not None:
+                    view.copy_(out)
+            outputs = views
+        return _Captured(inputs, outputs, packed, units, graph, work)
 
     def _emulated_replay(self, entry: _Captured) -> None:
         """What a replay does: the captured work on the arena's tensors, its outputs written into the captured

@@ -435,7 +435,7 @@ class ClippedLayer(torch.autograd.Function):
                 return _parameter_grads(clipper, module, layer, x, signal, effective, *params)
 
             key = tuple(-1 if p is None else p.data_ptr() for p in params)
-            grad_weight, grad_bias, grad_gain = clipper.graphs.run(layer, key, work, x, signal)
+            grad_weight, grad_bias, grad_gain = clipper.graphs.run(layer, key, work, x, signal, params)
         return None, None, None, grad_x, grad_weight, grad_bias, grad_gain
 
 
