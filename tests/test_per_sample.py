@@ -328,6 +328,34 @@ class StdConvNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+def test_a_layers_parameters_clip_at_their_own_lambdas():
+    """Lambda per param group (`AGC(clipping=[...])`) can split a layer: its weight, gain and bias clip at different
+    lambdas in one call, each against the loop over examples, with the counts at each parameter's own lambda."""
+    model, (x, y) = StdConvNet().train(), image_batch()
+    lambdas = {n: CLIPPING * {"weight": 2.0, "gain": 0.5, "bias": 0.25}[n.split(".")[1]]
+               for n, _ in model.named_parameters() if n != "fc.weight"}
+    reference_model = copy.deepcopy(model)
+    expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in reference_model.named_parameters()}
+    clipped = dict.fromkeys(lambdas, 0)
+    for i in range(len(x)):
+        reference_model.zero_grad()
+        F.cross_entropy(reference_model(x[i : i + 1]), y[i : i + 1]).backward()
+        for n, p in reference_model.named_parameters():
+            grad, units = reference_agc(p, p.grad, lambdas[n], 1e-3) if n in lambdas else (p.grad.double(), 0)
+            expected[n] += grad / len(x)
+            clipped[n] = clipped.get(n, 0) + units
+    params = dict(model.named_parameters())
+    clipper = PerSampleClipper(model, {id(params[n]): lam for n, lam in lambdas.items()})
+    clipper.grad_scale = torch.tensor(1.0 / len(x))
+    clipper.start()
+    F.cross_entropy(model(x), y).backward()
+    clipper.stop()
+    names = list(lambdas)
+    stats = clipper.collect([[params[n] for n in names]])[0]
+    assert stats.clipped.tolist() == [clipped[n] for n in names] and sum(clipped.values()) > 0
+    assert relative_error({n: p.grad.double() for n, p in params.items()}, expected) < 1e-5
+
+
 @pytest.mark.parametrize("method", ["conv", "bmm"])
 @pytest.mark.parametrize("name", ["nf_resnet (7x7 stem + pool, bottlenecks, ReLU)", "nfnet (SE, grouped, SAME, SkipInit, GELU)",
                                   "embedding, conv1d, layernorm", "standardised convs with gains"])

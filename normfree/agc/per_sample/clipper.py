@@ -8,6 +8,7 @@ gradients meaningful (`check_examples_independent`; `loss_scale.loss_reduction`)
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -220,13 +221,14 @@ class PerSampleClipper:
             factors[i] = f.t().expand(-1, norms[i].shape[1])
         return factors
 
+    @torch.no_grad()  # the generic engine clips with gradients enabled
     def _thresholds(self, params: list[Tensor]) -> Tensor:
         """lambda * max(||W_u||, eps) of the units of `params`, as one column (float32)."""
         lambdas = {self.clipping[id(p)] for p in params}
         if len(lambdas) == 1:
-            norms = _concatenated([unit_norms(p.detach()).float() for p in params])
+            norms = _concatenated([unit_norms(p).float() for p in params])
             return clip_threshold(norms, lambdas.pop(), self.eps).unsqueeze(1)
-        return _concatenated([clip_threshold(unit_norms(p.detach()).float(), self.clipping[id(p)], self.eps)
+        return _concatenated([clip_threshold(unit_norms(p).float(), self.clipping[id(p)], self.eps)
                               for p in params]).unsqueeze(1)
 
     def _tally(self, params: list[Tensor], factor: Tensor, norm: Tensor, units: list[int]) -> None:
@@ -240,7 +242,8 @@ class PerSampleClipper:
             self._tally_buffer = torch.zeros(2, total, dtype=torch.long, device=factor.device) \
                 if self._tally_buffer is None else self._tally_buffer.to(factor.device)
             self._tally_ends = torch.tensor(self._tally_offsets, device=factor.device)
-        marks = torch.stack([factor < 1, norm.isfinite().logical_not_()]).sum(-1)  # [2, units]
+        # norms are >= 0: not below inf is inf or NaN (isfinite is four kernels)
+        marks = torch.stack([factor < 1, (norm < math.inf).logical_not_()]).sum(-1)  # [2, units]
         positions = [self._position[id(p)] for p in params]
         torch._foreach_add_([self._tally_buffer[:, self._tally_offsets[i] : self._tally_offsets[i + 1]]
                              for i in positions], list(marks.split(units, dim=1)))
