@@ -35,6 +35,7 @@ def train_one_shard(rank: int, init_file: str, result_file: str, per_sample: boo
         if rank == 0:
             update = {n: (p.detach() - before[n]).double() for n, p in model.named_parameters()}
             torch.save({"update": update, "clipped": agc.history.parameter_names}, result_file)
+        dist.barrier()  # both leave gloo together: a rank that tears down while the other still works can abort it
     finally:
         dist.destroy_process_group()
 

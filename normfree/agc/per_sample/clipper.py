@@ -237,7 +237,8 @@ class PerSampleClipper:
         pairs to those seen (Python ints: a replayed graph notes them again, see `units_of`)."""
         if self._tally_buffer is None or self._tally_buffer.device != factor.device:
             if factor.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("per-sample AGC: the clip tally must exist before a CUDA graph is captured")
+                raise RuntimeError("per-sample AGC: run one backward pass before capturing one in a CUDA graph (the "
+                                   "first makes the clip tally, which a graph would otherwise re-create at each replay)")
             total = self._tally_offsets[-1]
             self._tally_buffer = torch.zeros(2, total, dtype=torch.long, device=factor.device) \
                 if self._tally_buffer is None else self._tally_buffer.to(factor.device)
