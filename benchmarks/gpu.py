@@ -10,7 +10,8 @@ Sections, each in its own try/except (an error is recorded in the results and th
 2. nfnet_f0 training step (bs 64, 192 px, bf16 autocast, channels-last, SGD-Nesterov): no AGC,
    normfree's AGC, timm's, and normfree's fastai callback driven by a stand-in learner.
 3. Per-sample AGC step against the ordinary AGC step: time, peak memory, exactness against a loop
-   over examples; every entry of `PER_SAMPLE_VARIANTS` is timed; a profiler table of one setting.
+   over examples; every entry of `PER_SAMPLE_VARIANTS` is timed; host time per phase of both steps and
+   per launch of a layer's graph; a profiler table of one setting.
 4. ``normfree train`` on the bundled digits in fp32, fp16 and bf16, as subprocesses; in this process, the
    learner it builds and a plain fastai one in fp32 and fp16 (host time per batch, kernels per batch).
 
