@@ -339,7 +339,7 @@ def test_csv_bad_inputs(tmp_path):
 
     duplicated = tmp_path / "dup.csv"
     duplicated.write_text("path,label\npics/0.png,a\npics/0.png,b\npics/1.png,b\n")
-    with pytest.raises(ValueError, match="dup.csv: image .*0.png is listed more than once"):
+    with pytest.raises(ValueError, match="dup.csv: rows 2 and 3 name the same image"):
         csv_dataloaders(duplicated)
 
     blank = tmp_path / "blank.csv"
@@ -656,3 +656,270 @@ def test_every_kind_parses_round_trips_and_builds_at_its_default_size(tmp_path):
             with pytest.raises(ConfigError, match=r"^limit: works with in-memory data sets \(digits, fashion-mnist, "
                                                   r"\.npz\) only"):
                 spec.dataloaders(bs=2, limit=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data means what the user meant: split folders, hidden files, label spellings, duplicate files,
+# one-hot labels, truncated images
+
+
+def items(dl):
+    return [p.relative_to(p.parents[2]).as_posix() for p in dl.items]  # split/class/file
+
+
+def split_of(dl):
+    return {p.parent.parent.name for p in dl.items}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("valid_name", ["val", "validation", "VAL"])
+def test_image_folder_val_and_validation_are_the_validation_split(tmp_path, valid_name):
+    root = write_folder(tmp_path / "imgs", per_class=4, layout="train")
+    write_folder(root, per_class=2, layout=valid_name)
+    dls = image_folder_dataloaders(root, bs=4, size=8)
+    assert list(dls.vocab) == ["cat", "dog"]  # not "train" and "val"
+    assert split_of(dls.train) == {"train"} and split_of(dls.valid) == {valid_name}
+    assert len(dls.train.items) == 8 and len(dls.valid.items) == 4
+
+
+@pytest.mark.bad_input
+@pytest.mark.filterwarnings("ignore:load_learner")
+def test_image_folder_test_split_is_held_out_and_scored_by_ds_idx_2(tmp_path):
+    from fastai.metrics import accuracy as fastai_accuracy
+
+    from normfree import nf_learner
+
+    root = write_folder(tmp_path / "imgs", per_class=4, layout="train")
+    write_folder(root, per_class=2, layout="val")
+    write_folder(root, classes=("dog", "cat"), per_class=3, layout="test")
+    dls = image_folder_dataloaders(root, bs=4, size=8)
+    assert list(dls.vocab) == ["cat", "dog"]
+    assert dls.test is dls[2] and split_of(dls.test) == {"test"} and len(dls.test.items) == 6
+    assert split_of(dls.train) == {"train"} and split_of(dls.valid) == {"val"}
+    learn = nf_learner(dls, "test_nfnet", metrics=fastai_accuracy)
+    with learn.no_bar():
+        loss, accuracy = learn.validate(ds_idx=2)
+        probabilities, _ = learn.get_preds(ds_idx=2)
+    expected = [list(dls.vocab).index(p.parent.name) for p in dls.test.items]  # the class folder of each test image
+    assert accuracy == pytest.approx(np.mean(probabilities.argmax(1).numpy() == np.array(expected)))
+
+
+@pytest.mark.bad_input
+def test_image_folder_train_and_test_without_validation_folder(tmp_path):
+    root = write_folder(tmp_path / "imgs", per_class=5, layout="train")
+    write_folder(root, per_class=2, layout="test")
+    dls = image_folder_dataloaders(root, bs=2, size=8, valid_pct=0.2)
+    assert list(dls.vocab) == ["cat", "dog"]
+    assert split_of(dls.train) == split_of(dls.valid) == {"train"} and split_of(dls.test) == {"test"}
+    assert len(dls.train.items) == 8 and len(dls.valid.items) == 2 and len(dls.test.items) == 4
+    assert not set(items(dls.train)) & set(items(dls.valid))
+
+
+@pytest.mark.bad_input
+def test_image_folder_test_folder_without_classes_is_left_out_with_a_warning(tmp_path):
+    root = write_folder(tmp_path / "imgs", per_class=5, layout="train")
+    write_png(root / "test" / "unlabelled.png", 0)
+    with pytest.warns(UserWarning, match=r"test/ has no class folders of images \(1 image\(s\) directly in it"):
+        dls = image_folder_dataloaders(root, bs=2, size=8)
+    assert len(dls.loaders) == 2 and not hasattr(dls, "test")
+
+
+def both_val_and_valid(root):
+    write_folder(root, per_class=2, layout="train")
+    write_folder(root, per_class=1, layout="val")
+    write_folder(root, per_class=1, layout="valid")
+
+
+def train_and_a_class_folder(root):
+    write_folder(root, per_class=2, layout="train")
+    write_folder(root, classes=("cat",), per_class=1, layout="")
+    write_folder(root, per_class=1, layout="val")
+
+
+def class_folders_and_a_test_class(root):
+    write_folder(root, classes=("cat", "dog", "test"), per_class=2)
+
+
+def flat_train_and_val(root):
+    write_folder(root, classes=("train", "val"), per_class=3)  # images directly in train/ and val/
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("layout, message", [
+    (both_val_and_valid, r"both val/ and valid/ name the valid split; keep one"),
+    (train_and_a_class_folder, r"train/ holds class folders, so .* is read as split folders .* but cat/ next to it "
+                               r"name no split"),
+    (class_folders_and_a_test_class, r"test/ would be class\(es\) but is a split name"),
+    (flat_train_and_val, r"train/, val/ would be class\(es\) but are split names"),
+])
+def test_image_folder_ambiguous_layouts_are_refused(tmp_path, layout, message):
+    layout(tmp_path / "imgs")
+    with pytest.raises(ValueError, match=message):
+        image_folder_dataloaders(tmp_path / "imgs", bs=2, size=8)
+
+
+def test_image_folder_a_class_named_train_stays_a_class(tmp_path):
+    root = write_folder(tmp_path / "vehicles", classes=("bus", "train"), per_class=4)  # no split folder in sight
+    assert list(image_folder_dataloaders(root, bs=2, size=8).vocab) == ["bus", "train"]
+
+
+def hidden_top_level_folder(root):
+    write_folder(root)
+    write_png(root / ".ipynb_checkpoints" / "0-checkpoint.png", 99)
+
+
+def hidden_folder_in_train(root):
+    write_folder(root, layout="train")
+    write_folder(root, per_class=2, layout="val")
+    write_png(root / "train" / ".ipynb_checkpoints" / "0-checkpoint.png", 99)
+
+
+def hidden_files_in_a_class(root):
+    write_folder(root)
+    write_png(root / "cat" / "._0.png", 98)  # macOS's AppleDouble companion (here a real PNG)
+    write_png(root / "cat" / ".cache" / "1.png", 99)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("layout", [hidden_top_level_folder, hidden_folder_in_train, hidden_files_in_a_class])
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, layout):
+    root = tmp_path / "imgs"
+    layout(root)
+    dls = image_folder_dataloaders(root, bs=2, size=8, valid_pct=0.25)
+    assert list(dls.vocab) == ["cat", "dog"]
+    visible = {p for p in root.rglob("*.png") if not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    used = [p for dl in dls.loaders for p in dl.items]
+    assert len(used) == len(visible) and set(used) == visible
+
+
+@pytest.mark.bad_input
+def test_csv_rows_naming_hidden_files_are_skipped_with_a_warning(tmp_path):
+    csv = write_csv_set(tmp_path)
+    write_png(tmp_path / "pics" / "._0.png", 50)
+    write_png(tmp_path / ".ipynb_checkpoints" / "pics" / "1.png", 51)
+    rows = csv.read_text().replace("file,kind", "path,label") + "pics/._0.png,a\n.ipynb_checkpoints/pics/1.png,b\n"
+    csv.write_text(rows)
+    with pytest.warns(UserWarning, match=r"set.csv: skipped 2 row\(s\) naming a hidden file or folder \(e.g. pics/._0.png"):
+        dls = csv_dataloaders(csv, bs=4, size=8)
+    assert len(dls.train.items) + len(dls.valid.items) == 12
+
+
+@pytest.mark.bad_input
+def test_csv_labels_differing_only_in_spaces_or_case_are_named(tmp_path):
+    csv = write_csv_set(tmp_path)
+    labels = ["cat", " cat", "cat", "Cat", "dog", "dog"] * 2
+    csv.write_text("path,label\n" + "".join(f"pics/{i}.png,{label}\n" for i, label in enumerate(labels)))
+    with pytest.warns(UserWarning, match=r"set.csv: labels ' cat' \(2 images\), 'Cat' \(2 images\), 'cat' \(4 images\) "
+                                         r"differ only in case or surrounding spaces: they are 3 classes"):
+        dls = csv_dataloaders(csv, bs=2, size=8)
+    assert list(dls.vocab) == [" cat", "Cat", "cat", "dog"]  # as written: the warning is the only change
+
+
+@pytest.mark.bad_input
+def test_class_folders_differing_only_in_case_are_named(tmp_path):
+    root = write_folder(tmp_path / "imgs", classes=("Cat", "cat", "dog"), per_class=3)
+    with pytest.warns(UserWarning, match=r"labels 'Cat' \(3 images\), 'cat' \(3 images\) differ only in case"):
+        image_folder_dataloaders(root, bs=2, size=8)
+
+
+@pytest.mark.bad_input
+def test_image_folder_file_reached_by_two_paths_is_used_once(tmp_path):
+    root = write_folder(tmp_path / "imgs", per_class=5)
+    (root / "cat" / "again.png").symlink_to(root / "cat" / "0.png")
+    (root / "cat" / "nested").mkdir()
+    (root / "cat" / "nested" / "0.png").symlink_to("../0.png")
+    with pytest.warns(UserWarning, match=r"2 image path\(s\) reach a file already found .*each file is used once"):
+        dls = image_folder_dataloaders(root, bs=2, size=8, valid_pct=0.3)
+    used = [p.resolve() for dl in dls.loaders for p in dl.items]
+    assert len(used) == len(set(used)) == 10  # the 10 files, each in one split
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("link, target", [("dog/copy.png", "cat/0.png"), ("val/cat/copy.png", "train/cat/0.png")])
+def test_image_folder_file_in_two_classes_or_splits_is_refused(tmp_path, link, target):
+    root = write_folder(tmp_path / "imgs", per_class=3)
+    if link.startswith("val"):
+        root = write_folder(tmp_path / "split", per_class=3, layout="train")
+        write_folder(root, per_class=1, layout="val")
+    (root / link).symlink_to(root / target)
+    with pytest.raises(ValueError, match=rf"{root / link} and {root / target} are the same file"):
+        image_folder_dataloaders(root, bs=2, size=8)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("second", ["pics/../pics/0.png", "./pics/0.png", "link.png"])
+def test_csv_rows_naming_one_file_twice_are_refused(tmp_path, second):
+    write_csv_set(tmp_path)
+    (tmp_path / "link.png").symlink_to(tmp_path / "pics" / "0.png")
+    csv = tmp_path / "dup.csv"
+    csv.write_text("path,label\n" + "".join(f"pics/{i}.png,{'ab'[i % 2]}\n" for i in range(8)) + f"{second},b\n")
+    with pytest.raises(ValueError, match=rf"dup.csv: rows 2 and 10 name the same image \('pics/0.png', '{second}'\)"):
+        csv_dataloaders(csv, bs=2, size=8)
+
+
+@pytest.mark.bad_input
+def test_npz_one_hot_labels_are_single_label_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    classes = {split: rng.permutation(np.arange(n) % 4) for split, n in (("train", 30), ("val", 10), ("test", 8))}
+    one_hot = {f"{split}_labels": np.eye(4, dtype=np.uint8)[k] for split, k in classes.items()}
+    path = write_npz(tmp_path / "onehot.npz", **one_hot)
+    with pytest.warns(UserWarning, match=r"onehot.npz: the 4-column labels are one-hot .* read as 4 single-label "
+                                         r"classes"):
+        dls = medmnist_dataloaders(path, bs=8)
+    assert dls.c == 4 and dls.multi_label is False
+    for dl, split in ((dls.train, "train"), (dls.valid, "val"), (dls.test, "test")):
+        assert dl.dataset.tensors[1].dtype == torch.int64
+        np.testing.assert_array_equal(dl.dataset.tensors[1].numpy(), classes[split])
+    # a row with two 1s anywhere: multi-label, as before
+    two = dict(one_hot, val_labels=np.vstack([one_hot["val_labels"][:9], [[1, 1, 0, 0]]]))
+    dls = medmnist_dataloaders(write_npz(tmp_path / "multi.npz", **two), bs=8)
+    assert dls.multi_label is True and dls.c == 4
+
+
+def write_truncated_jpeg(path, seed, fraction=0.9):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: int(len(whole) * fraction)])
+    return path
+
+
+@pytest.mark.bad_input
+def test_truncated_jpeg_is_found_before_training(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    bad = write_truncated_jpeg(root / "dog" / "cut.jpg", 7)
+    Image.open(bad).verify()  # the header check alone lets it through
+    with pytest.warns(UserWarning, match=rf"skipped 1 unreadable or corrupt image\(s\), e.g. {bad} \(image file is "
+                                         rf"truncated"):
+        dls = image_folder_dataloaders(root, bs=4, size=8, valid_pct=0.25)
+    assert bad not in [p for dl in dls.loaders for p in dl.items]
+    with pytest.raises(ValueError, match=rf"corrupt image {bad} \(image file is truncated"):
+        image_folder_dataloaders(root, bs=4, size=8, on_bad_image="error")
+
+
+@pytest.mark.bad_input
+def test_image_failing_during_training_names_the_file(tmp_path):
+    root = write_folder(tmp_path / "imgs", per_class=0)
+    for cls in ("cat", "dog"):
+        for i in range(4):
+            write_truncated_jpeg(root / cls / f"{i}.jpg", i, fraction=1)
+    dls = image_folder_dataloaders(root, bs=2, size=8, valid_pct=0.25)
+    bad = dls.train.items[0]
+    write_truncated_jpeg(bad, 0)  # changed after the check
+    with pytest.raises(OSError, match=rf"{bad}: image file is truncated"):
+        for dl in (dls.train, dls.valid):
+            for _ in dl:
+                pass
+
+
+@pytest.mark.bad_input
+def test_folder_smaller_than_the_batch_names_bs(tmp_path):
+    from normfree import train
+    from normfree.utils.errors import ConfigError
+
+    root = write_folder(tmp_path / "imgs", per_class=24)  # 48 images, 10 of them (20%) held out
+    with pytest.raises(ConfigError) as error:
+        train(data=str(root), arch="nf_resnet_tiny", size=8, bs=64, epochs=1, out=str(tmp_path / "out"), quiet=True)
+    assert error.value.option == "bs" and "accum" not in str(error.value)
+    assert "bs 64 is more than the 38 training images" in str(error.value) and "give bs <= 38" in str(error.value)

@@ -252,14 +252,16 @@ def _subset(dls: DataLoaders, config: TrainConfig) -> DataLoaders:
 
 
 def _check_batches(dls: DataLoaders, config: TrainConfig) -> None:
-    """A batch size larger than the data is said (every epoch is one batch); an accumulation longer than an
-    epoch is refused (no optimizer step would be made)."""
+    """A batch size larger than the data is refused where the training loader drops its incomplete last batch
+    (image files, and every loader under a launcher: no training step at all), else said (every epoch is one
+    batch); an accumulation longer than an epoch is refused (no optimizer step would be made)."""
     images, batches = len(dls.train_ds), distributed.batches_per_epoch(dls.train)
     processes = distributed.world_size()
-    if distributed.launched() and batches == 0:
-        raise ConfigError("bs", f"bs {config.bs} in each of {processes} processes is a batch of "
-                                f"{config.bs * processes}, more than the {images} training images: no training step; "
-                                f"give bs <= {images // processes}")
+    if batches == 0:
+        batch = (f"bs {config.bs} in each of {processes} processes (a batch of {config.bs * processes})"
+                 if distributed.launched() else f"bs {config.bs}")
+        raise ConfigError("bs", f"{batch} is more than the {images} training images, and an epoch drops its incomplete "
+                                f"last batch: no training step; give bs <= {images // processes}")
     if config.bs > images:
         print(f"normfree train: warning: bs {config.bs} (--bs) is more than the {images} training images: every "
               f"epoch is one batch of {images}", file=sys.stderr)

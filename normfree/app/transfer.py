@@ -33,9 +33,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
 from ..utils.outdir import atomic_write, locked_folder
@@ -241,25 +244,49 @@ class TransferResult(GridResult):
     """The grid's finished runs (`TransferRecord`), their summary rows (`TransferRow`) and the report's files."""
 
     config: TransferConfig
+    per_class_labels: dict[int, str] = field(default_factory=dict)  # see `_per_class_labels`
 
     @property
     def table(self) -> str:
         """Final target accuracy (%), mean ± std over seeds, per model and mode, in Markdown."""
-        return target_markdown(self.rows)
+        return target_markdown(self.rows, self.per_class_labels)
 
 
-def _data_classes(config: TransferConfig) -> list[str]:
+def _data_classes(config: TransferConfig) -> tuple[list[str], torch.Tensor]:
     """The data's class names (or labels), after checking that every source and target label is one
-    of them: a wrong label stops the grid before anything trains."""
-    dls = build_dataloaders(TrainConfig(data=config.data, size=config.size, limit=config.limit,
-                                        valid_pct=config.valid_pct))
-    if getattr(dls, "multi_label", False):
-        raise ConfigError("data", f"{config.data} is multi-label; transfer needs one class per image")
-    for option in ("source_classes", "target_classes"):
-        unknown = [label for label in getattr(config, option) if label >= dls.c]
-        if unknown:
-            raise ConfigError(option, f"{unknown} not among the labels of {config.data} (0..{dls.c - 1})")
-    return [str(name) for name in getattr(dls, "vocab", None) or range(dls.c)]
+    of them: a wrong label stops the grid before anything trains; and the training images of each target
+    class with each seed, [seeds, target classes] (the seed can draw the validation split, as digits')."""
+    available = []
+    for seed in config.seeds:
+        dls = build_dataloaders(TrainConfig(data=config.data, size=config.size, limit=config.limit,
+                                            valid_pct=config.valid_pct, seed=seed))
+        if getattr(dls, "multi_label", False):
+            raise ConfigError("data", f"{config.data} is multi-label; transfer needs one class per image")
+        for option in ("source_classes", "target_classes"):
+            unknown = [label for label in getattr(config, option) if label >= dls.c]
+            if unknown:
+                raise ConfigError(option, f"{unknown} not among the labels of {config.data} (0..{dls.c - 1})")
+        available.append(torch.bincount(dls.train_ds.tensors[1], minlength=dls.c)[list(config.target_classes)])
+    return [str(name) for name in getattr(dls, "vocab", None) or range(dls.c)], torch.stack(available)
+
+
+def _per_class_labels(config: TransferConfig, available: torch.Tensor, names: list[str]) -> dict[int, str]:
+    """How the report writes each `per_class` value that is more than a target class has (`available`, from
+    `_data_classes`): the images per class its runs really train on, e.g. ``58-71 (asked 1000)``, said in a
+    warning too. A class with fewer images than `per_class` trains on all of them."""
+    labels = {}
+    for n in config.per_class:
+        used = available.clamp(max=n)
+        if int(used.min()) == n:
+            continue
+        fewest, most = int(used.min()), int(used.max())
+        labels[n] = f"{fewest if fewest == most else f'{fewest}-{most}'} (asked {n})"
+        short = [f"{names[label]} ({int(available[:, i].min())})" for i, label in enumerate(config.target_classes)
+                 if available[:, i].min() < n]
+        warnings.warn(f"per_class {n} is more than the training images of target class(es) {', '.join(short)}: "
+                      f"those train on all of theirs, so the runs at per_class {n} have {labels[n]} images per "
+                      f"class, and the report says so", stacklevel=4)
+    return labels
 
 
 def _reusable_run(cell: TransferCell, cell_config: TrainConfig, overwrite: bool) -> TrainResult | None:
@@ -278,7 +305,7 @@ def _classes(labels: tuple[int, ...], names: list[str]) -> str:
     return f"{', '.join(map(str, labels))} ({', '.join(names[label] for label in labels)})"
 
 
-def _settings(config: TransferConfig, names: list[str], runs: list[TransferRecord],
+def _settings(config: TransferConfig, names: list[str], per_class_labels: dict[int, str], runs: list[TransferRecord],
               seconds: float) -> dict[str, object]:
     modes = "; ".join(f"{mode}: {MODES[mode]}" for mode in config.modes)
     if "fine-tune" in config.modes:
@@ -292,9 +319,9 @@ def _settings(config: TransferConfig, names: list[str], runs: list[TransferRecor
         "source task (pretraining)": f"classes {_classes(config.source_classes, names)}: all their training "
                                      f"images; validated on all validation images of these classes",
         "target task": f"classes {_classes(config.target_classes, names)}: at most "
-                       f"{' or '.join(map(str, config.per_class))} training images per class, drawn with the run's "
-                       f"seed; validated on all validation images of these classes (for Fashion-MNIST, its test "
-                       f"split), which no run trains on",
+                       f"{' or '.join(per_class_labels.get(n, str(n)) for n in config.per_class)} training images "
+                       f"per class, drawn with the run's seed; validated on all validation images of these classes "
+                       f"(for Fashion-MNIST, its test split), which no run trains on",
         "models": f"{METHODS['bn']} = {config.bn_arch}; {METHODS['nf']} = {config.nf_arch}; {METHODS['nf-agc']} = "
                   f"{config.nf_arch} with AGC lambda {config.agc}; each clips the same way in both stages",
         "pretraining": f"{config.source_epochs} epochs, fit_one_cycle, {config.opt}, peak lr {config.source_lr}, "
@@ -347,7 +374,8 @@ def compare_transfer(config: TransferConfig | None = None, /, *, quiet: bool = F
 
 
 def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> TransferResult:
-    names = _data_classes(config)
+    names, available = _data_classes(config)
+    per_class_labels = _per_class_labels(config, available, names)
     out = Path(config.out)
     cells = config.cells()
     say = (lambda *args, **kwargs: None) if quiet else print
@@ -369,7 +397,8 @@ def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> T
             say(f"Stopped at run {i} of {len(cells)}; run the same command again to continue the grid.")
             break
         runs.append(_record(cell, result))
-        task = "source" if cell.mode == PRETRAIN else f"{cell.per_class}/class, bs {cell.bs}"
+        task = ("source" if cell.mode == PRETRAIN
+                else f"{per_class_labels.get(cell.per_class, cell.per_class)}/class, bs {cell.bs}")
         say(f"[{i:>{len(str(len(cells)))}}/{len(cells)}] {METHODS[cell.method]:<14} {cell.mode:<12} {task:<16} "
             f"seed {cell.seed}: final {result.final_accuracy:6.1%}, best {result.best_accuracy:6.1%}, "
             f"{result.seconds_per_epoch:5.2f} s/epoch" + (" (done before)" if reused else ""))
@@ -379,13 +408,13 @@ def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> T
         {"config": config.to_dict(), "command": config.command(), "versions": library_versions()}, indent=2) + "\n")
     labels = [METHODS[m] for m in config.methods]
     result = TransferResult(config, runs, summarise_transfer(runs, labels, [PRETRAIN, *config.modes]), files,
-                            complete, seconds, stopped_by)
+                            complete, seconds, stopped_by, per_class_labels)
     if not runs:
         return result
     files.update(write_transfer_report(
         out, runs, labels, config.modes, title=f"normfree compare --transfer: BatchNorm vs normalizer-free, "
                                                f"pretrained and transferred on {config.data}",
-        settings=_settings(config, names, runs, seconds), notes=_notes(complete, len(runs), len(cells)),
-        rows=result.rows))
+        settings=_settings(config, names, per_class_labels, runs, seconds),
+        notes=_notes(complete, len(runs), len(cells)), rows=result.rows, per_class_labels=per_class_labels))
     say(f"\n{result.table}\n\nreport: {files['html']} (and {files['markdown'].name}); {seconds:.0f} s")
     return result

@@ -94,26 +94,27 @@ def summarise_transfer(records: Sequence[TransferRecord], methods: Sequence[str]
     return rows
 
 
-def _column_label(per_class: int, bs: int) -> str:
-    return f"{per_class} per class, bs {bs}"
+def _column_label(per_class: int, bs: int, per_class_labels: Mapping[int, str]) -> str:
+    return f"{per_class_labels.get(per_class, per_class)} per class, bs {bs}"
 
 
-def target_table(rows: Sequence[TransferRow]) -> Table:
+def target_table(rows: Sequence[TransferRow], per_class_labels: Mapping[int, str] = {}) -> Table:
     """Final target accuracy (%), mean ± std over seeds: one row per model and mode, one column per
-    (images per class, batch size)."""
+    (images per class, batch size). `per_class_labels`: how to write a `per_class` value where it is not the
+    number of images each class had (fewer were available), e.g. ``{1000: "58-71 (asked 1000)"}``."""
     target = [row for row in rows if row.mode != PRETRAIN]
     settings = sorted({(row.per_class, row.bs) for row in target})
     cells: dict[tuple[str, str], dict[tuple[int, int], str]] = {}
     for row in target:
         cells.setdefault((row.method, row.mode), {})[(row.per_class, row.bs)] = percent(row.final_mean, row.final_std)
-    columns = ["model", "mode", *(_column_label(*setting) for setting in settings)]
+    columns = ["model", "mode", *(_column_label(*setting, per_class_labels) for setting in settings)]
     return columns, [[method, mode, *(values.get(setting, "") for setting in settings)]
                      for (method, mode), values in cells.items()]
 
 
-def target_markdown(rows: Sequence[TransferRow]) -> str:
+def target_markdown(rows: Sequence[TransferRow], per_class_labels: Mapping[int, str] = {}) -> str:
     """`target_table` in Markdown (also readable as plain text)."""
-    return markdown_grid(*target_table(rows))
+    return markdown_grid(*target_table(rows, per_class_labels))
 
 
 def source_table(rows: Sequence[TransferRow]) -> Table:
@@ -125,9 +126,9 @@ def source_table(rows: Sequence[TransferRow]) -> Table:
 
 
 def plot_accuracy_vs_images_per_class(rows: Sequence[TransferRow], methods: Sequence[str],
-                                      modes: Sequence[str]) -> Figure:
+                                      modes: Sequence[str], per_class_labels: Mapping[int, str] = {}) -> Figure:
     """Final target accuracy (mean, std error bars) against training images per class: one panel per
-    mode (columns) and batch size (rows), one line per model."""
+    mode (columns) and batch size (rows), one line per model; ticks written as `target_table`'s columns."""
     target = [row for row in rows if row.mode != PRETRAIN]
     batch_sizes = sorted({row.bs for row in target})
     per_class = sorted({row.per_class for row in target})
@@ -142,7 +143,7 @@ def plot_accuracy_vs_images_per_class(rows: Sequence[TransferRow], methods: Sequ
                             yerr=[0 if math.isnan(r.final_std) else r.final_std for r in mine],
                             fmt="-o", color=f"C{colour}", capsize=3, label=method)
             ax.set_xscale("log")
-            ax.set_xticks(per_class, [str(n) for n in per_class])
+            ax.set_xticks(per_class, [str(per_class_labels.get(n, n)) for n in per_class])
             ax.minorticks_off()
             ax.set(title=f"{mode}, bs {bs}", xlabel="training images per class")
             ax.grid(alpha=0.3)
@@ -162,22 +163,24 @@ def write_transfer_report(
     settings: Mapping[str, object],
     notes: Sequence[str] = (),
     rows: Sequence[TransferRow] | None = None,
+    per_class_labels: Mapping[int, str] = {},
 ) -> dict[str, Path]:
     """Write report.md, report.html (plot embedded), runs.csv, summary.csv and the plot into `out`;
     returns their paths by `TRANSFER_REPORT_FILES` key. `modes` are the target modes, in table order.
-    `rows`: ``summarise_transfer(records, methods, [PRETRAIN, *modes])`` where the caller has it already."""
+    `rows`: ``summarise_transfer(records, methods, [PRETRAIN, *modes])`` where the caller has it already;
+    `per_class_labels`: as in `target_table`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise_transfer(records, methods, [PRETRAIN, *modes]) if rows is None else rows
     tables = {"Target accuracy (%): final validation accuracy on the target classes, mean ± std over seeds":
-              target_table(rows)}
+              target_table(rows, per_class_labels)}
     if any(row.mode == PRETRAIN for row in rows):
         tables["Source accuracy (%) of the pretrained models, on the source classes"] = source_table(rows)
     notes = [*notes, "mean ± sample standard deviation over seeds; s/epoch: wall time of an epoch with its "
                      "validation, mean over seeds."]
     paths = {key: out / name for key, name in TRANSFER_REPORT_FILES.items()}
     alt = "final target accuracy vs training images per class (mean ± std over seeds)"
-    png = png_bytes(plot_accuracy_vs_images_per_class(rows, methods, modes))
+    png = png_bytes(plot_accuracy_vs_images_per_class(rows, methods, modes, per_class_labels))
     atomic_write(paths["accuracy_plot"], png)
     markdown = [*markdown_sections(tables), "", "## Notes", "", *(f"- {note}" for note in notes)]
     atomic_write(paths["markdown"], markdown_document(title, settings, markdown,

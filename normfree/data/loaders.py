@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai.data.transforms import IndexSplitter, Normalize, get_image_files
+from fastai.data.transforms import IntToFloatTensor, Normalize, get_image_files
 from fastai.torch_core import TensorImage
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
-from fastai.vision.data import ImageBlock
 from fasttransform import ItemTransform, Transform
 from torch.utils.data import TensorDataset
 
@@ -311,7 +310,8 @@ def subset_dataloaders(
     learning and for tuning without the validation split:
 
     - `classes`: keep only these labels, renumbered 0..k-1 in the order given (every split);
-    - `per_class`: at most this many training images of each class, drawn with `seed`;
+    - `per_class`: at most this many training images of each class, drawn with `seed` (a class with fewer
+      trains on all of its images, named in a warning);
     - `holdout_pct`: validate on this fraction of the (remaining) training images, drawn with `seed`,
       instead of the data's validation split, which is then not used at all (nor a test split):
       hyperparameters chosen on it never saw the validation images.
@@ -327,6 +327,7 @@ def subset_dataloaders(
     standardise = dls.train.after_batch  # _tensor_dataloaders' own transform
     splits = [ds.tensors for ds in (dls.train_ds, dls.valid_ds, *(dl.dataset for dl in dls.loaders[2:]))]
     c = dls.c
+    vocab = getattr(dls, "vocab", None)
     if classes is not None:
         if getattr(dls, "multi_label", False):
             raise ValueError("classes: multi-label data cannot be narrowed to classes")
@@ -337,11 +338,17 @@ def subset_dataloaders(
         relabel[classes] = torch.arange(len(classes))
         splits = [(x[relabel[y] >= 0], relabel[y][relabel[y] >= 0]) for x, y in splits]
         c = len(classes)
+        vocab = [vocab[k] for k in classes] if vocab is not None else None
     generator = torch.Generator().manual_seed(seed)
     if per_class is not None:
         if getattr(dls, "multi_label", False):
             raise ValueError("per_class: multi-label data has no single class per image")
         x, y = splits[0]
+        counts = torch.bincount(y, minlength=c)
+        short = [f"{vocab[k] if vocab is not None else k} ({int(counts[k])})" for k in range(c) if counts[k] < per_class]
+        if short:
+            warnings.warn(f"per_class {per_class} is more than the training images of class(es) {', '.join(short)}: "
+                          f"those train on all of theirs", stacklevel=2)
         keep = torch.cat([idx[torch.randperm(len(idx), generator=generator)[:per_class]]
                           for idx in (torch.nonzero(y == k).flatten() for k in range(c))]).sort().values
         splits[0] = (x[keep], y[keep])
@@ -356,9 +363,8 @@ def subset_dataloaders(
     if not getattr(dls, "multi_label", False):
         _check_several_classes(splits[0][1], "the narrowed training split")
     narrowed = _tensor_dataloaders(splits, standardise.size, dls.train.bs, seed, dls.device, c)
-    vocab = getattr(dls, "vocab", None)
     if vocab is not None:
-        narrowed.vocab = [vocab[k] for k in classes] if classes is not None else vocab
+        narrowed.vocab = vocab
     if getattr(dls, "multi_label", False):
         narrowed.multi_label = True
     if len(splits) > 2:
@@ -488,7 +494,11 @@ def medmnist_dataloaders(
     Images uint8 [N, H, W] (1 channel) or [N, H, W, 3] (RGB), resized to `size` px if given
     (other numeric types are standardised the same way; NaN or infinite pixels are refused).
     Labels [N, 1] give integer targets (``dls.c`` = max label + 1); [N, K] with K > 1 are
-    multi-label: float multi-hot targets, ``dls.c = K`` and ``dls.multi_label = True``.
+    multi-label: float multi-hot targets, ``dls.c = K`` and ``dls.multi_label = True``. Except one-hot
+    labels: [N, K] with exactly one 1 in every row of every split are almost certainly one class per
+    image, so they are read as K single-label classes (class = the column of the 1, ``dls.c = K``,
+    ``dls.multi_label = False``) with a warning; multi-label training would score them with a 0.5
+    threshold per column and report an accuracy near 1 - 1/K for a model that predicts nothing.
     Labels must be whole numbers (floats such as 0.5 are refused, 2.0 is class 2) and class
     numbers 0..C-1: labels whose max + 1 is more than twice the number of distinct labels in
     the file (more than half of the classes 0..max never occur, e.g. 0, 1, 2 and 100000) are
@@ -524,7 +534,15 @@ def medmnist_dataloaders(
     widths = {labels.shape[1] for _, labels in splits}
     if len(shapes) > 1 or len(widths) > 1:
         raise ValueError(f"{source}: splits disagree on image shape {shapes} or label width {widths}")
-    multi_label = widths.pop() > 1
+    width = widths.pop()
+    one_hot = width > 1 and all(((labels == 0) | (labels == 1)).all() and (labels.sum(1) == 1).all()
+                                for _, labels in splits)
+    if one_hot:
+        warnings.warn(f"{source}: the {width}-column labels are one-hot (exactly one 1 in every row of every split): "
+                      f"read as {width} single-label classes (the column of the 1), not as multi-label; give "
+                      f"[N, 1] class numbers to silence this", stacklevel=2)
+        splits = [(images, labels.argmax(1)[:, None]) for images, labels in splits]
+    multi_label = width > 1 and not one_hot
     if multi_label:
         for split, (_, labels) in zip(("train", "val", "test"), splits):
             if ((labels != 0) & (labels != 1)).any():
@@ -535,7 +553,7 @@ def medmnist_dataloaders(
     else:
         targets = [torch.from_numpy(labels[:, 0]) for _, labels in splits]
         _check_several_classes(targets[0], f"{source} (train_labels)")
-        c = _check_label_range([labels for _, labels in splits], source)
+        c = width if one_hot else _check_label_range([labels for _, labels in splits], source)
         _warn_untrained_classes(targets[0], {"val": targets[1], "test": targets[2]}, source)
     dls = _tensor_dataloaders([(images, t) for (images, _), t in zip(splits, targets)], size, bs, seed, device, c)
     dls.multi_label = multi_label
@@ -594,24 +612,39 @@ class _FloatRGB(Transform):
 
 
 def _image_problem(path: Path) -> str | None:
-    """Why PIL cannot use the image at `path`, or None: a header check (no full decode, to stay fast),
-    except for float images, decoded to look for NaN or infinite pixels."""
+    """Why PIL cannot use the image at `path`, or None. The header check (`verify`) misses a file cut short
+    (a JPEG truncated at 90% passes it and fails in a DataLoader worker mid-training), so every image is
+    also decoded, JPEGs at 1/8 scale (`draft`: the whole file is still read, the decoding is several times
+    cheaper); float images are then looked at for NaN or infinite pixels."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            mode = image.mode
             image.verify()
-        if mode == "F":
-            with Image.open(path) as image:
+        with Image.open(path) as image:
+            image.draft(None, (1, 1))  # JPEG only: decode at the smallest scale; other formats ignore it
+            image.load()
+            if image.mode == "F":
                 return _non_finite(np.asarray(image))
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ...) for bad files
         return str(error) or type(error).__name__
     return None
 
 
+def _open_image(path: Path) -> _FullDepthImage:
+    """`_FullDepthImage.create`, naming the file in an error: an image that fails to decode during training
+    (changed since the check, or a fault the check cannot see) otherwise stops a DataLoader worker with only
+    e.g. "image file is truncated"."""
+    try:
+        return _FullDepthImage.create(path)
+    except (OSError, SyntaxError, ValueError) as error:
+        if str(path) in str(error):
+            raise
+        raise type(error)(f"{path}: {error}; fix or remove this image") from error
+
+
 def _readable_images(paths: Sequence[Path], on_bad_image: str, source: object) -> list[Path]:
-    """`paths` minus files PIL cannot open/verify and float images with NaN or infinite pixels."""
+    """`paths` minus files PIL cannot open and decode in full and float images with NaN or infinite pixels."""
     good, bad = [], []
     for p in paths:
         problem = _image_problem(p)
@@ -627,6 +660,26 @@ def _readable_images(paths: Sequence[Path], on_bad_image: str, source: object) -
     return good
 
 
+def _hidden(parts: Iterable[str]) -> bool:
+    """Whether a path with these parts is hidden (a part such as ``.ipynb_checkpoints`` or macOS's ``._0.png``):
+    editor and system copies, never data."""
+    return any(part.startswith(".") and part not in (".", "..") for part in parts)
+
+
+def _warn_label_spellings(labels: Sequence[str], source: object) -> None:
+    """Warn when labels differ only in case or surrounding spaces (``cat``, `` cat``, ``Cat``): each spelling
+    is a class of its own, almost always by mistake."""
+    counts: dict[str, dict[str, int]] = {}
+    for label in labels:
+        spellings = counts.setdefault(label.strip().casefold(), {})
+        spellings[label] = spellings.get(label, 0) + 1
+    for spellings in counts.values():
+        if len(spellings) > 1:
+            shown = ", ".join(f"{label!r} ({n} images)" for label, n in sorted(spellings.items()))
+            warnings.warn(f"{source}: labels {shown} differ only in case or surrounding spaces: they are "
+                          f"{len(spellings)} classes; spell them alike if they are one", stacklevel=4)
+
+
 class _LabelOf:
     """`get_y` for path items: a plain callable class, since fastai reads the function's
     signature (dict methods have none) and exported learners must pickle it."""
@@ -638,10 +691,15 @@ class _LabelOf:
         return self.labels[path]
 
 
+# The image-file builders' splits: "train" (the random split takes `valid_pct` of it when no image is "valid"),
+# "valid" and "test" (held out: never trained on nor validated on; dls.test).
+_SPLITS = ("train", "valid", "test")
+
+
 def _image_dataloaders(
     paths: Sequence[Path],
     labels: Sequence[str],
-    is_valid: Sequence[bool] | None,
+    splits: Sequence[str],
     source: object,
     bs: int,
     size: int,
@@ -650,32 +708,35 @@ def _image_dataloaders(
     on_bad_image: str,
     device,
 ) -> DataLoaders:
-    """Shared by the folder and CSV builders: drop bad images, split (given `is_valid` or random),
-    then Normalize with per-channel stats of up to `_STATS_IMAGES` training images."""
+    """Shared by the folder and CSV builders: drop bad images, split (each image's split from `splits`, the
+    valid split drawn from train with `valid_pct` when none is given), then Normalize with per-channel stats
+    of up to `_STATS_IMAGES` training images."""
     if not paths:
         raise ValueError(f"{source}: no images found")
     label_of = dict(zip(paths, labels))
-    valid_of = dict(zip(paths, is_valid)) if is_valid is not None else None
+    split_of = dict(zip(paths, splits))
     paths = _readable_images(paths, on_bad_image, source)
     if not paths:
         raise ValueError(f"{source}: no readable images")
+    _warn_label_spellings([label_of[p] for p in paths], source)
     vocab = sorted(set(label_of[p] for p in paths))
     _check_several_classes(vocab, source)
-    if valid_of is None:
-        train, valid = (idx.tolist() for idx in _random_split(len(paths), valid_pct, seed, source))
-    else:
-        valid = [i for i, p in enumerate(paths) if valid_of[p]]
-        train = [i for i, p in enumerate(paths) if not valid_of[p]]
-        if not train or not valid:
-            raise ValueError(f"{source}: the {'train' if not train else 'valid'} split has no readable images")
-    _warn_untrained_classes([label_of[paths[i]] for i in train], {"valid": [label_of[paths[i]] for i in valid]},
+    train, valid, test = ([i for i, p in enumerate(paths) if split_of[p] == split] for split in _SPLITS)
+    if "valid" not in splits:
+        train, valid = ([train[i] for i in idx.tolist()] for idx in _random_split(len(train), valid_pct, seed, source))
+    if not train or not valid:
+        raise ValueError(f"{source}: the {'train' if not train else 'valid'} split has no readable images")
+    _warn_untrained_classes([label_of[paths[i]] for i in train],
+                            {split: [label_of[paths[i]] for i in idx] for split, idx in (("valid", valid),
+                                                                                        ("test", test)) if idx},
                             source)
+    index_splits = (train, valid, test) if test else (train, valid)
 
     def dataloaders(batch_tfms: list) -> DataLoaders:
         block = DataBlock(
-            blocks=(ImageBlock(_FullDepthImage), CategoryBlock(vocab=vocab)),
+            blocks=(TransformBlock(type_tfms=_open_image, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=vocab)),
             get_y=_LabelOf(label_of),
-            splitter=IndexSplitter(valid),
+            splitter=lambda _: index_splits,
             item_tfms=[Resize(size), _FloatRGB()],
             batch_tfms=batch_tfms,
         )
@@ -685,17 +746,87 @@ def _image_dataloaders(
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:_STATS_IMAGES]
     sample = [paths[train[i]] for i in order.tolist()]
     mean, std = _batch_stats(x for (x,) in dataloaders([]).test_dl(sample, bs=bs))
-    return dataloaders([Normalize.from_stats(mean, std)])
+    dls = dataloaders([Normalize.from_stats(mean, std)])
+    if test:
+        dls.test = dls[2]
+    return dls
+
+
+# Folder names that image_folder_dataloaders reads as a split rather than a class (compared ignoring case).
+_SPLIT_FOLDERS = {"train": ("train", "training"), "valid": ("valid", "val", "validation"), "test": ("test", "testing")}
+
+
+def _visible_folders(root: Path) -> list[Path]:
+    """The subfolders of `root` by name, hidden ones (``.ipynb_checkpoints``, ``.git``) left out."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not _hidden([d.name]))
 
 
 def _class_folder_images(root: Path) -> tuple[list[Path], list[str]]:
-    """Images under each class subfolder of `root` (``root/<class>/**/<image>``), with their class."""
+    """Images under each class subfolder of `root` (``root/<class>/**/<image>``), with their class. fastai's
+    `get_image_files` leaves out hidden files and folders below the class folders."""
     paths, labels = [], []
-    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+    for folder in _visible_folders(root):
         found = sorted(get_image_files(folder))
         paths += found
         labels += [folder.name] * len(found)
     return paths, labels
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The folders of `root` named as a split (`_SPLIT_FOLDERS`), by split; ValueError when two name the same one."""
+    found: dict[str, Path] = {}
+    for folder in _visible_folders(root):
+        split = next((split for split, names in _SPLIT_FOLDERS.items() if folder.name.casefold() in names), None)
+        if split is None:
+            continue
+        if split in found:
+            raise ValueError(f"{root}: both {found[split].name}/ and {folder.name}/ name the {split} split; keep one "
+                             f"of them (rename or move the other out of {root})")
+        found[split] = folder
+    return found
+
+
+def _split_folder_images(root: Path, folders: dict[str, Path]) -> tuple[list[Path], list[str], list[str]]:
+    """Images, classes and splits of a split layout (``root/train/<class>/<image>``, ...)."""
+    others = [d.name for d in _visible_folders(root) if d not in folders.values()]
+    if others:
+        raise ValueError(f"{root}: {folders['train'].name}/ holds class folders, so {root} is read as split folders "
+                         f"(train/, val/, test/), but {', '.join(f'{name}/' for name in others)} next to it "
+                         f"name no split; move such folders into the splits as class folders, or out of {root}")
+    paths, labels, splits = [], [], []
+    for split, folder in folders.items():
+        found, classes = _class_folder_images(folder)
+        if not found and split == "test":
+            unlabelled = len(get_image_files(folder))
+            warnings.warn(f"{root}: {folder.name}/ has no class folders of images ({unlabelled} image(s) directly in "
+                          f"it, without labels): no test split; score unlabelled images with "
+                          f"learn.get_preds(dl=dls.test_dl(files))", stacklevel=3)
+        elif not found:
+            raise ValueError(f"{root}: no images in {folder}/<class>/")
+        paths, labels, splits = paths + found, labels + classes, splits + [split] * len(found)
+    return paths, labels, splits
+
+
+def _without_duplicate_files(paths: list[Path], labels: list[str], splits: list[str],
+                             source: object) -> tuple[list[Path], list[str], list[str]]:
+    """Each file once, however it is reached (a symlink, ``x/../x/0.png``): a second path to a file of the same
+    class and split is dropped with a warning; the same file in two classes or two splits is refused (it would
+    be both labels, or trained on and scored)."""
+    first: dict[Path, int] = {}
+    keep, dropped = [], []
+    for i, path in enumerate(paths):
+        j = first.setdefault(path.resolve(), i)
+        if j == i:
+            keep.append(i)
+        elif (labels[i], splits[i]) == (labels[j], splits[j]):
+            dropped.append((path, paths[j]))
+        else:
+            raise ValueError(f"{source}: {path} and {paths[j]} are the same file, in class {labels[i]!r} ({splits[i]}) "
+                             f"and class {labels[j]!r} ({splits[j]}); keep it in one place")
+    if dropped:
+        warnings.warn(f"{source}: {len(dropped)} image path(s) reach a file already found (e.g. {dropped[0][0]} is "
+                      f"{dropped[0][1]}): each file is used once", stacklevel=3)
+    return [paths[i] for i in keep], [labels[i] for i in keep], [splits[i] for i in keep]
 
 
 def image_folder_dataloaders(
@@ -707,31 +838,48 @@ def image_folder_dataloaders(
     on_bad_image: str = "skip",
     device: torch.device | str | None = None,
 ) -> DataLoaders:
-    """ImageNet-style class folders: ``path/<class>/<image>``, or ``path/train/<class>/...`` plus
-    ``path/valid/<class>/...`` (then `valid_pct` is unused).
+    """ImageNet-style class folders: ``path/<class>/<image>``, or split folders each holding class folders:
+    ``path/train/<class>/...`` with a validation split ``valid/``, ``val/`` or ``validation/`` (then `valid_pct`
+    is unused) and a held-out ``test/``. Split names are matched ignoring case (``training/`` and ``testing/``
+    are read as train/ and test/); two folders naming one split (``val/`` and ``valid/``) are refused. Without
+    a validation folder `valid_pct` of train/'s images, chosen with `seed`, are held out. test/ is never
+    trained on nor validated on: it is ``dls.test`` (also ``dls[2]``), so ``learn.validate(ds_idx=2)`` scores
+    it; a test/ without class folders (unlabelled images) is left out with a warning. A folder whose train/
+    holds class folders must hold nothing but split folders (other folders next to train/ are refused), and
+    in a folder of classes a folder named as a split other than train is refused rather than made a class.
+
+    Hidden files and folders (``.ipynb_checkpoints``, macOS's ``._0.png``) are never classes nor images.
+    A file reached by two paths (a symlink, ``x/../x/0.png``) is used once (warning); the same file in two
+    classes or two splits is refused. Class names that differ only in case or surrounding spaces are named
+    in a warning (they are separate classes).
 
     Images are opened as RGB and resized to `size` px (`Resize`: crop to square, centre crop on
     valid); 16-bit and float images (PIL modes I;16, I, F) at full depth, see `_DEEP_MODES`.
     Normalize uses per-channel stats computed on (up to 1024 of) the training images,
-    not ImageNet's. Unreadable/corrupt files, and float images with NaN or infinite pixels, are
-    skipped with a warning (``on_bad_image="skip"``) or raise ValueError (``"error"``). A valid
-    class with no training image is named in a warning. `seed` picks the random split and the
-    training order.
+    not ImageNet's. Every image is decoded once before training (`_image_problem`, about 0.1 ms per small
+    image): unreadable, corrupt or truncated files, and float images with NaN or infinite pixels, are
+    skipped with a warning naming them (``on_bad_image="skip"``) or raise ValueError (``"error"``); a file
+    that still fails during training raises an error naming it. A valid or test class with no training
+    image is named in a warning. `seed` picks the random split and the training order.
     """
     _check_image_options(bs, valid_pct, on_bad_image)
     root = _existing(path, "a folder of class subfolders of images")
     if not root.is_dir():
         raise ValueError(f"{root}: expected a folder of class subfolders of images, found a file")
-    if (root / "train").is_dir() and (root / "valid").is_dir():
-        train_paths, train_labels = _class_folder_images(root / "train")
-        valid_paths, valid_labels = _class_folder_images(root / "valid")
-        if not train_paths or not valid_paths:
-            raise ValueError(f"{root}: no images in {root / ('train' if not train_paths else 'valid')}/<class>/")
-        is_valid = [False] * len(train_paths) + [True] * len(valid_paths)
-        paths, labels = train_paths + valid_paths, train_labels + valid_labels
+    folders = _split_folders(root)
+    if "train" in folders and _visible_folders(folders["train"]):
+        paths, labels, splits = _split_folder_images(root, folders)
     else:
-        (paths, labels), is_valid = _class_folder_images(root), None
-    return _image_dataloaders(paths, labels, is_valid, root, bs, size, valid_pct, seed, on_bad_image, device)
+        misnamed = [folder.name for split, folder in folders.items() if split != "train" or len(folders) > 1]
+        if misnamed:
+            raise ValueError(f"{root}: {', '.join(f'{name}/' for name in misnamed)} would be class(es) but "
+                             f"{'is a split name' if len(misnamed) == 1 else 'are split names'}; for split "
+                             f"folders put class folders in each (train/<class>/<image>, val/<class>/<image>), "
+                             f"else rename {'it' if len(misnamed) == 1 else 'them'}")
+        paths, labels = _class_folder_images(root)
+        splits = ["train"] * len(paths)
+    paths, labels, splits = _without_duplicate_files(paths, labels, splits, root)
+    return _image_dataloaders(paths, labels, splits, root, bs, size, valid_pct, seed, on_bad_image, device)
 
 
 def csv_dataloaders(
@@ -749,8 +897,12 @@ def csv_dataloaders(
     """A CSV of image paths (relative to `folder`, default the CSV's folder) and class labels.
 
     Same images, resizing, normalisation and bad-image handling as `image_folder_dataloaders`;
-    `valid_pct` of the rows, chosen with `seed`, are held out. Labels are used as strings.
-    A missing image file counts as a bad image.
+    `valid_pct` of the rows, chosen with `seed`, are held out. Labels are used as strings, exactly as
+    written: labels that differ only in case or surrounding spaces (``cat``, `` cat``) are separate classes,
+    named in a warning. A missing image file counts as a bad image. Rows naming a hidden file or folder
+    (``.ipynb_checkpoints/...``, macOS's ``._0.png``; for absolute paths the file name only) are skipped
+    with a warning. Two rows naming the same file, however written (``x/0.png``, ``x/../x/0.png``, a
+    symlink), are refused: the image could land in both the training and the validation split.
     """
     import pandas as pd
 
@@ -769,11 +921,19 @@ def csv_dataloaders(
     empty = (table[path_col] == "") | (table[label_col] == "")
     if empty.any():
         raise ValueError(f"{csv_path}: row {int(empty.idxmax()) + 2} has an empty {path_col!r} or {label_col!r}")
+    hidden = table[path_col].map(lambda p: _hidden(Path(p).parts if not Path(p).is_absolute() else [Path(p).name]))
+    if hidden.any():
+        warnings.warn(f"{csv_path}: skipped {int(hidden.sum())} row(s) naming a hidden file or folder (e.g. "
+                      f"{table[path_col][hidden].iloc[0]}): editor and system copies such as .ipynb_checkpoints/ or "
+                      f"macOS's ._ files, not images", stacklevel=2)
+        table = table[~hidden]
     paths = [base / p for p in table[path_col]]
-    seen: set[Path] = set()
-    for p in paths:
-        if p in seen:
-            raise ValueError(f"{csv_path}: image {p} is listed more than once")
-        seen.add(p)
+    row_of: dict[Path, int] = {}
+    for row, p in zip(table.index, paths):
+        first = row_of.setdefault(p.resolve(), row)
+        if first != row:
+            raise ValueError(f"{csv_path}: rows {first + 2} and {row + 2} name the same image "
+                             f"({table[path_col][first]!r}, {table[path_col][row]!r}); list each image once")
     labels = table[label_col].tolist()
-    return _image_dataloaders(paths, labels, None, csv_path, bs, size, valid_pct, seed, on_bad_image, device)
+    return _image_dataloaders(paths, labels, ["train"] * len(paths), csv_path, bs, size, valid_pct, seed,
+                              on_bad_image, device)
