@@ -799,7 +799,8 @@ def test_csv_rows_naming_hidden_files_are_skipped_with_a_warning(tmp_path):
     write_png(tmp_path / ".ipynb_checkpoints" / "pics" / "1.png", 51)
     rows = csv.read_text().replace("file,kind", "path,label") + "pics/._0.png,a\n.ipynb_checkpoints/pics/1.png,b\n"
     csv.write_text(rows)
-    with pytest.warns(UserWarning, match=r"set.csv: skipped 2 row\(s\) naming a hidden file or folder \(e.g. pics/._0.png"):
+    with pytest.warns(UserWarning, match=r"set.csv: skipped 2 row\(s\) naming a hidden file or folder "
+                                         r"\(e.g. pics/._0.png"):
         dls = csv_dataloaders(csv, bs=4, size=8)
     assert len(dls.train.items) + len(dls.valid.items) == 12
 

@@ -186,3 +186,22 @@ def test_bad_input_exits_2_naming_the_option(tmp_path, monkeypatch, capsys, fash
     error = capsys.readouterr().err
     assert f"error: {flag}" in error or f"argument {flag}" in error
     assert "Traceback" not in error and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.bad_input
+def test_per_class_beyond_the_data_is_labelled_with_the_real_count(tmp_path, fashion):
+    out = tmp_path / "out"
+    # 6 training images in each target class
+    targets = "Sandal \\(6\\), Shirt \\(6\\), Sneaker \\(6\\), Bag \\(6\\), Ankle boot \\(6\\)"
+    with pytest.warns(UserWarning, match=rf"per_class 10 is more than the training images of target class\(es\) "
+                                         rf"{targets}: those train on all of theirs, so the runs at per_class 10 have "
+                                         rf"6 \(asked 10\) images per class"):
+        result = normfree.compare_transfer(data=f"fashion-mnist:{fashion}", methods=("nf",), modes=("scratch",),
+                                           per_class=(2, 10), batch_sizes=(4,), seeds=(0,), epochs=1, size=8,
+                                           out=str(out), quiet=True)
+    report = (out / "report.md").read_text()
+    assert "| model | mode | 2 per class, bs 4 | 6 (asked 10) per class, bs 4 |" in report
+    assert "at most 2 or 6 (asked 10) training images per class" in report
+    assert "10 per class" not in report and "6 (asked 10) per class" in result.table
+    dls = build_dataloaders(normfree.TrainConfig.load(out / "runs" / "scratch-nf-n10-bs4-seed0"))
+    assert np.bincount(dls.train_ds.tensors[1].numpy()).tolist() == [6] * len(TARGET)  # what the label says
