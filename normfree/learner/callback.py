@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..agc.clip import adaptive_clip_grad_
 from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
-from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent
+from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
 from ..agc.rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments
 from ..models.classifier import find_classifier, unwrap_model
 from .clip_history import ClipHistory, ClipRate
@@ -90,10 +90,12 @@ class AGC(Callback):
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError now, rather than at the first step, if the exclusions name nothing in `model` or, with
-        `per_sample`, if it has BatchNorm layers (which couple the examples)."""
+        `per_sample`, if it has BatchNorm layers (which couple the examples) or modules per-sample AGC cannot clip
+        (`check_supported_modules`: recurrent layers, ...)."""
         excluded_parameters(model, self.skip_classifier, self.exclude)
         if self.per_sample:
             check_examples_independent(unwrap_model(model))
+            check_supported_modules(unwrap_model(model))
 
     def clipped_parameters(self, model: nn.Module, param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
         """Per optimizer param group, the (name, parameter) pairs AGC clips (`normfree.agc.exclusion`)."""

@@ -37,8 +37,9 @@ convolutions materialise g_i, the layers' CUDA graphs).
 BatchNorm in training mode couples the examples of a batch: per-example gradients do not exist,
 and `PerSampleClipper` refuses such models. Dropout and drop-path are per-example and fine.
 """
-from .clipper import PerSampleClipper, check_examples_independent
+from .clipper import PerSampleClipper, check_examples_independent, check_supported_modules
 from .loss_scale import LossGradScale, loss_reduction
 from .tuning import TUNING, Tuning, tuned
 
-__all__ = ["LossGradScale", "PerSampleClipper", "TUNING", "Tuning", "check_examples_independent", "loss_reduction", "tuned"]
+__all__ = ["LossGradScale", "PerSampleClipper", "TUNING", "Tuning", "check_examples_independent",
+           "check_supported_modules", "loss_reduction", "tuned"]
