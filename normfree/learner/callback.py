@@ -49,9 +49,10 @@ class AGC(Callback):
     - `per_sample`: clip each example's gradient before the batch mean (see `normfree.agc.per_sample`):
       the step uses (1/N) sum_i clip(g_i) over the N examples of the effective batch (all
       micro-batches of a `GradientAccumulation`, all processes of a distributed run). Needs a model
-      whose examples do not interact (no BatchNorm in training mode) and a loss that is the mean or
-      the sum of per-example terms; dropout and drop-path are fine. Excluded parameters get their
-      ordinary mean gradient. Clip rates then count (example, unit) pairs.
+      whose examples do not interact (no BatchNorm in training mode), no recurrent layers, and a loss
+      that is the mean or the sum of per-example terms; dropout and drop-path are fine except inside
+      the modules it computes with torch.func (see `normfree.agc.per_sample` for the module kinds).
+      Excluded parameters get their ordinary mean gradient. Clip rates then count (example, unit) pairs.
 
     After a fit, `history` holds the units clipped per parameter at every step (see
     `ClipHistory`); the Recorder shows the epoch's clip rate as `agc_clip` (and `agc_clip_<g>`
@@ -208,7 +209,8 @@ def agc(self: Learner, *args, **kwargs) -> Learner:
     arguments (`clipping`, `eps`, `skip_classifier`, `exclude`, `per_sample`).
 
     The callback is then `learn.adaptive_clip`. Exclusions are checked against the model now, and so,
-    with `per_sample=True`, is the absence of BatchNorm layers (which couple the examples).
+    with `per_sample=True`, are its modules: no BatchNorm layers (which couple the examples), none that
+    per-sample AGC cannot clip (recurrent layers, ...).
     """
     callback = AGC(*args, **kwargs)
     callback.check_model(self.model)

@@ -158,6 +158,7 @@ class PerSampleClipper:
         self._installed: list[nn.Module] = []
         self._names: dict[nn.Module, str] = {}
         self._called: set[nn.Module] = set()  # installed modules called in the current forward pass
+        self._examples: int | None = None  # the examples of the current forward pass: dim 0 of the model's input
         check_supported_modules(model)
         owners: dict[int, str] = {}
         for name, module in model.named_modules():
@@ -209,15 +210,21 @@ class PerSampleClipper:
         self._root_hook.remove()
 
     def _new_forward_pass(self, model: nn.Module, args: tuple) -> None:
+        if self._bypass:  # the generic engine running the model's forward again, per example, in its backward pass
+            return
         self._called.clear()
         self._prepared = False
+        self._examples = next((a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
 
-    def note_call(self, module: nn.Module) -> None:
-        """Refuse a layer called twice in one forward pass of the model (weights reused), and remove itself.
+    def note_call(self, module: nn.Module, examples: int) -> None:
+        """Refuse, and remove itself, where a layer is called twice in one forward pass of the model (weights reused),
+        or on a tensor whose dim 0 (`examples`) is not the model input's (examples merged with positions, or
+        sequence-first).
 
         Each call's backward would clip that use's per-example gradient, but an example's gradient
         is the sum over the uses: clipped per use is not clipped per example. (Calling the whole
-        model twice before one backward pass is not detected.)
+        model twice before one backward pass is not detected.) The engines take dim 0 of a layer's input for the
+        examples: any other rows would be clipped one by one, as if they were examples.
         """
         if module in self._called:
             self.remove()
@@ -225,6 +232,14 @@ class PerSampleClipper:
                 f"per-sample AGC: {self._names[module]} ({type(module).__name__}) was called twice in one forward "
                 "pass, so its weights are reused; per-sample AGC would clip each use separately instead of each "
                 "example's summed gradient. Turn per_sample off for this model"
+            )
+        if self._examples is not None and examples != self._examples:
+            self.remove()
+            raise ValueError(
+                f"per-sample AGC: {self._names[module]} ({type(module).__name__}) was called on {examples} rows "
+                f"(dim 0 of its input), but the model's input holds {self._examples} examples; per-sample AGC clips "
+                "each row of a layer's input as one example, so every layer must hold the examples along dim 0 (not "
+                "sequence-first, not merged with positions). Turn per_sample off for this model"
             )
         self._called.add(module)
 

@@ -66,12 +66,14 @@ def _describe(clipper: PerSampleClipper, module: nn.Module) -> str:
 @dataclass(frozen=True)
 class Call:
     """One call of a module, its tensors taken out: where each goes back (`slots`: a position in `args` or a
-    name in `kwargs`) and which of its dims holds the examples (`dims`; None: one tensor shared by all)."""
+    name in `kwargs`), which of its dims holds the examples (`dims`; None: one tensor shared by all), and how
+    many examples there are."""
 
     args: tuple
     kwargs: dict
     slots: tuple[int | str, ...]
     dims: tuple[int | None, ...]
+    examples: int
 
     @staticmethod
     def of(clipper: PerSampleClipper, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Call, list[Tensor]]:
@@ -86,12 +88,12 @@ class Call:
         tensors = [args[s] if isinstance(s, int) else kwargs[s] for s in slots]
         dims = [_attention_dim(clipper, module, s, t) if isinstance(module, nn.MultiheadAttention) else 0
                 for s, t in zip(slots, tensors)]
-        if not tensors:
-            raise TypeError(f"per-sample AGC: {_describe(clipper, module)} was called without a tensor")
-        return Call(tuple(args), dict(kwargs), tuple(slots), tuple(dims)), tensors
-
-    def batch_size(self, tensors: list[Tensor]) -> int:
-        return next(t.shape[d] for t, d in zip(tensors, self.dims) if d is not None)
+        sizes = {t.shape[d] if t.dim() > d else None for t, d in zip(tensors, dims) if d is not None}
+        if len(sizes) != 1 or None in sizes:
+            raise TypeError(f"per-sample AGC needs {_describe(clipper, module)} called with tensors that all hold the "
+                            "examples along dim 0 (nn.MultiheadAttention: along its batch dimension); got shapes "
+                            f"{[tuple(t.shape) for t in tensors]}")
+        return Call(tuple(args), dict(kwargs), tuple(slots), tuple(dims), sizes.pop()), tensors
 
     def arguments(self, tensors: list[Tensor]) -> tuple[tuple, dict]:
         args, kwargs = list(self.args), dict(self.kwargs)
@@ -160,11 +162,10 @@ class GenericLayer(torch.autograd.Function):
         returned.append(output)
         outputs = _outputs(clipper, module, output)
         ctx.output_dims = call.output_dims(module, len(outputs))
-        batch = call.batch_size(tensors)
         for output, dim in zip(outputs, ctx.output_dims):
-            if output.dim() <= dim or output.shape[dim] != batch:
+            if output.dim() <= dim or output.shape[dim] != call.examples:
                 raise TypeError(f"per-sample AGC needs {_describe(clipper, module)} to return tensors that hold "
-                                f"the batch's {batch} examples along dim {dim}; it returned one of shape "
+                                f"the batch's {call.examples} examples along dim {dim}; it returned one of shape "
                                 f"{tuple(output.shape)}")
         ctx.differentiable = [o.is_floating_point() for o in outputs]
         ctx.mark_non_differentiable(*(o for o, d in zip(outputs, ctx.differentiable) if not d))
@@ -194,7 +195,7 @@ class GenericLayer(torch.autograd.Function):
             _, pullback = vjp(f, values, [examples[i] for i in wanted])
             return pullback(tuple(signals_i))
 
-        batch = call.batch_size(tensors)
+        batch = call.examples
         per_example_bytes = 4 * (sum(t.numel() // batch for t, d in zip(tensors, call.dims) if d is not None)
                                  + sum(s.numel() // batch for s in signals) + sum(p.numel() for p in values.values()))
         chunk = max(1, TUNING.scratch_bytes(signals[0].device) // per_example_bytes)
@@ -203,7 +204,8 @@ class GenericLayer(torch.autograd.Function):
         with clipper.bypassed(), torch.enable_grad():
             for start in range(0, batch, chunk):
                 n = min(chunk, batch - start)
-                examples = [t if d is None else t.detach().narrow(d, start, n) for t, d in zip(tensors, call.dims)]
+                examples = [t.detach() if d is None else t.detach().narrow(d, start, n)
+                            for t, d in zip(tensors, call.dims)]
                 try:
                     g_params, g_inputs = vmap(one_example, in_dims=(list(call.dims), out_dims))(
                         examples, [s.narrow(d, start, n) for s, d in zip(signals, out_dims)])
@@ -230,8 +232,8 @@ def generic_forward(clipper: PerSampleClipper, module: nn.Module, *args, **kwarg
     """`module`'s forward through `GenericLayer` while the clipper records."""
     if not clipper.recording():
         return type(module).forward(module, *args, **kwargs)
-    clipper.note_call(module)
     call, tensors = Call.of(clipper, module, args, kwargs)
+    clipper.note_call(module, call.examples)
     params = [p for p in module.parameters() if p.requires_grad]
     returned: list = []  # the module's own output, filled in by the call: where its tensors go back
     outputs = GenericLayer.apply(clipper, module, call, returned, len(tensors), *tensors, *params)
