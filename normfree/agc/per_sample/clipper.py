@@ -162,9 +162,7 @@ class PerSampleClipper:
         check_supported_modules(model)
         owners: dict[int, str] = {}
         for name, module in model.named_modules():
-            for n, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
+            for n, p in [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]:
                 if id(p) in owners:
                     raise ValueError(
                         f"per-sample AGC cannot clip parameters shared by several modules: {owners[id(p)]} is also "
