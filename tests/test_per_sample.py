@@ -75,6 +75,17 @@ def relative_error(got, reference):
     return float(diff.norm() / torch.cat([r.flatten() for r in reference.values()]).norm())
 
 
+def assert_clips_as_the_loop(model, x, y):
+    """One backward pass with a PerSampleClipper leaves the float64 loop over examples' clipped mean gradient,
+    in every parameter, and clips as many (example, unit) pairs, some of them."""
+    reference, clipped, units = per_example_clipping(model, x, y, F.cross_entropy)
+    got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
+    assert relative_error(got, reference) < 1e-5
+    for n in reference:  # every parameter, not only the large ones
+        assert (got[n] - reference[n]).norm() <= 1e-3 * reference[n].norm() + 1e-12, n
+    assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and clipped > 0  # exercised
+
+
 MODELS = {
     "nfnet (SE, grouped, SAME, SkipInit, GELU)": (tiny_nfnet, image_batch),
     "nf_regnet (ECA Conv1d, extra conv, SiLU)": (eca_regnet, image_batch),
@@ -97,12 +108,7 @@ MODELS = {
 def test_equals_a_loop_over_examples(name):
     make_model, make_batch = MODELS[name]
     model, (x, y) = make_model().train(), make_batch()
-    reference, clipped, units = per_example_clipping(model, x, y, F.cross_entropy)
-    got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
-    assert relative_error(got, reference) < 1e-5
-    for n in reference:  # every parameter, not only the large ones
-        assert (got[n] - reference[n]).norm() <= 1e-3 * reference[n].norm() + 1e-12, n
-    assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and clipped > 0  # exercised
+    assert_clips_as_the_loop(model, x, y)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -308,6 +314,201 @@ def test_a_callback_that_reshapes_the_loss_per_example_is_refused():
         fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=6, cbs=[PenaliseConfidence()])
 
 
+# --- module kinds: each one supported exactly, or refused before anything is trained -----------------
+class OwnVectorUsedTwice(nn.Module):
+    """A block with a layer-scale vector of its own, reshaped for channels and used twice around a child."""
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        gamma = self.gamma.reshape(1, -1, 1, 1)
+        return x + self.conv(x * gamma).tanh() * gamma
+
+
+class SquaredWeight(nn.Module):
+    """A leaf module that uses its own parameter twice: x W W^T."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+
+    def forward(self, x):
+        return x @ self.weight @ self.weight.t()
+
+
+class PatchTokens(nn.Module):
+    """A ViT's stem: a Linear patch embedding inside, a cls_token concatenated and a pos_embed added, both its own."""
+
+    def __init__(self, dim=8, patches=16):
+        super().__init__()
+        self.proj = nn.Linear(4, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, patches + 1, dim) * 0.5)
+
+    def forward(self, x):
+        tokens = self.proj(x.flatten(2).transpose(1, 2))
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+
+
+class Mixed(nn.Module):
+    """Conv and Linear layers (book-keeping) between the kinds torch.func takes: a block with its own layer-scale
+    vector, a stem with cls_token and pos_embed, LayerNorm, nn.MultiheadAttention (sequence first, with a
+    key_padding_mask), timm's LayerScale and a module that uses its parameter twice."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import LayerScale
+        torch.manual_seed(0)
+        self.stem, self.block = nn.Conv2d(3, 4, 3, stride=4, padding=1), OwnVectorUsedTwice()
+        self.tokens, self.norm = PatchTokens(), nn.LayerNorm(8)
+        self.attn, self.scale = nn.MultiheadAttention(8, 2), LayerScale(8, init_values=0.7)
+        self.mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU(), SquaredWeight())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.tokens(self.block(F.gelu(self.stem(x))))
+        h = self.norm(t).transpose(0, 1)
+        padding = torch.zeros(t.shape[:2], dtype=torch.bool)
+        padding[:, -3:] = True  # every example ignores its last three positions
+        t = t + self.scale(self.attn(h, h, h, key_padding_mask=padding, need_weights=False)[0].transpose(0, 1))
+        return self.head((t + self.mlp(t))[:, 0])
+
+
+def tiny_vit(**overrides):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **{"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 12,
+                                                        "num_heads": 2, "num_classes": 5, **overrides})
+
+
+def token_batch(n=6, length=5, dim=8):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(n, length, dim, generator=generator), torch.randint(0, 5, (n,), generator=generator)
+
+
+class OnTokens(nn.Module):
+    """`inner` on [examples, positions, dim] tokens (the first output of a tuple), then mean over positions."""
+
+    def __init__(self, inner, dim=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head = inner, nn.Linear(dim, 5)
+
+    def forward(self, x):
+        h = self.inner(x)
+        return self.head((h[0] if isinstance(h, tuple) else h).mean(1))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim=8, **kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2, **kwargs)
+
+    def forward(self, x):
+        out, weights = self.attn(x, x, x)  # need_weights: the weights are an output too, with a gradient
+        return out + weights.mean(1, keepdim=True).transpose(1, 2).expand_as(out)
+
+
+MODULE_KINDS = {
+    "timm ViT (cls_token, pos_embed, LayerNorm, attention)": (tiny_vit, partial(image_batch, n=4)),
+    "own layer-scale vector reshaped and used twice": (
+        lambda: OnTokens(nn.Sequential(OwnVectorUsedTwice(8), nn.Flatten(2)), dim=16),  # [examples, 8, 16]
+        partial(image_batch, n=4, size=4, channels=8)),
+    "nn.MultiheadAttention (batch first, its weights used)": (
+        lambda: OnTokens(SelfAttention(batch_first=True)), token_batch),
+    "nn.TransformerEncoderLayer (dropout 0)": (
+        lambda: OnTokens(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)), token_batch),
+    "mixed with conv and linear layers": (Mixed, partial(image_batch, n=4)),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name", list(MODULE_KINDS))
+def test_module_kinds_torch_func_takes_equal_a_loop_over_examples(name):
+    make_model, make_batch = MODULE_KINDS[name]
+    model, (x, y) = make_model().train(), make_batch()
+    assert_clips_as_the_loop(model, x, y)
+
+
+def test_a_vit_through_fastai_takes_the_loops_step():
+    x, y = image_batch(n=4)
+    update, agc = fastai_update(tiny_vit(), x, y, CrossEntropyLossFlat(), bs=4)
+    assert relative_error(update, reference_step(tiny_vit(), x, y, F.cross_entropy)) < 1e-5
+    assert {"cls_token", "pos_embed", "head.bias"} <= set(agc.history.parameter_names)
+
+
+REFUSED = {
+    "nn.LSTM": (lambda: OnTokens(nn.LSTM(8, 8, batch_first=True)), r"inner \(LSTM\): torch.func cannot"),
+    "nn.GRU": (lambda: OnTokens(nn.GRU(8, 8, batch_first=True)), r"inner \(GRU\): torch.func cannot"),
+    "nn.RNN": (lambda: OnTokens(nn.RNN(8, 8, batch_first=True)), r"inner \(RNN\): torch.func cannot"),
+    "dropout in nn.MultiheadAttention": (lambda: OnTokens(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)),
+                                         r"inner.self_attn \(MultiheadAttention\) draws random masks"),
+    "drop-path in a timm ViT": (partial(tiny_vit, depth=2, drop_path_rate=0.2),  # block 0's rate is 0
+                                r"takes the model \(VisionTransformer\).*blocks.1.drop_path1 \(DropPath\) draws"),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_modules_per_sample_agc_cannot_clip_are_refused_by_name_before_the_first_batch(name):
+    make_model, match = REFUSED[name]
+    model = make_model()
+    x, y = image_batch(n=4) if "ViT" in name else token_batch(n=4)
+    learn = Learner(dls_for(x, y, 4), model, loss_func=CrossEntropyLossFlat())
+    with pytest.raises(ValueError, match=match + ".*[Tt]urn per_sample off"):
+        learn.agc(per_sample=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    learn.add_cb(AGC(per_sample=True))  # not through learn.agc: the fit refuses, before its first batch
+    with pytest.raises(ValueError, match=match), learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+    assert all(p.grad is None and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return F.dropout(x, 0.5, self.training) * self.gamma
+
+
+@pytest.mark.bad_input
+def test_dropout_called_inside_a_module_torch_func_takes_is_refused_by_name():
+    model, (x, y) = OnTokens(FunctionalDropout()), token_batch()
+    with pytest.raises(ValueError, match=r"cannot clip inner \(FunctionalDropout\): it draws random numbers"):
+        clipped_mean_gradient(model, x, y, F.cross_entropy)
+
+
+class SequenceFirst(nn.Module):
+    """A Linear on [positions, examples, dim]: its rows are not the examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(x.transpose(0, 1)).mean(0)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name", ["Linear", "nn.MultiheadAttention with a 3-D attn_mask"])
+def test_layers_called_on_rows_that_are_not_the_examples_are_refused(name):
+    x, y = token_batch()
+    if name == "Linear":
+        model, error, match = SequenceFirst(), ValueError, r"fc \(Linear\) was called on 5 rows .* 6 examples"
+    else:
+        attention = SelfAttention(batch_first=True)
+        model = OnTokens(attention)
+        attention.forward = lambda x: attention.attn(x, x, x, attn_mask=torch.zeros(12, 5, 5))[0]
+        error, match = TypeError, r"attn \(MultiheadAttention\)'s attn_mask of shape \(12, 5, 5\) mixes examples"
+    with pytest.raises(error, match=match):
+        clipped_mean_gradient(model, x, y, F.cross_entropy)
+
+
 # --- engine paths and tuning knobs ---------------------------------------------------------------
 class StdConvNet(nn.Module):
     """timm ScaledStdConv2d layers with a gain (weight standardisation): 3x3, strided 1x1 and a grouped 3x3."""
@@ -365,13 +566,8 @@ def test_a_layers_parameters_clip_at_their_own_lambdas():
 def test_kxk_methods_equal_a_loop_over_examples(name, method):
     make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
     model, (x, y) = make_model().train(), make_batch()
-    reference, clipped, units = per_example_clipping(model, x, y, F.cross_entropy)
     with tuned(kxk_weight_grads=method):
-        got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy)
-    assert relative_error(got, reference) < 1e-5
-    for n in reference:
-        assert (got[n] - reference[n]).norm() <= 1e-3 * reference[n].norm() + 1e-12, n
-    assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and clipped > 0
+        assert_clips_as_the_loop(model, x, y)
 
 
 def test_the_direct_clipped_sum_with_weight_standardisation_equals_the_loop():

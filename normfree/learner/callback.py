@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..agc.clip import adaptive_clip_grad_
 from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
-from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent
+from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
 from ..agc.rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments
 from ..models.classifier import find_classifier, unwrap_model
 from .clip_history import ClipHistory, ClipRate
@@ -49,9 +49,10 @@ class AGC(Callback):
     - `per_sample`: clip each example's gradient before the batch mean (see `normfree.agc.per_sample`):
       the step uses (1/N) sum_i clip(g_i) over the N examples of the effective batch (all
       micro-batches of a `GradientAccumulation`, all processes of a distributed run). Needs a model
-      whose examples do not interact (no BatchNorm in training mode) and a loss that is the mean or
-      the sum of per-example terms; dropout and drop-path are fine. Excluded parameters get their
-      ordinary mean gradient. Clip rates then count (example, unit) pairs.
+      whose examples do not interact (no BatchNorm in training mode), no recurrent layers, and a loss
+      that is the mean or the sum of per-example terms; dropout and drop-path are fine except inside
+      the modules it computes with torch.func (see `normfree.agc.per_sample` for the module kinds).
+      Excluded parameters get their ordinary mean gradient. Clip rates then count (example, unit) pairs.
 
     After a fit, `history` holds the units clipped per parameter at every step (see
     `ClipHistory`); the Recorder shows the epoch's clip rate as `agc_clip` (and `agc_clip_<g>`
@@ -90,10 +91,12 @@ class AGC(Callback):
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError now, rather than at the first step, if the exclusions name nothing in `model` or, with
-        `per_sample`, if it has BatchNorm layers (which couple the examples)."""
+        `per_sample`, if it has BatchNorm layers (which couple the examples) or modules per-sample AGC cannot clip
+        (`check_supported_modules`: recurrent layers, ...)."""
         excluded_parameters(model, self.skip_classifier, self.exclude)
         if self.per_sample:
             check_examples_independent(unwrap_model(model))
+            check_supported_modules(unwrap_model(model))
 
     def clipped_parameters(self, model: nn.Module, param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
         """Per optimizer param group, the (name, parameter) pairs AGC clips (`normfree.agc.exclusion`)."""
@@ -206,7 +209,8 @@ def agc(self: Learner, *args, **kwargs) -> Learner:
     arguments (`clipping`, `eps`, `skip_classifier`, `exclude`, `per_sample`).
 
     The callback is then `learn.adaptive_clip`. Exclusions are checked against the model now, and so,
-    with `per_sample=True`, is the absence of BatchNorm layers (which couple the examples).
+    with `per_sample=True`, are its modules: no BatchNorm layers (which couple the examples), none that
+    per-sample AGC cannot clip (recurrent layers, ...).
     """
     callback = AGC(*args, **kwargs)
     callback.check_model(self.model)

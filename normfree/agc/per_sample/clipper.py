@@ -1,10 +1,14 @@
 """The per-sample clipper: installs the engines on a model's layers, holds lambda per parameter, counts clips.
 
 `PerSampleClipper` replaces the forward of every module that owns trained parameters by the engine
-for its kind: `layers` (linear and convolution layers: book-keeping, Bu et al. 2023, and ghost norms,
-Li et al. 2022), `containers` (gains of container modules) or `generic` (torch.func). The engines
-call back `clip_factors` with per-example unit norms. Also here: the checks that make per-example
-gradients meaningful (`check_examples_independent`; `loss_scale.loss_reduction`).
+for its kind (`engines`): `layers` (linear and convolution layers: book-keeping, Bu et al. 2023, and ghost
+norms, Li et al. 2022), `containers` (scalar gains of container modules) or `generic` (torch.func, for
+everything else: Embedding, LayerNorm, layer scales, nn.MultiheadAttention, a module that uses its own
+parameters in forward, such as timm's VisionTransformer with its cls_token and pos_embed, taken whole). The
+engines call back `clip_factors` with per-example unit norms. Also here: the checks that make per-example
+gradients meaningful (`check_examples_independent`; `loss_scale.loss_reduction`), and
+`check_supported_modules`, which refuses, before anything is trained, the modules no engine can take:
+recurrent layers (nn.RNN, nn.GRU, nn.LSTM) and randomness (dropout) inside a module the generic engine takes.
 """
 from __future__ import annotations
 
@@ -22,11 +26,11 @@ from torch import Tensor, nn
 from ..clip import ClipStats
 from ..rule import DEFAULT_EPS, clip_factor_below, clip_threshold, num_units, unit_norms
 from .containers import container_forward
-from .generic import generic_forward
+from .generic import generic_forward, random_modules
 from .graphs import LayerGraphs
 from .layers import Layer, layer_forward
 
-__all__ = ["PerSampleClipper", "check_examples_independent"]
+__all__ = ["PerSampleClipper", "check_examples_independent", "check_supported_modules", "engines"]
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 T = TypeVar("T")
@@ -50,6 +54,70 @@ def check_examples_independent(batchnorms: nn.Module | list[tuple[str, nn.Module
         "normalizer-free model (normfree.nf_learner with e.g. 'nf_resnet26' or 'nf_resnet_small'), or turn "
         "per_sample off"
     )
+
+
+def _engine_of(module: nn.Module) -> str | None:
+    """Which engine takes `module`'s own trained parameters: "layers", "containers", "generic", or None (it has none).
+
+    A module whose children have parameters keeps its own fast only when they are scalar gains, which act
+    elementwise on a batch (`containers`); any other parameter of its own may be used in any way (a cls_token
+    concatenated, a vector reshaped), so the generic engine takes the module whole.
+    """
+    own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    if not own:
+        return None
+    if not any(True for child in module.children() for _ in child.parameters()):
+        return "layers" if Layer.of(module) is not None else "generic"
+    return "containers" if all(p.numel() == 1 for p in own) else "generic"
+
+
+def _below(name: str, ancestor: str) -> bool:
+    return ancestor == "" or name.startswith(ancestor + ".")
+
+
+def engines(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, engine) of each module of `model` that per-sample AGC installs an engine on, top down
+    (`_engine_of`); the modules below one that the generic engine takes whole are part of it."""
+    found, whole = [], []
+    for name, module in model.named_modules():
+        engine = None if any(_below(name, w) for w in whole) else _engine_of(module)
+        if engine is not None:
+            found.append((name, module, engine))
+            if engine == "generic":
+                whole.append(name)
+    return found
+
+
+def _qualified(*names: str) -> str:
+    return ".".join(n for n in names if n) or "the model"
+
+
+def check_supported_modules(model: nn.Module) -> None:
+    """ValueError naming the first module of `model` that per-sample AGC cannot clip, why, and what to do.
+
+    - Recurrent layers (nn.RNN, nn.GRU, nn.LSTM): only the generic engine could take them, and torch.func
+      cannot take their per-example gradients (its vmap fails on nn.RNN and nn.GRU and runs nn.LSTM one
+      example at a time on the CPU).
+    - A module that draws random numbers (dropout, drop-path with a rate above 0) inside one that the
+      generic engine takes: its backward pass runs the forward pass again, with new masks.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.RNNBase):
+            raise ValueError(
+                f"per-sample AGC cannot clip {_qualified(name)} ({type(module).__name__}): torch.func cannot take "
+                "per-example gradients of PyTorch's recurrent layers (nn.RNN, nn.GRU, nn.LSTM). Turn per_sample off "
+                "(ordinary AGC clips the batch's gradient)"
+            )
+    for name, module, engine in engines(model):
+        random = random_modules(module) if engine == "generic" else []
+        if random:
+            inner, drawer = random[0]
+            raise ValueError(
+                f"per-sample AGC takes {_qualified(name)} ({type(module).__name__}) through torch.func, which runs "
+                f"its forward pass again per example in the backward pass, but {_qualified(name, inner)} "
+                f"({type(drawer).__name__}) draws random masks there, so they would differ from the forward pass's. "
+                "Set its rate to 0, or turn per_sample off"
+            )
 
 
 def _concatenated(tensors: list[Tensor]) -> Tensor:
@@ -90,19 +158,20 @@ class PerSampleClipper:
         self._installed: list[nn.Module] = []
         self._names: dict[nn.Module, str] = {}
         self._called: set[nn.Module] = set()  # installed modules called in the current forward pass
+        self._examples: int | None = None  # the examples of the current forward pass: dim 0 of the model's input
+        check_supported_modules(model)
         owners: dict[int, str] = {}
         for name, module in model.named_modules():
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            for n, p in own:
+            for n, p in [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]:
                 if id(p) in owners:
                     raise ValueError(
                         f"per-sample AGC cannot clip parameters shared by several modules: {owners[id(p)]} is also "
                         f"{name}.{n}; untie them or turn per_sample off"
                     )
                 owners[id(p)] = f"{name}.{n}" if name else n
-            if own:
-                self._install(module, has_children=any(True for c in module.children() for _ in c.parameters()))
-                self._names[module] = name or type(module).__name__
+        for name, module, engine in engines(model):
+            self._install(module, engine)
+            self._names[module] = name or type(module).__name__
         self._clipped = [p for p in model.parameters() if id(p) in clipping]
         self._position = {id(p): i for i, p in enumerate(self._clipped)}
         # Since `collect`, per clipped parameter (in `_clipped`'s order): its units' clipped and non-finite
@@ -121,12 +190,11 @@ class PerSampleClipper:
         check_examples_independent(self._batchnorms)
 
     # -- installation ---------------------------------------------------------------------------
-    def _install(self, module: nn.Module, has_children: bool) -> None:
-        layer = None if has_children else Layer.of(module)
-        if has_children:
+    def _install(self, module: nn.Module, engine: str) -> None:
+        if engine == "layers":
+            forward = partial(layer_forward, self, Layer.of(module), module)
+        elif engine == "containers":
             forward = partial(container_forward, self, module)
-        elif layer is not None:
-            forward = partial(layer_forward, self, layer, module)
         else:
             forward = partial(generic_forward, self, module)
         module.forward = forward  # instance attribute: shadows the class's forward
@@ -140,15 +208,21 @@ class PerSampleClipper:
         self._root_hook.remove()
 
     def _new_forward_pass(self, model: nn.Module, args: tuple) -> None:
+        if self._bypass:  # the generic engine running the model's forward again, per example, in its backward pass
+            return
         self._called.clear()
         self._prepared = False
+        self._examples = next((a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
 
-    def note_call(self, module: nn.Module) -> None:
-        """Refuse a layer called twice in one forward pass of the model (weights reused), and remove itself.
+    def note_call(self, module: nn.Module, examples: int) -> None:
+        """Refuse, and remove itself, where a layer is called twice in one forward pass of the model (weights reused),
+        or on a tensor whose dim 0 (`examples`) is not the model input's (examples merged with positions, or
+        sequence-first).
 
         Each call's backward would clip that use's per-example gradient, but an example's gradient
         is the sum over the uses: clipped per use is not clipped per example. (Calling the whole
-        model twice before one backward pass is not detected.)
+        model twice before one backward pass is not detected.) The engines take dim 0 of a layer's input for the
+        examples: any other rows would be clipped one by one, as if they were examples.
         """
         if module in self._called:
             self.remove()
@@ -156,6 +230,14 @@ class PerSampleClipper:
                 f"per-sample AGC: {self._names[module]} ({type(module).__name__}) was called twice in one forward "
                 "pass, so its weights are reused; per-sample AGC would clip each use separately instead of each "
                 "example's summed gradient. Turn per_sample off for this model"
+            )
+        if self._examples is not None and examples != self._examples:
+            self.remove()
+            raise ValueError(
+                f"per-sample AGC: {self._names[module]} ({type(module).__name__}) was called on {examples} rows "
+                f"(dim 0 of its input), but the model's input holds {self._examples} examples; per-sample AGC clips "
+                "each row of a layer's input as one example, so every layer must hold the examples along dim 0 (not "
+                "sequence-first, not merged with positions). Turn per_sample off for this model"
             )
         self._called.add(module)
 

@@ -1,10 +1,12 @@
-"""Per-sample AGC for parameters of container modules: gains and scales applied elementwise.
+"""Per-sample AGC for scalar gains of container modules, such as the SkipInit gain of an NF block.
 
-The SkipInit gain of an NF block (and any parameter a module with children owns) is handed to the
-module as one copy per example, so autograd delivers its per-example gradients directly; the
-backward pass returns their clipped sum (book-keeping in the sense of Bu et al. 2023: no second
-backward pass). Such parameters must act elementwise with broadcasting against the batch, as gains
-and layer scales do.
+A module with children whose own trained parameters are all scalars (one element each) hands each of
+them to its forward pass as one copy per example, shaped [examples, 1, ...] to broadcast against a
+batch of the rank of the module's first tensor argument, so autograd delivers their per-example
+gradients directly; the backward pass returns their clipped sum (book-keeping in the sense of Bu et al.
+2023: no second backward pass). The gain must multiply (or otherwise act elementwise on) tensors of that
+rank, as SkipInit gains do. A module with children and any larger parameter of its own (a cls_token, a
+layer-scale vector) may use it in any way, so `generic` takes it whole instead (`clipper.engines`).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def container_forward(clipper: PerSampleClipper, module: nn.Module, *args, **kwa
     batch = next((a for a in args if isinstance(a, Tensor)), None)
     if not clipper.recording() or batch is None:
         return type(module).forward(module, *args, **kwargs)
-    clipper.note_call(module)
+    clipper.note_call(module, batch.shape[0])
     own = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
     try:
         for name, param in own.items():

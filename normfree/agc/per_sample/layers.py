@@ -470,7 +470,7 @@ def layer_forward(clipper: PerSampleClipper, layer: Layer, module: nn.Module, x:
     """`module`'s forward through `ClippedLayer` while the clipper records."""
     if not clipper.recording():
         return type(module).forward(module, x)
-    clipper.note_call(module)
+    clipper.note_call(module, x.shape[0])
     if layer.same_pad:
         x = pad_same(x, module.kernel_size, module.stride, module.dilation)
     out = ClippedLayer.apply(clipper, module, layer, x, module.weight, module.bias, getattr(module, "gain", None))
