@@ -35,7 +35,7 @@ from .equations import ACTIVATION_GAMMAS, activation_gamma, nf_residual, residua
 from .small_resnets import SmallResNet, normfree_twin_name
 from .standardization import STD_CONV_EPS, STD_CONVS
 
-__all__ = ["GAMMA_RANGE", "ConversionError", "ConvertedResidual", "to_normfree"]
+__all__ = ["ConversionError", "ConvertedResidual", "to_normfree"]
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
