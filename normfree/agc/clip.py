@@ -23,7 +23,7 @@ from .rule import (
     unit_shape,
 )
 
-__all__ = ["ClipStats", "adaptive_clip_grad_", "clip_with_torch_ops", "count_per_tensor"]
+__all__ = ["ClipStats", "adaptive_clip_grad_", "clip_parameters_", "clip_with_torch_ops", "count_per_tensor"]
 
 
 @dataclass(frozen=True)
@@ -316,10 +316,18 @@ def adaptive_clip_grad_(
     """
     clipping, eps = check_agc_arguments(clipping, eps)
     params, names = _parameter_list(parameters)
-    try:
-        stats = _cached_dispatch(params).run(params, clipping, eps)
-    except gpu_kernel.KernelFailed:  # warned once; the kernel is off from now on
-        stats = _cached_dispatch(params).run(params, clipping, eps)
-    if stats.nonfinite.device.type == "cpu" and stats.nonfinite.any():
+    stats = clip_parameters_(params, clipping, eps)
+    if stats.nonfinite.device.type == "cpu" and stats.nonfinite.any():  # host memory already: nothing to wait for
         _warn_nonfinite_weights(params, names, stats.nonfinite)
     return stats
+
+
+@torch.no_grad()
+def clip_parameters_(params: list[Tensor], clipping: float, eps: float) -> ClipStats:
+    """`adaptive_clip_grad_` for a caller that checked `clipping` and `eps` once (floats, `check_agc_arguments`),
+    passes a list of tensors, and reports non-finite units itself (fastai's `AGC` callback, at the end of each
+    epoch): no per-call checks and no warning, so nothing in the call reads a count."""
+    try:
+        return _cached_dispatch(params).run(params, clipping, eps)
+    except gpu_kernel.KernelFailed:  # warned once; the kernel is off from now on
+        return _cached_dispatch(params).run(params, clipping, eps)

@@ -10,7 +10,7 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 from torch import Tensor, nn
 
-from ..agc.clip import adaptive_clip_grad_
+from ..agc.clip import clip_parameters_
 from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent
 from ..agc.rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, unit_norms
@@ -133,7 +133,6 @@ class AGC(Callback):
                 stacklevel=3,
             )
         groups = self.clipped_parameters(model, self.learn.opt.param_lists)
-        self._named_params = groups  # named: adaptive_clip_grad_'s warnings name them
         self._params = [[p for _, p in group] for group in groups]
         self._clippings = self._clipping_per_group(len(groups))
         self.history = ClipHistory([[name for name, _ in group] for group in groups])
@@ -166,8 +165,9 @@ class AGC(Callback):
         if self._clipper is not None:  # the backward pass clipped each example already
             self.history.record(self._clipper.collect(self._params))
         else:
-            self.history.record([adaptive_clip_grad_(named, clipping, self.eps)
-                                 for named, clipping in zip(self._named_params, self._clippings)])
+            # arguments checked in __init__; non-finite units are reported in after_train
+            self.history.record([clip_parameters_(params, clipping, self.eps)
+                                 for params, clipping in zip(self._params, self._clippings)])
 
     def after_train(self) -> None:
         per_parameter = self.history.nonfinite(slice(self.epoch_start, None)).sum(0).tolist()
