@@ -2,6 +2,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -204,7 +205,48 @@ def test_non_finite_gradients_warn_and_stay():
     assert agc.history.nonfinite().sum() == 1
 
 
+@pytest.mark.bad_input
+def test_a_non_finite_weight_is_named_in_the_epoch_warning():
+    class PoisonWeight(Callback):
+        def after_backward(self):
+            if self.iter == 0:
+                with torch.no_grad():
+                    self.learn.model[3].weight[0, 0] = float("nan")
+
+    agc = AGC(0.01)
+    with pytest.warns(UserWarning, match=r"units with inf/NaN gradients or weights this epoch \(in .*3.weight.*the "
+                                         r"weights of .*3.weight.* are inf/NaN now: the model has diverged"):
+        fit_quietly(make_learner(tiny_model(), tiny_dls(), [PoisonWeight(), agc]))
+    assert agc.history.nonfinite().sum() >= 1
+
+
 # ---- API -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("clipping", [np.float32(0.05), torch.tensor(0.05)], ids=["numpy_float32", "tensor_0d"])
+def test_learner_agc_takes_numpy_scalars_and_0d_tensors(clipping):
+    model = tiny_model()
+    learn = make_learner(model, tiny_dls()).agc(clipping, skip_classifier=None)
+    assert learn.adaptive_clip.clipping == float(clipping) and type(learn.adaptive_clip.clipping) is float
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit_quietly(learn)
+    update = {n: (p.detach() - before[n]).double() for n, p in model.named_parameters()}
+    assert relative_difference(update, reference_update(tiny_model(), clipping=float(clipping), unclipped=())) < 1e-5
+
+
+def test_clipping_per_group_takes_numpy_arrays():
+    assert AGC(clipping=np.array([0.1, 0.2], dtype=np.float32)).clipping == [np.float32(0.1).item(),
+                                                                            np.float32(0.2).item()]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("clipping, shown", [("0.01", r"got '0.01' \(str\): pass one number, e.g. clipping=0.01"),
+                                             (torch.tensor([0.01, 0.02]), r"got a torch.float32 tensor of shape \(2,\)")],
+                         ids=["string", "two_element_tensor"])
+def test_learner_agc_refuses_what_is_not_a_number_showing_it_whole(clipping, shown):
+    learn = make_learner(tiny_model(), tiny_dls())
+    with pytest.raises(ValueError, match=rf"^clipping must be a finite number > 0 .*{shown}"):
+        learn.agc(clipping)
+
 
 @pytest.mark.parametrize(
     "kwargs, argument",

@@ -1,15 +1,19 @@
 """The functional AGC core against the float64 reference, plus invariants (hypothesis)."""
 import math
 import os
+import re
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from agc_reference import norm64, reference_agc, reference_unit_norms, units_of
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import normfree
+from normfree.agc import clip as agc_clip
 from normfree.agc import cpu_kernel, gpu_kernel
 
 LAYERS = {
@@ -329,3 +333,167 @@ def test_a_new_tensor_in_the_storage_of_a_freed_one_is_clipped_by_its_own_shape(
         torch.testing.assert_close(p.grad.double(), expected, rtol=1e-5, atol=1e-30)
         assert stats.units.tolist() == [len(units_of(p))] and stats.clipped.tolist() == [n_clipped]
         del p
+
+
+# ---- layouts the per-call cache must tell apart ------------------------------------------------
+
+def _view(buffer: torch.Tensor, shape: tuple[int, ...], layout: str) -> torch.Tensor:
+    """A view of `shape` into `buffer` (twice the size needed, and then some) in one memory layout; all but
+    "offset" start at the buffer's first element, so they share its data pointer."""
+    numel = math.prod(shape)
+    if layout == "contiguous":
+        return buffer[:numel].view(shape)
+    if layout == "offset":
+        return buffer[3:3 + numel].view(shape)
+    if layout == "transposed":  # rows strided, elements of a row numel / rows apart
+        return buffer[:numel].view(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    if layout == "channels_last":
+        return buffer[:numel].view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    if layout == "every_other_channel":  # a slice: rows twice as far apart as their size
+        return buffer[:2 * numel].view(shape[0], 2 * shape[1], *shape[2:])[:, :shape[1]]
+    raise AssertionError(layout)
+
+
+LAYOUTS = {2: ["contiguous", "offset", "transposed", "every_other_channel"],
+           4: ["contiguous", "offset", "transposed", "channels_last", "every_other_channel"]}
+
+
+@st.composite
+def layout_sequences(draw):
+    shape = draw(st.sampled_from([(5, 3), (4, 4), (6, 2, 3, 3), (3, 4, 2, 1)]))
+    step = st.tuples(st.sampled_from(LAYOUTS[len(shape)]), st.sampled_from(LAYOUTS[len(shape)]), st.integers(0, 999))
+    return shape, draw(st.lists(step, min_size=2, max_size=4))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(layout_sequences())
+@example(((5, 3), [("contiguous", "contiguous", 0), ("contiguous", "transposed", 1)]))  # the issue's case
+@example(((6, 2, 3, 3), [("contiguous", "contiguous", 0), ("channels_last", "every_other_channel", 1)]))
+def test_a_parameter_whose_layout_changes_between_calls_is_clipped_by_its_new_layout(case):
+    """The per-call cache must not keep the plan of an earlier layout: ``p.grad = b; clip; p.grad = b.t(); clip``
+    has the same parameter, data pointer, shape and dtype, but other strides (the units are not b's rows)."""
+    shape, steps = case
+    weights, grads = torch.empty(2 * math.prod(shape) + 3), torch.empty(2 * math.prod(shape) + 3)
+    p = nn.Parameter(torch.empty(shape))
+    for weight_layout, grad_layout, seed in steps:
+        generator = torch.Generator().manual_seed(seed)
+        p.data = _view(weights, shape, weight_layout)
+        p.data.copy_(torch.randn(shape, generator=generator))
+        p.grad = _view(grads, shape, grad_layout)
+        per_unit = 10 ** (torch.rand(shape[0], generator=generator) * 4 - 3)
+        p.grad.copy_(torch.randn(shape, generator=generator) * per_unit.view(-1, *[1] * (len(shape) - 1)))
+        expected, n_clipped = reference_agc(p, p.grad, 0.01, 1e-3)
+        stats = normfree.adaptive_clip_grad_(p, 0.01, 1e-3)
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-5, atol=1e-30)
+        assert stats.clipped.tolist() == [n_clipped]
+
+
+# ---- non-finite weights ------------------------------------------------------------------------
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_weight_row_leaves_its_gradient_unchanged_counted_and_warned_once(bad, monkeypatch):
+    monkeypatch.setattr(agc_clip, "_warned_nonfinite_weights", set())
+    layer = nn.Linear(3, 4)
+    with torch.no_grad():
+        layer.weight[1, 2] = bad
+    layer.weight.grad = torch.randn(4, 3) * 100
+    layer.bias.grad = torch.randn(4)
+    grad = layer.weight.grad.clone()
+    with pytest.warns(RuntimeWarning, match=r"weights with an inf or NaN unit norm: weight \(1 of 4 units\).*leaves "
+                                            r"their gradients unchanged"):
+        stats = normfree.adaptive_clip_grad_(layer.named_parameters(), clipping=0.01)
+    assert torch.equal(layer.weight.grad[1], grad[1])
+    rows = [0, 2, 3]
+    expected, n_clipped = reference_agc(layer.weight[rows], grad[rows], 0.01, 1e-3)
+    torch.testing.assert_close(layer.weight.grad[rows].double(), expected, rtol=1e-5, atol=0)
+    assert stats.nonfinite.tolist() == [1, 0] and stats.clipped.tolist()[0] == n_clipped == 3
+    with warnings.catch_warnings():  # once per parameter
+        warnings.simplefilter("error")
+        again = normfree.adaptive_clip_grad_(layer.named_parameters(), clipping=0.01)
+    assert again.nonfinite.tolist() == [1, 0]
+
+
+def test_a_non_finite_gradient_alone_gives_no_weight_warning(monkeypatch):
+    monkeypatch.setattr(agc_clip, "_warned_nonfinite_weights", set())
+    p = nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    p.grad[2, 0] = math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert normfree.adaptive_clip_grad_(p).nonfinite.tolist() == [1]
+
+
+# ---- what clipping, eps and parameters may be --------------------------------------------------
+
+@pytest.mark.parametrize("clipping", [np.float32(0.05), np.float64(0.05), torch.tensor(0.05), torch.tensor([0.05]),
+                                      torch.tensor(0.05, dtype=torch.float64)],
+                         ids=["numpy_float32", "numpy_float64", "tensor_0d", "tensor_1_element", "tensor_float64"])
+def test_numpy_scalars_and_one_element_tensors_are_numbers(clipping):
+    module = LAYERS["conv2d"]()
+    give_gradients(module)
+    check_against_reference(module, float(clipping), eps=1e-3)  # the reference, with clipping as a float ...
+    give_gradients(module)
+    params = list(module.parameters())
+    expected = [reference_agc(p, p.grad, float(clipping), np.float32(1e-3).item()) for p in params]
+    stats = normfree.adaptive_clip_grad_(params, clipping, np.float32(1e-3))  # ... and as given
+    for p, (grad, _) in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), grad, rtol=1e-5, atol=1e-30)
+    assert stats.clipped.tolist() == [n for _, n in expected]
+
+
+def test_named_parameters_param_groups_and_generators_are_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Linear(4, 5))
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.5}],
+                                lr=0.1)
+    conv, linear = list(model[0].parameters()), list(model[1].parameters())
+    for given_as, covered in [(model.named_parameters, conv + linear), (lambda: optimizer.param_groups, conv + linear),
+                              (lambda: optimizer.param_groups[1], linear), (model.parameters, conv + linear),
+                              (lambda: model[1].weight, linear[:1])]:
+        give_gradients(model)
+        expected = [reference_agc(p, p.grad, 0.01, 1e-3) for p in covered]
+        stats = normfree.adaptive_clip_grad_(given_as(), 0.01, 1e-3)
+        for p, (grad, _) in zip(covered, expected):
+            torch.testing.assert_close(p.grad.double(), grad, rtol=1e-5, atol=1e-30)
+        assert stats.clipped.tolist() == [n for _, n in expected]
+
+
+class TestRefusals:
+    """Bad arguments are refused before any implementation is chosen: run once, not once per implementation."""
+
+    @pytest.fixture(autouse=True)
+    def agc_path(self):  # overrides the module's three-way fixture
+        return "any"
+
+    @pytest.mark.bad_input
+    @pytest.mark.parametrize("clipping, shown", [
+        ("0.01", r"got '0.01' \(str\): pass one number, e.g. clipping=0.01"),
+        (torch.tensor([0.01, 0.02]), r"got a torch.float32 tensor of shape \(2,\): pass one number"),
+        (torch.tensor(True), r"got a torch.bool tensor of shape \(\)"),
+        (np.float32(-0.01), rf"got {re.escape(repr(np.float32(-0.01)))}$"),
+        (torch.tensor(math.nan), r"got tensor\(nan\)$"),
+        (None, r"got None \(NoneType\)"),
+    ], ids=["string", "two_element_tensor", "bool_tensor", "negative_numpy", "nan_tensor", "none"])
+    def test_clipping_that_is_not_one_number_in_range_is_refused_as_given(self, clipping, shown):
+        layer = nn.Linear(2, 2)
+        with pytest.raises(ValueError, match=rf"^clipping must be a finite number > 0 \(the paper's lambda, e.g. "
+                                             rf"0.01\), {shown}"):
+            normfree.adaptive_clip_grad_(layer.parameters(), clipping)
+
+    @pytest.mark.bad_input
+    @pytest.mark.parametrize("parameters, shown", [
+        (lambda m: [list(m.parameters())], r"item 0 is a nested list or tuple \(pass one flat iterable"),
+        (lambda m: m, r"got Linear: pass module.parameters\(\)"),
+        (lambda m: m.state_dict(), r"got a mapping without 'params' \(keys: 'weight', 'bias'\)"),
+        (lambda m: [m.weight, "bias"], r"item 1 is a str"),
+        (lambda m: 0.5, r"got float"),
+        (lambda m: [{"params": [m.weight, 3]}], r"item 0 is a param group whose 'params' holds a int"),
+        (lambda m: "weight", r"got str"),
+    ], ids=["nested_list", "module", "state_dict", "string_item", "number", "bad_param_group", "string"])
+    def test_parameters_in_other_forms_are_refused_naming_what_is_accepted(self, parameters, shown):
+        layer = nn.Linear(2, 2)
+        layer(torch.randn(1, 2)).sum().backward()
+        with pytest.raises(TypeError, match=r"^adaptive_clip_grad_'s parameters must be a tensor, or an iterable of "
+                                            rf"tensors .*named_parameters.*param_groups.*{shown}"):
+            normfree.adaptive_clip_grad_(parameters(layer))

@@ -2,6 +2,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -181,7 +182,7 @@ def test_what_cannot_be_converted_is_refused_with_path_and_fix(model, message):
 
 
 def test_refusals_of_whole_models():
-    with pytest.raises(ValueError, match=r"^the model \(NormFreeNet\) holds"):
+    with pytest.raises(ValueError, match=r"^the model \(NormFreeNet\) is already normalizer-free: it has no BatchNorm"):
         to_normfree(timm.create_model("test_nfnet"))
     with pytest.raises(ValueError, match="alpha must be"):
         to_normfree(nn.Sequential(), alpha=0)
@@ -231,3 +232,94 @@ def test_nf_learner_refuses_to_convert_normalizer_free_archs():
     with pytest.raises(ValueError, match="already normalizer-free; drop convert"):
         nf_learner(image_dls(), "nf_resnet_tiny", convert=True)
     assert "to_normfree" in normfree.__all__ and "ConvertedResidual" in normfree.__all__
+
+
+# ---- models to_normfree cannot convert whole, and what it says ------------------------------------------------------
+
+def conv_bn():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch.jit.script(conv_bn()), r"^the model is a TorchScript module .*pass the eager nn.Module"),
+    (lambda: torch.jit.trace(conv_bn().eval(), torch.randn(1, 3, 5, 5)), r"^the model is a TorchScript module"),
+    (lambda: nn.Sequential(torch.jit.script(conv_bn()), nn.Flatten()), r"^0 is a TorchScript module"),
+    (lambda: torch.compile(conv_bn()), r"^the model is a torch.compile wrapper: pass the eager nn.Module "
+                                       r"\(model._orig_mod\)"),
+], ids=["scripted", "traced", "scripted_part", "compiled"])
+def test_scripted_and_compiled_models_are_refused(make, message):
+    with pytest.raises(ConversionError, match=message):
+        to_normfree(make())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("gamma, message", [
+    (0, r"^activation_gamma must be a number in \[0.01, 100\] .*got 0$"),
+    (-1.0, r"got -1.0$"),
+    (math.nan, r"got nan$"),
+    (1e30, r"got 1e\+30$"),
+    ({"relu": 1.7}, r"^activation_gamma key 'relu' matches no module of the model, so it would be ignored: .*the "
+                    r"model's activations: ReLU, SiLU$"),
+    ({nn.Hardswish: 1.9}, r"^activation_gamma key 'Hardswish' matches no module"),
+    ({nn.SiLU: 0.0}, r"^activation_gamma\['SiLU'\] must be a number in \[0.01, 100\]"),
+    ({"ReLU": math.inf}, r"^activation_gamma\['ReLU'\] must be a number .*got inf$"),
+    ({nn.ReLU(): 1.7}, r"^activation_gamma's keys must be activation classes \(nn.ReLU\) or class names"),
+], ids=["zero", "negative", "nan", "huge", "table_name_key", "absent_class_key", "zero_in_mapping", "inf_in_mapping",
+        "instance_key"])
+def test_bad_activation_gammas_are_refused_naming_activation_gamma(gamma, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.SiLU(),
+                          nn.Conv2d(4, 4, 1))
+    with pytest.raises(ConversionError, match=message):
+        to_normfree(model, activation_gamma=gamma)
+
+
+def test_activation_gamma_takes_numpy_numbers():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    assert gamma_of(to_normfree(model, activation_gamma=np.float32(1.5))[3]) == pytest.approx(1.5)
+    assert gamma_of(to_normfree(model, activation_gamma={"ReLU": np.float64(1.6)})[3]) == pytest.approx(1.6)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("make, message", [
+    (lambda: timm.create_model("bn_resnet_tiny"), r"^bn_resnet_tiny is the BatchNorm twin of normfree's nf_resnet_tiny: "
+                                                  r".*build nf_resnet_tiny \(--arch nf_resnet_tiny"),
+    (lambda: timm.create_model("nf_resnet_tiny"), r"^the model \(SmallResNet\) is already normalizer-free: it has no "
+                                                  r"BatchNorm .*stem.conv is a ScaledStdConv2d\); nothing to convert"),
+    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), r"has no BatchNorm and no convolution: nothing to convert"),
+], ids=["batchnorm_twin", "normalizer_free", "no_batchnorm_no_conv"])
+def test_models_with_nothing_to_convert_say_what_to_use_instead(make, message):
+    with pytest.raises(ConversionError, match=message):
+        to_normfree(make())
+
+
+def test_train_config_points_the_batchnorm_twin_to_its_nf_twin():
+    from normfree.app.config import TrainConfig
+    from normfree.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"to_normfree: bn_resnet_tiny cannot be converted: .*--arch nf_resnet_tiny"):
+        TrainConfig(data="digits", arch="bn_resnet_tiny", to_normfree=True)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("make, shared", [
+    (lambda c: nn.Sequential(c, nn.BatchNorm2d(4), nn.ReLU(), c, nn.BatchNorm2d(4)), "0 and 3 are one Conv2d"),
+    (lambda c: nn.Sequential(c, c, nn.BatchNorm2d(4)), "0 and 1 are one Conv2d"),  # was left a plain Conv2d at 1
+    (lambda c: nn.Sequential(nn.Sequential(c, nn.BatchNorm2d(4)), nn.ReLU(), nn.Sequential(c)),
+     r"0.0 and 2.0 are one Conv2d"),
+], ids=["conv_bn_twice", "conv_twice", "conv_in_two_stacks"])
+def test_a_conv_used_in_two_places_is_refused_naming_both(make, shared):
+    with pytest.raises(ConversionError, match=rf"^{shared} module used twice \(shared or reused\): .*give each "
+                                              rf"place its own module"):
+        to_normfree(make(nn.Conv2d(4, 4, 3, padding=1)))
+
+
+def test_an_activation_module_used_in_two_places_sets_the_gamma_at_both():
+    """One nn.SiLU listed twice: the conv after its second place reads SiLU's output (named_children() lists a module
+    once, which left that conv with gamma 1)."""
+    act = nn.SiLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act, nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), act,
+                          nn.Conv2d(4, 4, 1))
+    converted = to_normfree(model)
+    assert [gamma_of(converted[i]) for i in (0, 3, 6)] == pytest.approx([1.0] + [_nonlin_gamma["silu"]] * 2)
+    assert_normalizer_free(converted)

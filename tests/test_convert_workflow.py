@@ -24,7 +24,9 @@ def test_train_to_normfree_with_per_sample_agc(tmp_path):
 @pytest.mark.parametrize("arch, message", [
     ("nf_resnet_tiny", "--to-normfree: nf_resnet_tiny is already normalizer-free; drop to_normfree"),
     ("test_nfnet", "--to-normfree: test_nfnet is already normalizer-free"),
-    ("bn_resnet_tiny", "--to-normfree: bn_resnet_tiny cannot be converted: the model (SmallResNet) holds"),
+    ("bn_resnet_tiny", "--to-normfree: bn_resnet_tiny cannot be converted: bn_resnet_tiny is the BatchNorm twin of "
+                       "normfree's nf_resnet_tiny: to_normfree does not convert its pre-activation blocks; build "
+                       "nf_resnet_tiny (--arch nf_resnet_tiny"),
 ])
 def test_train_cli_refuses_what_it_cannot_convert(tmp_path, capsys, arch, message):
     with pytest.raises(SystemExit) as stopped:

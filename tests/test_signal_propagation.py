@@ -1,5 +1,6 @@
 """`normfree.signal_propagation`: hand-computed statistics, the NF variance recurrence, hook hygiene, block discovery."""
 import math
+import re
 
 import pytest
 import timm
@@ -61,19 +62,25 @@ def test_statistic_functions_match_their_formulas():
     assert average_channel_variance(h) == pytest.approx(variance, rel=1e-12)
 
 
+def toy_blocks_by_hand(stem, blocks, x):
+    """(squared mean, variance, residual variance) after each of `blocks` run in turn on stem(x), by hand in float64
+    from the same weights."""
+    h = conv64(stem, x.double())
+    expected = []
+    for block in blocks:
+        branch = block.alpha * conv64(block.conv2, F.relu(conv64(block.conv1, h)))
+        skip = h if block.shortcut is None else conv64(block.shortcut, h)
+        h = skip + branch
+        expected.append((*hand_stats(h), hand_stats(branch)[1]))
+    return expected
+
+
 def test_two_block_toy_matches_a_hand_computation_in_float64():
     torch.manual_seed(0)
     model = Toy()
     x = torch.randn(6, 2, 5, 5)
     result = signal_propagation(model, x, blocks=ToyBlock)
-    # by hand, in float64, from the same weights
-    h0 = conv64(model.stem, x.double())
-    expected = []
-    for block in model.blocks:
-        branch = block.alpha * conv64(block.conv2, F.relu(conv64(block.conv1, h0)))
-        skip = h0 if block.shortcut is None else conv64(block.shortcut, h0)
-        h0 = skip + branch
-        expected.append((*hand_stats(h0), hand_stats(branch)[1]))
+    expected = toy_blocks_by_hand(model.stem, model.blocks, x)
     assert [row.name for row in result.rows] == ["blocks.0", "blocks.1"]
     assert [row.index for row in result.rows] == [0, 1]
     assert [row.transition for row in result.rows] == [True, False]  # the shape changes in the first only
@@ -221,11 +228,11 @@ def test_each_supported_family_finds_its_blocks(build, n_blocks, transitions):
 def test_no_block_found_names_the_fix():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(ValueError, match="blocks="):
-        signal_propagation(model, input_shape=(1, 3, 8, 8))
+        signal_propagation(model, input_shape=(2, 3, 8, 8))
     with pytest.raises(ValueError, match="no module named 'nope'"):
-        signal_propagation(model, input_shape=(1, 3, 8, 8), blocks="nope")
+        signal_propagation(model, input_shape=(2, 3, 8, 8), blocks="nope")
     # a custom block whose shape changes and has no shortcut module: branch unknown
-    result = signal_propagation(model, input_shape=(1, 3, 8, 8), blocks="0")
+    result = signal_propagation(model, input_shape=(2, 3, 8, 8), blocks="0")
     assert math.isnan(result.rows[0].residual_variance) and result.rows[0].transition
 
 
@@ -271,3 +278,53 @@ def test_modules_import_no_plotting_library_at_import_time():
                                                                        if isinstance(node, ast.ImportFrom)]
         assert not any(name.startswith("matplotlib") for name in names), module.__name__
     assert "signal_propagation" in normfree.__all__ and "SignalPropagation" in normfree.__all__
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("given, argument", [
+    (dict(x=torch.randn(0, 2, 5, 5)), "x"),
+    (dict(x=torch.randn(1, 2, 5, 5)), "x"),
+    (dict(input_shape=(0, 2, 5, 5)), "input_shape"),
+    (dict(input_shape=(4, 2, 0, 5)), "input_shape"),
+], ids=["empty_batch", "one_example", "empty_noise_batch", "empty_height"])
+def test_a_batch_without_two_examples_is_refused_naming_the_argument(given, argument):
+    """A batch of 0 gave rows of NaN; one example gives statistics over its positions only, not the batch's."""
+    shape = tuple(given.get("input_shape") or given["x"].shape)
+    with pytest.raises(ValueError, match=rf"^{argument}: signal propagation needs a batch of 2 or more examples .*got "
+                                         rf"shape {re.escape(str(shape))}$"):
+        signal_propagation(Toy(), blocks=ToyBlock, **given)
+
+
+class Twice(nn.Module):
+    """One block run at two depths: stem, block, block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.block = ToyBlock(3, 3)
+
+    def forward(self, x):
+        return self.block(self.block(self.stem(x)))
+
+
+def test_a_block_run_twice_gives_one_row_per_call_labelled_by_call():
+    torch.manual_seed(0)
+    model = Twice()
+    x = torch.randn(6, 2, 5, 5)
+    result = signal_propagation(model, x, blocks=ToyBlock)
+    expected = toy_blocks_by_hand(model.stem, [model.block, model.block], x)
+    assert [(row.index, row.name) for row in result.rows] == [(0, "block (call 1)"), (1, "block (call 2)")]
+    for row, (squared_mean, variance, residual) in zip(result.rows, expected):
+        assert (row.squared_mean, row.variance, row.residual_variance) == pytest.approx(
+            (squared_mean, variance, residual), rel=1e-4)
+
+
+@pytest.mark.bad_input
+def test_the_spp_command_refuses_a_batch_of_one(tmp_path, capsys):
+    from normfree.app.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["spp", "--arch", "nf_resnet_tiny", "--bs", "1", "--out", str(tmp_path / "out"), "--quiet"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "normfree spp: error: --bs: must be at least 2, got 1"
+    assert not (tmp_path / "out").exists()

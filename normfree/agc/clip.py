@@ -2,12 +2,13 @@
 fastest implementation for its device, dtype and layout: the fused CPU kernel, the Triton kernel, or torch ops."""
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import cpu_kernel, gpu_kernel
 from .rule import (
@@ -22,7 +23,7 @@ from .rule import (
     unit_shape,
 )
 
-__all__ = ["ClipStats", "adaptive_clip_grad_", "clip_with_torch_ops", "count_per_tensor"]
+__all__ = ["ClipStats", "adaptive_clip_grad_", "clip_parameters_", "clip_with_torch_ops", "count_per_tensor"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ClipStats:
     """
 
     clipped: Tensor  # units whose gradient was scaled down
-    nonfinite: Tensor  # units whose gradient norm was inf or NaN, left unchanged
+    nonfinite: Tensor  # units whose gradient norm or weight norm was inf or NaN, left unchanged
     units: Tensor  # units per parameter (CPU)
 
     @property
@@ -59,16 +60,18 @@ def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tu
 
     One multi-tensor norm for the single-unit tensors, one row-wise norm kernel per other tensor,
     the factors of all units from one computation, one `_foreach_mul_`. Returns the clipped and
-    the non-finite unit counts of each parameter, in order, as 0-d int64 device tensors.
+    the non-finite unit counts (weight or gradient norm inf or NaN) of each parameter, in order, as 0-d int64
+    device tensors.
     """
     order = sorted(range(len(params)), key=lambda i: not is_single_unit(params[i]))  # single-unit tensors first
     grads = [params[i].grad for i in order]
     grad_norm = unit_norm_vector(grads)
-    factor = adaptive_clip_factor(unit_norm_vector([params[i] for i in order]), grad_norm, clipping, eps)
+    param_norm = unit_norm_vector([params[i] for i in order])
+    factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
     units = [num_units(g) for g in grads]
     torch._foreach_mul_(grads, [f.view(unit_shape(g)) for f, g in zip(factor.split(units), grads)])
     clipped = torch.stack(count_per_tensor(factor < 1, units)).long().unbind()
-    nonfinite = torch.stack(count_per_tensor(~grad_norm.isfinite(), units)).long().unbind()
+    nonfinite = torch.stack(count_per_tensor(~(grad_norm.isfinite() & param_norm.isfinite()), units)).long().unbind()
     position = {i: k for k, i in enumerate(order)}
     return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
 
@@ -176,17 +179,21 @@ _DISPATCH_CACHE_SIZE = 8
 _dispatches: OrderedDict[tuple, _Dispatch] = OrderedDict()
 
 
-def _data_ptr(t: Tensor | None) -> int:
-    return -1 if t is None else t.data_ptr()
+def _layout(t: Tensor | None) -> tuple | None:
+    """Everything about where and how `t` is stored that a dispatch depends on: the kernels read memory through
+    data pointers and take a layout (contiguous, channels-last) from the strides; the storage offset is in the
+    pointer."""
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
 
 def _cached_dispatch(params: list[Tensor]) -> _Dispatch:
     # Training calls AGC with the same parameters every step: the checks and the Triton kernel's tables
-    # (which hold data pointers) are reused while every parameter and gradient keeps its storage (and
-    # while the implementations' entry points are the same: tests swap them).
+    # (which hold data pointers) are reused while every parameter and gradient keeps its storage and layout
+    # (and while the implementations' entry points are the same: tests swap them). Freed tensors' ids and
+    # storage get reused, and a gradient can be replaced by a view of the same storage (a transpose).
     try:
-        key = (cpu_kernel.load, gpu_kernel.supports, gpu_kernel.available(),  # freed tensors' ids and storage
-               tuple((id(p), p.data_ptr(), _data_ptr(p.grad), p.shape, p.dtype) for p in params))  # get reused
+        key = (cpu_kernel.load, gpu_kernel.supports, gpu_kernel.available(),
+               tuple((id(p), _layout(p), _layout(p.grad)) for p in params))
     except RuntimeError:  # a sparse gradient has no data pointer: checked (and refused) below
         return _dispatch(params)
     dispatch = _dispatches.get(key)
@@ -195,6 +202,78 @@ def _cached_dispatch(params: list[Tensor]) -> _Dispatch:
         while len(_dispatches) > _DISPATCH_CACHE_SIZE:
             _dispatches.popitem(last=False)
     return dispatch
+
+
+_ACCEPTED = ("a tensor, or an iterable of tensors (model.parameters()), of (name, tensor) pairs "
+             "(model.named_parameters()) or of optimizer param groups (optimizer.param_groups)")
+
+
+def _refused(what: str) -> TypeError:
+    return TypeError(f"adaptive_clip_grad_'s parameters must be {_ACCEPTED}; got {what}")
+
+
+def _group_tensors(group: Mapping, where: str) -> list[Tensor]:
+    """The tensors of a param group (a mapping with "params", as in optimizer.param_groups)."""
+    if "params" not in group:
+        raise _refused(f"{where}a mapping without 'params' (keys: {', '.join(map(repr, list(group)[:5]))})")
+    tensors = group["params"]
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    bad = next((t for t in tensors if not isinstance(t, Tensor)), None)
+    if bad is not None:
+        raise _refused(f"{where}a param group whose 'params' holds a {type(bad).__name__}")
+    return tensors
+
+
+def _parameter_list(parameters) -> tuple[list[Tensor], list[str | None]]:
+    """The tensors of `adaptive_clip_grad_`'s `parameters`, in order, and their names (None where not given)."""
+    if isinstance(parameters, Tensor):
+        return [parameters], [None]
+    if isinstance(parameters, Mapping):  # one param group
+        tensors = _group_tensors(parameters, "")
+        return tensors, [None] * len(tensors)
+    if isinstance(parameters, (str, bytes, nn.Module)) or not isinstance(parameters, Iterable):
+        hint = ": pass module.parameters()" if isinstance(parameters, nn.Module) else ""
+        raise _refused(f"{type(parameters).__name__}{hint}")
+    tensors: list[Tensor] = []
+    names: list[str | None] = []
+    for i, item in enumerate(parameters):
+        if isinstance(item, Tensor):
+            tensors.append(item)
+            names.append(None)
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Tensor):
+            tensors.append(item[1])
+            names.append(item[0])
+        elif isinstance(item, Mapping):
+            group = _group_tensors(item, f"item {i} is ")
+            tensors.extend(group)
+            names.extend([None] * len(group))
+        else:
+            kind = "a nested list or tuple (pass one flat iterable, e.g. itertools.chain(...))" if isinstance(
+                item, (list, tuple)) else f"a {type(item).__name__}"
+            raise _refused(f"item {i} is {kind}")
+    return tensors, names
+
+
+_warned_nonfinite_weights: set[str] = set()
+
+
+def _warn_nonfinite_weights(params: list[Tensor], names: list[str | None], nonfinite: Tensor) -> None:
+    """Warn once per parameter whose weight has a unit with an inf or NaN norm (AGC left its gradient as it was).
+
+    Only where the counts are host memory already: on a GPU reading them would synchronise every step."""
+    found = []
+    for i, count in enumerate(nonfinite.tolist()):
+        if count:
+            bad_units = int((~unit_norm_vector([params[i]]).isfinite()).sum())
+            label = names[i] or f"parameter {i} of shape {tuple(params[i].shape)}"
+            if bad_units and label not in _warned_nonfinite_weights:
+                _warned_nonfinite_weights.add(label)
+                found.append(f"{label} ({bad_units} of {num_units(params[i])} units)")
+    if found:
+        warnings.warn(f"adaptive_clip_grad_: weights with an inf or NaN unit norm: {'; '.join(found)}. AGC has no "
+                      f"threshold for those units and leaves their gradients unchanged (counted in ClipStats."
+                      f"nonfinite); the model has diverged: lower the learning rate or restart from a checkpoint",
+                      RuntimeWarning, stacklevel=4)  # past torch.no_grad's wrapper: the caller
 
 
 @torch.no_grad()
@@ -207,7 +286,18 @@ def adaptive_clip_grad_(
     larger; other units are left exactly as they are. Parameters whose ``.grad`` is None are
     skipped; a parameter listed twice is clipped once. `clipping` is the paper's lambda (0.01 for
     batch 1024-4096; smaller for larger batches and for Adam-like optimizers); `eps` floors the
-    weight norm so that zero-initialised parameters (skip gains) can still move.
+    weight norm so that zero-initialised parameters (skip gains) can still move. Both are numbers
+    (Python or numpy scalars, or one-element tensors).
+
+    `parameters`: a tensor, or an iterable of tensors (``model.parameters()``), of ``(name, tensor)``
+    pairs (``model.named_parameters()``: the names appear in warnings) or of optimizer param groups
+    (``optimizer.param_groups``, all clipped with this one `clipping`); TypeError for anything else.
+
+    A unit whose gradient norm or weight norm is inf or NaN is left unchanged and counted in
+    `ClipStats.nonfinite` (AGC never turns an inf gradient into NaN, and a NaN weight gives no
+    threshold). A weight with such a unit also gets a RuntimeWarning naming it, once per parameter, for CPU
+    tensors; on a GPU that check would synchronise every call, so read `nonfinite` there (fastai's `AGC`
+    callback reads it, and warns, at the end of each epoch).
 
     Three implementations, one rule:
 
@@ -222,10 +312,21 @@ def adaptive_clip_grad_(
     None of them synchronises with the device. Where norms are summed in float32, a unit whose
     norm overflows (elements beyond ~1e19) counts as non-finite and is left alone. The checks and
     the kernel's tables are kept between calls while the parameters and gradients keep their
-    storage; to capture the call in a CUDA graph, run it once before capturing.
+    storage and layout; to capture the call in a CUDA graph, run it once before capturing.
     """
-    check_agc_arguments(clipping, eps)
-    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    clipping, eps = check_agc_arguments(clipping, eps)
+    params, names = _parameter_list(parameters)
+    stats = clip_parameters_(params, clipping, eps)
+    if stats.nonfinite.device.type == "cpu" and stats.nonfinite.any():  # host memory already: nothing to wait for
+        _warn_nonfinite_weights(params, names, stats.nonfinite)
+    return stats
+
+
+@torch.no_grad()
+def clip_parameters_(params: list[Tensor], clipping: float, eps: float) -> ClipStats:
+    """`adaptive_clip_grad_` for a caller that checked `clipping` and `eps` once (floats, `check_agc_arguments`),
+    passes a list of tensors, and reports non-finite units itself (fastai's `AGC` callback, at the end of each
+    epoch): no per-call checks and no warning, so nothing in the call reads a count."""
     try:
         return _cached_dispatch(params).run(params, clipping, eps)
     except gpu_kernel.KernelFailed:  # warned once; the kernel is off from now on

@@ -119,7 +119,9 @@ if triton is not None:
         w_norm = tl.sqrt(tl.sum(w_squares, axis=1))
         g_norm = tl.sqrt(tl.sum(g_squares, axis=1))
         max_norm = tl.maximum(w_norm, eps) * clipping
-        finite = g_norm <= 3.4028234663852886e38  # float32's largest: false for inf and NaN
+        # float32's largest: false for inf and NaN; a non-finite weight norm gives no threshold (on a GPU,
+        # tl.maximum(NaN, eps) would be eps), so such a unit is left alone and counted as a gradient's is
+        finite = (g_norm <= 3.4028234663852886e38) & (w_norm <= 3.4028234663852886e38)
         clip = (g_norm > max_norm) & finite & in_tensor
         factor = tl.where(clip, max_norm / tl.maximum(g_norm, grad_norm_floor), 1.0)
         n_clipped = tl.sum(clip.to(tl.int32), axis=0)
@@ -202,7 +204,7 @@ def clip_(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor
     """Run the launches of a `plan`: AGC on its parameters, without host synchronisation.
 
     Returns [2, n_slots] int32 counts on the device: row 0 the units clipped, row 1 the units whose
-    gradient norm was not finite (left unchanged), in each parameter's column. Replayed from the plan's
+    gradient norm or weight norm was not finite (left unchanged), in each parameter's column. Replayed from the plan's
     CUDA graph (from the second call with these arguments), they are the graph's own tensor, which the next
     call rewrites: copy them to keep them.
     """

@@ -9,6 +9,8 @@ tensors: that is how a popular port came to norm Linear weights over the wrong a
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 from functools import reduce
 
 import torch
@@ -89,7 +91,8 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
 
     with ||G_u|| floored at GRAD_NORM_FLOOR = 1e-6 in the division (as DeepMind's code). A unit whose gradient norm
     is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
-    user decides what to do with it. (The fused CPU kernel, csrc/agc_cpu.c, computes the same
+    user decides what to do with it. So does a unit whose weight norm is not finite (inf or NaN: no
+    threshold; `adaptive_clip_grad_` counts both kinds as non-finite). (The fused CPU kernel, csrc/agc_cpu.c, computes the same
     rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
     to one float64 reference.) The rule in two halves, `clip_threshold` and `clip_factor_below`,
     serves callers that take the factors of many gradients against the same weights (per-sample AGC).
@@ -110,12 +113,43 @@ def clip_factor_below(max_norm: Tensor, grad_norm: Tensor) -> Tensor:
     return torch.where(clip, max_norm / grad_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
 
 
-def check_agc_arguments(clipping: float, eps: float) -> None:
-    """Raise ValueError naming the argument when `clipping` or `eps` is out of range."""
-    if isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or not math.isfinite(clipping) \
-            or clipping <= 0:
-        raise ValueError(
-            f"clipping must be a finite number > 0 (the paper's lambda, e.g. 0.01), got {clipping!r}"
-        )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0 (the paper uses 1e-3), got {eps!r}")
+@dataclass(frozen=True)
+class _Argument:
+    """What one of AGC's two numbers must be, for its checks and their messages."""
+
+    name: str
+    zero_allowed: bool
+    meaning: str
+    example: str
+
+    def in_range(self, number: float) -> bool:
+        return math.isfinite(number) and (number >= 0 if self.zero_allowed else number > 0)
+
+    def requirement(self) -> str:
+        return f"{self.name} must be a finite number {'>=' if self.zero_allowed else '>'} 0 ({self.meaning})"
+
+
+_CLIPPING = _Argument("clipping", False, "the paper's lambda, e.g. 0.01", "0.01")
+_EPS = _Argument("eps", True, "the paper uses 1e-3", "1e-3")
+
+
+def _agc_number(value, argument: _Argument) -> float:
+    """`value` as a float if it is one number in `argument`'s range: a Python or numpy scalar, or a one-element
+    tensor; else ValueError naming the argument."""
+    number = value
+    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+        number = value.item()
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor)
+               else f"{value!r} ({type(value).__name__})")
+        raise ValueError(f"{argument.requirement()}, got {got}: pass one number, e.g. {argument.name}="
+                         f"{argument.example}")
+    if not argument.in_range(float(number)):
+        raise ValueError(f"{argument.requirement()}, got {value!r}")
+    return float(number)
+
+
+def check_agc_arguments(clipping: float, eps: float) -> tuple[float, float]:
+    """`clipping` and `eps` as floats (Python and numpy scalars and one-element tensors are numbers); ValueError
+    naming the argument when one is not a number or out of range."""
+    return _agc_number(clipping, _CLIPPING), _agc_number(eps, _EPS)

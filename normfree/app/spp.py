@@ -47,9 +47,10 @@ def _check(archs: Sequence[str], weights: Sequence[str] | None, size: int | None
     for path in weights or ():
         if path != _NO_WEIGHTS and not Path(path).is_file():
             raise ConfigError("weights", f"{path}: no such file")
-    for option, value in (("size", size), ("bs", bs), ("channels", channels)):
-        if value is not None and value < 1:
-            raise ConfigError(option, f"must be at least 1, got {value}")
+    # bs: signal_propagation's statistics are over the batch, which needs two examples
+    for option, value, least in (("size", size, 1), ("bs", bs, 2), ("channels", channels, 1)):
+        if value is not None and value < least:
+            raise ConfigError(option, f"must be at least {least}, got {value}")
 
 
 def _batch(data: str, bs: int, size: int | None, seed: int) -> torch.Tensor:

@@ -10,10 +10,10 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 from torch import Tensor, nn
 
-from ..agc.clip import adaptive_clip_grad_
+from ..agc.clip import clip_parameters_
 from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
-from ..agc.rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments
+from ..agc.rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, unit_norms
 from ..models.classifier import find_classifier, unwrap_model
 from .clip_history import ClipHistory, ClipRate
 from .fit_guard import in_fit
@@ -70,13 +70,15 @@ class AGC(Callback):
         exclude: Exclusion | Iterable[Exclusion] | None = (),
         per_sample: bool = False,
     ):
-        clippings = [clipping] if isinstance(clipping, (int, float)) else list(clipping)
+        # one number (a Python or numpy scalar, a one-element tensor), or a sequence of them, one per param group
+        per_group = isinstance(clipping, Iterable) and not isinstance(clipping, (str, bytes, Tensor))
+        clippings = list(clipping) if per_group else [clipping]
         if not clippings:
             raise ValueError("clipping must be a number > 0 or one number per param group, got an empty sequence")
-        for value in clippings:
-            check_agc_arguments(value, eps)
+        checked = [check_agc_arguments(value, eps) for value in clippings]
         check_skip_classifier(skip_classifier)
-        self.clipping, self.eps = clipping, eps
+        self.clipping = [c for c, _ in checked] if per_group else checked[0][0]
+        self.eps = checked[0][1]
         self.skip_classifier, self.exclude = skip_classifier, _as_list(exclude)
         self.per_sample = bool(per_sample)
         self.history: ClipHistory | None = None
@@ -166,15 +168,22 @@ class AGC(Callback):
         if self._clipper is not None:  # the backward pass clipped each example already
             self.history.record(self._clipper.collect(self._params))
         else:
-            self.history.record([adaptive_clip_grad_(params, clipping, self.eps)
+            # arguments checked in __init__; non-finite units are reported in after_train
+            self.history.record([clip_parameters_(params, clipping, self.eps)
                                  for params, clipping in zip(self._params, self._clippings)])
 
     def after_train(self) -> None:
-        nonfinite = int(self.history.nonfinite(slice(self.epoch_start, None)).sum())
-        if nonfinite:
+        per_parameter = self.history.nonfinite(slice(self.epoch_start, None)).sum(0).tolist()
+        if sum(per_parameter):
+            params = [p for group in self._params for p in group]
+            seen = [(name, p) for name, p, n in zip(self.history.parameter_names, params, per_parameter) if n]
+            diverged = [name for name, p in seen if not bool(unit_norms(p.detach()).isfinite().all())]
+            weights = (f"; the weights of {', '.join(diverged[:5])} are inf/NaN now: the model has diverged, restart "
+                       f"from a checkpoint" if diverged else "")
             warnings.warn(
-                f"AGC saw {nonfinite} units with inf/NaN gradients this epoch and left them unchanged; "
-                "use mixed precision's grad scaler (learn.to_fp16()) or a lower learning rate",
+                f"AGC saw {sum(per_parameter)} units with inf/NaN gradients or weights this epoch (in "
+                f"{', '.join(name for name, _ in seen[:5])}{', ...' if len(seen) > 5 else ''}) and left them "
+                f"unchanged{weights}; use mixed precision's grad scaler (learn.to_fp16()) or a lower learning rate",
                 stacklevel=2,
             )
 

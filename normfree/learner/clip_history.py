@@ -52,7 +52,7 @@ class ClipHistory:
         return self._stacked("clipped", steps)
 
     def nonfinite(self, steps: slice = slice(None)) -> Tensor:
-        """[steps, parameters] units whose gradient was inf or NaN (left unchanged)."""
+        """[steps, parameters] units whose gradient or weight was inf or NaN (left unchanged)."""
         return self._stacked("nonfinite", steps)
 
     def units(self, steps: slice = slice(None)) -> Tensor:

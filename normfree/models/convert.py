@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ from timm.layers import ScaledStdConv2d
 from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
-from .equations import activation_gamma, nf_residual, residual_betas, skipinit_gain
+from .equations import ACTIVATION_GAMMAS, activation_gamma, nf_residual, residual_betas, skipinit_gain
+from .small_resnets import SmallResNet, normfree_twin_name
 from .standardization import STD_CONV_EPS, STD_CONVS
 
 __all__ = ["ConversionError", "ConvertedResidual", "to_normfree"]
@@ -108,13 +110,17 @@ def _no_inplace(act: nn.Module) -> nn.Module:
     return act
 
 
+def _is_activation_kind(kind: type) -> bool:
+    """Whether modules of class `kind` are activations: torch's and timm's activation classes."""
+    return kind is not nn.Identity and (kind.__module__ == "torch.nn.modules.activation"
+                                        or kind.__module__.startswith("timm.layers.activations"))
+
+
 def _is_activation(module: nn.Module, gammas) -> bool:
     kind = type(module)
     if isinstance(gammas, Mapping) and (kind in gammas or kind.__name__ in gammas):
         return True
-    if kind is nn.Identity or any(True for _ in module.children()):
-        return False
-    return kind.__module__ in ("torch.nn.modules.activation",) or kind.__module__.startswith("timm.layers.activations")
+    return not any(True for _ in module.children()) and _is_activation_kind(kind)
 
 
 def _holds(module: nn.Module, kinds: tuple[type, ...]) -> str | None:
@@ -188,8 +194,14 @@ def _convert_batchnorm(bn: nn.Module, path: str, walk: _Walk) -> nn.Module:
     return nn.Identity()
 
 
+def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children of `module` in order, one listed under two names at both (named_children() lists it once):
+    an activation module reused in a stack runs, and sets the next conv's gamma, at each place."""
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
 def _convert_children(module: nn.Module, path: str, walk: _Walk, in_branch: bool) -> None:
-    children = list(module.named_children())
+    children = _children(module)
     for index, (name, child) in enumerate(children):
         child_path = f"{path}.{name}" if path else name
         new = _convert(child, child_path, walk, in_branch, _next_is_batchnorm(children, index))
@@ -281,7 +293,7 @@ def _timm_block(block: nn.Module, path: str):
 
 
 def _fastai_block(block: nn.Module, path: str):
-    parts = list(block.convpath.named_children())
+    parts = _children(block.convpath)
     return parts, block.idpath if len(block.idpath) else None, block.act, "idpath"
 
 
@@ -315,7 +327,7 @@ def _convert_block(block: nn.Module, path: str, walk: _Walk, parts: list[tuple[s
 
     # the branch: each part in order, one walk (so a BatchNorm finds the conv before it)
     branch_walk = _Walk(walk.alpha, walk.skipinit, walk.gammas, last_act=pre_act, last_act_path=act_path)
-    children = list(branch.named_children())
+    children = _children(branch)
     for index, (name, part) in enumerate(children):
         new = _convert(part, f"{path}.{name}", branch_walk, True, _next_is_batchnorm(children, index))
         if new is not part:
@@ -334,6 +346,84 @@ def _convert_block(block: nn.Module, path: str, walk: _Walk, parts: list[tuple[s
     return converted
 
 
+# what an activation_gamma override may be: 1 / std of the activation's output for N(0, 1) inputs. The known gammas
+# span 1.0 (identity) to 4.8 (sigmoid); beyond these bounds a typo, not an activation, is far likelier (0 silences
+# every conv, a huge one overflows).
+GAMMA_RANGE = (0.01, 100.0)
+
+
+def _check_gamma(value, where: str) -> float:
+    low, high = GAMMA_RANGE
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= float(value) <= high:
+        raise ConversionError(f"activation_gamma{where} must be a number in [{low:g}, {high:g}] (1 / std of the "
+                              f"activation's output for N(0, 1) inputs; ReLU's is {ACTIVATION_GAMMAS['relu']:.4f}), got {value!r}")
+    return float(value)
+
+
+def _checked_gammas(gammas, model: nn.Module) -> float | dict | None:
+    """`to_normfree`'s `activation_gamma`, checked: one number, or a mapping whose every key is an activation class or
+    class name found in `model` (a key that matches nothing would be silently ignored) and every value a gamma."""
+    if gammas is None:
+        return None
+    if not isinstance(gammas, Mapping):
+        if isinstance(gammas, bool) or not isinstance(gammas, numbers.Real):
+            raise ConversionError(f"activation_gamma must be a number or a mapping from activation classes (or class "
+                                  f"names) to numbers, e.g. {{nn.Hardswish: 1.9}}, got {gammas!r}")
+        return _check_gamma(gammas, "")
+    kinds = {type(m) for m in model.modules()}
+    activations = sorted({kind.__name__ for kind in kinds if _is_activation_kind(kind)})
+    checked = {}
+    for key, value in gammas.items():
+        if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
+            raise ConversionError(f"activation_gamma's keys must be activation classes (nn.ReLU) or class names "
+                                  f"('ReLU'), got {key!r}")
+        if not any(key is kind or key == kind.__name__ for kind in kinds):
+            name = key if isinstance(key, str) else key.__name__
+            raise ConversionError(f"activation_gamma key {name!r} matches no module of the model, so it would be "
+                                  f"ignored: keys are activation classes or their class names (case matters); the "
+                                  f"model's activations: {', '.join(activations) or 'none'}")
+        checked[key] = _check_gamma(value, f"[{key if isinstance(key, str) else key.__name__!r}]")
+    return checked
+
+
+def _refuse_unconvertible(model: nn.Module) -> None:
+    """ConversionError for a model `to_normfree` cannot convert as a whole, before walking it: scripted or compiled
+    models (their forward is not their modules'), models already normalizer-free, the BatchNorm twins of normfree's
+    small NF ResNets, and convolutions or normalisation layers used in two places (one module, two names)."""
+    scripted = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise ConversionError(f"{scripted or 'the model'} is a TorchScript module (torch.jit.script or trace): its "
+                              f"forward is compiled code that to_normfree cannot rewrite; pass the eager nn.Module it "
+                              f"was made from (and script the converted model)")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise ConversionError("the model is a torch.compile wrapper: pass the eager nn.Module (model._orig_mod) and "
+                              "compile the converted model")
+    if isinstance(model, SmallResNet) and model.normalization == "batchnorm":
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        twin = normfree_twin_name(arch) if arch else "nf_resnet_tiny/small/base (the same size)"
+        raise ConversionError(f"{arch or 'this model'} is the BatchNorm twin of normfree's {twin}: to_normfree does "
+                              f"not convert its pre-activation blocks; build {twin} (--arch {twin.split(' ')[0]}, or "
+                              f"normfree.build_model) for the normalizer-free version")
+    if _holds(model, _NORMS) is None:
+        standardized = _holds(model, STD_CONVS)
+        if standardized is not None:
+            raise ConversionError(f"the model ({type(model).__name__}) is already normalizer-free: it has no BatchNorm "
+                                  f"and its convolutions are weight-standardised ({standardized or 'the model'} is a "
+                                  f"{type(model.get_submodule(standardized)).__name__}); nothing to convert, train it "
+                                  f"as it is")
+        if _holds(model, (nn.modules.conv._ConvNd,)) is None:
+            raise ConversionError(f"the model ({type(model).__name__}) has no BatchNorm and no convolution: nothing to "
+                                  f"convert")
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    for name, m in model.named_modules():
+        if len(paths[id(m)]) > 1 and _holds(m, _NORMS + (nn.modules.conv._ConvNd,)) is not None:
+            raise ConversionError(f"{' and '.join(paths[id(m)])} are one {type(m).__name__} module used twice (shared "
+                                  f"or reused): to_normfree converts each place a layer runs on its own, so it cannot "
+                                  f"convert a shared one; give each place its own module (copy.deepcopy) first")
+
+
 def to_normfree(model: nn.Module, *, alpha: float = 0.2, skipinit: bool = True,
                 activation_gamma: float | Mapping | None = None) -> nn.Module:
     """A copy of BatchNorm model `model` made normalizer-free by the NF-ResNet recipe (Brock, De & Smith 2021,
@@ -346,7 +436,8 @@ def to_normfree(model: nn.Module, *, alpha: float = 0.2, skipinit: bool = True,
       source; gains start at 1), with the gamma of the activation whose output it reads (ReLU, SiLU,
       GELU, ... from `normfree.models.equations.ACTIVATION_GAMMAS`; 1 for a conv reading the image).
       `activation_gamma` overrides: one value for all, or ``{nn.Hardswish: 1.9}`` by activation class
-      (or class name).
+      (or class name, ``"Hardswish"``); each gamma a number in `GAMMA_RANGE` ([0.01, 100]), each key matching a
+      module of the model (a key that matches none, e.g. the table name "relu", is refused, not ignored).
     - Residual blocks of torchvision ResNets (BasicBlock, Bottleneck), timm ResNets and fastai's xresnet
       (ResBlock) become `ConvertedResidual` blocks, h + alpha * gain * f(act(h / beta)), beta the expected
       std of h from `residual_betas` (variance alpha^2 more per block, 1 + alpha^2 after a transition: a
@@ -355,23 +446,24 @@ def to_normfree(model: nn.Module, *, alpha: float = 0.2, skipinit: bool = True,
     - nn.Sequential stacks of Conv2d, BatchNorm2d, activations, pooling and Linear layers (plain CNNs)
       are converted layer by layer.
 
-    ValueError naming the module path and the fix for what cannot be converted: an unknown module holding
-    a BatchNorm or a convolution (its forward, maybe a residual connection, is unknown), GroupNorm /
+    ValueError (`ConversionError`) naming the module path and the fix for what cannot be converted: an unknown
+    module holding a BatchNorm or a convolution (its forward, maybe a residual connection, is unknown), GroupNorm /
     LayerNorm / InstanceNorm, a BatchNorm not directly after a convolution, an activation without a known
-    gamma. No partial conversion is ever returned.
+    gamma, a convolution or BatchNorm module used in two places, a TorchScript or torch.compile'd model (pass the
+    eager module), a model with nothing to convert (already normalizer-free; no BatchNorm and no convolution), the
+    BatchNorm twin of one of normfree's small NF ResNets (build the NF twin). An activation module used in two
+    places is fine: each place sets the gamma of the conv after it. No partial conversion is ever returned.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ConversionError(f"alpha must be a finite number > 0 (the paper's 0.2), got {alpha!r}")
     if not isinstance(skipinit, bool):
         raise ConversionError(f"skipinit must be True or False, got {skipinit!r}")
-    if activation_gamma is not None and not isinstance(activation_gamma, Mapping) and (
-            isinstance(activation_gamma, bool) or not isinstance(activation_gamma, (int, float))):
-        raise ConversionError(f"activation_gamma must be a number or a mapping from activation classes to numbers, got "
-                         f"{activation_gamma!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_normfree converts an nn.Module, got {type(model).__name__}")
+    _refuse_unconvertible(model)
+    gammas = _checked_gammas(activation_gamma, model)
     converted = copy.deepcopy(model)
-    walk = _Walk(float(alpha), skipinit, activation_gamma)
+    walk = _Walk(float(alpha), skipinit, gammas)
     converted = _convert(converted, "", walk, in_branch=False)
     _close_block(walk)
     left = [name or type(converted).__name__ for name, m in converted.named_modules() if isinstance(m, _NORMS)]

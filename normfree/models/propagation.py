@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -71,7 +72,8 @@ def average_channel_variance(x: Tensor) -> float:
 class BlockStats:
     """One residual block's statistics (see the module docstring).
 
-    `index` counts blocks from 0 in the order they ran; `name` is the module's name in the model;
+    `index` counts block calls from 0 in the order they ran; `name` is the module's name in the model (with
+    " (call k)" for a block that ran more than once);
     `transition` whether the block changes shape through a projection shortcut (a stage's first block;
     None when unknown); `residual_variance` is NaN when the residual branch could not be told apart.
     """
@@ -86,7 +88,7 @@ class BlockStats:
 
 @dataclass(frozen=True)
 class SignalPropagation:
-    """The result of `signal_propagation`: one `BlockStats` row per residual block, in forward order.
+    """The result of `signal_propagation`: one `BlockStats` row per residual block call, in forward order.
 
     `label` names the model in plots (its class name unless given); `input_shape` is the input's shape
     and `source` "noise" or "batch".
@@ -281,29 +283,27 @@ def _default_input_shape(model: nn.Module) -> tuple[int, int, int, int]:
 
 
 class _Recorder:
-    """Forward hooks recording each block's statistics; `remove` takes every hook off again."""
+    """Forward hooks recording the statistics of each call of each block; `remove` takes every hook off again."""
 
     def __init__(self, blocks: list[tuple[str, nn.Module, _Family]]):
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.order: list[str] = []  # block names in the order they started
-        self.rows: dict[str, dict[str, Any]] = {}  # by block name, filled when the block ends
+        self.calls: list[dict[str, Any]] = []  # one per block call, in the order they started; filled when it ends
         for name, block, family in blocks:
             self._watch(name, block, family)
 
     def _watch(self, name: str, block: nn.Module, family: _Family) -> None:
-        state: dict[str, Any] = {}
+        running: list[dict[str, Any]] = []  # this block's calls under way (a block may run inside itself)
 
         def started(module, args):
-            state.clear()
-            state["first"] = name not in self.order  # a block called twice keeps its first call
-            if not state["first"]:
-                return
-            self.order.append(name)
+            state = {"row": {"name": name}}
+            self.calls.append(state["row"])
+            running.append(state)
             if family.branch_end is None and args and isinstance(args[0], Tensor):
                 state["input"] = args[0].detach().clone()  # the block may change its input in place
 
         def ended(module, args, output):
-            if not state.get("first") or not isinstance(output, Tensor):
+            state = running.pop()
+            if not isinstance(output, Tensor):
                 return
             x = state.get("input")
             if "branch" in state:
@@ -317,8 +317,8 @@ class _Recorder:
             transition = family.transition(block)
             if transition is None and x is not None:
                 transition = x.shape != output.shape
-            self.rows[name] = dict(name=name, transition=transition, squared_mean=average_channel_squared_mean(output),
-                                   variance=average_channel_variance(output), residual_variance=branch_variance)
+            state["row"].update(transition=transition, squared_mean=average_channel_squared_mean(output),
+                                variance=average_channel_variance(output), residual_variance=branch_variance)
 
         self.handles.append(block.register_forward_pre_hook(started))
         self.handles.append(block.register_forward_hook(ended))
@@ -326,19 +326,44 @@ class _Recorder:
             end = family.branch_end(block)
 
             def branch_ended(module, args, output):  # before the block adds the shortcut to it, maybe in place
-                state["branch"] = average_channel_variance(output)
+                if running:
+                    running[-1]["branch"] = average_channel_variance(output)
 
             self.handles.append(end.register_forward_hook(branch_ended))
         elif family.shortcut is not None and (shortcut := family.shortcut(block)) is not None:
             def shortcut_ended(module, args, output):
-                state["shortcut"] = output.detach().clone()
+                if running:
+                    running[-1]["shortcut"] = output.detach().clone()
 
             self.handles.append(shortcut.register_forward_hook(shortcut_ended))
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """The calls that returned a tensor, in the order they started; the calls of a block that ran more than once
+        named ``"<name> (call <k>)"``, k from 1."""
+        ended = [row for row in self.calls if "variance" in row]
+        runs = Counter(row["name"] for row in ended)
+        seen: Counter = Counter()
+        for row in ended:
+            if runs[row["name"]] > 1:
+                seen[row["name"]] += 1
+                row = row | {"name": f"{row['name']} (call {seen[row['name']]})"}
+            yield row
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+def _check_batch_shape(shape: tuple, argument: str) -> None:
+    """ValueError naming `argument` unless `shape` is a batch of 2 or more examples with channels and no empty
+    dimension: the statistics are over each channel's values across the batch (NaN for none, and over one example's
+    positions only for a batch of one)."""
+    if len(shape) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape) \
+            or shape[0] < 2:
+        raise ValueError(f"{argument}: signal propagation needs a batch of 2 or more examples shaped (N, C, ...) with "
+                         f"no empty dimension (its statistics are over each channel's values across the batch), got "
+                         f"shape {shape}")
 
 
 def signal_propagation(
@@ -359,7 +384,11 @@ def signal_propagation(
     every residual block, in the order they run: the average channel squared mean and average channel
     variance of its output, and the average channel variance of its residual branch's output (what it adds
     to the shortcut). Each module's training flag is restored afterwards and every hook removed, also when
-    the forward raises.
+    the forward raises. `x` or `input_shape` must hold 2 or more examples (ValueError naming it otherwise).
+
+    A block that runs more than once in the forward pass (one module used at two depths) gives one row per
+    call, in the order the calls start, named ``"<name> (call 1)"``, ``"<name> (call 2)"``, ...: each call is a
+    point on the signal's path through the network, which is what the plot's x axis counts.
 
     `batch_stats`: BatchNorm layers normalise with the batch's own statistics, as in training and in the
     paper's plots of BatchNorm ResNets, without changing their running averages. With False they use their
@@ -387,6 +416,7 @@ def signal_propagation(
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     if x is None:
         shape = tuple(input_shape) if input_shape is not None else _default_input_shape(model)
+        _check_batch_shape(shape, "input_shape")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
         source = "noise"
@@ -394,6 +424,7 @@ def signal_propagation(
         if input_shape is not None and tuple(input_shape) != tuple(x.shape):
             raise ValueError(f"input_shape {tuple(input_shape)} disagrees with x's shape {tuple(x.shape)}; "
                              f"give one of them")
+        _check_batch_shape(tuple(x.shape), "x")
         x = x.to(device)
         source = "batch"
     modes = {module: module.training for module in model.modules()}
@@ -413,9 +444,8 @@ def signal_propagation(
             module.training = training
         for module, track in tracking.items():
             module.track_running_stats = track
-    ran = [name for name in recorder.order if name in recorder.rows]
-    if not ran:
+    rows = tuple(BlockStats(index=i, **row) for i, row in enumerate(recorder.rows()))
+    if not rows:
         raise ValueError(f"none of the {len(found)} residual blocks ran in the forward pass of "
                          f"{type(model).__name__}; pass blocks= naming modules that do")
-    rows = tuple(BlockStats(index=i, **recorder.rows[name]) for i, name in enumerate(ran))
     return SignalPropagation(rows, label or type(model).__name__, tuple(x.shape), source)

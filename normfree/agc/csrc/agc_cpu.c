@@ -12,7 +12,7 @@
  * unit's weight and gradient are read together once, and the gradient is rewritten, while it is
  * still in the core's cache, only when the unit clips: the memory traffic of one copy of the
  * gradients. Squares are summed in double, so no norm of float32 values overflows; a unit whose
- * gradient holds inf or NaN is left alone and flagged.
+ * gradient or weight holds inf or NaN is left alone and flagged.
  *
  * Built and loaded by normfree/cpu_kernel.py; OpenMP threads come from the runtime torch loaded,
  * so torch.set_num_threads applies.
@@ -54,9 +54,9 @@ static int64_t owner(const int64_t *first_unit, int64_t n_tensors, int64_t u) {
                 g2 += (double)g[i] * (double)g[i];                                                             \
             }                                                                                                  \
             double w_norm = sqrt(w2), g_norm = sqrt(g2);                                                       \
-            /* written so that a NaN weight norm, like torch's clamp_min, gives no clipping */                  \
             double max_norm = clipping * (w_norm < eps ? eps : w_norm);                                        \
-            if (!isfinite(g2)) {                                                                               \
+            /* an inf or NaN weight gives no threshold: the unit is left alone and flagged, as for a gradient */ \
+            if (!isfinite(g2) || !isfinite(w2)) {                                                              \
                 outcome[u] = NONFINITE;                                                                        \
             } else if (g_norm > max_norm) {                                                                    \
                 T factor = (T)(max_norm / (g_norm > floor ? g_norm : floor));                                    \
