@@ -83,14 +83,27 @@ def write_kind(kind, root):
 KINDS = ["digits", "fashion-mnist", "medmnist-gray", "medmnist-rgb", "medmnist-multi-label", "image-folder", "csv"]
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def exported(request, tmp_path_factory):
-    """(kind, the trained Learner, the one `load_learner` reads back from learner.pkl, the run folder)."""
-    root = tmp_path_factory.mktemp(request.param)
-    result = normfree.train(**write_kind(request.param, root), out=root / "run", quiet=True, save_plots=False)
-    with pytest.warns(UserWarning, match="load_learner"):
-        loaded = load_learner(root / "run" / "learner.pkl")
-    return request.param, result.learner, loaded, root / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """kind -> (kind, the trained Learner, the one `load_learner` reads back from learner.pkl, the run folder),
+    trained once per kind for the whole module."""
+    runs = {}
+
+    def run(kind):
+        if kind not in runs:
+            root = tmp_path_factory.mktemp(kind)
+            result = normfree.train(**write_kind(kind, root), out=root / "run", quiet=True, save_plots=False)
+            with pytest.warns(UserWarning, match="load_learner"):
+                loaded = load_learner(root / "run" / "learner.pkl")
+            runs[kind] = kind, result.learner, loaded, root / "run"
+        return runs[kind]
+
+    return run
+
+
+@pytest.fixture(params=KINDS)
+def exported(request, trained):
+    return trained(request.param)
 
 
 def channels_first(array):
@@ -112,7 +125,7 @@ class Reference:
         self.model = learn.model.eval().cpu()
         self.files = not hasattr(learn.dls.train_ds, "tensors")
         if self.files:  # image folders and CSVs: every training image, read as RGB, 0-1
-            training = torch.stack([self.resized(file_pixels(Image.open(p)))[0] for p, _ in learn.dls.train_ds.items])
+            training = torch.stack([self.resized(file_pixels(Image.open(p)))[0] for p in learn.dls.train_ds.items])
             training = training / 255
         else:
             training = self.resized(learn.dls.train_ds.tensors[0].double())
@@ -144,7 +157,7 @@ def inputs_and_pixels(kind, learn, folder):
     """{input form: (an input, its pixels as the reference reads them)} for one validation image."""
     if kind in ("image-folder", "csv"):
         image, _ = learn.dls.valid_ds[0]
-        path = learn.dls.valid_ds.items[0][0]
+        path = learn.dls.valid_ds.items[0]
         pixels = file_pixels(Image.open(path))
         gray = torch.from_numpy(np.array(Image.open(path).convert("L")))
         return {"str": (str(path), pixels), "Path": (path, pixels), "PIL.Image": (Image.open(path), pixels),
@@ -196,3 +209,72 @@ def test_exported_learner_holds_no_data_but_its_classes(exported):
     with zipfile.ZipFile(folder / "learner.pkl") as pickle_file:  # torch.save's archive
         assert not any(TRAINING_NAME.encode() in pickle_file.read(name) for name in pickle_file.namelist())
     loaded.export(folder / "again.pkl")  # and the loaded Learner exports again
+
+
+def write_png(path, pixels):
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+BAD_INPUTS = {  # case: (kind, the input given a folder to write in, error, message)
+    "3-channel tensor to a 1-channel model": (
+        "digits", lambda folder: torch.zeros(3, 8, 8), ValueError,
+        r"^got an image of shape \[3, 8, 8\]; this model takes one image as in training: a tensor or array "
+        r"\[1, 8, 8\] or \[8, 8\] of float32 pixels, or an 8-bit image file or PIL image of 8x8 px$"),
+    "a batch of one image": (
+        "digits", lambda folder: torch.zeros(1, 1, 8, 8), ValueError,
+        r"^got an image of shape \[1, 1, 8, 8\]; .*; for several images use learn.dls.test_dl\(list\(images\)\)$"),
+    "a tensor of another size": ("digits", lambda folder: torch.zeros(1, 9, 9), ValueError,
+                                 r"^got an image of shape \[1, 9, 9\]; this model takes"),
+    "a number": ("digits", lambda folder: 3, TypeError, r"^got int; this model takes one image as in training"),
+    "an image file of another size": (
+        "digits", lambda folder: write_png(folder / "big.png", np.zeros((10, 10), np.uint8)), ValueError,
+        r"big.png: a 10x10 px image of PIL mode L; this model takes .* image file or PIL image of 8x8 px$"),
+    "a 16-bit image file to an 8-bit model": (
+        "fashion-mnist", lambda folder: write_png(folder / "deep.png", np.zeros((28, 28), np.uint16)), ValueError,
+        r"deep.png: a 28x28 px image of PIL mode I;16; this model takes .* 8-bit image file"),
+    "0-1 floats to a model of 8-bit pixels": (
+        "fashion-mnist", lambda folder: torch.full((28, 28), 0.5), ValueError,
+        r"^got float32 pixels from 0.5 to 0.5; this model was trained on uint8 pixels 0-255: give whole numbers in "
+        r"that range \(0-1 floats: \(x \* 255\).round\(\)\)$"),
+    "4-channel tensor to an image-folder model": (
+        "image-folder", lambda folder: torch.zeros(4, 10, 10, dtype=torch.uint8), TypeError,
+        r"^got Tensor \[4, 10, 10\] torch.uint8; this model takes an image file, a PIL image, or pixels a PIL image "
+        r"holds: a tensor \[C, H, W\] or \[H, W\] \(3 channels: uint8 only\) or an array \[H, W\] or \[H, W, 3\]$"),
+    "float RGB tensor to an image-folder model": (
+        "image-folder", lambda folder: torch.rand(3, 10, 10), TypeError, r"^got Tensor \[3, 10, 10\] torch.float32"),
+    "a number to an image-folder model": ("image-folder", lambda folder: 3, TypeError, r"^got int \[\] ; this model"),
+}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_exported_learner_names_what_it_takes_for_a_wrong_input(trained, case):
+    kind, make, error, message = BAD_INPUTS[case]
+    _, _, loaded, folder = trained(kind)
+    with loaded.no_bar(), pytest.raises(error, match=message):
+        loaded.predict(make(folder))
+
+
+@pytest.mark.bad_input
+def test_image_files_are_refused_by_a_model_of_float_pixels_of_no_fixed_white(tmp_path):
+    rng = np.random.default_rng(0)
+    floats = {f"{split}_images": rng.normal(size=(n, 12, 12)).astype(np.float32)
+              for split, n in (("train", 24), ("val", 12), ("test", 6))}
+    dls = normfree.medmnist_dataloaders(write_npz(tmp_path / "floats.npz", n=(24, 12, 6), **floats), bs=4)
+    image = write_png(tmp_path / "image.png", np.zeros((12, 12), np.uint8))
+    with pytest.raises(TypeError, match=r"image.png; this model was trained on float32 pixels of no fixed white "
+                                        r"level, which an image file cannot give: it takes one image as in training: "
+                                        r"a tensor or array \[1, 12, 12\] or \[12, 12\] of float32 pixels$"):
+        dls.test_dl([image]).one_batch()
+    (x,) = dls.test_dl([torch.from_numpy(floats["val_images"][0])]).one_batch()  # its own pixels: taken
+    assert x.shape == (1, 1, 12, 12)
+
+
+def test_learner_pkl_is_the_size_of_the_model_not_of_the_data(tmp_path):
+    result = normfree.train(data="digits", arch="nf_resnet_tiny", size=SIZE, bs=64, steps=1, quiet=True,
+                            out=tmp_path, save_plots=False)
+    data_bytes = sum(t.nbytes for ds in (result.learner.dls.train_ds, result.learner.dls.valid_ds) for t in ds.tensors)
+    weights_bytes = (tmp_path / "model.safetensors").stat().st_size
+    assert data_bytes > 400_000  # all 1797 digits, 64 float32 pixels each
+    assert (tmp_path / "learner.pkl").stat().st_size < weights_bytes + 100_000

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.core import DataLoaders, TfmdDL
-from fastai.data.transforms import Category, IndexSplitter, ItemGetter, MultiCategory, Normalize, get_image_files
+from fastai.data.core import DataLoaders, Datasets, TfmdDL, TfmdLists
+from fastai.data.transforms import (Categorize, Category, IntToFloatTensor, MultiCategory, Normalize, ToTensor,
+                                    get_image_files)
 from fastai.torch_core import TensorImage
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
-from fastai.vision.data import ImageBlock
 from fasttransform import ItemTransform, Transform
 from PIL import Image
 from torch.utils.data import TensorDataset
@@ -248,7 +247,8 @@ class _TensorImages(TensorDataset):
         return self.tensors[1].ndim == 2
 
     def new_empty(self) -> _TensorImages:
-        return _TensorImages(*(t[:0] for t in self.tensors), self.vocab)
+        # new tensors: a slice t[:0] would share, and torch.save would write, the whole set's storage
+        return _TensorImages(*(t.new_empty((0, *t.shape[1:])) for t in self.tensors), self.vocab)
 
     def decode(self, sample: tuple, full: bool = True) -> tuple:
         """A decoded sample (image, target), as `Learner.predict` shows it: the target as class name(s)."""
@@ -285,7 +285,10 @@ class _StoredImage(ItemTransform):
         self.shape, self.dtype, self.white = tuple(shape), dtype, white
 
     def encodes(self, item: list):  # a dataset item (image, target), as fasttransform passes a tuple
-        return (self.image(item[0]), *item[1:])
+        image, *target = item
+        if isinstance(image, torch.Tensor) and tuple(image.shape) == self.shape:  # as a builder stored it
+            return (image, *target)
+        return (self.image(image), *target)
 
     def encodes(self, item: object):  # noqa: F811 (fasttransform dispatches on the annotated type)
         return (self.image(item),)
@@ -295,7 +298,7 @@ class _StoredImage(ItemTransform):
         channels, height, width = self.shape
         layouts = f"[{channels}, {height}, {width}]" + (f" or [{height}, {width}]" if channels == 1 else
                                                         f" or [{height}, {width}, {channels}]")
-        files = f" or a {width}x{height} image file or PIL image" if self.white is not None else ""
+        files = f", or an 8-bit image file or PIL image of {width}x{height} px" if self.white is not None else ""
         return f"one image as in training: a tensor or array {layouts} of {str(self.dtype)[6:]} pixels{files}"
 
     def image(self, given) -> torch.Tensor:
@@ -324,13 +327,13 @@ class _StoredImage(ItemTransform):
     def _from_file(self, given) -> torch.Tensor:
         channels, height, width = self.shape
         if self.white is None:
-            raise TypeError(f"got {type(given).__name__} {given!r:.60}; this model was trained on "
+            raise TypeError(f"got {type(given).__name__} {str(given)[:80]}; this model was trained on "
                             f"{str(self.dtype)[6:]} pixels of no fixed white level, which an image file cannot "
                             f"give: it takes {self._takes}")
         with Image.open(given) if isinstance(given, (str, Path)) else nullcontext(given) as image:
             if image.mode in _DEEP_MODES or image.size != (width, height):
-                raise ValueError(f"{given!r:.80}: a {image.width}x{image.height} image of mode {image.mode}; this "
-                                 f"model takes {self._takes} (8-bit)")
+                raise ValueError(f"{str(given)[:80]}: a {image.width}x{image.height} px image of PIL mode {image.mode}; "
+                                 f"this model takes {self._takes}")
             pixels = torch.from_numpy(np.array(image.convert("L" if channels == 1 else "RGB")))
         pixels = _channels_first(pixels)
         return pixels if self.dtype == torch.uint8 else pixels.to(self.dtype) * (self.white / 255)
@@ -675,7 +678,7 @@ class _FullDepthImage(PILImage):
     each as the file holding those pixels would be read, or an image this class opened (``dls.valid_ds``'s)."""
 
     @classmethod
-    def create(cls, fn: Path | str | bytes | Image.Image | torch.Tensor | np.ndarray, **kwargs):
+    def create(cls, fn: object, **kwargs):  # `object`: fastai would pass any type not annotated here on untouched
         if isinstance(fn, cls):
             return fn
         if isinstance(fn, (str, Path, bytes)):
@@ -752,13 +755,12 @@ def _readable_images(paths: Sequence[Path], on_bad_image: str, source: object) -
 
 
 class _ImageOf(ItemTransform):
-    """`get_x` of the image folder and CSV data: an item (path, label) -> its path; anything else (what `predict`
-    and `test_dl` are given: paths, images, tensors, mixed as they come) as it is."""
+    """First image transform of the image folder and CSV data: a dataset item (image, label), as `predict` and
+    `test_dl` may be given one, -> its image; anything else (paths, images, tensors) as it is."""
 
-    _retain = False
     input_types = object  # fastai's `test_dl` then passes every test item through here (its `infer_idx`)
 
-    def encodes(self, item: list):  # an item (path, label), or a dataset item (image, label): as a list here
+    def encodes(self, item: list):  # a tuple arrives as a list
         return item[0]
 
     def encodes(self, item: object):  # noqa: F811 (fasttransform dispatches on the annotated type)
@@ -799,17 +801,14 @@ def _image_dataloaders(
                             source)
 
     def dataloaders(batch_tfms: list) -> DataLoaders:
-        block = DataBlock(
-            blocks=(ImageBlock(_FullDepthImage), CategoryBlock(vocab=vocab)),
-            # items (path, label): the label travels with its path, so an exported Learner (no items) keeps no
-            # labels either
-            get_x=_ImageOf(),
-            get_y=ItemGetter(1),
-            splitter=IndexSplitter(valid),
-            item_tfms=[Resize(size), _FloatRGB()],
-            batch_tfms=batch_tfms,
-        )
-        return _seeded_shuffle(block.dataloaders([(p, label_of[p]) for p in paths], bs=bs, device=device), seed)
+        # The paths and their labels as two lists (no dict of labels in a transform), so an exported Learner,
+        # whose lists fastai empties, keeps neither.
+        splits = [train, valid]
+        images = TfmdLists(paths, [_ImageOf(), _FullDepthImage.create], splits=splits)
+        classes = TfmdLists([label_of[p] for p in paths], [Categorize(vocab)], splits=splits)
+        return _seeded_shuffle(Datasets(tls=[images, classes]).dataloaders(
+            bs=bs, device=device, after_item=[Resize(size), ToTensor(), _FloatRGB()],
+            after_batch=[IntToFloatTensor(), *batch_tfms]), seed)
 
     # Measure a seeded sample of the training images as the network will see them (resized, 0-1).
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:_STATS_IMAGES]
