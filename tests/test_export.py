@@ -156,7 +156,6 @@ class Reference:
 def inputs_and_pixels(kind, learn, folder):
     """{input form: (an input, its pixels as the reference reads them)} for one validation image."""
     if kind in ("image-folder", "csv"):
-        image, _ = learn.dls.valid_ds[0]
         path = learn.dls.valid_ds.items[0]
         pixels = file_pixels(Image.open(path))
         gray = torch.from_numpy(np.array(Image.open(path).convert("L")))

@@ -260,6 +260,10 @@ class _TensorImages(TensorDataset):
         return image, Category(self.vocab[int(target)])
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _channels_first(pixels: torch.Tensor) -> torch.Tensor | None:
     """One image [C, H, W], [H, W] (1 channel) or channels last [H, W, C] (as in a .npz and PIL) as [C, H, W], with
     C 1 or 3; None for any other shape. Channels first wins where both read (an image 1 or 3 px wide)."""
@@ -299,7 +303,7 @@ class _StoredImage(ItemTransform):
         layouts = f"[{channels}, {height}, {width}]" + (f" or [{height}, {width}]" if channels == 1 else
                                                         f" or [{height}, {width}, {channels}]")
         files = f", or an 8-bit image file or PIL image of {width}x{height} px" if self.white is not None else ""
-        return f"one image as in training: a tensor or array {layouts} of {str(self.dtype)[6:]} pixels{files}"
+        return f"one image as in training: a tensor or array {layouts} of {_dtype_name(self.dtype)} pixels{files}"
 
     def image(self, given) -> torch.Tensor:
         """`given` as one stored image [C, H, W]."""
@@ -319,16 +323,16 @@ class _StoredImage(ItemTransform):
             low, high = torch.iinfo(self.dtype).min, torch.iinfo(self.dtype).max
             values = pixels.double()
             if not (values == values.round()).all() or values.min() < low or values.max() > high:
-                raise ValueError(f"got {str(pixels.dtype)[6:]} pixels from {values.min():g} to {values.max():g}; "
-                                 f"this model was trained on {str(self.dtype)[6:]} pixels {low}-{high}: give whole "
-                                 f"numbers in that range (0-1 floats: (x * 255).round())")
+                raise ValueError(f"got {_dtype_name(pixels.dtype)} pixels from {values.min():g} to "
+                                 f"{values.max():g}; this model was trained on {_dtype_name(self.dtype)} pixels "
+                                 f"{low}-{high}: give whole numbers in that range (0-1 floats: (x * 255).round())")
         return pixels.to(self.dtype)
 
     def _from_file(self, given) -> torch.Tensor:
         channels, height, width = self.shape
         if self.white is None:
             raise TypeError(f"got {type(given).__name__} {str(given)[:80]}; this model was trained on "
-                            f"{str(self.dtype)[6:]} pixels of no fixed white level, which an image file cannot "
+                            f"{_dtype_name(self.dtype)} pixels of no fixed white level, which an image file cannot "
                             f"give: it takes {self._takes}")
         with Image.open(given) if isinstance(given, (str, Path)) else nullcontext(given) as image:
             if image.mode in _DEEP_MODES or image.size != (width, height):
@@ -683,7 +687,7 @@ class _FullDepthImage(PILImage):
             return fn
         if isinstance(fn, (str, Path, bytes)):
             with Image.open(io.BytesIO(fn) if isinstance(fn, bytes) else fn) as image:
-                return cls._read(image, f"{fn:.80}" if isinstance(fn, str) else str(fn)[:80])
+                return cls._read(image, "the image" if isinstance(fn, bytes) else str(fn))
         if isinstance(fn, Image.Image):
             return cls._read(fn, "the image")
         pixels = fn
