@@ -8,24 +8,26 @@ The builders only read: they never write files.
 from __future__ import annotations
 
 import gzip
+import io
 import random
 import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
-from fastai.data.transforms import IntToFloatTensor, Normalize, get_image_files
+from fastai.data.core import DataLoaders, Datasets, TfmdDL, TfmdLists
+from fastai.data.transforms import (Categorize, Category, IntToFloatTensor, MultiCategory, Normalize, ToTensor,
+                                    get_image_files)
 from fastai.torch_core import TensorImage
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
 from fasttransform import ItemTransform, Transform
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from ..utils.errors import ConfigError
@@ -51,6 +53,8 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 _IDX_IMAGES, _IDX_LABELS = 2051, 2049
 _MEDMNIST_KEYS = [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")]
 _BAD_IMAGE_MODES = ("skip", "error")
+# The value of a white pixel in scikit-learn's digits (0 black .. 16 white).
+_DIGITS_WHITE = 16
 # Enough pixels for stable per-channel statistics without decoding a whole large folder.
 _STATS_IMAGES = 1024
 
@@ -72,7 +76,7 @@ def write_digits_image_folder(path: str | Path, size: int = 32, per_class: int |
             continue
         folder = path / str(label)
         folder.mkdir(parents=True, exist_ok=True)
-        gray = Image.fromarray((image.reshape(8, 8) * 255 / 16).astype("uint8"), mode="L")
+        gray = Image.fromarray((image.reshape(8, 8) * 255 / _DIGITS_WHITE).astype("uint8"), mode="L")
         gray.resize((size, size), Image.BILINEAR).save(folder / f"{index:04d}.png")
         written[label] = written.get(label, 0) + 1
     return path
@@ -224,15 +228,124 @@ def _seeded_shuffle(dls: DataLoaders, seed: int) -> DataLoaders:
 
 
 class _TensorImages(TensorDataset):
-    """A `TensorDataset` that `learn.export()` can empty (fastai calls ``dataset.new_empty()``):
-    the exported Learner keeps the loaders' transforms and no data."""
+    """Images [N, C, H, W] as stored and their targets (class numbers, or float multi-hot [N, K] for multi-label
+    data), with the class names `vocab`. ``dls.vocab``, ``dls.c`` and ``dls.multi_label`` read them here (fastai's
+    DataLoaders pass unknown attributes on to the training set), so an exported Learner keeps them: its
+    ``learn.export()`` empties the sets (fastai calls ``dataset.new_empty()``) and keeps the loaders' transforms
+    and the names, no data."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, vocab: Sequence[str]):
+        super().__init__(images, targets)
+        self.vocab = list(vocab)
+
+    @property
+    def c(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.tensors[1].ndim == 2
 
     def new_empty(self) -> _TensorImages:
-        return _TensorImages(*(t[:0] for t in self.tensors))
+        # new tensors: a slice t[:0] would share, and torch.save would write, the whole set's storage
+        return _TensorImages(*(t.new_empty((0, *t.shape[1:])) for t in self.tensors), self.vocab)
+
+    def decode(self, sample: tuple, full: bool = True) -> tuple:
+        """A decoded sample (image, target), as `Learner.predict` shows it: the target as class name(s)."""
+        if len(sample) < 2:  # a test set's sample: no target
+            return sample
+        image, target = sample
+        if self.multi_label:
+            return image, MultiCategory([self.vocab[k] for k in torch.nonzero(target.bool()).flatten().tolist()])
+        return image, Category(self.vocab[int(target)])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _channels_first(pixels: torch.Tensor) -> torch.Tensor | None:
+    """One image [C, H, W], [H, W] (1 channel) or channels last [H, W, C] (as in a .npz and PIL) as [C, H, W], with
+    C 1 or 3; None for any other shape. Channels first wins where both read (an image 1 or 3 px wide)."""
+    if pixels.ndim == 2:
+        return pixels[None]
+    if pixels.ndim == 3 and pixels.shape[0] in (1, 3):
+        return pixels
+    if pixels.ndim == 3 and pixels.shape[-1] in (1, 3):
+        return pixels.permute(2, 0, 1)
+    return None
+
+
+class _StoredImage(ItemTransform):
+    """Item transform of normfree's in-memory data: an item as the training images are stored, ``(image, target)``
+    or ``(image,)``, the image [C, H, W] of the stored dtype, from whatever `Learner.predict` and ``dls.test_dl``
+    are given: a dataset item (image, target), an image tensor or array ([C, H, W], [H, W] for 1 channel, or
+    channels last [H, W, C]) of the stored size, or, where the stored pixels have a known white level (8-bit
+    images; the digits' 0-16), an image file (str or Path) or PIL image of the stored size. Anything else is a
+    TypeError or ValueError naming what the model takes."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, white: float | None):
+        super().__init__()
+        self.shape, self.dtype, self.white = tuple(shape), dtype, white
+
+    def encodes(self, item: list):  # a dataset item (image, target), as fasttransform passes a tuple
+        image, *target = item
+        if isinstance(image, torch.Tensor) and tuple(image.shape) == self.shape:  # as a builder stored it
+            return (image, *target)
+        return (self.image(image), *target)
+
+    def encodes(self, item: object):  # noqa: F811 (fasttransform dispatches on the annotated type)
+        return (self.image(item),)
+
+    @property
+    def _takes(self) -> str:
+        channels, height, width = self.shape
+        layouts = f"[{channels}, {height}, {width}]" + (f" or [{height}, {width}]" if channels == 1 else
+                                                        f" or [{height}, {width}, {channels}]")
+        files = f", or an 8-bit image file or PIL image of {width}x{height} px" if self.white is not None else ""
+        return f"one image as in training: a tensor or array {layouts} of {_dtype_name(self.dtype)} pixels{files}"
+
+    def image(self, given) -> torch.Tensor:
+        """`given` as one stored image [C, H, W]."""
+        if isinstance(given, (str, Path, Image.Image)):
+            return self._from_file(given)
+        if isinstance(given, np.ndarray):
+            given = torch.from_numpy(np.array(given))  # a copy: arrays may be read-only
+        if not isinstance(given, torch.Tensor):
+            raise TypeError(f"got {type(given).__name__}; this model takes {self._takes}")
+        pixels = _channels_first(given)
+        if pixels is None or tuple(pixels.shape) != self.shape:
+            batch = "; for several images use learn.dls.test_dl(list(images))" if given.ndim == 4 else ""
+            raise ValueError(f"got an image of shape {list(given.shape)}; this model takes {self._takes}{batch}")
+        if pixels.dtype == self.dtype:
+            return pixels
+        if not self.dtype.is_floating_point:  # 8-bit pixels: other types only when they hold the same values
+            low, high = torch.iinfo(self.dtype).min, torch.iinfo(self.dtype).max
+            values = pixels.double()
+            if not (values == values.round()).all() or values.min() < low or values.max() > high:
+                raise ValueError(f"got {_dtype_name(pixels.dtype)} pixels from {values.min():g} to "
+                                 f"{values.max():g}; this model was trained on {_dtype_name(self.dtype)} pixels "
+                                 f"{low}-{high}: give whole numbers in that range (0-1 floats: (x * 255).round())")
+        return pixels.to(self.dtype)
+
+    def _from_file(self, given) -> torch.Tensor:
+        channels, height, width = self.shape
+        if self.white is None:
+            raise TypeError(f"got {type(given).__name__} {str(given)[:80]}; this model was trained on "
+                            f"{_dtype_name(self.dtype)} pixels of no fixed white level, which an image file cannot "
+                            f"give: it takes {self._takes}")
+        with Image.open(given) if isinstance(given, (str, Path)) else nullcontext(given) as image:
+            if image.mode in _DEEP_MODES or image.size != (width, height):
+                raise ValueError(f"{str(given)[:80]}: a {image.width}x{image.height} px image of PIL mode {image.mode}; "
+                                 f"this model takes {self._takes}")
+            pixels = torch.from_numpy(np.array(image.convert("L" if channels == 1 else "RGB")))
+        pixels = _channels_first(pixels)
+        return pixels if self.dtype == torch.uint8 else pixels.to(self.dtype) * (self.white / 255)
 
 
 class StandardiseImages(ItemTransform):
-    """Batch transform: stored pixels [B, C, H, W] (any dtype) -> standardised float at `size` px.
+    """Batch transform: stored pixels [B, C, H, W] (any dtype) -> standardised float at `size` px; decodes
+    back to pixels (at `size` px).
 
     Done per batch, on the batch's device, so the stored set stays compact (uint8) and resizing
     runs on the GPU when there is one.
@@ -247,23 +360,29 @@ class StandardiseImages(ItemTransform):
         x = _resize(x, self.size)
         return ((x - self.mean.to(x.device)) / self.std.to(x.device), *rest)
 
+    def decodes(self, batch):
+        x, *rest = batch
+        return (x * self.std.to(x.device) + self.mean.to(x.device), *rest)
 
-def _tensor_dataloaders(
-    splits: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int | None, bs: int, seed: int, device, c: int
-) -> DataLoaders:
+
+def _tensor_dataloaders(splits: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int | None, bs: int, seed: int,
+                        device, vocab: Sequence[str], white: float | None = None) -> DataLoaders:
     """DataLoaders over (images [N, C, H, W], targets) splits: train first (shuffled, source of
-    the statistics), then valid and any further split (e.g. test), at twice the batch size."""
+    the statistics), then valid and any further split (e.g. test), at twice the batch size.
+    `vocab` names the classes; `white` is the stored value of a white pixel (uint8: 255), for image files given
+    to `Learner.predict` (None: image files are refused)."""
     train_images = splits[0][0]
     chunks = (_resize(train_images[i : i + 4096], size) for i in range(0, len(train_images), 4096))
     mean, std = _batch_stats(chunks)
     standardise = StandardiseImages(size, mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1))
+    stored = _StoredImage(train_images.shape[1:], train_images.dtype,
+                          255 if train_images.dtype == torch.uint8 else white)
     loaders = [
-        DataLoader(_TensorImages(x, y), bs=bs if i == 0 else 2 * bs, shuffle=i == 0, after_batch=standardise)
+        TfmdDL(_TensorImages(x, y, vocab), bs=bs if i == 0 else 2 * bs, shuffle=i == 0, num_workers=0,
+               after_item=stored, after_batch=standardise)
         for i, (x, y) in enumerate(splits)
     ]
-    dls = _seeded_shuffle(DataLoaders(*loaders, device=device), seed)
-    dls.c = c
-    return dls
+    return _seeded_shuffle(DataLoaders(*loaders, device=device), seed)
 
 
 def digits_dataloaders(
@@ -294,9 +413,7 @@ def digits_dataloaders(
     train, valid = _random_split(len(images), valid_pct, seed, "digits")
     train, valid = train[:limit], valid[:limit]
     splits = [(images[train], targets[train]), (images[valid], targets[valid])]
-    dls = _tensor_dataloaders(splits, size, bs, seed, device, 10)
-    dls.vocab = [str(d) for d in range(10)]
-    return dls
+    return _tensor_dataloaders(splits, size, bs, seed, device, [str(d) for d in range(10)], white=_DIGITS_WHITE)
 
 
 def subset_dataloaders(
@@ -324,12 +441,11 @@ def subset_dataloaders(
 
         raise ValueError(f"classes, per_class and holdout work with in-memory data ({limited_kinds()}), not image "
                          f"folders or CSVs")
-    standardise = dls.train.after_batch  # _tensor_dataloaders' own transform
+    (stored,), (standardise,) = dls.train.after_item.fs, dls.train.after_batch.fs  # _tensor_dataloaders' own
     splits = [ds.tensors for ds in (dls.train_ds, dls.valid_ds, *(dl.dataset for dl in dls.loaders[2:]))]
-    c = dls.c
-    vocab = getattr(dls, "vocab", None)
+    c, vocab = dls.c, dls.vocab
     if classes is not None:
-        if getattr(dls, "multi_label", False):
+        if dls.multi_label:
             raise ValueError("classes: multi-label data cannot be narrowed to classes")
         classes = list(classes)
         if len(set(classes)) != len(classes) or len(classes) < 2 or not all(0 <= k < c for k in classes):
@@ -338,14 +454,14 @@ def subset_dataloaders(
         relabel[classes] = torch.arange(len(classes))
         splits = [(x[relabel[y] >= 0], relabel[y][relabel[y] >= 0]) for x, y in splits]
         c = len(classes)
-        vocab = [vocab[k] for k in classes] if vocab is not None else None
+        vocab = [vocab[k] for k in classes]
     generator = torch.Generator().manual_seed(seed)
     if per_class is not None:
-        if getattr(dls, "multi_label", False):
+        if dls.multi_label:
             raise ValueError("per_class: multi-label data has no single class per image")
         x, y = splits[0]
         counts = torch.bincount(y, minlength=c)
-        short = [f"{vocab[k] if vocab is not None else k} ({int(counts[k])})" for k in range(c)
+        short = [f"{vocab[k]} ({int(counts[k])})" for k in range(c)
                  if counts[k] < per_class]
         if short:
             warnings.warn(f"per_class {per_class} is more than the training images of class(es) {', '.join(short)}: "
@@ -361,13 +477,9 @@ def subset_dataloaders(
             raise ValueError(f"holdout: {holdout_pct:.0%} of {len(x)} training images leaves nothing to train or "
                              f"validate on")
         splits = [(x[order[n_valid:]], y[order[n_valid:]]), (x[order[:n_valid]], y[order[:n_valid]])]
-    if not getattr(dls, "multi_label", False):
+    if not dls.multi_label:
         _check_several_classes(splits[0][1], "the narrowed training split")
-    narrowed = _tensor_dataloaders(splits, standardise.size, dls.train.bs, seed, dls.device, c)
-    if vocab is not None:
-        narrowed.vocab = vocab
-    if getattr(dls, "multi_label", False):
-        narrowed.multi_label = True
+    narrowed = _tensor_dataloaders(splits, standardise.size, dls.train.bs, seed, dls.device, vocab, stored.white)
     if len(splits) > 2:
         narrowed.test = narrowed[2]
     return narrowed
@@ -445,9 +557,7 @@ def fashion_mnist_dataloaders(
     splits = [_fashion_split(folder, prefix, limit) for prefix in ("train", "t10k")]
     _check_several_classes(splits[0][1], folder / "train-labels-idx1-ubyte.gz")
     _warn_untrained_classes(splits[0][1], {"t10k": splits[1][1]}, folder, FASHION_MNIST_CLASSES)
-    dls = _tensor_dataloaders(splits, size, bs, seed, device, len(FASHION_MNIST_CLASSES))
-    dls.vocab = list(FASHION_MNIST_CLASSES)
-    return dls
+    return _tensor_dataloaders(splits, size, bs, seed, device, FASHION_MNIST_CLASSES)
 
 
 def _medmnist_array(data, key: str, source: Path, limit: int | None) -> np.ndarray:
@@ -556,8 +666,8 @@ def medmnist_dataloaders(
         _check_several_classes(targets[0], f"{source} (train_labels)")
         c = width if one_hot else _check_label_range([labels for _, labels in splits], source)
         _warn_untrained_classes(targets[0], {"val": targets[1], "test": targets[2]}, source)
-    dls = _tensor_dataloaders([(images, t) for (images, _), t in zip(splits, targets)], size, bs, seed, device, c)
-    dls.multi_label = multi_label
+    dls = _tensor_dataloaders([(images, t) for (images, _), t in zip(splits, targets)], size, bs, seed, device,
+                              [str(k) for k in range(c)])
     dls.test = dls[2]
     return dls
 
@@ -584,21 +694,42 @@ def _non_finite(pixels: np.ndarray) -> str | None:
 class _FullDepthImage(PILImage):
     """`PILImage` that opens 16-bit, 32-bit integer and float images at full depth (see `_DEEP_MODES`) as a
     float ``F`` image in the 0-255 units of fastai's pipeline (`IntToFloatTensor` then divides by 255);
-    8-bit images open as fastai opens them (RGB)."""
+    8-bit images open as fastai opens them (RGB).
+
+    `create` reads what `Learner.predict` and ``dls.test_dl`` are given: an image file (str, Path or bytes), a PIL
+    image, an image tensor ([C, H, W] or [H, W], C 1 or 3) or array (as PIL reads arrays: [H, W] or [H, W, C]),
+    each as the file holding those pixels would be read, or an image this class opened (``dls.valid_ds``'s)."""
 
     @classmethod
-    def create(cls, fn, **kwargs):
-        if isinstance(fn, (str, Path)):
-            from PIL import Image
+    def create(cls, fn: object, **kwargs):  # `object`: fastai would pass any type not annotated here on untouched
+        if isinstance(fn, cls):
+            return fn
+        if isinstance(fn, (str, Path, bytes)):
+            with Image.open(io.BytesIO(fn) if isinstance(fn, bytes) else fn) as image:
+                return cls._read(image, "the image" if isinstance(fn, bytes) else str(fn))
+        if isinstance(fn, Image.Image):
+            return cls._read(fn, "the image")
+        pixels = fn
+        if isinstance(fn, torch.Tensor):
+            channels_first = _channels_first(fn)
+            pixels = None if channels_first is None else channels_first.permute(1, 2, 0).squeeze(-1).cpu().numpy()
+        try:
+            image = Image.fromarray(pixels)
+        except (TypeError, ValueError, AttributeError):  # PIL's words for pixels it cannot hold (None included)
+            raise TypeError(f"got {type(fn).__name__} {list(getattr(fn, 'shape', []))} {getattr(fn, 'dtype', '')}; "
+                            f"this model takes an image file, a PIL image, or pixels a PIL image holds: a tensor "
+                            f"[C, H, W] or [H, W] (3 channels: uint8 only) or an array [H, W] or [H, W, 3]") from None
+        return cls._read(image, "the image")
 
-            with Image.open(fn) as image:
-                if image.mode in _DEEP_MODES:
-                    pixels = np.asarray(image, dtype=np.float32) * np.float32(255 / _DEEP_MODES[image.mode])
-                    problem = _non_finite(pixels)
-                    if problem:  # the builders skip such files; this is for images given later (predict)
-                        raise ValueError(f"{fn}: {problem}; fix or remove this image")
-                    return cls(Image.fromarray(pixels))
-        return super().create(fn, **kwargs)
+    @classmethod
+    def _read(cls, image: Image.Image, name: str) -> _FullDepthImage:
+        if image.mode not in _DEEP_MODES:
+            return cls(image.convert("RGB"))
+        pixels = np.asarray(image, dtype=np.float32) * np.float32(255 / _DEEP_MODES[image.mode])
+        problem = _non_finite(pixels)
+        if problem:  # the builders skip such files; this is for images given later (predict)
+            raise ValueError(f"{name}: {problem}; fix or remove this image")
+        return cls(Image.fromarray(pixels))
 
 
 class _FloatRGB(Transform):
@@ -632,16 +763,16 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
-def _open_image(path: Path) -> _FullDepthImage:
-    """`_FullDepthImage.create`, naming the file in an error: an image that fails to decode during training
-    (changed since the check, or a fault the check cannot see) otherwise stops a DataLoader worker with only
-    e.g. "image file is truncated"."""
+def _open_image(image):  # no annotations: fastai's pipeline would pass any other type through unopened
+    """`_FullDepthImage.create` (a path, a PIL image or a tensor), naming the file in an error: an image that
+    fails to decode during training (changed since the check, or a fault the check cannot see) otherwise stops
+    a DataLoader worker with only e.g. "image file is truncated"."""
     try:
-        return _FullDepthImage.create(path)
+        return _FullDepthImage.create(image)
     except (OSError, SyntaxError, ValueError) as error:
-        if str(path) in str(error):
+        if not isinstance(image, (str, Path)) or str(image) in str(error):
             raise
-        raise type(error)(f"{path}: {error}; fix or remove this image") from error
+        raise type(error)(f"{image}: {error}; fix or remove this image") from error
 
 
 def _readable_images(paths: Sequence[Path], on_bad_image: str, source: object) -> list[Path]:
@@ -681,15 +812,17 @@ def _warn_label_spellings(labels: Sequence[str], source: object) -> None:
                           f"{len(spellings)} classes; spell them alike if they are one", stacklevel=4)
 
 
-class _LabelOf:
-    """`get_y` for path items: a plain callable class, since fastai reads the function's
-    signature (dict methods have none) and exported learners must pickle it."""
+class _ImageOf(ItemTransform):
+    """First image transform of the image folder and CSV data: a dataset item (image, label), as `predict` and
+    `test_dl` may be given one, -> its image; anything else (paths, images, tensors) as it is."""
 
-    def __init__(self, labels: dict[Path, str]):
-        self.labels = labels
+    input_types = object  # fastai's `test_dl` then passes every test item through here (its `infer_idx`)
 
-    def __call__(self, path: Path) -> str:
-        return self.labels[path]
+    def encodes(self, item: list):  # a tuple arrives as a list
+        return item[0]
+
+    def encodes(self, item: object):  # noqa: F811 (fasttransform dispatches on the annotated type)
+        return item
 
 
 # The image-file builders' splits: "train" (the random split takes `valid_pct` of it when no image is "valid"),
@@ -734,14 +867,13 @@ def _image_dataloaders(
     index_splits = (train, valid, test) if test else (train, valid)
 
     def dataloaders(batch_tfms: list) -> DataLoaders:
-        block = DataBlock(
-            blocks=(TransformBlock(type_tfms=_open_image, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=vocab)),
-            get_y=_LabelOf(label_of),
-            splitter=lambda _: index_splits,
-            item_tfms=[Resize(size), _FloatRGB()],
-            batch_tfms=batch_tfms,
-        )
-        return _seeded_shuffle(block.dataloaders(paths, bs=bs, device=device), seed)
+        # The paths and their labels as two lists (no dict of labels in a transform), so an exported Learner,
+        # whose lists fastai empties, keeps neither.
+        images = TfmdLists(paths, [_ImageOf(), _open_image], splits=index_splits)
+        classes = TfmdLists([label_of[p] for p in paths], [Categorize(vocab)], splits=index_splits)
+        return _seeded_shuffle(Datasets(tls=[images, classes]).dataloaders(
+            bs=bs, device=device, after_item=[Resize(size), ToTensor(), _FloatRGB()],
+            after_batch=[IntToFloatTensor(), *batch_tfms]), seed)
 
     # Measure a seeded sample of the training images as the network will see them (resized, 0-1).
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:_STATS_IMAGES]

@@ -46,12 +46,10 @@ def _add_input_normalisation(dls: DataLoaders, model: nn.Module, n_in: int) -> N
     if mean is None or len(mean) != n_in:
         return
     pipeline = getattr(dls.after_batch, "fs", None)
-    if isinstance(dls.after_batch, StandardiseImages):  # normfree's tensor data: standardised already
-        return
     if pipeline is None:
         warnings.warn(f"these DataLoaders take no batch transforms: normalise inputs yourself with mean={mean}, "
                       f"std={std}, the statistics the weights were trained with", stacklevel=3)
-    elif not pipeline.filter(lambda t: isinstance(t, Normalize)):
+    elif not pipeline.filter(lambda t: isinstance(t, (Normalize, StandardiseImages))):  # normalised already
         dls.add_tfms([Normalize.from_stats(mean, std)], "after_batch")
 
 
