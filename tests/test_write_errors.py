@@ -96,6 +96,16 @@ def test_a_full_disk_stops_the_run_with_one_line_keeping_the_last_checkpoint(tmp
 
 
 @pytest.mark.bad_input
+def test_a_full_disk_at_the_first_write_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "new" / "run"
+    disk_full_at(monkeypatch, INCOMPLETE)
+    assert main(["train", *QUICK, "--out", str(out)]) == 74
+    assert one_line(capsys) == (f"normfree train: error: cannot write {out / INCOMPLETE}: {NO_SPACE}; once it can be "
+                                f"written, run the same command again")
+    assert list(tmp_path.iterdir()) == []  # the folders it made are gone
+
+
+@pytest.mark.bad_input
 def test_a_full_disk_stops_compare_with_one_line_and_the_same_command_finishes_it(tmp_path, monkeypatch, capsys):
     out, name = tmp_path / "grid", "compare.json"
     disk_full_at(monkeypatch, name)
@@ -211,8 +221,8 @@ def test_a_real_full_disk_is_enospc_whatever_the_writer_says(disk, writer):
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("command", [["train", *QUICK], ["compare", *ONE_RUN_GRID], ["spp", "--arch", "nf_resnet_tiny"]],
-                         ids=["train", "compare", "spp"])
+@pytest.mark.parametrize("command", [
+    ["train", *QUICK], ["compare", *ONE_RUN_GRID], ["spp", "--arch", "nf_resnet_tiny"]], ids=["train", "compare", "spp"])
 def test_an_out_through_a_loop_of_symbolic_links_is_refused_naming_out(tmp_path, capsys, command):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")

@@ -27,6 +27,7 @@ from ..learner.optim import OPTIMIZERS
 from ..models.propagation import DEFAULT_BATCH
 from ..models.weights import WEIGHT_FILES
 from ..utils.errors import WriteError
+from ..utils.outdir import INCOMPLETE
 from . import distributed, startup
 from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
 from .config import ConfigError, TrainConfig
@@ -344,14 +345,14 @@ _WRITE_FAILED = 74  # a file that could not be written: EX_IOERR of sysexits.h
 
 def _after_write_error(command: str, error: WriteError) -> str:
     """How to go on once the file `error` names can be written again (space freed, the folder writable)."""
-    if command != "train":
-        return "once it can be written, run the same command again" + (
-            " (the runs finished in --out are reused)" if command.startswith("compare") else "")
     folder = Path(error.filename).parent  # a run writes every file directly into its folder
-    if (folder / CHECKPOINT).exists():
+    if command == "train" and (folder / CHECKPOINT).exists():
         return (f"the checkpoint of the last finished epoch is kept; once it can be written, continue the run with "
                 f"{distributed.launcher_prefix()}normfree train --resume {folder}")
-    return "no epoch was checkpointed; once it can be written, train the run again with --overwrite"
+    if command == "train" and (folder / INCOMPLETE).exists():
+        return "no epoch was checkpointed; once it can be written, train the run again with --overwrite"
+    return "once it can be written, run the same command again" + (
+        " (the runs finished in --out are reused)" if command.startswith("compare") else "")
 
 
 def _check_resume_alone(args: argparse.Namespace) -> None:

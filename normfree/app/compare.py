@@ -424,7 +424,8 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
 
     `jobs`: train up to that many runs at once, in worker processes that split the CPU cores (the same
     numbers as one at a time, up to float rounding); `devices` (``["cuda:0", "cuda:1"]``): one worker
-    per device, each run on its worker's device (`jobs` defaults to their count). `report`: train
+    per device, each run on its worker's device (`jobs` defaults to their count; ConfigError naming ``devices``
+    for one this machine lacks, `normfree.app.config.check_device`). `report`: train
     nothing, build the report from runs trained elsewhere (`write_plan`'s commands); ConfigError naming
     ``report`` listing the runs that are missing or unfinished.
     """
@@ -479,7 +480,8 @@ def write_plan(config: CompareConfig | None = None, /, *, path: str | Path, quie
     """Write into `path` one ``normfree train`` command per run of the grid that is not finished yet, one a line
     (for a SLURM job array, a shell loop, ...); ``compare(..., report=True)`` then builds the report from
     the run folders they fill. With several `lrs` the runs' lr comes from the sweep: until the sweep's runs
-    are all finished, the plan holds them only (write the plan again after them). Returns the commands."""
+    are all finished, the plan holds them only (write the plan again after them). Returns the commands;
+    ConfigError naming ``plan`` when `path` is a folder or cannot be written."""
     config = make_config(CompareConfig, config, options)
     if Path(path).is_dir():
         raise ConfigError("plan", f"{path} is a folder; give the path of a file, e.g. {Path(path) / 'plan.txt'}")

@@ -8,6 +8,8 @@
 - `locked_folder`: creates the folder and holds an exclusive, non-blocking `fcntl.flock` on it for
   the whole run; a second run into the same folder stops with a `ConfigError` naming it. A folder it
   created is removed again if the run stops before writing anything into it.
+- `resolved_folder`: an output folder as an absolute path, refused (`ConfigError` naming `out`) when it goes
+  through a loop of symbolic links.
 - `INCOMPLETE`: the marker a run writes first and removes last; a folder holding it was stopped or
   killed before it finished (its text says when and how).
 """
