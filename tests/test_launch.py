@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import normfree
 from normfree.app.cli import build_parser, main
 from normfree.app.distributed import shard_indices
+from normfree.app.signals import Terminated, sigterm_as_interrupt, stops_when_asked
 from normfree.learner.checkpoint import load_checkpoint
 from normfree.utils.outdir import INCOMPLETE
 
@@ -180,6 +181,21 @@ def test_a_failing_process_stops_the_run_with_one_message_and_the_run_resumes_un
     assert_same_weights(out / "model.safetensors", tmp_path / "one" / "model.safetensors")
     assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "one" / "metrics.csv"), rel=1e-4)
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM is handled here already")
+def test_a_held_back_stop_is_answered_where_asked_and_raised_at_the_end_of_the_block():
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    try:
+        with sigterm_as_interrupt(), pytest.raises(Terminated):
+            with stops_when_asked() as received:
+                assert received() is None
+                os.kill(os.getpid(), signal.SIGTERM)  # not raised here
+                assert received() == "SIGTERM"
+            pytest.fail("the stop was not raised at the end of the block")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a stop is under way: repeats are ignored
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
 
 
 LATE_RANK1 = textwrap.dedent("""
