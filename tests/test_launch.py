@@ -5,10 +5,12 @@ the reference is a single-process run (no launcher variables: the path of every 
 
 Marked ``launch`` (``pytest -m "not launch"`` leaves them out); each takes 10-40 s on 2 cores."""
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from safetensors.torch import load_file
 import normfree
 from normfree.app.cli import build_parser, main
 from normfree.app.distributed import shard_indices
+from normfree.app.signals import Terminated, sigterm_as_interrupt, stops_when_asked
+from normfree.learner.checkpoint import load_checkpoint
 from normfree.utils.outdir import INCOMPLETE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +181,66 @@ def test_a_failing_process_stops_the_run_with_one_message_and_the_run_resumes_un
     assert_same_weights(out / "model.safetensors", tmp_path / "one" / "model.safetensors")
     assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "one" / "metrics.csv"), rel=1e-4)
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM is handled here already")
+def test_a_held_back_stop_is_answered_where_asked_and_raised_at_the_end_of_the_block():
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    try:
+        with sigterm_as_interrupt(), pytest.raises(Terminated):
+            with stops_when_asked() as received:
+                assert received() is None
+                os.kill(os.getpid(), signal.SIGTERM)  # not raised here
+                assert received() == "SIGTERM"
+            pytest.fail("the stop was not raised at the end of the block")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a stop is under way: repeats are ignored
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
+
+
+LATE_RANK1 = textwrap.dedent("""
+    import importlib, os, sys, time
+    from pathlib import Path
+    from fastai.callback.core import Callback
+    from normfree.app.cli import main
+    train_module = importlib.import_module("normfree.app.train")
+
+    class LateRank1(Callback):  # rank 1 starts the second epoch late: rank 0 waits for it in a collective
+        def before_train(self):
+            if os.environ["RANK"] == "1" and self.epoch == 1:
+                Path(os.environ["READY"]).touch()
+                time.sleep(3)
+
+    fit = train_module._fit
+    train_module._fit = lambda learn, config, lr, cbs: fit(learn, config, lr, [*cbs, LateRank1()])
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.launch
+def test_sigterm_to_the_launcher_while_one_process_waits_for_the_other_stops_both_promptly(tmp_path):
+    """SIGTERM reaching one process between collectives and the other inside one (here rank 0 waits for rank 1 at
+    the start of an epoch; by chance, at any batch): both stop after the same batch, rank 0 saves the checkpoint,
+    instead of each waiting in a different collective until torchrun kills them 30 s later."""
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    (tmp_path / "late_rank1.py").write_text(LATE_RANK1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tmp_path / "late_rank1.py"), "train", *RUN, "--epochs", "3", "--bs", str(BS), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "READY": str(ready)}
+    launcher = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not ready.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # rank 1 sleeps; rank 0 waits in the epoch's first collective
+    launcher.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    output, _ = launcher.communicate(timeout=TIMEOUT)
+    assert "Unable to shutdown process" not in output, output[-3000:]  # torchrun's SIGKILL after 30 s
+    assert time.monotonic() - sent < 25
+    assert output.count("Interrupted (SIGTERM) after 1 finished epoch(s)") == 1, output[-3000:]
+    assert INCOMPLETE in {p.name for p in out.iterdir()}
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
 
 
 def test_settings_a_launched_run_cannot_honour_are_refused_once(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,10 @@ and 32, ...); `main` hands it the arguments whenever ``--transfer`` follows ``co
 Exit status: 0 done; 2 bad input, reported as ``normfree train: error: --OPTION: what is wrong and
 what would work`` with no traceback, before anything is trained or written; 1 a run that diverged
 (its training loss stopped being finite: lower --lr); 130 Ctrl-C and 143 SIGTERM (what ``timeout``
-and job schedulers send), each after saving the checkpoint of the run it stopped.
+and job schedulers send), each after saving the checkpoint of the run it stopped; 74 (sysexits' EX_IOERR) a file
+that could not be written (a full disk, a read-only folder), reported as ``normfree train: error: cannot write
+PATH: [Errno 28] No space left on device; ...`` with how to go on: the run stops there, its folder stays marked
+incomplete, and the checkpoint of its last finished epoch, if any, is kept for ``--resume``.
 """
 from __future__ import annotations
 
@@ -16,11 +19,15 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..data.registry import data_spec_help, limited_kinds, size_help
+from ..learner.checkpoint import CHECKPOINT
 from ..learner.optim import OPTIMIZERS
 from ..models.propagation import DEFAULT_BATCH
 from ..models.weights import WEIGHT_FILES
+from ..utils.errors import WriteError
+from ..utils.outdir import INCOMPLETE
 from . import distributed, startup
 from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
 from .config import ConfigError, TrainConfig
@@ -333,6 +340,19 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 _DIVERGED = 1  # the exit status of a run whose training loss stopped being finite
+_WRITE_FAILED = 74  # a file that could not be written: EX_IOERR of sysexits.h
+
+
+def _after_write_error(command: str, error: WriteError) -> str:
+    """How to go on once the file `error` names can be written again (space freed, the folder writable)."""
+    folder = Path(error.filename).parent  # a run writes every file directly into its folder
+    if command == "train" and (folder / CHECKPOINT).exists():
+        return (f"the checkpoint of the last finished epoch is kept; once it can be written, continue the run with "
+                f"{distributed.launcher_prefix()}normfree train --resume {folder}")
+    if command == "train" and (folder / INCOMPLETE).exists():
+        return "no epoch was checkpointed; once it can be written, train the run again with --overwrite"
+    return "once it can be written, run the same command again" + (
+        " (the runs finished in --out are reused)" if command.startswith("compare") else "")
 
 
 def _check_resume_alone(args: argparse.Namespace) -> None:
@@ -400,6 +420,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except ConfigError as error:
         with distributed.speaking_for(error):  # a process of a launched run that alone saw this error
             command.error(f"{_flag(error.option)}: {error.message}")
+    except WriteError as error:  # the run stopped there; what it had written before is whole
+        print(f"{command.prog}: error: {error}; {_after_write_error(args.command, error)}", file=sys.stderr)
+        return _WRITE_FAILED
     except KeyboardInterrupt as error:  # outside a fit (those are checkpointed and return): starting, saving
         how = how_stopped(error)
         where = getattr(error, "normfree_note", "before training started")

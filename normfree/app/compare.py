@@ -44,13 +44,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..models.factory import normalizer_free_archs
 from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
+from ..utils.errors import WriteError
 from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder
 from .config import (
     DEFAULT_AGC,
     ConfigError,
     GridRunOptions,
     TrainConfig,
+    check_device,
     command_line,
     environment_settings,
     library_versions,
@@ -78,7 +81,7 @@ CONVERTED_METHODS = ("bn", "converted", "converted-agc")  # the default for an a
 BUDGETS = ("epochs", "steps")
 _PER_SAMPLE = "nf-agc-per-sample"
 # A TrainConfig option that a compare option feeds, named back as the compare option in errors.
-_OPTION_OF = {"bs": "batch_sizes", "seed": "seeds", "lr": "lrs", "to_normfree": "methods"}
+_OPTION_OF = {"bs": "batch_sizes", "seed": "seeds", "lr": "lrs"}
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,19 @@ class CompareConfig(GridRunOptions):
                 out=str(folder / (_sweep_key(cell.method, cell.bs, cell.accum, lr) if holdout else cell.key)),
             ).resolved()
         except ConfigError as error:
+            if error.option == "to_normfree":
+                raise self._conversion_refused(error.message) from None
             raise ConfigError(_OPTION_OF.get(error.option, error.option), error.message) from None
+
+    def _conversion_refused(self, reason: str) -> ConfigError:
+        """The error for the converted methods when to_normfree refuses their model (`reason`): it names the methods
+        with a small ResNet (whose BatchNorm twin is never converted: its methods are the nf ones), else the arch."""
+        if self.bn_arch in normalizer_free_archs():  # not TrainConfig's advice, which is about --to-normfree
+            reason = f"{self.bn_arch} is normalizer-free already: there is nothing to convert"
+        return ConfigError("methods" if self.has_twins else "arch", (
+            f"{reason}; the small ResNets (nf_/bn_resnet_tiny/small/base) go with the methods bn, nf, nf-agc, "
+            f"nf-agc-skipinit and nf-agc-per-sample, a BatchNorm arch that to_normfree converts (torchvision and timm "
+            f"ResNets such as resnet18) with bn, converted and converted-agc"))
 
     def step_budget(self) -> int | None:
         """Optimizer steps of every run with ``budget="steps"`` (None with an epoch budget): `steps`, or
@@ -409,7 +424,8 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
 
     `jobs`: train up to that many runs at once, in worker processes that split the CPU cores (the same
     numbers as one at a time, up to float rounding); `devices` (``["cuda:0", "cuda:1"]``): one worker
-    per device, each run on its worker's device (`jobs` defaults to their count). `report`: train
+    per device, each run on its worker's device (`jobs` defaults to their count; ConfigError naming ``devices``
+    for one this machine lacks, `normfree.app.config.check_device`). `report`: train
     nothing, build the report from runs trained elsewhere (`write_plan`'s commands); ConfigError naming
     ``report`` listing the runs that are missing or unfinished.
     """
@@ -419,6 +435,8 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
     if devices:
         if config.device is not None:
             raise ConfigError("devices", f"gives each worker its device; drop device={config.device!r} (--device)")
+        for device in devices:
+            check_device(device, "devices")
         devices = list(devices) * (max(jobs, len(devices)) // len(devices) if jobs > 1 else 1)
         jobs = len(devices)
     if report:
@@ -462,8 +480,11 @@ def write_plan(config: CompareConfig | None = None, /, *, path: str | Path, quie
     """Write into `path` one ``normfree train`` command per run of the grid that is not finished yet, one a line
     (for a SLURM job array, a shell loop, ...); ``compare(..., report=True)`` then builds the report from
     the run folders they fill. With several `lrs` the runs' lr comes from the sweep: until the sweep's runs
-    are all finished, the plan holds them only (write the plan again after them). Returns the commands."""
+    are all finished, the plan holds them only (write the plan again after them). Returns the commands;
+    ConfigError naming ``plan`` when `path` is a folder or cannot be written."""
     config = make_config(CompareConfig, config, options)
+    if Path(path).is_dir():
+        raise ConfigError("plan", f"{path} is a folder; give the path of a file, e.g. {Path(path) / 'plan.txt'}")
     steps = config.step_budget()
     keys, sweep = _sweep_configs(config, steps) if config.sweeps else ([], [])
     sweep_results = [finished_run(c, False) for c in sweep]
@@ -476,7 +497,10 @@ def write_plan(config: CompareConfig | None = None, /, *, path: str | Path, quie
                                                                            config.lrs[0]), steps)
                                       for cell in config.cells()]
     commands = [train_command(c) for c in configs if finished_run(c, False) is None]
-    atomic_write(path, "".join(f"{command}\n" for command in commands))
+    try:
+        atomic_write(path, "".join(f"{command}\n" for command in commands))
+    except WriteError as error:  # a folder, a read-only or missing folder: the option given, not a failed run
+        raise ConfigError("plan", f"{error}; give the path of a file in a folder you can write to") from None
     if not quiet:
         print(f"normfree compare --plan: {len(commands)} of {len(configs)} runs of {stage} still to train -> {path}"
               + ("" if commands else f"; all finished: {config.command()} --report builds the report"))

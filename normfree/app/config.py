@@ -29,9 +29,10 @@ from ..models.factory import normalizer_free_archs, unknown_arch_error
 from ..models.small_resnets import is_small_normfree
 from ..models.weights import WEIGHT_FILES
 from ..utils.errors import ConfigError
+from ..utils.outdir import resolved_folder
 
-__all__ = ["CONFIG_FILE", "DEFAULT_AGC", "ConfigError", "GridRunOptions", "TrainConfig", "command_line",
-           "environment_settings", "library_versions", "make_config", "whole_numbers"]
+__all__ = ["CONFIG_FILE", "DEFAULT_AGC", "ConfigError", "GridRunOptions", "TrainConfig", "check_device",
+           "command_line", "environment_settings", "library_versions", "make_config", "whole_numbers"]
 
 CONFIG_FILE = "config.json"  # a run's settings, in its out folder (`normfree.app.train.OUTPUT_FILES`)
 _MIN_SIZE = 8
@@ -132,6 +133,26 @@ def _positive(value: Any, option: str, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(option, f"must be a finite number > 0 ({what}), got {value!r}")
 
+
+
+def check_device(device: Any, option: str = "device") -> torch.device:
+    """`device` (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...) as a `torch.device` this machine has; ConfigError
+    naming `option` otherwise. The one check of every device option: train's and spp's ``--device``, compare's
+    ``--devices``."""
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(option, f"{device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if checked.type == "cpu":
+        return checked
+    backend = getattr(torch, checked.type, None)  # torch.cuda, torch.mps, torch.xpu: each counts its devices
+    count = backend.device_count() if hasattr(backend, "device_count") else 0
+    if count == 0:
+        raise ConfigError(option, f"{device!r}: this machine has no {checked.type} device; use cpu")
+    if checked.index is not None and checked.index >= count:
+        raise ConfigError(option, f"{device!r}: this machine has {count} {checked.type} device(s), "
+                                  f"{checked.type}:0 to {checked.type}:{count - 1}; use one of them or cpu")
+    return checked
 
 
 def training_device(device: str | None) -> torch.device:
@@ -318,12 +339,7 @@ class TrainConfig:
                                            "fine_tune to train everything from the start")
         check_precision(self.precision)
         if self.device is not None:
-            try:
-                device = torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ConfigError("device", f"{self.device!r} is not a device; use cpu, cuda or cuda:N") from None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ConfigError("device", "CUDA was asked for but no GPU is available; use cpu")
+            check_device(self.device)
         if not isinstance(self.out, (str, Path)) or not str(self.out):
             raise ConfigError("out", f"must be a folder path, got {self.out!r}")
 
@@ -345,7 +361,7 @@ class TrainConfig:
             data=str(spec),
             weights=None if self.weights is None else str(Path(self.weights).expanduser().resolve()),
             size=self.size if self.size is not None else spec.default_size(),
-            out=str(Path(self.out).expanduser().resolve()),
+            out=str(resolved_folder(self.out)),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,9 +26,13 @@ processes of a launched run:
   (`normfree.train`); on ``--resume`` every process reads the checkpoint;
 - speak through rank 0 (`rank0_speaks`): the others print only an error of their own;
 - stop together: Ctrl-C and SIGTERM reach every process (the launcher repeats them, so each process
-  ignores the repeats once stopping, letting rank 0 write its checkpoint whole), and a process that
-  fails makes the others' next collective fail, which stops them as an interruption (`PeerStopped`):
-  rank 0 saves the run's state and says how to resume it.
+  ignores the repeats once stopping, letting rank 0 write its checkpoint whole). During the fits a process
+  does not stop where the signal lands, since another one may then wait for it in a collective (the batch
+  order's broadcast, DDP's all-reduce) while it waits in another (the final barrier), until the launcher
+  kills both: the signal is held back (`normfree.app.signals.stops_when_asked`) and after every batch the
+  processes agree whether any of them has received one (`AgreedStop`), so all stop after the same batch.
+  A process that fails makes the others' next collective fail, which stops them as an interruption
+  (`PeerStopped`): rank 0 saves the run's state and says how to resume it.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from fastai.callback.core import Callback
 from fastai.data.load import DataLoader
 from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.learner import Learner
@@ -55,8 +60,9 @@ from ..utils.errors import ConfigError
 from ..utils.outdir import locked_folder
 from ..utils.processes import is_main, launched, rank, world_size
 from .config import TrainConfig
+from .signals import interrupt, stops_when_asked
 
-__all__ = ["PeerStopped", "ShardedDL", "agree", "batches_per_epoch", "check_launch", "check_processes",
+__all__ = ["AgreedStop", "PeerStopped", "ShardedDL", "agree", "batches_per_epoch", "check_launch", "check_processes",
            "data_parallel", "gathered_metric", "is_main", "launched", "launcher_prefix", "process_group", "rank",
            "rank0_folder", "rank0_speaks", "shard_indices", "speaking_for", "world_size"]
 
@@ -291,6 +297,25 @@ class _ShardedTrainer(DistributedTrainer):
         self.after_fit()
 
 
+_STOPS = (None, "Ctrl-C", "SIGTERM")  # what `AgreedStop` exchanges: an index into this, the highest wins
+
+
+class AgreedStop(Callback):
+    """After every batch (training and validation), asks all processes whether one has received Ctrl-C or SIGTERM
+    (`received`: `stops_when_asked`'s function) and, if one has, stops all of them there, as the highest of
+    ``None < Ctrl-C < SIGTERM`` received: the processes leave the fit between the same two collectives."""
+
+    order = 100  # after the batch's own work (the Recorder's gathered metrics, the optimizer step)
+
+    def __init__(self, received: Callable[[], str | None]):
+        self.received = received
+
+    def after_batch(self) -> None:
+        how = _STOPS[max(_all_gather(_STOPS.index(self.received())))]
+        if how is not None:
+            raise interrupt(how)
+
+
 def _ignore_stop_signals() -> None:
     """The launcher repeats a stop to every process: it forwards Ctrl-C and SIGTERM, and sends SIGTERM to the
     others when one fails. A process already stopping ignores the repeats, so rank 0 saves the run whole."""
@@ -302,7 +327,8 @@ def _ignore_stop_signals() -> None:
 @contextmanager
 def data_parallel(learn: Learner) -> Iterator[None]:
     """The block's fits of `learn` data-parallel over the launched processes (see the module docstring); a
-    process that is gone stops the others with `PeerStopped`. Without a launcher: nothing changes."""
+    process that is gone stops the others with `PeerStopped`, Ctrl-C and SIGTERM stop all after the same batch
+    (`AgreedStop`). Without a launcher: nothing changes."""
     if not launched():
         yield
         return
@@ -320,7 +346,8 @@ def data_parallel(learn: Learner) -> Iterator[None]:
     recorder = vars(learn.recorder)
     averaged, recorder["loss"] = recorder["loss"], AccumMetric(valid_loss, flatten=False)
     try:
-        yield
+        with stops_when_asked() as received, learn.added_cbs(AgreedStop(received)):
+            yield
     except BaseException as error:
         _ignore_stop_signals()
         if _is_lost_peer(error):

@@ -2,16 +2,18 @@
 
 `sigterm_as_interrupt` makes SIGTERM raise `Terminated`, a `KeyboardInterrupt`, so every ``except
 KeyboardInterrupt`` that checkpoints a run handles both. `how_stopped` and `exit_status` name the
-signal and give the shell's status for it (130 for Ctrl-C, 143 for SIGTERM).
+signal and give the shell's status for it (130 for Ctrl-C, 143 for SIGTERM). `stops_when_asked` holds
+both back for a block that must stop at a point of its own choosing (the processes of a launched run, which
+stop together, `normfree.app.distributed`).
 """
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["Terminated", "exit_status", "how_stopped", "interrupt", "sigterm_as_interrupt"]
+__all__ = ["Terminated", "exit_status", "how_stopped", "interrupt", "sigterm_as_interrupt", "stops_when_asked"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -53,3 +55,30 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def stops_when_asked() -> Iterator[Callable[[], str | None]]:
+    """Within the block, Ctrl-C and SIGTERM are recorded instead of raised where they land; the block asks the
+    function it is given (what stopped it, `how_stopped`'s answer, or None) where it can stop, and raises
+    `interrupt(...)` itself. A stop still unanswered when the block ends is raised then. Once one has arrived, both
+    signals are ignored after the block (the run is saving its checkpoint). Only Python's own Ctrl-C handler and
+    `sigterm_as_interrupt`'s are held back; in another thread nothing changes."""
+    received: list[str] = []
+
+    def record(signum, frame) -> None:
+        received.append("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C")
+
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _raise_terminated)):
+            if signal.getsignal(signum) is handler:
+                held[signum] = handler
+                signal.signal(signum, record)
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, signal.SIG_IGN if received else handler)
+    if received:
+        raise interrupt(received[0])

@@ -23,7 +23,7 @@ from ..data.registry import parse_data_spec
 from ..models.factory import build_model, unknown_arch_error
 from ..models.propagation import DEFAULT_BATCH, DEFAULT_SIZE, SignalPropagation, signal_propagation
 from ..utils.outdir import atomic_write, locked_folder
-from .config import ConfigError
+from .config import ConfigError, check_device
 
 __all__ = ["SPP_COLUMNS", "SPP_FILES", "write_spp"]
 
@@ -34,7 +34,8 @@ DEFAULT_NOISE_SIZE = DEFAULT_SIZE  # the noise images' size: `signal_propagation
 _NO_WEIGHTS = "none"  # in --weights: this arch keeps its random initialisation
 
 
-def _check(archs: Sequence[str], weights: Sequence[str] | None, size: int | None, bs: int, channels: int) -> None:
+def _check(archs: Sequence[str], weights: Sequence[str] | None, size: int | None, bs: int, channels: int,
+           device: str) -> None:
     if not archs:
         raise ConfigError("arch", "give at least one architecture")
     known = set(timm.list_models())
@@ -51,6 +52,7 @@ def _check(archs: Sequence[str], weights: Sequence[str] | None, size: int | None
     for option, value, least in (("size", size, 1), ("bs", bs, 2), ("channels", channels, 1)):
         if value is not None and value < least:
             raise ConfigError(option, f"must be at least {least}, got {value}")
+    check_device(device)
 
 
 def _batch(data: str, bs: int, size: int | None, seed: int) -> torch.Tensor:
@@ -119,7 +121,7 @@ def write_spp(
     ConfigError naming the option for bad input, raised before anything is written. Returns the results.
     """
     arch = list(arch)
-    _check(arch, weights, size, bs, channels)
+    _check(arch, weights, size, bs, channels, device)
     paths: list[str | None] = [None if w in (None, _NO_WEIGHTS) else w for w in (weights or [None] * len(arch))]
     with locked_folder(out) as folder:
         if data is not None:
