@@ -109,7 +109,7 @@ def test_two_processes_into_one_folder_one_is_refused(tmp_path):
 
 @pytest.mark.parametrize("stop, status, name", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])
 def test_stopped_while_starting_one_line_and_no_folder(tmp_path, monkeypatch, capsys, stop, status, name):
-    def interrupted(config):
+    def interrupted(config, resumed=None):
         raise stop()
 
     monkeypatch.setattr(TRAIN, "_build_learner", interrupted)

@@ -54,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..utils.errors import ConfigError
 from ..utils.outdir import locked_folder
 from ..utils.processes import is_main, launched, rank, world_size
-from .config import TrainConfig
+from .config import TrainConfig, command_line
 
 __all__ = ["PeerStopped", "ShardedDL", "agree", "batches_per_epoch", "check_launch", "check_processes",
            "data_parallel", "gathered_metric", "is_main", "launched", "launcher_prefix", "process_group", "rank",
@@ -207,7 +207,7 @@ def check_processes(trained_by: int, out: Path) -> None:
     start = "normfree train" if trained_by == 1 else f"torchrun --nproc_per_node {trained_by} -m normfree train"
     raise ConfigError("resume", f"{out} was trained {_in_processes(trained_by)}, and would go on "
                                 f"{_in_processes(world_size())}: --bs is per process, so the batch of a step would "
-                                f"change; resume it as it was trained: {start} --resume {out}")
+                                f"change; resume it as it was trained: {command_line(start, arguments=['--resume', out])}")
 
 
 def _in_processes(count: int) -> str:
