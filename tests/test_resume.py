@@ -52,6 +52,7 @@ def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path,
     assert {p.name for p in (tmp_path / "run").iterdir()} == {p.name for p in (tmp_path / "whole").iterdir()}
 
 
+@pytest.mark.bad_input
 def test_fine_tune_resumes_in_its_frozen_fit_without_its_starting_weights_file(tmp_path):
     base = normfree.train(**QUICK_OPTIONS, out=tmp_path / "base", quiet=True, save_plots=False)
     settings = {**QUICK_OPTIONS, "epochs": 1, "fine_tune": True, "freeze_epochs": 2,
@@ -209,6 +210,7 @@ def test_resume_of_a_relative_folder(tmp_path, monkeypatch):
     assert INCOMPLETE not in {p.name for p in out.iterdir()} and not (out / "runs").exists()
 
 
+@pytest.mark.bad_input
 def test_a_copied_run_folder_resumes_where_it_is(tmp_path):
     stopped_run(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -221,6 +223,7 @@ def test_a_copied_run_folder_resumes_where_it_is(tmp_path):
     assert normfree.TrainResult.load(tmp_path / "b").config.out == str(tmp_path / "b")
 
 
+@pytest.mark.bad_input
 def test_a_run_whose_marker_was_removed_is_still_an_unfinished_one(tmp_path, capsys):
     out = tmp_path / "run"
     stopped_run(out)

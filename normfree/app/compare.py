@@ -429,7 +429,8 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
         trainer = lambda configs: in_parallel(configs, _run, overwrite, jobs, devices)  # noqa: E731
     else:
         trainer = lambda configs: one_by_one(configs, _run, overwrite)  # noqa: E731
-    with sigterm_as_interrupt(), locked_folder(config.out) as out:  # SIGTERM stops it as Ctrl-C does; one grid per folder
+    # SIGTERM stops it as Ctrl-C does; one grid per folder, and never in another command's folder
+    with sigterm_as_interrupt(), locked_folder(config.out) as out:
         check_out_kind(out, COMPARE_FILE)
         return _compare(config, quiet, trainer)
 

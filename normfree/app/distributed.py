@@ -205,9 +205,10 @@ def check_processes(trained_by: int, out: Path) -> None:
     if trained_by == world_size():
         return
     start = "normfree train" if trained_by == 1 else f"torchrun --nproc_per_node {trained_by} -m normfree train"
+    again = command_line(start, arguments=["--resume", out])
     raise ConfigError("resume", f"{out} was trained {_in_processes(trained_by)}, and would go on "
                                 f"{_in_processes(world_size())}: --bs is per process, so the batch of a step would "
-                                f"change; resume it as it was trained: {command_line(start, arguments=['--resume', out])}")
+                                f"change; resume it as it was trained: {again}")
 
 
 def _in_processes(count: int) -> str:

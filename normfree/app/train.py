@@ -32,7 +32,7 @@ the checkpoint belongs to the run DIR describes, and refuses (`ConfigError` nami
 differs, and the command that starts a new run instead) a checkpoint
 
 - in another checkpoint format than this normfree's (`normfree.learner.checkpoint.CHECKPOINT_FORMAT`:
-  an older normfree wrote it),
+  another normfree version wrote it),
 - written under other settings than config.json's (the keys that differ, ``lr_used`` included; ``out``
   aside): config.json was edited after the stop, or the checkpoint is another run's,
 - written on other data than the data builds now (`normfree.learner.checkpoint.data_fingerprint`: the
@@ -223,8 +223,9 @@ def _resume_command(out: Path) -> str:
 
 def _new_run_command(out: Path) -> str:
     """How to train the settings of `out`'s config.json as a new run, instead of continuing the one there."""
-    return (f"{_train_command('--config', out / OUTPUT_FILES['config'], '--out', 'NEW_FOLDER')} (or --out {out} "
-            f"--overwrite, which discards what the folder holds)")
+    config = out / OUTPUT_FILES["config"]
+    return (f"{_train_command('--config', config, '--out', 'NEW_FOLDER')} (or "
+            f"{_train_command('--config', config, '--out', out, '--overwrite')}, which discards what {out} holds)")
 
 
 def _unfinished(out: Path) -> str | None:
@@ -499,8 +500,9 @@ def _read_checkpoint(out: Path) -> dict[str, Any]:
     try:
         return load_checkpoint(path)
     except CheckpointFormatError as error:
-        raise ConfigError("resume", f"{error}: an older normfree wrote it, and this one cannot check that it belongs to "
-                                    f"the run's settings and data; finish the run with the normfree that started it "
+        raise ConfigError("resume", f"{error}: another normfree version wrote it, and this one cannot check that it "
+                                    f"belongs to the run's settings and data; finish the run with the normfree that "
+                                    f"started it "
                                     f"(its version is in {OUTPUT_FILES['config']}), or start it again: "
                                     f"{_new_run_command(out)}") from None
     except Exception as error:  # noqa: BLE001 - a damaged file, whatever the unpickler raises
@@ -526,9 +528,9 @@ def _resumed_config(out: Path, state: dict[str, Any]) -> TrainConfig:
     changed = [key for key in dict.fromkeys([*trained, *folder])
                if key != "out" and (key not in trained or key not in folder or trained[key] != folder[key])]
     if changed:
-        raise ConfigError("resume", f"{path} says {_json_text(folder, changed)} but {out / CHECKPOINT} was written by a "
-                                    f"run with {_json_text(trained, changed)} (config.json was edited after the stop, or "
-                                    f"the checkpoint is another run's): it cannot continue the run config.json "
+        raise ConfigError("resume", f"{path} says {_json_text(folder, changed)} but {out / CHECKPOINT} was written by "
+                                    f"a run with {_json_text(trained, changed)} (config.json was edited after the stop, "
+                                    f"or the checkpoint is another run's): it cannot continue the run config.json "
                                     f"describes; to train config.json's settings, start a new run: "
                                     f"{_new_run_command(out)}")
     return TrainConfig(**{**state["config"], "out": str(out)}, check_weights_file=False)

@@ -344,7 +344,8 @@ def compare_transfer(config: TransferConfig | None = None, /, *, quiet: bool = F
     and the same call again continues the grid. `quiet` silences the per-run lines and the table.
     """
     config = make_config(TransferConfig, config, options)
-    with sigterm_as_interrupt(), locked_folder(config.out) as out:  # SIGTERM stops it as Ctrl-C does; one grid per folder
+    # SIGTERM stops it as Ctrl-C does; one grid per folder, and never in another command's folder
+    with sigterm_as_interrupt(), locked_folder(config.out) as out:
         check_out_kind(out, TRANSFER_FILE)
         return _compare_transfer(config, quiet, overwrite)
 

@@ -107,8 +107,8 @@ def data_changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
         (count_then, digest_then), (count_now, digest_now) = then[split], now[split]
         if count_now != count_then:
             difference = count_now - count_then
-            changes.append(f"the data's {name} changed: {abs(difference)} images {'added' if difference > 0 else 'removed'}"
-                           f" ({count_then} then, {count_now} now)")
+            changes.append(f"the data's {name} changed: {abs(difference)} images "
+                           f"{'added' if difference > 0 else 'removed'} ({count_then} then, {count_now} now)")
         elif digest_now != digest_then:
             changes.append(f"the data's {name} changed: as many images ({count_now}), but other files, sizes, labels "
                            f"or pixels")
