@@ -2,6 +2,7 @@
 in the way, a divergence; and the settings refused before anything is built (config files, batch counts)."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from helpers import (
     QUICK_OPTIONS,
     ROOT,
     TRAIN,
+    InterruptAt,
     SendAt,
     kill_mid_run,
     read_rows,
@@ -109,7 +111,7 @@ def test_two_processes_into_one_folder_one_is_refused(tmp_path):
 
 @pytest.mark.parametrize("stop, status, name", [(KeyboardInterrupt, 130, "Ctrl-C"), (Terminated, 143, "SIGTERM")])
 def test_stopped_while_starting_one_line_and_no_folder(tmp_path, monkeypatch, capsys, stop, status, name):
-    def interrupted(config):
+    def interrupted(config, resumed=None):
         raise stop()
 
     monkeypatch.setattr(TRAIN, "_build_learner", interrupted)
@@ -203,3 +205,40 @@ def test_a_batch_larger_than_the_data_is_said(tmp_path, capsys):
     assert "warning: bs 100000 (--bs) is more than the 64 training images: every epoch is one batch of 64" in \
         capsys.readouterr().err
     assert len(result.epochs) == 1
+
+
+@pytest.mark.bad_input
+def test_printed_and_recorded_commands_are_quoted_for_the_shell(tmp_path, capsys):
+    out = tmp_path / "my runs" / "run 1"
+    normfree.train(**{**QUICK_OPTIONS, "epochs": 2}, out=out, cbs=[InterruptAt(1, 0)], quiet=True, save_plots=False)
+    resume = shlex.join(["normfree", "train", "--resume", str(out)])
+    assert f"Continue it from its last finished epoch with: {resume}" in capsys.readouterr().err
+    assert resume in (out / INCOMPLETE).read_text()
+    repeat = json.loads((out / "config.json").read_text())["repeat"]
+    assert shlex.split(repeat) == ["normfree", "train", "--config", str(out / "config.json"), "--out", "NEW_FOLDER"]
+    error = stopped_with_status_2(["train", *QUICK, "--out", str(out)], capsys)
+    assert f"continue it with: {resume};" in error
+    grid = shlex.split(normfree.CompareConfig(lrs=(0.01,), out=str(tmp_path / "my grid")).command())
+    assert grid[grid.index("--out") + 1] == str(tmp_path / "my grid")
+
+
+GRID = ["compare", "--methods", "bn", "--batch-sizes", "8", "--seeds", "0", "--epochs", "1", "--size", "8", "--limit",
+        "48", "--lrs", "0.01"]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("argv, holds", [
+    (["train", *QUICK], "normfree compare (compare.json), not of normfree train"),
+    (GRID, "normfree train (config.json), not of normfree compare"),
+], ids=["train-into-a-compare-folder", "compare-into-a-run-folder"])
+def test_train_and_compare_refuse_each_others_out_folder(tmp_path, capsys, argv, holds):
+    out = tmp_path / "out"
+    if argv[0] == "compare":
+        normfree.train(**QUICK_OPTIONS, out=out, quiet=True, save_model=False, save_plots=False)
+    else:  # a finished grid's folder
+        (out / "runs").mkdir(parents=True)
+        (out / "compare.json").write_text(json.dumps({"config": normfree.CompareConfig(lrs=[0.01]).to_dict()}))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    error = stopped_with_status_2([*argv, "--out", str(out), "--overwrite"], capsys)
+    assert f"--out: {out} holds the outputs of {holds}" in error and "choose another out folder" in error
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -49,11 +49,13 @@ from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
 from ..utils.errors import WriteError
 from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder
 from .config import (
+    COMPARE_FILE,
     DEFAULT_AGC,
     ConfigError,
     GridRunOptions,
     TrainConfig,
     check_device,
+    check_out_kind,
     command_line,
     environment_settings,
     library_versions,
@@ -445,7 +447,9 @@ def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, over
         trainer = lambda configs: in_parallel(configs, _run, overwrite, jobs, devices)  # noqa: E731
     else:
         trainer = lambda configs: one_by_one(configs, _run, overwrite)  # noqa: E731
-    with sigterm_as_interrupt(), locked_folder(config.out):  # SIGTERM stops it as Ctrl-C does; one grid per folder
+    # SIGTERM stops it as Ctrl-C does; one grid per folder, and never in another command's folder
+    with sigterm_as_interrupt(), locked_folder(config.out) as out:
+        check_out_kind(out, COMPARE_FILE)
         return _compare(config, quiet, trainer)
 
 
@@ -546,7 +550,7 @@ def _compare(config: CompareConfig, quiet: bool, trainer: _Trainer) -> CompareRe
     if not complete:
         notes.append(f"Incomplete: {len(runs)} of {len(cells)} runs finished; running the same command again "
                      f"continues the grid.")
-    files = {"config": out / "compare.json"}
+    files = {"config": out / COMPARE_FILE}
     atomic_write(files["config"], json.dumps(
         {"config": config.to_dict(), "command": config.command(), "steps": steps,
          "chosen_lrs": [{"method": m, "bs": bs, "accum": accum, "lr": lr} for (m, bs, accum), lr in chosen.items()],

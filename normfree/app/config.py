@@ -10,7 +10,9 @@ import difflib
 import json
 import math
 import platform
-from dataclasses import dataclass
+import shlex
+from collections.abc import Sequence
+from dataclasses import InitVar, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,16 @@ from ..models.weights import WEIGHT_FILES
 from ..utils.errors import ConfigError
 from ..utils.outdir import resolved_folder
 
-__all__ = ["CONFIG_FILE", "DEFAULT_AGC", "ConfigError", "GridRunOptions", "TrainConfig", "check_device",
-           "command_line", "environment_settings", "library_versions", "make_config", "whole_numbers"]
+__all__ = ["COMPARE_FILE", "CONFIG_FILE", "DEFAULT_AGC", "TRANSFER_FILE", "ConfigError", "GridRunOptions",
+           "TrainConfig", "check_device", "check_out_kind", "command_line", "environment_settings", "library_versions",
+           "make_config", "whole_numbers"]
 
 CONFIG_FILE = "config.json"  # a run's settings, in its out folder (`normfree.app.train.OUTPUT_FILES`)
+COMPARE_FILE = "compare.json"  # a grid's settings, in the out folder of normfree compare
+TRANSFER_FILE = "transfer.json"  # ... and of normfree compare --transfer
+# What each command's settings file in an out folder says the folder holds.
+_FOLDER_KINDS = {CONFIG_FILE: "normfree train", COMPARE_FILE: "normfree compare",
+                 TRANSFER_FILE: "normfree compare --transfer"}
 _MIN_SIZE = 8
 # Upper bounds that no real run reaches and that stop a typo before it allocates terabytes
 # (size 100000: an 8 TB batch) or schedules for ever (epochs 10**21 overflowed fastai's schedule).
@@ -60,25 +68,40 @@ def make_config(cls: type, config: Any | None, options: dict[str, Any]) -> Any:
     return dataclasses.replace(config, **options) if config is not None else cls(**options)
 
 
-def command_line(prefix: str, config: Any, flags: dict[str, str] | None = None) -> str:
-    """The command that repeats `config` (a settings dataclass): `prefix`, then one option per field that
-    differs from its default (``--name value``, ``--name v1 v2`` for tuples, ``--fp16``/``--bf16`` for the
-    precision); `flags` spells the switches whose flag is not ``--name`` (e.g. ``{"accumulate": "--no-accum"}``)."""
-    parts = [prefix]
-    for f in dataclasses.fields(config):
+def command_line(prefix: str, config: Any | None = None, flags: dict[str, str] | None = None,
+                 arguments: Sequence[object] = ()) -> str:
+    """A command line as normfree prints or records it, ready to paste into a shell: `prefix` (the command as
+    typed, e.g. ``normfree train``, not quoted), then, for a settings dataclass `config`, one option per field
+    that differs from its default (``--name value``, ``--name v1 v2`` for tuples, ``--fp16``/``--bf16`` for
+    the precision; `flags` spells the switches whose flag is not ``--name``, e.g. ``{"accumulate":
+    "--no-accum"}``), then `arguments` (e.g. ``["--resume", folder]``). Every value and argument is quoted
+    for the shell (`shlex.quote`), so a path with spaces stays one argument."""
+    words: list[object] = []
+    for f in dataclasses.fields(config) if config is not None else ():
         value = getattr(config, f.name)
         if value == f.default:
             continue
         flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
         if f.name == "precision":
-            parts.append(f"--{value}")
+            words.append(f"--{value}")
         elif isinstance(value, bool):
-            parts.append(flag)
+            words.append(flag)
         elif isinstance(value, tuple):
-            parts.append(f"{flag} {' '.join(map(str, value))}")
+            words += [flag, *value]
         else:
-            parts.append(f"{flag} {value}")
-    return " ".join(parts)
+            words += [flag, value]
+    return " ".join([prefix, *(shlex.quote(str(word)) for word in [*words, *arguments])])
+
+
+def check_out_kind(out: Path, settings_file: str) -> None:
+    """ConfigError naming ``out`` when the folder `out` holds the outputs of another normfree command than the one
+    whose settings file is `settings_file` (`CONFIG_FILE`, `COMPARE_FILE`, `TRANSFER_FILE`): writing there
+    would mix two commands' files, and --overwrite would not separate them."""
+    command = _FOLDER_KINDS[settings_file]
+    for name, other in _FOLDER_KINDS.items():
+        if name != settings_file and (out / name).exists():
+            raise ConfigError("out", f"{out} holds the outputs of {other} ({name}), not of {command}: writing there "
+                                     f"would mix the two; choose another out folder for {command}")
 
 
 def library_versions() -> dict[str, str]:
@@ -215,6 +238,9 @@ class TrainConfig:
       (see `normfree.subset_dataloaders`).
     - `device`: ``cpu``, ``cuda``, ``cuda:1``, ...; None picks CUDA when there is one.
     - `out`: the folder every output file is written to.
+
+    `check_weights_file=False` (not a setting: not in `to_dict`) accepts a `weights` file that is gone, for a run
+    whose weights come from elsewhere (`normfree.resume` takes them from the run's checkpoint).
     """
 
     data: str = "digits"
@@ -247,10 +273,11 @@ class TrainConfig:
     label_col: str = "label"
     device: str | None = None
     out: str = "normfree-run"
+    check_weights_file: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_weights_file: bool) -> None:
         self._check_data()
-        self._check_model()
+        self._check_model(check_weights_file)
         self._check_training()
 
     def _check_data(self) -> None:
@@ -273,14 +300,14 @@ class TrainConfig:
             if not isinstance(getattr(self, option), str) or not getattr(self, option):
                 raise ConfigError(option, f"must be a CSV column name, got {getattr(self, option)!r}")
 
-    def _check_model(self) -> None:
+    def _check_model(self, check_weights_file: bool) -> None:
         if not isinstance(self.arch, str) or self.arch not in timm.list_models():
             raise ConfigError("arch", str(unknown_arch_error(str(self.arch))))
         _flag(self.pretrained, "pretrained")
         if self.weights is not None:
             if self.pretrained:
                 raise ConfigError("weights", "give either pretrained (timm's hub) or weights (a local file), not both")
-            if not Path(self.weights).expanduser().is_file():
+            if check_weights_file and not Path(self.weights).expanduser().is_file():
                 raise ConfigError("weights", f"{self.weights}: no such file; expected a {WEIGHT_FILES} file")
         _flag(self.to_normfree, "to_normfree")
         if self.to_normfree:

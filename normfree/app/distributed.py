@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..utils.errors import ConfigError
 from ..utils.outdir import locked_folder
 from ..utils.processes import is_main, launched, rank, world_size
-from .config import TrainConfig
+from .config import TrainConfig, command_line
 from .signals import interrupt, stops_when_asked
 
 __all__ = ["AgreedStop", "PeerStopped", "ShardedDL", "agree", "batches_per_epoch", "check_launch", "check_processes",
@@ -211,9 +211,10 @@ def check_processes(trained_by: int, out: Path) -> None:
     if trained_by == world_size():
         return
     start = "normfree train" if trained_by == 1 else f"torchrun --nproc_per_node {trained_by} -m normfree train"
+    again = command_line(start, arguments=["--resume", out])
     raise ConfigError("resume", f"{out} was trained {_in_processes(trained_by)}, and would go on "
                                 f"{_in_processes(world_size())}: --bs is per process, so the batch of a step would "
-                                f"change; resume it as it was trained: {start} --resume {out}")
+                                f"change; resume it as it was trained: {again}")
 
 
 def _in_processes(count: int) -> str:

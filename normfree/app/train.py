@@ -24,7 +24,25 @@ being finite stops there (``diverged=True``).
 
 `resume` (``normfree train --resume DIR``) continues such an unfinished run from ``checkpoint.pth``,
 written at the end of every epoch and removed when the run finishes: from its last finished epoch, with
-the same batches, optimizer, schedule and generators, so it ends as the run would have without the stop.
+the same batches, optimizer, schedule, generators and AGC clip history, so it ends as the run would have
+without the stop (``agc_clip_rates.png`` included). It continues the run in DIR, wherever the folder was
+copied or moved to (config.json's ``out`` and its repeat command are rewritten to DIR), and it needs
+no ``weights`` file: the checkpoint holds the weights. Before it changes anything in DIR it checks that
+the checkpoint belongs to the run DIR describes, and refuses (`ConfigError` naming ``resume``: what
+differs, and the command that starts a new run instead) a checkpoint
+
+- in another checkpoint format than this normfree's (`normfree.learner.checkpoint.CHECKPOINT_FORMAT`:
+  another normfree version wrote it),
+- written under other settings than config.json's (the keys that differ, ``lr_used`` included; ``out``
+  aside): config.json was edited after the stop, or the checkpoint is another run's,
+- written on other data than the data builds now (`normfree.learner.checkpoint.data_fingerprint`: the
+  training and validation splits' images, labels and classes): images or classes added to or removed
+  from an image folder would otherwise change the validation split, or the model's size, midway.
+
+A run is finished when its folder holds no ``INCOMPLETE`` marker and its ``result.json`` does not say
+``"interrupted": true``; every other run folder with a ``checkpoint.pth`` can be resumed. Every command
+that normfree prints or records (the repeat line, ``--resume`` hints) is quoted for the shell
+(`normfree.app.config.command_line`).
 """
 from __future__ import annotations
 
@@ -50,7 +68,15 @@ from fastai.metrics import accuracy, accuracy_multi
 from fastai.torch_core import set_seed
 
 from ..data.loaders import subset_dataloaders
-from ..learner.checkpoint import CHECKPOINT, EpochCheckpoint, ResumeFit, load_checkpoint
+from ..learner.checkpoint import (
+    CHECKPOINT,
+    CheckpointFormatError,
+    EpochCheckpoint,
+    ResumeFit,
+    data_changes,
+    data_fingerprint,
+    load_checkpoint,
+)
 from ..learner.epoch_log import EpochLog
 from ..learner.nf_learner import nf_learner
 from ..learner.optim import OPTIMIZERS
@@ -61,7 +87,16 @@ from ..models.weights import EXPORT_SUFFIX, SAVE_SUFFIX, save_weights
 from ..utils.memory import PeakMemory
 from ..utils.outdir import INCOMPLETE, atomic_write, remove_temporary_files
 from . import distributed
-from .config import CONFIG_FILE, ConfigError, TrainConfig, library_versions, make_config, training_device
+from .config import (
+    CONFIG_FILE,
+    ConfigError,
+    TrainConfig,
+    check_out_kind,
+    command_line,
+    library_versions,
+    make_config,
+    training_device,
+)
 from .plots import plot_run_curves
 from .signals import how_stopped, sigterm_as_interrupt
 
@@ -177,14 +212,47 @@ class TrainResult:
         return cls(**content)
 
 
+def _train_command(*arguments: object) -> str:
+    """The ``normfree train`` command with `arguments`, started as this process was (under a launcher: by it)."""
+    return command_line(f"{distributed.launcher_prefix()}normfree train", arguments=arguments)
+
+
+def _resume_command(out: Path) -> str:
+    return _train_command("--resume", out)
+
+
+def _new_run_command(out: Path) -> str:
+    """How to train the settings of `out`'s config.json as a new run, instead of continuing the one there."""
+    config = out / OUTPUT_FILES["config"]
+    return (f"{_train_command('--config', config, '--out', 'NEW_FOLDER')} (or "
+            f"{_train_command('--config', config, '--out', out, '--overwrite')}, which discards what {out} holds)")
+
+
+def _unfinished(out: Path) -> str | None:
+    """Why `out` holds a run that has not finished, None if it holds none: its INCOMPLETE marker, or a result.json
+    that says it was interrupted (a folder whose marker was removed by hand)."""
+    if (out / INCOMPLETE).exists():
+        return f"{INCOMPLETE}: it was stopped or killed before it finished"
+    try:
+        result = json.loads((out / OUTPUT_FILES["result"]).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(result, dict) and result.get("interrupted"):
+        return (f"{OUTPUT_FILES['result']} says it was stopped by {result.get('stopped_by')} after "
+                f"{len(result.get('epochs', []))} finished epoch(s), though its {INCOMPLETE} marker is gone")
+    return None
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
+    check_out_kind(out, CONFIG_FILE)
     if overwrite:
         return
-    if (out / INCOMPLETE).exists():
-        raise ConfigError("out", f"{out} holds an incomplete run ({INCOMPLETE}: it was stopped or killed before it "
-                                 f"finished); continue it with --resume {out}"
-                                 + (" (it has a checkpoint)" if (out / CHECKPOINT).exists() else "")
-                                 + ", pass overwrite=True (--overwrite) to replace it, or choose another out folder")
+    unfinished = _unfinished(out)
+    if unfinished is not None:
+        resumable = ((f"continue it with: {_resume_command(out)}") if (out / CHECKPOINT).exists() else
+                     f"it has no {CHECKPOINT} (no epoch finished), so there is nothing to resume")
+        raise ConfigError("out", f"{out} holds an incomplete run ({unfinished}); {resumable}; pass overwrite=True "
+                                 f"(--overwrite) to replace it, or choose another out folder")
     if (out / OUTPUT_FILES["config"]).exists():
         raise ConfigError("out", f"{out} already holds a run ({CONFIG_FILE}); choose another out folder or "
                                  f"pass overwrite=True (--overwrite) to replace it")
@@ -196,7 +264,7 @@ def _prepare_out(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train started it at {time.ctime()} "
                                    f"(process {os.getpid()}). If no normfree run is writing here any more, it was "
-                                   f"killed before it finished. normfree train --resume continues it from its last "
+                                   f"killed before it finished. {_resume_command(out)} continues it from its last "
                                    f"finished epoch; normfree compare trains it again; normfree train refuses this "
                                    f"folder unless --overwrite is given.\n")
 
@@ -271,13 +339,28 @@ def _check_batches(dls: DataLoaders, config: TrainConfig) -> None:
                                    f"optimizer step; give accum <= {batches} or a smaller bs")
 
 
-def _build_learner(config: TrainConfig) -> Learner:
+def _check_same_data(resumed: dict[str, Any], dls: DataLoaders, out: Path) -> None:
+    """ConfigError naming ``resume`` when the data is not the data the checkpoint's epochs were trained on."""
+    changes = data_changes(resumed["data"], data_fingerprint(dls))
+    if changes:
+        raise ConfigError("resume", f"{'; '.join(changes)}, since the run in {out} started: its remaining epochs would "
+                                    f"train and validate on other data than its first ones; to train on the data as it "
+                                    f"is now, start a new run: {_new_run_command(out)}")
+
+
+def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -> Learner:
+    """The run's Learner; for a `resumed` run, on the data its checkpoint was written on, and without reading the
+    starting weights (`weights`, `pretrained`): the checkpoint holds the weights."""
     dls = build_dataloaders(config)
+    if resumed is not None:
+        _check_same_data(resumed, dls, Path(config.out))
     _check_batches(dls, config)
     multi_label = getattr(dls, "multi_label", False)
+    starting = resumed is None
     try:
         learn = nf_learner(
-            dls, config.arch, pretrained=config.pretrained, weights=config.weights, agc=None,
+            dls, config.arch, pretrained=config.pretrained and starting, weights=config.weights if starting else None,
+            agc=None,
             metrics=distributed.gathered_metric(accuracy_multi if multi_label else accuracy),
             loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=OPTIMIZERS[config.opt],
             model_kwargs=None if config.skipinit is None else {"skipinit": config.skipinit},
@@ -288,6 +371,8 @@ def _build_learner(config: TrainConfig) -> Learner:
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         option = "weights" if config.weights else "pretrained" if config.pretrained else "arch"
         raise ConfigError(option, str(error)) from None
+    if not starting and (config.pretrained or config.weights):
+        learn.freeze()  # as nf_learner freezes the body under starting weights
     if config.new_head:
         init_classifier_(find_classifier(learn.model), classifier_init_std(learn.model))
     if config.per_sample:
@@ -307,8 +392,7 @@ def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> No
     content = {
         "config": config.to_dict(),
         "lr_used": lr if lr is not None else config.lr,
-        "repeat": f"{distributed.launcher_prefix()}normfree train --config {out / OUTPUT_FILES['config']} "
-                  f"--out NEW_FOLDER",
+        "repeat": _train_command("--config", out / OUTPUT_FILES["config"], "--out", "NEW_FOLDER"),
         "versions": library_versions(),
     }
     if distributed.launched():  # --bs is per process: the number of processes is part of the run's settings
@@ -398,36 +482,75 @@ def train(
 
 
 def _resumable(out: Path) -> None:
-    """ConfigError naming --resume unless `out` holds a run that was stopped after a finished epoch."""
+    """ConfigError naming --resume unless `out` holds an unfinished run (`_unfinished`) with a checkpoint."""
     if not out.is_dir():
         raise ConfigError("resume", f"{out} is not a folder; give the --out folder of the run to continue")
     if not (out / OUTPUT_FILES["config"]).exists():
         raise ConfigError("resume", f"{out} is not a normfree run folder (no {OUTPUT_FILES['config']}); give the "
                                     f"--out folder of the run to continue")
-    if not (out / INCOMPLETE).exists():
-        raise ConfigError("resume", f"{out} holds a finished run (no {INCOMPLETE} marker): there is nothing to "
+    if _unfinished(out) is None and (out / OUTPUT_FILES["result"]).exists():
+        raise ConfigError("resume", f"{out} holds a finished run (no {INCOMPLETE} marker, and "
+                                    f"{OUTPUT_FILES['result']} does not say it was interrupted): there is nothing to "
                                     f"resume; train a new run with another --out")
     if not (out / CHECKPOINT).exists():
-        raise ConfigError("resume", f"{out} holds a run stopped before its first epoch finished (no {CHECKPOINT}): "
-                                    f"there is nothing to resume; train it again with --overwrite")
+        raise ConfigError("resume", f"{out} holds no {CHECKPOINT}, which a run stopped before its first epoch finished "
+                                    f"does not write: there is nothing to resume; train it again with --overwrite")
+
+
+def _read_checkpoint(out: Path) -> dict[str, Any]:
+    path = out / CHECKPOINT
+    try:
+        return load_checkpoint(path)
+    except CheckpointFormatError as error:
+        raise ConfigError("resume", f"{error}: another normfree version wrote it, and this one cannot check that it "
+                                    f"belongs to the run's settings and data; finish the run with the normfree that "
+                                    f"started it "
+                                    f"(its version is in {OUTPUT_FILES['config']}), or start it again: "
+                                    f"{_new_run_command(out)}") from None
+    except Exception as error:  # noqa: BLE001 - a damaged file, whatever the unpickler raises
+        raise ConfigError("resume", f"{path} cannot be read ({error}); start the run again: "
+                                    f"{_new_run_command(out)}") from None
+
+
+def _json_text(values: dict[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{key} {json.dumps(values[key]) if key in values else 'missing'}" for key in keys)
+
+
+def _resumed_config(out: Path, state: dict[str, Any]) -> TrainConfig:
+    """The settings the checkpoint was written under, with `out` this folder (a copied or moved run goes on where
+    it is); ConfigError naming ``resume`` when the folder's config.json says otherwise."""
+    path = out / OUTPUT_FILES["config"]
+    try:
+        recorded = json.loads(path.read_text())
+        folder = {**recorded["config"], "lr_used": recorded["lr_used"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError("resume", f"{path} cannot be read ({type(error).__name__}: {error}); the run cannot be "
+                                    f"checked against its checkpoint, so it is not resumed") from None
+    trained = json.loads(json.dumps({**state["config"], "lr_used": state["lr"]}))  # as JSON holds it: lists, not tuples
+    changed = [key for key in dict.fromkeys([*trained, *folder])
+               if key != "out" and (key not in trained or key not in folder or trained[key] != folder[key])]
+    if changed:
+        raise ConfigError("resume", f"{path} says {_json_text(folder, changed)} but {out / CHECKPOINT} was written by "
+                                    f"a run with {_json_text(trained, changed)} (config.json was edited after the stop, "
+                                    f"or the checkpoint is another run's): it cannot continue the run config.json "
+                                    f"describes; to train config.json's settings, start a new run: "
+                                    f"{_new_run_command(out)}")
+    return TrainConfig(**{**state["config"], "out": str(out)}, check_weights_file=False)
 
 
 def resume(out: str | Path, /, *, quiet: bool = False, save_model: bool = True, save_plots: bool = True,
            cbs: Sequence[Callback] = ()) -> TrainResult:
     """Continue the unfinished run in `out` (``normfree train --resume``) from its last finished epoch, with
     the settings it was started with, and finish it as `train` would have (same metrics, up to float
-    rounding). ConfigError naming ``resume`` for a folder that is not an unfinished run with a checkpoint.
-    The other arguments are `train`'s."""
-    out = Path(out)
+    rounding). ConfigError naming ``resume`` for a folder that is not an unfinished run with a checkpoint,
+    and for a checkpoint that does not belong to the settings in its config.json or to the data as it is
+    now (see the module docstring), before anything in `out` is changed. The other arguments are `train`'s."""
+    out = Path(out).expanduser().resolve()  # every file of the run is written here, whatever the working folder
     _resumable(out)
     # refused while another process still trains it; every process of a launched run reads the checkpoint
     with sigterm_as_interrupt(), distributed.process_group(), distributed.rank0_folder(out, lambda: _resumable(out)):
-        try:
-            state = load_checkpoint(out / CHECKPOINT)
-            config = TrainConfig.from_dict(state["config"])
-        except Exception as error:  # noqa: BLE001 - a damaged file, whatever the unpickler raises
-            raise ConfigError("resume", f"{out / CHECKPOINT} cannot be read ({error}); train the run again with "
-                                        f"--overwrite") from None
+        state = _read_checkpoint(out)
+        config = _resumed_config(out, state)
         distributed.check_launch(config, resuming=True)
         distributed.check_processes(state.get("processes", 1), out)
         return _build_and_train(config, out, quiet, save_model, save_plots, cbs, state)
@@ -438,7 +561,7 @@ def _build_and_train(config: TrainConfig, out: Path, quiet: bool, save_model: bo
     set_seed(config.seed, reproducible=True)
     quiet = quiet or not distributed.is_main()  # rank 0 speaks for a launched run
     try:
-        learn = distributed.agree(lambda: _build_learner(config))
+        learn = distributed.agree(lambda: _build_learner(config, resumed))
     except KeyboardInterrupt as error:
         error.normfree_note = ("while starting (building the data and model), " +
                                (f"before anything was written to {out}" if resumed is None else f"{out} is as it was"))
@@ -455,10 +578,11 @@ def _start_writing(out: Path, config: TrainConfig, resumed: dict[str, Any] | Non
         _prepare_out(out)
         _write_config(out, config)
         return
-    # config.json (and lr_find.png) stay; metrics.csv goes on from the checkpoint's rows
+    # lr_find.png stays; metrics.csv goes on from the checkpoint's rows
     remove_temporary_files(out)
     for name in ("weights", "learner", "result", "curves", "clip_rates"):  # the stop's, rewritten at the end
         (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
+    _write_config(out, config, resumed["lr"])  # the same settings, in this folder (which may have been copied)
     atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train --resume continued it at "
                                    f"{time.ctime()} (process {os.getpid()}) after epoch {len(resumed['rows'])}.\n")
 
@@ -492,8 +616,9 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
                 if save_plots:
                     _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
                 say(f"lr_find suggests lr={lr:.2e}")
-            extra = {"lr": lr, "config": config.to_dict(), "processes": distributed.world_size()}
-            checkpoint = [EpochCheckpoint(out / CHECKPOINT, log.rows, extra,
+            checkpoint = [EpochCheckpoint(out / CHECKPOINT, log.rows,
+                                          {"lr": lr, "config": config.to_dict(), "processes": distributed.world_size(),
+                                           "data": data_fingerprint(learn.dls)},
                                           fit=0 if resumed is None else resumed["fit"])] if writes else []
             with distributed.data_parallel(learn):
                 if resumed is None:
@@ -529,11 +654,10 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
     result.files["result"] = str(out / OUTPUT_FILES["result"])
     atomic_write(out / OUTPUT_FILES["result"], json.dumps(result.to_dict(), indent=2) + "\n")
 
-    launcher = distributed.launcher_prefix()  # how to start the command again: as this run was started
     if interrupted:
         atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
                                        f"{len(log.rows)} finished epoch(s); {OUTPUT_FILES['result']} says so (\"interrupted\": "
-                                       f"true). {launcher}normfree train --resume {out} continues it from its last "
+                                       f"true). {_resume_command(out)} continues it from its last "
                                        f"finished epoch; "
                                        f"normfree compare trains it again; normfree train refuses this folder unless "
                                        f"--overwrite is given.\n")
@@ -544,11 +668,11 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
         print(f"\nInterrupted ({stopped_by}) after {len(log.rows)} finished epoch(s) of {config.epochs}. Checkpoint "
               f"in {out}: {OUTPUT_FILES['weights']} (the weights now), {OUTPUT_FILES['metrics']} (finished epochs), "
               f"{OUTPUT_FILES['config']}; {INCOMPLETE} marks the run as unfinished. "
-              + (f"Continue it from its last finished epoch with: {launcher}normfree train --resume {out}"
+              + (f"Continue it from its last finished epoch with: {_resume_command(out)}"
                  if (out / CHECKPOINT).exists() else
-                 f"No epoch finished, so there is nothing to resume; train on from these weights with: {launcher}"
-                 f"normfree train --config {out / OUTPUT_FILES['config']} --weights {out / OUTPUT_FILES['weights']} "
-                 f"--fine-tune --out NEW_FOLDER"), file=sys.stderr)
+                 "No epoch finished, so there is nothing to resume; train on from these weights with: "
+                 + _train_command("--config", out / OUTPUT_FILES["config"], "--weights", out / OUTPUT_FILES["weights"],
+                                  "--fine-tune", "--out", "NEW_FOLDER")), file=sys.stderr)
     elif result.diverged:
         say(f"normfree train: {result.divergence()}", file=sys.stderr)
     elif not interrupted:

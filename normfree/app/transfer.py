@@ -45,9 +45,11 @@ from ..utils.outdir import atomic_write, locked_folder
 from .compare import METHODS, finished_run
 from .config import (
     DEFAULT_AGC,
+    TRANSFER_FILE,
     ConfigError,
     GridRunOptions,
     TrainConfig,
+    check_out_kind,
     command_line,
     environment_settings,
     library_versions,
@@ -369,7 +371,9 @@ def compare_transfer(config: TransferConfig | None = None, /, *, quiet: bool = F
     and the same call again continues the grid. `quiet` silences the per-run lines and the table.
     """
     config = make_config(TransferConfig, config, options)
-    with sigterm_as_interrupt(), locked_folder(config.out):  # SIGTERM stops it as Ctrl-C does; one grid per folder
+    # SIGTERM stops it as Ctrl-C does; one grid per folder, and never in another command's folder
+    with sigterm_as_interrupt(), locked_folder(config.out) as out:
+        check_out_kind(out, TRANSFER_FILE)
         return _compare_transfer(config, quiet, overwrite)
 
 
@@ -403,7 +407,7 @@ def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> T
             f"seed {cell.seed}: final {result.final_accuracy:6.1%}, best {result.best_accuracy:6.1%}, "
             f"{result.seconds_per_epoch:5.2f} s/epoch" + (" (done before)" if reused else ""))
     seconds = time.perf_counter() - start
-    files = {"config": out / "transfer.json"}
+    files = {"config": out / TRANSFER_FILE}
     atomic_write(files["config"], json.dumps(
         {"config": config.to_dict(), "command": config.command(), "versions": library_versions()}, indent=2) + "\n")
     labels = [METHODS[m] for m in config.methods]

@@ -145,6 +145,12 @@ class AGC(Callback):
             self._clipper = PerSampleClipper(model, clipping, self.eps)
             self._loss_scale = LossGradScale(self._clipper)
 
+    def restore_history(self, state: dict) -> None:
+        """Continue the fit's clip history from `state` (`ClipHistory.state_dict`) rather than from nothing: for a
+        resumed run (`normfree.learner.checkpoint.ResumeFit`), in ``before_fit`` after this callback's own."""
+        self._start_history()
+        self.history.load_state_dict(state)
+
     # per-sample AGC: the backward pass clips each example; these hooks frame each batch for it
     def before_batch(self) -> None:
         if self._clipper is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastai.learner import Learner, Metric
@@ -36,6 +36,23 @@ class ClipHistory:
 
     def __len__(self) -> int:
         return len(self._steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The steps so far, for a checkpoint: `names` and the [steps, parameters] counts, on the CPU."""
+        return {"names": self.names, "clipped": self.clipped(), "nonfinite": self.nonfinite(), "units": self.units()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put the steps of `state` (`state_dict`) before the steps recorded after it; ValueError if they were
+        recorded for other parameters."""
+        if state["names"] != self.names:
+            raise ValueError(f"the clip history was recorded for other parameters ({len(state['names'])} param groups "
+                             f"of {[len(group) for group in state['names']]} parameters, not "
+                             f"{[len(group) for group in self.names]})")
+        sizes = [len(group) for group in self.names]
+        restored = [[ClipStats(*fields) for fields in zip(clipped.split(sizes), nonfinite.split(sizes),
+                                                          units.split(sizes))]
+                    for clipped, nonfinite, units in zip(state["clipped"], state["nonfinite"], state["units"])]
+        self._steps[:0] = restored
 
     @property
     def parameter_names(self) -> list[str]:
