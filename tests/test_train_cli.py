@@ -6,6 +6,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -380,3 +381,11 @@ def test_help_shows_every_default_through_a_real_subprocess():
     assert len(blocks) == len(actions)  # --help and each option of the train parser
     for block in blocks:
         assert "default" in block or block.startswith("h, --help"), block
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("agc", [np.float32(0.02), torch.tensor(0.02)], ids=["numpy-float32", "0-d-tensor"])
+def test_a_lambda_given_as_numpy_or_tensor_is_stored_as_the_float_it_holds(agc, tmp_path):
+    config = normfree.TrainConfig(agc=agc, out=str(tmp_path))
+    assert type(config.agc) is float and config.agc == pytest.approx(0.02, rel=1e-6)
+    assert json.loads(json.dumps(config.to_dict()))["agc"] == config.agc  # config.json is written as JSON

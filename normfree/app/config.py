@@ -325,8 +325,8 @@ class TrainConfig:
             if isinstance(self.agc, bool):
                 raise ConfigError("agc", f"is AGC's lambda, a number such as {DEFAULT_AGC}, not {self.agc!r}; for no "
                                          f"AGC give None (--no-agc)")
-            try:
-                check_agc_arguments(self.agc, 1e-3)
+            try:  # a numpy scalar or a one-element tensor is stored as the float it holds: config.json is JSON
+                object.__setattr__(self, "agc", check_agc_arguments(self.agc, 1e-3)[0])
             except ValueError:
                 raise ConfigError("agc", f"AGC's lambda must be a finite number > 0 (0.01 is the paper's), got "
                                          f"{self.agc!r}; for no AGC give None (--no-agc)") from None
