@@ -39,8 +39,13 @@ def stopped_with_status_2(argv, capsys):
         main(argv)
     assert stopped.value.code == 2
     error = capsys.readouterr().err
-    assert "Traceback" not in error
+    assert "Traceback" not in error, error
     return error
+
+
+def refusal_line(argv, capsys):
+    """The error line of `argv`, which must stop with status 2 (after argparse's usage lines)."""
+    return stopped_with_status_2(argv, capsys).strip().splitlines()[-1]
 
 
 class SendAt(Callback):

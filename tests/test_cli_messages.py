@@ -3,21 +3,10 @@ same message for train's and spp's --device and compare's --devices), and compar
 methods cannot train, saying which archs and methods go together."""
 import pytest
 import torch
-
-from normfree.app.cli import main
+from helpers import refusal_line
 
 QUICK_GRID = ["--methods", "nf-agc", "--batch-sizes", "16", "--seeds", "0", "--epochs", "1", "--size", "8", "--limit",
               "64", "--lrs", "0.01"]
-
-
-def refused(argv, capsys):
-    """The error line of `argv`, which must stop with status 2 (after argparse's usage lines)."""
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err
-    assert "Traceback" not in error, error
-    return error.strip().splitlines()[-1]
 
 
 @pytest.mark.bad_input
@@ -27,9 +16,9 @@ def refused(argv, capsys):
     pytest.param("mps", marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
 ])
 def test_every_device_option_is_one_check_with_one_message(tmp_path, capsys, device):
-    train = refused(["train", "--device", device, "--out", str(tmp_path / "run")], capsys)
-    spp = refused(["spp", "--arch", "nf_resnet_tiny", "--device", device, "--out", str(tmp_path / "spp")], capsys)
-    compare = refused(["compare", *QUICK_GRID, "--devices", "cpu", device, "--out", str(tmp_path / "grid")], capsys)
+    train = refusal_line(["train", "--device", device, "--out", str(tmp_path / "run")], capsys)
+    spp = refusal_line(["spp", "--arch", "nf_resnet_tiny", "--device", device, "--out", str(tmp_path / "spp")], capsys)
+    compare = refusal_line(["compare", *QUICK_GRID, "--devices", "cpu", device, "--out", str(tmp_path / "grid")], capsys)
     reason = train.removeprefix("normfree train: error: --device: ")
     assert reason != train and f"{device!r}" in reason and "use cpu" in reason
     assert spp == f"normfree spp: error: --device: {reason}"
@@ -44,7 +33,7 @@ def test_every_device_option_is_one_check_with_one_message(tmp_path, capsys, dev
 ])
 def test_compare_names_the_arch_its_methods_cannot_convert_and_what_goes_together(tmp_path, capsys, arch, option,
                                                                                   reason):
-    error = refused(["compare", "--arch", arch, "--out", str(tmp_path / "grid")], capsys)
+    error = refusal_line(["compare", "--arch", arch, "--out", str(tmp_path / "grid")], capsys)
     assert error.startswith(f"normfree compare: error: {option}: {reason}"), error
     assert ("the small ResNets (nf_/bn_resnet_tiny/small/base) go with the methods bn, nf, nf-agc" in error
             and "(torchvision and timm ResNets such as resnet18) with bn, converted and converted-agc" in error)

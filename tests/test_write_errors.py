@@ -6,7 +6,6 @@ A full disk is played two ways: os.fsync failing with ENOSPC on the temporary fi
 that allocate late report a full disk there), and, where this runs as root and may mount, a real tmpfs that fills
 up while torch.save writes a checkpoint (torch then says only "unexpected pos", safetensors a SafetensorError)."""
 import errno
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import Callback
-from helpers import EXPECTED_FILES, QUICK, read_rows, with_callback
+from helpers import EXPECTED_FILES, QUICK, read_rows, refusal_line, with_callback
 from safetensors.torch import save_file
 
 from normfree.app.cli import main
@@ -52,16 +51,6 @@ def one_line(capsys):
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "Traceback" not in error, error
     return error
-
-
-def refused(argv, capsys):
-    """The error line of `argv`, which must stop with status 2 (after argparse's usage lines)."""
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err
-    assert "Traceback" not in error, error
-    return error.strip().splitlines()[-1]
 
 
 @pytest.mark.bad_input
@@ -227,7 +216,7 @@ def test_an_out_through_a_loop_of_symbolic_links_is_refused_naming_out(tmp_path,
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     for out in (tmp_path / "a", tmp_path / "a" / "run"):
-        error = refused([*command, "--out", str(out)], capsys)
+        error = refusal_line([*command, "--out", str(out)], capsys)
         assert error.startswith(f"normfree {command[0]}: error: --out: ") and "loop of symbolic links" in error, error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
@@ -254,8 +243,8 @@ def read_only_folder(tmp_path):
 ], ids=["in-a-read-only-folder", "a-folder"])
 def test_a_plan_that_cannot_be_written_is_refused_naming_plan(tmp_path, read_only_folder, capsys, plan, reason):
     path = plan(read_only_folder, tmp_path)
-    error = refused(["compare", *ONE_RUN_GRID, "--out", str(tmp_path / "grid"), "--plan", str(path)], capsys)
-    assert error.startswith(f"normfree compare: error: --plan: ") and str(path) in error, error
+    error = refusal_line(["compare", *ONE_RUN_GRID, "--out", str(tmp_path / "grid"), "--plan", str(path)], capsys)
+    assert error.startswith("normfree compare: error: --plan: ") and str(path) in error, error
     if os.geteuid() == 0 or reason == "is a folder":
         assert reason in error
     assert not (tmp_path / "grid").exists() and leftovers(tmp_path) == []
