@@ -221,6 +221,14 @@ def test_an_out_through_a_loop_of_symbolic_links_is_refused_naming_out(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
+@pytest.mark.bad_input
+def test_a_resume_through_a_loop_of_symbolic_links_is_refused_naming_resume(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    error = refusal_line(["train", "--resume", str(tmp_path / "a")], capsys)
+    assert error.startswith("normfree train: error: --resume: ") and "loop of symbolic links" in error, error
+
+
 @pytest.fixture
 def read_only_folder(tmp_path):
     """A folder nobody can write into: a read-only tmpfs for root (who ignores permissions), else mode 0o555."""

@@ -85,7 +85,7 @@ from ..models.classifier import classifier_init_std, find_classifier, init_class
 from ..models.convert import ConversionError
 from ..models.weights import EXPORT_SUFFIX, SAVE_SUFFIX, save_weights
 from ..utils.memory import PeakMemory
-from ..utils.outdir import INCOMPLETE, atomic_write, remove_temporary_files
+from ..utils.outdir import INCOMPLETE, atomic_write, remove_temporary_files, resolved_folder
 from . import distributed
 from .config import (
     CONFIG_FILE,
@@ -545,7 +545,7 @@ def resume(out: str | Path, /, *, quiet: bool = False, save_model: bool = True, 
     rounding). ConfigError naming ``resume`` for a folder that is not an unfinished run with a checkpoint,
     and for a checkpoint that does not belong to the settings in its config.json or to the data as it is
     now (see the module docstring), before anything in `out` is changed. The other arguments are `train`'s."""
-    out = Path(out).expanduser().resolve()  # every file of the run is written here, whatever the working folder
+    out = resolved_folder(out, "resume")  # every file of the run is written here, whatever the working folder
     _resumable(out)
     # refused while another process still trains it; every process of a launched run reads the checkpoint
     with sigterm_as_interrupt(), distributed.process_group(), distributed.rank0_folder(out, lambda: _resumable(out)):

@@ -112,14 +112,14 @@ def remove_temporary_files(folder: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def resolved_folder(folder: str | Path) -> Path:
-    """`folder` as an absolute path, ``~`` expanded and symbolic links followed; ConfigError naming `out` if it goes
-    through a loop of symbolic links (which no folder can be made in)."""
+def resolved_folder(folder: str | Path, option: str = "out") -> Path:
+    """`folder` as an absolute path, ``~`` expanded and symbolic links followed; ConfigError naming `option` if it
+    goes through a loop of symbolic links (which no folder can be made or found in)."""
     try:
         return Path(folder).expanduser().resolve()
     except (RuntimeError, OSError) as error:  # a loop: RuntimeError before Python 3.13, OSError (ELOOP) since
-        raise ConfigError("out", f"{folder} goes through a loop of symbolic links ({error}); remove the loop or "
-                                 f"choose another out folder") from None
+        raise ConfigError(option, f"{folder} goes through a loop of symbolic links ({error}); remove the loop or "
+                                  f"choose another folder") from None
 
 
 def _make_folder(folder: Path) -> list[Path]:
