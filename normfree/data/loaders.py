@@ -990,8 +990,9 @@ def image_folder_dataloaders(
     valid); 16-bit and float images (PIL modes I;16, I, F) at full depth, see `_DEEP_MODES`.
     Normalize uses per-channel stats computed on (up to 1024 of) the training images,
     not ImageNet's. Every image is decoded once before training (`_image_problem`; measured on one core:
-    0.2-0.3 ms per 64 px image, 1 ms per 500x375 JPEG): unreadable, corrupt or truncated files, and float images with NaN or infinite pixels, are
-    skipped with a warning naming them (``on_bad_image="skip"``) or raise ValueError (``"error"``); a file
+    0.2-0.3 ms per 64 px image, 1 ms per 500x375 JPEG): unreadable, corrupt or truncated files, and float
+    images with NaN or infinite pixels, are skipped with a warning naming them (``on_bad_image="skip"``) or
+    raise ValueError (``"error"``); a file
     that still fails during training raises an error naming it. A valid or test class with no training
     image is named in a warning. `seed` picks the random split and the training order.
     """
