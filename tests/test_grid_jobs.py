@@ -69,3 +69,20 @@ def test_plan_then_report(tmp_path, capsys):
     assert main([*grid, "--report"]) == 0  # every run found finished, with exactly the grid's settings
     assert "(done before)" in capsys.readouterr().out
     assert (out / "report.md").exists() and len(epochs_of(out)) == 1
+
+
+@pytest.mark.parametrize("settings", [
+    dict(agc=None, skipinit=False, arch="nf_resnet_tiny"),  # switched off: --no-agc, --no-skipinit
+    dict(skipinit=True, precision="bf16", classes=(3, 5), holdout=True),
+    dict(arch="resnet18", to_normfree=True, out="runs/with space/and 'quote'"),
+], ids=["switches off", "switches on, tuples", "a path to quote"])
+def test_a_planned_train_command_parses_back_to_its_run(settings, tmp_path):
+    """Each line of --plan is run by a shell: split as a shell would, the train parser gives back the same run."""
+    from normfree.app.cli import _settings, build_parser
+    from normfree.app.grid_jobs import train_command
+
+    config = normfree.TrainConfig(**{"out": str(tmp_path / "run"), **settings})
+    words = shlex.split(train_command(config))
+    assert words[:2] == ["normfree", "train"] and words[-2:] == ["--overwrite", "--quiet"]
+    parser, _ = build_parser()
+    assert normfree.TrainConfig(**_settings(parser.parse_args(words[1:]))) == config

@@ -73,7 +73,8 @@ def command_line(prefix: str, config: Any | None = None, flags: dict[str, str] |
     """A command line as normfree prints or records it, ready to paste into a shell: `prefix` (the command as
     typed, e.g. ``normfree train``, not quoted), then, for a settings dataclass `config`, one option per field
     that differs from its default (``--name value``, ``--name v1 v2`` for tuples, ``--fp16``/``--bf16`` for
-    the precision; `flags` spells the switches whose flag is not ``--name``, e.g. ``{"accumulate":
+    the precision, ``--name`` / ``--no-name`` for a switch turned on / off, ``--no-name`` for None where the
+    default is not, as ``--no-agc``; `flags` spells the switches whose flag is neither, e.g. ``{"accumulate":
     "--no-accum"}``), then `arguments` (e.g. ``["--resume", folder]``). Every value and argument is quoted
     for the shell (`shlex.quote`), so a path with spaces stays one argument."""
     words: list[object] = []
@@ -81,10 +82,11 @@ def command_line(prefix: str, config: Any | None = None, flags: dict[str, str] |
         value = getattr(config, f.name)
         if value == f.default:
             continue
-        flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        switched_off = value is None or value is False
+        flag = (flags or {}).get(f.name, f"--{'no-' if switched_off else ''}{f.name.replace('_', '-')}")
         if f.name == "precision":
             words.append(f"--{value}")
-        elif isinstance(value, bool):
+        elif value is None or isinstance(value, bool):
             words.append(flag)
         elif isinstance(value, tuple):
             words += [flag, *value]

@@ -20,10 +20,8 @@ yields ``(index, result, reused)`` per run, in the order the runs finish:
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
-import shlex
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..utils.outdir import INCOMPLETE
-from .config import CONFIG_FILE, ConfigError, TrainConfig
+from .config import CONFIG_FILE, ConfigError, TrainConfig, command_line
 from .signals import Terminated
 
 __all__ = ["already_trained", "in_parallel", "one_by_one", "train_command"]
@@ -105,20 +103,5 @@ def already_trained(configs: Sequence[TrainConfig], finished: Callable) -> Itera
 def train_command(config: TrainConfig) -> str:
     """The ``normfree train`` command that trains the run `config` describes into its ``out`` folder (replacing
     what a stopped attempt left there, so the command can simply be run again): one option per setting that
-    differs from `TrainConfig`'s default, values quoted for the shell."""
-    parts = ["normfree", "train"]
-    for f in dataclasses.fields(config):
-        value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
-        if value == f.default:
-            continue
-        if f.name == "precision":
-            parts.append(f"--{value}")
-        elif value is None:  # agc: the only setting whose default is not None that can be None
-            parts.append(f"--no-{f.name}")
-        elif isinstance(value, bool):
-            parts.append(flag if value else f"--no-{f.name}")
-        elif isinstance(value, tuple):
-            parts += [flag, *map(str, value)]
-        else:
-            parts += [flag, shlex.quote(str(value))]
-    return " ".join([*parts, "--overwrite", "--quiet"])
+    differs from `TrainConfig`'s default, values quoted for the shell (`command_line`)."""
+    return command_line("normfree train", config, arguments=["--overwrite", "--quiet"])
