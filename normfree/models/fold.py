@@ -1,7 +1,7 @@
 """`fold_batchnorms`: every BatchNorm of a model folded into the convolution or Linear next to it (frozen BatchNorm).
 
 An eval-mode BatchNorm is a fixed per-channel affine map (`normfree.models.equations.batchnorm_scale_shift`), so
-it folds exactly into a linear layer next to it (REFERENCE: the frozen-BatchNorm practice of detection
+it folds exactly into a linear layer next to it (the frozen-BatchNorm practice of detection
 libraries, detectron2's FrozenBatchNorm2d):
 
 - after a layer (conv -> BatchNorm, any conv: 1d/2d/3d, grouped, depthwise, transposed; Linear -> BatchNorm1d):
