@@ -24,6 +24,7 @@ from pathlib import Path
 from ..data.registry import data_spec_help, limited_kinds, size_help
 from ..learner.checkpoint import CHECKPOINT
 from ..learner.optim import OPTIMIZERS
+from ..models.convert import CONVERSION_MODES
 from ..models.propagation import DEFAULT_BATCH
 from ..models.weights import WEIGHT_FILES
 from ..utils.errors import WriteError
@@ -137,9 +138,11 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],
                         help="small NF ResNets: start each residual branch switched off (SkipInit's zero gain) or, "
                              "with --no-skipinit, at full strength (default: the model's own, --no-skipinit)")
-    parser.add_argument("--to-normfree", action="store_true",
-                        help="make a BatchNorm --arch (e.g. resnet18) normalizer-free with normfree.to_normfree: "
-                             "BatchNorm dropped, Scaled WS convolutions, NF residual blocks (alpha 0.2, SkipInit)")
+    parser.add_argument("--to-normfree", nargs="?", const="nf", choices=list(CONVERSION_MODES),
+                        default=d["to_normfree"], metavar="MODE",
+                        help="make a BatchNorm --arch (e.g. resnet18) normalizer-free with normfree.to_normfree; MODE "
+                             + "; ".join(f"{name}: {what}" for name, what in CONVERSION_MODES.items())
+                             + " (default: no conversion; --to-normfree alone: nf)")
     parser.add_argument("--new-head", action="store_true",
                         help="with --weights/--pretrained: a freshly initialised classifier even when the class count "
                              "matches (a new task)")
@@ -195,7 +198,8 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
     )
     _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
                                    "bn_resnet_tiny/small/base; or your own BatchNorm timm arch (e.g. resnet18), "
-                                   "compared with its conversion (methods bn, converted, converted-agc)")
+                                   "compared with its conversion (methods bn, converted, converted-agc; folded and "
+                                   "folded-agc by --methods)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
                         help=f"methods to train, from {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)}; "
                              f"{' '.join(CONVERTED_METHODS)} for an arch other than the small ResNets)")

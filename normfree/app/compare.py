@@ -13,12 +13,16 @@ of `normfree.models.small_resnets`:
 | ``nf-agc-per-sample`` | the normalizer-free twin | per-sample AGC, lambda `agc` |
 | ``converted`` | the BatchNorm model converted by `normfree.to_normfree` | none |
 | ``converted-agc`` | the BatchNorm model converted by `normfree.to_normfree` | AGC, lambda `agc` |
+| ``folded`` | the BatchNorm model with every BatchNorm folded into its convolution (``to_normfree(mode="fold")``) | none |
+| ``folded-agc`` | the BatchNorm model with every BatchNorm folded into its convolution | AGC, lambda `agc` |
 
 With a small ResNet as `arch`, ``bn`` trains its BatchNorm twin and ``converted*`` convert that twin
 (which `to_normfree` refuses: its pre-activation blocks are not ones it knows). With any other
 BatchNorm arch (``resnet18``, ...), ``bn`` trains the arch itself and ``converted*`` its conversion,
 so a user compares their own model with its normalizer-free version; the ``nf*`` methods need the
-twin pair, and the default methods are then ``bn converted converted-agc``.
+twin pair, and the default methods are then ``bn converted converted-agc``. ``folded*`` (by `methods`) keep the
+function of the BatchNorm model's starting weights; from scratch, BatchNorm's fresh statistics fold to (nearly) the
+identity, so they train the BatchNorm model with its BatchNorm layers left out.
 
 Fairness is built in:
 - the budget is the same for every run: `epochs` (one-cycle schedule), or with ``budget="steps"``
@@ -77,7 +81,14 @@ METHODS = {
     "nf-agc-per-sample": "NF + per-sample AGC",
     "converted": "converted to NF",
     "converted-agc": "converted to NF + AGC",
+    "folded": "BatchNorm folded",
+    "folded-agc": "BatchNorm folded + AGC",
 }
+# the methods that convert the BatchNorm model: to_normfree's mode for each, and the models' description in reports
+CONVERSIONS = {"converted": "nf", "converted-agc": "nf", "folded": "fold", "folded-agc": "fold"}
+_CONVERTED_MODELS = {"nf": "converted by normfree.to_normfree (alpha 0.2, SkipInit)",
+                     "fold": "with its BatchNorm folded into the convolutions (normfree.to_normfree, mode 'fold')"}
+_AGC_METHODS = ("nf-agc", "nf-agc-skipinit", "nf-agc-per-sample", "converted-agc", "folded-agc")
 DEFAULT_METHODS = ("bn", "nf-agc")  # the question in normfree's name; --methods adds the others
 CONVERTED_METHODS = ("bn", "converted", "converted-agc")  # the default for an arch without an NF twin
 BUDGETS = ("epochs", "steps")
@@ -227,11 +238,11 @@ class CompareConfig(GridRunOptions):
         (None: `epochs`); `holdout`: a sweep run, validated on a hold-out of the training images."""
         folder = Path(self.out) / ("sweep" if holdout else "runs")
         try:
-            converted = cell.method.startswith("converted")
+            mode = CONVERSIONS.get(cell.method)
             return TrainConfig(
-                data=self.data, arch=self.bn_arch if cell.method == "bn" or converted else self.nf_arch,
-                skipinit=True if cell.method == "nf-agc-skipinit" else None, to_normfree=converted,
-                agc=self.agc if cell.method.startswith("nf-agc") or cell.method == "converted-agc" else None,
+                data=self.data, arch=self.bn_arch if cell.method == "bn" or mode else self.nf_arch,
+                skipinit=True if cell.method == "nf-agc-skipinit" else None, to_normfree=mode,
+                agc=self.agc if cell.method in _AGC_METHODS else None,
                 per_sample=cell.method == _PER_SAMPLE,
                 bs=cell.bs, accum=cell.accum, opt=self.opt, epochs=self.epochs, steps=steps, lr=lr,
                 seed=cell.seed, holdout=holdout, **self.run_options(),
@@ -352,8 +363,8 @@ def _models(config: CompareConfig, methods: list[str]) -> str:
     models = [f"{config.bn_arch} (BatchNorm)"]
     if any(m.startswith("nf") for m in methods):
         models.append(f"{config.nf_arch} (normalizer-free)")
-    if any(m.startswith("converted") for m in methods):
-        models.append(f"{config.bn_arch} converted by normfree.to_normfree (alpha 0.2, SkipInit)")
+    for mode in dict.fromkeys(CONVERSIONS[m] for m in methods if m in CONVERSIONS):
+        models.append(f"{config.bn_arch} {_CONVERTED_MODELS[mode]}")
     return " and ".join(models) + ", trained from scratch"
 
 

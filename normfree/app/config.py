@@ -26,7 +26,7 @@ from ..data.loaders import check_bs, check_limit, check_valid_pct
 from ..data.registry import DataSpec, parse_data_spec
 from ..learner.optim import OPTIMIZERS
 from ..learner.precision import check_precision
-from ..models.convert import ConversionError, to_normfree
+from ..models.convert import CONVERSION_MODES, ConversionError, to_normfree
 from ..models.factory import normalizer_free_archs, unknown_arch_error
 from ..models.small_resnets import is_small_normfree
 from ..models.weights import WEIGHT_FILES
@@ -216,8 +216,11 @@ class TrainConfig:
     - `skipinit`: normfree's small NF ResNets only: True starts every residual branch switched off
       (SkipInit's zero gain), False at full strength; None keeps the model's default (False).
     - `to_normfree`: convert a BatchNorm `arch` (e.g. ``resnet18``) to a normalizer-free model with
-      `normfree.to_normfree` (defaults: alpha 0.2, SkipInit) after building it; refused for archs that
-      are already normalizer-free. Checked up front on the meta device (no memory, no weights).
+      `normfree.to_normfree` after building it (and loading `weights`): its mode, ``"nf"`` (BatchNorm dropped,
+      the NF-ResNet recipe: alpha 0.2, SkipInit) or ``"fold"`` (BatchNorm folded into the convolutions: the
+      weights' function kept); None for no conversion (True and False, as older config.json files hold, mean
+      ``"nf"`` and None). Refused for archs that are already normalizer-free, and for archs the mode cannot
+      convert. Checked up front on the meta device (no memory, no weights).
     - `new_head`: with `weights`/`pretrained`, start from a freshly initialised classifier even when
       the class count matches (a new task).
     - `agc`: AGC's lambda, or None for no clipping; `per_sample`: clip each example's gradient.
@@ -251,7 +254,7 @@ class TrainConfig:
     weights: str | None = None
     new_head: bool = False
     skipinit: bool | None = None
-    to_normfree: bool = False
+    to_normfree: str | None = None
     agc: float | None = DEFAULT_AGC
     per_sample: bool = False
     bs: int = 64
@@ -311,8 +314,8 @@ class TrainConfig:
                 raise ConfigError("weights", "give either pretrained (timm's hub) or weights (a local file), not both")
             if check_weights_file and not Path(self.weights).expanduser().is_file():
                 raise ConfigError("weights", f"{self.weights}: no such file; expected a {WEIGHT_FILES} file")
-        _flag(self.to_normfree, "to_normfree")
-        if self.to_normfree:
+        self._check_conversion_mode()
+        if self.to_normfree is not None:
             self._check_convertible()
         _flag(self.new_head, "new_head")
         if self.new_head and not (self.weights or self.pretrained):
@@ -336,6 +339,15 @@ class TrainConfig:
         if self.per_sample and self.agc is None:
             raise ConfigError("per_sample", "per-sample clipping needs AGC: give agc a lambda, or drop per_sample")
 
+    def _check_conversion_mode(self) -> None:
+        """`to_normfree` as a mode or None; True and False (the flag it was before modes) are "nf" and None."""
+        mode = {True: "nf", False: None}[self.to_normfree] if isinstance(self.to_normfree, bool) else self.to_normfree
+        if mode is not None and (not isinstance(mode, str) or mode not in CONVERSION_MODES):
+            modes = "; ".join(f"{name}: {what}" for name, what in CONVERSION_MODES.items())
+            raise ConfigError("to_normfree", f"must be one of {', '.join(CONVERSION_MODES)} ({modes}), or None for no "
+                                             f"conversion; got {self.to_normfree!r}")
+        object.__setattr__(self, "to_normfree", mode)
+
     def _check_convertible(self) -> None:
         if self.arch in normalizer_free_archs():
             raise ConfigError("to_normfree", f"{self.arch} is already normalizer-free; drop to_normfree "
@@ -343,7 +355,7 @@ class TrainConfig:
         with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
             model = timm.create_model(self.arch, num_classes=10)
         try:
-            to_normfree(model)
+            to_normfree(model, self.to_normfree)
         except ConversionError as error:
             raise ConfigError("to_normfree", f"{self.arch} cannot be converted: {error}") from None
 

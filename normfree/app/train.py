@@ -407,7 +407,7 @@ def _save_figure(fig, path: Path) -> None:
 
 def _describe(learn: Learner, config: TrainConfig) -> str:
     params = sum(p.numel() for p in learn.model.parameters())
-    clipping = "converted to normalizer-free (to_normfree), " if config.to_normfree else ""
+    clipping = f"converted to normalizer-free (to_normfree, mode {config.to_normfree}), " if config.to_normfree else ""
     clipping += "no AGC" if config.agc is None else f"AGC lambda={config.agc}"
     clipping += " per sample" if config.per_sample else ""
     processes = distributed.world_size()

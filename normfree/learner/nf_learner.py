@@ -63,7 +63,7 @@ def nf_learner(
     drop_rate: float = 0.0,
     loss_func: Callable | None = None,
     model_kwargs: dict | None = None,
-    convert: bool | dict = False,
+    convert: bool | str | dict | None = False,
     **kwargs,
 ) -> Learner:
     """A fastai `Learner` for a normalizer-free model (or a BatchNorm baseline, e.g. ``"resnet26"``).
@@ -77,8 +77,11 @@ def nf_learner(
     - `model_kwargs`: extra arguments of the timm model (``{"skipinit": True}``).
     - `convert`: make a BatchNorm `arch` (``"resnet18"``, a torchvision ResNet, an xresnet...) normalizer-free:
       the model is built as without it (weights loaded, classifier initialised), then converted by
-      `normfree.to_normfree` (BatchNorm dropped, Scaled WS convolutions, NF residual blocks with SkipInit).
-      True for its defaults, or a dict of its keyword arguments (``{"alpha": 0.5, "skipinit": False}``).
+      `normfree.to_normfree`: a mode, ``"nf"`` (BatchNorm dropped, Scaled WS convolutions, NF residual blocks
+      with SkipInit) or ``"fold"`` (BatchNorm folded into the convolutions: with `pretrained`/`weights`, the
+      model computes in eval mode what the loaded BatchNorm model computes); True for ``"nf"``; or a dict of
+      to_normfree's keyword arguments (``{"mode": "fold"}``, ``{"alpha": 0.5, "skipinit": False}``); False or None
+      for no conversion.
       The converted model has no normalisation layer, so per-sample AGC works on it.
     Other keyword arguments go to `Learner` (metrics, opt_func, lr, cbs, wd, ...).
     """
@@ -89,14 +92,18 @@ def nf_learner(
         n_out = n_classes
     elif n_classes is not None and n_out != n_classes:
         raise ValueError(f"n_out={n_out} but the data has {n_classes} classes; leave n_out out to use {n_classes}")
-    if convert is not False and not isinstance(convert, (bool, dict)):
-        raise TypeError(f"convert must be True, False or a dict of to_normfree's options, got {convert!r}")
+    if convert is None:
+        convert = False
+    if not isinstance(convert, (bool, str, dict)):
+        raise TypeError(f"convert must be True, False, a to_normfree mode ('nf', 'fold') or a dict of to_normfree's "
+                        f"options, got {convert!r}")
     if convert is not False and isinstance(arch, str) and arch in normalizer_free_archs():
         raise ValueError(f"convert: {arch} is already normalizer-free; drop convert, or give a BatchNorm arch "
                          f"such as 'resnet18'")
     model = build_model(arch, n_out, n_in, pretrained, weights, drop_rate, model_kwargs)
     if convert is not False:
-        model = to_normfree(model, **({} if convert is True else convert))
+        options = {} if convert is True else {"mode": convert} if isinstance(convert, str) else convert
+        model = to_normfree(model, **options)
     if pretrained or weights is not None:
         _add_input_normalisation(dls, model, n_in)
     loss_func = loss_func or getattr(dls.train_ds, "loss_func", None) or CrossEntropyLossFlat()

@@ -1,11 +1,12 @@
 """Models: normalizer-free building blocks and architectures. Needs torch and timm; fastai only for torchvision archs.
 
 - `equations`: one function per equation of the papers: the NF residual, its beta schedule, SkipInit's gain,
-  the activation gammas, Scaled Weight Standardization.
+  the activation gammas, Scaled Weight Standardization, an eval-mode BatchNorm's affine map.
 - `standardization`: Scaled Weight Standardization on timm's layers, and the eps of the layers normfree builds.
 - `classifier`: finding the final classifier and initialising it.
 - `small_resnets`: small-image NF ResNets and their BatchNorm twins (registered with timm on import).
-- `convert`: `to_normfree`, a BatchNorm model made normalizer-free.
+- `convert`: `to_normfree`, a BatchNorm model made normalizer-free (the NF recipe, or by folding BatchNorm).
+- `fold`: every BatchNorm folded into the convolution or Linear next to it (`to_normfree`'s mode "fold").
 - `fusion`: Scaled WS folded into plain convolutions for inference.
 - `weights`: local weight files.  `factory`: `build_model` by timm name or torchvision function.
 - `propagation`: signal propagation plots' statistics.

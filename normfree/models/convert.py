@@ -1,4 +1,9 @@
-"""`to_normfree`: a BatchNorm model made normalizer-free by the NF-ResNet recipe.
+"""`to_normfree`: a BatchNorm model made normalizer-free, in one of two modes.
+
+- ``mode="fold"`` (`normfree.models.fold`): every BatchNorm folded into the convolution or Linear next to it with
+  its running statistics and affine parameters, so the model computes in eval mode what it computed before (the
+  function a pretrained model was trained to), with no normalisation layer left; train it with AGC.
+- ``mode="nf"`` (the default): the NF-ResNet recipe below; BatchNorm dropped, so the weights are a starting point.
 
 Brock, De & Smith 2021, "Characterizing signal propagation to close the performance gap in
 unnormalized ResNets" (arXiv 2101.08692), Sec. 3-4, with the equations of `normfree.models.equations`:
@@ -31,11 +36,20 @@ from timm.layers import ScaledStdConv2d
 from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
+from ..utils.errors import ConversionError
 from .equations import ACTIVATION_GAMMAS, activation_gamma, nf_residual, residual_betas, skipinit_gain
+from .fold import fold_batchnorms
 from .small_resnets import SmallResNet, normfree_twin_name
 from .standardization import STD_CONV_EPS, STD_CONVS
 
-__all__ = ["ConversionError", "ConvertedResidual", "to_normfree"]
+__all__ = ["CONVERSION_MODES", "ConversionError", "ConvertedResidual", "to_normfree"]
+
+# to_normfree's modes: what each does to a BatchNorm model, in a few words (for help texts and errors)
+CONVERSION_MODES = {
+    "nf": "BatchNorm dropped, Scaled WS convolutions, NF residual blocks (alpha 0.2, SkipInit): a new function",
+    "fold": "BatchNorm folded into the convolution next to it: the pretrained function kept, no normalisation left",
+}
+DEFAULT_ALPHA = 0.2  # the papers' alpha
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
@@ -45,10 +59,6 @@ _NORMS = _BATCHNORMS + _OTHER_NORMS
 _SEQUENTIAL_MODELS = (nn.Sequential, tv_resnet.ResNet, timm_resnet.ResNet)
 _HOW = ("to_normfree converts nn.Sequential stacks of Conv2d / BatchNorm2d / activation layers and the residual "
         "blocks of torchvision and timm ResNets (BasicBlock, Bottleneck) and fastai's xresnet (ResBlock)")
-
-
-class ConversionError(ValueError):
-    """What `to_normfree` cannot convert, with the module path and the fix."""
 
 
 class ConvertedResidual(nn.Module):
@@ -386,10 +396,11 @@ def _checked_gammas(gammas, model: nn.Module) -> float | dict | None:
     return checked
 
 
-def _refuse_unconvertible(model: nn.Module) -> None:
+def _refuse_unconvertible(model: nn.Module, mode: str) -> None:
     """ConversionError for a model `to_normfree` cannot convert as a whole, before walking it: scripted or compiled
-    models (their forward is not their modules'), models already normalizer-free, the BatchNorm twins of normfree's
-    small NF ResNets, and convolutions or normalisation layers used in two places (one module, two names)."""
+    models (their forward is not their modules'), models already normalizer-free (for "fold": models without
+    BatchNorm, or with another normalisation layer), the BatchNorm twins of normfree's small NF ResNets ("nf"), and
+    convolutions or normalisation layers used in two places (one module, two names)."""
     scripted = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
         raise ConversionError(f"{scripted or 'the model'} is a TorchScript module (torch.jit.script or trace): its "
@@ -398,13 +409,15 @@ def _refuse_unconvertible(model: nn.Module) -> None:
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise ConversionError("the model is a torch.compile wrapper: pass the eager nn.Module (model._orig_mod) and "
                               "compile the converted model")
-    if isinstance(model, SmallResNet) and model.normalization == "batchnorm":
+    if mode == "fold":
+        _refuse_unfoldable(model)
+    elif isinstance(model, SmallResNet) and model.normalization == "batchnorm":
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         twin = normfree_twin_name(arch) if arch else "nf_resnet_tiny/small/base (the same size)"
         raise ConversionError(f"{arch or 'this model'} is the BatchNorm twin of normfree's {twin}: to_normfree does "
                               f"not convert its pre-activation blocks; build {twin} (--arch {twin.split(' ')[0]}, or "
                               f"normfree.build_model) for the normalizer-free version")
-    if _holds(model, _NORMS) is None:
+    if mode == "nf" and _holds(model, _NORMS) is None:
         standardized = _holds(model, STD_CONVS)
         if standardized is not None:
             raise ConversionError(f"the model ({type(model).__name__}) is already normalizer-free: it has no BatchNorm "
@@ -424,10 +437,54 @@ def _refuse_unconvertible(model: nn.Module) -> None:
                                   f"convert a shared one; give each place its own module (copy.deepcopy) first")
 
 
-def to_normfree(model: nn.Module, *, alpha: float = 0.2, skipinit: bool = True,
+def _refuse_unfoldable(model: nn.Module) -> None:
+    """ConversionError for a model "fold" cannot make normalizer-free: no BatchNorm, or another normalisation."""
+    other = _holds(model, _OTHER_NORMS)
+    if other is not None:
+        raise ConversionError(f"{other or 'the model'} is a {type(model.get_submodule(other)).__name__}: mode 'fold' "
+                              f"folds BatchNorm only (its statistics are fixed; this layer's are each input's), so the "
+                              f"model would keep a normalisation layer; use mode='nf', or replace it by nn.Identity() "
+                              f"first if dropping it is what you want")
+    if _holds(model, _BATCHNORMS) is None:
+        raise ConversionError(f"the model ({type(model).__name__}) has no BatchNorm: nothing to fold; train it as it is")
+
+
+def _check_mode(mode: object, alpha: float, skipinit: bool, activation_gamma: object) -> None:
+    if not isinstance(mode, str) or mode not in CONVERSION_MODES:
+        raise ConversionError(f"mode must be one of {', '.join(map(repr, CONVERSION_MODES))} ("
+                              f"{'; '.join(f'{m}: {what}' for m, what in CONVERSION_MODES.items())}), got {mode!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConversionError(f"alpha must be a finite number > 0 (the paper's {DEFAULT_ALPHA}), got {alpha!r}")
+    if not isinstance(skipinit, bool):
+        raise ConversionError(f"skipinit must be True or False, got {skipinit!r}")
+    if mode == "fold":
+        given = [name for name, value, default in (("alpha", alpha, DEFAULT_ALPHA), ("skipinit", skipinit, True),
+                                                   ("activation_gamma", activation_gamma, None)) if value != default]
+        if given:
+            raise ConversionError(f"{given[0]} is an option of mode 'nf' (the NF-ResNet recipe); mode 'fold' keeps the "
+                                  f"model's blocks and weights as they are: leave {given[0]} out")
+
+
+def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float = DEFAULT_ALPHA, skipinit: bool = True,
                 activation_gamma: float | Mapping | None = None) -> nn.Module:
-    """A copy of BatchNorm model `model` made normalizer-free by the NF-ResNet recipe (Brock, De & Smith 2021,
-    arXiv 2101.08692, Sec. 3-4); `model` itself is not changed.
+    """A copy of BatchNorm model `model` made normalizer-free; `model` itself is not changed. `mode`:
+
+    ``"fold"``: every BatchNorm folded into the layer next to it (`normfree.models.fold.fold_batchnorms`), the
+    frozen-BatchNorm practice of detection libraries. The copy keeps its classes and every other module; each
+    BatchNorm becomes nn.Identity (timm's BatchNormAct2d: its activation and dropout) and the convolution or Linear
+    before it gets W'_c = W_c * g_c / sqrt(var_c + eps), b'_c = beta_c + (b_c - mean_c) * g_c / sqrt(var_c + eps)
+    (a bias created where it had none; parameters trainable as before). So the copy's eval-mode outputs equal the
+    original's eval-mode outputs up to float rounding (the running statistics are used, whatever mode `model` is
+    in), and it has no normalisation layer left: train it with AGC. Covered: any conv -> BatchNorm pair (ResNets,
+    inverted residuals, depthwise convs, squeeze-excitation: torchvision, timm EfficientNet / MobileNet, fastai
+    xresnet), Linear -> BatchNorm1d, and a BatchNorm feeding a Linear or an unpadded convolution (fastai's head:
+    BatchNorm1d, Dropout, Linear; with Dropout between, training drops the scaled input, not BatchNorm's shift).
+    Refused (ConversionError naming the BatchNorm and the fix): a BatchNorm before a padded convolution (DenseNet,
+    pre-activation blocks: the padding zeros would need its shift), one reading a sum or a concatenation, one
+    without running statistics, another normalisation layer (GroupNorm, LayerNorm, ...), a model without BatchNorm.
+    `alpha`, `skipinit` and `activation_gamma` are options of "nf" only (refused with "fold").
+
+    ``"nf"`` (the default): the NF-ResNet recipe (Brock, De & Smith 2021, arXiv 2101.08692, Sec. 3-4):
 
     - Every BatchNorm is removed: its running statistics and affine parameters are dropped (not folded
       into the convolution), so a trained model's function changes; its weights are a starting point.
@@ -454,13 +511,12 @@ def to_normfree(model: nn.Module, *, alpha: float = 0.2, skipinit: bool = True,
     BatchNorm twin of one of normfree's small NF ResNets (build the NF twin). An activation module used in two
     places is fine: each place sets the gamma of the conv after it. No partial conversion is ever returned.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ConversionError(f"alpha must be a finite number > 0 (the paper's 0.2), got {alpha!r}")
-    if not isinstance(skipinit, bool):
-        raise ConversionError(f"skipinit must be True or False, got {skipinit!r}")
+    _check_mode(mode, alpha, skipinit, activation_gamma)
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_normfree converts an nn.Module, got {type(model).__name__}")
-    _refuse_unconvertible(model)
+    _refuse_unconvertible(model, mode)
+    if mode == "fold":
+        return fold_batchnorms(copy.deepcopy(model))
     gammas = _checked_gammas(activation_gamma, model)
     converted = copy.deepcopy(model)
     walk = _Walk(float(alpha), skipinit, gammas)

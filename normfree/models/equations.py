@@ -19,6 +19,8 @@ Functions (each the only place this project writes its equation):
 - `activation_gamma` (and its table `ACTIVATION_GAMMAS`): gamma = 1 / sqrt(Var(g(x))), x ~ N(0, 1).
 - `standardize_weight`: Scaled Weight Standardization, W_hat = gain * gamma * (W - mean) / (std * sqrt(N));
   `weight_statistics`: its mean and 1 / std per output unit.
+- `batchnorm_scale_shift`: an eval-mode BatchNorm as y = scale * x + shift per channel, scale = g / sqrt(var + eps),
+  shift = beta - mean * scale (what `normfree.models.fold` folds into the layer next to a BatchNorm).
 
 Conventions: the papers' beta_i divides (h_i / beta_i); timm's `NormFreeBlock(beta=...)` multiplies, so
 timm's beta is 1 / beta_i.
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 __all__ = [
     "ACTIVATION_GAMMAS",
     "activation_gamma",
+    "batchnorm_scale_shift",
     "nf_residual",
     "residual_betas",
     "skipinit_gain",
@@ -168,3 +171,17 @@ def weight_statistics(weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     per-sample engines use them)."""
     variance, mean = torch.var_mean(weight.reshape(weight.shape[0], -1), dim=1, correction=0)  # one reduction
     return mean, torch.rsqrt(variance + eps)
+
+
+def batchnorm_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as the per-channel affine map it is, y_c = scale_c * x_c + shift_c, with
+    scale_c = g_c / sqrt(var_c + eps) and shift_c = beta_c - mean_c * scale_c (Ioffe & Szegedy 2015, arXiv
+    1502.03167, Algorithm 2: inference uses the running statistics). Folded into the layer before it, weight W and
+    bias b (zero if none), this gives W'_c = W_c * scale_c and b'_c = beta_c + (b_c - mean_c) * scale_c, the fold
+    of frozen BatchNorm in detection libraries (detectron2's FrozenBatchNorm2d). A BatchNorm without affine
+    parameters has g = 1, beta = 0. `bn` must track running statistics (the caller checks)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    return scale, shift if bn.bias is None else shift + bn.bias

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .equations import nf_residual
 from .standardization import STD_CONVS, standardized_weight
 
-__all__ = ["FusedNormFreeBlock", "fuse_standardization"]
+__all__ = ["FusedNormFreeBlock", "fuse_standardization", "replace_submodule"]
 
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -92,7 +92,7 @@ def _fuse_block(block: NormFreeBlock) -> FusedNormFreeBlock:
     return FusedNormFreeBlock(block, None)
 
 
-def _replaced(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put `new` where `root.get_submodule(name)` was; returns the (possibly new) root."""
     if not name:
         return new
@@ -119,7 +119,7 @@ def fuse_standardization(model: nn.Module) -> nn.Module:
     """
     fused = copy.deepcopy(model)
     for name, module in [(n, m) for n, m in fused.named_modules() if isinstance(m, STD_CONVS)]:
-        fused = _replaced(fused, name, _plain_conv(module))
+        fused = replace_submodule(fused, name, _plain_conv(module))
     for name, module in [(n, m) for n, m in fused.named_modules() if isinstance(m, NormFreeBlock)]:
-        fused = _replaced(fused, name, _fuse_block(module))
+        fused = replace_submodule(fused, name, _fuse_block(module))
     return fused.eval()  # after the replacements: new modules start in training mode

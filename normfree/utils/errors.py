@@ -1,8 +1,9 @@
 """The errors normfree raises for what a user can fix: a setting that cannot work (`ConfigError`, from the output
-folder up to the command line), and a file that could not be written (`WriteError`, a full disk, ...)."""
+folder up to the command line), a model `normfree.to_normfree` cannot convert (`ConversionError`), and a file that
+could not be written (`WriteError`, a full disk, ...)."""
 from __future__ import annotations
 
-__all__ = ["ConfigError", "WriteError"]
+__all__ = ["ConfigError", "ConversionError", "WriteError"]
 
 
 class ConfigError(ValueError):
@@ -11,6 +12,10 @@ class ConfigError(ValueError):
     def __init__(self, option: str, message: str):
         super().__init__(f"{option}: {message}")
         self.option, self.message = option, message
+
+
+class ConversionError(ValueError):
+    """What `normfree.to_normfree` cannot convert, with the module path and the fix."""
 
 
 class WriteError(OSError):
