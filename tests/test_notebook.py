@@ -26,6 +26,10 @@ COMPARE_BATCH_SIZES = [16]
 COMPARE_SIZE = 8
 COMPARE_LIMIT = 32
 COMPARE_LRS = [1e-2, 3e-2]
+BN_ARCH = "resnet18"
+FOLD_PER_CLASS = 10
+TARGET_TRAIN_PER_CLASS = 4
+SMALL_BS = 4
 OUT = {str(out)!r}
 """
 
@@ -105,3 +109,11 @@ def test_notebook_runs_at_tiny_settings(tmp_path):
     assert "| BatchNorm | bs 16 |" in compared and "| NF + AGC | bs 16 |" in compared
     assert f"report: {out / 'compare' / 'report.html'}" in compared
     assert (out / "compare" / "report.html").is_file() and (out / "digits_nf.safetensors").is_file()
+    folded = output_text(cell_running(notebook, 'mode="fold"'))
+    difference = re.search(r"max \|folded - BatchNorm\| logit difference: ([0-9.e+-]+) \(logits up to ([0-9.]+)\)", folded)
+    assert difference and float(difference[1]) < 1e-4 < float(difference[2]), folded  # the eval outputs kept
+    before = re.search(r"BatchNorm layers: (\d+) before folding, 0 after", folded)
+    assert before and int(before[1]) > 0, folded
+    fine_tuned = output_text(cell_running(notebook, "fine_tuned = {}"))
+    for method in ("with BatchNorm", "folded + AGC"):
+        assert 0 <= number_after(re.escape(f"fine-tuned {method}: validation accuracy"), fine_tuned) <= 1
