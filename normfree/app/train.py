@@ -618,7 +618,8 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
                 say(f"lr_find suggests lr={lr:.2e}")
             checkpoint = [EpochCheckpoint(out / CHECKPOINT, log.rows,
                                           {"lr": lr, "config": config.to_dict(), "processes": distributed.world_size(),
-                                           "data": data_fingerprint(learn.dls)},
+                                           # a resumed run's data was checked equal to its checkpoint's
+                                           "data": data_fingerprint(learn.dls) if resumed is None else resumed["data"]},
                                           fit=0 if resumed is None else resumed["fit"])] if writes else []
             with distributed.data_parallel(learn):
                 if resumed is None:
