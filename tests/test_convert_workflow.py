@@ -160,3 +160,79 @@ def test_compare_folded_methods_on_your_own_arch(tmp_path):
     }
     report = (out / "report.md").read_text()
     assert "BatchNorm folded + AGC" in report and "resnet18 with its BatchNorm folded into the convolutions" in report
+
+
+@pytest.mark.parametrize("arch", ["torchvision:resnet18", "fastai:xresnet18", "torchvision:vgg11_bn"])
+def test_torchvision_and_fastai_archs_by_name_build_and_convert(arch):
+    import torchvision
+    from fastai.vision.models.xresnet import xresnet18
+
+    library_function = {"torchvision:resnet18": torchvision.models.resnet18,
+                        "fastai:xresnet18": lambda weights=None: xresnet18(),  # fastai's functions take no weights
+                        "torchvision:vgg11_bn": torchvision.models.vgg11_bn}[arch]
+    by_name, by_function = build_model(arch, 7), build_model(library_function, 7)
+    assert [tuple(p.shape) for p in by_name.parameters()] == [tuple(p.shape) for p in by_function.parameters()]
+    assert by_name(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    converted = normfree.to_normfree(by_name, alpha=0.5, skipinit=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
+    blocks = [m for m in converted.modules() if isinstance(m, ConvertedResidual)]
+    assert all(b.alpha == 0.5 and b.skip_gain is None for b in blocks)
+    assert bool(blocks) == ("resnet" in arch)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("arch, message", [
+    ("torchvision:resnet19", "unknown arch 'torchvision:resnet19': torchvision has no model 'resnet19'; close names: "
+                             "torchvision:resnet18"),
+    ("fastai:xresnet19", "fastai has no model 'xresnet19'; close names: fastai:xresnet18"),
+])
+def test_unknown_library_archs_name_close_ones(tmp_path, capsys, arch, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--arch", arch, "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_alpha_and_skipinit_reach_the_converted_blocks(tmp_path):
+    result = normfree.train(**QUICK, arch="torchvision:resnet18", to_normfree="nf", alpha=0.5, skipinit=False,
+                            quiet=True, save_model=False, save_plots=False, out=tmp_path / "run")
+    blocks = [m for m in result.learner.model.modules() if isinstance(m, ConvertedResidual)]
+    assert len(blocks) == 8 and all(b.alpha == 0.5 and b.skip_gain is None for b in blocks)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert (saved["alpha"], saved["skipinit"], saved["arch"]) == (0.5, False, "torchvision:resnet18")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("options, option", [
+    (dict(arch="resnet18", alpha=0.5), "alpha"),  # no conversion: no NF blocks
+    (dict(arch="resnet18", to_normfree="fold", skipinit=False), "skipinit"),  # fold keeps the blocks as they are
+    (dict(arch="nf_resnet_tiny", alpha=0.0), "alpha"),
+    (dict(arch="nf_resnet_tiny", alpha=float("nan")), "alpha"),
+])
+def test_train_config_refuses_alpha_and_skipinit_without_nf_blocks(options, option):
+    with pytest.raises(normfree.ConfigError) as error:
+        TrainConfig(**options)
+    assert error.value.option == option
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("options, option", [
+    (dict(methods=("nf-agc-skipinit",), skipinit=False), "skipinit"),
+    (dict(arch="resnet18", methods=("bn", "folded-agc"), alpha=0.5), "alpha"),
+])
+def test_compare_refuses_block_options_it_cannot_apply(options, option):
+    from normfree.app.compare import CompareConfig
+
+    with pytest.raises(normfree.ConfigError) as error:
+        CompareConfig(**options)
+    assert error.value.option == option
+
+
+def test_compare_passes_alpha_and_skipinit_to_converted_runs_only(tmp_path):
+    from normfree.app.compare import CompareConfig, GridCell
+
+    config = CompareConfig(arch="resnet18", methods=("bn", "converted-agc", "folded-agc"), alpha=0.5, skipinit=False,
+                           out=str(tmp_path))
+    runs = {m: config.train_config(GridCell(m, 16, 1, 0), 1e-2, None) for m in config.method_keys()}
+    assert (runs["converted-agc"].alpha, runs["converted-agc"].skipinit) == (0.5, False)
+    assert all((runs[m].alpha, runs[m].skipinit) == (None, None) for m in ("bn", "folded-agc"))

@@ -123,7 +123,8 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                              "(default: none)")
     _add_data_and_model(parser, d, "any timm model: an NF family (nfnet_f0, nf_resnet26, test_nfnet, ...), the "
                                    "small nf_resnet_tiny/small/base, their BatchNorm twins bn_resnet_*, or e.g. "
-                                   "resnet18")
+                                   "resnet18; or torchvision:NAME, fastai:NAME (torchvision:resnet50, "
+                                   "fastai:xresnet18)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--pretrained", action="store_true", help="start from timm's hub weights (needs the network)")
     start.add_argument("--weights", metavar="PATH", default=None,
@@ -136,8 +137,12 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--per-sample", action="store_true",
                         help="clip each example's gradient (per-sample AGC; normalizer-free models only)")
     parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],
-                        help="small NF ResNets: start each residual branch switched off (SkipInit's zero gain) or, "
-                             "with --no-skipinit, at full strength (default: the model's own, --no-skipinit)")
+                        help="NF residual blocks (small NF ResNets, --to-normfree nf): start each residual branch "
+                             "switched off (SkipInit's zero gain) or, with --no-skipinit, at full strength (default: "
+                             "the model's own or to_normfree's)")
+    parser.add_argument("--alpha", type=float, default=d["alpha"],
+                        help="NF residual blocks (small NF ResNets, --to-normfree nf): alpha of h + alpha * f(h / "
+                             "beta) (default: the model's own or to_normfree's)")
     parser.add_argument("--to-normfree", nargs="?", const="nf", choices=list(CONVERSION_MODES),
                         default=d["to_normfree"], metavar="MODE",
                         help="make a BatchNorm --arch (e.g. resnet18) normalizer-free with normfree.to_normfree; MODE "
@@ -223,6 +228,11 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                         help="with --budget steps: N optimizer steps per run (default: as many as the largest batch "
                              "makes in --epochs epochs)")
     parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA", help="lambda of the AGC methods")
+    parser.add_argument("--alpha", type=float, default=d["alpha"],
+                        help="alpha of the NF residual blocks (methods nf*, converted*) (default: each model's own)")
+    parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],
+                        help="start the NF residual blocks' branches switched off (SkipInit) or, with --no-skipinit, "
+                             "at full strength (methods nf*, converted*) (default: each model's own)")
     parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="train up to N runs at once, in processes that split the CPU cores (the same results "

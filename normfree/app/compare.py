@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..models.convert import DEFAULT_ALPHA, DEFAULT_SKIPINIT
 from ..models.factory import normalizer_free_archs
 from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
 from ..utils.errors import WriteError
@@ -86,7 +87,7 @@ METHODS = {
 }
 # the methods that convert the BatchNorm model: to_normfree's mode for each, and the models' description in reports
 CONVERSIONS = {"converted": "nf", "converted-agc": "nf", "folded": "fold", "folded-agc": "fold"}
-_CONVERTED_MODELS = {"nf": "converted by normfree.to_normfree (alpha 0.2, SkipInit)",
+_CONVERTED_MODELS = {"nf": "converted by normfree.to_normfree (mode nf)",
                      "fold": "with its BatchNorm folded into the convolutions (normfree.to_normfree, mode 'fold')"}
 _AGC_METHODS = ("nf-agc", "nf-agc-skipinit", "nf-agc-per-sample", "converted-agc", "folded-agc")
 DEFAULT_METHODS = ("bn", "nf-agc")  # the question in normfree's name; --methods adds the others
@@ -129,6 +130,8 @@ class CompareConfig(GridRunOptions):
     - `seeds`; `epochs`; `lrs`: the peak learning rates of the one-cycle schedule to choose from (one
       value: that lr for every run, no sweep); `opt`: ``adam`` or ``sgd`` (Nesterov); `agc`: lambda of
       the AGC methods.
+    - `alpha`, `skipinit`: the NF residual blocks of the methods that have them (the NF twin's, and ``converted*``'s,
+      to_normfree's mode nf; ``nf-agc-skipinit`` always starts with SkipInit); None: their defaults.
     - `budget`: ``epochs`` (every run trains `epochs` epochs) or ``steps`` (every run makes the same
       number of optimizer steps: `steps`, by default as many as the largest batch makes in `epochs`
       epochs).
@@ -148,6 +151,8 @@ class CompareConfig(GridRunOptions):
     budget: str = "epochs"
     steps: int | None = None
     agc: float = DEFAULT_AGC
+    alpha: float | None = None
+    skipinit: bool | None = None
     size: int | None = 16
     limit: int | None = TrainConfig.limit
     valid_pct: float = TrainConfig.valid_pct
@@ -185,6 +190,12 @@ class CompareConfig(GridRunOptions):
                                       f"bn_resnet_tiny/small/base), whose NF twin the methods {', '.join(twin_methods)} "
                                       f"train; with your own BatchNorm arch use the methods bn, converted and "
                                       f"converted-agc (the default for such an arch)")
+        if self.skipinit is False and "nf-agc-skipinit" in self.method_keys():
+            raise ConfigError("skipinit", "False contradicts the method nf-agc-skipinit (SkipInit on); drop one")
+        if (self.alpha, self.skipinit) != (None, None) and not any(map(_has_nf_blocks, self.method_keys())):
+            raise ConfigError("alpha" if self.alpha is not None else "skipinit",
+                              f"set the NF residual blocks of the methods nf*, converted and converted-agc, and none "
+                              f"of {', '.join(self.method_keys())} has them; leave it out")
         first_of_each_method = {cell.method: cell for cell in reversed(self.cells())}
         for cell in first_of_each_method.values():  # the shared options, checked by TrainConfig itself
             for lr in self.lrs:
@@ -241,7 +252,8 @@ class CompareConfig(GridRunOptions):
             mode = CONVERSIONS.get(cell.method)
             return TrainConfig(
                 data=self.data, arch=self.bn_arch if cell.method == "bn" or mode else self.nf_arch,
-                skipinit=True if cell.method == "nf-agc-skipinit" else None, to_normfree=mode,
+                skipinit=True if cell.method == "nf-agc-skipinit" else self.skipinit if _has_nf_blocks(cell.method)
+                else None, alpha=self.alpha if _has_nf_blocks(cell.method) else None, to_normfree=mode,
                 agc=self.agc if cell.method in _AGC_METHODS else None,
                 per_sample=cell.method == _PER_SAMPLE,
                 bs=cell.bs, accum=cell.accum, opt=self.opt, epochs=self.epochs, steps=steps, lr=lr,
@@ -352,11 +364,26 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
         "budget (same for every run)": f"{budget}, fastai fit_one_cycle, {optimizer}, fastai's weight decay",
         "learning rate": learning_rate,
         "AGC lambda": config.agc,
+        **({"NF residual blocks": _block_settings(config)} if any(map(_has_nf_blocks, methods)) else {}),
         "image size": f"{config.size} px" if config.size else "native",
         "precision": config.precision,
         "peak memory": memory,
         **environment_settings(config.device, sum(run.seconds_per_epoch * len(run.curve) for run in runs), seconds),
     }
+
+
+def _has_nf_blocks(method: str) -> bool:
+    """Whether `method`'s model has NF residual blocks (alpha, SkipInit): the NF twin's, or to_normfree's mode nf."""
+    return method.startswith("nf") or CONVERSIONS.get(method) == "nf"
+
+
+def _block_settings(config: CompareConfig) -> str:
+    """The NF residual blocks' settings of the grid, as the report states them."""
+    alpha = (f"alpha {config.alpha:g}" if config.alpha is not None else
+             f"alpha: each model's default (to_normfree's {DEFAULT_ALPHA:g})")
+    skipinit = {None: f"SkipInit: each model's default (to_normfree's {'on' if DEFAULT_SKIPINIT else 'off'})",
+                True: "SkipInit on", False: "SkipInit off"}[config.skipinit]
+    return f"{alpha}; {skipinit}"
 
 
 def _models(config: CompareConfig, methods: list[str]) -> str:

@@ -17,7 +17,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from fastai.torch_core import default_device
 
@@ -27,7 +26,7 @@ from ..data.registry import DataSpec, parse_data_spec
 from ..learner.optim import OPTIMIZERS
 from ..learner.precision import check_precision
 from ..models.convert import CONVERSION_MODES, ConversionError, to_normfree
-from ..models.factory import normalizer_free_archs, unknown_arch_error
+from ..models.factory import build_model, is_known_arch, normalizer_free_archs, unknown_arch_error
 from ..models.small_resnets import is_small_normfree
 from ..models.weights import WEIGHT_FILES
 from ..utils.errors import ConfigError
@@ -210,14 +209,16 @@ class TrainConfig:
     - `data`: ``digits``, ``fashion-mnist[:DIR]``, a MedMNIST ``.npz``, a ``.csv`` of image paths and
       labels (columns `path_col`, `label_col`) or an image folder (see `normfree.data.registry`).
     - `arch`: a timm name: any NF family, the small ``nf_resnet_tiny/small/base``, their BatchNorm twins
-      ``bn_resnet_*``, or a BatchNorm baseline such as ``resnet18``.
+      ``bn_resnet_*``, or a BatchNorm baseline such as ``resnet18``; or torchvision's or fastai's model by name,
+      ``torchvision:resnet18``, ``fastai:xresnet18``.
     - `pretrained` (timm's hub) or `weights` (a local file, see `normfree.load_weights`): start from
       trained weights; the body then starts frozen, as in fastai.
-    - `skipinit`: normfree's small NF ResNets only: True starts every residual branch switched off
-      (SkipInit's zero gain), False at full strength; None keeps the model's default (False).
+    - `skipinit`, `alpha`: the NF residual blocks h + alpha * gain * f(h / beta) of normfree's small NF ResNets
+      and of `to_normfree`'s mode ``"nf"``: `skipinit` True starts every residual branch switched off (SkipInit's
+      zero gain), False at full strength; `alpha` > 0; None keeps the model's or to_normfree's default.
     - `to_normfree`: convert a BatchNorm `arch` (e.g. ``resnet18``) to a normalizer-free model with
       `normfree.to_normfree` after building it (and loading `weights`): its mode, ``"nf"`` (BatchNorm dropped,
-      the NF-ResNet recipe: alpha 0.2, SkipInit) or ``"fold"`` (BatchNorm folded into the convolutions: the
+      the NF-ResNet recipe) or ``"fold"`` (BatchNorm folded into the convolutions: the
       weights' function kept); None for no conversion (True and False, as older config.json files hold, mean
       ``"nf"`` and None). Refused for archs that are already normalizer-free, and for archs the mode cannot
       convert. Checked up front on the meta device (no memory, no weights).
@@ -254,6 +255,7 @@ class TrainConfig:
     weights: str | None = None
     new_head: bool = False
     skipinit: bool | None = None
+    alpha: float | None = None
     to_normfree: str | None = None
     agc: float | None = DEFAULT_AGC
     per_sample: bool = False
@@ -306,7 +308,7 @@ class TrainConfig:
                 raise ConfigError(option, f"must be a CSV column name, got {getattr(self, option)!r}")
 
     def _check_model(self, check_weights_file: bool) -> None:
-        if not isinstance(self.arch, str) or self.arch not in timm.list_models():
+        if not is_known_arch(self.arch):
             raise ConfigError("arch", str(unknown_arch_error(str(self.arch))))
         _flag(self.pretrained, "pretrained")
         if self.weights is not None:
@@ -323,9 +325,14 @@ class TrainConfig:
                                           "pretrained, or drop new_head")
         if self.skipinit is not None:
             _flag(self.skipinit, "skipinit")
-            if not is_small_normfree(self.arch):
-                raise ConfigError("skipinit", f"is an option of normfree's small NF ResNets (nf_resnet_tiny/small/"
-                                              f"base), not {self.arch}; leave it out")
+        if self.alpha is not None:
+            _positive(self.alpha, "alpha", "the residual branches' scale, e.g. 0.2 (the papers') or 0.5")
+        for option in ("skipinit", "alpha"):
+            if getattr(self, option) is not None and not (is_small_normfree(self.arch) or self.to_normfree == "nf"):
+                raise ConfigError(option, f"is an option of NF residual blocks: normfree's small NF ResNets "
+                                          f"(nf_resnet_tiny/small/base) and to_normfree's mode nf (--to-normfree nf), "
+                                          f"not {self.arch}" + (f" with to_normfree {self.to_normfree}"
+                                                                 if self.to_normfree else "") + "; leave it out")
         if self.agc is not None:
             if isinstance(self.agc, bool):
                 raise ConfigError("agc", f"is AGC's lambda, a number such as {DEFAULT_AGC}, not {self.agc!r}; for no "
@@ -353,11 +360,19 @@ class TrainConfig:
             raise ConfigError("to_normfree", f"{self.arch} is already normalizer-free; drop to_normfree "
                                              f"(--to-normfree), or give a BatchNorm arch such as resnet18")
         with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
-            model = timm.create_model(self.arch, num_classes=10)
+            model = build_model(self.arch, 10)
         try:
-            to_normfree(model, self.to_normfree)
+            to_normfree(model, **self.conversion())
         except ConversionError as error:
             raise ConfigError("to_normfree", f"{self.arch} cannot be converted: {error}") from None
+
+    def block_options(self) -> dict[str, Any]:
+        """`skipinit` and `alpha` where given: the small NF ResNets' model arguments, or to_normfree's (mode nf)."""
+        return {name: value for name, value in (("skipinit", self.skipinit), ("alpha", self.alpha)) if value is not None}
+
+    def conversion(self) -> dict[str, Any]:
+        """`to_normfree`'s arguments for this run's conversion: the mode, and `block_options` with mode nf."""
+        return {"mode": self.to_normfree, **(self.block_options() if self.to_normfree == "nf" else {})}
 
     def _check_training(self) -> None:
         check_bs(self.bs)

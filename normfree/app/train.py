@@ -363,8 +363,8 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
             agc=None,
             metrics=distributed.gathered_metric(accuracy_multi if multi_label else accuracy),
             loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=OPTIMIZERS[config.opt],
-            model_kwargs=None if config.skipinit is None else {"skipinit": config.skipinit},
-            convert=config.to_normfree,
+            model_kwargs=None if config.to_normfree else config.block_options() or None,
+            convert=config.conversion() if config.to_normfree else None,
         )
     except ConversionError as error:
         raise ConfigError("to_normfree", f"{config.arch}: {error}") from None

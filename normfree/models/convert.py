@@ -50,6 +50,7 @@ CONVERSION_MODES = {
     "fold": "BatchNorm folded into the convolution next to it: the pretrained function kept, no normalisation left",
 }
 DEFAULT_ALPHA = 0.2  # the papers' alpha
+DEFAULT_SKIPINIT = True
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
@@ -458,14 +459,14 @@ def _check_mode(mode: object, alpha: float, skipinit: bool, activation_gamma: ob
     if not isinstance(skipinit, bool):
         raise ConversionError(f"skipinit must be True or False, got {skipinit!r}")
     if mode == "fold":
-        given = [name for name, value, default in (("alpha", alpha, DEFAULT_ALPHA), ("skipinit", skipinit, True),
+        given = [name for name, value, default in (("alpha", alpha, DEFAULT_ALPHA), ("skipinit", skipinit, DEFAULT_SKIPINIT),
                                                    ("activation_gamma", activation_gamma, None)) if value != default]
         if given:
             raise ConversionError(f"{given[0]} is an option of mode 'nf' (the NF-ResNet recipe); mode 'fold' keeps the "
                                   f"model's blocks and weights as they are: leave {given[0]} out")
 
 
-def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float = DEFAULT_ALPHA, skipinit: bool = True,
+def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float = DEFAULT_ALPHA, skipinit: bool = DEFAULT_SKIPINIT,
                 activation_gamma: float | Mapping | None = None) -> nn.Module:
     """A copy of BatchNorm model `model` made normalizer-free; `model` itself is not changed. `mode`:
 

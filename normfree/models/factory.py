@@ -1,5 +1,6 @@
-"""The model factory: a timm architecture by name (normalizer-free or not) or a torchvision model function,
-with a normalisation-free head (global pool, dropout, Linear initialised as the NFNet papers do)."""
+"""The model factory: an architecture by name (timm's, ``torchvision:NAME`` or ``fastai:NAME``; normalizer-free or
+not) or a torchvision model function, with a normalisation-free head (global pool, dropout, Linear initialised as
+the NFNet papers do)."""
 from __future__ import annotations
 
 import difflib
@@ -13,8 +14,9 @@ from torch import nn
 from .classifier import classifier_init_std, find_classifier, init_classifier_
 from .weights import load_weights
 
-__all__ = ["build_model", "normalizer_free_archs", "body_head_splitter", "unknown_arch_error"]
+__all__ = ["build_model", "normalizer_free_archs", "body_head_splitter", "unknown_arch_error", "is_known_arch"]
 
+LIBRARIES = ("torchvision", "fastai")  # the prefixes of ``library:NAME`` architecture names
 _NF_PREFIXES = ("nfnet_", "dm_nfnet_", "eca_nfnet_", "nf_regnet_", "nf_resnet", "nf_seresnet", "nf_ecaresnet",
                 "test_nfnet")
 
@@ -37,10 +39,44 @@ def _close_names(arch: str, names: list[str], n: int) -> list[str]:
     return [name for key in close for name in by_key[key]][:n]
 
 
+def _library_names(library: str) -> list[str]:
+    """The model names ``library:NAME`` accepts: torchvision's registry, fastai's xresnet family."""
+    if library == "torchvision":
+        import torchvision.models
+
+        return torchvision.models.list_models(module=torchvision.models)
+    from fastai.vision.models import xresnet
+
+    return sorted(name for name in xresnet.__all__ if name.startswith("xres"))
+
+
+def _split_library(arch: str) -> tuple[str, str] | None:
+    """(library, model name) for ``torchvision:resnet18`` / ``fastai:xresnet18``; None for a timm name."""
+    library, sep, name = arch.partition(":")
+    return (library, name) if sep and library in LIBRARIES else None
+
+
+def is_known_arch(arch: object) -> bool:
+    """Whether `arch` names an architecture `build_model` builds: a timm name, ``torchvision:NAME`` or
+    ``fastai:NAME``."""
+    if not isinstance(arch, str):
+        return False
+    split = _split_library(arch)
+    return arch in timm.list_models() if split is None else split[1] in _library_names(split[0])
+
+
 def unknown_arch_error(arch: str) -> ValueError:
     """The error for an architecture name timm does not know, suggesting names from all of timm's:
     the same name written with other separators or case first (``resnet-18`` -> ``resnet18``), then
-    close normalizer-free names, then other close names."""
+    close normalizer-free names, then other close names. For ``torchvision:NAME`` and ``fastai:NAME``, close names
+    of that library."""
+    split = _split_library(arch)
+    if split is not None:
+        library, name = split
+        close = _close_names(name, _library_names(library), 6)
+        hint = f"close names: {', '.join(f'{library}:{n}' for n in close)}" if close else (
+            f"its models include: {', '.join(f'{library}:{n}' for n in _library_names(library)[:8])}, ...")
+        return ValueError(f"unknown arch {arch!r}: {library} has no model {name!r}; {hint}")
     nf = normalizer_free_archs()
     nf_set = set(nf)
     everything = timm.list_models()
@@ -55,7 +91,20 @@ def unknown_arch_error(arch: str) -> ValueError:
     else:
         hint = f"normalizer-free names include: {', '.join(nf[:8])}, ..."
     return ValueError(f"unknown arch {arch!r}; {hint} (normfree.normalizer_free_archs() lists the normalizer-free "
-                      f"names, timm.list_models() all)")
+                      f"names, timm.list_models() all; torchvision's and fastai's models are written "
+                      f"torchvision:resnet18, fastai:xresnet18)")
+
+
+def _library_model_function(library: str, name: str) -> Callable:
+    """The model function of ``library:name``, called as torchvision's are (``weights="DEFAULT"`` or None)."""
+    if library == "torchvision":
+        import torchvision.models
+
+        return torchvision.models.get_model_builder(name)
+    from fastai.vision.models import xresnet
+
+    function = getattr(xresnet, name)
+    return lambda weights=None: function(pretrained=weights is not None)
 
 
 def _timm_model(arch: str, n_out: int, n_in: int, pretrained: bool, drop_rate: float, model_kwargs: dict) -> nn.Module:
@@ -90,13 +139,21 @@ def build_model(
     drop_rate: float = 0.0,
     model_kwargs: dict | None = None,
 ) -> nn.Module:
-    """The model `nf_learner` trains: a timm arch by name (NF or not), or a torchvision model function.
+    """The model `nf_learner` trains: a timm arch by name (NF or not), torchvision's or fastai's by name
+    (``"torchvision:resnet18"``, ``"fastai:xresnet18"``: fastai's body, this head), or a torchvision model function.
 
     The head is global pooling, dropout and a Linear initialised N(0, 0.01) (or the model's own
     ``classifier_init_std``) — no normalisation layer. `weights` loads a local file (see `load_weights`).
     `model_kwargs` go to `timm.create_model` (e.g. ``{"skipinit": True}`` for normfree's small ResNets).
     """
-    if isinstance(arch, str):
+    split = _split_library(arch) if isinstance(arch, str) else None
+    if split is not None:
+        if not is_known_arch(arch):
+            raise unknown_arch_error(arch)
+        if model_kwargs:
+            raise TypeError(f"model_kwargs are for timm architectures, not {arch}")
+        model = _torchvision_model(_library_model_function(*split), n_out, n_in, pretrained, drop_rate)
+    elif isinstance(arch, str):
         model = _timm_model(arch, n_out, n_in, pretrained, drop_rate, model_kwargs or {})
     elif model_kwargs:
         raise TypeError("model_kwargs are for timm architectures given by name, not torchvision functions")
