@@ -389,3 +389,15 @@ def test_a_lambda_given_as_numpy_or_tensor_is_stored_as_the_float_it_holds(agc, 
     config = normfree.TrainConfig(agc=agc, out=str(tmp_path))
     assert type(config.agc) is float and config.agc == pytest.approx(0.02, rel=1e-6)
     assert json.loads(json.dumps(config.to_dict()))["agc"] == config.agc  # config.json is written as JSON
+
+
+@pytest.mark.bad_input
+def test_batch_of_one_through_a_one_by_one_batchnorm_is_refused_naming_bs(tmp_path, capsys):
+    # torch stops such a step with "Expected more than 1 value per channel when training" and a traceback
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--arch", "resnet18", "--bs", "1", "--size", "16", "--limit", "20", "--epochs", "1",
+              "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--bs: 1 cannot train resnet18: its BatchNorm layer3.0.bn1 sees one value per channel at batch 1" in err
+    assert "--to-normfree" in err and "Traceback" not in err

@@ -66,6 +66,7 @@ from fastai.learner import Learner, Recorder
 from fastai.losses import BCEWithLogitsLossFlat
 from fastai.metrics import accuracy, accuracy_multi
 from fastai.torch_core import set_seed
+from torch import nn
 
 from ..data.loaders import subset_dataloaders
 from ..learner.checkpoint import (
@@ -371,6 +372,8 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         option = "weights" if config.weights else "pretrained" if config.pretrained else "arch"
         raise ConfigError(option, str(error)) from None
+    if config.bs == 1:
+        _check_single_image_batchnorm(learn, config)
     if not starting and (config.pretrained or config.weights):
         learn.freeze()  # as nf_learner freezes the body under starting weights
     if config.new_head:
@@ -386,6 +389,34 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
         learn.add_cb(GradientAccumulation(config.accum * config.bs))  # fastai counts examples, not batches
     learn.to_mixed_precision(config.precision)
     return learn
+
+
+def _check_single_image_batchnorm(learn: Learner, config: TrainConfig) -> None:
+    """At bs 1 a BatchNorm whose input has one value per channel (a 1x1 feature map: a stride-32 ResNet at 32 px or
+    less) cannot normalise in training, and torch would stop the first step with a traceback: refuse it up front,
+    found by one eval-mode forward of one image."""
+    seen: dict[str, tuple[int, ...]] = {}
+    batchnorms = [(name, m) for name, m in learn.model.named_modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    def record(name: str):  # a pre-hook returning a value would replace the input: return nothing
+        return lambda _, args: seen.__setitem__(name, tuple(args[0].shape))
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in batchnorms]
+    training = learn.model.training
+    try:
+        with torch.no_grad():
+            learn.model.eval()(learn.dls.one_batch()[0][:1])
+    finally:
+        learn.model.train(training)
+        for hook in hooks:
+            hook.remove()
+    single = [(name, shape) for name, shape in seen.items() if math.prod(shape) // shape[1] == 1]
+    if single:
+        name, shape = single[0]
+        raise ConfigError("bs", f"1 cannot train {config.arch}: its BatchNorm {name} sees one value per channel at "
+                                f"batch 1 (input {list(shape)}{f', {config.size} px images' if config.size else ''}) "
+                                f"and cannot normalise; give bs >= 2, larger images (--size), or remove BatchNorm "
+                                f"(--to-normfree)")
 
 
 def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> None:
