@@ -5,10 +5,12 @@ NF-ResNet recipe), `to_normfree(model, mode="fold")` (every BatchNorm folded int
 and that folded model trained with AGC (`adaptive_clip_grad_` on every parameter but the classifier's,
 lambda 0.01, before the optimizer step); the folded model has no normalisation left, so AGC is how it
 would be trained. One step is forward, cross-entropy, backward (AGC) and an Adam step on a fixed batch
-of 16 three-channel images with 10 classes. The four alternate within a round (which goes first rotates
-every round); round 0 warms up the allocator and oneDNN's kernel caches and is not counted; each ratio is
-taken against the BatchNorm step of the same round and the median of the round ratios reported, so a
-noisy shared machine slows all members of a round alike. The spread row gives the quartiles of the round
+of 16, then 64, three-channel images with 10 classes: BatchNorm's cost grows with the batch, while that of
+weight standardisation (mode nf) and of Adam's update does not, so the ratios move with the batch size and
+both are shown. The four alternate within a round (which goes first rotates every round); round 0 warms
+up the allocator and oneDNN's kernel caches and is not counted; each ratio is taken against the BatchNorm
+step of the same round and the median of the round ratios reported, so a noisy shared machine slows all
+members of a round alike. The spread row gives the quartiles of the round
 ratios (the middle half of the rounds) and, in brackets, the lowest and highest: a round in which another
 process took the CPUs for one step shows there, not in the median.
 """
@@ -25,7 +27,7 @@ import torchvision
 from normfree import adaptive_clip_grad_, excluded_parameters, to_normfree
 
 ROUNDS = 30
-BATCH, CHANNELS, CLASSES = 16, 3, 10
+BATCHES, CHANNELS, CLASSES = (16, 64), 3, 10
 SETTINGS = [("resnet18", 64), ("resnet50", 32)]  # (torchvision model, image size in px)
 CLIPPING = 0.01
 # (variant, target for its time / the BatchNorm original's time); None: the original itself
@@ -62,10 +64,10 @@ def variants(arch: str) -> dict[str, tuple[torch.nn.Module, Callable[[], object]
     return {name: (model.train(), clip) for name, (model, clip) in models.items()}
 
 
-def time_variants(arch: str, size: int) -> dict[str, list[float]]:
+def time_variants(arch: str, size: int, batch: int) -> dict[str, list[float]]:
     models = variants(arch)
     optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-3) for name, (model, _) in models.items()}
-    x, y = torch.randn(BATCH, CHANNELS, size, size), torch.randint(0, CLASSES, (BATCH,))
+    x, y = torch.randn(batch, CHANNELS, size, size), torch.randint(0, CLASSES, (batch,))
     names = list(models)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(ROUNDS + 1):
@@ -80,10 +82,10 @@ def time_variants(arch: str, size: int) -> dict[str, list[float]]:
 
 def run() -> list[dict]:
     rows = []
-    for arch, size in SETTINGS:
-        benchmark = f"train step (Adam), batch {BATCH}, {size} px, {CHANNELS} channels"
+    for (arch, size), batch in [(setting, batch) for setting in SETTINGS for batch in BATCHES]:
+        benchmark = f"train step (Adam), batch {batch}, {size} px, {CHANNELS} channels"
         setting = f"torchvision {arch}, {ROUNDS} rounds"
-        times = time_variants(arch, size)
+        times = time_variants(arch, size, batch)
         rows += [
             dict(benchmark=benchmark, setting=setting, measurement=f"{name} median ms",
                  value=f"{statistics.median(times[name]) * 1e3:.1f}", target="")

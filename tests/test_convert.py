@@ -53,7 +53,8 @@ def test_torchvision_resnet18_keeps_weights_and_gets_the_nf_recipe():
     assert torch.equal(converted.layer3[1].branch.conv2.weight, model.layer3[1].conv2.weight)
     assert gamma_of(converted.conv1) == pytest.approx(1.0)  # reads the image
     assert gamma_of(converted.layer1[0].branch.conv1) == pytest.approx(RELU)
-    assert gamma_of(converted.layer2[0].shortcut[0]) == pytest.approx(RELU)
+    # the shortcut reads relu(h / beta) = relu(h) / beta: 1 / beta is folded into its constant scale
+    assert gamma_of(converted.layer2[0].shortcut[0]) * converted.layer2[0].beta == pytest.approx(RELU)
     assert torch.equal(converted.layer1[0].branch.conv1.bias, torch.zeros(64))  # BatchNorm's shift, dropped
     blocks = [converted.layer1[0], converted.layer1[1], converted.layer2[0], converted.layer2[1], converted.layer4[1]]
     assert all(isinstance(b, ConvertedResidual) for b in blocks)
@@ -123,7 +124,8 @@ def test_nf_residual_equation_by_hand():
         beta = math.sqrt(1 + ALPHA ** 2)
         assert block.beta == pytest.approx(beta)
         h = torch.randn(3, 64, 6, 6)
-        x = torch.relu(h / beta)
+        assert block.beta_folded  # relu(h / beta) = relu(h) / beta: conv1's standardised weight holds the 1 / beta
+        x = torch.relu(h)
         inner = torch.relu(F.conv2d(x, standardized_weight(block.branch.conv1), block.branch.conv1.bias, padding=1))
         branch = F.conv2d(inner, standardized_weight(block.branch.conv2), block.branch.conv2.bias, padding=1)
         gain = 0.5 if skipinit else 1.0

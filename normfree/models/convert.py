@@ -37,10 +37,11 @@ from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
 from ..utils.errors import ConversionError
-from .equations import ACTIVATION_GAMMAS, activation_gamma, nf_residual, residual_betas, skipinit_gain
+from .equations import (ACTIVATION_GAMMAS, activation_gamma, is_positively_homogeneous, nf_residual, residual_betas,
+                        residual_scale, skipinit_gain)
 from .fold import fold_batchnorms
 from .small_resnets import SmallResNet, normfree_twin_name
-from .standardization import STD_CONV_EPS, STD_CONVS
+from .standardization import STD_CONV_EPS, STD_CONVS, scaled_output_conv
 
 __all__ = ["CONVERSION_MODES", "ConversionError", "ConvertedResidual", "to_normfree"]
 
@@ -71,7 +72,23 @@ class ConvertedResidual(nn.Module):
     reads activated features as in the original. `skip_gain` is SkipInit's scalar (`skipinit_gain`), 0 at
     conversion (None with ``skipinit=False``). `beta` is the papers' beta (`residual_betas`), the divisor of h.
     `transition` says whether the shortcut restarts the variance.
+
+    Computed with the block's scalars folded into the convolutions' constant scales where that is exact, as
+    NF-ResNets do (the same function, parameters and state_dict keys; only float rounding differs):
+
+    - `beta_folded`: where `pre_act` is positively homogeneous (ReLU, LeakyReLU: `is_positively_homogeneous`),
+      ``act(h / beta) = act(h) / beta``, and the first layer the branch and a projection shortcut apply (after
+      pooling, which commutes with a positive scale) is a ScaledStdConv2d, 1 / beta is in those convolutions'
+      `scale` (timm's constant gamma / sqrt(fan-in)) instead of a division of h. SiLU, GELU ... keep the division.
+    - alpha * skip_gain (`residual_scale`): where the branch ends with a ScaledStdConv2d (then only nn.Identity),
+      it goes into that convolution's weight scale and bias at each forward pass (the gain gets its gradient
+      through them), instead of a multiplication of the branch output. Not when the gain is one copy per example
+      (per-sample AGC), nor where a hook or a replaced forward (per-sample AGC's engines) sits on the branch or on
+      that convolution, nor under TorchScript: the fold calls the convolution directly, so those keep the plain
+      formula.
     """
+
+    beta_folded = False  # models pickled before the fold divide h by beta
 
     def __init__(self, pre_act: nn.Module, branch: nn.Module, shortcut: nn.Module | None, alpha: float,
                  beta: float, skipinit: bool, transition: bool):
@@ -80,15 +97,73 @@ class ConvertedResidual(nn.Module):
         self.alpha, self.beta, self.transition = alpha, beta, transition
         self.skip_gain = skipinit_gain() if skipinit else None
         self.final_act: nn.Module | None = None
+        readers = [_first_layer(part) for part in (branch, shortcut) if part is not None]
+        self.beta_folded = is_positively_homogeneous(pre_act) and all(type(r) is ScaledStdConv2d for r in readers)
+        if self.beta_folded:
+            for conv in readers:
+                conv.scale /= beta
 
     def forward(self, h: Tensor) -> Tensor:
-        x = self.pre_act(h / self.beta)
+        x = self.pre_act(h if self.beta_folded else h / self.beta)
         shortcut = h if self.shortcut is None else self.shortcut(x)
-        out = nf_residual(shortcut, self.branch(x), self.alpha, self.skip_gain)
+        branch = None if torch.jit.is_scripting() else self._scaled_branch(x)
+        if branch is None:
+            out = nf_residual(shortcut, self.branch(x), self.alpha, self.skip_gain)
+        else:  # nf_residual with its alpha * gain already in the branch's last convolution
+            out = shortcut + branch
         return out if self.final_act is None else self.final_act(out)
+
+    @torch.jit.unused
+    def _scaled_branch(self, x: Tensor) -> Tensor | None:
+        """``residual_scale(alpha, skip_gain) * branch(x)`` with the scalar folded into the branch's last
+        convolution, or None where it cannot be (see the class docstring)."""
+        if self.skip_gain is not None and self.skip_gain.ndim:
+            return None
+        layers = _plain_layers(self.branch)
+        while layers and type(layers[-1]) is nn.Identity:
+            layers.pop()
+        if not layers or type(layers[-1]) is not ScaledStdConv2d or not _called_plainly(layers[-1]):
+            return None
+        for layer in layers[:-1]:
+            x = layer(x)
+        return scaled_output_conv(layers[-1], x, residual_scale(self.alpha, self.skip_gain))
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta:.4f}, transition={self.transition}"
+
+
+# layers that commute with multiplication by a positive scalar, so a scale of their input may move past them
+_POSITIVE_SCALE_COMMUTING = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _first_layer(module: nn.Module) -> nn.Module | None:
+    """The first layer of `module` (through nested nn.Sequential) that does not commute with a positive scale, or None."""
+    if type(module).forward is not nn.Sequential.forward:
+        return None if isinstance(module, _POSITIVE_SCALE_COMMUTING) else module
+    return next((found for found in map(_first_layer, module) if found is not None), None)
+
+
+def _called_plainly(module: nn.Module) -> bool:
+    """Whether calling `module` runs its class's forward and nothing else: no hooks, no forward replaced on it."""
+    hooks = nn.modules.module
+    return not ("forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks
+                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
+def _plain_layers(module: nn.Module) -> list[nn.Module] | None:
+    """The layers a nest of nn.Sequential (fastai's ConvLayer is one) applies, in order, or None if calling them one
+    by one would skip something: a container with a hook or a replaced forward."""
+    if type(module).forward is not nn.Sequential.forward:
+        return [module]
+    if not _called_plainly(module):
+        return None
+    layers = []
+    for child in module:
+        inner = _plain_layers(child)
+        if inner is None:
+            return None
+        layers += inner
+    return layers
 
 
 @dataclass

@@ -12,11 +12,13 @@ Papers:
 
 Functions (each the only place this project writes its equation):
 
-- `nf_residual`: h_{i+1} = h_i + alpha * gain * f_i(h_i / beta_i), given the shortcut and the branch output.
+- `nf_residual`: h_{i+1} = h_i + alpha * gain * f_i(h_i / beta_i), given the shortcut and the branch output;
+  `residual_scale`: its factor alpha * gain (what a fold moves into the branch's last convolution).
 - `residual_betas`: the beta_i of a stack of blocks: Var(h_i) grows by alpha^2 per block and restarts at
   1 + alpha^2 after a transition block; beta_i = sqrt(Var(h_i)).
 - `skipinit_gain`: the SkipInit scalar, a learnable gain on the residual branch initialised to 0.
-- `activation_gamma` (and its table `ACTIVATION_GAMMAS`): gamma = 1 / sqrt(Var(g(x))), x ~ N(0, 1).
+- `activation_gamma` (and its table `ACTIVATION_GAMMAS`): gamma = 1 / sqrt(Var(g(x))), x ~ N(0, 1);
+  `is_positively_homogeneous`: whether g(x / beta) = g(x) / beta, so that 1 / beta may move past g.
 - `standardize_weight`: Scaled Weight Standardization, W_hat = gain * gamma * (W - mean) / (std * sqrt(N));
   `weight_statistics`: its mean and 1 / std per output unit.
 - `batchnorm_scale_shift`: an eval-mode BatchNorm as y = scale * x + shift per channel, scale = g / sqrt(var + eps),
@@ -39,8 +41,10 @@ __all__ = [
     "ACTIVATION_GAMMAS",
     "activation_gamma",
     "batchnorm_scale_shift",
+    "is_positively_homogeneous",
     "nf_residual",
     "residual_betas",
+    "residual_scale",
     "skipinit_gain",
     "standardize_weight",
     "weight_statistics",
@@ -74,6 +78,27 @@ _GAMMA_KEYS: dict[type, str] = {
     nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Softsign: "softsign", nn.Softplus: "softplus",
     nn.LeakyReLU: "leaky_relu", nn.LogSigmoid: "log_sigmoid", nn.Identity: "identity",
 }
+# activations g with g(c x) = c g(x) for every c > 0 (positively homogeneous): g(h / beta) = g(h) / beta, so a block's
+# 1 / beta can move from g's input into the scale of the linear layers that read g's output (as NF-ResNets fold it
+# into the convolutions' constant scale). Matched by exact type: a subclass may compute something else.
+_POSITIVELY_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity)
+
+
+def is_positively_homogeneous(activation: nn.Module) -> bool:
+    """Whether `activation` satisfies g(c x) = c g(x) for every c > 0 (ReLU, LeakyReLU, PReLU, Identity), so that
+    the NF block's g(h / beta) equals g(h) / beta (2101.08692, Sec. 4). SiLU, GELU, ELU, ReLU6 ... do not."""
+    return type(activation) in _POSITIVELY_HOMOGENEOUS
+
+
+def residual_scale(alpha: float, gain: Tensor | None = None) -> float | Tensor:
+    """The factor of the residual branch in `nf_residual`, alpha * gain (alpha where there is no SkipInit gain).
+
+    A scalar, so where the branch ends with a linear layer it can be folded into that layer's weight and bias
+    (`normfree.models.fusion`, `normfree.models.convert.ConvertedResidual`) instead of multiplying the branch output.
+    """
+    if gain is None:
+        return alpha
+    return gain * alpha
 
 
 def nf_residual(shortcut: Tensor, branch: Tensor, alpha: float, gain: Tensor | None = None) -> Tensor:
@@ -86,7 +111,7 @@ def nf_residual(shortcut: Tensor, branch: Tensor, alpha: float, gain: Tensor | N
     """
     if gain is None:
         return torch.add(shortcut, branch, alpha=alpha)
-    return shortcut + branch * (gain * alpha)
+    return shortcut + branch * (gain * alpha)  # residual_scale, written out: TorchScript types it as a Tensor
 
 
 def residual_betas(transitions: Iterable[bool], alpha: float, input_variance: float = 1.0) -> list[float]:

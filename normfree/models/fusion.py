@@ -8,7 +8,7 @@ from timm.layers import Conv2dSame
 from timm.models.nfnet import NormFreeBlock
 from torch import Tensor, nn
 
-from .equations import nf_residual
+from .equations import nf_residual, residual_scale
 from .standardization import STD_CONVS, standardized_weight
 
 __all__ = ["FusedNormFreeBlock", "fuse_standardization", "replace_submodule"]
@@ -83,12 +83,12 @@ def _fuse_block(block: NormFreeBlock) -> FusedNormFreeBlock:
     block.conv1.weight.mul_(block.beta)
     if block.downsample is not None:
         block.downsample.conv.weight.mul_(block.beta)
-    residual_scale = block.alpha * (1.0 if block.skipinit_gain is None else block.skipinit_gain.item())
+    branch_scale = float(residual_scale(block.alpha, block.skipinit_gain))
     if block.attn_last is not None:
-        return FusedNormFreeBlock(block, residual_scale * block.attn_gain)
-    block.conv3.weight.mul_(residual_scale)
+        return FusedNormFreeBlock(block, branch_scale * block.attn_gain)
+    block.conv3.weight.mul_(branch_scale)
     if block.conv3.bias is not None:
-        block.conv3.bias.mul_(residual_scale)
+        block.conv3.bias.mul_(branch_scale)
     return FusedNormFreeBlock(block, None)
 
 

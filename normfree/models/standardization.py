@@ -2,12 +2,13 @@
 Eq. 2) on timm's layers. The equation itself is `normfree.models.equations.standardize_weight`."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import Tensor, nn
 
 from .equations import standardize_weight
 
-__all__ = ["STD_CONVS", "STD_CONV_EPS", "standardized_weight", "weight_scale"]
+__all__ = ["STD_CONVS", "STD_CONV_EPS", "scaled_output_conv", "standardized_weight", "weight_scale"]
 
 STD_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
 # eps added to each unit's weight variance by the Scaled WS convs normfree builds (small ResNets, to_normfree):
@@ -23,3 +24,12 @@ def weight_scale(conv: nn.Conv2d) -> Tensor | None:
 def standardized_weight(conv: nn.Conv2d) -> Tensor:
     """The weight a timm (Scaled)StdConv2d(Same) convolves with (StdConv2d(Same) has neither gain nor scale)."""
     return standardize_weight(conv.weight, weight_scale(conv), conv.eps)
+
+
+def scaled_output_conv(conv: ScaledStdConv2d, x: Tensor, output_scale: float | Tensor) -> Tensor:
+    """``conv(x) * output_scale`` for a timm ScaledStdConv2d and a scalar `output_scale` (a float, or a 0-dim tensor,
+    which gets its gradient through the weight and the bias), computed with the scalar in the per-unit weight scale
+    and in the bias: no pass over the output. Calls the convolution directly, not `conv`'s forward (or its hooks)."""
+    weight = standardize_weight(conv.weight, weight_scale(conv) * output_scale, conv.eps)
+    bias = None if conv.bias is None else conv.bias * output_scale
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
