@@ -454,11 +454,14 @@ def _pretraining_line(config: TransferConfig) -> str:
             f"{config.source_bs}; one pretrained model per model and seed" + (f" ({'; '.join(shared)})" if shared else ""))
 
 
-def _learning_rate(config: TransferConfig) -> str:
+def _learning_rate(config: TransferConfig, available: torch.Tensor, per_class_labels: dict[int, str]) -> str:
+    """The target runs' lr as the report states it; `available`: the training images of each target class, per seed
+    (`_data_classes`), of which the sweep's first seed draws per_class and holds out `valid_pct`."""
     if not config.sweeps:
         return f"peak lr {config.lrs[0]:g} for every target run"
-    held_out = ", ".join(f"{round(n * len(config.target_classes) * config.valid_pct)} of {n * len(config.target_classes)}"
-                         f" at {n} per class" for n in config.per_class)
+    drawn = {n: int(available[0].clamp(max=n).sum()) for n in config.per_class}
+    held_out = ", ".join(f"{round(images * config.valid_pct)} of {images} at {per_class_labels.get(n, n)} per class"
+                         for n, images in drawn.items())
     return (f"peak lr chosen per model, mode, images per class and batch size from "
             f"{', '.join(f'{lr:g}' for lr in config.lrs)} by the final accuracy on a hold-out of {config.valid_pct:.0%} "
             f"of the target training images that seed {config.seeds[0]} draws ({held_out}; ties: the lower hold-out "
@@ -466,8 +469,8 @@ def _learning_rate(config: TransferConfig) -> str:
             f"the choice")
 
 
-def _settings(config: TransferConfig, names: list[str], per_class_labels: dict[int, str], runs: list[TransferRecord],
-              seconds: float) -> dict[str, object]:
+def _settings(config: TransferConfig, names: list[str], available: torch.Tensor, per_class_labels: dict[int, str],
+              runs: list[TransferRecord], seconds: float) -> dict[str, object]:
     modes = "; ".join(f"{mode}: {MODES[mode]}" for mode in config.modes)
     if "fine-tune" in config.modes:
         modes += (f". fine-tune is fastai's fine_tune({config.epochs - config.freeze_epochs}, lr, "
@@ -487,7 +490,7 @@ def _settings(config: TransferConfig, names: list[str], per_class_labels: dict[i
         "pretraining": _pretraining_line(config),
         "target budget (every mode)": f"{config.epochs} epochs over the target training images, {config.opt}, "
                                       f"batch {' or '.join(map(str, config.batch_sizes))}",
-        "learning rate (target)": _learning_rate(config),
+        "learning rate (target)": _learning_rate(config, available, per_class_labels),
         "modes": modes,
         "seeds": f"{', '.join(map(str, config.seeds))}: initialisation, batch order, which target images are drawn "
                  f"and which pretrained model a target run starts from",
@@ -620,7 +623,7 @@ def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> T
     files.update(write_transfer_report(
         out, runs, target_labels, config.modes, title=f"normfree compare --transfer: BatchNorm vs normalizer-free, "
                                                       f"pretrained and transferred on {config.data}",
-        settings=_settings(config, names, per_class_labels, runs, seconds),
+        settings=_settings(config, names, available, per_class_labels, runs, seconds),
         notes=_notes(config, complete, len(runs) + len(sweep_keys), len(cells)), rows=result.rows, per_class_labels=per_class_labels,
         tables=tables))
     say(f"\n{result.table}\n\nreport: {files['html']} (and {files['markdown'].name}); {seconds:.0f} s")
