@@ -73,8 +73,8 @@ from .report import GridResult, RunRecord, batch_setting, markdown_table, readin
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 
-__all__ = ["AGC_METHODS", "BUDGETS", "CONVERSIONS", "METHODS", "CompareConfig", "CompareResult", "GridCell", "SweepPoint",
-           "TwinArchs", "compare", "finished_run", "sweep_cells", "sweep_choice", "write_plan"]
+__all__ = ["AGC_METHODS", "BUDGETS", "CONVERSIONS", "METHODS", "CompareConfig", "CompareResult", "GridCell",
+           "SweepPoint", "TwinArchs", "compare", "finished_run", "sweep_cells", "sweep_choice", "write_plan"]
 
 METHODS = {
     "bn": "BatchNorm",

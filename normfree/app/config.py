@@ -386,8 +386,8 @@ class TrainConfig:
             except ConversionError as error:
                 raise ConfigError("to_normfree", f"{self.arch} cannot be converted: {error}") from None
         if self.freeze_batchnorm and not batchnorm_layers(model):
-            model_name = self.arch + (f" converted by to_normfree (mode {self.to_normfree})" if self.to_normfree else "")
-            raise ConfigError("freeze_batchnorm", f"{model_name} has no BatchNorm layer to freeze; drop "
+            converted = f" converted by to_normfree (mode {self.to_normfree})" if self.to_normfree else ""
+            raise ConfigError("freeze_batchnorm", f"{self.arch}{converted} has no BatchNorm layer to freeze; drop "
                                                   f"freeze_batchnorm (--freeze-batchnorm), or give a BatchNorm arch")
 
     def block_options(self) -> dict[str, Any]:

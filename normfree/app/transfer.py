@@ -247,9 +247,15 @@ class TransferConfig(GridRunOptions, TwinArchs):
                                       f"(nf_/bn_resnet_tiny/small/base) or a BatchNorm arch such as resnet18")
         twin_methods = [m for m in methods if m in _NF_TWIN_METHODS]
         if twin_methods and not self.has_twins:
-            raise ConfigError("methods", f"{', '.join(twin_methods)} train the NF twin of a small ResNet, which "
+            raise ConfigError("methods", f"{' and '.join(twin_methods)} train the NF twin of a small ResNet, which "
                                          f"{self.arch} has not; with a BatchNorm arch of your own use "
                                          f"{', '.join(OWN_ARCH_METHODS)} (converted-agc is its NF model)")
+        conversions = [m for m in methods if m in CONVERSIONS]
+        if conversions and self.has_twins:
+            raise ConfigError("methods", f"{' and '.join(conversions)} convert a BatchNorm arch of your own (resnet18, "
+                                         f"torchvision:resnet18, fastai:xresnet18); to_normfree cannot convert the "
+                                         f"pre-activation blocks of {self.bn_arch}: with a small ResNet use "
+                                         f"{', '.join(m for m in TRANSFER_METHODS if m not in CONVERSIONS)}")
         first = dict(per_class=self.per_class[0], bs=self.batch_sizes[0], seed=self.seeds[0])
         for method in methods:
             modes = [mode for mode in self.modes if mode in _modes_of(method)]
@@ -431,6 +437,7 @@ def _classes(labels: tuple[int, ...], names: list[str]) -> str:
 def _models(config: TransferConfig) -> str:
     """Each method's model on the target, and its pretraining."""
     agc = f"AGC lambda {config.agc}"
+    nf_arch = config.nf_arch if config.has_twins else None  # the methods nf and nf-agc need the twins
     models = {
         "bn": f"{config.bn_arch}, BatchNorm in training mode (fastai's default: batch statistics, running "
               f"statistics updated)",
@@ -439,8 +446,8 @@ def _models(config: TransferConfig) -> str:
         "folded-agc": f"{config.bn_arch} with its BatchNorm folded into the convolutions after the pretrained "
                       f"weights are loaded (normfree.to_normfree, mode 'fold': the pretrained model's eval-mode "
                       f"function), {agc} on the target",
-        "nf": f"{config.nf_arch if config.has_twins else ''}",
-        "nf-agc": f"{config.nf_arch if config.has_twins else ''} with {agc} in both stages",
+        "nf": f"{nf_arch}",
+        "nf-agc": f"{nf_arch} with {agc} in both stages",
         "converted-agc": f"{config.bn_arch} converted by normfree.to_normfree (mode nf), {agc} in both stages",
     }
     return "; ".join(f"{TRANSFER_METHODS[m]} = {models[m]}" for m in config.method_keys())
@@ -451,7 +458,8 @@ def _pretraining_line(config: TransferConfig) -> str:
               for p in config.pretrainings()
               for users in [[m for m in config.method_keys() if _pretraining(m) == p]] if users != [p]]
     return (f"{config.source_epochs} epochs, fit_one_cycle, {config.opt}, peak lr {config.source_lr}, batch "
-            f"{config.source_bs}; one pretrained model per model and seed" + (f" ({'; '.join(shared)})" if shared else ""))
+            f"{config.source_bs}; one pretrained model per model and seed"
+            + (f" ({'; '.join(shared)})" if shared else ""))
 
 
 def _learning_rate(config: TransferConfig, available: torch.Tensor, per_class_labels: dict[int, str]) -> str:
@@ -463,10 +471,10 @@ def _learning_rate(config: TransferConfig, available: torch.Tensor, per_class_la
     held_out = ", ".join(f"{round(images * config.valid_pct)} of {images} at {per_class_labels.get(n, n)} per class"
                          for n, images in drawn.items())
     return (f"peak lr chosen per model, mode, images per class and batch size from "
-            f"{', '.join(f'{lr:g}' for lr in config.lrs)} by the final accuracy on a hold-out of {config.valid_pct:.0%} "
-            f"of the target training images that seed {config.seeds[0]} draws ({held_out}; ties: the lower hold-out "
-            f"loss, then the smaller lr); every seed then trains with it. The validation images are never used for "
-            f"the choice")
+            f"{', '.join(f'{lr:g}' for lr in config.lrs)} by the final accuracy on a hold-out of "
+            f"{config.valid_pct:.0%} of the target training images that seed {config.seeds[0]} draws ({held_out}; "
+            f"ties: the lower hold-out loss, then the smaller lr); every seed then trains with it. The validation "
+            f"images are never used for the choice")
 
 
 def _settings(config: TransferConfig, names: list[str], available: torch.Tensor, per_class_labels: dict[int, str],
@@ -508,7 +516,8 @@ def _notes(config: TransferConfig, complete: bool, finished: int, total: int) ->
         "training mode, their running statistics adapt to the target data. So the BatchNorm model's linear probe "
         "(and fine-tune's frozen epochs) also train its BatchNorm weights and re-estimate its statistics, while a "
         "normalizer-free body stays exactly as pretrained. That is what fastai users get"
-        + (f"; {TRANSFER_METHODS[_FROZEN]} keeps every BatchNorm as pretrained instead." if _FROZEN in methods else "."),
+        + (f"; {TRANSFER_METHODS[_FROZEN]} keeps every BatchNorm as pretrained instead." if _FROZEN in methods
+           else "."),
         "In fine-tune and linear-probe runs the classifier starts afresh (new_head); AGC never clips the classifier "
         "weight, so linear probes with and without AGC differ by their pretrained bodies (and AGC on the classifier "
         "bias).",
@@ -624,7 +633,7 @@ def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> T
         out, runs, target_labels, config.modes, title=f"normfree compare --transfer: BatchNorm vs normalizer-free, "
                                                       f"pretrained and transferred on {config.data}",
         settings=_settings(config, names, available, per_class_labels, runs, seconds),
-        notes=_notes(config, complete, len(runs) + len(sweep_keys), len(cells)), rows=result.rows, per_class_labels=per_class_labels,
-        tables=tables))
+        notes=_notes(config, complete, len(runs) + len(sweep_keys), len(cells)), rows=result.rows,
+        per_class_labels=per_class_labels, tables=tables))
     say(f"\n{result.table}\n\nreport: {files['html']} (and {files['markdown'].name}); {seconds:.0f} s")
     return result
