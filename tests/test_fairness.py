@@ -14,7 +14,7 @@ from torch import nn
 
 import normfree
 from normfree.app.cli import main
-from normfree.app.compare import _choose_lr, _SweepPoint
+from normfree.app.compare import SweepPoint, _choose_lr
 from normfree.learner.optim import nesterov_sgd
 
 TINY = dict(data="digits", arch="nf_resnet_tiny", size=8, limit=64, bs=16, epochs=1)
@@ -125,7 +125,7 @@ def test_skipinit_option_and_new_head(tmp_path):
 
 def test_lr_choice_prefers_accuracy_then_loss_then_the_smaller_lr_and_never_nan():
     def point(lr, accuracy, loss):
-        return _SweepPoint("nf", 8, 1, lr, accuracy, loss)
+        return SweepPoint(("nf", 8, 1), lr, accuracy, loss)
 
     assert _choose_lr([point(1e-3, 0.5, 1.0), point(1e-2, 0.6, 2.0)]) == 1e-2
     assert _choose_lr([point(1e-3, 0.6, 1.0), point(1e-2, 0.6, 0.9)]) == 1e-2

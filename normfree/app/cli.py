@@ -35,7 +35,7 @@ from .config import ConfigError, TrainConfig
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
 from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
 from .train import resume, train
-from .transfer import MODES, TRANSFER_METHODS, TransferConfig, compare_transfer
+from .transfer import MODES, OWN_ARCH_METHODS, TRANSFER_METHODS, TWIN_METHODS, TransferConfig, compare_transfer
 
 __all__ = ["build_parser", "main"]
 
@@ -166,6 +166,10 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                         help="fastai's transfer-learning schedule: --freeze-epochs with the body frozen, then --epochs "
                              "with everything (use with --pretrained/--weights, which otherwise train only the head)")
     parser.add_argument("--freeze-epochs", type=int, default=d["freeze_epochs"], help="frozen epochs of --fine-tune")
+    parser.add_argument("--freeze-batchnorm", action="store_true",
+                        help="keep every BatchNorm layer as it starts (e.g. from --weights): eval mode, running "
+                             "statistics never updated, weight and bias not trained (the detection libraries' "
+                             "FrozenBatchNorm)")
     parser.add_argument("--seed", type=int, default=d["seed"],
                         help="random seed: initialisation, batch order and the validation split; same seed, "
                              "same metrics")
@@ -298,21 +302,28 @@ def _transfer_parser() -> argparse.ArgumentParser:
     d = _TRANSFER_DEFAULTS
     parser = argparse.ArgumentParser(
         prog="normfree compare --transfer", formatter_class=_HelpFormatter,
-        description="Transfer learning, measured: for each model (BatchNorm twin, NF twin, NF twin + AGC) and seed,\n"
-                    "pretrain on the --source-classes, then train on at most --per-class images of each\n"
+        description="Transfer learning, measured: for each model (a BatchNorm model and its BatchNorm-free\n"
+                    "counterparts: the small ResNets' twins, or your BatchNorm arch frozen, folded, converted) and\n"
+                    "seed, pretrain on the --source-classes, then train on at most --per-class images of each\n"
                     "--target-classes (fine-tune, linear probe, and from scratch as the reference), every target\n"
-                    "run with the same budget; report the target accuracy on all validation images of the\n"
-                    "target classes. Runs already in --out are reused, so an interrupted grid continues.",
+                    "run with the same budget and its lr chosen from --lrs on a hold-out of its training images;\n"
+                    "report the target accuracy on all validation images of the target classes. Runs already in\n"
+                    "--out are reused, so an interrupted grid continues.",
         epilog="examples:\n  normfree compare --transfer                # Fashion-MNIST classes 0-4 -> 5-9\n"
-               "  normfree compare --transfer --per-class 10 50 250 --seeds 0 1 2 3 4 --out transfer-5seeds",
+               "  normfree compare --transfer --per-class 10 50 250 --seeds 0 1 2 3 4 --out transfer-5seeds\n"
+               "  normfree compare --transfer --arch resnet18 --methods bn bn-frozen folded-agc converted-agc \\\n"
+               "      --lrs 1e-4 1e-3 1e-2 --out transfer-resnet18",
     )
     parser.add_argument("--transfer", dest="command", action="store_const", const=_TRANSFER, required=True,
                         default=argparse.SUPPRESS,
                         help="this comparison (instead of compare's batch-size grid)")
     _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
-                                   "bn_resnet_tiny/small/base")
-    parser.add_argument("--methods", nargs="+", choices=list(TRANSFER_METHODS), default=list(d["methods"]),
-                        metavar="METHOD", help=f"models, from {', '.join(TRANSFER_METHODS)} (default: all)")
+                                   "bn_resnet_tiny/small/base; or your own BatchNorm arch (resnet18, "
+                                   "torchvision:resnet18, fastai:xresnet18)")
+    parser.add_argument("--methods", nargs="+", choices=list(TRANSFER_METHODS), default=None,
+                        metavar="METHOD", help=f"models, from {', '.join(TRANSFER_METHODS)} (default: "
+                                               f"{' '.join(TWIN_METHODS)} with a small ResNet, "
+                                               f"{' '.join(OWN_ARCH_METHODS)} with your own arch)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(d["modes"]), metavar="MODE",
                         help=f"target modes, from {', '.join(MODES)} (default: all)")
     _whole_list(parser, "--source-classes", d["source_classes"], "LABEL", "labels of the pretraining task")
@@ -325,10 +336,15 @@ def _transfer_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source-lr", type=float, default=d["source_lr"], help="pretraining peak learning rate")
     parser.add_argument("--freeze-epochs", type=int, default=d["freeze_epochs"],
                         help="fine-tune: the first epochs of --epochs, with the body frozen")
-    parser.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of every target run")
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(d["lrs"]), metavar="LR",
+                        help="peak learning rates of the target runs: with several, each model, mode, --per-class and "
+                             "batch size first trains once per lr (first seed) on a hold-out (--valid-pct) of its "
+                             "training images, and every seed then trains with the best; one value: that lr for every "
+                             f"target run (default: {' '.join(f'{lr:g}' for lr in d['lrs'])})")
     _add_optimizer(parser, d)
     parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA",
-                        help="AGC's lambda for nf-agc, in pretraining and on the target")
+                        help="AGC's lambda of nf-agc and converted-agc (in pretraining and on the target) and of "
+                             "folded-agc (on the target)")
     parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
     _add_run_options(parser)
     return parser

@@ -63,6 +63,7 @@ from .config import (
     check_out_kind,
     command_line,
     environment_settings,
+    learning_rates,
     library_versions,
     make_config,
     whole_numbers,
@@ -72,7 +73,8 @@ from .report import GridResult, RunRecord, batch_setting, markdown_table, readin
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
 
-__all__ = ["BUDGETS", "METHODS", "CompareConfig", "CompareResult", "GridCell", "compare", "finished_run", "write_plan"]
+__all__ = ["AGC_METHODS", "BUDGETS", "CONVERSIONS", "METHODS", "CompareConfig", "CompareResult", "GridCell",
+           "SweepPoint", "TwinArchs", "compare", "finished_run", "sweep_cells", "sweep_choice", "write_plan"]
 
 METHODS = {
     "bn": "BatchNorm",
@@ -89,7 +91,7 @@ METHODS = {
 CONVERSIONS = {"converted": "nf", "converted-agc": "nf", "folded": "fold", "folded-agc": "fold"}
 _CONVERTED_MODELS = {"nf": "converted by normfree.to_normfree (mode nf)",
                      "fold": "with its BatchNorm folded into the convolutions (normfree.to_normfree, mode 'fold')"}
-_AGC_METHODS = ("nf-agc", "nf-agc-skipinit", "nf-agc-per-sample", "converted-agc", "folded-agc")
+AGC_METHODS = ("nf-agc", "nf-agc-skipinit", "nf-agc-per-sample", "converted-agc", "folded-agc")
 DEFAULT_METHODS = ("bn", "nf-agc")  # the question in normfree's name; --methods adds the others
 CONVERTED_METHODS = ("bn", "converted", "converted-agc")  # the default for an arch without an NF twin
 BUDGETS = ("epochs", "steps")
@@ -118,8 +120,34 @@ def _sweep_key(method: str, bs: int, accum: int, lr: float) -> str:
     return f"{method}-bs{bs}-x{accum}-lr{lr:g}"
 
 
+class TwinArchs:
+    """For the grid settings with an `arch` field (`CompareConfig`, `TransferConfig`): a small ResNet, whose twins
+    are the BatchNorm and the NF model, or a BatchNorm arch of the user's (``resnet18``), the BatchNorm model itself
+    (its NF model is then its conversion by `normfree.to_normfree`)."""
+
+    arch: str
+
+    @property
+    def has_twins(self) -> bool:
+        """Whether `arch` is one of the small ResNets, with an NF and a BatchNorm twin."""
+        try:
+            batchnorm_twin_name(self.arch)
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def nf_arch(self) -> str:
+        return normfree_twin_name(self.arch)
+
+    @property
+    def bn_arch(self) -> str:
+        """The BatchNorm model: the small ResNet's twin, or `arch` itself."""
+        return batchnorm_twin_name(self.arch) if self.has_twins else self.arch
+
+
 @dataclass(frozen=True)
-class CompareConfig(GridRunOptions):
+class CompareConfig(GridRunOptions, TwinArchs):
     """The grid and its shared budget; the fields are `compare`'s keyword arguments.
 
     The defaults are the quick grid `make demo` runs on digits (minutes on 2 CPU cores).
@@ -170,10 +198,7 @@ class CompareConfig(GridRunOptions):
             if unknown or not methods or len(set(methods)) != len(methods):
                 raise ConfigError("methods", f"must be distinct names from {', '.join(METHODS)}, got {list(methods)!r}")
             set_field("methods", methods)
-        lrs = tuple(self.lrs) if isinstance(self.lrs, (list, tuple)) else (self.lrs,)
-        if not lrs or len(set(lrs)) != len(lrs):
-            raise ConfigError("lrs", f"must be one or more distinct learning rates, got {list(lrs)!r}")
-        set_field("lrs", lrs)  # each value is checked as a TrainConfig lr below
+        set_field("lrs", learning_rates(self.lrs))  # each value is checked as a TrainConfig lr below
         if self.budget not in BUDGETS:
             raise ConfigError("budget", f"must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if self.steps is not None and self.budget != "steps":
@@ -206,24 +231,6 @@ class CompareConfig(GridRunOptions):
         """Whether the lr is chosen per method and batch setting (several `lrs`)."""
         return len(self.lrs) > 1
 
-    @property
-    def has_twins(self) -> bool:
-        """Whether `arch` is one of the small ResNets, with an NF and a BatchNorm twin."""
-        try:
-            batchnorm_twin_name(self.arch)
-        except ValueError:
-            return False
-        return True
-
-    @property
-    def nf_arch(self) -> str:
-        return normfree_twin_name(self.arch)
-
-    @property
-    def bn_arch(self) -> str:
-        """The BatchNorm model: the small ResNet's twin, or `arch` itself."""
-        return batchnorm_twin_name(self.arch) if self.has_twins else self.arch
-
     def method_keys(self) -> list[str]:
         """The methods run: `methods`, or `DEFAULT_METHODS` (`CONVERTED_METHODS` for an arch without twins)."""
         if self.methods is not None:
@@ -254,7 +261,7 @@ class CompareConfig(GridRunOptions):
                 data=self.data, arch=self.bn_arch if cell.method == "bn" or mode else self.nf_arch,
                 skipinit=True if cell.method == "nf-agc-skipinit" else self.skipinit if _has_nf_blocks(cell.method)
                 else None, alpha=self.alpha if _has_nf_blocks(cell.method) else None, to_normfree=mode,
-                agc=self.agc if cell.method in _AGC_METHODS else None,
+                agc=self.agc if cell.method in AGC_METHODS else None,
                 per_sample=cell.method == _PER_SAMPLE,
                 bs=cell.bs, accum=cell.accum, opt=self.opt, epochs=self.epochs, steps=steps, lr=lr,
                 seed=cell.seed, holdout=holdout, **self.run_options(),
@@ -396,32 +403,36 @@ def _models(config: CompareConfig, methods: list[str]) -> str:
 
 
 @dataclass(frozen=True)
-class _SweepPoint:
-    """One sweep run: a method and batch setting at one learning rate, scored on the hold-out."""
+class SweepPoint:
+    """One sweep run: the setting its lr is chosen for (compare's (method, bs, accum), compare --transfer's (method,
+    mode, per_class, bs)) at one learning rate, scored on the hold-out."""
 
-    method: str
-    bs: int
-    accum: int
+    setting: tuple
     lr: float
     accuracy: float
     valid_loss: float
 
 
-def _choose_lr(points: list[_SweepPoint]) -> float:
+def _choose_lr(points: list[SweepPoint]) -> float:
     """The lr with the best final hold-out accuracy; ties go to the lower hold-out loss, then the smaller lr.
     A diverged run (NaN) is never chosen over a finite one."""
-    def score(point: _SweepPoint) -> tuple[float, float, float]:
+    def score(point: SweepPoint) -> tuple[float, float, float]:
         accuracy = -math.inf if math.isnan(point.accuracy) else point.accuracy
         loss = math.inf if math.isnan(point.valid_loss) else point.valid_loss
         return (-accuracy, loss, point.lr)
     return min(points, key=score).lr
 
 
-def _sweep_table(points: list[_SweepPoint], chosen: dict[tuple[str, int, int], float]) -> tuple[list[str], list[list[str]]]:
+def _sweep_table(points: list[SweepPoint], chosen: dict[tuple, float]) -> tuple[list[str], list[list[str]]]:
     columns = ["method", "batch", "lr", "hold-out accuracy (%)", "hold-out loss", "chosen"]
-    rows = [[METHODS[p.method], batch_setting(p.bs, p.accum), f"{p.lr:g}", f"{100 * p.accuracy:.1f}",
-             f"{p.valid_loss:.3f}", "yes" if chosen.get((p.method, p.bs, p.accum)) == p.lr else ""] for p in points]
+    rows = [[METHODS[p.setting[0]], batch_setting(*p.setting[1:]), *sweep_cells(p, chosen)] for p in points]
     return columns, rows
+
+
+def sweep_cells(point: SweepPoint, chosen: dict[tuple, float]) -> list[str]:
+    """A sweep table's last cells for `point`: its lr, hold-out accuracy (%) and loss, and whether it was chosen."""
+    return [f"{point.lr:g}", f"{100 * point.accuracy:.1f}", f"{point.valid_loss:.3f}",
+            "yes" if chosen.get(point.setting) == point.lr else ""]
 
 
 class _Progress:
@@ -509,12 +520,14 @@ def _sweep_configs(config: CompareConfig, steps: int | None) -> tuple[list[tuple
                   for m, bs, accum, lr in keys]
 
 
-def _sweep_choice(keys: list[tuple[str, int, int, float]], results: list[TrainResult]) -> tuple[
-        list[_SweepPoint], dict[tuple[str, int, int], float]]:
-    points = [_SweepPoint(m, bs, accum, lr, r.final_accuracy, r.final_valid_loss)
-              for (m, bs, accum, lr), r in zip(keys, results)]
-    groups = dict.fromkeys((p.method, p.bs, p.accum) for p in points)
-    return points, {g: _choose_lr([p for p in points if (p.method, p.bs, p.accum) == g]) for g in groups}
+def sweep_choice(keys: Sequence[tuple], results: Sequence[TrainResult]) -> tuple[list[SweepPoint], dict[tuple, float]]:
+    """The sweep's points and the lr chosen for each setting: `keys` are (setting..., lr) tuples (compare's
+    (method, bs, accum, lr)), `results` their hold-out runs, in the same order; each setting gets the lr of its
+    runs with the best final hold-out accuracy (ties: the lower hold-out loss, then the smaller lr; a diverged run
+    is never chosen over a finite one)."""
+    points = [SweepPoint(key[:-1], key[-1], r.final_accuracy, r.final_valid_loss) for key, r in zip(keys, results)]
+    settings = dict.fromkeys(p.setting for p in points)
+    return points, {s: _choose_lr([p for p in points if p.setting == s]) for s in settings}
 
 
 def write_plan(config: CompareConfig | None = None, /, *, path: str | Path, quiet: bool = False,
@@ -534,7 +547,7 @@ def write_plan(config: CompareConfig | None = None, /, *, path: str | Path, quie
     if any(result is None for result in sweep_results):
         stage, configs = "the lr sweep (write the plan again once it is done, for the grid's runs)", sweep
     else:
-        chosen = _sweep_choice(keys, sweep_results)[1] if sweep else {}
+        chosen = sweep_choice(keys, sweep_results)[1] if sweep else {}
         stage, configs = "the grid", [config.train_config(cell, chosen.get((cell.method, cell.bs, cell.accum),
                                                                            config.lrs[0]), steps)
                                       for cell in config.cells()]
@@ -564,7 +577,7 @@ def _compare(config: CompareConfig, quiet: bool, trainer: _Trainer) -> CompareRe
            if config.sweeps else "") + f" -> {out}")
     progress = _Progress(len(cells) + sweep_runs, quiet)
     start = time.perf_counter()
-    points: list[_SweepPoint] = []
+    points: list[SweepPoint] = []
     chosen: dict[tuple[str, int, int], float] = {}
     complete, stopped_by = True, None
     done: dict[int, TrainResult] = {}
@@ -572,7 +585,7 @@ def _compare(config: CompareConfig, quiet: bool, trainer: _Trainer) -> CompareRe
         if config.sweeps:
             keys, sweep = _sweep_configs(config, steps)
             labels = [f"sweep {METHODS[m]:<19} {batch_setting(bs, accum):<16} lr {lr:<8g}" for m, bs, accum, lr in keys]
-            points, chosen = _sweep_choice(keys, _train_stage(trainer, sweep, labels, progress, {}))
+            points, chosen = sweep_choice(keys, _train_stage(trainer, sweep, labels, progress, {}))
         configs = [config.train_config(cell, chosen.get((cell.method, cell.bs, cell.accum), config.lrs[0]), steps)
                    for cell in cells]
         labels = [f"{METHODS[cell.method]:<19} {batch_setting(cell.bs, cell.accum):<16} seed {cell.seed}"

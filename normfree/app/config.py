@@ -23,6 +23,7 @@ from fastai.torch_core import default_device
 from ..agc.rule import check_agc_arguments
 from ..data.loaders import check_bs, check_limit, check_valid_pct
 from ..data.registry import DataSpec, parse_data_spec
+from ..learner.frozen_batchnorm import batchnorm_layers
 from ..learner.optim import OPTIMIZERS
 from ..learner.precision import check_precision
 from ..models.convert import CONVERSION_MODES, ConversionError, to_normfree
@@ -33,8 +34,8 @@ from ..utils.errors import ConfigError
 from ..utils.outdir import resolved_folder
 
 __all__ = ["COMPARE_FILE", "CONFIG_FILE", "DEFAULT_AGC", "TRANSFER_FILE", "ConfigError", "GridRunOptions",
-           "TrainConfig", "check_device", "check_out_kind", "command_line", "environment_settings", "library_versions",
-           "make_config", "whole_numbers"]
+           "TrainConfig", "check_device", "check_out_kind", "command_line", "environment_settings", "learning_rates",
+           "library_versions", "make_config", "whole_numbers"]
 
 CONFIG_FILE = "config.json"  # a run's settings, in its out folder (`normfree.app.train.OUTPUT_FILES`)
 COMPARE_FILE = "compare.json"  # a grid's settings, in the out folder of normfree compare
@@ -148,6 +149,15 @@ def whole_numbers(values: Any, option: str, minimum: int) -> tuple[int, ...]:
     return values
 
 
+def learning_rates(values: Any, option: str = "lrs") -> tuple[Any, ...]:
+    """`values` (one lr or a list) as a tuple of distinct values, the learning rates a grid sweeps; ConfigError naming
+    `option` for none or a repeated one. Each value is then checked as a `TrainConfig` lr."""
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    if not values or len(set(values)) != len(values):
+        raise ConfigError(option, f"must be one or more distinct learning rates, got {list(values)!r}")
+    return values
+
+
 def _flag(value: Any, option: str) -> None:
     if not isinstance(value, bool):
         raise ConfigError(option, f"must be True or False, got {value!r}")
@@ -235,6 +245,10 @@ class TrainConfig:
     - `precision`: ``fp32``, ``fp16`` or ``bf16`` (mixed precision on any device).
     - `fine_tune`: fastai's transfer-learning schedule: `freeze_epochs` with the body frozen, then
       `epochs` with everything trained at discriminative learning rates.
+    - `freeze_batchnorm`: keep every BatchNorm layer as the model starts (from `weights`, typically): in eval mode,
+      its running statistics never updated, its weight and bias not trained (the detection libraries'
+      FrozenBatchNorm; `normfree.learner.FreezeBatchNorm`). Refused for a model without BatchNorm (after
+      `to_normfree`, if given).
     - `seed`: initialisation, batch order and, where the data has no validation split of its own,
       which `valid_pct` of the images are held out. `size`: image size in px (None: the data's
       default). `limit`: first n images of each split (in-memory data sets only).
@@ -269,6 +283,7 @@ class TrainConfig:
     precision: str = "fp32"
     fine_tune: bool = False
     freeze_epochs: int = 1
+    freeze_batchnorm: bool = False
     seed: int = 0
     size: int | None = None
     limit: int | None = None
@@ -317,8 +332,8 @@ class TrainConfig:
             if check_weights_file and not Path(self.weights).expanduser().is_file():
                 raise ConfigError("weights", f"{self.weights}: no such file; expected a {WEIGHT_FILES} file")
         self._check_conversion_mode()
-        if self.to_normfree is not None:
-            self._check_convertible()
+        _flag(self.freeze_batchnorm, "freeze_batchnorm")
+        self._check_architecture()
         _flag(self.new_head, "new_head")
         if self.new_head and not (self.weights or self.pretrained):
             raise ConfigError("new_head", "a new classifier only makes sense on trained weights: give weights or "
@@ -355,16 +370,25 @@ class TrainConfig:
                                              f"conversion; got {self.to_normfree!r}")
         object.__setattr__(self, "to_normfree", mode)
 
-    def _check_convertible(self) -> None:
-        if self.arch in normalizer_free_archs():
+    def _check_architecture(self) -> None:
+        """That `to_normfree` can convert the arch, and that the model trained has the BatchNorm layers that
+        `freeze_batchnorm` freezes."""
+        if self.to_normfree is None and not self.freeze_batchnorm:
+            return
+        if self.to_normfree is not None and self.arch in normalizer_free_archs():
             raise ConfigError("to_normfree", f"{self.arch} is already normalizer-free; drop to_normfree "
                                              f"(--to-normfree), or give a BatchNorm arch such as resnet18")
         with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
             model = build_model(self.arch, 10)
-        try:
-            to_normfree(model, **self.conversion())
-        except ConversionError as error:
-            raise ConfigError("to_normfree", f"{self.arch} cannot be converted: {error}") from None
+        if self.to_normfree is not None:
+            try:
+                model = to_normfree(model, **self.conversion())
+            except ConversionError as error:
+                raise ConfigError("to_normfree", f"{self.arch} cannot be converted: {error}") from None
+        if self.freeze_batchnorm and not batchnorm_layers(model):
+            converted = f" converted by to_normfree (mode {self.to_normfree})" if self.to_normfree else ""
+            raise ConfigError("freeze_batchnorm", f"{self.arch}{converted} has no BatchNorm layer to freeze; drop "
+                                                  f"freeze_batchnorm (--freeze-batchnorm), or give a BatchNorm arch")
 
     def block_options(self) -> dict[str, Any]:
         """`skipinit` and `alpha` where given: the small NF ResNets' model arguments, or to_normfree's (mode nf)."""

@@ -79,6 +79,7 @@ from ..learner.checkpoint import (
     load_checkpoint,
 )
 from ..learner.epoch_log import EpochLog
+from ..learner.frozen_batchnorm import FreezeBatchNorm
 from ..learner.nf_learner import nf_learner
 from ..learner.optim import OPTIMIZERS
 from ..learner.step_budget import StepBudget, epochs_for_steps
@@ -385,6 +386,8 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
             raise ConfigError("per_sample", f"{config.arch}: {error}") from None
     elif config.agc is not None:
         learn.agc(config.agc)
+    if config.freeze_batchnorm:
+        learn.add_cb(FreezeBatchNorm())
     if config.accum > 1:
         learn.add_cb(GradientAccumulation(config.accum * config.bs))  # fastai counts examples, not batches
     learn.to_mixed_precision(config.precision)
@@ -441,6 +444,7 @@ def _describe(learn: Learner, config: TrainConfig) -> str:
     clipping = f"converted to normalizer-free (to_normfree, mode {config.to_normfree}), " if config.to_normfree else ""
     clipping += "no AGC" if config.agc is None else f"AGC lambda={config.agc}"
     clipping += " per sample" if config.per_sample else ""
+    clipping += ", BatchNorm frozen" if config.freeze_batchnorm else ""
     processes = distributed.world_size()
     batch = f"bs {config.bs}" + (f" x {processes} processes" if processes > 1 else "")
     batch += f" x {config.accum} accumulated" if config.accum > 1 else ""
@@ -672,7 +676,8 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
               f"{out / OUTPUT_FILES['config']}.", file=sys.stderr)
     elif save_model or interrupted:
         atomic_write(out / OUTPUT_FILES["weights"],
-                     lambda temporary: save_weights(learn.model, temporary, arch=config.arch))
+                     lambda temporary: save_weights(learn.model, temporary, arch=config.arch,
+                                                    conversion=config.conversion() if config.to_normfree else None))
         if not interrupted:
             atomic_write(out / OUTPUT_FILES["learner"], learn.export)
     if save_plots and log.rows:

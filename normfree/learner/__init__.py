@@ -1,14 +1,16 @@
-"""The fastai integration: callbacks, clip history, mixed precision on any device, and `nf_learner`.
+"""The fastai integration: callbacks (AGC, frozen BatchNorm), clip history, mixed precision on any device, and
+`nf_learner`.
 
 Importing it adds ``Learner.agc`` and ``Learner.to_mixed_precision`` to fastai's Learner.
 """
 from .callback import AGC
 from .clip_history import ClipHistory, ClipRate
 from .epoch_log import EpochLog
+from .frozen_batchnorm import FreezeBatchNorm
 from .nf_learner import nf_learner
 from .optim import nesterov_sgd
 from .precision import DeviceMixedPrecision
 from .step_budget import StepBudget
 
-__all__ = ["AGC", "ClipHistory", "ClipRate", "DeviceMixedPrecision", "EpochLog", "StepBudget", "nesterov_sgd",
-           "nf_learner"]
+__all__ = ["AGC", "ClipHistory", "ClipRate", "DeviceMixedPrecision", "EpochLog", "FreezeBatchNorm", "StepBudget",
+           "nesterov_sgd", "nf_learner"]

@@ -23,6 +23,7 @@ from ..agc.rule import DEFAULT_CLIPPING
 from ..data.loaders import StandardiseImages
 from ..models.convert import to_normfree
 from ..models.factory import body_head_splitter, build_model, normalizer_free_archs
+from ..models.weights import load_weights, saved_conversion
 from .callback import AGC
 
 __all__ = ["nf_learner"]
@@ -82,7 +83,9 @@ def nf_learner(
       model computes in eval mode what the loaded BatchNorm model computes); True for ``"nf"``; or a dict of
       to_normfree's keyword arguments (``{"mode": "fold"}``, ``{"alpha": 0.5, "skipinit": False}``); False or None
       for no conversion.
-      The converted model has no normalisation layer, so per-sample AGC works on it.
+      The converted model has no normalisation layer, so per-sample AGC works on it. `weights` saved from a
+      converted model (`normfree.save_weights` with `conversion`, as `normfree.train` saves them) are loaded
+      into the converted model instead, and need `convert` to be that same conversion (ValueError otherwise).
     Other keyword arguments go to `Learner` (metrics, opt_func, lr, cbs, wd, ...).
     """
     n_in, n_classes = _data_shape(dls)
@@ -100,10 +103,19 @@ def nf_learner(
     if convert is not False and isinstance(arch, str) and arch in normalizer_free_archs():
         raise ValueError(f"convert: {arch} is already normalizer-free; drop convert, or give a BatchNorm arch "
                          f"such as 'resnet18'")
-    model = build_model(arch, n_out, n_in, pretrained, weights, drop_rate, model_kwargs)
-    if convert is not False:
-        options = {} if convert is True else {"mode": convert} if isinstance(convert, str) else convert
-        model = to_normfree(model, **options)
+    options = None if convert is False else {"mode": "nf", **({} if convert is True else {"mode": convert}
+                                                              if isinstance(convert, str) else convert)}
+    converted_weights = saved_conversion(weights) if weights is not None else None
+    if converted_weights is not None:  # they fit the converted model only: convert first, then load them
+        if options != converted_weights:
+            raise ValueError(f"weights file {str(weights)!r} holds {arch} converted by to_normfree with "
+                             f"{converted_weights}, so it loads into that model only: give convert={converted_weights} "
+                             f"(normfree train: the same --to-normfree, --alpha, --skipinit), not {convert!r}")
+        model = to_normfree(build_model(arch, n_out, n_in, False, None, drop_rate, model_kwargs), **options)
+        load_weights(model, weights, arch if isinstance(arch, str) else None)
+    else:
+        model = build_model(arch, n_out, n_in, pretrained, weights, drop_rate, model_kwargs)
+        model = model if options is None else to_normfree(model, **options)
     if pretrained or weights is not None:
         _add_input_normalisation(dls, model, n_in)
     loss_func = loss_func or getattr(dls.train_ds, "loss_func", None) or CrossEntropyLossFlat()

@@ -3,12 +3,14 @@
 Accepted files:
 - a state dict (timm's hub files, `torch.save(model.state_dict())`): ``.safetensors``, ``.pth``, ``.pt``, ``.bin``;
 - a fastai `learn.save()` file (``{"model": state_dict, "opt": ...}``);
-- a normfree `save_weights()` file: ``.safetensors`` whose metadata records the architecture;
+- a normfree `save_weights()` file: ``.safetensors`` whose metadata records the architecture and, for a model
+  converted by `normfree.to_normfree`, the conversion (`saved_conversion`: such weights fit the converted model only);
 - a `learn.export()` file (``.pkl``): a whole pickled Learner. Unpickling runs code from the file,
   so only load ``.pkl`` files you made yourself.
 """
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 from pathlib import Path
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from .classifier import find_classifier
 
-__all__ = ["save_weights", "load_weights"]
+__all__ = ["save_weights", "load_weights", "saved_conversion"]
 
 # The one list of weight-file suffixes; the command line's help and the settings' checks quote it.
 SAVE_SUFFIX = ".safetensors"  # what `save_weights` writes
@@ -29,16 +31,39 @@ WEIGHT_SUFFIXES = (*STATE_DICT_SUFFIXES, EXPORT_SUFFIX)
 WEIGHT_FILES = f"{', '.join(STATE_DICT_SUFFIXES)} or a learn.export() {EXPORT_SUFFIX}"  # in words, for messages
 
 
-def save_weights(model: nn.Module, path: str | Path, arch: str | None = None) -> Path:
-    """Write `model`'s weights as ``.safetensors``, recording `arch` so a mismatch is named on load."""
+def save_weights(model: nn.Module, path: str | Path, arch: str | None = None,
+                 conversion: dict[str, object] | None = None) -> Path:
+    """Write `model`'s weights as ``.safetensors``, recording `arch` so a mismatch is named on load, and `conversion`:
+    the `normfree.to_normfree` keyword arguments (JSON values) that made `model` from `arch`, if it was converted
+    (read back by `saved_conversion`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != SAVE_SUFFIX:
         raise ValueError(f"save_weights writes {SAVE_SUFFIX} files; got {path.name!r}")
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"normfree_arch": arch or ""})
+    metadata = {"normfree_arch": arch or "", **({_CONVERSION_KEY: json.dumps(conversion)} if conversion else {})}
+    save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+_CONVERSION_KEY = "normfree_conversion"
+
+
+def saved_conversion(path: str | Path) -> dict[str, object] | None:
+    """The `normfree.to_normfree` keyword arguments recorded by `save_weights` in the weights file `path` (those of a
+    converted model: its weights fit the model that `arch` becomes by that conversion, not `arch` itself); None for
+    any other file."""
+    from safetensors import SafetensorError, safe_open
+
+    if Path(path).suffix != SAVE_SUFFIX:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(_CONVERSION_KEY)
+    except SafetensorError:
+        return None  # not readable: load_weights says why
+    return json.loads(recorded) if recorded else None
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
