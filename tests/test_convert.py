@@ -26,7 +26,7 @@ from normfree.models.standardization import standardized_weight
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 RELU = _nonlin_gamma["relu"]
-ALPHA = 0.2
+ALPHA = 0.2  # the papers' alpha, given explicitly where a test computes with it
 
 
 def assert_normalizer_free(model):
@@ -60,14 +60,17 @@ def test_torchvision_resnet18_keeps_weights_and_gets_the_nf_recipe():
     assert all(isinstance(b, ConvertedResidual) for b in blocks)
     assert [b.transition for b in blocks] == [False, False, True, False, False]
     # beta = sqrt(expected Var(h)): 1 after the stem, + alpha^2 per block, 1 + alpha^2 after a transition
-    assert [b.beta ** 2 for b in blocks] == pytest.approx([1.0, 1.04, 1.08, 1.04, 1.04])
-    assert all(float(b.skip_gain.detach()) == 0.0 for b in blocks)
+    assert [b.beta ** 2 for b in blocks] == pytest.approx([1.0, 1.25, 1.5, 1.25, 1.25])  # alpha 0.5 by default
+    assert all(b.alpha == 0.5 and b.skip_gain is None for b in blocks)  # no SkipInit by default
     converted_blocks = [b for b in converted.modules() if isinstance(b, ConvertedResidual)]
     assert len(converted_blocks) == sum(isinstance(m, BasicBlock) for m in model.modules())
     assert [b.final_act is not None for b in converted_blocks] == \
         [False] * (len(converted_blocks) - 1) + [True]  # only the last block activates its output, for the head
     assert converted(torch.randn(2, 3, 16, 16)).shape == (2, 10)
-    assert to_normfree(model, skipinit=False).layer1[0].skip_gain is None
+    papers = to_normfree(model, alpha=0.2, skipinit=True)  # the papers' settings
+    assert [b.beta ** 2 for b in (papers.layer1[0], papers.layer1[1], papers.layer2[0])] == \
+        pytest.approx([1.0, 1.04, 1.08])
+    assert float(papers.layer1[0].skip_gain.detach()) == 0.0
 
 
 def test_torchvision_bottleneck_resnet_small_widths():
@@ -117,7 +120,7 @@ def test_nf_residual_equation_by_hand():
     torch.manual_seed(0)
     model = tiny_resnet(layers=(2, 1, 1, 1))
     for skipinit in (False, True):
-        block = to_normfree(model, skipinit=skipinit).layer1[1]
+        block = to_normfree(model, alpha=ALPHA, skipinit=skipinit).layer1[1]
         if skipinit:
             with torch.no_grad():
                 block.skip_gain.fill_(0.5)
@@ -135,7 +138,7 @@ def test_nf_residual_equation_by_hand():
 def test_variance_at_init_follows_the_nf_prediction_where_deleting_batchnorm_explodes():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None)
-    converted = to_normfree(model, skipinit=False)
+    converted = to_normfree(model, alpha=ALPHA, skipinit=False)
     converted.layer4[-1].final_act = None  # the residual stream itself, before the head's activation
     deleted = copy.deepcopy(model)
     for module in list(deleted.modules()):

@@ -80,7 +80,7 @@ def test_folded_blocks_compute_the_unfolded_formula_and_its_gradients(name, monk
     make, act = MODELS[name]
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
-    converted = to_normfree(make())
+    converted = to_normfree(make(), skipinit=True)
     randomise(converted, generator)
     blocks = [m for m in converted.modules() if isinstance(m, ConvertedResidual)]
     # 1 / beta moves past ReLU, not past SiLU (SiLU(h / beta) != SiLU(h) / beta)
@@ -108,7 +108,7 @@ def test_folded_blocks_compute_the_unfolded_formula_and_its_gradients(name, monk
 
 def test_scripted_model_computes_what_the_folded_eager_model_does():
     torch.manual_seed(0)
-    converted = to_normfree(torchvision.models.resnet18(num_classes=10))
+    converted = to_normfree(torchvision.models.resnet18(num_classes=10), skipinit=True)
     randomise(converted, torch.Generator().manual_seed(0))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(torch.jit.script(converted)(x), converted(x), rtol=1e-4, atol=1e-5)
@@ -119,9 +119,9 @@ def test_state_dict_of_a_converted_model_loads_and_gives_the_same_function():
     state dict gives the same outputs in a freshly converted model."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    converted = to_normfree(model)
+    converted = to_normfree(model, skipinit=True)
     randomise(converted, torch.Generator().manual_seed(0))
-    fresh = to_normfree(model)
+    fresh = to_normfree(model, skipinit=True)
     fresh.load_state_dict(converted.state_dict())
     assert "layer2.0.skip_gain" in converted.state_dict() and "layer2.0.branch.conv2.gain" in converted.state_dict()
     x = torch.randn(2, 3, 32, 32)
@@ -134,7 +134,7 @@ def test_fold_steps_aside_where_something_intercepts_the_branch(intercept, monke
     and per-example copies of the skip gain (its container engine) multiply the branch: the block keeps the plain
     formula there, with the same result."""
     torch.manual_seed(0)
-    converted = to_normfree(torchvision.models.resnet18(num_classes=10))
+    converted = to_normfree(torchvision.models.resnet18(num_classes=10), skipinit=True)
     randomise(converted, torch.Generator().manual_seed(0))
     block = converted.layer1[1]
     conv = block.branch.conv2

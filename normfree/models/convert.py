@@ -47,11 +47,14 @@ __all__ = ["CONVERSION_MODES", "ConversionError", "ConvertedResidual", "to_normf
 
 # to_normfree's modes: what each does to a BatchNorm model, in a few words (for help texts and errors)
 CONVERSION_MODES = {
-    "nf": "BatchNorm dropped, Scaled WS convolutions, NF residual blocks (alpha 0.2, SkipInit): a new function",
+    "nf": "BatchNorm dropped, Scaled WS convolutions, NF residual blocks (alpha 0.5, no SkipInit): a new function",
     "fold": "BatchNorm folded into the convolution next to it: the pretrained function kept, no normalisation left",
 }
-DEFAULT_ALPHA = 0.2  # the papers' alpha
-DEFAULT_SKIPINIT = True
+# The residual blocks' defaults: branches open from the start (no SkipInit) and alpha 0.5, not the papers' SkipInit
+# and alpha 0.2, which left converted models 3 points behind BatchNorm (docs/convert/ablation/ablation.md, five
+# families, lr tuned per method), as they starved normfree's small twins (docs/recipe).
+DEFAULT_ALPHA = 0.5
+DEFAULT_SKIPINIT = False
 
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
@@ -70,7 +73,7 @@ class ConvertedResidual(nn.Module):
     (pre-activation, as in NF-ResNets); `shortcut` is the converted projection (None: identity on h),
     which reads ``act(h / beta)``; `final_act` is set on the network's last block only, so the head
     reads activated features as in the original. `skip_gain` is SkipInit's scalar (`skipinit_gain`), 0 at
-    conversion (None with ``skipinit=False``). `beta` is the papers' beta (`residual_betas`), the divisor of h.
+    conversion with ``skipinit=True`` (None without SkipInit, the default). `beta` is the papers' beta (`residual_betas`), the divisor of h.
     `transition` says whether the shortcut restarts the variance.
 
     Computed with the block's scalars folded into the convolutions' constant scales where that is exact, as
@@ -574,8 +577,9 @@ def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float = DEFAULT_AL
     - Residual blocks of torchvision ResNets (BasicBlock, Bottleneck), timm ResNets and fastai's xresnet
       (ResBlock) become `ConvertedResidual` blocks, h + alpha * gain * f(act(h / beta)), beta the expected
       std of h from `residual_betas` (variance alpha^2 more per block, 1 + alpha^2 after a transition: a
-      block with a projection shortcut). `skipinit`: the SkipInit gain, a learnable scalar starting at 0
-      (False: no gain, the branches start at full strength).
+      block with a projection shortcut). `alpha` defaults to `DEFAULT_ALPHA` (0.5; the papers' is 0.2).
+      `skipinit`: True adds the SkipInit gain, a learnable scalar starting at 0; the default (False) has no gain,
+      the branches start at full strength (see `DEFAULT_SKIPINIT` for the measurement behind both).
     - nn.Sequential stacks of Conv2d, BatchNorm2d, activations, pooling and Linear layers (plain CNNs)
       are converted layer by layer.
 
