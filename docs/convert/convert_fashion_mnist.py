@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import normfree
+from normfree.models.convert import DEFAULT_ALPHA, DEFAULT_SKIPINIT
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = dict(arch="resnet18", methods=("bn", "converted", "converted-agc"), batch_sizes=(64,), accumulate=False,
@@ -42,7 +43,8 @@ def main() -> None:
              f"architecture), the first {SETTINGS['limit']} training and {SETTINGS['limit']} test images of "
              f"Fashion-MNIST at {SETTINGS['size']} px, batch {SETTINGS['batch_sizes'][0]}, {SETTINGS['epochs']} "
              f"epochs of one-cycle Adam at peak lr {SETTINGS['lrs'][0]:g}, seeds {', '.join(map(str, SETTINGS['seeds']))}; "
-             f"converted = to_normfree defaults (alpha 0.2, SkipInit gains at 0, Scaled WS with ReLU's gamma); "
+             f"converted = to_normfree defaults (alpha {DEFAULT_ALPHA}, "
+             f"{'SkipInit gains at 0' if DEFAULT_SKIPINIT else 'no SkipInit'}, Scaled WS with ReLU's gamma); "
              f"AGC lambda {SETTINGS['agc']} (classifier excluded).", "",
              "| method | final test accuracy (%) per seed | mean +- std (%) |", "|---|---|---|"]
     means = {}
