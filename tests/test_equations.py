@@ -114,7 +114,8 @@ def test_skipinit_gain_is_a_zero_learnable_scalar_and_the_models_use_it():
     assert isinstance(gain, nn.Parameter) and gain.requires_grad
     assert gain.shape == () and gain.dtype == torch.float64 and gain.item() == 0.0
     small = [b.skipinit_gain for b in SmallResNet(skipinit=True).modules() if isinstance(b, NormFreeBlock)]
-    converted = [b.skip_gain for b in to_normfree(nn.Sequential(torchvision_block(8), torchvision_block(8))).modules()
+    converted = [b.skip_gain for b in to_normfree(nn.Sequential(torchvision_block(8), torchvision_block(8)),
+                                                  skipinit=True).modules()
                  if isinstance(b, ConvertedResidual)]
     for gains in (small, converted):
         assert gains and all(isinstance(g, nn.Parameter) and g.shape == () and g.item() == 0.0 for g in gains)

@@ -170,3 +170,11 @@ def test_folded_model_trains_with_agc():
     optimizer.step()
     assert stats is not None
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters() if name.endswith("conv1.bias"))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("option", [dict(alpha=0.5), dict(skipinit=False)], ids=["default_alpha", "default_skipinit"])
+def test_nf_options_equal_to_their_defaults_are_still_refused_with_fold(option):
+    # given explicitly, even at mode nf's default value: fold has no NF blocks to apply them to
+    with pytest.raises(ConversionError, match="is an option of mode 'nf'"):
+        to_normfree(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), mode="fold", **option)

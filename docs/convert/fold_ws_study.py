@@ -41,7 +41,7 @@ from normfree.models.classifier import find_classifier, init_classifier_
 from normfree.models.fusion import replace_submodule
 
 SETTINGS = dict(data="fashion-mnist", arch="resnet18", size=32, limit=10000, source_classes=(0, 1, 2, 3, 4),
-                target_classes=(5, 6, 7, 8, 9), source_epochs=4, source_lr=3e-3, targets=((20, 4), (100, 16)),
+                target_classes=(5, 6, 7, 8, 9), source_epochs=4, source_lr=3e-3, targets=((20, 4),),
                 epochs=8, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), agc=0.04)
 TINY = dict(data="digits", arch="resnet18", size=16, limit=None, source_classes=(0, 1, 2, 3, 4),
             target_classes=(5, 6, 7, 8, 9), source_epochs=1, source_lr=3e-3, targets=((10, 8),), epochs=2,

@@ -528,23 +528,25 @@ def _refuse_unfoldable(model: nn.Module) -> None:
         raise ConversionError(f"the model ({type(model).__name__}) has no BatchNorm: nothing to fold; train it as it is")
 
 
-def _check_mode(mode: object, alpha: float, skipinit: bool, activation_gamma: object) -> None:
+def _check_mode(mode: object, alpha: object, skipinit: object, activation_gamma: object) -> None:
     if not isinstance(mode, str) or mode not in CONVERSION_MODES:
         raise ConversionError(f"mode must be one of {', '.join(map(repr, CONVERSION_MODES))} ("
                               f"{'; '.join(f'{m}: {what}' for m, what in CONVERSION_MODES.items())}), got {mode!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ConversionError(f"alpha must be a finite number > 0 (the paper's {DEFAULT_ALPHA}), got {alpha!r}")
-    if not isinstance(skipinit, bool):
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise ConversionError(f"alpha must be a finite number > 0 (default {DEFAULT_ALPHA}; the papers' 0.2), "
+                              f"got {alpha!r}")
+    if skipinit is not None and not isinstance(skipinit, bool):
         raise ConversionError(f"skipinit must be True or False, got {skipinit!r}")
     if mode == "fold":
-        given = [name for name, value, default in (("alpha", alpha, DEFAULT_ALPHA), ("skipinit", skipinit, DEFAULT_SKIPINIT),
-                                                   ("activation_gamma", activation_gamma, None)) if value != default]
+        given = [name for name, value in (("alpha", alpha), ("skipinit", skipinit),
+                                          ("activation_gamma", activation_gamma)) if value is not None]
         if given:
             raise ConversionError(f"{given[0]} is an option of mode 'nf' (the NF-ResNet recipe); mode 'fold' keeps the "
                                   f"model's blocks and weights as they are: leave {given[0]} out")
 
 
-def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float = DEFAULT_ALPHA, skipinit: bool = DEFAULT_SKIPINIT,
+def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float | None = None, skipinit: bool | None = None,
                 activation_gamma: float | Mapping | None = None) -> nn.Module:
     """A copy of BatchNorm model `model` made normalizer-free; `model` itself is not changed. `mode`:
 
@@ -577,8 +579,8 @@ def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float = DEFAULT_AL
     - Residual blocks of torchvision ResNets (BasicBlock, Bottleneck), timm ResNets and fastai's xresnet
       (ResBlock) become `ConvertedResidual` blocks, h + alpha * gain * f(act(h / beta)), beta the expected
       std of h from `residual_betas` (variance alpha^2 more per block, 1 + alpha^2 after a transition: a
-      block with a projection shortcut). `alpha` defaults to `DEFAULT_ALPHA` (0.5; the papers' is 0.2).
-      `skipinit`: True adds the SkipInit gain, a learnable scalar starting at 0; the default (False) has no gain,
+      block with a projection shortcut). `alpha`: None is `DEFAULT_ALPHA` (0.5; the papers' is 0.2).
+      `skipinit`: True adds the SkipInit gain, a learnable scalar starting at 0; None is `DEFAULT_SKIPINIT` (False): no gain,
       the branches start at full strength (see `DEFAULT_SKIPINIT` for the measurement behind both).
     - nn.Sequential stacks of Conv2d, BatchNorm2d, activations, pooling and Linear layers (plain CNNs)
       are converted layer by layer.
@@ -599,7 +601,8 @@ def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float = DEFAULT_AL
         return fold_batchnorms(copy.deepcopy(model))
     gammas = _checked_gammas(activation_gamma, model)
     converted = copy.deepcopy(model)
-    walk = _Walk(float(alpha), skipinit, gammas)
+    walk = _Walk(float(DEFAULT_ALPHA if alpha is None else alpha), DEFAULT_SKIPINIT if skipinit is None else skipinit,
+                 gammas)
     converted = _convert(converted, "", walk, in_branch=False)
     _close_block(walk)
     left = [name or type(converted).__name__ for name, m in converted.named_modules() if isinstance(m, _NORMS)]
