@@ -556,7 +556,9 @@ def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float | None = Non
     before it gets W'_c = W_c * g_c / sqrt(var_c + eps), b'_c = beta_c + (b_c - mean_c) * g_c / sqrt(var_c + eps)
     (a bias created where it had none; parameters trainable as before). So the copy's eval-mode outputs equal the
     original's eval-mode outputs up to float rounding (the running statistics are used, whatever mode `model` is
-    in), and it has no normalisation layer left: train it with AGC. Covered: any conv -> BatchNorm pair (ResNets,
+    in), and it has no normalisation layer left: train it with AGC. The convolutions stay plain: Scaled WS on top
+    would remove each filter's mean, which the pretrained function needs, and fine-tuned worse
+    (docs/convert/fold-ws/results.md). Covered: any conv -> BatchNorm pair (ResNets,
     inverted residuals, depthwise convs, squeeze-excitation: torchvision, timm EfficientNet / MobileNet, fastai
     xresnet), Linear -> BatchNorm1d, and a BatchNorm feeding a Linear or an unpadded convolution (fastai's head:
     BatchNorm1d, Dropout, Linear; with Dropout between, training drops the scaled input, not BatchNorm's shift).
