@@ -111,8 +111,7 @@ def target_run(settings: dict, weights: Path, method: str, per_class: int, bs: i
     init_classifier_(find_classifier(learn.model))  # five new classes: a new classifier
     record: dict = {}
     if method == "folded-ws-agc":
-        images = dls.one_batch()[0] if len(dls.train) else None
-        record["feature_change"] = calibrated_standardisation(learn.model, images)
+        record["feature_change"] = calibrated_standardisation(learn.model, dls.one_batch()[0])
         learn.model.train()
         learn.opt = None  # the parameters changed: fastai builds the optimizer again
         learn.freeze()

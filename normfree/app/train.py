@@ -397,10 +397,13 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
 def _check_single_image_batchnorm(learn: Learner, config: TrainConfig) -> None:
     """At bs 1 a BatchNorm whose input has one value per channel (a 1x1 feature map: a stride-32 ResNet at 32 px or
     less) cannot normalise in training, and torch would stop the first step with a traceback: refuse it up front,
-    found by one eval-mode forward of one image."""
+    found by one eval-mode forward of one validation image (not a training batch: drawing one would move the
+    training loader's shuffling)."""
     seen: dict[str, tuple[int, ...]] = {}
     batchnorms = [(name, m) for name, m in learn.model.named_modules()
                   if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not batchnorms:
+        return
     def record(name: str):  # a pre-hook returning a value would replace the input: return nothing
         return lambda _, args: seen.__setitem__(name, tuple(args[0].shape))
 
@@ -408,7 +411,7 @@ def _check_single_image_batchnorm(learn: Learner, config: TrainConfig) -> None:
     training = learn.model.training
     try:
         with torch.no_grad():
-            learn.model.eval()(learn.dls.one_batch()[0][:1])
+            learn.model.eval()(learn.dls.valid.one_batch()[0][:1])
     finally:
         learn.model.train(training)
         for hook in hooks:
