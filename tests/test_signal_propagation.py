@@ -328,3 +328,18 @@ def test_the_spp_command_refuses_a_batch_of_one(tmp_path, capsys):
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "normfree spp: error: --bs: must be at least 2, got 1"
     assert not (tmp_path / "out").exists()
+
+
+def test_converted_last_block_branch_is_read_before_the_final_activation():
+    """A converted network's last block applies the original's final ReLU to its sum: with SkipInit every branch
+    adds exactly nothing, so every residual variance is 0, the last block's too (not what the ReLU removed)."""
+    from torchvision.models import resnet18
+
+    from normfree import to_normfree
+
+    torch.manual_seed(0)
+    converted = to_normfree(resnet18(num_classes=4), skipinit=True)
+    result = signal_propagation(converted, input_shape=(4, 3, 32, 32))
+    assert len(result) == 8
+    assert [row.residual_variance for row in result.rows] == [0.0] * 8
+    assert result.rows[-1].squared_mean > 0.01  # the last output is activated: ReLU of a zero-mean signal has a mean

@@ -60,3 +60,17 @@ def test_fold_ws_study_writes_its_table(tmp_path):
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 10 per class")]
     assert [row[1] for row in rows] == ["BatchNorm", "folded + AGC", "folded + WS + AGC"]
     assert float(rows[2][5].rstrip(" |")) > 0  # the calibration's feature change is reported
+
+
+def test_recipe_spp_writes_its_plot_and_table(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "docs/convert/recipe_spp.py"), "--tiny", "--out", str(tmp_path)],
+                   check=True, capture_output=True, cwd=ROOT)
+    assert (tmp_path / "spp.png").stat().st_size > 0
+    import csv
+
+    with open(tmp_path / "spp.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {row["model"] for row in rows} == {"BatchNorm", "converted, papers", "converted, open"}
+    assert len(rows) == 3 * 8  # resnet18: 8 residual blocks per model
+    papers = [float(row["residual_variance"]) for row in rows if row["model"] == "converted, papers"]
+    assert papers == [0.0] * 8  # SkipInit: every branch starts switched off

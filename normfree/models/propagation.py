@@ -170,6 +170,8 @@ class _Family:
     transition: Callable[[nn.Module], bool | None]
     branch_end: Callable[[nn.Module], nn.Module | None] | None = None
     shortcut: Callable[[nn.Module], nn.Module | None] | None = None
+    # a module the block applies to its sum (shortcut + branch) before returning it: the branch is read off its input
+    after_sum: Callable[[nn.Module], nn.Module | None] | None = None
 
 
 def _downsample(block: nn.Module) -> nn.Module | None:
@@ -199,8 +201,10 @@ def _families() -> list[_Family]:
                 branch_end=lambda b: b.se if getattr(b, "se", None) is not None else b.bn3),
         _Family((tv.BasicBlock,), _has_downsample, branch_end=lambda b: b.bn2),
         _Family((tv.Bottleneck,), _has_downsample, branch_end=lambda b: b.bn3),
-        # normfree.to_normfree's blocks: h + alpha * gain * branch(act(h / beta)); the branch is output - shortcut
-        _Family((ConvertedResidual,), lambda b: b.transition, shortcut=lambda b: b.shortcut),
+        # normfree.to_normfree's blocks: h + alpha * gain * branch(act(h / beta)); the branch is sum - shortcut, the
+        # network's last block applying the original's final activation to that sum
+        _Family((ConvertedResidual,), lambda b: b.transition, shortcut=lambda b: b.shortcut,
+                after_sum=lambda b: b.final_act),
     ] + _fastai_families()
 
 
@@ -309,9 +313,9 @@ class _Recorder:
             if "branch" in state:
                 branch_variance = state["branch"]
             elif family.branch_end is None and x is not None:
-                shortcut = state.get("shortcut", x)
-                known = shortcut.shape == output.shape
-                branch_variance = average_channel_variance(output - shortcut) if known else math.nan
+                shortcut, total = state.get("shortcut", x), state.get("sum", output)
+                known = shortcut.shape == total.shape
+                branch_variance = average_channel_variance(total - shortcut) if known else math.nan
             else:
                 branch_variance = math.nan
             transition = family.transition(block)
@@ -336,6 +340,12 @@ class _Recorder:
                     running[-1]["shortcut"] = output.detach().clone()
 
             self.handles.append(shortcut.register_forward_hook(shortcut_ended))
+        if family.after_sum is not None and (after_sum := family.after_sum(block)) is not None:
+            def sum_started(module, args):  # the sum, before the module changes it (maybe in place)
+                if running:
+                    running[-1]["sum"] = args[0].detach().clone()
+
+            self.handles.append(after_sum.register_forward_pre_hook(sum_started))
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """The calls that returned a tensor, in the order they started; the calls of a block that ran more than once
