@@ -16,11 +16,14 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_CLIPPING", "DEFAULT_EPS", "GRAD_NORM_FLOOR", "adaptive_clip_factor", "check_agc_arguments", "clip_factor_below", "clip_threshold",
-           "is_single_unit", "num_units", "unit_norm_vector", "unit_norms", "unit_shape", "unitwise_norm"]
+__all__ = ["DEFAULT_CLIPPING", "DEFAULT_CLIP_FRACTION", "DEFAULT_EPS", "GRAD_NORM_FLOOR", "adaptive_clip_factor",
+           "check_agc_arguments", "check_clip_fraction", "clip_factor_below", "clip_threshold",
+           "gradient_to_weight_ratio", "is_single_unit", "num_units", "suggest_clipping", "unit_norm_vector",
+           "unit_norms", "unit_ratios", "unit_shape", "unitwise_norm"]
 
 DEFAULT_CLIPPING = 0.01  # the paper's lambda for batch 1024-4096 (Sec. 4.1)
 DEFAULT_EPS = 1e-3  # the paper's floor on ||W_u|| (Sec. 4)
+DEFAULT_CLIP_FRACTION = 0.1  # the share of gradient-to-weight ratios a suggested lambda clips (`suggest_clipping`)
 # the paper's floor on ||G_u|| in Eq. (3)'s division, as DeepMind's code has it
 GRAD_NORM_FLOOR = 1e-6
 
@@ -98,6 +101,39 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
     serves callers that take the factors of many gradients against the same weights (per-sample AGC).
     """
     return clip_factor_below(clip_threshold(param_norm, clipping, eps), grad_norm)
+
+
+def gradient_to_weight_ratio(param_norm: Tensor, grad_norm: Tensor, eps: float) -> Tensor:
+    """||G_u|| / max(||W_u||, eps): the unit-wise ratio that Eq. (3) of Sec. 4 compares with lambda (a unit clips when
+    it exceeds lambda). `normfree.learner.agc_find` chooses lambda from its distribution."""
+    return grad_norm / param_norm.clamp_min(eps)
+
+
+def unit_ratios(param: Tensor, eps: float) -> Tensor:
+    """`gradient_to_weight_ratio` of each unit of `param` for its current gradient (0 without one), float32."""
+    norms = unit_norms(param.detach())
+    grad_norms = unit_norms(param.grad.detach()) if param.grad is not None else torch.zeros_like(norms)
+    return gradient_to_weight_ratio(norms, grad_norms, eps).float()
+
+
+def check_clip_fraction(clip_fraction: float) -> None:
+    """ValueError naming `clip_fraction` unless it is in (0, 1)."""
+    if not 0 < clip_fraction < 1:
+        raise ValueError(f"clip_fraction must be in (0, 1), got {clip_fraction!r}: the share of units lambda clips")
+
+
+def suggest_clipping(ratios: Tensor, clip_fraction: float = DEFAULT_CLIP_FRACTION) -> float:
+    """The smallest recorded ratio lambda such that at most `clip_fraction` of `ratios` exceed it: with the ratios
+    sorted, v[k] for k = ceil(N - 1 - clip_fraction * N). Non-finite ratios are left out; ValueError if none is
+    left or `clip_fraction` is not in (0, 1)."""
+    check_clip_fraction(clip_fraction)
+    values = ratios.detach().flatten().double()
+    values = values[values.isfinite()]
+    if not len(values):
+        raise ValueError("no finite gradient-to-weight ratio was recorded: the probe's gradients were all inf/NaN; "
+                         "lower the learning rate")
+    k = max(0, math.ceil(len(values) - 1 - clip_fraction * len(values)))
+    return float(torch.kthvalue(values, k + 1).values)
 
 
 def clip_threshold(param_norm: Tensor, clipping: float, eps: float) -> Tensor:

@@ -1,8 +1,9 @@
 """The fastai integration: callbacks (AGC, frozen BatchNorm), clip history, mixed precision on any device, and
 `nf_learner`.
 
-Importing it adds ``Learner.agc`` and ``Learner.to_mixed_precision`` to fastai's Learner.
+Importing it adds ``Learner.agc``, ``Learner.agc_find`` and ``Learner.to_mixed_precision`` to fastai's Learner.
 """
+from .agc_find import AGCFindResult
 from .callback import AGC
 from .clip_history import ClipHistory, ClipRate
 from .epoch_log import EpochLog
@@ -12,5 +13,5 @@ from .optim import nesterov_sgd
 from .precision import DeviceMixedPrecision
 from .step_budget import StepBudget
 
-__all__ = ["AGC", "ClipHistory", "ClipRate", "DeviceMixedPrecision", "EpochLog", "FreezeBatchNorm", "StepBudget",
+__all__ = ["AGC", "AGCFindResult", "ClipHistory", "ClipRate", "DeviceMixedPrecision", "EpochLog", "FreezeBatchNorm", "StepBudget",
            "nesterov_sgd", "nf_learner"]

@@ -8,17 +8,22 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
 from fastcore.basics import patch
+import torch
 from torch import Tensor, nn
 
 from ..agc.clip import clip_parameters_
 from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
-from ..agc.rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, unit_norms
+from ..agc.rule import (DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, suggest_clipping,
+                        unit_norms, unit_ratios)
 from ..models.classifier import find_classifier, unwrap_model
 from .clip_history import ClipHistory, ClipRate
 from .fit_guard import in_fit
 
-__all__ = ["AGC"]
+__all__ = ["AGC", "CLIP_WATCH_STEPS", "MOST_CLIPPED"]
+
+CLIP_WATCH_STEPS = 50  # consecutive optimizer steps over which AGC judges its lambda (its warnings)
+MOST_CLIPPED = 0.5  # a step clips "most units" above this share
 
 
 def _as_list(exclude: Exclusion | Iterable[Exclusion] | None) -> list[Exclusion]:
@@ -53,6 +58,11 @@ class AGC(Callback):
       that is the mean or the sum of per-example terms; dropout and drop-path are fine except inside
       the modules it computes with torch.func (see `normfree.agc.per_sample` for the module kinds).
       Excluded parameters get their ordinary mean gradient. Clip rates then count (example, unit) pairs.
+
+    Every `CLIP_WATCH_STEPS` steps it looks at the last ones and warns, once per fit each: when most units clipped
+    at every one of them (lambda far too small: every update shrunk) or none clipped at any (lambda too large: AGC
+    does nothing), with the measured share and the lambda that would clip `DEFAULT_CLIP_FRACTION` of the units at
+    the step (`normfree.agc.rule.suggest_clipping`; ``learn.agc_find()`` measures it over a probe).
 
     After a fit, `history` holds the units clipped per parameter at every step (see
     `ClipHistory`); the Recorder shows the epoch's clip rate as `agc_clip` (and `agc_clip_<g>`
@@ -124,6 +134,7 @@ class AGC(Callback):
         self.learn.metrics = self.learn.metrics + [ClipRate(self),
                                                    *([ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else [])]
         self._history_started = False
+        self._warned: set[str] = set()
 
     def _start_history(self) -> None:
         """Resolve what to clip and start a new history: at the first training epoch of a fit, so that a
@@ -174,9 +185,35 @@ class AGC(Callback):
         if self._clipper is not None:  # the backward pass clipped each example already
             self.history.record(self._clipper.collect(self._params))
         else:
+            self._watch_clip_share()
             # arguments checked in __init__; non-finite units are reported in after_train
             self.history.record([clip_parameters_(params, clipping, self.eps)
                                  for params, clipping in zip(self._params, self._clippings)])
+
+    def _watch_clip_share(self) -> None:
+        """The warnings of the class docstring, judged every CLIP_WATCH_STEPS steps (one host synchronisation each)
+        on the steps before this one, the suggestion taken from this step's gradients before they are clipped."""
+        steps = len(self.history)
+        if steps < CLIP_WATCH_STEPS or steps % CLIP_WATCH_STEPS:
+            return
+        window = slice(steps - CLIP_WATCH_STEPS, steps)
+        clipped, units = self.history.clipped(window).sum(1), self.history.units(window).sum(1)
+        shares = clipped / units.clamp_min(1)
+        if bool((shares > MOST_CLIPPED).all()):
+            kind, problem = "too small", (f"clipped {float(shares.min()):.0%}-{float(shares.max()):.0%} of the units at each of the last "
+                       f"{CLIP_WATCH_STEPS} steps: lambda is far too small and shrinks every update")
+        elif int(clipped.sum()) == 0:
+            kind, problem = "too large", f"clipped no unit in the last {CLIP_WATCH_STEPS} steps: lambda is too large and AGC does nothing"
+        else:
+            return
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        ratios = torch.cat([unit_ratios(p, self.eps) for params in self._params for p in params])
+        lambdas = ", ".join(f"{c:g}" for c in sorted(set(self._clippings)))
+        warnings.warn(f"AGC (lambda {lambdas}) {problem}; lambda {suggest_clipping(ratios):.3g} would clip "
+                      f"{DEFAULT_CLIP_FRACTION:.0%} of this step's units (learn.agc_find() measures it over a probe "
+                      f"run; --agc auto on the command line)", stacklevel=2)
 
     def after_train(self) -> None:
         per_parameter = self.history.nonfinite(slice(self.epoch_start, None)).sum(0).tolist()

@@ -1,0 +1,225 @@
+"""``learn.agc_find()``: AGC's lambda chosen from a short run, as fastai's ``lr_find`` chooses the learning rate.
+
+A unit's gradient clips when ||G_u|| / max(||W_u||, eps) exceeds lambda (Brock et al. 2021, Sec. 4, Eq. 3;
+`normfree.agc.rule.gradient_to_weight_ratio`). The finder trains `num_it` optimizer steps at the run's peak learning
+rate without clipping, records that ratio for every unit AGC would clip (the same parameters and exclusions as the
+attached `AGC` callback, or AGC's defaults) at every step, and suggests the lambda at which `clip_fraction` of those
+(unit, step) pairs would clip (`suggest_clipping`). The batch size enters through the gradients' noise (smaller
+batches, larger ratios, a larger lambda), the optimizer and the lr through the trajectory the ratios are taken on.
+
+The ratios are read where AGC clips: after mixed precision's grad scaler has unscaled the gradients (a step it skips
+is not recorded) and after gradient accumulation has summed the effective batch. Afterwards the model (parameters,
+buffers, gradients), the optimizer (state and hyper-parameters), the Recorder's history and the random number
+generators are as they were, also when the probe is interrupted: a fit after the finder is the fit without it.
+Other callbacks attached to the Learner run during the probe, as with ``lr_find``; validation does not.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import Learner
+from fastcore.basics import patch
+from torch import Tensor
+
+from ..agc.rule import DEFAULT_CLIP_FRACTION, check_clip_fraction, suggest_clipping, unit_ratios
+from ..models.classifier import unwrap_model
+from .callback import AGC
+
+__all__ = ["AGCFindResult", "AGCFinder", "DEFAULT_FIND_STEPS"]
+
+DEFAULT_FIND_STEPS = 40  # optimizer steps of the probe
+_RECORDER_LISTS = ("lrs", "iters", "losses", "values")  # what a fit resets in fastai's Recorder
+
+
+@dataclass(frozen=True)
+class AGCFindResult:
+    """What `Learner.agc_find` measured: `suggestion` (lambda), and per clipped parameter (`names`, its optimizer param
+    group in `groups`) the ratios ||G_u|| / max(||W_u||, eps) of its units at each step (`ratios`: [steps, units],
+    float32), taken at learning rate `lr` over `steps` optimizer steps."""
+
+    suggestion: float
+    clip_fraction: float
+    lr: float | slice
+    steps: int
+    names: tuple[str, ...]
+    groups: tuple[int, ...]
+    ratios: tuple[Tensor, ...]
+
+    def all_ratios(self) -> Tensor:
+        """Every recorded (unit, step) ratio, as one flat vector."""
+        return torch.cat([r.flatten() for r in self.ratios])
+
+    def fraction_clipped(self, clipping: float) -> float:
+        """The share of the recorded finite (unit, step) ratios above `clipping`: how often AGC with that lambda
+        would have clipped on the probe."""
+        values = self.all_ratios()
+        values = values[values.isfinite()]
+        return float((values > clipping).double().mean())
+
+    def layer_groups(self) -> dict[str, Tensor]:
+        """The ratios pooled by layer group: a parameter's name up to its first numeric part (``stages.0``), or its
+        first part (``stem``, ``head``)."""
+        pooled: dict[str, list[Tensor]] = {}
+        for name, ratios in zip(self.names, self.ratios):
+            parts = name.split(".")
+            digit = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+            key = ".".join(parts[: digit + 1]) if digit is not None else parts[0]
+            pooled.setdefault(key, []).append(ratios.flatten())
+        return {key: torch.cat(values) for key, values in pooled.items()}
+
+    def plot(self, ax: Sequence | None = None, figsize: tuple[float, float] = (11, 3.8)):
+        """Two panels: the share of units clipped against lambda (log scale) with the suggestion marked, and the
+        ratios' distribution per layer group. `ax`: two matplotlib Axes to draw into. Returns the figure."""
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            fig, axes = plt.subplots(1, 2, figsize=figsize)
+        else:
+            axes = list(ax)
+            if len(axes) != 2:
+                raise ValueError(f"ax: two Axes are needed (clip share, ratios per layer group), got {len(axes)}")
+            fig = axes[0].figure
+        values = self.all_ratios()
+        values = values[values.isfinite() & (values > 0)].double()
+        low, high = float(values.min()), float(values.max())
+        lambdas = torch.logspace(math.log10(low / 2), math.log10(high * 2), 200, dtype=torch.float64)
+        shares = [(values > lam).double().mean().item() for lam in lambdas]
+        axes[0].semilogx(lambdas.tolist(), shares)
+        axes[0].axvline(self.suggestion, color="C3", linestyle="--",
+                        label=f"suggestion {self.suggestion:.3g} ({self.fraction_clipped(self.suggestion):.0%} clip)")
+        axes[0].set(xlabel="lambda", ylabel="share of (unit, step) clipped",
+                    title=f"AGC find: {self.steps} steps at lr {self.lr}")
+        axes[0].legend()
+        axes[0].grid(alpha=0.3)
+        groups = self.layer_groups()
+        data = [g[g.isfinite() & (g > 0)].numpy() for g in groups.values()]
+        axes[1].boxplot(data, showfliers=False)
+        axes[1].set_xticks(range(1, len(groups) + 1), list(groups), rotation=45, ha="right", fontsize=8)
+        axes[1].set_yscale("log")
+        axes[1].axhline(self.suggestion, color="C3", linestyle="--")
+        axes[1].set(ylabel="||G_u|| / max(||W_u||, eps)", title="ratios per layer group")
+        fig.tight_layout()
+        return fig
+
+
+class AGCFinder(Callback):
+    """Records AGC's unit-wise ratios at every optimizer step (where `AGC` would clip, which it does not) and stops
+    the fit after `num_it` steps; skips validation. Used by `Learner.agc_find`."""
+
+    order = AGC.order
+
+    def __init__(self, agc: AGC, num_it: int):
+        self.agc, self.num_it = agc, num_it
+
+    def before_fit(self) -> None:
+        groups = self.agc.clipped_parameters(unwrap_model(self.learn.model), self.learn.opt.param_lists)
+        self.params = [(name, g, p) for g, group in enumerate(groups) for name, p in group]
+        if not self.params:
+            raise ValueError("agc_find: AGC clips no parameter of this model (all frozen or excluded); unfreeze some "
+                             "layers or narrow exclude=")
+        self.records: list[list[Tensor]] = [[] for _ in self.params]
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        for record, (_, _, p) in zip(self.records, self.params):
+            record.append(unit_ratios(p, self.agc.eps))
+
+    def after_step(self) -> None:
+        if len(self.records[0]) >= self.num_it:
+            raise CancelFitException()
+
+    def before_validate(self) -> None:
+        raise CancelValidException()
+
+
+@contextmanager
+def _state_restored(learn: Learner) -> Iterator[None]:
+    """Put back, after the block however it ends, everything a fit changes: the model's parameters, buffers and
+    gradients, the optimizer (or its absence), the Recorder's lists and the random number generators (the DataLoaders'
+    own too)."""
+    model = learn.model
+    weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    opt = learn.opt
+    opt_state = None if opt is None else copy.deepcopy(opt.state_dict())
+    recorder = getattr(learn, "recorder", None)
+    recorded = {name: list(getattr(recorder, name)) for name in _RECORDER_LISTS if hasattr(recorder, name)}
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None, random.getstate(),
+           np.random.get_state())
+    # fastai's DataLoaders shuffle with a generator of their own, advanced at every epoch
+    loaders = [(dl, dl.rng.getstate()) for dl in getattr(learn.dls, "loaders", []) if hasattr(dl, "rng")]
+    try:
+        yield
+    finally:
+        model.load_state_dict(weights)
+        for p, grad in grads:
+            p.grad = grad
+        learn.opt = opt
+        if opt is not None:
+            opt.load_state_dict(opt_state)
+        for name, values in recorded.items():
+            setattr(recorder, name, values)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        random.setstate(rng[2])
+        np.random.set_state(rng[3])
+        for dl, state in loaders:
+            dl.rng.setstate(state)
+
+
+def _micro_batches_per_step(learn: Learner) -> int:
+    accumulation = next((cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)), None)
+    bs = getattr(learn.dls.train, "bs", None) or 1
+    return max(1, math.ceil(accumulation.n_acc / bs)) if accumulation is not None else 1
+
+
+@patch
+def agc_find(self: Learner, lr: float | slice | None = None, num_it: int = DEFAULT_FIND_STEPS,
+             clip_fraction: float = DEFAULT_CLIP_FRACTION, show_plot: bool = True) -> AGCFindResult:
+    """Suggest AGC's lambda for this Learner (see `normfree.learner.agc_find`): `num_it` optimizer steps at `lr`
+    (default: ``learn.lr``; give the peak lr of the schedule you will train with, a slice for discriminative lrs)
+    with no clipping, recording ||G_u|| / max(||W_u||, eps) of every unit the attached AGC callback (or AGC's
+    defaults) would clip; the suggestion clips `clip_fraction` of them (`suggest_clipping`). Model, optimizer,
+    Recorder and random state are restored afterwards. With `show_plot`, plots `AGCFindResult.plot`. Then train
+    with ``learn.agc(result.suggestion)``."""
+    if not isinstance(num_it, int) or isinstance(num_it, bool) or num_it < 1:
+        raise ValueError(f"num_it must be a whole number of optimizer steps >= 1, got {num_it!r}")
+    check_clip_fraction(clip_fraction)
+    attached = [cb for cb in self.cbs if isinstance(cb, AGC)]
+    agc = attached[0] if attached else AGC()
+    if agc.per_sample:
+        raise ValueError("agc_find measures the batch gradient's ratios, not each example's: it does not suggest "
+                         "lambda for per-sample AGC yet; call it with learn.agc(per_sample=False) attached")
+    lr = self.lr if lr is None else lr
+    finder = AGCFinder(agc, num_it)
+    n_epoch = math.ceil(num_it * _micro_batches_per_step(self) / max(1, len(self.dls.train))) + 1
+    with _state_restored(self), self.removed_cbs(attached), self.no_logging(), self.no_mbar():
+        self.fit(n_epoch, lr, cbs=finder)
+    steps = len(finder.records[0])
+    if steps < num_it:
+        warnings.warn(f"agc_find recorded {steps} of num_it={num_it} steps (the data ran out or the grad scaler "
+                      f"skipped steps); the suggestion rests on those", stacklevel=2)
+    ratios = tuple(torch.stack(record).cpu() if record else torch.empty(0) for record in finder.records)
+    nonfinite = sum(int((~r.isfinite()).sum()) for r in ratios)
+    if nonfinite:
+        warnings.warn(f"agc_find: {nonfinite} (unit, step) ratios were inf/NaN and are left out; the probe's lr "
+                      f"{lr} may be too high", stacklevel=2)
+    result = AGCFindResult(
+        suggestion=suggest_clipping(torch.cat([r.flatten() for r in ratios]), clip_fraction),
+        clip_fraction=clip_fraction, lr=lr, steps=steps, names=tuple(name for name, _, _ in finder.params),
+        groups=tuple(g for _, g, _ in finder.params), ratios=ratios)
+    if show_plot:
+        result.plot()
+    return result
