@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from normfree import AGC
+import normfree  # noqa: F401  (installs Learner.agc_find)
 from normfree.agc.rule import suggest_clipping
 from normfree.learner.callback import CLIP_WATCH_STEPS
 from normfree.learner.agc_find import AGCFindResult
@@ -218,6 +218,18 @@ def test_plot_marks_the_suggestion():
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.bad_input
+def test_plot_into_the_wrong_number_of_axes_is_refused_naming_ax():
+    import matplotlib.pyplot as plt
+
+    result = AGCFindResult(suggestion=0.9, clip_fraction=0.1, lr=0.1, steps=1, names=("a",), groups=(0,),
+                           ratios=(torch.rand(1, 4),))
+    fig, axes = plt.subplots(1, 3)
+    with pytest.raises(ValueError, match="ax: 2 Axes are needed"):
+        result.plot(ax=axes)
+    plt.close(fig)
 
 
 @pytest.mark.bad_input

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..agc.rule import DEFAULT_CLIP_FRACTION, check_clip_fraction, suggest_clipping, unit_ratios
 from ..models.classifier import unwrap_model
+from ..utils.panels import panel_row
 from .callback import AGC
 
 __all__ = ["AGCFindResult", "AGCFinder", "DEFAULT_FIND_STEPS"]
@@ -80,15 +81,7 @@ class AGCFindResult:
     def plot(self, ax: Sequence | None = None, figsize: tuple[float, float] = (11, 3.8)):
         """Two panels: the share of units clipped against lambda (log scale) with the suggestion marked, and the
         ratios' distribution per layer group. `ax`: two matplotlib Axes to draw into. Returns the figure."""
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            fig, axes = plt.subplots(1, 2, figsize=figsize)
-        else:
-            axes = list(ax)
-            if len(axes) != 2:
-                raise ValueError(f"ax: two Axes are needed (clip share, ratios per layer group), got {len(axes)}")
-            fig = axes[0].figure
+        fig, axes = panel_row(ax, 2, figsize, "clip share, ratios per layer group")
         values = self.all_ratios()
         values = values[values.isfinite() & (values > 0)].double()
         low, high = float(values.min()), float(values.max())

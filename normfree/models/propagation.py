@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils.panels import panel_row
+
 __all__ = [
     "BlockStats",
     "SignalPropagation",
@@ -130,15 +132,7 @@ class SignalPropagation:
             labels = [result.label for result in results]
         elif len(labels) != len(results):
             raise ValueError(f"labels: {len(labels)} given for {len(results)} results; give one per result")
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            fig, axes = plt.subplots(1, 3, figsize=figsize)
-        else:
-            axes = list(ax)
-            if len(axes) != 3:
-                raise ValueError(f"ax: three Axes are needed (one per statistic), got {len(axes)}")
-            fig = axes[0].figure
+        fig, axes = panel_row(ax, 3, figsize, "one per statistic")
         for result, label in zip(results, labels):
             indices = [row.index for row in result.rows]
             for panel, stat in zip(axes, _STATS):
