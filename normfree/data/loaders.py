@@ -57,6 +57,9 @@ _BAD_IMAGE_MODES = ("skip", "error")
 _DIGITS_WHITE = 16
 # Enough pixels for stable per-channel statistics without decoding a whole large folder.
 _STATS_IMAGES = 1024
+# validation and test batches of in-memory images hold at least this many: evaluation is per image in eval mode, so
+# a micro-batch run need not validate in micro-batches (hundreds of tiny forward passes per epoch)
+_MIN_EVAL_BS = 64
 
 
 def write_digits_image_folder(path: str | Path, size: int = 32, per_class: int | None = None) -> Path:
@@ -368,7 +371,8 @@ class StandardiseImages(ItemTransform):
 def _tensor_dataloaders(splits: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int | None, bs: int, seed: int,
                         device, vocab: Sequence[str], white: float | None = None) -> DataLoaders:
     """DataLoaders over (images [N, C, H, W], targets) splits: train first (shuffled, source of
-    the statistics), then valid and any further split (e.g. test), at twice the batch size.
+    the statistics), then valid and any further split (e.g. test), at twice the batch size and at least
+    `_MIN_EVAL_BS`.
     `vocab` names the classes; `white` is the stored value of a white pixel (uint8: 255), for image files given
     to `Learner.predict` (None: image files are refused)."""
     train_images = splits[0][0]
@@ -378,8 +382,8 @@ def _tensor_dataloaders(splits: Sequence[tuple[torch.Tensor, torch.Tensor]], siz
     stored = _StoredImage(train_images.shape[1:], train_images.dtype,
                           255 if train_images.dtype == torch.uint8 else white)
     loaders = [
-        TfmdDL(_TensorImages(x, y, vocab), bs=bs if i == 0 else 2 * bs, shuffle=i == 0, num_workers=0,
-               after_item=stored, after_batch=standardise)
+        TfmdDL(_TensorImages(x, y, vocab), bs=bs if i == 0 else max(2 * bs, _MIN_EVAL_BS), shuffle=i == 0,
+               num_workers=0, after_item=stored, after_batch=standardise)
         for i, (x, y) in enumerate(splits)
     ]
     return _seeded_shuffle(DataLoaders(*loaders, device=device), seed)
