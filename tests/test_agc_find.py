@@ -1,6 +1,7 @@
 """learn.agc_find(): the rule against a brute-force reference, the ratios against a float64 reference, and the Learner
 left exactly as it was (bit for bit, also after Ctrl-C), under mixed precision, accumulation and frozen groups."""
 import copy
+import json
 import random
 import re
 import warnings
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import normfree  # noqa: F401  (installs Learner.agc_find)
+import normfree
 from normfree.agc.rule import suggest_clipping
 from normfree.learner.callback import CLIP_WATCH_STEPS
 from normfree.learner.agc_find import AGCFindResult
@@ -285,3 +286,51 @@ def test_the_suggested_lambda_clips_some_units_and_is_not_reported():
     messages, learn = watched_fit(None)
     rates = learn.adaptive_clip.history.step_rates()
     assert 0 < float(rates.mean()) < 0.5 and messages == []
+
+
+# --- agc="auto" in normfree train and compare --------------------------------------------------------------------------
+
+
+def test_train_with_agc_auto_records_the_lambda_it_trained_with(tmp_path):
+    from helpers import QUICK_OPTIONS, read_rows, without_timing
+
+    auto = normfree.train(**QUICK_OPTIONS, agc="auto", out=tmp_path / "auto", quiet=True)
+    recorded = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert recorded["config"]["agc"] == "auto" and recorded["agc_used"] == auto.agc > 0
+    assert auto.learner.adaptive_clip.clipping == auto.agc
+    assert (tmp_path / "auto" / "agc_find.png").stat().st_size > 0
+    assert json.loads((tmp_path / "auto" / "result.json").read_text())["agc"] == auto.agc
+    # the probe leaves no trace: training with the chosen lambda given as a number is the same run
+    fixed = normfree.train(**QUICK_OPTIONS, agc=auto.agc, out=tmp_path / "fixed", quiet=True, save_plots=False)
+    assert without_timing(read_rows(tmp_path / "auto" / "metrics.csv")) == \
+        without_timing(read_rows(tmp_path / "fixed" / "metrics.csv"))
+    assert fixed.agc == auto.agc
+
+
+def test_cli_takes_agc_auto_and_names_the_option_for_anything_else(tmp_path, capsys):
+    from helpers import QUICK, stopped_with_status_2
+
+    from normfree.app.cli import main
+
+    assert main(["train", *QUICK, "--agc", "auto", "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["agc_used"] > 0
+    message = stopped_with_status_2(["train", *QUICK, "--agc", "often", "--out", str(tmp_path / "bad")], capsys)
+    assert "--agc" in message and "auto" in message
+
+
+@pytest.mark.bad_input
+def test_agc_auto_with_per_sample_is_refused_naming_agc():
+    from normfree import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="agc.*each example"):
+        TrainConfig(data="digits", agc="auto", per_sample=True)
+
+
+def test_compare_with_agc_auto_reports_each_runs_lambda(tmp_path):
+    result = normfree.compare(data="digits", limit=64, size=8, epochs=1, batch_sizes=(16,), accumulate=False,
+                              seeds=(0,), lrs=(0.01,), agc="auto", out=str(tmp_path), quiet=True)
+    chosen = [run.agc for run in result.runs if run.method == "NF + AGC"]
+    assert len(chosen) == 1 and chosen[0] > 0
+    assert [run.agc for run in result.runs if run.method == "BatchNorm"] == [None]
+    report = (tmp_path / "report.md").read_text()
+    assert "AGC lambda**: auto" in report and f"{chosen[0]:.3g}" in report

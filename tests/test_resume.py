@@ -38,7 +38,9 @@ def metrics(result):
     # fp16's gradient scaler; 4 batches an epoch, 3 per step: the checkpoint holds a part-way accumulation
     (dict(epochs=3, accum=3, precision="fp16"), (2, 1)),
     (dict(epochs=3, steps=5, accum=2, per_sample=True), (1, 0)),
-], ids=["plain", "fp16-accum", "steps-per-sample"])
+    # the lambda agc_find chose at the start, not one found again on the half-trained model
+    (dict(epochs=3, agc="auto"), (1, 2)),
+], ids=["plain", "fp16-accum", "steps-per-sample", "agc-auto"])
 def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, options, at):
     settings = {**QUICK_OPTIONS, **options}
     whole = normfree.train(**settings, out=tmp_path / "whole", **QUIET)

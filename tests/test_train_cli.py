@@ -370,7 +370,7 @@ def test_help_shows_every_default_through_a_real_subprocess():
     assert done.returncode == 0 and done.stderr == ""
     text = " ".join(done.stdout.split())
     for expected in ("--bs BS batch size of one forward/backward pass (default: 64)", "(default: nf_resnet_tiny)",
-                     "(default: digits)", "batches >= 1024) (default: 0.04)",
+                     "(default: digits)", "before training (default: 0.04)",
                      "--no-agc train without AGC (default: with AGC)",
                      "(default: float32)", "(default: 8)", "one-cycle schedule (default: 0.01)", "(default: adam)",
                      "(default: normfree-run)"):

@@ -16,7 +16,8 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_CLIPPING", "DEFAULT_CLIP_FRACTION", "DEFAULT_EPS", "GRAD_NORM_FLOOR", "adaptive_clip_factor",
+__all__ = ["DEFAULT_CLIPPING", "DEFAULT_CLIP_FRACTION", "DEFAULT_EPS", "DEFAULT_FIND_STEPS",
+           "GRAD_NORM_FLOOR", "adaptive_clip_factor",
            "check_agc_arguments", "check_clip_fraction", "clip_factor_below", "clip_threshold",
            "gradient_to_weight_ratio", "is_single_unit", "num_units", "suggest_clipping", "unit_norm_vector",
            "unit_norms", "unit_ratios", "unit_shape", "unitwise_norm"]
@@ -24,6 +25,7 @@ __all__ = ["DEFAULT_CLIPPING", "DEFAULT_CLIP_FRACTION", "DEFAULT_EPS", "GRAD_NOR
 DEFAULT_CLIPPING = 0.01  # the paper's lambda for batch 1024-4096 (Sec. 4.1)
 DEFAULT_EPS = 1e-3  # the paper's floor on ||W_u|| (Sec. 4)
 DEFAULT_CLIP_FRACTION = 0.1  # the share of gradient-to-weight ratios a suggested lambda clips (`suggest_clipping`)
+DEFAULT_FIND_STEPS = 40  # unclipped optimizer steps whose ratios learn.agc_find() records
 # the paper's floor on ||G_u|| in Eq. (3)'s division, as DeepMind's code has it
 GRAD_NORM_FLOOR = 1e-6
 

@@ -31,7 +31,7 @@ from ..utils.errors import WriteError
 from ..utils.outdir import INCOMPLETE
 from . import distributed, startup
 from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
-from .config import ConfigError, TrainConfig
+from .config import AGC_AUTO, ConfigError, TrainConfig
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
 from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
 from .train import resume, train
@@ -62,6 +62,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def _flag(option: str) -> str:
     return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def _agc_lambda(text: str) -> float | str:
+    """--agc's value: a number, or auto (argparse names the option in its error)."""
+    if text == AGC_AUTO:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number such as 0.04, or {AGC_AUTO}, not {text!r}") from None
 
 
 def _add_precision(parser: argparse.ArgumentParser) -> None:
@@ -130,8 +140,9 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
     start.add_argument("--weights", metavar="PATH", default=None,
                        help=f"start from a local weights file: {WEIGHT_FILES} (default: none, random initialisation)")
     clipping = parser.add_mutually_exclusive_group()
-    clipping.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA",
-                          help="Adaptive Gradient Clipping's lambda (the paper's 0.01 is for batches >= 1024)")
+    clipping.add_argument("--agc", type=_agc_lambda, default=d["agc"], metavar="LAMBDA",
+                          help=f"Adaptive Gradient Clipping's lambda (the paper's 0.01 is for batches >= 1024), or "
+                               f"{AGC_AUTO}: chosen by learn.agc_find() at the run's peak lr before training")
     clipping.add_argument("--no-agc", dest="agc", action="store_const", const=None, default=argparse.SUPPRESS,
                           help="train without AGC (default: with AGC)")
     parser.add_argument("--per-sample", action="store_true",
@@ -231,7 +242,8 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help="with --budget steps: N optimizer steps per run (default: as many as the largest batch "
                              "makes in --epochs epochs)")
-    parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA", help="lambda of the AGC methods")
+    parser.add_argument("--agc", type=_agc_lambda, default=d["agc"], metavar="LAMBDA",
+                        help=f"lambda of the AGC methods, or {AGC_AUTO}: chosen by learn.agc_find() in each run")
     parser.add_argument("--alpha", type=float, default=d["alpha"],
                         help="alpha of the NF residual blocks (methods nf*, converted*) (default: each model's own)")
     parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],

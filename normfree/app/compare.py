@@ -48,12 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_FIND_STEPS
 from ..models.convert import DEFAULT_ALPHA, DEFAULT_SKIPINIT
 from ..models.factory import normalizer_free_archs
 from ..models.small_resnets import batchnorm_twin_name, normfree_twin_name
 from ..utils.errors import WriteError
 from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder
 from .config import (
+    AGC_AUTO,
     COMPARE_FILE,
     DEFAULT_AGC,
     ConfigError,
@@ -157,7 +159,7 @@ class CompareConfig(GridRunOptions, TwinArchs):
       up to the largest (every batch size must divide it).
     - `seeds`; `epochs`; `lrs`: the peak learning rates of the one-cycle schedule to choose from (one
       value: that lr for every run, no sweep); `opt`: ``adam`` or ``sgd`` (Nesterov); `agc`: lambda of
-      the AGC methods.
+      the AGC methods, or ``"auto"``: each of their runs chooses it with ``learn.agc_find()`` (the report lists them).
     - `alpha`, `skipinit`: the NF residual blocks of the methods that have them (the NF twin's, and ``converted*``'s,
       to_normfree's mode nf; ``nf-agc-skipinit`` always starts with SkipInit); None: their defaults.
     - `budget`: ``epochs`` (every run trains `epochs` epochs) or ``steps`` (every run makes the same
@@ -178,7 +180,7 @@ class CompareConfig(GridRunOptions, TwinArchs):
     opt: str = "adam"
     budget: str = "epochs"
     steps: int | None = None
-    agc: float = DEFAULT_AGC
+    agc: float | str = DEFAULT_AGC
     alpha: float | None = None
     skipinit: bool | None = None
     size: int | None = 16
@@ -319,6 +321,7 @@ def _record(cell: GridCell, result: TrainResult) -> RunRecord:
         METHODS[cell.method], cell.bs, cell.accum, cell.seed, result.lr, result.final_accuracy, result.best_accuracy,
         result.seconds_per_epoch, result.images_per_second, result.peak_memory_mib,
         tuple(row[result.metric] for row in result.epochs), tuple(row["valid_loss"] for row in result.epochs),
+        result.agc,
     )
 
 
@@ -370,7 +373,7 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
         "seeds": ", ".join(map(str, config.seeds)),
         "budget (same for every run)": f"{budget}, fastai fit_one_cycle, {optimizer}, fastai's weight decay",
         "learning rate": learning_rate,
-        "AGC lambda": config.agc,
+        "AGC lambda": _agc_setting(config, runs),
         **({"NF residual blocks": _block_settings(config)} if any(map(_has_nf_blocks, methods)) else {}),
         "image size": f"{config.size} px" if config.size else "native",
         "precision": config.precision,
@@ -382,6 +385,19 @@ def _settings(config: CompareConfig, methods: list[str], runs: list[RunRecord], 
 def _has_nf_blocks(method: str) -> bool:
     """Whether `method`'s model has NF residual blocks (alpha, SkipInit): the NF twin's, or to_normfree's mode nf."""
     return method.startswith("nf") or CONVERSIONS.get(method) == "nf"
+
+
+def _agc_setting(config: CompareConfig, runs: list[RunRecord]) -> str | float:
+    """The lambda of the AGC methods; with auto, the one agc_find chose for each run."""
+    if config.agc != AGC_AUTO:
+        return config.agc
+    chosen: dict[str, list[str]] = {}
+    for run in runs:
+        if run.agc is not None:
+            chosen.setdefault(f"{run.method}, {run.setting}", []).append(f"{run.agc:.3g}")
+    return (f"{AGC_AUTO}: chosen in each run by learn.agc_find() at its peak lr (the ratio above which "
+            f"{DEFAULT_CLIP_FRACTION:.0%} of the units' gradient-to-weight ratios lie over {DEFAULT_FIND_STEPS} "
+            f"unclipped steps); per seed: " + "; ".join(f"{key} {', '.join(values)}" for key, values in chosen.items()))
 
 
 def _block_settings(config: CompareConfig) -> str:

@@ -33,7 +33,7 @@ from ..models.weights import WEIGHT_FILES
 from ..utils.errors import ConfigError
 from ..utils.outdir import resolved_folder
 
-__all__ = ["COMPARE_FILE", "CONFIG_FILE", "DEFAULT_AGC", "TRANSFER_FILE", "ConfigError", "GridRunOptions",
+__all__ = ["AGC_AUTO", "COMPARE_FILE", "CONFIG_FILE", "DEFAULT_AGC", "TRANSFER_FILE", "ConfigError", "GridRunOptions",
            "TrainConfig", "check_device", "check_out_kind", "command_line", "environment_settings", "learning_rates",
            "library_versions", "make_config", "whole_numbers"]
 
@@ -56,6 +56,7 @@ _RENAMED_KEYS = {"batch_size": "bs", "clipping": "agc", "clip": "agc", "lr_max":
 # ("lambda should be smaller for larger batches"); at batch 16-64 on digits it clipped 40-60% of
 # nf_resnet_tiny's units at every step (README, "A recipe that trains").
 DEFAULT_AGC = 0.04
+AGC_AUTO = "auto"  # agc: lambda chosen by learn.agc_find() before training
 
 
 def make_config(cls: type, config: Any | None, options: dict[str, Any]) -> Any:
@@ -234,7 +235,8 @@ class TrainConfig:
       convert. Checked up front on the meta device (no memory, no weights).
     - `new_head`: with `weights`/`pretrained`, start from a freshly initialised classifier even when
       the class count matches (a new task).
-    - `agc`: AGC's lambda, or None for no clipping; `per_sample`: clip each example's gradient.
+    - `agc`: AGC's lambda, ``"auto"`` (chosen by ``learn.agc_find()`` at the run's peak lr before training, and
+      recorded as ``agc_used`` in config.json), or None for no clipping; `per_sample`: clip each example's gradient.
     - `bs`: the batch size of one forward/backward pass; `accum`: accumulate that many batches per
       optimizer step (fastai's `GradientAccumulation`), so one step sees ``bs * accum`` examples.
     - `opt`: ``adam`` (fastai's Adam) or ``sgd`` (Nesterov momentum 0.9, the NFNet papers'), both with
@@ -271,7 +273,7 @@ class TrainConfig:
     skipinit: bool | None = None
     alpha: float | None = None
     to_normfree: str | None = None
-    agc: float | None = DEFAULT_AGC
+    agc: float | str | None = DEFAULT_AGC
     per_sample: bool = False
     bs: int = 64
     accum: int = 1
@@ -348,15 +350,19 @@ class TrainConfig:
                                           f"(nf_resnet_tiny/small/base) and to_normfree's mode nf (--to-normfree nf), "
                                           f"not {self.arch}" + (f" with to_normfree {self.to_normfree}"
                                                                  if self.to_normfree else "") + "; leave it out")
-        if self.agc is not None:
+        if isinstance(self.agc, str) and self.agc == AGC_AUTO:
+            if self.per_sample:
+                raise ConfigError("agc", f"{AGC_AUTO!r} measures the batch gradient's ratios, not each example's: with "
+                                         f"per_sample give lambda as a number")
+        elif self.agc is not None:
             if isinstance(self.agc, bool):
                 raise ConfigError("agc", f"is AGC's lambda, a number such as {DEFAULT_AGC}, not {self.agc!r}; for no "
                                          f"AGC give None (--no-agc)")
             try:  # a numpy scalar or a one-element tensor is stored as the float it holds: config.json is JSON
                 object.__setattr__(self, "agc", check_agc_arguments(self.agc, 1e-3)[0])
             except ValueError:
-                raise ConfigError("agc", f"AGC's lambda must be a finite number > 0 (0.01 is the paper's), got "
-                                         f"{self.agc!r}; for no AGC give None (--no-agc)") from None
+                raise ConfigError("agc", f"AGC's lambda must be a finite number > 0 (0.01 is the paper's) or "
+                                         f"{AGC_AUTO!r}, got {self.agc!r}; for no AGC give None (--no-agc)") from None
         _flag(self.per_sample, "per_sample")
         if self.per_sample and self.agc is None:
             raise ConfigError("per_sample", "per-sample clipping needs AGC: give agc a lambda, or drop per_sample")

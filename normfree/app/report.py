@@ -77,6 +77,7 @@ class RunRecord:
     peak_memory_mib: float | None
     curve: tuple[float, ...] = field(default=())
     loss_curve: tuple[float, ...] = field(default=())
+    agc: float | None = None  # the AGC lambda it trained with (None: no AGC)
 
     @property
     def setting(self) -> str:

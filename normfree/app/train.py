@@ -5,11 +5,12 @@ alone, see `normfree.app.distributed`):
 
 | file | what |
 |---|---|
-| ``config.json`` | the resolved settings (absolute paths, the size used, the lr found) and library versions |
+| ``config.json`` | the resolved settings (absolute paths, the size used, the lr and AGC lambda found) and library versions |
 | ``metrics.csv`` | one row per epoch (`EpochLog`), rewritten whole as each epoch ends |
 | ``curves.png`` | loss and validation accuracy per epoch |
 | ``agc_clip_rates.png`` | AGC's per-layer clip rate over the last fit (runs with AGC) |
 | ``lr_find.png`` | fastai's learning-rate finder plot (runs with ``lr_find``) |
+| ``agc_find.png`` | ``learn.agc_find()``'s plot (runs with ``agc="auto"``) |
 | ``model.safetensors`` | the weights (`normfree.save_weights`; ``weights=`` reads them back) |
 | ``learner.pkl`` | the exported Learner (`learn.export`; fastai's ``load_learner`` reads it) |
 | ``result.json`` | the per-epoch metrics and the run's summary (`TrainResult`) |
@@ -51,7 +52,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ from ..utils.memory import PeakMemory
 from ..utils.outdir import INCOMPLETE, atomic_write, remove_temporary_files, resolved_folder
 from . import distributed
 from .config import (
+    AGC_AUTO,
     CONFIG_FILE,
     ConfigError,
     TrainConfig,
@@ -110,6 +112,7 @@ OUTPUT_FILES = {
     "curves": "curves.png",
     "clip_rates": "agc_clip_rates.png",
     "lr_find": "lr_find.png",
+    "agc_find": "agc_find.png",
     "weights": f"model{SAVE_SUFFIX}",
     "learner": f"learner{EXPORT_SUFFIX}",
     "result": "result.json",
@@ -124,6 +127,7 @@ class TrainResult:
     `metric` is the validation metric's column (``accuracy``, or ``accuracy_multi`` for multi-label
     data). `interrupted`: stopped by `stopped_by` (``Ctrl-C`` or ``SIGTERM``) before the end;
     `diverged`: stopped early because the training loss was no longer finite (see `divergence`). `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
+    `agc` is the AGC lambda the run trained with (None without AGC; with ``agc="auto"``, the one agc_find chose).
     `learner` is the trained Learner (not saved in ``result.json``).
     """
 
@@ -136,6 +140,7 @@ class TrainResult:
     diverged: bool = False
     peak_memory_mib: float | None = None
     memory_kind: str | None = None
+    agc: float | None = None
     files: dict[str, str] = field(default_factory=dict)
     learner: Learner | None = field(default=None, repr=False, compare=False)
 
@@ -198,6 +203,7 @@ class TrainResult:
             "diverged": self.diverged,
             "peak_memory_mib": self.peak_memory_mib,
             "memory_kind": self.memory_kind,
+            "agc": self.agc,
             "files": self.files,
             "summary": self.summary(),  # for readers of the file; recomputed from `epochs` on load
             "epochs": self.epochs,
@@ -384,7 +390,7 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
             learn.agc(config.agc, per_sample=True)
         except ValueError as error:  # e.g. BatchNorm layers, which couple the examples of a batch
             raise ConfigError("per_sample", f"{config.arch}: {error}") from None
-    elif config.agc is not None:
+    elif config.agc is not None and config.agc != AGC_AUTO:  # auto: attached by _train once agc_find has chosen
         learn.agc(config.agc)
     if config.freeze_batchnorm:
         learn.add_cb(FreezeBatchNorm())
@@ -425,10 +431,12 @@ def _check_single_image_batchnorm(learn: Learner, config: TrainConfig) -> None:
                                 f"(--to-normfree)")
 
 
-def _write_config(out: Path, config: TrainConfig, lr: float | None = None) -> None:
+def _write_config(out: Path, config: TrainConfig, lr: float | None = None, agc: float | None = None) -> None:
     content = {
         "config": config.to_dict(),
         "lr_used": lr if lr is not None else config.lr,
+        # agc auto: null until agc_find has chosen
+        "agc_used": agc if agc is not None or config.agc == AGC_AUTO else config.agc,
         "repeat": _train_command("--config", out / OUTPUT_FILES["config"], "--out", "NEW_FOLDER"),
         "versions": library_versions(),
     }
@@ -620,9 +628,19 @@ def _start_writing(out: Path, config: TrainConfig, resumed: dict[str, Any] | Non
     remove_temporary_files(out)
     for name in ("weights", "learner", "result", "curves", "clip_rates"):  # the stop's, rewritten at the end
         (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
-    _write_config(out, config, resumed["lr"])  # the same settings, in this folder (which may have been copied)
+    _write_config(out, config, resumed["lr"], resumed.get("agc"))  # the same settings, in this folder (which may have been copied)
     atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train --resume continued it at "
                                    f"{time.ctime()} (process {os.getpid()}) after epoch {len(resumed['rows'])}.\n")
+
+
+def _find_agc(learn: Learner, lr: float, out: Path, save_plots: bool, say: Callable[..., None]) -> float:
+    """agc auto: lambda from ``learn.agc_find()`` at the run's peak lr, its plot saved as agc_find.png."""
+    found = learn.agc_find(lr=lr, show_plot=False)
+    if save_plots and distributed.is_main():
+        _save_figure(found.plot(), out / OUTPUT_FILES["agc_find"])
+    say(f"agc_find suggests lambda={found.suggestion:.3g} (it clips {found.fraction_clipped(found.suggestion):.0%} "
+        f"of the units' gradient-to-weight ratios over {found.steps} unclipped steps at lr {lr:.2e})")
+    return found.suggestion
 
 
 def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_model: bool, save_plots: bool,
@@ -637,6 +655,7 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
     log = EpochLog(out / OUTPUT_FILES["metrics"] if writes else None, resumed and resumed["rows"])
     divergence = _StopOnDivergence()
     lr, finding_lr, stopped_by = config.lr, config.lr_find and resumed is None, None
+    agc = None if config.agc == AGC_AUTO else config.agc
     if resumed is not None:
         lr = resumed["lr"]
         cbs = [ResumeFit(resumed), *cbs]
@@ -654,8 +673,14 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
                 if save_plots:
                     _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
                 say(f"lr_find suggests lr={lr:.2e}")
+            if config.agc == AGC_AUTO:
+                agc = resumed["agc"] if resumed is not None else _find_agc(learn, lr, out, save_plots, say)
+                learn.agc(agc)
+                if resumed is None and writes:
+                    _write_config(out, config, lr, agc)
             checkpoint = [EpochCheckpoint(out / CHECKPOINT, log.rows,
-                                          {"lr": lr, "config": config.to_dict(), "processes": distributed.world_size(),
+                                          {"lr": lr, "agc": agc, "config": config.to_dict(),
+                                           "processes": distributed.world_size(),
                                            # a resumed run's data was checked equal to its checkpoint's
                                            "data": data_fingerprint(learn.dls) if resumed is None else resumed["data"]},
                                           fit=0 if resumed is None else resumed["fit"])] if writes else []
@@ -670,7 +695,7 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
     interrupted = stopped_by is not None
     metric = learn.metrics[0].name
     result = TrainResult(config, log.rows, metric, lr, interrupted, stopped_by, divergence.diverged, peak.mib,
-                         peak.kind, learner=learn)
+                         peak.kind, agc=agc, learner=learn)
     if not writes:
         return result
 

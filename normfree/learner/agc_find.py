@@ -31,14 +31,13 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 from torch import Tensor
 
-from ..agc.rule import DEFAULT_CLIP_FRACTION, check_clip_fraction, suggest_clipping, unit_ratios
+from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_FIND_STEPS, check_clip_fraction, suggest_clipping, unit_ratios
 from ..models.classifier import unwrap_model
 from ..utils.panels import panel_row
 from .callback import AGC
 
-__all__ = ["AGCFindResult", "AGCFinder", "DEFAULT_FIND_STEPS"]
+__all__ = ["AGCFindResult", "AGCFinder"]
 
-DEFAULT_FIND_STEPS = 40  # optimizer steps of the probe
 _RECORDER_LISTS = ("lrs", "iters", "losses", "values")  # what a fit resets in fastai's Recorder
 
 
