@@ -1,16 +1,16 @@
-# `make demo` / `make test` / `make bench` each set up .venv (Python >= 3.10) on first use.
+# `make demo` / `make test` / `make bench` / `make docs` each set up .venv (Python >= 3.10) on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench docs clean
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "normfree needs Python >= 3.10; set PYTHON=python3.X")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,docs]'  # docs: tests/test_docs.py builds the site
 	touch $(INSTALLED)
 
 # the quick BatchNorm-vs-normalizer-free grid on the bundled digits; prints its table at the end
@@ -25,5 +25,9 @@ bench: $(INSTALLED)
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/gpu.py
 
+# the documentation site (mkdocs.yml, sources in docs/) into site/; tests/test_docs.py runs the same build
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .hypothesis
+	rm -rf $(VENV) demo-output site .pytest_cache .hypothesis

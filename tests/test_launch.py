@@ -259,10 +259,10 @@ def test_settings_a_launched_run_cannot_honour_are_refused_once(tmp_path, monkey
     assert not (tmp_path / "run").exists()
 
 
-def test_readme_launch_commands_parse():
+def test_documented_launch_commands_parse():
     parser, _ = build_parser()
-    readme = (ROOT / "README.md").read_text()
-    commands = [line.split("-m normfree ", 1)[1].split("#")[0].split() for line in readme.splitlines()
+    page = (ROOT / "docs" / "command-line.md").read_text()  # "Scaling out"
+    commands = [line.split("-m normfree ", 1)[1].split("#")[0].split() for line in page.splitlines()
                 if ("torchrun" in line or "accelerate launch" in line) and "-m normfree train" in line]
     assert len(commands) >= 2
     for argv in commands:

@@ -203,7 +203,7 @@ def test_resuming_after_the_last_epoch_still_plots_the_clip_rates(tmp_path):
 
 
 def test_resume_of_a_relative_folder(tmp_path, monkeypatch):
-    """The README's own `normfree train --resume runs/nf`, from the folder holding runs/."""
+    """The documented `normfree train --resume runs/nf` (docs/command-line.md), from the folder holding runs/."""
     monkeypatch.chdir(tmp_path)
     stopped_run(Path("runs/nf"))
     assert main(["train", "--resume", "runs/nf", "--quiet"]) == 0
