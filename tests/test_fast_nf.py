@@ -266,3 +266,10 @@ def test_no_fast_nf_on_the_command_line_reaches_every_run():
     assert {config.train_config(cell, 0.01, None).fast_nf for cell in config.cells()} == {False}
     assert {normfree.CompareConfig(lrs=(0.01,)).train_config(cell, 0.01, None).fast_nf
             for cell in config.cells()} == {True}
+
+
+@pytest.mark.parametrize("name", ["nf_resnet26", "nf_ecaresnet26", "nf_regnet_b0"])
+def test_torchscript_scripts_it_as_it_scripts_timms(name):
+    model, reference, x = family(name)
+    scripted = torch.jit.script(fast_nf(model).eval())
+    assert_same(scripted(x), reference.eval()(x).detach(), 1e-10)

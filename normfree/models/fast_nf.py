@@ -35,16 +35,20 @@ activations):
 Where a fold would not be exact, or would skip code that must run, the block computes timm's formula for that
 part: a conv that is not a ScaledStdConv2d(Same), an attention other than timm's SEModule / EcaModule, a module
 with hooks or a replaced forward (per-sample AGC's engines: `called_plainly`), a per-example SkipInit gain
-(per-sample AGC's container engine) for conv3. The function computed is timm's in every case; only float
-rounding differs.
+(per-sample AGC's container engine), TorchScript (conv3 and the attention: `torch.jit.script` scripts the block as it
+scripts timm's). The function computed is timm's in every case; only float rounding differs, and the values inside
+a block (an activation's output, which no longer holds gamma or beta) that a hook might read.
+
+Left as activation-sized multiplies: the attention itself (``y * gate``), DropPath in training, and dm_nfnet's
+final GammaAct (read by the classifier head, not by a Scaled WS conv).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-from timm.layers import AvgPool2dSame, EcaModule, ScaledStdConv2d, ScaledStdConv2dSame, SEModule
-from timm.models._features_fx import register_notrace_module
+from timm.layers import (AvgPool2dSame, EcaModule, ScaledStdConv2d, ScaledStdConv2dSame, SEModule,
+                         register_notrace_module)
 from timm.models.nfnet import DownsampleAvg, GammaAct, NormFreeBlock
 from torch import Tensor, nn
 
@@ -100,13 +104,6 @@ def _gate_known(attn: nn.Module) -> bool:
     return type(attn) in _GATES and called_plainly(attn)
 
 
-def _scaled_attention(attn: nn.Module, x: Tensor, factor: float | Tensor) -> Tensor:
-    """``factor * attn(x)``: in the gate where `attn` is timm's SE or ECA called plainly, else as timm computes it."""
-    if _gate_known(attn):
-        return x * (_GATES[type(attn)](attn, x) * factor)
-    return factor * attn(x)
-
-
 @register_notrace_module  # as NormFreeBlock: FX feature extraction keeps the block whole (its checks are not traceable)
 class FastNormFreeBlock(NormFreeBlock):
     """timm's NormFreeBlock with its scalars folded into the weight scales (the module docstring, `fast_nf`): the
@@ -117,21 +114,47 @@ class FastNormFreeBlock(NormFreeBlock):
         out = self.act1(x)
         if self.beta != 1.0:  # not folded (act1's readers are not all Scaled WS convs)
             out = out * self.beta
-        shortcut = x if self.downsample is None else self.downsample(out)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(out)
         out = self.conv2(self.act2(self.conv1(out)))
         if self.conv2b is not None:
             out = self.conv2b(self.act2b(out))
         if self.attn is not None:
-            out = _scaled_attention(self.attn, out, self.attn_gain)
+            if torch.jit.is_scripting():
+                out = self.attn_gain * self.attn(out)
+            else:
+                out = self._scaled_attention("attn", out, self.attn_gain)
         out = self.act3(out)
+        if not torch.jit.is_scripting():
+            return self._folded_residual(out, shortcut)
+        # TorchScript (as timm's NormFreeBlock scripts): timm's formula from here, the folds into `scale` still hold
+        out = self.conv3(out)
+        if self.attn_last is not None:
+            out = self.attn_gain * self.attn_last(out)
+        return nf_residual(shortcut, self.drop_path(out), self.alpha, self.skipinit_gain)
+
+    @torch.jit.unused
+    def _scaled_attention(self, name: str, x: Tensor, factor: float | Tensor) -> Tensor:
+        """``factor * attention(x)`` of the attention module `name`: in the gate where it is timm's SE or ECA called
+        plainly, else as timm computes it."""
+        attn = getattr(self, name)
+        if _gate_known(attn):
+            return x * (_GATES[type(attn)](attn, x) * factor)
+        return factor * attn(x)
+
+    @torch.jit.unused
+    def _folded_residual(self, out: Tensor, shortcut: Tensor) -> Tensor:
+        """``shortcut + drop_path(attn_gain * attn_last(conv3(out))) * alpha * skipinit_gain`` (no attention: of
+        conv3(out)), with alpha * skipinit_gain (and attn_gain) in conv3's weight or in the attention's gate."""
         gain = self.skipinit_gain
         scalar_gain = gain is None or gain.ndim == 0  # not per-sample AGC's per-example copy, which cannot fold
         if self.attn_last is not None:
             out = self.conv3(out)
             if scalar_gain and _gate_known(self.attn_last):
                 scale = residual_scale(self.alpha * self.attn_gain, gain)
-                return self.drop_path(_scaled_attention(self.attn_last, out, scale)) + shortcut
-            branch = _scaled_attention(self.attn_last, out, self.attn_gain)
+                return self.drop_path(self._scaled_attention("attn_last", out, scale)) + shortcut
+            branch = self._scaled_attention("attn_last", out, self.attn_gain)
         elif scalar_gain and _takes_scale(self.conv3) and called_plainly(self.conv3):
             return self.drop_path(scaled_output_conv(self.conv3, out, residual_scale(self.alpha, gain))) + shortcut
         else:
