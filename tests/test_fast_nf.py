@@ -273,3 +273,29 @@ def test_torchscript_scripts_it_as_it_scripts_timms(name):
     model, reference, x = family(name)
     scripted = torch.jit.script(fast_nf(model).eval())
     assert_same(scripted(x), reference.eval()(x).detach(), 1e-10)
+
+
+@pytest.mark.parametrize("name", ["nf_resnet26", "dm_nfnet_f0"])
+def test_per_sample_agc_clips_a_folded_model_as_timms(name):
+    """Per-sample AGC's engines stand in for the layers (and hand the SkipInit gain one copy per example); the folded
+    blocks then compute timm's formula where a fold would skip them, and the clipped gradient is timm's."""
+    from normfree import PerSampleClipper, excluded_parameters
+
+    def clipped_gradient(model, x, y):
+        unclipped = {id(p) for p in excluded_parameters(model)}
+        clipper = PerSampleClipper(model, {id(p): 0.01 for p in model.parameters() if id(p) not in unclipped})
+        clipper.grad_scale = torch.tensor(1.0 / len(x))
+        clipper.start()
+        F.cross_entropy(model(x), y).backward()
+        clipper.stop()
+        clipped = int(clipper.collect([list(model.parameters())])[0].clipped.sum())
+        clipper.remove()
+        return {n: p.grad for n, p in model.named_parameters()}, clipped
+
+    model, reference, x = family(name, torch.float32)
+    y = torch.arange(BATCH) % 5
+    got, clipped = clipped_gradient(fast_nf(model), x, y)
+    expected, expected_clipped = clipped_gradient(reference, x, y)
+    assert clipped == expected_clipped > 0
+    for n in expected:
+        assert_same(got[n], expected[n], 1e-4)
