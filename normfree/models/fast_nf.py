@@ -37,7 +37,7 @@ part: a conv that is not a ScaledStdConv2d(Same), an attention other than timm's
 with hooks or a replaced forward (per-sample AGC's engines: `called_plainly`), a per-example SkipInit gain
 (per-sample AGC's container engine), TorchScript (conv3 and the attention: `torch.jit.script` scripts the block as it
 scripts timm's). The function computed is timm's in every case; only float rounding differs, and the values inside
-a block (an activation's output, which no longer holds gamma or beta) that a hook might read.
+a block or the stem (an activation's output, which no longer holds gamma or beta) that a hook might read.
 
 Left as activation-sized multiplies: the attention itself (``y * gate``), DropPath in training, and dm_nfnet's
 final GammaAct (read by the classifier head, not by a Scaled WS conv).
@@ -162,7 +162,6 @@ class FastNormFreeBlock(NormFreeBlock):
         return nf_residual(shortcut, self.drop_path(branch), self.alpha, gain)
 
 
-@torch.no_grad()
 def _fold_into_readers(owner: nn.Module, act_name: str, readers: list[nn.Module], factor: float) -> bool:
     """Move `factor` times the gamma of `owner`'s activation `act_name` (if a GammaAct) into the `scale` of every
     conv in `readers` (the layers that read the activation's output, through linear pools only). False, changing
