@@ -21,7 +21,7 @@ from helpers import (
 )
 
 import normfree
-from normfree.app.cli import main
+from normfree.app.cli import build_parser, main
 from normfree.data.loaders import write_digits_image_folder
 from normfree.learner.checkpoint import EpochCheckpoint
 from normfree.utils.outdir import INCOMPLETE
@@ -91,7 +91,8 @@ def test_resume_after_a_kill(tmp_path):
 
 def test_resume_accepts_only_unfinished_runs_with_a_checkpoint(tmp_path, capsys):
     error = stopped_with_status_2(["train", "--resume", str(tmp_path / "missing")], capsys)
-    assert "--resume:" in error and "is not a folder" in error and error.count("\n") <= 14  # usage + one line
+    usage_lines = build_parser()[1]["train"].format_usage().count("\n")
+    assert "--resume:" in error and "is not a folder" in error and error.count("\n") <= usage_lines + 1  # one line
     error = stopped_with_status_2(["train", "--resume", str(tmp_path)], capsys)
     assert f"--resume: {tmp_path} is not a normfree run folder" in error
     out = tmp_path / "run"

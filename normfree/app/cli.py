@@ -45,7 +45,7 @@ _TRANSFER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TransferConf
 _TRANSFER = "compare --transfer"  # the command name `main` and `_run` dispatch on
 # Command-line spelling of the settings whose flag is not simply --name-with-dashes.
 _FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc",
-          "skipinit": "--skipinit/--no-skipinit"}
+          "skipinit": "--skipinit/--no-skipinit", "fast_nf": "--no-fast-nf"}
 # not settings of the run or grid itself
 _RUN_OPTIONS = ("command", "config", "quiet", "overwrite", "resume", "jobs", "devices", "plan", "report")
 
@@ -102,6 +102,13 @@ def _add_optimizer(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--opt", choices=list(OPTIMIZERS), default=defaults["opt"],
                         help="optimizer: fastai's Adam, or SGD with Nesterov momentum 0.9 (the NFNet papers'); both "
                              "with fastai's decoupled weight decay")
+
+
+def _add_fast_nf(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument("--no-fast-nf", dest="fast_nf", action="store_false", default=defaults["fast_nf"],
+                        help="run timm's NF blocks as timm writes them (default: their scalars folded into the "
+                             "weight-standardised convolutions, normfree.fast_nf: the same function, fewer passes; not "
+                             "with --per-sample)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +188,7 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                         help="keep every BatchNorm layer as it starts (e.g. from --weights): eval mode, running "
                              "statistics never updated, weight and bias not trained (the detection libraries' "
                              "FrozenBatchNorm)")
+    _add_fast_nf(parser, d)
     parser.add_argument("--seed", type=int, default=d["seed"],
                         help="random seed: initialisation, batch order and the validation split; same seed, "
                              "same metrics")
@@ -249,6 +257,7 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],
                         help="start the NF residual blocks' branches switched off (SkipInit) or, with --no-skipinit, "
                              "at full strength (methods nf*, converted*) (default: each model's own)")
+    _add_fast_nf(parser, d)
     parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="train up to N runs at once, in processes that split the CPU cores (the same results "

@@ -162,6 +162,7 @@ class CompareConfig(GridRunOptions, TwinArchs):
       the AGC methods, or ``"auto"``: each of their runs chooses it with ``learn.agc_find()`` (the report lists them).
     - `alpha`, `skipinit`: the NF residual blocks of the methods that have them (the NF twin's, and ``converted*``'s,
       to_normfree's mode nf; ``nf-agc-skipinit`` always starts with SkipInit); None: their defaults.
+    - `fast_nf`: as in `TrainConfig` (every run but per-sample AGC's: the NF blocks' scalars folded).
     - `budget`: ``epochs`` (every run trains `epochs` epochs) or ``steps`` (every run makes the same
       number of optimizer steps: `steps`, by default as many as the largest batch makes in `epochs`
       epochs).
@@ -183,6 +184,7 @@ class CompareConfig(GridRunOptions, TwinArchs):
     agc: float | str = DEFAULT_AGC
     alpha: float | None = None
     skipinit: bool | None = None
+    fast_nf: bool = TrainConfig.fast_nf
     size: int | None = 16
     limit: int | None = TrainConfig.limit
     valid_pct: float = TrainConfig.valid_pct
@@ -266,7 +268,7 @@ class CompareConfig(GridRunOptions, TwinArchs):
                 agc=self.agc if cell.method in AGC_METHODS else None,
                 per_sample=cell.method == _PER_SAMPLE,
                 bs=cell.bs, accum=cell.accum, opt=self.opt, epochs=self.epochs, steps=steps, lr=lr,
-                seed=cell.seed, holdout=holdout, **self.run_options(),
+                seed=cell.seed, holdout=holdout, fast_nf=self.fast_nf, **self.run_options(),
                 out=str(folder / (_sweep_key(cell.method, cell.bs, cell.accum, lr) if holdout else cell.key)),
             ).resolved()
         except ConfigError as error:

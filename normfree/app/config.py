@@ -251,6 +251,9 @@ class TrainConfig:
       its running statistics never updated, its weight and bias not trained (the detection libraries'
       FrozenBatchNorm; `normfree.learner.FreezeBatchNorm`). Refused for a model without BatchNorm (after
       `to_normfree`, if given).
+    - `fast_nf`: compute timm's NF blocks with their scalars folded into the weight-standardised convolutions
+      (`normfree.fast_nf`: the same function and weights, fewer passes over the activations); False: timm's own
+      forward. Not applied with `per_sample`, whose layers stand in for the model's own.
     - `seed`: initialisation, batch order and, where the data has no validation split of its own,
       which `valid_pct` of the images are held out. `size`: image size in px (None: the data's
       default). `limit`: first n images of each split (in-memory data sets only).
@@ -286,6 +289,7 @@ class TrainConfig:
     fine_tune: bool = False
     freeze_epochs: int = 1
     freeze_batchnorm: bool = False
+    fast_nf: bool = True
     seed: int = 0
     size: int | None = None
     limit: int | None = None
@@ -335,6 +339,7 @@ class TrainConfig:
                 raise ConfigError("weights", f"{self.weights}: no such file; expected a {WEIGHT_FILES} file")
         self._check_conversion_mode()
         _flag(self.freeze_batchnorm, "freeze_batchnorm")
+        _flag(self.fast_nf, "fast_nf")
         self._check_architecture()
         _flag(self.new_head, "new_head")
         if self.new_head and not (self.weights or self.pretrained):

@@ -373,6 +373,9 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
             loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=OPTIMIZERS[config.opt],
             model_kwargs=None if config.to_normfree else config.block_options() or None,
             convert=config.conversion() if config.to_normfree else None,
+            # per-sample AGC's engines stand in for the layers, where the folded blocks compute timm's formula
+            # instead: the model would round differently with the clipper than without it
+            fast=config.fast_nf and not config.per_sample,
         )
     except ConversionError as error:
         raise ConfigError("to_normfree", f"{config.arch}: {error}") from None

@@ -23,6 +23,7 @@ from ..agc.rule import DEFAULT_CLIPPING
 from ..data.loaders import StandardiseImages
 from ..models.convert import to_normfree
 from ..models.factory import body_head_splitter, build_model, normalizer_free_archs
+from ..models.fast_nf import fast_nf
 from ..models.weights import load_weights, saved_conversion
 from .callback import AGC
 
@@ -65,6 +66,7 @@ def nf_learner(
     loss_func: Callable | None = None,
     model_kwargs: dict | None = None,
     convert: bool | str | dict | None = False,
+    fast: bool = True,
     **kwargs,
 ) -> Learner:
     """A fastai `Learner` for a normalizer-free model (or a BatchNorm baseline, e.g. ``"resnet26"``).
@@ -86,6 +88,11 @@ def nf_learner(
       The converted model has no normalisation layer, so per-sample AGC works on it. `weights` saved from a
       converted model (`normfree.save_weights` with `conversion`, as `normfree.train` saves them) are loaded
       into the converted model instead, and need `convert` to be that same conversion (ValueError otherwise).
+    - `fast`: compute timm's NF blocks (every NF family above) with their scalars folded into the
+      weight-standardised convolutions (`normfree.fast_nf`: the same function, parameters and state_dict, fewer passes
+      over the activations); False keeps timm's forward. Models without NF blocks are unaffected. Per-sample AGC
+      works on either, but on a folded model its forward rounds differently from the model's own (`normfree train
+      --per-sample` therefore leaves the model unfolded).
     Other keyword arguments go to `Learner` (metrics, opt_func, lr, cbs, wd, ...).
     """
     n_in, n_classes = _data_shape(dls)
@@ -116,6 +123,10 @@ def nf_learner(
     else:
         model = build_model(arch, n_out, n_in, pretrained, weights, drop_rate, model_kwargs)
         model = model if options is None else to_normfree(model, **options)
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast must be True (fold the NF blocks' scalars, normfree.fast_nf) or False, got {fast!r}")
+    if fast:
+        fast_nf(model)
     if pretrained or weights is not None:
         _add_input_normalisation(dls, model, n_in)
     loss_func = loss_func or getattr(dls.train_ds, "loss_func", None) or CrossEntropyLossFlat()

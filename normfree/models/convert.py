@@ -41,7 +41,7 @@ from .equations import (ACTIVATION_GAMMAS, activation_gamma, is_positively_homog
                         residual_scale, skipinit_gain)
 from .fold import fold_batchnorms
 from .small_resnets import SmallResNet, normfree_twin_name
-from .standardization import STD_CONV_EPS, STD_CONVS, scaled_output_conv
+from .standardization import STD_CONV_EPS, STD_CONVS, called_plainly, scaled_output_conv
 
 __all__ = ["CONVERSION_MODES", "ConversionError", "ConvertedResidual", "to_normfree"]
 
@@ -125,7 +125,7 @@ class ConvertedResidual(nn.Module):
         layers = _plain_layers(self.branch)
         while layers and type(layers[-1]) is nn.Identity:
             layers.pop()
-        if not layers or type(layers[-1]) is not ScaledStdConv2d or not _called_plainly(layers[-1]):
+        if not layers or type(layers[-1]) is not ScaledStdConv2d or not called_plainly(layers[-1]):
             return None
         for layer in layers[:-1]:
             x = layer(x)
@@ -146,19 +146,12 @@ def _first_layer(module: nn.Module) -> nn.Module | None:
     return next((found for found in map(_first_layer, module) if found is not None), None)
 
 
-def _called_plainly(module: nn.Module) -> bool:
-    """Whether calling `module` runs its class's forward and nothing else: no hooks, no forward replaced on it."""
-    hooks = nn.modules.module
-    return not ("forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks
-                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
-
-
 def _plain_layers(module: nn.Module) -> list[nn.Module] | None:
     """The layers a nest of nn.Sequential (fastai's ConvLayer is one) applies, in order, or None if calling them one
     by one would skip something: a container with a hook or a replaced forward."""
     if type(module).forward is not nn.Sequential.forward:
         return [module]
-    if not _called_plainly(module):
+    if not called_plainly(module):
         return None
     layers = []
     for child in module:
