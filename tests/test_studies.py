@@ -74,3 +74,14 @@ def test_recipe_spp_writes_its_plot_and_table(tmp_path):
     assert len(rows) == 3 * 8  # resnet18: 8 residual blocks per model
     papers = [float(row["residual_variance"]) for row in rows if row["model"] == "converted, papers"]
     assert papers == [0.0] * 8  # SkipInit: every branch starts switched off
+
+
+def test_agc_find_study_writes_its_table(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "docs/agc-find/agc_find_study.py"), "--tiny", "--out", str(tmp_path)],
+                   check=True, capture_output=True, cwd=ROOT)
+    table = (tmp_path / "results.md").read_text()
+    row = next(line.split(" | ") for line in table.splitlines() if line.startswith("| digits, bs 16, adam, twin"))
+    assert len(row) == 9  # setting, lr, two lambdas, auto, chosen, gap, rank, goal
+    assert float(row[5]) > 0  # the lambda agc_find chose
+    assert row[-1].rstrip(" |") in ("met", "missed")
+    assert "Goal met in" in table
