@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..utils.errors import ConfigError
 from ..utils.outdir import locked_folder
 from ..utils.processes import is_main, launched, rank, world_size
-from .config import TrainConfig, command_line
+from .config import AGC_AUTO, TrainConfig, command_line
 from .signals import interrupt, stops_when_asked
 
 __all__ = ["AgreedStop", "PeerStopped", "ShardedDL", "agree", "batches_per_epoch", "check_launch", "check_processes",
@@ -189,6 +189,11 @@ def check_launch(config: TrainConfig, resuming: bool = False) -> None:
         raise ConfigError("lr_find", f"is not available with {world_size()} processes (fastai's finder would run "
                                      f"in each one); find the lr in one process (normfree train --lr-find ...: "
                                      f"config.json says lr_used), then launch with --lr")
+    if config.agc == AGC_AUTO and not resuming:
+        raise ConfigError("agc", f"auto is not available with {world_size()} processes (agc_find would run on each "
+                                 f"process's own shard and choose its own lambda, and the replicas would drift apart); "
+                                 f"find it in one process (normfree train --agc auto ...: config.json says agc_used), "
+                                 f"then launch with --agc LAMBDA")
     if config.device is not None and torch.device(config.device).index is not None:
         raise ConfigError("device", f"{config.device} would put all {world_size()} processes on one device; leave "
                                     f"--device out (each process takes the GPU of its LOCAL_RANK) or give --device "

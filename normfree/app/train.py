@@ -5,7 +5,7 @@ alone, see `normfree.app.distributed`):
 
 | file | what |
 |---|---|
-| ``config.json`` | the resolved settings (absolute paths, the size used, the lr and AGC lambda found) and library versions |
+| ``config.json`` | the resolved settings (absolute paths, the size used, the lr and lambda found), library versions |
 | ``metrics.csv`` | one row per epoch (`EpochLog`), rewritten whole as each epoch ends |
 | ``curves.png`` | loss and validation accuracy per epoch |
 | ``agc_clip_rates.png`` | AGC's per-layer clip rate over the last fit (runs with AGC) |
@@ -631,7 +631,8 @@ def _start_writing(out: Path, config: TrainConfig, resumed: dict[str, Any] | Non
     remove_temporary_files(out)
     for name in ("weights", "learner", "result", "curves", "clip_rates"):  # the stop's, rewritten at the end
         (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
-    _write_config(out, config, resumed["lr"], resumed.get("agc"))  # the same settings, in this folder (which may have been copied)
+    # the same settings, in this folder (which may have been copied)
+    _write_config(out, config, resumed["lr"], resumed.get("agc"))
     atomic_write(out / INCOMPLETE, f"This run has not finished: normfree train --resume continued it at "
                                    f"{time.ctime()} (process {os.getpid()}) after epoch {len(resumed['rows'])}.\n")
 

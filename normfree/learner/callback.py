@@ -194,16 +194,18 @@ class AGC(Callback):
         """The warnings of the class docstring, judged every CLIP_WATCH_STEPS steps (one host synchronisation each)
         on the steps before this one, the suggestion taken from this step's gradients before they are clipped."""
         steps = len(self.history)
-        if steps < CLIP_WATCH_STEPS or steps % CLIP_WATCH_STEPS:
+        if steps < CLIP_WATCH_STEPS or steps % CLIP_WATCH_STEPS or len(self._warned) == 2:
             return
         window = slice(steps - CLIP_WATCH_STEPS, steps)
         clipped, units = self.history.clipped(window).sum(1), self.history.units(window).sum(1)
         shares = clipped / units.clamp_min(1)
         if bool((shares > MOST_CLIPPED).all()):
-            kind, problem = "too small", (f"clipped {float(shares.min()):.0%}-{float(shares.max()):.0%} of the units at each of the last "
-                       f"{CLIP_WATCH_STEPS} steps: lambda is far too small and shrinks every update")
+            kind, problem = "too small", (f"clipped {float(shares.min()):.0%}-{float(shares.max()):.0%} of the units "
+                                          f"at each of the last {CLIP_WATCH_STEPS} steps: lambda is far too small "
+                                          f"and shrinks every update")
         elif int(clipped.sum()) == 0:
-            kind, problem = "too large", f"clipped no unit in the last {CLIP_WATCH_STEPS} steps: lambda is too large and AGC does nothing"
+            kind, problem = "too large", (f"clipped no unit in the last {CLIP_WATCH_STEPS} steps: lambda is too large "
+                                          f"and AGC does nothing")
         else:
             return
         if kind in self._warned:
