@@ -18,7 +18,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 
 import normfree
-from normfree.learner.optim import OPTIMIZERS
+from normfree.learner.optim import opt_func
 from normfree.models.small_resnets import FAMILY, SmallResNet
 
 OLD = dict(skipinit=True, alpha=0.2, classifier_std=0.01, agc=0.01)  # the defaults before the recipe
@@ -54,7 +54,7 @@ def final_accuracy(settings: dict, seed: int) -> float:
         model = SmallResNet(depths, widths, skipinit=settings["skipinit"], alpha=settings["alpha"])
     normfree.init_classifier_(model.head.fc, settings["classifier_std"])
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                    splitter=normfree.body_head_splitter, opt_func=OPTIMIZERS[settings.get("opt", "adam")])
+                    splitter=normfree.body_head_splitter, opt_func=opt_func(settings.get("opt", "adam")))
     if settings.get("agc") is not None:
         learn.agc(settings["agc"])
     with learn.no_bar(), learn.no_logging():

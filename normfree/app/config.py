@@ -240,7 +240,7 @@ class TrainConfig:
     - `bs`: the batch size of one forward/backward pass; `accum`: accumulate that many batches per
       optimizer step (fastai's `GradientAccumulation`), so one step sees ``bs * accum`` examples.
     - `opt`: ``adam`` (fastai's Adam) or ``sgd`` (Nesterov momentum 0.9, the NFNet papers'), both with
-      fastai's decoupled weight decay (see `normfree.learner.optim`).
+      fastai's decoupled weight decay (see `normfree.learner.optim`); `fast_opt` below picks the implementation.
     - `epochs`, `lr`: the one-cycle schedule; `lr_find` replaces `lr` by fastai's ``lr_find()`` valley
       suggestion. `steps`: a budget of this many optimizer steps instead of `epochs` (the last epoch
       is then partial; see `normfree.learner.step_budget`).
@@ -254,6 +254,10 @@ class TrainConfig:
     - `fast_nf`: compute timm's NF blocks with their scalars folded into the weight-standardised convolutions
       (`normfree.fast_nf`: the same function and weights, fewer passes over the activations); False: timm's own
       forward. Not applied with `per_sample`, whose layers stand in for the model's own.
+    - `fast_opt`: `opt` computed by torch's fused kernel under fastai's schedules (`normfree.learner.optim.fast_adam`,
+      `fast_nesterov_sgd`: the same update, one kernel for all parameters); False: fastai's own optimizer.
+    - `compile`: compile the model's forward with torch.compile (`normfree.models.compiled.compile_model`; minutes
+      at the first batch on a CPU; a warning and eager training where it cannot compile). Not with `per_sample`.
     - `seed`: initialisation, batch order and, where the data has no validation split of its own,
       which `valid_pct` of the images are held out. `size`: image size in px (None: the data's
       default). `limit`: first n images of each split (in-memory data sets only).
@@ -290,6 +294,8 @@ class TrainConfig:
     freeze_epochs: int = 1
     freeze_batchnorm: bool = False
     fast_nf: bool = True
+    fast_opt: bool = True
+    compile: bool = False
     seed: int = 0
     size: int | None = None
     limit: int | None = None
@@ -340,6 +346,11 @@ class TrainConfig:
         self._check_conversion_mode()
         _flag(self.freeze_batchnorm, "freeze_batchnorm")
         _flag(self.fast_nf, "fast_nf")
+        _flag(self.fast_opt, "fast_opt")
+        _flag(self.compile, "compile")
+        if self.compile and self.per_sample:
+            raise ConfigError("compile", "per-sample AGC replaces the forward of the model's layers, which a compiled "
+                                         "forward does not call: drop compile, or per_sample")
         self._check_architecture()
         _flag(self.new_head, "new_head")
         if self.new_head and not (self.weights or self.pretrained):

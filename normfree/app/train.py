@@ -82,7 +82,7 @@ from ..learner.checkpoint import (
 from ..learner.epoch_log import EpochLog
 from ..learner.frozen_batchnorm import FreezeBatchNorm
 from ..learner.nf_learner import nf_learner
-from ..learner.optim import OPTIMIZERS
+from ..learner.optim import opt_func
 from ..learner.step_budget import StepBudget, epochs_for_steps
 from ..models.classifier import classifier_init_std, find_classifier, init_classifier_
 from ..models.convert import ConversionError
@@ -370,12 +370,12 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
             dls, config.arch, pretrained=config.pretrained and starting, weights=config.weights if starting else None,
             agc=None,
             metrics=distributed.gathered_metric(accuracy_multi if multi_label else accuracy),
-            loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=OPTIMIZERS[config.opt],
+            loss_func=BCEWithLogitsLossFlat() if multi_label else None, opt_func=opt_func(config.opt, config.fast_opt),
             model_kwargs=None if config.to_normfree else config.block_options() or None,
             convert=config.conversion() if config.to_normfree else None,
             # per-sample AGC's engines stand in for the layers, where the folded blocks compute timm's formula
             # instead: the model would round differently with the clipper than without it
-            fast=config.fast_nf and not config.per_sample,
+            fast=config.fast_nf and not config.per_sample, compile=config.compile,
         )
     except ConversionError as error:
         raise ConfigError("to_normfree", f"{config.arch}: {error}") from None
@@ -584,7 +584,8 @@ def _resumed_config(out: Path, state: dict[str, Any]) -> TrainConfig:
                                     f"or the checkpoint is another run's): it cannot continue the run config.json "
                                     f"describes; to train config.json's settings, start a new run: "
                                     f"{_new_run_command(out)}")
-    return TrainConfig(**{**state["config"], "out": str(out)}, check_weights_file=False)
+    # a checkpoint from before fast_opt holds fastai's optimizer state: the run goes on with fastai's optimizer
+    return TrainConfig(**{"fast_opt": False, **state["config"], "out": str(out)}, check_weights_file=False)
 
 
 def resume(out: str | Path, /, *, quiet: bool = False, save_model: bool = True, save_plots: bool = True,

@@ -17,6 +17,7 @@ from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_ind
 from ..agc.rule import (DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, suggest_clipping,
                         unit_norms, unit_ratios)
 from ..models.classifier import find_classifier, unwrap_model
+from ..models.compiled import is_compiled
 from .clip_history import ClipHistory, ClipRate
 from .fit_guard import in_fit
 
@@ -107,6 +108,10 @@ class AGC(Callback):
         (`check_supported_modules`: recurrent layers, ...)."""
         excluded_parameters(model, self.skip_classifier, self.exclude)
         if self.per_sample:
+            if is_compiled(unwrap_model(model)):
+                raise ValueError("per-sample AGC replaces the forward of the model's layers, which a compiled forward "
+                                 "(torch.compile; nf_learner(compile=...)) does not call: compile the model without "
+                                 "per_sample, or train per_sample uncompiled")
             check_examples_independent(unwrap_model(model))
             check_supported_modules(unwrap_model(model))
 

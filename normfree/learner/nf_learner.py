@@ -21,11 +21,13 @@ from torch import nn
 
 from ..agc.rule import DEFAULT_CLIPPING
 from ..data.loaders import StandardiseImages
+from ..models.compiled import compile_model
 from ..models.convert import to_normfree
 from ..models.factory import body_head_splitter, build_model, normalizer_free_archs
 from ..models.fast_nf import fast_nf
 from ..models.weights import load_weights, saved_conversion
 from .callback import AGC
+from .optim import fast_adam
 
 __all__ = ["nf_learner"]
 
@@ -67,6 +69,7 @@ def nf_learner(
     model_kwargs: dict | None = None,
     convert: bool | str | dict | None = False,
     fast: bool = True,
+    compile: bool | dict = False,
     **kwargs,
 ) -> Learner:
     """A fastai `Learner` for a normalizer-free model (or a BatchNorm baseline, e.g. ``"resnet26"``).
@@ -93,7 +96,11 @@ def nf_learner(
       over the activations); False keeps timm's forward. Models without NF blocks are unaffected. Per-sample AGC
       works on either, but on a folded model its forward rounds differently from the model's own (`normfree train
       --per-sample` therefore leaves the model unfolded).
-    Other keyword arguments go to `Learner` (metrics, opt_func, lr, cbs, wd, ...).
+    - `compile`: compile the model's forward with torch.compile, in place (`normfree.models.compiled.compile_model`:
+      parameters, state_dict and export unchanged; a warning and eager execution where it cannot compile); True for
+      torch.compile's defaults, or a dict of its options (``{"mode": "max-autotune"}``). Not with per-sample AGC.
+    Other keyword arguments go to `Learner` (metrics, cbs, wd, ...). The optimizer (`opt_func`) is by default
+    `normfree.learner.optim.fast_adam`: fastai's Adam computed by torch's fused kernel.
     """
     n_in, n_classes = _data_shape(dls)
     if n_out is None:
@@ -127,10 +134,14 @@ def nf_learner(
         raise TypeError(f"fast must be True (fold the NF blocks' scalars, normfree.fast_nf) or False, got {fast!r}")
     if fast:
         fast_nf(model)
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be True, False or a dict of torch.compile's options, got {compile!r}")
+    if compile is not False:
+        compile_model(model, **({} if compile is True else compile))
     if pretrained or weights is not None:
         _add_input_normalisation(dls, model, n_in)
     loss_func = loss_func or getattr(dls.train_ds, "loss_func", None) or CrossEntropyLossFlat()
-    learn = Learner(dls, model, loss_func=loss_func, splitter=body_head_splitter, **kwargs)
+    learn = Learner(dls, model, loss_func=loss_func, splitter=body_head_splitter, **{"opt_func": fast_adam, **kwargs})
     if agc is not None:
         learn.add_cb(AGC(agc))
     if pretrained or weights is not None:
