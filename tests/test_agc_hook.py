@@ -218,3 +218,11 @@ def test_an_exclusion_that_matches_nothing_is_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="exclude pattern 'head' matches no parameter"):
         normfree.agc_hook(sgd(model), model, exclude="head")
+
+
+@pytest.mark.bad_input
+def test_a_model_without_a_classifier_is_named():
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.Tanh(), torch.nn.Conv1d(4, 1, 1))
+    with pytest.warns(UserWarning, match="no final classifier.*clips every parameter"):
+        hook = normfree.agc_hook(sgd(model), model)
+    assert len(hook.history.parameter_names) == 4
