@@ -10,7 +10,7 @@ $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "normfree needs Python >= 3.10; set PYTHON=python3.X")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,docs]'  # docs: tests/test_docs.py builds the site
+	$(PY) -m pip install --quiet -e '.[test,docs,hf,lightning]'  # docs: tests/test_docs.py builds the site; hf, lightning: the trainer adapters' tests
 	touch $(INSTALLED)
 
 # the quick BatchNorm-vs-normalizer-free grid on the bundled digits; prints its table at the end

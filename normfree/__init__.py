@@ -21,6 +21,7 @@ from .agc import (
     PerSampleClipper,
     adaptive_clip_factor,
     adaptive_clip_grad_,
+    agc_hook,
     excluded_parameters,
     unitwise_norm,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "TransferResult",
     "adaptive_clip_factor",
     "adaptive_clip_grad_",
+    "agc_hook",
     "average_channel_squared_mean",
     "average_channel_variance",
     "batchnorm_twin_name",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "normfree"
-LAYERS = ["utils", "models", "agc", "data", "learner", "app"]  # bottom up
+LAYERS = ["utils", "models", "agc", "integrations", "data", "learner", "app"]  # bottom up
 CORE = ("utils", "models", "agc")
 
 
@@ -66,6 +66,20 @@ def test_core_imports_neither_fastai_nor_matplotlib_at_module_level(path):
     assert heavy == []
 
 
+TRAINERS = {"huggingface": "transformers", "lightning": "lightning"}  # integration module -> its trainer package
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if layer_of(module_name(p)) == "integrations"],
+                         ids=lambda p: module_name(p))
+def test_an_integration_imports_the_core_and_its_own_trainer_only(path):
+    """An adapter needs torch, normfree's core and its trainer: no fastai, no other trainer."""
+    own = TRAINERS.get(path.stem)
+    foreign = [target for target, _ in imports(path)
+               if target.split(".")[0] in {"fastai", "matplotlib", *TRAINERS.values()} - {own}
+               or (target.startswith("normfree.") and layer_of(target) not in (*CORE, "integrations"))]
+    assert foreign == []
+
+
 def test_the_layer_checks_can_fail():
     """The helpers see an upward import and a module-level fastai import where there is one."""
     names = [target for target, _ in imports(PACKAGE / "app" / "train.py")]
@@ -74,9 +88,12 @@ def test_the_layer_checks_can_fail():
 
 
 @pytest.mark.parametrize("statement", ["import normfree", "import normfree.agc", "import normfree.models",
-                                       "from normfree import adaptive_clip_grad_, to_normfree, SmallResNet"])
+                                       "from normfree import adaptive_clip_grad_, to_normfree, SmallResNet",
+                                       "from normfree import agc_hook"])
 def test_importing_the_core_loads_neither_fastai_nor_pyplot(statement):
-    code = f"{statement}; import sys; print(sorted(m for m in ('fastai', 'matplotlib', 'matplotlib.pyplot') if m in sys.modules))"
+    """Nor the trainers of normfree.integrations."""
+    code = (f"{statement}; import sys; print(sorted(m for m in ('fastai', 'matplotlib', 'matplotlib.pyplot', "
+            f"'transformers', 'lightning') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
 

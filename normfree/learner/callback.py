@@ -13,26 +13,19 @@ from torch import Tensor, nn
 
 from ..agc.clip import clip_parameters_
 from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
+from ..agc.history import ClipHistory
+from ..agc.hook import as_exclusions, check_clippings, clipping_per_group, warn_if_no_classifier
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
-from ..agc.rule import (DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, suggest_clipping,
-                        unit_norms, unit_ratios)
-from ..models.classifier import find_classifier, unwrap_model
+from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, suggest_clipping, unit_norms, unit_ratios
+from ..models.classifier import unwrap_model
 from ..models.compiled import is_compiled
-from .clip_history import ClipHistory, ClipRate
+from .clip_history import ClipRate
 from .fit_guard import in_fit
 
 __all__ = ["AGC", "CLIP_WATCH_STEPS", "MOST_CLIPPED"]
 
 CLIP_WATCH_STEPS = 50  # consecutive optimizer steps over which AGC judges its lambda (its warnings)
 MOST_CLIPPED = 0.5  # a step clips "most units" above this share
-
-
-def _as_list(exclude: Exclusion | Iterable[Exclusion] | None) -> list[Exclusion]:
-    if exclude is None:
-        return []
-    if isinstance(exclude, (str, nn.Module)) or callable(exclude):
-        return [exclude]
-    return list(exclude)
 
 
 class AGC(Callback):
@@ -81,16 +74,9 @@ class AGC(Callback):
         exclude: Exclusion | Iterable[Exclusion] | None = (),
         per_sample: bool = False,
     ):
-        # one number (a Python or numpy scalar, a one-element tensor), or a sequence of them, one per param group
-        per_group = isinstance(clipping, Iterable) and not isinstance(clipping, (str, bytes, Tensor))
-        clippings = list(clipping) if per_group else [clipping]
-        if not clippings:
-            raise ValueError("clipping must be a number > 0 or one number per param group, got an empty sequence")
-        checked = [check_agc_arguments(value, eps) for value in clippings]
+        self.clipping, self.eps = check_clippings(clipping, eps)
         check_skip_classifier(skip_classifier)
-        self.clipping = [c for c, _ in checked] if per_group else checked[0][0]
-        self.eps = checked[0][1]
-        self.skip_classifier, self.exclude = skip_classifier, _as_list(exclude)
+        self.skip_classifier, self.exclude = skip_classifier, as_exclusions(exclude)
         self.per_sample = bool(per_sample)
         self.history: ClipHistory | None = None
         self.epoch_start = 0
@@ -119,16 +105,6 @@ class AGC(Callback):
         """Per optimizer param group, the (name, parameter) pairs AGC clips (`normfree.agc.exclusion`)."""
         return clipped_parameters(model, param_lists, self.skip_classifier, self.exclude)
 
-    def _clipping_per_group(self, n_groups: int) -> list[float]:
-        if isinstance(self.clipping, (int, float)):
-            return [float(self.clipping)] * n_groups
-        if len(self.clipping) != n_groups:
-            raise ValueError(
-                f"clipping has {len(self.clipping)} values but the optimizer has {n_groups} param groups: "
-                "give one number, or one per param group"
-            )
-        return [float(c) for c in self.clipping]
-
     def before_fit(self) -> None:
         # fastai also calls before_fit for get_preds/predict/validate, which train nothing (and must not
         # get clip-rate columns)
@@ -145,15 +121,10 @@ class AGC(Callback):
         """Resolve what to clip and start a new history: at the first training epoch of a fit, so that a
         `learn.validate()` after training keeps the statistics of the fit."""
         model = unwrap_model(self.learn.model)
-        if self.skip_classifier is not None and find_classifier(model) is None:
-            warnings.warn(
-                "AGC found no final classifier (no get_classifier(), no nn.Linear), so it clips every "
-                "parameter; name the classifier with exclude=[...] or pass skip_classifier=None",
-                stacklevel=3,
-            )
+        warn_if_no_classifier(model, self.skip_classifier, stacklevel=3)
         groups = self.clipped_parameters(model, self.learn.opt.param_lists)
         self._params = [[p for _, p in group] for group in groups]
-        self._clippings = self._clipping_per_group(len(groups))
+        self._clippings = clipping_per_group(self.clipping, len(groups))
         self.history = ClipHistory([[name for name, _ in group] for group in groups])
         self._history_started = True
         if self.per_sample:
