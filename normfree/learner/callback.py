@@ -8,14 +8,13 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
 from fastcore.basics import patch
-import torch
 from torch import Tensor, nn
 
 from ..agc.clip import clip_parameters_
 from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
-from ..agc.rule import (DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, suggest_clipping,
-                        unit_norms, unit_ratios)
+from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, suggest_clipping
+from ..agc.sharded import local_unit_norms, unit_ratio_vector
 from ..models.classifier import find_classifier, unwrap_model
 from .clip_history import ClipHistory, ClipRate
 from .fit_guard import in_fit
@@ -211,7 +210,7 @@ class AGC(Callback):
         if kind in self._warned:
             return
         self._warned.add(kind)
-        ratios = torch.cat([unit_ratios(p, self.eps) for params in self._params for p in params])
+        ratios = unit_ratio_vector([p for params in self._params for p in params], self.eps)
         lambdas = ", ".join(f"{c:g}" for c in sorted(set(self._clippings)))
         warnings.warn(f"AGC (lambda {lambdas}) {problem}; lambda {suggest_clipping(ratios):.3g} would clip "
                       f"{DEFAULT_CLIP_FRACTION:.0%} of this step's units (learn.agc_find() measures it over a probe "
@@ -222,7 +221,7 @@ class AGC(Callback):
         if sum(per_parameter):
             params = [p for group in self._params for p in group]
             seen = [(name, p) for name, p, n in zip(self.history.parameter_names, params, per_parameter) if n]
-            diverged = [name for name, p in seen if not bool(unit_norms(p.detach()).isfinite().all())]
+            diverged = [name for name, p in seen if not bool(local_unit_norms(p).isfinite().all())]
             weights = (f"; the weights of {', '.join(diverged[:5])} are inf/NaN now: the model has diverged, restart "
                        f"from a checkpoint" if diverged else "")
             warnings.warn(
