@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from agc_reference import reference_agc, units_of
+from agc_reference import norm64, reference_agc, units_of
+from host_syncs import HostSyncs
 from torch import nn
 
 WORLD_SIZE = 2
@@ -85,7 +86,8 @@ def _clipped_fsdp(mesh, rank):
 def _clipped_dtensor(mesh, rank):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: F401 (PLACEMENTS' names)
 
-    from normfree import adaptive_clip_grad_
+    from normfree.agc.clip import clip_parameters_
+    from normfree.agc.sharded import unit_ratio_vector
 
     model = Net()
     backward(model)
@@ -94,9 +96,12 @@ def _clipped_dtensor(mesh, rank):
         placements = [eval(PLACEMENTS[n])]
         params[n] = nn.Parameter(distribute_tensor(p.detach(), mesh, placements))
         params[n].grad = distribute_tensor(p.grad, mesh, placements)
-    stats = adaptive_clip_grad_(list(params.items()), CLIPPING)
+    ratios = unit_ratio_vector(list(params.values()), 1e-3)  # what AGC's clip watch suggests lambda from
+    with HostSyncs() as syncs:  # the callback's entry: adaptive_clip_grad_ also reads CPU counts for its warning
+        stats = clip_parameters_(list(params.values()), CLIPPING, 1e-3)
     local_rows = {n: tuple(p.to_local().shape) for n, p in params.items()}
-    return {n: p.grad.full_tensor() for n, p in params.items()}, stats, list(params), local_rows
+    return ({n: p.grad.full_tensor() for n, p in params.items()}, stats, list(params),
+            {**local_rows, "ratios": ratios, "syncs": syncs.sites})
 
 
 def _clipped_ddp(mesh, rank):
@@ -204,3 +209,16 @@ def test_refuses_a_gradient_it_cannot_clip(runs, case, words):
     for run in runs:
         assert words in run["refusals"][case]
 
+
+
+@pytest.mark.launch
+def test_unit_ratios_of_shards_are_those_of_the_full_units(runs):
+    """The ratios AGC's clip watch suggests a lambda from: every unit's (each is held, in part, by both ranks under
+    these placements), norms completed across the ranks."""
+    model = Net()
+    backward(model)
+    expected = [norm64(g) / max(norm64(w), 1e-3) for p in model.parameters()
+                for w, g in zip(units_of(p), units_of(p.grad))]
+    for run in runs:
+        assert run["dtensor"][3]["syncs"] == []  # and the clipping read no device value on the host
+        torch.testing.assert_close(run["dtensor"][3]["ratios"].double(), torch.tensor(expected, dtype=torch.float64))
