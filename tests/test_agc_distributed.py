@@ -46,8 +46,14 @@ def train_one_shard(rank: int, init_file: str, result_file: str, per_sample: boo
         agc = AGC(0.01, per_sample=per_sample)
         fit_quietly(make_learner(model, dls, [agc]))
         update = {n.removeprefix("module."): (full(p.detach()) - before[n]).double() for n, p in model.named_parameters()}
+        refusal = None
+        if wrap == "fsdp2":
+            try:
+                make_learner(model, dls, [AGC(0.01)]).agc_find(show_plot=False)
+            except ValueError as error:
+                refusal = str(error)
         if rank == 0:
-            torch.save({"update": update, "clipped": agc.history.parameter_names}, result_file)
+            torch.save({"update": update, "clipped": agc.history.parameter_names, "agc_find": refusal}, result_file)
         dist.barrier()  # both leave gloo together: a rank that tears down while the other still works can abort it
     finally:
         dist.destroy_process_group()
@@ -68,3 +74,5 @@ def test_agc_clips_the_all_reduced_gradient(tmp_path, per_sample, wrap):
         reference = reference_update(tiny_model(), clipping=0.01)
     assert relative_difference(result["update"], reference) < 1e-5
     assert "5.weight" not in result["clipped"] and "5.bias" in result["clipped"]  # classifier found through DDP
+    if wrap == "fsdp2":  # each rank would choose its own lambda from its own shard
+        assert "agc_find does not run on a sharded model" in result["agc_find"]

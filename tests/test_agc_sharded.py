@@ -118,9 +118,10 @@ def _clipped_ddp(mesh, rank):
 
 def _refusals(mesh, rank):
     """The message of each sharded parameter adaptive_clip_grad_ must refuse."""
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    from normfree import adaptive_clip_grad_
+    from normfree import PerSampleClipper, adaptive_clip_grad_
 
     weight, grad = torch.randn(4, 3), torch.randn(4, 3)
     cases = {}
@@ -136,6 +137,12 @@ def _refusals(mesh, rank):
             adaptive_clip_grad_([param])
         except ValueError as error:
             messages[case] = str(error)
+    model = Net()
+    fully_shard(model, mesh=mesh)
+    try:
+        PerSampleClipper(model, {id(p): CLIPPING for p in model.parameters()})
+    except ValueError as error:
+        messages["per-sample"] = str(error)
     return messages
 
 
@@ -204,7 +211,7 @@ def test_the_shards_are_the_awkward_ones(runs, case):
 @pytest.mark.launch
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case, words", [("gradient placements", "redistribute the gradient"),
-                                         ("partial", "Partial()")])
+                                         ("partial", "Partial()"), ("per-sample", "per-sample AGC cannot clip sharded")])
 def test_refuses_a_gradient_it_cannot_clip(runs, case, words):
     for run in runs:
         assert words in run["refusals"][case]

@@ -23,18 +23,31 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .rule import gradient_to_weight_ratio, is_single_unit, unit_norms, unit_ratios
 
 __all__ = ["ShardLayout", "is_sharded", "local_parts", "local_unit_norms", "reduce_counts", "reduce_unit_norms",
-           "shard_layout", "shard_units", "unit_ratio_vector"]
+           "shard_layout", "sharded_parameter_name", "shard_units", "unit_ratio_vector"]
 
 
 def is_sharded(t: Tensor) -> bool:
     """Whether `t` is a DTensor (a parameter of FSDP2's ``fully_shard`` or of tensor parallelism)."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def sharded_parameter_name(model: nn.Module) -> str | None:
+    """The name of a sharded parameter of `model` (None if it has none): a DTensor, or any parameter of a module
+    FSDP2's ``fully_shard`` took, whose parameters are plain tensors between a forward pass without backward (the
+    root module's, in validation) and the next backward pass."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    for name, module in model.named_modules():
+        taken = fsdp is not None and isinstance(module, fsdp.FSDPModule)  # all its parameters, its submodules' too
+        for parameter_name, p in module.named_parameters(recurse=taken):
+            if taken or is_sharded(p):
+                return f"{name}.{parameter_name}" if name else parameter_name
+    return None
 
 
 @dataclass(frozen=True)
