@@ -59,11 +59,11 @@ def reference():
     return {n: g for n, (g, _) in clipped.items()}, {n: c for n, (_, c) in clipped.items()}, units
 
 
-# Under "dtensor": each parameter as a DTensor with these placements (Shard(1) splits every unit of a matrix; the
-# conv's dim 1 has one element, so rank 1's shard is empty; Shard(2) splits its 3 kernel rows 2/1).
-PLACEMENTS = {"conv.weight": "Shard(2)", "conv.bias": "Shard(0)", "fc.weight": "Shard(1)", "fc.bias": "Replicate()",
-              "gain": "Shard(0)", "scale": "Shard(0)", "mix": "Shard(1)", "head.weight": "Shard(1)",
-              "head.bias": "Replicate()"}
+# Under "dtensor": each parameter as a DTensor sharded on this dim (Shard(1) splits every unit of a matrix; the
+# conv's dim 1 has one element, so rank 1's shard is empty; Shard(2) splits its 3 kernel rows 2/1), or replicated,
+# or left a plain tensor, listed with the DTensors.
+SHARD_DIMS = {"conv.weight": 2, "conv.bias": 0, "fc.weight": 1, "fc.bias": "replicated", "gain": 0, "scale": 0,
+              "mix": 1, "head.weight": 1, "head.bias": "plain"}
 
 
 def _clipped_fsdp(mesh, rank):
@@ -84,7 +84,7 @@ def _clipped_fsdp(mesh, rank):
 
 
 def _clipped_dtensor(mesh, rank):
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: F401 (PLACEMENTS' names)
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from normfree.agc.clip import clip_parameters_
     from normfree.agc.sharded import unit_ratio_vector
@@ -93,14 +93,18 @@ def _clipped_dtensor(mesh, rank):
     backward(model)
     params = {}
     for n, p in model.named_parameters():
-        placements = [eval(PLACEMENTS[n])]
+        if SHARD_DIMS[n] == "plain":
+            params[n] = p
+            continue
+        placements = [Replicate() if SHARD_DIMS[n] == "replicated" else Shard(SHARD_DIMS[n])]
         params[n] = nn.Parameter(distribute_tensor(p.detach(), mesh, placements))
         params[n].grad = distribute_tensor(p.grad, mesh, placements)
     ratios = unit_ratio_vector(list(params.values()), 1e-3)  # what AGC's clip watch suggests lambda from
     with HostSyncs() as syncs:  # the callback's entry: adaptive_clip_grad_ also reads CPU counts for its warning
         stats = clip_parameters_(list(params.values()), CLIPPING, 1e-3)
-    local_rows = {n: tuple(p.to_local().shape) for n, p in params.items()}
-    return ({n: p.grad.full_tensor() for n, p in params.items()}, stats, list(params),
+    sharded = [n for n in params if SHARD_DIMS[n] != "plain"]
+    local_rows = {n: tuple(params[n].to_local().shape) for n in sharded}
+    return ({n: p.grad.full_tensor() if n in sharded else p.grad for n, p in params.items()}, stats, list(params),
             {**local_rows, "ratios": ratios, "syncs": syncs.sites})
 
 

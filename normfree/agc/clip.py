@@ -34,6 +34,9 @@ class ClipStats:
     `clipped` and `nonfinite` stay on the gradients' device: reading them (`.item()`, `int()`)
     is the only host synchronisation, and it is left to the caller. `units` is known without the
     device and lives on the CPU; parameters without a gradient have 0 units.
+
+    For a sharded parameter (a DTensor: FSDP2, tensor parallelism) the entries describe the full tensor, the same on
+    every rank: `units` of the full tensor, each unit clipped or non-finite counted once, whichever ranks hold it.
     """
 
     clipped: Tensor  # units whose gradient was scaled down
@@ -330,6 +333,13 @@ def adaptive_clip_grad_(
       with squares summed in float64.
     - Everything else (other layouts, float64 on a GPU, no Triton or no C compiler): torch ops
       (`clip_with_torch_ops`), norms accumulated in float32 (float64 for float64 tensors).
+
+    Sharded parameters (DTensors: FSDP2's ``fully_shard``, tensor parallelism) are clipped as their full tensors
+    would be, every rank calling with the same parameters after the gradients are reduced: a rank's whole units
+    by the implementations above, units split across ranks (biases and gains under FSDP2, rows under ``Shard(1)``)
+    with torch ops after one all-reduce of their sums of squares per mesh dimension (`normfree.agc.sharded`);
+    `ClipStats` are then the full model's on every rank. Under DDP the parameters are plain, replicated tensors
+    with all-reduced gradients: each rank clips the same gradients the same way.
 
     None of them synchronises with the device. Where norms are summed in float32, a unit whose
     norm overflows (elements beyond ~1e19) counts as non-finite and is left alone. The checks and

@@ -63,6 +63,10 @@ class AGC(Callback):
     does nothing), with the measured share and the lambda that would clip `DEFAULT_CLIP_FRACTION` of the units at
     the step (`normfree.agc.rule.suggest_clipping`; ``learn.agc_find()`` measures it over a probe).
 
+    On a sharded model (FSDP2's ``fully_shard``) every rank clips its shards as the unsharded model would be clipped
+    and records the full model's counts (`normfree.agc.clip.ClipStats`), so history, clip rates and warnings are
+    the same on every rank; the suggested lambda of a warning comes from the units in that rank's shards.
+
     After a fit, `history` holds the units clipped per parameter at every step (see
     `ClipHistory`); the Recorder shows the epoch's clip rate as `agc_clip` (and `agc_clip_<g>`
     per param group when there are several); `plot()` draws the per-layer clip rate over training.
