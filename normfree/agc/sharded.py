@@ -123,7 +123,8 @@ def unit_ratio_vector(params: list[Tensor], eps: float) -> Tensor:
     layouts = [shard_layout(p, f"parameter of shape {tuple(p.shape)}") for p in sharded]
     norms = dict(zip(map(id, sharded), reduce_unit_norms([local_parts(p) for p in sharded], layouts)))
     return torch.cat([gradient_to_weight_ratio(*norms[id(p)], eps).float() if id(p) in norms
-                      else torch.zeros(shard_units(p)) if is_sharded(p) else unit_ratios(p, eps) for p in params])
+                      else torch.zeros(shard_units(p), device=p.device) if is_sharded(p) else unit_ratios(p, eps)
+                      for p in params])
 
 
 def local_parts(param: Tensor) -> tuple[Tensor, Tensor]:
