@@ -11,7 +11,6 @@ reduction); end-of-epoch work (clip rates, warnings) is outside batches.
 """
 from __future__ import annotations
 
-import traceback
 from functools import partial
 
 import pytest
@@ -21,35 +20,13 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
 from fastai_helpers import dls_for, image_batch, tiny_nfnet
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_syncs import HostSyncs
 
 from normfree import AGC
 from normfree.agc import cpu_kernel
 
-# ATen operations that read a device value on the host, or whose output size depends on values
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
 # the overflow check of torch's GradScaler.step, which decides on the host whether to skip the step
 OVERFLOW_CHECK = "grad_scaler.py:_maybe_opt_step"
-
-
-class HostSyncs(TorchDispatchMode):
-    """Where host synchronisations happen while active: one entry per call, its last frames as file:function."""
-
-    def __init__(self):
-        super().__init__()
-        self.sites: list[str] = []
-
-    def note(self) -> None:
-        frames = [f for f in traceback.extract_stack() if f.name not in ("note", "noted", "__torch_dispatch__")]
-        self.sites.append(" <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.name}" for f in frames[-6:][::-1]))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        boolean_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-        if name in SYNCING_OPS or boolean_index:
-            self.note()
-        return func(*args, **(kwargs or {}))
 
 
 class _Start(Callback):

@@ -3,6 +3,7 @@
 - `rule`: what a unit is, unit-wise norms, the clip factor of Eq. (3), the defaults and the norm floor.
 - `clip`: `adaptive_clip_grad_`, the rule applied in place to a list of parameters, by
   - `cpu_kernel` (the fused C kernel in ``csrc/``), `gpu_kernel` (the fused Triton kernel), or torch ops.
+- `sharded`: where a DTensor's units are (FSDP2, tensor parallelism), and the all-reduces that complete them.
 - `exclusion`: which parameters AGC leaves alone (the final classifier, user patterns).
 - `history`: `ClipHistory`, the units clipped per parameter at each step.
 - `hook`: `agc_hook`, AGC inside any torch optimizer's step (GradScaler and accumulation included), and

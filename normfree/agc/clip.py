@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cpu_kernel, gpu_kernel
+from .sharded import is_sharded, local_parts, local_unit_norms, reduce_counts, reduce_unit_norms, shard_layout
 from .rule import (
     DEFAULT_CLIPPING,
     DEFAULT_EPS,
@@ -33,6 +34,9 @@ class ClipStats:
     `clipped` and `nonfinite` stay on the gradients' device: reading them (`.item()`, `int()`)
     is the only host synchronisation, and it is left to the caller. `units` is known without the
     device and lives on the CPU; parameters without a gradient have 0 units.
+
+    For a sharded parameter (a DTensor: FSDP2, tensor parallelism) the entries describe the full tensor, the same on
+    every rank: `units` of the full tensor, each unit clipped or non-finite counted once, whichever ranks hold it.
     """
 
     clipped: Tensor  # units whose gradient was scaled down
@@ -65,15 +69,22 @@ def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tu
     """
     order = sorted(range(len(params)), key=lambda i: not is_single_unit(params[i]))  # single-unit tensors first
     grads = [params[i].grad for i in order]
-    grad_norm = unit_norm_vector(grads)
-    param_norm = unit_norm_vector([params[i] for i in order])
-    factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
-    units = [num_units(g) for g in grads]
-    torch._foreach_mul_(grads, [f.view(unit_shape(g)) for f, g in zip(factor.split(units), grads)])
-    clipped = torch.stack(count_per_tensor(factor < 1, units)).long().unbind()
-    nonfinite = torch.stack(count_per_tensor(~(grad_norm.isfinite() & param_norm.isfinite()), units)).long().unbind()
+    clipped, nonfinite = _scale_units_(grads, [num_units(g) for g in grads], unit_norm_vector([params[i] for i in order]),
+                                       unit_norm_vector(grads), clipping, eps)
     position = {i: k for k, i in enumerate(order)}
     return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
+
+
+def _scale_units_(grads: list[Tensor], units: list[int], param_norm: Tensor, grad_norm: Tensor, clipping: float,
+                  eps: float) -> tuple[list[Tensor], list[Tensor]]:
+    """Eq. (3) applied to `grads` (`units[i]` consecutive units along dim 0 each) from the unit norms of their
+    weights and of themselves, all gradients' units in one vector each: one `_foreach_mul_`. Returns the clipped
+    and the non-finite unit counts of each gradient, as 0-d int64 device tensors."""
+    factor = adaptive_clip_factor(param_norm, grad_norm, clipping, eps)
+    torch._foreach_mul_(grads, [f.view(unit_shape(g, n)) for f, g, n in zip(factor.split(units), grads, units)])
+    clipped = torch.stack(count_per_tensor(factor < 1, units)).long().unbind()
+    nonfinite = torch.stack(count_per_tensor(~(grad_norm.isfinite() & param_norm.isfinite()), units)).long().unbind()
+    return list(clipped), list(nonfinite)
 
 
 def _validate(params: list[Tensor]) -> tuple[list[int], torch.device]:
@@ -139,16 +150,28 @@ class _Dispatch:
         return self._statistics(found)
 
     def _statistics(self, found: dict[int, tuple[Tensor, Tensor]]) -> ClipStats:
-        """One `ClipStats` entry per parameter listed, from the (clipped, non-finite) counts `found` per position
-        clipped: a parameter listed again gets its first listing's counts, one without a gradient zeros."""
-        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        return _statistics(found, self.first, self.units, self.device)
 
-        def per_parameter(field: int) -> Tensor:
-            if not self.first:
-                return torch.zeros(0, dtype=torch.long, device=self.device)
-            return torch.stack([found[first][field] if first != -1 else zero for first in self.first])
 
-        return ClipStats(clipped=per_parameter(0), nonfinite=per_parameter(1), units=self.units)
+def _statistics(found: dict[int, tuple[Tensor, Tensor]], first: list[int], units: Tensor,
+                device: torch.device) -> ClipStats:
+    """One `ClipStats` entry per parameter listed, from the (clipped, non-finite) counts `found` per position
+    clipped: a parameter listed again gets its first listing's counts (`first`: `_validate`'s), one without a
+    gradient zeros."""
+    zero = torch.zeros((), dtype=torch.long, device=device)
+
+    def per_parameter(field: int) -> Tensor:
+        if not first:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        return torch.stack([found[k][field] if k != -1 else zero for k in first])
+
+    return ClipStats(clipped=per_parameter(0), nonfinite=per_parameter(1), units=units)
+
+
+def _units_per_parameter(params: list[Tensor], first: list[int]) -> Tensor:
+    """`ClipStats.units`: the units of each parameter listed (of the full tensor, for a sharded one), 0 without a
+    gradient."""
+    return torch.tensor([num_units(p) if k != -1 else 0 for p, k in zip(params, first)], dtype=torch.long)
 
 
 def _dispatch(params: list[Tensor]) -> _Dispatch:
@@ -163,7 +186,7 @@ def _dispatch(params: list[Tensor]) -> _Dispatch:
     all_gpu = bool(gpu) and len(gpu) == len(positions)
     return _Dispatch(
         device=device,
-        units=torch.tensor([num_units(p) if f != -1 else 0 for p, f in zip(params, first)], dtype=torch.long),
+        units=_units_per_parameter(params, first),
         first=first,
         cpu_groups=[[i for i in cpu if params[i].dtype == dtype] for dtype in dtypes],
         gpu=gpu,
@@ -186,14 +209,16 @@ def _layout(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
 
-def _cached_dispatch(params: list[Tensor]) -> _Dispatch:
+def _cached_dispatch(params: list[Tensor], owners: list[Tensor] | None = None) -> _Dispatch:
     # Training calls AGC with the same parameters every step: the checks and the Triton kernel's tables
     # (which hold data pointers) are reused while every parameter and gradient keeps its storage and layout
     # (and while the implementations' entry points are the same: tests swap them). Freed tensors' ids and
     # storage get reused, and a gradient can be replaced by a view of the same storage (a transpose).
+    # `owners[i]`, where given, is the parameter that `params[i]` is a new view of at each call (a sharded
+    # parameter's shard): its identity stands for the view's.
     try:
         key = (cpu_kernel.load, gpu_kernel.supports, gpu_kernel.available(),
-               tuple((id(p), _layout(p), _layout(p.grad)) for p in params))
+               tuple((id(o), _layout(p), _layout(p.grad)) for o, p in zip(owners or params, params)))
     except RuntimeError:  # a sparse gradient has no data pointer: checked (and refused) below
         return _dispatch(params)
     dispatch = _dispatches.get(key)
@@ -264,8 +289,8 @@ def _warn_nonfinite_weights(params: list[Tensor], names: list[str | None], nonfi
     found = []
     for i, count in enumerate(nonfinite.tolist()):
         if count:
-            bad_units = int((~unit_norm_vector([params[i]]).isfinite()).sum())
             label = names[i] or f"parameter {i} of shape {tuple(params[i].shape)}"
+            bad_units = int((~local_unit_norms(params[i]).isfinite()).sum())
             if bad_units and label not in _warned_nonfinite_weights:
                 _warned_nonfinite_weights.add(label)
                 found.append(f"{label} ({bad_units} of {num_units(params[i])} units)")
@@ -309,6 +334,13 @@ def adaptive_clip_grad_(
     - Everything else (other layouts, float64 on a GPU, no Triton or no C compiler): torch ops
       (`clip_with_torch_ops`), norms accumulated in float32 (float64 for float64 tensors).
 
+    Sharded parameters (DTensors: FSDP2's ``fully_shard``, tensor parallelism) are clipped as their full tensors
+    would be, every rank calling with the same parameters after the gradients are reduced: a rank's whole units
+    by the implementations above, units split across ranks (biases and gains under FSDP2, rows under ``Shard(1)``)
+    with torch ops after one all-reduce of their sums of squares per mesh dimension (`normfree.agc.sharded`);
+    `ClipStats` are then the full model's on every rank. Under DDP the parameters are plain, replicated tensors
+    with all-reduced gradients: each rank clips the same gradients the same way.
+
     None of them synchronises with the device. Where norms are summed in float32, a unit whose
     norm overflows (elements beyond ~1e19) counts as non-finite and is left alone. The checks and
     the kernel's tables are kept between calls while the parameters and gradients keep their
@@ -327,7 +359,48 @@ def clip_parameters_(params: list[Tensor], clipping: float, eps: float) -> ClipS
     """`adaptive_clip_grad_` for a caller that checked `clipping` and `eps` once (floats, `check_agc_arguments`),
     passes a list of tensors, and reports non-finite units itself (fastai's `AGC` callback, at the end of each
     epoch): no per-call checks and no warning, so nothing in the call reads a count."""
+    if any(map(is_sharded, params)):
+        return _clip_sharded_(params, clipping, eps)
+    return _run(params, clipping, eps)
+
+
+def _run(params: list[Tensor], clipping: float, eps: float, owners: list[Tensor] | None = None) -> ClipStats:
+    """Clip `params` (plain tensors) by the implementations `_cached_dispatch` chooses."""
     try:
-        return _cached_dispatch(params).run(params, clipping, eps)
+        return _cached_dispatch(params, owners).run(params, clipping, eps)
     except gpu_kernel.KernelFailed:  # warned once; the kernel is off from now on
-        return _cached_dispatch(params).run(params, clipping, eps)
+        return _cached_dispatch(params, owners).run(params, clipping, eps)
+
+
+def _with_grad(weight: Tensor, grad: Tensor) -> Tensor:
+    weight.grad = grad  # `weight` is a view made for this call (`local_parts`): the parameter's shard is untouched
+    return weight
+
+
+def _clip_sharded_(params: list[Tensor], clipping: float, eps: float) -> ClipStats:
+    """`clip_parameters_` where some parameters are sharded (DTensors, `normfree.agc.sharded`): every rank calls it
+    with the same parameters, and gets the same `ClipStats`, those of the full tensors.
+
+    A shard that holds whole units (FSDP2's Shard(0) of a weight) is clipped as an unsharded tensor, by the kernels;
+    units split across ranks (biases and gains under FSDP2, rows under Shard(1)) with torch ops, their norms
+    completed by one all-reduce per mesh dimension. One more all-reduce per mesh dimension adds up the counts."""
+    first, device = _validate(params)
+    positions = [i for i, k in enumerate(first) if k == i]
+    layouts = {i: shard_layout(params[i], f"parameter {i} of shape {tuple(params[i].shape)}")
+               for i in positions if is_sharded(params[i])}
+    parts = {i: local_parts(params[i]) for i in layouts}
+    whole = [i for i in positions if i not in layouts or layouts[i].whole]
+    split = [i for i in layouts if not layouts[i].whole]
+    found: dict[int, tuple[Tensor, Tensor]] = {}
+    if whole:
+        stats = _run([_with_grad(*parts[i]) if i in parts else params[i] for i in whole], clipping, eps,
+                     owners=[params[i] for i in whole])
+        found.update(zip(whole, zip(stats.clipped.unbind(), stats.nonfinite.unbind())))
+    if split:
+        norms = reduce_unit_norms([parts[i] for i in split], [layouts[i] for i in split])
+        counts = _scale_units_([parts[i][1] for i in split], [layouts[i].units for i in split],
+                               torch.cat([w for w, _ in norms]), torch.cat([g for _, g in norms]), clipping, eps)
+        found.update(zip(split, zip(*counts)))
+    totals = reduce_counts([torch.stack(found[i]) for i in layouts], list(layouts.values()))
+    found.update((i, tuple(total.unbind())) for i, total in zip(layouts, totals))
+    return _statistics(found, first, _units_per_parameter(params, first), device)

@@ -40,9 +40,9 @@ def num_units(x: Tensor) -> int:
     return 1 if is_single_unit(x) else x.shape[0]
 
 
-def unit_shape(x: Tensor) -> tuple[int, ...]:
-    """Shape of per-unit values that broadcasts against `x`."""
-    return (num_units(x),) + (1,) * (x.ndim - 1) if x.ndim >= 1 else ()
+def unit_shape(x: Tensor, units: int | None = None) -> tuple[int, ...]:
+    """Shape of per-unit values that broadcasts against `x`: `units` (default `num_units(x)`) along dim 0."""
+    return ((num_units(x) if units is None else units),) + (1,) * (x.ndim - 1) if x.ndim >= 1 else ()
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -51,9 +51,11 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
 
 
-def unit_norms(x: Tensor) -> Tensor:
-    """Flat vector of the unit norms of `x`, one entry per unit."""
-    units = num_units(x)
+def unit_norms(x: Tensor, units: int | None = None) -> Tensor:
+    """Flat vector of the unit norms of `x`, one entry per unit: `x` split into `units` (default `num_units(x)`)
+    consecutive blocks along dim 0. (A shard of a sharded tensor holds whole units, or parts of them, of its full
+    tensor, whose rule `num_units` does not see: `normfree.agc.sharded` passes their number.)"""
+    units = num_units(x) if units is None else units
     rows = x.reshape(units, x.numel() // units if units else 0)  # explicit sizes: -1 is ambiguous for empty tensors
     return torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(x.dtype))
 

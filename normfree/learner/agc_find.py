@@ -32,6 +32,7 @@ from fastcore.basics import patch
 from torch import Tensor
 
 from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_FIND_STEPS, check_clip_fraction, suggest_clipping, unit_ratios
+from ..agc.sharded import sharded_parameter_name
 from ..models.classifier import unwrap_model
 from ..utils.panels import panel_row
 from .callback import AGC
@@ -194,6 +195,10 @@ def agc_find(self: Learner, lr: float | slice | None = None, num_it: int = DEFAU
     if agc.per_sample:
         raise ValueError("agc_find measures the batch gradient's ratios, not each example's: it does not suggest "
                          "lambda for per-sample AGC yet; call it with learn.agc(per_sample=False) attached")
+    if sharded_parameter_name(self.model) is not None:
+        raise ValueError("agc_find does not run on a sharded model (FSDP2's fully_shard, DTensor parameters of tensor "
+                         "parallelism): each rank would choose lambda from its own shard; run it on the unsharded "
+                         "model in one process and pass its suggestion to every rank")
     lr = self.lr if lr is None else lr
     finder = AGCFinder(agc, num_it)
     n_epoch = math.ceil(num_it * _micro_batches_per_step(self) / max(1, len(self.dls.train))) + 1

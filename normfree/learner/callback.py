@@ -8,7 +8,6 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
 from fastcore.basics import patch
-import torch
 from torch import Tensor, nn
 
 from ..agc.clip import clip_parameters_
@@ -16,7 +15,8 @@ from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, cl
 from ..agc.history import ClipHistory
 from ..agc.hook import as_exclusions, check_clippings, clipping_per_group, warn_if_no_classifier
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
-from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, suggest_clipping, unit_norms, unit_ratios
+from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, suggest_clipping
+from ..agc.sharded import local_unit_norms, unit_ratio_vector
 from ..models.classifier import unwrap_model
 from ..models.compiled import is_compiled
 from .clip_history import ClipRate
@@ -57,6 +57,10 @@ class AGC(Callback):
     at every one of them (lambda far too small: every update shrunk) or none clipped at any (lambda too large: AGC
     does nothing), with the measured share and the lambda that would clip `DEFAULT_CLIP_FRACTION` of the units at
     the step (`normfree.agc.rule.suggest_clipping`; ``learn.agc_find()`` measures it over a probe).
+
+    On a sharded model (FSDP2's ``fully_shard``) every rank clips its shards as the unsharded model would be clipped
+    and records the full model's counts (`normfree.agc.clip.ClipStats`), so history, clip rates and warnings are
+    the same on every rank; the suggested lambda of a warning comes from the units in that rank's shards.
 
     After a fit, `history` holds the units clipped per parameter at every step (see
     `ClipHistory`); the Recorder shows the epoch's clip rate as `agc_clip` (and `agc_clip_<g>`
@@ -187,7 +191,7 @@ class AGC(Callback):
         if kind in self._warned:
             return
         self._warned.add(kind)
-        ratios = torch.cat([unit_ratios(p, self.eps) for params in self._params for p in params])
+        ratios = unit_ratio_vector([p for params in self._params for p in params], self.eps)
         lambdas = ", ".join(f"{c:g}" for c in sorted(set(self._clippings)))
         warnings.warn(f"AGC (lambda {lambdas}) {problem}; lambda {suggest_clipping(ratios):.3g} would clip "
                       f"{DEFAULT_CLIP_FRACTION:.0%} of this step's units (learn.agc_find() measures it over a probe "
@@ -198,7 +202,7 @@ class AGC(Callback):
         if sum(per_parameter):
             params = [p for group in self._params for p in group]
             seen = [(name, p) for name, p, n in zip(self.history.parameter_names, params, per_parameter) if n]
-            diverged = [name for name, p in seen if not bool(unit_norms(p.detach()).isfinite().all())]
+            diverged = [name for name, p in seen if not bool(local_unit_norms(p).isfinite().all())]
             weights = (f"; the weights of {', '.join(diverged[:5])} are inf/NaN now: the model has diverged, restart "
                        f"from a checkpoint" if diverged else "")
             warnings.warn(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..clip import ClipStats
 from ..rule import DEFAULT_EPS, clip_factor_below, clip_threshold, num_units, unit_norms
+from ..sharded import sharded_parameter_name
 from .containers import container_forward
 from .generic import generic_forward, random_modules
 from .graphs import LayerGraphs
@@ -100,7 +101,13 @@ def check_supported_modules(model: nn.Module) -> None:
       example at a time on the CPU).
     - A module that draws random numbers (dropout, drop-path with a rate above 0) inside one that the
       generic engine takes: its backward pass runs the forward pass again, with new masks.
+    - Sharded parameters (DTensors: FSDP2's fully_shard, tensor parallelism): the engines take whole weights.
     """
+    sharded = sharded_parameter_name(model)
+    if sharded is not None:
+        raise ValueError(f"per-sample AGC cannot clip sharded parameters ({sharded} is sharded: FSDP2's fully_shard "
+                         "or tensor parallelism): train with DistributedDataParallel, or turn per_sample off (ordinary "
+                         "AGC clips sharded models)")
     for name, module in model.named_modules():
         if isinstance(module, nn.RNNBase):
             raise ValueError(
