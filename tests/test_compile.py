@@ -9,15 +9,27 @@ import warnings
 
 import pytest
 import torch
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
-from test_learner import image_dls
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from normfree import nf_learner
 from normfree.models.compiled import compile_model, is_compiled
 
 AOT_EAGER = {"backend": "aot_eager"}
+
+
+def image_dls() -> DataLoaders:
+    """32 random 3-channel 8 px images of 4 classes, in batches of 16, unshuffled (torch.compile draws from the global
+    RNG as it compiles: shuffles would differ between a compiled and an eager run)."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8, generator=generator), torch.arange(32) % 4
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=16), DataLoader(TensorDataset(x[:16], y[:16]), bs=16))
+    dls.c = 4
+    return dls
 
 
 def _fit(learn: Learner) -> dict[str, torch.Tensor]:
@@ -28,9 +40,7 @@ def _fit(learn: Learner) -> dict[str, torch.Tensor]:
 
 def _learner(compile) -> Learner:
     torch.manual_seed(0)
-    dls = image_dls(n=32, size=8)
-    dls.train.shuffle = False  # torch.compile draws from the global RNG as it compiles: the shuffles would differ
-    return nf_learner(dls, "nf_resnet_tiny", compile=compile)
+    return nf_learner(image_dls(), "nf_resnet_tiny", compile=compile)
 
 
 @cache
@@ -93,7 +103,7 @@ def test_per_sample_agc_refuses_a_compiled_model():
 @pytest.mark.bad_input
 def test_compile_must_be_a_bool_or_options():
     with pytest.raises(TypeError, match="compile must be True, False or a dict"):
-        nf_learner(image_dls(n=32, size=8), "nf_resnet_tiny", compile="yes")
+        nf_learner(image_dls(), "nf_resnet_tiny", compile="yes")
 
 
 def test_learner_loss_is_the_compiled_models():
@@ -106,6 +116,6 @@ def test_learner_loss_is_the_compiled_models():
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 4))
     compile_model(model, backend=counting_backend)
-    learn = Learner(image_dls(n=32, size=8), model, loss_func=CrossEntropyLossFlat())
+    learn = Learner(image_dls(), model, loss_func=CrossEntropyLossFlat())
     _fit(learn)
     assert calls
