@@ -4,13 +4,14 @@
 - `clip`: `adaptive_clip_grad_`, the rule applied in place to a list of parameters, by
   - `cpu_kernel` (the fused C kernel in ``csrc/``), `gpu_kernel` (the fused Triton kernel), or torch ops.
 - `exclusion`: which parameters AGC leaves alone (the final classifier, user patterns).
-- `per_sample`: AGC on each example's gradient inside the backward pass, one module per engine.
+- `per_sample`: AGC on each example's gradient inside the backward pass, one module per engine; `per_sample_agc`
+  installs it for any training loop.
 """
 from .clip import ClipStats, adaptive_clip_grad_, clip_with_torch_ops
 from .exclusion import excluded_parameters
-from .per_sample import PerSampleClipper
+from .per_sample import PerSampleClipper, per_sample_agc
 from .rule import DEFAULT_CLIPPING, DEFAULT_EPS, GRAD_NORM_FLOOR, adaptive_clip_factor, num_units, unitwise_norm
 
 __all__ = ["ClipStats", "DEFAULT_CLIPPING", "DEFAULT_EPS", "GRAD_NORM_FLOOR", "PerSampleClipper",
            "adaptive_clip_factor", "adaptive_clip_grad_", "clip_with_torch_ops", "excluded_parameters", "num_units",
-           "unitwise_norm"]
+           "per_sample_agc", "unitwise_norm"]

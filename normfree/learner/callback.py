@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..agc.clip import clip_parameters_
-from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
+from ..agc.exclusion import (Exclusion, SkipClassifier, as_exclusions, check_skip_classifier, clipped_parameters,
+                             excluded_parameters)
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
 from ..agc.rule import (DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments, suggest_clipping,
                         unit_norms, unit_ratios)
@@ -24,14 +25,6 @@ __all__ = ["AGC", "CLIP_WATCH_STEPS", "MOST_CLIPPED"]
 
 CLIP_WATCH_STEPS = 50  # consecutive optimizer steps over which AGC judges its lambda (its warnings)
 MOST_CLIPPED = 0.5  # a step clips "most units" above this share
-
-
-def _as_list(exclude: Exclusion | Iterable[Exclusion] | None) -> list[Exclusion]:
-    if exclude is None:
-        return []
-    if isinstance(exclude, (str, nn.Module)) or callable(exclude):
-        return [exclude]
-    return list(exclude)
 
 
 class AGC(Callback):
@@ -89,7 +82,7 @@ class AGC(Callback):
         check_skip_classifier(skip_classifier)
         self.clipping = [c for c, _ in checked] if per_group else checked[0][0]
         self.eps = checked[0][1]
-        self.skip_classifier, self.exclude = skip_classifier, _as_list(exclude)
+        self.skip_classifier, self.exclude = skip_classifier, as_exclusions(exclude)
         self.per_sample = bool(per_sample)
         self.history: ClipHistory | None = None
         self.epoch_start = 0
