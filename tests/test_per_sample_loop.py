@@ -172,3 +172,20 @@ def test_bad_arguments_are_refused_by_name(arguments, error, match):
     with pytest.raises(error, match=match):
         per_sample_agc(model, **arguments)
     assert all("forward" not in m.__dict__ for m in model.modules()) and not model._forward_pre_hooks
+
+
+def test_the_engines_depend_on_their_context_not_on_the_clipper():
+    """The per-sample engines (and the graphs, the clipped sum) import neither `clipper` nor `PerSampleClipper`: they
+    see the rule, the tally, the recording and the graphs only (docs/ARCHITECTURE.md, per-sample AGC)."""
+    import ast
+    from pathlib import Path
+
+    import normfree.agc.per_sample as per_sample
+
+    folder = Path(per_sample.__file__).parent
+    for name in ("layers", "containers", "generic", "graphs", "clipped_sum", "example_rule", "tally", "recording",
+                 "context"):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
+            {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert "clipper" not in imported and "PerSampleClipper" not in imported, name
