@@ -42,16 +42,18 @@ def reference_agc(param: torch.Tensor, grad: torch.Tensor, clipping: float, eps:
     return out, clipped
 
 
-def per_example_clipping(model, x, y, loss_func, clipping=0.01, eps=1e-3):
+def per_example_clipping(model, x, y, loss_func, clipping=0.01, eps=1e-3, unclipped_names=None):
     """The loop over examples behind per-sample AGC, in float64: (mean_i clip(grad of example i's own loss) per
     parameter name, units clipped, units counted), the counts over (example, unit) pairs of the clipped parameters.
 
-    Which parameters are left unclipped (the classifier weight) is normfree's `excluded_parameters`, tested on its own.
+    The parameters named in `unclipped_names` are left unclipped; by default, normfree's `excluded_parameters` (the
+    classifier weight), tested on its own.
     """
     from normfree import excluded_parameters
 
     model = copy.deepcopy(model)
-    unclipped = {id(p) for p in excluded_parameters(model)}
+    unclipped = {id(p) for p in excluded_parameters(model)} if unclipped_names is None else \
+        {id(p) for n, p in model.named_parameters() if n in unclipped_names}
     total = {n: 0.0 for n, _ in model.named_parameters()}
     clipped = units = 0
     for i in range(len(x)):

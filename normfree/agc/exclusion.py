@@ -15,13 +15,22 @@ from torch import Tensor, nn
 
 from ..models.classifier import find_classifier, unwrap_model
 
-__all__ = ["clipped_parameters", "excluded_parameters", "Exclusion", "SkipClassifier"]
+__all__ = ["as_exclusions", "clipped_parameters", "excluded_parameters", "Exclusion", "SkipClassifier"]
 
 SkipClassifier = Literal["weight", "weight_and_bias"] | None
 # An exclusion is a parameter-name pattern (fnmatch glob, or a module name for all its
 # parameters), a module (all its parameters), or a predicate called as f(name, parameter).
 Exclusion = Union[str, nn.Module, Callable[[str, Tensor], bool]]
 _SKIP_CLASSIFIER_CHOICES = ("weight", "weight_and_bias", None)
+
+
+def as_exclusions(exclude: Exclusion | Iterable[Exclusion] | None) -> list[Exclusion]:
+    """`exclude` as a list: None is none, one pattern, module or predicate is a list of one."""
+    if exclude is None:
+        return []
+    if isinstance(exclude, (str, nn.Module)) or callable(exclude):
+        return [exclude]
+    return list(exclude)
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:

@@ -22,11 +22,11 @@ from torch.amp.grad_scaler import OptState
 
 from ..models.classifier import find_classifier, unwrap_model
 from .clip import ClipStats, adaptive_clip_grad_
-from .exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters
+from .exclusion import Exclusion, SkipClassifier, as_exclusions, check_skip_classifier, clipped_parameters
 from .history import ClipHistory
 from .rule import DEFAULT_CLIPPING, DEFAULT_EPS, check_agc_arguments
 
-__all__ = ["AGCHook", "OptimizerAGC", "agc_hook", "as_exclusions", "check_clippings", "clipping_per_group",
+__all__ = ["AGCHook", "OptimizerAGC", "agc_hook", "check_clippings", "clipping_per_group",
            "innermost_optimizer", "unscale_for_step", "warn_if_no_classifier"]
 
 
@@ -49,15 +49,6 @@ def clipping_per_group(clipping: float | list[float], n_groups: int) -> list[flo
         raise ValueError(f"clipping has {len(clipping)} values but the optimizer has {n_groups} param groups: "
                          "give one number, or one per param group")
     return [float(c) for c in clipping]
-
-
-def as_exclusions(exclude: Exclusion | Iterable[Exclusion] | None) -> list[Exclusion]:
-    """`exclude` as a list: one pattern, module or predicate, or an iterable of them."""
-    if exclude is None:
-        return []
-    if isinstance(exclude, (str, nn.Module)) or callable(exclude):
-        return [exclude]
-    return list(exclude)
 
 
 def warn_if_no_classifier(model: nn.Module, skip_classifier: SkipClassifier, stacklevel: int) -> None:

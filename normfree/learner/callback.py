@@ -11,9 +11,10 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 
 from ..agc.clip import clip_parameters_
-from ..agc.exclusion import Exclusion, SkipClassifier, check_skip_classifier, clipped_parameters, excluded_parameters
+from ..agc.exclusion import (Exclusion, SkipClassifier, as_exclusions, check_skip_classifier, clipped_parameters,
+                             excluded_parameters)
 from ..agc.history import ClipHistory
-from ..agc.hook import as_exclusions, check_clippings, clipping_per_group, warn_if_no_classifier
+from ..agc.hook import check_clippings, clipping_per_group, warn_if_no_classifier
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
 from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, suggest_clipping
 from ..agc.sharded import local_unit_norms, unit_ratio_vector

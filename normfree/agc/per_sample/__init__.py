@@ -45,19 +45,24 @@ installed, before anything is trained (`Learner.agc(per_sample=True)` checks the
 - refused at the first batch, where a forward pass shows it: a layer called twice in one forward pass,
   or on rows that are not the model input's examples (sequence-first, examples merged with positions).
 
-`clipper` holds `PerSampleClipper`, which installs them; `loss_scale` finds what the loss's reduction, gradient
-accumulation and a grad scaler multiplied each example's gradient by; `clipped_sum` the clipped sum shared by the
-engines and the precision they compute in (bfloat16 signals stay bfloat16, norms accumulate in
-float32); `tuning` the knobs a benchmark may turn (`TUNING`: scratch budget per device, how k x k
-convolutions materialise g_i, the layers' CUDA graphs).
+`loop` holds `per_sample_agc`, per-sample AGC for any training loop (no fastai; the fastai callback's per-sample
+mode uses the same pieces). `clipper` holds `PerSampleClipper`, which chooses the engines and installs them. The engines depend only on
+`context.EngineContext`: `example_rule` (AGC's rule on per-example norms: lambda per parameter, the thresholds, the
+signal's scale), which counts in `tally` (clipped, non-finite and seen (example, unit) pairs, on the device),
+`recording` (the patched forwards: installed, when they record, their calls checked) and `graphs`. `loss_scale`
+finds what the loss's reduction, gradient accumulation and a grad scaler multiplied each example's gradient by;
+`clipped_sum` the clipped sum shared by the engines and the precision they compute in (bfloat16 signals stay
+bfloat16, norms accumulate in float32); `tuning` the knobs a benchmark may turn (`TUNING`: scratch budget per
+device, how k x k convolutions materialise g_i, the layers' CUDA graphs).
 
 BatchNorm in training mode couples the examples of a batch: per-example gradients do not exist,
 and `PerSampleClipper` refuses such models. Dropout and drop-path are per-example and fine, outside
 the modules the generic engine takes.
 """
 from .clipper import PerSampleClipper, check_examples_independent, check_supported_modules
+from .loop import PerSampleAGC, per_sample_agc
 from .loss_scale import LossGradScale, loss_reduction
 from .tuning import TUNING, Tuning, tuned
 
-__all__ = ["LossGradScale", "PerSampleClipper", "TUNING", "Tuning", "check_examples_independent",
-           "check_supported_modules", "loss_reduction", "tuned"]
+__all__ = ["LossGradScale", "PerSampleAGC", "PerSampleClipper", "TUNING", "Tuning", "check_examples_independent",
+           "check_supported_modules", "loss_reduction", "per_sample_agc", "tuned"]

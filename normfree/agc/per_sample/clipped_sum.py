@@ -2,7 +2,7 @@
 
 Given per-example gradients g_i of one parameter (materialised by the engine that owns the layer),
 the clipped sum is sum_i c_iu * g_iu, with c_iu AGC's factor for example i and unit u (Brock et
-al. 2021, Eq. 3), from the clipper that owns the parameter.
+al. 2021, Eq. 3), from the rule that clips the parameter (`example_rule`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import Tensor
 from ..rule import num_units
 
 if TYPE_CHECKING:
-    from .clipper import PerSampleClipper
+    from .example_rule import ExampleRule
 
 __all__ = ["clipped_sum", "compute_dtype", "per_example_unit_norms", "sum_clipped", "weighted_sum"]
 
@@ -49,8 +49,8 @@ def sum_clipped(factor: Tensor | None, grads: Tensor, units: int) -> Tensor:
     return weighted_sum(factor, grads.reshape(grads.shape[0], units, -1)).reshape(grads.shape[1:])
 
 
-def clipped_sum(clipper: PerSampleClipper, param: Tensor, grads: Tensor) -> Tensor:
+def clipped_sum(rule: ExampleRule, param: Tensor, grads: Tensor) -> Tensor:
     """sum_i clip(g_i) for per-example gradients `grads` [B, *param.shape]."""
     units = num_units(param)
-    factor, = clipper.clip_factors([param], [per_example_unit_norms(grads, units)])
+    factor, = rule.factors([param], [per_example_unit_norms(grads, units)])
     return sum_clipped(factor, grads, units)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .clipped_sum import clipped_sum
 
 if TYPE_CHECKING:
-    from .clipper import PerSampleClipper
+    from .context import EngineContext
 
 __all__ = ["PerExampleCopy", "container_forward"]
 
@@ -28,27 +28,27 @@ class PerExampleCopy(torch.autograd.Function):
     backward receives the per-example gradients and returns their clipped sum."""
 
     @staticmethod
-    def forward(ctx, clipper, param, batch, ndim):
-        ctx.clipper, ctx.param = clipper, param
+    def forward(ctx, rule, param, batch, ndim):
+        ctx.rule, ctx.param = rule, param
         shape = (batch, *(1,) * max(0, ndim - 1 - param.ndim), *param.shape)
         return param.detach().reshape(1, *shape[1:]).expand(shape).clone()
 
     @staticmethod
     def backward(ctx, grads):
         per_example = grads.reshape(grads.shape[0], *ctx.param.shape)
-        return None, clipped_sum(ctx.clipper, ctx.param, per_example).to(ctx.param.dtype), None, None
+        return None, clipped_sum(ctx.rule, ctx.param, per_example).to(ctx.param.dtype), None, None
 
 
-def container_forward(clipper: PerSampleClipper, module: nn.Module, *args, **kwargs):
+def container_forward(context: EngineContext, module: nn.Module, *args, **kwargs):
     """`module`'s forward (a container with parameters of its own) with per-example copies of those parameters."""
     batch = next((a for a in args if isinstance(a, Tensor)), None)
-    if not clipper.recording() or batch is None:
+    if not context.recording.active() or batch is None:
         return type(module).forward(module, *args, **kwargs)
-    clipper.note_call(module, batch.shape[0])
+    context.recording.note_call(module, batch.shape[0])
     own = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
     try:
         for name, param in own.items():
-            module._parameters[name] = PerExampleCopy.apply(clipper, param, batch.shape[0], batch.ndim)
+            module._parameters[name] = PerExampleCopy.apply(context.rule, param, batch.shape[0], batch.ndim)
         return type(module).forward(module, *args, **kwargs)
     finally:
         module._parameters.update(own)

@@ -38,7 +38,8 @@ from .clipped_sum import clipped_sum
 from .tuning import TUNING
 
 if TYPE_CHECKING:
-    from .clipper import PerSampleClipper
+    from .context import EngineContext
+    from .recording import Recording
 
 __all__ = ["GenericLayer", "generic_forward", "random_modules"]
 
@@ -59,10 +60,6 @@ def random_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in module.named_modules() if _draws_random_numbers(m)]
 
 
-def _describe(clipper: PerSampleClipper, module: nn.Module) -> str:
-    return f"{clipper._names[module]} ({type(module).__name__})"
-
-
 @dataclass(frozen=True)
 class Call:
     """One call of a module, its tensors taken out: where each goes back (`slots`: a position in `args` or a
@@ -76,21 +73,21 @@ class Call:
     examples: int
 
     @staticmethod
-    def of(clipper: PerSampleClipper, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Call, list[Tensor]]:
+    def of(recording: Recording, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Call, list[Tensor]]:
         if isinstance(module, nn.MultiheadAttention):  # by name: its batch dimension depends on the argument
             kwargs = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
             args, kwargs = (), {n: v for n, v in kwargs.items() if n != "self"}
         elif any(isinstance(v, Tensor) for v in kwargs.values()):
-            raise TypeError(f"per-sample AGC passes tensors to {_describe(clipper, module)} by position only (dim 0 "
+            raise TypeError(f"per-sample AGC passes tensors to {recording.describe(module)} by position only (dim 0 "
                             f"holding the examples); it got tensors by keyword: {sorted(kwargs)}")
         slots = [i for i, a in enumerate(args) if isinstance(a, Tensor)] + \
                 [n for n, v in kwargs.items() if isinstance(v, Tensor)]
         tensors = [args[s] if isinstance(s, int) else kwargs[s] for s in slots]
-        dims = [_attention_dim(clipper, module, s, t) if isinstance(module, nn.MultiheadAttention) else 0
+        dims = [_attention_dim(recording, module, s, t) if isinstance(module, nn.MultiheadAttention) else 0
                 for s, t in zip(slots, tensors)]
         sizes = {t.shape[d] if t.dim() > d else None for t, d in zip(tensors, dims) if d is not None}
         if len(sizes) != 1 or None in sizes:
-            raise TypeError(f"per-sample AGC needs {_describe(clipper, module)} called with tensors that all hold the "
+            raise TypeError(f"per-sample AGC needs {recording.describe(module)} called with tensors that all hold the "
                             "examples along dim 0 (nn.MultiheadAttention: along its batch dimension); got shapes "
                             f"{[tuple(t.shape) for t in tensors]}")
         return Call(tuple(args), dict(kwargs), tuple(slots), tuple(dims), sizes.pop()), tensors
@@ -110,29 +107,29 @@ class Call:
         return [0] * count
 
 
-def _attention_dim(clipper: PerSampleClipper, module: nn.MultiheadAttention, name: str, tensor: Tensor) -> int | None:
+def _attention_dim(recording: Recording, module: nn.MultiheadAttention, name: str, tensor: Tensor) -> int | None:
     """Which dim of nn.MultiheadAttention's argument `name` holds the examples."""
     if name in ("query", "key", "value"):
         if tensor.dim() != 3:
-            raise TypeError(f"per-sample AGC needs {_describe(clipper, module)} called on a batch (3-D {name}), "
+            raise TypeError(f"per-sample AGC needs {recording.describe(module)} called on a batch (3-D {name}), "
                             f"got {name} of shape {tuple(tensor.shape)}")
         return 0 if module.batch_first else 1
     if name == "attn_mask" and tensor.dim() == 2:
         return None
     if name == "key_padding_mask":
         return 0
-    raise TypeError(f"per-sample AGC: {_describe(clipper, module)}'s {name} of shape {tuple(tensor.shape)} mixes "
+    raise TypeError(f"per-sample AGC: {recording.describe(module)}'s {name} of shape {tuple(tensor.shape)} mixes "
                     "examples and heads; give a 2-D attn_mask (shared by all examples) and a key_padding_mask")
 
 
-def _outputs(clipper: PerSampleClipper, module: nn.Module, output) -> tuple[Tensor, ...]:
+def _outputs(recording: Recording, module: nn.Module, output) -> tuple[Tensor, ...]:
     """The tensors `module` returned: the one tensor, or those of a tuple (None entries, such as
     nn.MultiheadAttention's weights with need_weights=False, left out)."""
     if isinstance(output, Tensor):
         return (output,)
     if isinstance(output, tuple) and all(o is None or isinstance(o, Tensor) for o in output):
         return tuple(o for o in output if o is not None)
-    raise TypeError(f"per-sample AGC needs {_describe(clipper, module)} to return a tensor or a tuple of tensors, "
+    raise TypeError(f"per-sample AGC needs {recording.describe(module)} to return a tensor or a tuple of tensors, "
                     f"got {type(output).__name__}")
 
 
@@ -153,18 +150,18 @@ class GenericLayer(torch.autograd.Function):
     them, its descendants' included) and the gradients of its tensor arguments."""
 
     @staticmethod
-    def forward(ctx, clipper, module, call, returned, n_tensors, *tensors_and_params):
+    def forward(ctx, context, module, call, returned, n_tensors, *tensors_and_params):
         tensors = list(tensors_and_params[:n_tensors])
-        ctx.clipper, ctx.module, ctx.call = clipper, module, call
+        ctx.context, ctx.module, ctx.call = context, module, call
         ctx.save_for_backward(*tensors_and_params)
-        with clipper.bypassed():
+        with context.recording.bypassed():
             output = _class_forward(module, *call.arguments(tensors))
         returned.append(output)
-        outputs = _outputs(clipper, module, output)
+        outputs = _outputs(context.recording, module, output)
         ctx.output_dims = call.output_dims(module, len(outputs))
         for output, dim in zip(outputs, ctx.output_dims):
             if output.dim() <= dim or output.shape[dim] != call.examples:
-                raise TypeError(f"per-sample AGC needs {_describe(clipper, module)} to return tensors that hold "
+                raise TypeError(f"per-sample AGC needs {context.recording.describe(module)} to return tensors that hold "
                                 f"the batch's {call.examples} examples along dim {dim}; it returned one of shape "
                                 f"{tuple(output.shape)}")
         ctx.differentiable = [o.is_floating_point() for o in outputs]
@@ -173,7 +170,7 @@ class GenericLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *signals):
-        clipper, module, call = ctx.clipper, ctx.module, ctx.call
+        context, module, call = ctx.context, ctx.module, ctx.call
         saved = ctx.saved_tensors
         tensors = list(saved[: len(call.slots)])
         trained = dict((n, p) for n, p in module.named_parameters() if p.requires_grad)
@@ -190,7 +187,7 @@ class GenericLayer(torch.autograd.Function):
                 inputs = [t if d is None else t.unsqueeze(d) for t, d in zip(inputs, call.dims)]
                 args, kwargs = call.arguments(inputs)
                 output = functional_call(module, trained_values, args, kwargs)
-                outputs = _outputs(clipper, module, output)
+                outputs = _outputs(context.recording, module, output)
                 return tuple(o.squeeze(d) for o, d, keep in zip(outputs, ctx.output_dims, ctx.differentiable) if keep)
             _, pullback = vjp(f, values, [examples[i] for i in wanted])
             return pullback(tuple(signals_i))
@@ -201,7 +198,7 @@ class GenericLayer(torch.autograd.Function):
         chunk = max(1, TUNING.scratch_bytes(signals[0].device) // per_example_bytes)
         input_grads: list[list[Tensor]] = [[] for _ in wanted]
         sums: dict[str, list[Tensor]] = {n: [] for n in trained}
-        with clipper.bypassed(), torch.enable_grad():
+        with context.recording.bypassed(), torch.enable_grad():
             for start in range(0, batch, chunk):
                 n = min(chunk, batch - start)
                 examples = [t.detach() if d is None else t.detach().narrow(d, start, n)
@@ -212,14 +209,14 @@ class GenericLayer(torch.autograd.Function):
                 except RuntimeError as error:
                     if "random operation" not in str(error):
                         raise
-                    raise ValueError(f"per-sample AGC cannot clip {_describe(clipper, module)}: it draws random "
+                    raise ValueError(f"per-sample AGC cannot clip {context.recording.describe(module)}: it draws random "
                                      "numbers in its forward pass (dropout?), which torch.func runs again per example "
                                      "in the backward pass with new ones; set its rate to 0 or turn per_sample "
                                      "off") from None
                 for grads, g in zip(input_grads, g_inputs):
                     grads.append(g)
                 for name, param in trained.items():
-                    sums[name].append(clipped_sum(clipper, param, g_params[name]))
+                    sums[name].append(clipped_sum(context.rule, param, g_params[name]))
         grad_tensors: list[Tensor | None] = [None] * len(tensors)
         for i, grads in zip(wanted, input_grads):
             whole = torch.cat(grads)  # [examples, *one example's slice]
@@ -228,13 +225,13 @@ class GenericLayer(torch.autograd.Function):
         return None, None, None, None, None, *grad_tensors, *summed
 
 
-def generic_forward(clipper: PerSampleClipper, module: nn.Module, *args, **kwargs):
-    """`module`'s forward through `GenericLayer` while the clipper records."""
-    if not clipper.recording():
+def generic_forward(context: EngineContext, module: nn.Module, *args, **kwargs):
+    """`module`'s forward through `GenericLayer` while the recording is on."""
+    if not context.recording.active():
         return type(module).forward(module, *args, **kwargs)
-    call, tensors = Call.of(clipper, module, args, kwargs)
-    clipper.note_call(module, call.examples)
+    call, tensors = Call.of(context.recording, module, args, kwargs)
+    context.recording.note_call(module, call.examples)
     params = [p for p in module.parameters() if p.requires_grad]
     returned: list = []  # the module's own output, filled in by the call: where its tensors go back
-    outputs = GenericLayer.apply(clipper, module, call, returned, len(tensors), *tensors, *params)
+    outputs = GenericLayer.apply(context, module, call, returned, len(tensors), *tensors, *params)
     return _rebuilt(returned[0], iter(outputs if isinstance(outputs, tuple) else (outputs,)))

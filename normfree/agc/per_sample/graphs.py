@@ -14,10 +14,10 @@ A graph replays the same kernels on the same addresses. So:
   the largest layer: the step's memory grows by one layer's activations, not by all of them;
 - the parameters (fixed addresses) are read where they are, AGC's thresholds included; a graph is keyed
   on their data pointers;
-- the signal's scale is read from a tensor of the clipper's that `prepare_backward` rewrites once per
+- the signal's scale is read from a tensor of the rule's that `ExampleRule.prepare_backward` rewrites once per
   pass, before any layer replays;
-- the clip tally is added to in place, in a buffer of the clipper's that stays put; the units the work
-  saw (Python ints) are noted again at each replay (`PerSampleClipper.units_of`);
+- the clip tally (`tally`) is added to in place, in a buffer that stays put; the units the work
+  saw (Python ints) are noted again at each replay (`ClipTally.units_of`);
 - the outputs (the parameters' gradients) are the graph's own tensors, rewritten by its next replay:
   autograd adds them into an existing `.grad`, and copies them into a new one. They sit side by side in
   one buffer, in their parameters' layouts, so that for new ones a replay hands out views of one copy,
@@ -42,7 +42,7 @@ from torch import Tensor
 from .tuning import TUNING
 
 if TYPE_CHECKING:
-    from .clipper import PerSampleClipper
+    from .tally import ClipTally
 
 __all__ = ["LayerGraphs"]
 
@@ -119,7 +119,7 @@ class _Captured:
     inputs: list[Tensor]  # in the arena
     outputs: tuple  # the graph's own tensors (or None): views of `packed` where it is not None
     packed: Tensor | None  # the graph's gradients side by side, each in its parameter's layout
-    units: list[tuple[int, int]]  # what the work added to the clipper's units seen
+    units: list[tuple[int, int]]  # what the work added to the tally's units seen
     graph: torch.cuda.CUDAGraph | None  # None: emulated, `work` re-run at each replay
     work: LayerWork
 
@@ -136,10 +136,11 @@ class _Captured:
 
 
 class LayerGraphs:
-    """The layers' per-sample work of one clipper, captured per layer and input layout (`run`)."""
+    """The layers' per-sample work of one clipper, captured per layer and input layout (`run`); what the work adds to
+    the clipper's `tally` is added again at each replay."""
 
-    def __init__(self, clipper: PerSampleClipper):
-        self.clipper = clipper
+    def __init__(self, tally: ClipTally):
+        self.tally = tally
         self._reset()
 
     def _reset(self) -> None:
@@ -153,10 +154,10 @@ class LayerGraphs:
 
     def __getstate__(self) -> dict:
         """A copy (a deep-copied or pickled model with the clipper installed) starts without graphs."""
-        return {"clipper": self.clipper}
+        return {"tally": self.tally}
 
     def __setstate__(self, state: dict) -> None:
-        self.clipper = state["clipper"]
+        self.tally = state["tally"]
         self._reset()
 
     def note_forward(self, x: Tensor, out: Tensor) -> None:
@@ -199,7 +200,7 @@ class LayerGraphs:
             self._emulated_replay(entry)
         else:
             entry.graph.replay()
-        self.clipper.note_units(entry.units)
+        self.tally.note_units(entry.units)
         return entry.handed_out(like)
 
     def _capture(self, mode: str, work: LayerWork, x: Tensor, signal: Tensor, like: tuple) -> _Captured:
@@ -207,7 +208,7 @@ class LayerGraphs:
         for static, t in zip(inputs, (x, signal)):
             static.copy_(t)
         if mode == "emulated":  # a capture records and executes nothing: the tally is put back as it was
-            with self.clipper.tally_restored():
+            with self.tally.restored():
                 return self._record(work, inputs, like, None)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
@@ -227,7 +228,7 @@ class LayerGraphs:
     def _record(self, work: LayerWork, inputs: list[Tensor], like: tuple, graph: torch.cuda.CUDAGraph | None
                 ) -> _Captured:
         """The work on the arena's tensors, its gradients packed into one buffer where they can share one."""
-        outputs, units = self.clipper.units_of(lambda: work(*inputs))
+        outputs, units = self.tally.units_of(lambda: work(*inputs))
         layouts = _packed_layouts(outputs, like)
         packed = None
         if layouts is not None:
@@ -244,7 +245,7 @@ class LayerGraphs:
     def _emulated_replay(self, entry: _Captured) -> None:
         """What a replay does: the captured work on the arena's tensors, its outputs written into the captured
         ones (a graph rewrites its own tensors), its tally added; `run` notes its units."""
-        outputs, _ = self.clipper.units_of(lambda: entry.work(*entry.inputs))
+        outputs, _ = self.tally.units_of(lambda: entry.work(*entry.inputs))
         for old, new in zip(entry.outputs, outputs):
             if old is not None:
                 old.copy_(new)

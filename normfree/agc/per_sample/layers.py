@@ -33,7 +33,8 @@ from .clipped_sum import compute_dtype, per_example_unit_norms, sum_clipped, wei
 from .tuning import TUNING
 
 if TYPE_CHECKING:
-    from .clipper import PerSampleClipper
+    from .context import EngineContext
+    from .example_rule import ExampleRule
 
 __all__ = ["ClippedLayer", "Layer", "LayerSums", "Plan", "Standardization", "WeightGradSums", "layer_forward",
            "layer_sums"]
@@ -239,7 +240,7 @@ class LayerSums:
     bias: Tensor | None = None  # the bias's clipped sum
 
 
-def layer_sums(clipper: PerSampleClipper, layer: Layer, x: Tensor, signal: Tensor,
+def layer_sums(rule: ExampleRule, layer: Layer, x: Tensor, signal: Tensor,
                standardization: Standardization | None, weight: Tensor | None, gain: Tensor | None,
                gain_scale: float, bias: Tensor | None) -> LayerSums:
     """The per-example sums of a layer's parameters (None: not needed) and their clipping, one AGC call per chunk.
@@ -252,7 +253,7 @@ def layer_sums(clipper: PerSampleClipper, layer: Layer, x: Tensor, signal: Tenso
     """
     dtype = compute_dtype(signal)
     acc = torch.promote_types(dtype, torch.float32)  # sums and the clipped sum accumulate in float32 (or float64)
-    clip_weight = weight is not None and id(weight) in clipper.clipping
+    clip_weight = weight is not None and rule.clips(weight)
     along_weight = standardization is not None and gain is not None
     plan = layer.plan(x, signal, dtype, clip_weight, along_weight) if clip_weight or along_weight else None
     materialised = clip_weight and not plan.ghost
@@ -271,7 +272,7 @@ def layer_sums(clipper: PerSampleClipper, layer: Layer, x: Tensor, signal: Tenso
         grads = [(chunk["along_weight"] * gain_scale).reshape(-1, *gain.shape)] if gain is not None else []
         grads += [layer.per_example_bias_grads(signal_c)] if bias is not None else []
         if materialised:
-            weight_factor, *factors = clipper.clip_factors(
+            weight_factor, *factors = rule.factors(
                 [weight, *extras.values()],
                 [unit_norms(WeightGradSums(**chunk), standardization), *map(_one_unit_norms, grads)])
             _add(clipped, "weight", weighted_sum(weight_factor, g.reshape(g.shape[0], plan.units, plan.fan_in)).to(acc))
@@ -287,7 +288,7 @@ def layer_sums(clipper: PerSampleClipper, layer: Layer, x: Tensor, signal: Tenso
         sums = WeightGradSums(**{k: torch.cat(v) if len(v) > 1 else v[0] if v else None for k, v in parts.items()})
         grads = [torch.cat(found) if len(found) > 1 else found[0] for found in waiting]
         weights, norms = ([weight], [unit_norms(sums, standardization)]) if clip_weight else ([], [])
-        factors = clipper.clip_factors([*weights, *extras.values()], [*norms, *map(_one_unit_norms, grads)])
+        factors = rule.factors([*weights, *extras.values()], [*norms, *map(_one_unit_norms, grads)])
         if clip_weight:
             result.weight_factor, *factors = factors
         for name, factor, grad in zip(extras, factors, grads):
@@ -409,15 +410,15 @@ class ClippedLayer(torch.autograd.Function):
     """y = op(x, W_eff) + b whose backward returns the per-sample clipped sums for W, its gain and b."""
 
     @staticmethod
-    def forward(ctx, clipper, module, layer, x, weight, bias, gain):
-        ctx.clipper, ctx.module, ctx.layer = clipper, module, layer
+    def forward(ctx, context, module, layer, x, weight, bias, gain):
+        ctx.context, ctx.module, ctx.layer = context, module, layer
         effective = _as_autocast_casts(layer.effective_weight(module, weight), x.device.type)
         ctx.save_for_backward(x, weight, effective, bias, gain)
         return layer.apply(x, effective, bias)
 
     @staticmethod
     def backward(ctx, signal):
-        clipper, module, layer = ctx.clipper, ctx.module, ctx.layer
+        context, module, layer = ctx.context, ctx.module, ctx.layer
         x, weight, effective, bias, gain = ctx.saved_tensors
         need_x, need_weight, need_bias, need_gain = ctx.needs_input_grad[3:]
         with torch.no_grad():
@@ -426,20 +427,20 @@ class ClippedLayer(torch.autograd.Function):
             params = (weight if need_weight else None, bias if need_bias else None, gain if need_gain else None)
             if all(p is None for p in params):
                 return None, None, None, grad_x, None, None, None
-            if any(p is not None and id(p) in clipper.clipping for p in params):
-                clipper.prepare_backward()  # before any graph: the signal scale of this pass
+            if any(p is not None and context.rule.clips(p) for p in params):
+                context.rule.prepare_backward()  # before any graph: the signal scale of this pass
 
             def work(x: Tensor, signal: Tensor) -> tuple:
                 # `effective` lends only its shape: a graph must not read this pass's tensors (the standardised
                 # weight's statistics are taken again inside, from the parameters)
-                return _parameter_grads(clipper, module, layer, x, signal, effective, *params)
+                return _parameter_grads(context.rule, module, layer, x, signal, effective, *params)
 
             key = tuple(-1 if p is None else p.data_ptr() for p in params)
-            grad_weight, grad_bias, grad_gain = clipper.graphs.run(layer, key, work, x, signal, params)
+            grad_weight, grad_bias, grad_gain = context.graphs.run(layer, key, work, x, signal, params)
         return None, None, None, grad_x, grad_weight, grad_bias, grad_gain
 
 
-def _parameter_grads(clipper: PerSampleClipper, module: nn.Module, layer: Layer, x: Tensor, signal: Tensor,
+def _parameter_grads(rule: ExampleRule, module: nn.Module, layer: Layer, x: Tensor, signal: Tensor,
                      effective: Tensor, weight: Tensor | None, bias: Tensor | None,
                      gain: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The clipped per-example sums of the layer's weight, bias and gain (None: not needed) from its input and output
@@ -447,7 +448,7 @@ def _parameter_grads(clipper: PerSampleClipper, module: nn.Module, layer: Layer,
     dtype = signal.dtype
     standardization = Standardization.of(module, layer.eps) \
         if layer.standardized and (weight is not None or gain is not None) else None
-    sums = layer_sums(clipper, layer, x, signal, standardization, weight, gain, getattr(module, "scale", 1.0), bias)
+    sums = layer_sums(rule, layer, x, signal, standardization, weight, gain, getattr(module, "scale", 1.0), bias)
     grad_weight = grad_gain = grad_bias = None
     if weight is not None:
         if sums.weight is not None:  # materialised: the clipped sum of dL/dW_eff is there already
@@ -466,13 +467,13 @@ def _parameter_grads(clipper: PerSampleClipper, module: nn.Module, layer: Layer,
     return grad_weight, grad_bias, grad_gain
 
 
-def layer_forward(clipper: PerSampleClipper, layer: Layer, module: nn.Module, x: Tensor) -> Tensor:
-    """`module`'s forward through `ClippedLayer` while the clipper records."""
-    if not clipper.recording():
+def layer_forward(context: EngineContext, layer: Layer, module: nn.Module, x: Tensor) -> Tensor:
+    """`module`'s forward through `ClippedLayer` while the recording is on."""
+    if not context.recording.active():
         return type(module).forward(module, x)
-    clipper.note_call(module, x.shape[0])
+    context.recording.note_call(module, x.shape[0])
     if layer.same_pad:
         x = pad_same(x, module.kernel_size, module.stride, module.dilation)
-    out = ClippedLayer.apply(clipper, module, layer, x, module.weight, module.bias, getattr(module, "gain", None))
-    clipper.graphs.note_forward(x, out)
+    out = ClippedLayer.apply(context, module, layer, x, module.weight, module.bias, getattr(module, "gain", None))
+    context.graphs.note_forward(x, out)
     return out
