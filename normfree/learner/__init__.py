@@ -4,8 +4,8 @@
 Importing it adds ``Learner.agc``, ``Learner.agc_find`` and ``Learner.to_mixed_precision`` to fastai's Learner.
 """
 from .agc_find import AGCFindResult
-from .callback import AGC
-from .clip_history import ClipHistory, ClipRate
+from .callback import AGC, ClipRate
+from .clip_history import ClipHistory
 from .epoch_log import EpochLog
 from .frozen_batchnorm import FreezeBatchNorm
 from .nf_learner import nf_learner

@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from fastai.learner import Learner, Metric
 from torch import Tensor
 
 from ..agc.clip import ClipStats
 
-if TYPE_CHECKING:
-    from .callback import AGC
-
-__all__ = ["ClipHistory", "ClipRate"]
+__all__ = ["ClipHistory"]
 
 
 class ClipHistory:
@@ -136,29 +132,3 @@ class ClipHistory:
         fig.colorbar(image, ax=bottom, label="fraction clipped", fraction=0.03, pad=0.01)
         fig.tight_layout()
         return fig
-
-
-class ClipRate(Metric):
-    """Recorder column: fraction of units AGC clipped in this epoch's training steps.
-
-    `group=None` is over all clipped parameters; an int is one optimizer param group.
-    """
-
-    def __init__(self, agc: AGC, group: int | None = None):
-        self.agc, self.group = agc, group
-
-    def reset(self) -> None:  # the value comes from the AGC callback's history, not from batches
-        pass
-
-    def accumulate(self, learn: Learner) -> None:
-        pass
-
-    @property
-    def value(self) -> float:
-        if self.agc.history is None:
-            return math.nan
-        return self.agc.history.rate(slice(self.agc.epoch_start, None), self.group)
-
-    @property
-    def name(self) -> str:
-        return "agc_clip" if self.group is None else f"agc_clip_{self.group}"
