@@ -37,9 +37,9 @@ from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
 from .train import resume, train
 from .transfer import TransferConfig, compare_transfer
 
-__all__ = ["SETTINGS", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
-SETTINGS = {"train": TrainConfig, "compare": CompareConfig, "transfer": TransferConfig}  # the commands' options
+_SETTINGS = {"train": TrainConfig, "compare": CompareConfig, "transfer": TransferConfig}  # the commands' options
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -56,7 +56,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def _flag(command: str, option: str) -> str:
-    return flag_of(SETTINGS.get(command), option)
+    return flag_of(_SETTINGS.get(command), option)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -214,9 +214,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def _settings(args: argparse.Namespace) -> dict:
     """The settings of the run or grid: the fields of the command's settings class (spp: every option but
     --quiet)."""
-    if args.command not in SETTINGS:
+    if args.command not in _SETTINGS:
         return {name: value for name, value in vars(args).items() if name not in ("command", "quiet")}
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(SETTINGS[args.command])}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(_SETTINGS[args.command])}
 
 
 _DIVERGED = 1  # the exit status of a run whose training loss stopped being finite
