@@ -1,5 +1,6 @@
 """The AGC fastai callback: ordering under mixed precision and accumulation, exclusions, statistics."""
 import copy
+import math
 import warnings
 
 import numpy as np
@@ -176,6 +177,11 @@ def test_clipping_per_param_group_and_recorder_columns():
         assert (group0, group1) == (1.0, 0.0)
         assert overall == pytest.approx(units["group0"] / (units["group0"] + units["group1"]))
     assert not any(isinstance(m, normfree.ClipRate) for m in learn.metrics)
+    # the columns read the callback's public epoch_clip_rate, which holds the last epoch's after the fit
+    agc = learn.adaptive_clip
+    assert [agc.epoch_clip_rate(), agc.epoch_clip_rate(0), agc.epoch_clip_rate(1)] == list(learn.recorder.values[-1][-3:])
+    assert math.isnan(AGC().epoch_clip_rate())  # before any fit
+    assert normfree.ClipRate.__module__ == AGC.__module__  # the column lives with the callback it reads
 
 
 def test_clipping_list_must_match_param_groups():

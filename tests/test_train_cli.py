@@ -349,7 +349,7 @@ def test_the_clip_rate_figure_is_made_without_pyplot():
     from matplotlib.figure import Figure
 
     from normfree.agc.clip import ClipStats
-    from normfree.learner.clip_history import ClipHistory
+    from normfree.agc.history import ClipHistory
 
     history = ClipHistory([["stem.weight", "stem.bias"], ["head.weight"]])
     for clipped in ([1, 0, 2], [3, 1, 0]):  # units clipped per parameter, of 4, 2 and 2 units

@@ -146,7 +146,7 @@ def test_report_rows_are_mean_and_std_of_the_runs_on_disk(grid):
         assert f"| {label} | {statistics.mean(source):.1f} ± {statistics.stdev(source):.1f} |" in report
     page = (out / "report.html").read_text()
     assert 'src="data:image/png;base64,' in page and "train_bn=True" in page
-    assert "normfree compare --transfer --data fashion-mnist:" in page
+    assert "normfree transfer --data fashion-mnist:" in page
 
 
 def test_resume_reuses_the_finished_runs(grid, capsys):
@@ -168,7 +168,7 @@ def test_command_line_round_trips():
                                      freeze_epochs=3, lrs=(0.05, 0.1), opt="sgd", agc=0.02, size=12, limit=300,
                                      valid_pct=0.3, precision="bf16", out="elsewhere")
     _, commands = build_parser()
-    args = vars(commands["compare --transfer"].parse_args(config.command().split()[2:]))
+    args = vars(commands["transfer"].parse_args(config.command().split()[2:]))
     args = {k: v for k, v in args.items() if k not in ("command", "quiet", "overwrite")}
     assert normfree.TransferConfig(**args) == config
 

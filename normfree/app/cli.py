@@ -1,9 +1,11 @@
-"""The ``normfree`` command: ``normfree train ...``, ``normfree compare ...``, ``normfree compare --transfer
-...`` and ``normfree spp ...``, a thin layer over `normfree.train`, `normfree.compare`,
-`normfree.compare_transfer` and `normfree.write_spp`.
+"""The ``normfree`` command: ``normfree train ...``, ``normfree compare ...``, ``normfree transfer ...`` and
+``normfree spp ...``, a thin layer over `normfree.train`, `normfree.compare`, `normfree.compare_transfer` and
+`normfree.write_spp`.
 
-``compare --transfer`` has its own parser (its own options and defaults: Fashion-MNIST, batch sizes 8
-and 32, ...); `main` hands it the arguments whenever ``--transfer`` follows ``compare``.
+The options of train, compare and transfer are the fields of `TrainConfig`, `CompareConfig` and `TransferConfig`,
+each with the help its field holds (`normfree.app.options`); this module adds only what is not a setting of the
+run or grid (``--config``, ``--resume``, ``--jobs``, ``--devices``, ``--plan``, ``--report``, ``--overwrite``,
+``--quiet``) and spp's options. ``normfree compare --transfer ...`` is ``normfree transfer ...`` by its older name.
 
 Exit status: 0 done; 2 bad input, reported as ``normfree train: error: --OPTION: what is wrong and
 what would work`` with no traceback, before anything is trained or written; 1 a run that diverged
@@ -21,107 +23,66 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data.registry import data_spec_help, limited_kinds, size_help
+from ..data.registry import data_spec_help
 from ..learner.checkpoint import CHECKPOINT
-from ..learner.optim import OPTIMIZERS
-from ..models.convert import CONVERSION_MODES
 from ..models.propagation import DEFAULT_BATCH
-from ..models.weights import WEIGHT_FILES
 from ..utils.errors import WriteError
 from ..utils.outdir import INCOMPLETE
 from . import distributed, startup
-from .compare import BUDGETS, CONVERTED_METHODS, DEFAULT_METHODS, METHODS, CompareConfig, compare, write_plan
-from .config import AGC_AUTO, ConfigError, TrainConfig
+from .compare import CompareConfig, compare, write_plan
+from .config import ConfigError, TrainConfig
+from .options import add_options, flag_of
 from .signals import exit_status, how_stopped, sigterm_as_interrupt
 from .spp import DEFAULT_NOISE_SIZE, SPP_FILES, write_spp
 from .train import resume, train
-from .transfer import MODES, OWN_ARCH_METHODS, TRANSFER_METHODS, TWIN_METHODS, TransferConfig, compare_transfer
+from .transfer import TransferConfig, compare_transfer
 
 __all__ = ["build_parser", "main"]
 
-_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-_COMPARE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
-_TRANSFER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TransferConfig)}
-_TRANSFER = "compare --transfer"  # the command name `main` and `_run` dispatch on
-# Command-line spelling of the settings whose flag is not simply --name-with-dashes.
-_FLAGS = {"precision": "--fp16/--bf16", "accumulate": "--no-accum", "agc": "--agc/--no-agc",
-          "skipinit": "--skipinit/--no-skipinit", "fast_nf": "--no-fast-nf"}
-# not settings of the run or grid itself
-_RUN_OPTIONS = ("command", "config", "quiet", "overwrite", "resume", "jobs", "devices", "plan", "report")
+_SETTINGS = {"train": TrainConfig, "compare": CompareConfig, "transfer": TransferConfig}  # the commands' options
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Appends "(default: ...)" unless the help already says what the default is; keeps the line
-    breaks of descriptions and examples."""
+    """Appends "(default: ...)", a list's values space-separated, unless the help already says what the default
+    is; keeps the line breaks of descriptions and examples."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.help and "default" in action.help:
             return action.help
+        if isinstance(action.default, list):
+            values = " ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in action.default)
+            return f"{action.help} (default: {values})"
         return super()._get_help_string(action)
 
 
-def _flag(option: str) -> str:
-    return _FLAGS.get(option, "--" + option.replace("_", "-"))
-
-
-def _agc_lambda(text: str) -> float | str:
-    """--agc's value: a number, or auto (argparse names the option in its error)."""
-    if text == AGC_AUTO:
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number such as 0.04, or {AGC_AUTO}, not {text!r}") from None
-
-
-def _add_precision(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default=argparse.SUPPRESS,
-                       help="float16 mixed precision with a gradient scaler, on any device (default: float32)")
-    group.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default=argparse.SUPPRESS,
-                       help="bfloat16 mixed precision, on any device (default: float32)")
-    parser.set_defaults(precision="fp32")
-
-
-def _add_data_and_model(parser: argparse.ArgumentParser, defaults: dict, arch_help: str) -> None:
-    parser.add_argument("--data", default=defaults["data"], help=data_spec_help())
-    parser.add_argument("--arch", default=defaults["arch"], help=arch_help)
-    parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
-    own_size = f" (default: the data's own: {size_help()})"
-    parser.add_argument("--size", type=int, default=defaults["size"], metavar="PX",
-                        help="image size in pixels" + (own_size if defaults["size"] is None else ""))
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help=f"use only the first N images of each split, for quick runs ({limited_kinds()}; "
-                             f"default: all)")
-    parser.add_argument("--valid-pct", type=float, default=defaults["valid_pct"],
-                        help="fraction held out for validation where the data has no validation split "
-                             "(digits, folders, CSVs), and by --holdout")
-
-
-def _add_optimizer(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    parser.add_argument("--opt", choices=list(OPTIMIZERS), default=defaults["opt"],
-                        help="optimizer: fastai's Adam, or SGD with Nesterov momentum 0.9 (the NFNet papers'); both "
-                             "with fastai's decoupled weight decay")
-
-
-def _add_fast_nf(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    parser.add_argument("--no-fast-nf", dest="fast_nf", action="store_false", default=defaults["fast_nf"],
-                        help="run timm's NF blocks as timm writes them (default: their scalars folded into the "
-                             "weight-standardised convolutions, normfree.fast_nf: the same function, fewer passes; not "
-                             "with --per-sample)")
+def _flag(command: str, option: str) -> str:
+    return flag_of(_SETTINGS.get(command), option)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    _add_precision(parser)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is a GPU)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results already in --out instead of stopping (train) or reusing them "
-                             "(compare)")
+                             "(compare, transfer)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
 
 
+class _TransferAlias(argparse.Action):
+    """``compare --transfer ...``: the arguments after it are ``normfree transfer``'s (the command's older name)."""
+
+    def __init__(self, option_strings: list[str], dest: str, transfer: argparse.ArgumentParser, **kwargs):
+        super().__init__(option_strings, dest, nargs=argparse.REMAINDER, default=argparse.SUPPRESS, **kwargs)
+        self.transfer = transfer
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if any(value != parser.get_default(name) for name, value in vars(namespace).items()):
+            parser.error("--transfer: give it right after compare, with every option after it, or run normfree "
+                         "transfer with the same options")
+        vars(namespace).clear()  # compare's defaults: none of them is transfer's
+        self.transfer.parse_args(values, namespace)
+        namespace.command = "transfer"
+
+
 def _train_parser(subparsers) -> argparse.ArgumentParser:
-    d = _TRAIN_DEFAULTS
     parser = subparsers.add_parser(
         "train", formatter_class=_HelpFormatter, help="train one model; every output goes into --out",
         description="Train one model on one data set and write its metrics (CSV), curves and AGC clip-rate\n"
@@ -138,77 +99,12 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                         help="continue the unfinished run in DIR (stopped by Ctrl-C, SIGTERM or a kill) from its last "
                              "finished epoch, with its own settings; it ends with the metrics of an uninterrupted run "
                              "(default: none)")
-    _add_data_and_model(parser, d, "any timm model: an NF family (nfnet_f0, nf_resnet26, test_nfnet, ...), the "
-                                   "small nf_resnet_tiny/small/base, their BatchNorm twins bn_resnet_*, or e.g. "
-                                   "resnet18; or torchvision:NAME, fastai:NAME (torchvision:resnet50, "
-                                   "fastai:xresnet18)")
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument("--pretrained", action="store_true", help="start from timm's hub weights (needs the network)")
-    start.add_argument("--weights", metavar="PATH", default=None,
-                       help=f"start from a local weights file: {WEIGHT_FILES} (default: none, random initialisation)")
-    clipping = parser.add_mutually_exclusive_group()
-    clipping.add_argument("--agc", type=_agc_lambda, default=d["agc"], metavar="LAMBDA",
-                          help=f"Adaptive Gradient Clipping's lambda (the paper's 0.01 is for batches >= 1024), or "
-                               f"{AGC_AUTO}: chosen by learn.agc_find() at the run's peak lr before training")
-    clipping.add_argument("--no-agc", dest="agc", action="store_const", const=None, default=argparse.SUPPRESS,
-                          help="train without AGC (default: with AGC)")
-    parser.add_argument("--per-sample", action="store_true",
-                        help="clip each example's gradient (per-sample AGC; normalizer-free models only)")
-    parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],
-                        help="NF residual blocks (small NF ResNets, --to-normfree nf): start each residual branch "
-                             "switched off (SkipInit's zero gain) or, with --no-skipinit, at full strength (default: "
-                             "the model's own or to_normfree's)")
-    parser.add_argument("--alpha", type=float, default=d["alpha"],
-                        help="NF residual blocks (small NF ResNets, --to-normfree nf): alpha of h + alpha * f(h / "
-                             "beta) (default: the model's own or to_normfree's)")
-    parser.add_argument("--to-normfree", nargs="?", const="nf", choices=list(CONVERSION_MODES),
-                        default=d["to_normfree"], metavar="MODE",
-                        help="make a BatchNorm --arch (e.g. resnet18) normalizer-free with normfree.to_normfree; MODE "
-                             + "; ".join(f"{name}: {what}" for name, what in CONVERSION_MODES.items())
-                             + " (default: no conversion; --to-normfree alone: nf)")
-    parser.add_argument("--new-head", action="store_true",
-                        help="with --weights/--pretrained: a freshly initialised classifier even when the class count "
-                             "matches (a new task)")
-    parser.add_argument("--bs", type=int, default=d["bs"], help="batch size of one forward/backward pass")
-    parser.add_argument("--accum", type=int, default=d["accum"], metavar="K",
-                        help="accumulate K batches per optimizer step (fastai GradientAccumulation): "
-                             "an effective batch of bs*K")
-    _add_optimizer(parser, d)
-    parser.add_argument("--steps", type=int, default=None, metavar="N",
-                        help="a budget of N optimizer steps instead of --epochs (the last epoch is partial; "
-                             "default: none, train --epochs)")
-    rate = parser.add_mutually_exclusive_group()
-    rate.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate of the one-cycle schedule")
-    rate.add_argument("--lr-find", action="store_true", help="use fastai's lr_find() valley suggestion instead of --lr")
-    parser.add_argument("--fine-tune", action="store_true",
-                        help="fastai's transfer-learning schedule: --freeze-epochs with the body frozen, then --epochs "
-                             "with everything (use with --pretrained/--weights, which otherwise train only the head)")
-    parser.add_argument("--freeze-epochs", type=int, default=d["freeze_epochs"], help="frozen epochs of --fine-tune")
-    parser.add_argument("--freeze-batchnorm", action="store_true",
-                        help="keep every BatchNorm layer as it starts (e.g. from --weights): eval mode, running "
-                             "statistics never updated, weight and bias not trained (the detection libraries' "
-                             "FrozenBatchNorm)")
-    _add_fast_nf(parser, d)
-    parser.add_argument("--seed", type=int, default=d["seed"],
-                        help="random seed: initialisation, batch order and the validation split; same seed, "
-                             "same metrics")
-    parser.add_argument("--holdout", action="store_true",
-                        help="validate on --valid-pct of the training images instead of the validation split, which "
-                             "is then never seen (for tuning; in-memory data)")
-    parser.add_argument("--classes", type=int, nargs="+", default=None, metavar="LABEL",
-                        help="keep only these class labels, renumbered 0..k-1 (in-memory data; default: all)")
-    parser.add_argument("--per-class", type=int, default=None, metavar="N",
-                        help="at most N training images of each class, drawn with --seed (in-memory data; "
-                             "default: all)")
-    parser.add_argument("--path-col", default=d["path_col"], help="CSV data: column of image paths")
-    parser.add_argument("--label-col", default=d["label_col"], help="CSV data: column of labels")
-    parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for every output file")
+    add_options(parser, TrainConfig)
     _add_run_options(parser)
     return parser
 
 
 def _compare_parser(subparsers) -> argparse.ArgumentParser:
-    d = _COMPARE_DEFAULTS
     parser = subparsers.add_parser(
         "compare", formatter_class=_HelpFormatter,
         help="BatchNorm vs normalizer-free (no AGC, AGC, per-sample AGC) over batch sizes and seeds, with a report",
@@ -224,41 +120,7 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                "  sbatch --array=1-$(wc -l < grid.txt) ...             #   a SLURM array: sed -n ${SLURM_ARRAY_TASK_ID}p\n"
                "  normfree compare --out grid --report                 # then the report from their folders",
     )
-    _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
-                                   "bn_resnet_tiny/small/base; or your own BatchNorm timm arch (e.g. resnet18), "
-                                   "compared with its conversion (methods bn, converted, converted-agc; folded and "
-                                   "folded-agc by --methods)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
-                        help=f"methods to train, from {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)}; "
-                             f"{' '.join(CONVERTED_METHODS)} for an arch other than the small ResNets)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(d["batch_sizes"]), metavar="BS",
-                        help="batch sizes of one forward/backward pass (default: "
-                             f"{' '.join(map(str, d['batch_sizes']))})")
-    parser.add_argument("--no-accum", dest="accumulate", action="store_false",
-                        help="skip the gradient-accumulation runs (default: each smaller batch size also accumulates "
-                             "up to the largest)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(d["seeds"]), metavar="SEED",
-                        help=f"seeds (default: {' '.join(map(str, d['seeds']))})")
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(d["lrs"]), metavar="LR",
-                        help="peak learning rates of the one-cycle schedule: with several, each method and batch "
-                             "setting is trained once per lr (first seed) on a hold-out of the training images and "
-                             "every seed then trains with the best; one value: that lr for every run (default: "
-                             f"{' '.join(f'{lr:g}' for lr in d['lrs'])})")
-    _add_optimizer(parser, d)
-    parser.add_argument("--budget", choices=list(BUDGETS), default=d["budget"],
-                        help="the same number of epochs for every run, or the same number of optimizer steps")
-    parser.add_argument("--steps", type=int, default=None, metavar="N",
-                        help="with --budget steps: N optimizer steps per run (default: as many as the largest batch "
-                             "makes in --epochs epochs)")
-    parser.add_argument("--agc", type=_agc_lambda, default=d["agc"], metavar="LAMBDA",
-                        help=f"lambda of the AGC methods, or {AGC_AUTO}: chosen by learn.agc_find() in each run")
-    parser.add_argument("--alpha", type=float, default=d["alpha"],
-                        help="alpha of the NF residual blocks (methods nf*, converted*) (default: each model's own)")
-    parser.add_argument("--skipinit", action=argparse.BooleanOptionalAction, default=d["skipinit"],
-                        help="start the NF residual blocks' branches switched off (SkipInit) or, with --no-skipinit, "
-                             "at full strength (methods nf*, converted*) (default: each model's own)")
-    _add_fast_nf(parser, d)
-    parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
+    add_options(parser, CompareConfig)
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="train up to N runs at once, in processes that split the CPU cores (the same results "
                              "as one at a time)")
@@ -314,15 +176,10 @@ def _spp_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _whole_list(parser: argparse.ArgumentParser, flag: str, default: tuple[int, ...], metavar: str, what: str) -> None:
-    parser.add_argument(flag, type=int, nargs="+", default=list(default), metavar=metavar,
-                        help=f"{what} (default: {' '.join(map(str, default))})")
-
-
-def _transfer_parser() -> argparse.ArgumentParser:
-    d = _TRANSFER_DEFAULTS
-    parser = argparse.ArgumentParser(
-        prog="normfree compare --transfer", formatter_class=_HelpFormatter,
+def _transfer_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "transfer", formatter_class=_HelpFormatter,
+        help="transfer learning, measured: pretrain, then fine-tune on a few images of other classes",
         description="Transfer learning, measured: for each model (a BatchNorm model and its BatchNorm-free\n"
                     "counterparts: the small ResNets' twins, or your BatchNorm arch frozen, folded, converted) and\n"
                     "seed, pretrain on the --source-classes, then train on at most --per-class images of each\n"
@@ -330,64 +187,36 @@ def _transfer_parser() -> argparse.ArgumentParser:
                     "run with the same budget and its lr chosen from --lrs on a hold-out of its training images;\n"
                     "report the target accuracy on all validation images of the target classes. Runs already in\n"
                     "--out are reused, so an interrupted grid continues.",
-        epilog="examples:\n  normfree compare --transfer                # Fashion-MNIST classes 0-4 -> 5-9\n"
-               "  normfree compare --transfer --per-class 10 50 250 --seeds 0 1 2 3 4 --out transfer-5seeds\n"
-               "  normfree compare --transfer --arch resnet18 --methods bn bn-frozen folded-agc converted-agc \\\n"
+        epilog="examples:\n  normfree transfer                # Fashion-MNIST classes 0-4 -> 5-9\n"
+               "  normfree transfer --per-class 10 50 250 --seeds 0 1 2 3 4 --out transfer-5seeds\n"
+               "  normfree transfer --arch resnet18 --methods bn bn-frozen folded-agc converted-agc \\\n"
                "      --lrs 1e-4 1e-3 1e-2 --out transfer-resnet18",
     )
-    parser.add_argument("--transfer", dest="command", action="store_const", const=_TRANSFER, required=True,
-                        default=argparse.SUPPRESS,
-                        help="this comparison (instead of compare's batch-size grid)")
-    _add_data_and_model(parser, d, "either twin of a small ResNet: nf_resnet_tiny/small/base or "
-                                   "bn_resnet_tiny/small/base; or your own BatchNorm arch (resnet18, "
-                                   "torchvision:resnet18, fastai:xresnet18)")
-    parser.add_argument("--methods", nargs="+", choices=list(TRANSFER_METHODS), default=None,
-                        metavar="METHOD", help=f"models, from {', '.join(TRANSFER_METHODS)} (default: "
-                                               f"{' '.join(TWIN_METHODS)} with a small ResNet, "
-                                               f"{' '.join(OWN_ARCH_METHODS)} with your own arch)")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(d["modes"]), metavar="MODE",
-                        help=f"target modes, from {', '.join(MODES)} (default: all)")
-    _whole_list(parser, "--source-classes", d["source_classes"], "LABEL", "labels of the pretraining task")
-    _whole_list(parser, "--target-classes", d["target_classes"], "LABEL", "labels of the target task")
-    _whole_list(parser, "--per-class", d["per_class"], "N", "target training images per class, one value per column")
-    _whole_list(parser, "--batch-sizes", d["batch_sizes"], "BS", "target batch sizes")
-    _whole_list(parser, "--seeds", d["seeds"], "SEED", "seeds")
-    parser.add_argument("--source-epochs", type=int, default=d["source_epochs"], help="pretraining epochs")
-    parser.add_argument("--source-bs", type=int, default=d["source_bs"], help="pretraining batch size")
-    parser.add_argument("--source-lr", type=float, default=d["source_lr"], help="pretraining peak learning rate")
-    parser.add_argument("--freeze-epochs", type=int, default=d["freeze_epochs"],
-                        help="fine-tune: the first epochs of --epochs, with the body frozen")
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(d["lrs"]), metavar="LR",
-                        help="peak learning rates of the target runs: with several, each model, mode, --per-class and "
-                             "batch size first trains once per lr (first seed) on a hold-out (--valid-pct) of its "
-                             "training images, and every seed then trains with the best; one value: that lr for every "
-                             f"target run (default: {' '.join(f'{lr:g}' for lr in d['lrs'])})")
-    _add_optimizer(parser, d)
-    parser.add_argument("--agc", type=float, default=d["agc"], metavar="LAMBDA",
-                        help="AGC's lambda of nf-agc and converted-agc (in pretraining and on the target) and of "
-                             "folded-agc (on the target)")
-    parser.add_argument("--out", default=d["out"], metavar="DIR", help="folder for the runs and the report")
+    add_options(parser, TransferConfig)
     _add_run_options(parser)
     return parser
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The ``normfree`` parser and its command parsers by name (``compare --transfer`` included)."""
+    """The ``normfree`` parser and its command parsers by name."""
     parser = argparse.ArgumentParser(
         prog="normfree", formatter_class=_HelpFormatter,
         description="Normalizer-free networks and Adaptive Gradient Clipping for fastai.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="{train,compare,spp}")
-    compare_parser = _compare_parser(subparsers)
-    compare_parser.add_argument("--transfer", action="store_true", default=argparse.SUPPRESS,
-                                help="transfer learning, measured: pretrain, then fine-tune on a few images of other "
-                                     "classes; its options: normfree compare --transfer --help")
-    return parser, {"train": _train_parser(subparsers), "compare": compare_parser, "spp": _spp_parser(subparsers),
-                    _TRANSFER: _transfer_parser()}
+    subparsers = parser.add_subparsers(dest="command", metavar="{train,compare,transfer,spp}")
+    commands = {"train": _train_parser(subparsers), "compare": _compare_parser(subparsers),
+                "transfer": _transfer_parser(subparsers), "spp": _spp_parser(subparsers)}
+    commands["compare"].add_argument("--transfer", action=_TransferAlias, transfer=commands["transfer"],
+                                     help="normfree transfer by its older name: the options after --transfer are its")
+    return parser, commands
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in _RUN_OPTIONS}
+    """The settings of the run or grid: the fields of the command's settings class (spp: every option but
+    --quiet)."""
+    if args.command not in _SETTINGS:
+        return {name: value for name, value in vars(args).items() if name not in ("command", "quiet")}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(_SETTINGS[args.command])}
 
 
 _DIVERGED = 1  # the exit status of a run whose training loss stopped being finite
@@ -403,12 +232,13 @@ def _after_write_error(command: str, error: WriteError) -> str:
     if command == "train" and (folder / INCOMPLETE).exists():
         return "no epoch was checkpointed; once it can be written, train the run again with --overwrite"
     return "once it can be written, run the same command again" + (
-        " (the runs finished in --out are reused)" if command.startswith("compare") else "")
+        " (the runs finished in --out are reused)" if command in ("compare", "transfer") else "")
 
 
 def _check_resume_alone(args: argparse.Namespace) -> None:
     """--resume continues a run with its own settings: any other setting given is refused, naming it."""
-    given = sorted(_flag(k) for k, v in _settings(args).items() if v != _TRAIN_DEFAULTS[k])
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    given = sorted(_flag("train", k) for k, v in _settings(args).items() if v != defaults[k])
     given += ["--config"] * bool(args.config) + ["--overwrite"] * args.overwrite
     if given:
         raise ConfigError("resume", f"continues the run with the settings it was started with; drop {', '.join(given)} "
@@ -428,7 +258,7 @@ def _run(args: argparse.Namespace) -> int:
         if result.diverged and args.quiet:  # train() said it already unless quiet
             print(f"normfree train: {result.divergence()}", file=sys.stderr)
         return exit_status(result.stopped_by) if result.interrupted else _DIVERGED if result.diverged else 0
-    if args.command == _TRANSFER:
+    if args.command == "transfer":
         result = compare_transfer(quiet=args.quiet, overwrite=args.overwrite, **_settings(args))
     elif args.plan is not None:
         write_plan(path=args.plan, quiet=args.quiet, **_settings(args))
@@ -452,9 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser, commands = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    transfer = argv[:1] == ["compare"] and "--transfer" in argv
-    args = commands[_TRANSFER].parse_args(argv[1:]) if transfer else parser.parse_args(argv)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -470,7 +298,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return _run(args)
     except ConfigError as error:
         with distributed.speaking_for(error):  # a process of a launched run that alone saw this error
-            command.error(f"{_flag(error.option)}: {error.message}")
+            command.error(f"{_flag(args.command, error.option)}: {error.message}")
     except WriteError as error:  # the run stopped there; what it had written before is whole
         print(f"{command.prog}: error: {error}; {_after_write_error(args.command, error)}", file=sys.stderr)
         return _WRITE_FAILED

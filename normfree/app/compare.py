@@ -57,7 +57,6 @@ from ..utils.outdir import INCOMPLETE, atomic_write, locked_folder
 from .config import (
     AGC_AUTO,
     COMPARE_FILE,
-    DEFAULT_AGC,
     ConfigError,
     GridRunOptions,
     TrainConfig,
@@ -70,6 +69,7 @@ from .config import (
     make_config,
     whole_numbers,
 )
+from .options import like, option
 from .grid_jobs import already_trained, in_parallel, one_by_one, train_command
 from .report import GridResult, RunRecord, batch_setting, markdown_table, reading, summarise, write_report
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
@@ -170,27 +170,44 @@ class CompareConfig(GridRunOptions, TwinArchs):
       in `TrainConfig`.
     """
 
-    data: str = "digits"
-    arch: str = "nf_resnet_tiny"
-    methods: tuple[str, ...] | None = None
-    batch_sizes: tuple[int, ...] = (16, 128)
-    accumulate: bool = True
-    seeds: tuple[int, ...] = (0, 1)
-    epochs: int = 5
-    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    opt: str = "adam"
-    budget: str = "epochs"
-    steps: int | None = None
-    agc: float | str = DEFAULT_AGC
-    alpha: float | None = None
-    skipinit: bool | None = None
-    fast_nf: bool = TrainConfig.fast_nf
-    size: int | None = 16
-    limit: int | None = TrainConfig.limit
-    valid_pct: float = TrainConfig.valid_pct
-    precision: str = TrainConfig.precision
-    device: str | None = TrainConfig.device
-    out: str = "compare-output"
+    data: str = like(TrainConfig, "data")
+    arch: str = option("nf_resnet_tiny", "either twin of a small ResNet: nf_resnet_tiny/small/base or "
+                                         "bn_resnet_tiny/small/base; or your own BatchNorm timm arch (e.g. resnet18), "
+                                         "compared with its conversion (methods bn, converted, converted-agc; folded "
+                                         "and folded-agc by --methods)")
+    methods: tuple[str, ...] | None = option(
+        None, f"methods to train, from {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)}; "
+              f"{' '.join(CONVERTED_METHODS)} for an arch other than the small ResNets)", choices=METHODS,
+        metavar="METHOD")
+    batch_sizes: tuple[int, ...] = option((16, 128), "batch sizes of one forward/backward pass", metavar="BS")
+    accumulate: bool = option(True, "skip the gradient-accumulation runs (default: each smaller batch size also "
+                                    "accumulates up to the largest)", flag="--no-accum")
+    seeds: tuple[int, ...] = option((0, 1), "seeds", metavar="SEED")
+    epochs: int = like(TrainConfig, "epochs", default=5)
+    lrs: tuple[float, ...] = option((3e-3, 1e-2, 3e-2), "peak learning rates of the one-cycle schedule: with several, "
+                                                        "each method and batch setting is trained once per lr (first "
+                                                        "seed) on a hold-out of the training images and every seed "
+                                                        "then trains with the best; one value: that lr for every run",
+                                    metavar="LR")
+    opt: str = like(TrainConfig, "opt")
+    budget: str = option("epochs", "the same number of epochs for every run, or the same number of optimizer steps",
+                         choices=BUDGETS)
+    steps: int | None = option(None, "with --budget steps: N optimizer steps per run (default: as many as the largest "
+                                     "batch makes in --epochs epochs)", metavar="N")
+    agc: float | str = like(TrainConfig, "agc", off=None,
+                            help=f"lambda of the AGC methods, or {AGC_AUTO}: chosen by learn.agc_find() in each run")
+    alpha: float | None = option(None, "alpha of the NF residual blocks (methods nf*, converted*) (default: each "
+                                       "model's own)")
+    skipinit: bool | None = option(None, "start the NF residual blocks' branches switched off (SkipInit) or, with "
+                                         "--no-skipinit, at full strength (methods nf*, converted*) (default: each "
+                                         "model's own)")
+    fast_nf: bool = like(TrainConfig, "fast_nf")
+    size: int | None = like(TrainConfig, "size", default=16, help="image size in pixels")
+    limit: int | None = like(TrainConfig, "limit")
+    valid_pct: float = like(TrainConfig, "valid_pct")
+    precision: str = like(TrainConfig, "precision")
+    device: str | None = like(TrainConfig, "device")
+    out: str = option("compare-output", "folder for the runs and the report", metavar="DIR")
 
     def __post_init__(self) -> None:
         set_field = self.field_setter()
@@ -303,7 +320,7 @@ class CompareConfig(GridRunOptions, TwinArchs):
 
     def command(self) -> str:
         """The ``normfree compare`` command line for this grid."""
-        return command_line("normfree compare", self, {"accumulate": "--no-accum"})
+        return command_line("normfree compare", self)
 
 
 @dataclass
@@ -422,7 +439,7 @@ def _models(config: CompareConfig, methods: list[str]) -> str:
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One sweep run: the setting its lr is chosen for (compare's (method, bs, accum), compare --transfer's (method,
+    """One sweep run: the setting its lr is chosen for (compare's (method, bs, accum), transfer's (method,
     mode, per_class, bs)) at one learning rate, scored on the hold-out."""
 
     setting: tuple

@@ -5,6 +5,7 @@ Every check raises `ConfigError`, which names the offending setting (the command
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -22,7 +23,7 @@ from fastai.torch_core import default_device
 
 from ..agc.rule import check_agc_arguments
 from ..data.loaders import check_bs, check_limit, check_valid_pct
-from ..data.registry import DataSpec, parse_data_spec
+from ..data.registry import DataSpec, data_spec_help, limited_kinds, parse_data_spec, size_help
 from ..learner.frozen_batchnorm import batchnorm_layers
 from ..learner.optim import OPTIMIZERS
 from ..learner.precision import check_precision
@@ -32,17 +33,18 @@ from ..models.small_resnets import is_small_normfree
 from ..models.weights import WEIGHT_FILES
 from ..utils.errors import ConfigError
 from ..utils.outdir import resolved_folder
+from .options import option, option_words
 
 __all__ = ["AGC_AUTO", "COMPARE_FILE", "CONFIG_FILE", "DEFAULT_AGC", "TRANSFER_FILE", "ConfigError", "GridRunOptions",
-           "TrainConfig", "check_device", "check_out_kind", "command_line", "environment_settings", "learning_rates",
-           "library_versions", "make_config", "whole_numbers"]
+           "TrainConfig", "agc_lambda", "check_device", "check_out_kind", "command_line", "environment_settings",
+           "learning_rates", "library_versions", "make_config", "whole_numbers"]
 
 CONFIG_FILE = "config.json"  # a run's settings, in its out folder (`normfree.app.train.OUTPUT_FILES`)
 COMPARE_FILE = "compare.json"  # a grid's settings, in the out folder of normfree compare
-TRANSFER_FILE = "transfer.json"  # ... and of normfree compare --transfer
+TRANSFER_FILE = "transfer.json"  # ... and of normfree transfer
 # What each command's settings file in an out folder says the folder holds.
 _FOLDER_KINDS = {CONFIG_FILE: "normfree train", COMPARE_FILE: "normfree compare",
-                 TRANSFER_FILE: "normfree compare --transfer"}
+                 TRANSFER_FILE: "normfree transfer"}
 _MIN_SIZE = 8
 # Upper bounds that no real run reaches and that stop a typo before it allocates terabytes
 # (size 100000: an 8 TB batch) or schedules for ever (epochs 10**21 overflowed fastai's schedule).
@@ -59,6 +61,16 @@ DEFAULT_AGC = 0.04
 AGC_AUTO = "auto"  # agc: lambda chosen by learn.agc_find() before training
 
 
+def agc_lambda(text: str) -> float | str:
+    """An ``--agc`` value as typed: a number, or auto; argparse names the option in the error for anything else."""
+    if text == AGC_AUTO:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number such as 0.04, or {AGC_AUTO}, not {text!r}") from None
+
+
 def make_config(cls: type, config: Any | None, options: dict[str, Any]) -> Any:
     """`config` (a dataclass of type `cls`, or `cls()` if None) with `options` replacing its fields;
     ConfigError naming an unknown option and listing the known ones."""
@@ -69,30 +81,15 @@ def make_config(cls: type, config: Any | None, options: dict[str, Any]) -> Any:
     return dataclasses.replace(config, **options) if config is not None else cls(**options)
 
 
-def command_line(prefix: str, config: Any | None = None, flags: dict[str, str] | None = None,
-                 arguments: Sequence[object] = ()) -> str:
+def command_line(prefix: str, config: Any | None = None, arguments: Sequence[object] = ()) -> str:
     """A command line as normfree prints or records it, ready to paste into a shell: `prefix` (the command as
-    typed, e.g. ``normfree train``, not quoted), then, for a settings dataclass `config`, one option per field
-    that differs from its default (``--name value``, ``--name v1 v2`` for tuples, ``--fp16``/``--bf16`` for
-    the precision, ``--name`` / ``--no-name`` for a switch turned on / off, ``--no-name`` for None where the
-    default is not, as ``--no-agc``; `flags` spells the switches whose flag is neither, e.g. ``{"accumulate":
-    "--no-accum"}``), then `arguments` (e.g. ``["--resume", folder]``). Every value and argument is quoted
-    for the shell (`shlex.quote`), so a path with spaces stays one argument."""
-    words: list[object] = []
-    for f in dataclasses.fields(config) if config is not None else ():
-        value = getattr(config, f.name)
-        if value == f.default:
-            continue
-        switched_off = value is None or value is False
-        flag = (flags or {}).get(f.name, f"--{'no-' if switched_off else ''}{f.name.replace('_', '-')}")
-        if f.name == "precision":
-            words.append(f"--{value}")
-        elif value is None or isinstance(value, bool):
-            words.append(flag)
-        elif isinstance(value, tuple):
-            words += [flag, *value]
-        else:
-            words += [flag, value]
+    typed, e.g. ``normfree train``, not quoted), then, for a settings dataclass `config`, the options of the
+    fields that differ from their defaults, as its command reads them (`normfree.app.options.option_words`:
+    ``--name value``, ``--name v1 v2`` for tuples, ``--bf16``, ``--no-agc``, ``--no-accum``), then `arguments`
+    (e.g. ``["--resume", folder]``). Every value and argument is quoted for the shell (`shlex.quote`), so a path
+    with spaces stays one argument."""
+    words = [word for f in (dataclasses.fields(config) if config is not None else ())
+             if getattr(config, f.name) != f.default for word in option_words(f, getattr(config, f.name))]
     return " ".join([prefix, *(shlex.quote(str(word)) for word in [*words, *arguments])])
 
 
@@ -272,41 +269,75 @@ class TrainConfig:
     whose weights come from elsewhere (`normfree.resume` takes them from the run's checkpoint).
     """
 
-    data: str = "digits"
-    arch: str = "nf_resnet_tiny"
-    pretrained: bool = False
-    weights: str | None = None
-    new_head: bool = False
-    skipinit: bool | None = None
-    alpha: float | None = None
-    to_normfree: str | None = None
-    agc: float | str | None = DEFAULT_AGC
-    per_sample: bool = False
-    bs: int = 64
-    accum: int = 1
-    opt: str = "adam"
-    epochs: int = 8
-    steps: int | None = None
-    lr: float = 1e-2
-    lr_find: bool = False
-    precision: str = "fp32"
-    fine_tune: bool = False
-    freeze_epochs: int = 1
-    freeze_batchnorm: bool = False
-    fast_nf: bool = True
-    fast_opt: bool = True
-    compile: bool = False
-    seed: int = 0
-    size: int | None = None
-    limit: int | None = None
-    valid_pct: float = 0.2
-    holdout: bool = False
-    classes: tuple[int, ...] | None = None
-    per_class: int | None = None
-    path_col: str = "path"
-    label_col: str = "label"
-    device: str | None = None
-    out: str = "normfree-run"
+    data: str = option("digits", data_spec_help)
+    arch: str = option("nf_resnet_tiny", "any timm model: an NF family (nfnet_f0, nf_resnet26, test_nfnet, ...), the "
+                                         "small nf_resnet_tiny/small/base, their BatchNorm twins bn_resnet_*, or e.g. "
+                                         "resnet18; or torchvision:NAME, fastai:NAME (torchvision:resnet50, "
+                                         "fastai:xresnet18)")
+    pretrained: bool = option(False, "start from timm's hub weights (needs the network)", group="start")
+    weights: str | None = option(None, f"start from a local weights file: {WEIGHT_FILES} (default: none, random "
+                                       f"initialisation)", metavar="PATH", group="start")
+    new_head: bool = option(False, "with --weights/--pretrained: a freshly initialised classifier even when the class "
+                                   "count matches (a new task)")
+    skipinit: bool | None = option(None, "NF residual blocks (small NF ResNets, --to-normfree nf): start each residual "
+                                         "branch switched off (SkipInit's zero gain) or, with --no-skipinit, at full "
+                                         "strength (default: the model's own or to_normfree's)")
+    alpha: float | None = option(None, "NF residual blocks (small NF ResNets, --to-normfree nf): alpha of h + alpha * "
+                                       "f(h / beta) (default: the model's own or to_normfree's)")
+    to_normfree: str | None = option(
+        None, "make a BatchNorm --arch (e.g. resnet18) normalizer-free with normfree.to_normfree; MODE "
+              + "; ".join(f"{name}: {what}" for name, what in CONVERSION_MODES.items())
+              + " (default: no conversion; --to-normfree alone: nf)", const="nf", choices=CONVERSION_MODES,
+        metavar="MODE")
+    agc: float | str | None = option(DEFAULT_AGC, f"Adaptive Gradient Clipping's lambda (the paper's 0.01 is for "
+                                                  f"batches >= 1024), or {AGC_AUTO}: chosen by learn.agc_find() at the "
+                                                  f"run's peak lr before training", type=agc_lambda, metavar="LAMBDA",
+                                     off="train without AGC (default: with AGC)")
+    per_sample: bool = option(False, "clip each example's gradient (per-sample AGC; normalizer-free models only)")
+    bs: int = option(64, "batch size of one forward/backward pass")
+    accum: int = option(1, "accumulate K batches per optimizer step (fastai GradientAccumulation): an effective batch "
+                           "of bs*K", metavar="K")
+    opt: str = option("adam", "optimizer: fastai's Adam, or SGD with Nesterov momentum 0.9 (the NFNet papers'); both "
+                              "with fastai's decoupled weight decay", choices=OPTIMIZERS)
+    epochs: int = option(8, "training epochs")
+    steps: int | None = option(None, "a budget of N optimizer steps instead of --epochs (the last epoch is partial; "
+                                     "default: none, train --epochs)", metavar="N")
+    lr: float = option(1e-2, "peak learning rate of the one-cycle schedule", group="rate")
+    lr_find: bool = option(False, "use fastai's lr_find() valley suggestion instead of --lr", group="rate")
+    precision: str = option("fp32", "on any device (default: float32)", values={
+        "fp16": "float16 mixed precision with a gradient scaler", "bf16": "bfloat16 mixed precision"})
+    fine_tune: bool = option(False, "fastai's transfer-learning schedule: --freeze-epochs with the body frozen, then "
+                                    "--epochs with everything (use with --pretrained/--weights, which otherwise train "
+                                    "only the head)")
+    freeze_epochs: int = option(1, "frozen epochs of --fine-tune")
+    freeze_batchnorm: bool = option(False, "keep every BatchNorm layer as it starts (e.g. from --weights): eval mode, "
+                                           "running statistics never updated, weight and bias not trained (the "
+                                           "detection libraries' FrozenBatchNorm)")
+    fast_nf: bool = option(True, "run timm's NF blocks as timm writes them (default: their scalars folded into the "
+                                 "weight-standardised convolutions, normfree.fast_nf: the same function, fewer passes; "
+                                 "not with --per-sample)")
+    fast_opt: bool = option(True, "run --opt with fastai's own optimizer (default: the same update by torch's fused "
+                                  "kernel, one for all parameters, under fastai's schedules: "
+                                  "normfree.learner.optim.fast_adam / fast_nesterov_sgd)")
+    compile: bool = option(False, "compile the model's forward with torch.compile (minutes at the first batch on a "
+                                  "CPU; where it cannot compile, a warning and eager training; not with --per-sample)")
+    seed: int = option(0, "random seed: initialisation, batch order and the validation split; same seed, same metrics")
+    size: int | None = option(None, lambda: f"image size in pixels (default: the data's own: {size_help()})",
+                              metavar="PX")
+    limit: int | None = option(None, lambda: f"use only the first N images of each split, for quick runs "
+                                             f"({limited_kinds()}; default: all)", metavar="N")
+    valid_pct: float = option(0.2, "fraction held out for validation where the data has no validation split (digits, "
+                                   "folders, CSVs), and by --holdout")
+    holdout: bool = option(False, "validate on --valid-pct of the training images instead of the validation split, "
+                                  "which is then never seen (for tuning; in-memory data)")
+    classes: tuple[int, ...] | None = option(None, "keep only these class labels, renumbered 0..k-1 (in-memory data; "
+                                                   "default: all)", metavar="LABEL")
+    per_class: int | None = option(None, "at most N training images of each class, drawn with --seed (in-memory data; "
+                                         "default: all)", metavar="N")
+    path_col: str = option("path", "CSV data: column of image paths")
+    label_col: str = option("label", "CSV data: column of labels")
+    device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda when there is a GPU)")
+    out: str = option("normfree-run", "folder for every output file", metavar="DIR")
     check_weights_file: InitVar[bool] = True
 
     def __post_init__(self, check_weights_file: bool) -> None:
@@ -326,13 +357,13 @@ class TrainConfig:
         if self.per_class is not None:
             _whole(self.per_class, "per_class", 1)
         _flag(self.holdout, "holdout")
-        for option in ("limit", "classes", "per_class", "holdout"):
-            spec.check_in_memory(option, getattr(self, option))
+        for setting in ("limit", "classes", "per_class", "holdout"):
+            spec.check_in_memory(setting, getattr(self, setting))
         check_limit(self.limit)
         check_valid_pct(self.valid_pct)
-        for option in ("path_col", "label_col"):
-            if not isinstance(getattr(self, option), str) or not getattr(self, option):
-                raise ConfigError(option, f"must be a CSV column name, got {getattr(self, option)!r}")
+        for setting in ("path_col", "label_col"):
+            if not isinstance(getattr(self, setting), str) or not getattr(self, setting):
+                raise ConfigError(setting, f"must be a CSV column name, got {getattr(self, setting)!r}")
 
     def _check_model(self, check_weights_file: bool) -> None:
         if not is_known_arch(self.arch):
@@ -360,9 +391,9 @@ class TrainConfig:
             _flag(self.skipinit, "skipinit")
         if self.alpha is not None:
             _positive(self.alpha, "alpha", "the residual branches' scale, e.g. 0.2 (the papers') or 0.5")
-        for option in ("skipinit", "alpha"):
-            if getattr(self, option) is not None and not (is_small_normfree(self.arch) or self.to_normfree == "nf"):
-                raise ConfigError(option, f"is an option of NF residual blocks: normfree's small NF ResNets "
+        for setting in ("skipinit", "alpha"):
+            if getattr(self, setting) is not None and not (is_small_normfree(self.arch) or self.to_normfree == "nf"):
+                raise ConfigError(setting, f"is an option of NF residual blocks: normfree's small NF ResNets "
                                           f"(nf_resnet_tiny/small/base) and to_normfree's mode nf (--to-normfree nf), "
                                           f"not {self.arch}" + (f" with to_normfree {self.to_normfree}"
                                                                  if self.to_normfree else "") + "; leave it out")
@@ -484,8 +515,9 @@ class TrainConfig:
         except (OSError, ValueError) as error:
             raise ConfigError("config", f"{path}: not a readable normfree config.json ({error})") from None
         command = content.get("command") if isinstance(content, dict) else None
-        if isinstance(command, str) and command.startswith("normfree compare"):
-            kind = "compare --transfer" if "--transfer" in command else "compare"
+        if isinstance(command, str) and command.startswith(("normfree compare", "normfree transfer")):
+            # transfer.json files written before normfree transfer had its name say "normfree compare --transfer"
+            kind = "transfer" if "transfer" in command.split()[1:3] or "--transfer" in command else "compare"
             raise ConfigError("config", f"{path} is a normfree {kind} config, not a run's config.json; repeat that "
                                         f"grid with: {command}")
         if not isinstance(content, dict) or not isinstance(content.get("config"), dict):

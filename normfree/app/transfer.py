@@ -65,7 +65,17 @@ import torch
 
 from ..models.factory import normalizer_free_archs
 from ..utils.outdir import atomic_write, locked_folder
-from .compare import AGC_METHODS, CONVERSIONS, METHODS, SweepPoint, TwinArchs, finished_run, sweep_cells, sweep_choice
+from .compare import (
+    AGC_METHODS,
+    CONVERSIONS,
+    METHODS,
+    CompareConfig,
+    SweepPoint,
+    TwinArchs,
+    finished_run,
+    sweep_cells,
+    sweep_choice,
+)
 from .config import (
     DEFAULT_AGC,
     TRANSFER_FILE,
@@ -80,6 +90,7 @@ from .config import (
     make_config,
     whole_numbers,
 )
+from .options import like, option
 from .report import GridResult
 from .signals import sigterm_as_interrupt
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
@@ -189,29 +200,40 @@ class TransferConfig(GridRunOptions, TwinArchs):
     and 32, three seeds, 16 px, the lr chosen from 1e-3, 3e-3 and 1e-2.
     """
 
-    data: str = "fashion-mnist"
-    arch: str = "nf_resnet_tiny"
-    methods: tuple[str, ...] | None = None
-    modes: tuple[str, ...] = tuple(MODES)
-    source_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
-    target_classes: tuple[int, ...] = (5, 6, 7, 8, 9)
-    per_class: tuple[int, ...] = (20, 100)
-    batch_sizes: tuple[int, ...] = (8, 32)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    source_epochs: int = 3
-    source_bs: int = 64
-    source_lr: float = 3e-3
-    epochs: int = 10
-    freeze_epochs: int = 2
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    opt: str = "adam"
-    agc: float = DEFAULT_AGC
-    size: int | None = 16
-    limit: int | None = TrainConfig.limit
-    valid_pct: float = TrainConfig.valid_pct
-    precision: str = TrainConfig.precision
-    device: str | None = TrainConfig.device
-    out: str = "transfer-output"
+    data: str = like(TrainConfig, "data", default="fashion-mnist")
+    arch: str = option("nf_resnet_tiny", "either twin of a small ResNet: nf_resnet_tiny/small/base or "
+                                         "bn_resnet_tiny/small/base; or your own BatchNorm arch (resnet18, "
+                                         "torchvision:resnet18, fastai:xresnet18)")
+    methods: tuple[str, ...] | None = option(
+        None, f"models, from {', '.join(TRANSFER_METHODS)} (default: {' '.join(TWIN_METHODS)} with a small ResNet, "
+              f"{' '.join(OWN_ARCH_METHODS)} with your own arch)", choices=TRANSFER_METHODS, metavar="METHOD")
+    modes: tuple[str, ...] = option(tuple(MODES), f"target modes, from {', '.join(MODES)} (default: all)",
+                                    choices=MODES, metavar="MODE")
+    source_classes: tuple[int, ...] = option((0, 1, 2, 3, 4), "labels of the pretraining task", metavar="LABEL")
+    target_classes: tuple[int, ...] = option((5, 6, 7, 8, 9), "labels of the target task", metavar="LABEL")
+    per_class: tuple[int, ...] = option((20, 100), "target training images per class, one value per column",
+                                        metavar="N")
+    batch_sizes: tuple[int, ...] = like(CompareConfig, "batch_sizes", default=(8, 32), help="target batch sizes")
+    seeds: tuple[int, ...] = like(CompareConfig, "seeds", default=(0, 1, 2))
+    source_epochs: int = option(3, "pretraining epochs")
+    source_bs: int = option(64, "pretraining batch size")
+    source_lr: float = option(3e-3, "pretraining peak learning rate")
+    epochs: int = like(TrainConfig, "epochs", default=10)
+    freeze_epochs: int = option(2, "fine-tune: the first epochs of --epochs, with the body frozen")
+    lrs: tuple[float, ...] = option((1e-3, 3e-3, 1e-2), "peak learning rates of the target runs: with several, each "
+                                                        "model, mode, --per-class and batch size first trains once per "
+                                                        "lr (first seed) on a hold-out (--valid-pct) of its training "
+                                                        "images, and every seed then trains with the best; one value: "
+                                                        "that lr for every target run", metavar="LR")
+    opt: str = like(TrainConfig, "opt")
+    agc: float = option(DEFAULT_AGC, "AGC's lambda of nf-agc and converted-agc (in pretraining and on the target) and "
+                                     "of folded-agc (on the target)", metavar="LAMBDA")
+    size: int | None = like(CompareConfig, "size")
+    limit: int | None = like(TrainConfig, "limit")
+    valid_pct: float = like(TrainConfig, "valid_pct")
+    precision: str = like(TrainConfig, "precision")
+    device: str | None = like(TrainConfig, "device")
+    out: str = like(CompareConfig, "out", default="transfer-output")
 
     def __post_init__(self) -> None:
         set_field = self.field_setter()
@@ -219,12 +241,12 @@ class TransferConfig(GridRunOptions, TwinArchs):
             set_field("methods", _names(self.methods, "methods", tuple(TRANSFER_METHODS)))
         set_field("modes", _names(self.modes, "modes", tuple(MODES)))
         set_field("lrs", learning_rates(self.lrs))  # each value is checked as a TrainConfig lr below
-        for option, minimum in (("source_classes", 0), ("target_classes", 0), ("per_class", 1), ("batch_sizes", 1),
+        for setting, minimum in (("source_classes", 0), ("target_classes", 0), ("per_class", 1), ("batch_sizes", 1),
                                 ("seeds", 0)):
-            set_field(option, whole_numbers(getattr(self, option), option, minimum))
-        for option in ("source_classes", "target_classes"):
-            if len(getattr(self, option)) < 2:
-                raise ConfigError(option, f"needs two or more labels to classify, got {list(getattr(self, option))}")
+            set_field(setting, whole_numbers(getattr(self, setting), setting, minimum))
+        for setting in ("source_classes", "target_classes"):
+            if len(getattr(self, setting)) < 2:
+                raise ConfigError(setting, f"needs two or more labels to classify, got {list(getattr(self, setting))}")
         shared = sorted(set(self.source_classes) & set(self.target_classes))
         if shared:
             raise ConfigError("target_classes", f"shares {shared} with the source classes; the target task must be "
@@ -363,8 +385,8 @@ class TransferConfig(GridRunOptions, TwinArchs):
         return dataclasses.asdict(self)
 
     def command(self) -> str:
-        """The ``normfree compare --transfer`` command line for this grid."""
-        return command_line("normfree compare --transfer", self)
+        """The ``normfree transfer`` command line for this grid."""
+        return command_line("normfree transfer", self)
 
 
 @dataclass
@@ -390,10 +412,10 @@ def _data_classes(config: TransferConfig) -> tuple[list[str], torch.Tensor]:
                                             valid_pct=config.valid_pct, seed=seed))
         if getattr(dls, "multi_label", False):
             raise ConfigError("data", f"{config.data} is multi-label; transfer needs one class per image")
-        for option in ("source_classes", "target_classes"):
-            unknown = [label for label in getattr(config, option) if label >= dls.c]
+        for setting in ("source_classes", "target_classes"):
+            unknown = [label for label in getattr(config, setting) if label >= dls.c]
             if unknown:
-                raise ConfigError(option, f"{unknown} not among the labels of {config.data} (0..{dls.c - 1})")
+                raise ConfigError(setting, f"{unknown} not among the labels of {config.data} (0..{dls.c - 1})")
         available.append(torch.bincount(dls.train_ds.tensors[1], minlength=dls.c)[list(config.target_classes)])
     return [str(name) for name in getattr(dls, "vocab", None) or range(dls.c)], torch.stack(available)
 
@@ -569,7 +591,7 @@ def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> T
     cells = config.cells()
     methods = config.method_keys()
     say = (lambda *args, **kwargs: None) if quiet else print
-    say(f"normfree compare --transfer: {len(cells)} runs on {config.data} (classes {list(config.source_classes)} -> "
+    say(f"normfree transfer: {len(cells)} runs on {config.data} (classes {list(config.source_classes)} -> "
         f"{list(config.target_classes)}; {', '.join(methods)} x {', '.join(config.modes)} x "
         f"{len(config.per_class)} sizes x {len(config.batch_sizes)} batch sizes x {len(config.seeds)} seeds"
         + (f", lr chosen from {' '.join(f'{lr:g}' for lr in config.lrs)} on a hold-out" if config.sweeps else "")
@@ -630,7 +652,7 @@ def _compare_transfer(config: TransferConfig, quiet: bool, overwrite: bool) -> T
         tables[f"Learning-rate sweep (hold-out of the target training images, seed {config.seeds[0]})"] = \
             _sweep_table(points, chosen, per_class_labels)
     files.update(write_transfer_report(
-        out, runs, target_labels, config.modes, title=f"normfree compare --transfer: BatchNorm vs normalizer-free, "
+        out, runs, target_labels, config.modes, title=f"normfree transfer: BatchNorm vs normalizer-free, "
                                                       f"pretrained and transferred on {config.data}",
         settings=_settings(config, names, available, per_class_labels, runs, seconds),
         notes=_notes(config, complete, len(runs) + len(sweep_keys), len(cells)), rows=result.rows,

@@ -441,10 +441,8 @@ def subset_dataloaders(
     ValueError naming the argument for anything that cannot work.
     """
     if not isinstance(dls.train_ds, _TensorImages):
-        from .registry import limited_kinds  # the registry imports this module
-
-        raise ValueError(f"classes, per_class and holdout work with in-memory data ({limited_kinds()}), not image "
-                         f"folders or CSVs")
+        raise ValueError("classes, per_class and holdout work with in-memory data (the DataLoaders of a builder that "
+                         "takes a limit, such as digits_dataloaders), not image folders or CSVs")
     (stored,), (standardise,) = dls.train.after_item.fs, dls.train.after_batch.fs  # _tensor_dataloaders' own
     splits = [ds.tensors for ds in (dls.train_ds, dls.valid_ds, *(dl.dataset for dl in dls.loaders[2:]))]
     c, vocab = dls.c, dls.vocab

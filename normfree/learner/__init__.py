@@ -3,9 +3,9 @@
 
 Importing it adds ``Learner.agc``, ``Learner.agc_find`` and ``Learner.to_mixed_precision`` to fastai's Learner.
 """
+from ..agc.history import ClipHistory
 from .agc_find import AGCFindResult
-from .callback import AGC
-from .clip_history import ClipHistory, ClipRate
+from .callback import AGC, ClipRate
 from .epoch_log import EpochLog
 from .frozen_batchnorm import FreezeBatchNorm
 from .nf_learner import nf_learner

@@ -1,12 +1,13 @@
 """The fastai callback for Adaptive Gradient Clipping (Brock et al. 2021, Sec. 4)."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.learner import Learner
+from fastai.learner import Learner, Metric
 from fastcore.basics import patch
 from torch import Tensor, nn
 
@@ -20,10 +21,9 @@ from ..agc.rule import DEFAULT_CLIP_FRACTION, DEFAULT_CLIPPING, DEFAULT_EPS, sug
 from ..agc.sharded import local_unit_norms, unit_ratio_vector
 from ..models.classifier import unwrap_model
 from ..models.compiled import is_compiled
-from .clip_history import ClipRate
 from .fit_guard import in_fit
 
-__all__ = ["AGC", "CLIP_WATCH_STEPS", "MOST_CLIPPED"]
+__all__ = ["AGC", "CLIP_WATCH_STEPS", "MOST_CLIPPED", "ClipRate"]
 
 CLIP_WATCH_STEPS = 50  # consecutive optimizer steps over which AGC judges its lambda (its warnings)
 MOST_CLIPPED = 0.5  # a step clips "most units" above this share
@@ -231,11 +231,40 @@ class AGC(Callback):
         self._end_fit()
         self.run = True  # fastai resets it only in after_fit
 
+    def epoch_clip_rate(self, group: int | None = None) -> float:
+        """The fraction of units clipped in the training steps of the current (or, after a fit, the last) epoch,
+        over all clipped parameters or those of one optimizer param `group`; NaN before the first fit."""
+        if self.history is None:
+            return math.nan
+        return self.history.rate(slice(self.epoch_start, None), group)
+
     def plot(self, **kwargs):
         """Per-layer clip rate over the last fit (see `ClipHistory.plot`); returns the figure."""
         if self.history is None or not len(self.history):
             raise RuntimeError("AGC has no statistics yet: call learn.fit(...) first")
         return self.history.plot(**kwargs)
+
+
+class ClipRate(Metric):
+    """Recorder column: the fraction of units the `AGC` callback `agc` clipped in this epoch's training steps
+    (`AGC.epoch_clip_rate`). `group=None` is over all clipped parameters; an int is one optimizer param group."""
+
+    def __init__(self, agc: AGC, group: int | None = None):
+        self.agc, self.group = agc, group
+
+    def reset(self) -> None:  # the value comes from the AGC callback's history, not from batches
+        pass
+
+    def accumulate(self, learn: Learner) -> None:
+        pass
+
+    @property
+    def value(self) -> float:
+        return self.agc.epoch_clip_rate(self.group)
+
+    @property
+    def name(self) -> str:
+        return "agc_clip" if self.group is None else f"agc_clip_{self.group}"
 
 
 @patch
