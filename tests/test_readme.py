@@ -1,5 +1,7 @@
 """The Python examples of the README and of the documentation pages run as written: the README's in one
-namespace, the pages' in another, each in the order a reader meets them (the pages in the site's order)."""
+namespace, the pages' in another, each in the order a reader meets them (the pages in the site's order). A block
+fenced with a title (```python title="...") is a script for a multi-process launch; the page names the test that
+runs it."""
 import re
 from pathlib import Path
 
