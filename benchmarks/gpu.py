@@ -333,9 +333,9 @@ def batch(ctx: Context, n: int, size: int, channels_last: bool = False, seed: in
 
 def clipped_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
     """Every parameter but the classifier's weight (DeepMind's rule, normfree's default)."""
-    import normfree
+    from normfree.agc import excluded_parameters
 
-    excluded = {id(p) for p in normfree.excluded_parameters(model)}
+    excluded = {id(p) for p in excluded_parameters(model)}
     return [p for p in model.parameters() if id(p) not in excluded]
 
 
@@ -973,15 +973,15 @@ def _in_process_learner(kind: str, precision: str, limit: int | None, device: to
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
 
-    import normfree
     from normfree.app.config import TrainConfig
     from normfree.app.train import _build_learner
+    from normfree.data import digits_dataloaders
 
     if kind == "normfree":
         config = dataclasses.replace(TrainConfig(), data="digits", size=32, bs=64, precision=precision, limit=limit,
                                      device=device.type)
         return _build_learner(config)
-    dls = normfree.digits_dataloaders(bs=64, size=32, limit=limit, device=device)
+    dls = digits_dataloaders(bs=64, size=32, limit=limit, device=device)
     learn = Learner(dls, timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1), CrossEntropyLossFlat())
     return learn.to_fp16() if precision == "fp16" else learn
 

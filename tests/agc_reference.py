@@ -48,7 +48,7 @@ def per_example_clipping(model, x, y, loss_func, clipping=0.01, eps=1e-3):
 
     Which parameters are left unclipped (the classifier weight) is normfree's `excluded_parameters`, tested on its own.
     """
-    from normfree import excluded_parameters
+    from normfree.agc import excluded_parameters
 
     model = copy.deepcopy(model)
     unclipped = {id(p) for p in excluded_parameters(model)}

@@ -26,8 +26,10 @@ from fastai_helpers import (
 )
 from torch import nn
 
-import normfree
-from normfree import AGC, DeviceMixedPrecision, excluded_parameters, find_classifier
+from normfree import AGC
+from normfree.agc import excluded_parameters
+from normfree.learner import ClipRate, DeviceMixedPrecision
+from normfree.models import find_classifier
 
 # ---- ordering -------------------------------------------------------------------------------
 
@@ -175,7 +177,7 @@ def test_clipping_per_param_group_and_recorder_columns():
         overall, group0, group1 = epoch[-3:]
         assert (group0, group1) == (1.0, 0.0)
         assert overall == pytest.approx(units["group0"] / (units["group0"] + units["group1"]))
-    assert not any(isinstance(m, normfree.ClipRate) for m in learn.metrics)
+    assert not any(isinstance(m, ClipRate) for m in learn.metrics)
 
 
 def test_clipping_list_must_match_param_groups():
@@ -292,7 +294,7 @@ def test_plot_per_layer_clip_rates(tmp_path):
 
 
 def test_callback_runs_with_no_warning_on_a_timm_model():
-    from normfree import digits_dataloaders
+    from normfree.data import digits_dataloaders
 
     model = timm.create_model("test_nfnet", num_classes=10, in_chans=1)
     learn = Learner(digits_dataloaders(bs=128, size=16), model, loss_func=CrossEntropyLossFlat()).agc()
@@ -310,4 +312,4 @@ def test_validate_and_get_preds_keep_the_fit_statistics():
         learn.validate()
         learn.get_preds()
     assert len(learn.adaptive_clip.history) == steps == 4
-    assert not any(isinstance(m, normfree.ClipRate) for m in learn.metrics)
+    assert not any(isinstance(m, ClipRate) for m in learn.metrics)

@@ -11,6 +11,7 @@ import pytest
 
 import normfree
 from normfree.app.cli import build_parser, main
+from normfree.app.compare import CompareConfig
 from normfree.app.report import RunRecord, markdown_table, summarise, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -140,7 +141,7 @@ def test_compare_refuses_to_mix_runs_of_other_settings(grid):
 
 
 def test_default_grid_is_the_quick_digits_grid():
-    config = normfree.CompareConfig()
+    config = CompareConfig()
     methods = ["bn", "nf-agc"]
     assert config.data == "digits" and config.method_keys() == methods and config.sweeps
     settings = [(c.bs, c.accum) for c in config.cells() if c.seed == config.seeds[0] and c.method == "bn"]
@@ -149,13 +150,13 @@ def test_default_grid_is_the_quick_digits_grid():
 
 
 def test_compare_command_line_round_trips():
-    config = normfree.CompareConfig(data="digits", methods=("nf", "bn"), batch_sizes=(4, 16), accumulate=False,
+    config = CompareConfig(data="digits", methods=("nf", "bn"), batch_sizes=(4, 16), accumulate=False,
                                     seeds=(3,), epochs=2, lrs=(1e-3, 1e-2), opt="sgd", budget="steps",
                                     steps=7, agc=0.02, size=12, limit=30, precision="bf16", out="elsewhere")
     parser, _ = build_parser()
     args = vars(parser.parse_args(config.command().split()[1:]))
     args = {k: v for k, v in args.items() if k not in ("command", "quiet", "overwrite", "jobs", "devices", "plan", "report")}
-    assert normfree.CompareConfig(**args) == config
+    assert CompareConfig(**args) == config
 
 
 @pytest.mark.parametrize("argv, flag", [

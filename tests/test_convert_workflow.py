@@ -10,10 +10,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import normfree
-from normfree import ConvertedResidual, nf_learner
+from normfree import nf_learner
 from normfree.app.cli import build_parser, main
+from normfree.app.compare import CompareConfig
 from normfree.app.config import TrainConfig
 from normfree.app.grid_jobs import train_command
+from normfree.models import ConvertedResidual
 from normfree.models.factory import build_model
 from normfree.models.weights import save_weights
 
@@ -64,11 +66,11 @@ def test_compare_converted_methods_on_your_own_arch(tmp_path, capsys):
 
 def test_compare_method_choices_are_checked():
     with pytest.raises(normfree.ConfigError, match="arch: 'resnet18' is not one of the small ResNets.*nf-agc"):
-        normfree.CompareConfig(arch="resnet18", methods=("bn", "nf-agc"))
+        CompareConfig(arch="resnet18", methods=("bn", "nf-agc"))
     with pytest.raises(normfree.ConfigError, match="methods: bn_resnet_tiny cannot be converted"):
-        normfree.CompareConfig(arch="nf_resnet_tiny", methods=("bn", "converted"))
-    assert normfree.CompareConfig().method_keys() == ["bn", "nf-agc"]  # the twins' default is unchanged
-    assert normfree.CompareConfig(arch="resnet18").method_keys() == ["bn", "converted", "converted-agc"]
+        CompareConfig(arch="nf_resnet_tiny", methods=("bn", "converted"))
+    assert CompareConfig().method_keys() == ["bn", "nf-agc"]  # the twins' default is unchanged
+    assert CompareConfig(arch="resnet18").method_keys() == ["bn", "converted", "converted-agc"]
 
 
 # ---- mode "fold" in the workflow ------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 
-from normfree import AGC, excluded_parameters
+from normfree import AGC
+from normfree.agc import excluded_parameters
 from normfree.agc.per_sample import TUNING, PerSampleClipper, tuned
 from normfree.agc.per_sample.layers import Layer
 

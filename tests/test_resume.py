@@ -1,5 +1,6 @@
-"""`normfree train --resume DIR` / `normfree.resume`: a run stopped by Ctrl-C, SIGTERM or a kill continues from its
-last finished epoch and ends with the metrics of the same run never stopped; only unfinished runs are accepted."""
+"""`normfree train --resume DIR` / `normfree.app.train.resume`: a run stopped by Ctrl-C, SIGTERM or a kill continues
+from its last finished epoch and ends with the metrics of the same run never stopped; only unfinished runs are
+accepted."""
 import json
 import shutil
 import signal
@@ -22,6 +23,7 @@ from helpers import (
 
 import normfree
 from normfree.app.cli import build_parser, main
+from normfree.app.train import TrainResult, resume
 from normfree.data.loaders import write_digits_image_folder
 from normfree.learner.checkpoint import EpochCheckpoint
 from normfree.utils.outdir import INCOMPLETE
@@ -47,7 +49,7 @@ def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path,
     stopped = normfree.train(**settings, out=tmp_path / "run", cbs=[InterruptAt(*at)], **QUIET)
     assert stopped.interrupted and len(stopped.epochs) == at[0]
     assert (tmp_path / "run" / "checkpoint.pth").exists()
-    resumed = normfree.resume(tmp_path / "run", **QUIET)
+    resumed = resume(tmp_path / "run", **QUIET)
     assert not resumed.interrupted
     assert_same_metrics(metrics(resumed), metrics(whole))
     assert_same_metrics(read_rows(tmp_path / "run" / "metrics.csv"), metrics(whole))  # the CSV continued
@@ -62,7 +64,7 @@ def test_fine_tune_resumes_in_its_frozen_fit_without_its_starting_weights_file(t
     whole = normfree.train(**settings, out=tmp_path / "whole", **QUIET)
     normfree.train(**settings, out=tmp_path / "run", cbs=[InterruptAt(1, 1)], **QUIET)
     shutil.move(base.files["weights"], tmp_path / "moved.safetensors")  # the checkpoint holds the weights
-    assert_same_metrics(metrics(normfree.resume(tmp_path / "run", **QUIET)), metrics(whole))
+    assert_same_metrics(metrics(resume(tmp_path / "run", **QUIET)), metrics(whole))
 
 
 @pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM is handled here already")
@@ -75,7 +77,7 @@ def test_cli_resume_after_sigterm(tmp_path, monkeypatch, capsys):
     assert f"normfree train --resume {out}" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert not (out / INCOMPLETE).exists() and not (out / "checkpoint.pth").exists()
-    assert normfree.TrainResult.load(out).interrupted is False
+    assert TrainResult.load(out).interrupted is False
     assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "whole" / "metrics.csv"))
     error = stopped_with_status_2(["train", "--resume", str(out)], capsys)  # finished now
     assert f"--resume: {out} holds a finished run" in error
@@ -177,7 +179,7 @@ def test_resumed_clip_history_is_the_whole_runs(tmp_path):
     """agc_clip_rates.png after a resume plots every step of the fit, as the uninterrupted run's does."""
     whole = normfree.train(**{**QUICK_OPTIONS, "epochs": 2}, out=tmp_path / "whole", **QUIET)
     stopped_run(tmp_path / "run")
-    resumed = normfree.resume(tmp_path / "run", quiet=True, save_model=False)
+    resumed = resume(tmp_path / "run", quiet=True, save_model=False)
     expected, history = whole.learner.adaptive_clip.history, resumed.learner.adaptive_clip.history
     assert len(history) == len(expected) == 8  # 4 batches an epoch
     for counts in ("clipped", "units", "nonfinite"):
@@ -199,7 +201,7 @@ def test_resuming_after_the_last_epoch_still_plots_the_clip_rates(tmp_path):
     out = tmp_path / "run"
     normfree.train(**QUICK_OPTIONS, out=out, cbs=[InterruptAfterTheLastEpoch()], quiet=True, save_plots=False)
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1  # its only epoch
-    resumed = normfree.resume(out, quiet=True, save_model=False)
+    resumed = resume(out, quiet=True, save_model=False)
     assert len(resumed.learner.adaptive_clip.history) == 4 and (out / "agc_clip_rates.png").exists()
 
 
@@ -223,7 +225,7 @@ def test_a_copied_run_folder_resumes_where_it_is(tmp_path):
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["config"]["out"] == str(tmp_path / "b")
     assert config["repeat"] == f"normfree train --config {tmp_path / 'b' / 'config.json'} --out NEW_FOLDER"
-    assert normfree.TrainResult.load(tmp_path / "b").config.out == str(tmp_path / "b")
+    assert TrainResult.load(tmp_path / "b").config.out == str(tmp_path / "b")
 
 
 @pytest.mark.bad_input
@@ -235,4 +237,4 @@ def test_a_run_whose_marker_was_removed_is_still_an_unfinished_one(tmp_path, cap
     assert f"{out} holds an incomplete run (result.json says it was stopped by Ctrl-C after 1 finished epoch(s)" in \
         error and f"continue it with: normfree train --resume {out}" in error
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
-    assert normfree.TrainResult.load(out).interrupted is False and not (out / "checkpoint.pth").exists()
+    assert TrainResult.load(out).interrupted is False and not (out / "checkpoint.pth").exists()

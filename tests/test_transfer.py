@@ -18,6 +18,7 @@ import normfree
 from normfree.app.cli import build_parser, main
 from normfree.app.compare import sweep_choice
 from normfree.app.train import build_dataloaders
+from normfree.app.transfer import TransferConfig, compare_transfer
 from normfree.data.loaders import read_idx
 
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -162,7 +163,7 @@ def test_resume_reuses_the_finished_runs(grid, capsys):
 
 
 def test_command_line_round_trips():
-    config = normfree.TransferConfig(data="digits", arch="bn_resnet_small", methods=("nf", "bn"), modes=("scratch",),
+    config = TransferConfig(data="digits", arch="bn_resnet_small", methods=("nf", "bn"), modes=("scratch",),
                                      source_classes=(1, 2), target_classes=(3, 4, 5), per_class=(7,), batch_sizes=(4,),
                                      seeds=(3,), source_epochs=2, source_bs=16, source_lr=0.02, epochs=4,
                                      freeze_epochs=3, lrs=(0.05, 0.1), opt="sgd", agc=0.02, size=12, limit=300,
@@ -170,7 +171,7 @@ def test_command_line_round_trips():
     _, commands = build_parser()
     args = vars(commands["compare --transfer"].parse_args(config.command().split()[2:]))
     args = {k: v for k, v in args.items() if k not in ("command", "quiet", "overwrite")}
-    assert normfree.TransferConfig(**args) == config
+    assert TransferConfig(**args) == config
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -201,7 +202,7 @@ def test_per_class_beyond_the_data_is_labelled_with_the_real_count(tmp_path, fas
     with pytest.warns(UserWarning, match=rf"per_class 10 is more than the training images of target class\(es\) "
                                          rf"{targets}: those train on all of theirs, so the runs at per_class 10 have "
                                          rf"6 \(asked 10\) images per class"):
-        result = normfree.compare_transfer(data=f"fashion-mnist:{fashion}", methods=("nf",), modes=("scratch",),
+        result = compare_transfer(data=f"fashion-mnist:{fashion}", methods=("nf",), modes=("scratch",),
                                            per_class=(2, 10), batch_sizes=(4,), seeds=(0,), epochs=1, size=8,
                                            out=str(out), quiet=True)
     report = (out / "report.md").read_text()
@@ -403,7 +404,7 @@ def test_bad_transfer_settings_exit_2_naming_the_option(tmp_path, monkeypatch, c
 @pytest.mark.parametrize("options", [dict(lrs=()), dict(lrs=[3e-3, 3e-3])])
 def test_transfer_lrs_must_be_distinct_values(options):
     with pytest.raises(normfree.ConfigError, match=r"^lrs: must be one or more distinct learning rates"):
-        normfree.TransferConfig(**options)
+        TransferConfig(**options)
 
 
 @pytest.mark.bad_input
