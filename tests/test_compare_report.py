@@ -71,6 +71,7 @@ def run_results(out):
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))}
 
 
+@pytest.mark.slow
 def test_compare_cli_trains_the_grid_and_prints_the_table(grid, capsys):
     out, status = grid
     assert status == 0
@@ -87,6 +88,7 @@ def test_compare_cli_trains_the_grid_and_prints_the_table(grid, capsys):
                                                "summary.csv", "accuracy_vs_batch_size.png", "validation_curves.png"}
 
 
+@pytest.mark.slow
 def test_report_rows_match_the_runs_on_disk(grid):
     out, _ = grid
     runs = run_results(out)
@@ -101,6 +103,7 @@ def test_report_rows_match_the_runs_on_disk(grid):
             assert any(row.startswith(expected) for row in rows), (expected, rows)
 
 
+@pytest.mark.slow
 def test_compare_resumes_from_the_runs_already_in_out(grid, capsys):
     out, _ = grid
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
@@ -114,6 +117,7 @@ def test_compare_resumes_from_the_runs_already_in_out(grid, capsys):
     assert capsys.readouterr().out.count("(done before)") == 11
 
 
+@pytest.mark.slow
 def test_compare_summarises_the_runs_once_and_reports_those_rows(grid, monkeypatch):
     out, _ = grid
     calls = []
@@ -133,6 +137,7 @@ def test_compare_summarises_the_runs_once_and_reports_those_rows(grid, monkeypat
                        for row in result.rows]
 
 
+@pytest.mark.slow
 def test_compare_refuses_to_mix_runs_of_other_settings(grid):
     out, _ = grid
     with pytest.raises(normfree.ConfigError, match="other settings.*epochs"):

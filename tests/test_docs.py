@@ -58,6 +58,7 @@ def test_readme_commands_parse():
         assert parser.parse_args(argv).command == argv[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
                     reason="mkdocs is not installed: pip install -e '.[docs]' (make test installs it)")
 def test_site_builds_strict(tmp_path):

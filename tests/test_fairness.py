@@ -143,6 +143,7 @@ def swept(tmp_path_factory):
     return out, status
 
 
+@pytest.mark.slow
 def test_sweep_chooses_each_lr_on_the_hold_out_and_trains_every_seed_with_it(swept):
     out, status = swept
     assert status == 0

@@ -68,6 +68,7 @@ def cli_run(tmp_path_factory):
     return work, status, gradients
 
 
+@pytest.mark.slow
 def test_cli_train_writes_every_output_into_out_and_nothing_elsewhere(cli_run):
     work, status = cli_run[:2]
     assert status == 0
@@ -78,6 +79,7 @@ def test_cli_train_writes_every_output_into_out_and_nothing_elsewhere(cli_run):
         assert (out / png).read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_cli_train_metrics_are_the_saved_models_accuracy(cli_run):
     out = cli_run[0] / "run"
     rows = read_rows(out / "metrics.csv")
@@ -94,6 +96,7 @@ def test_cli_train_metrics_are_the_saved_models_accuracy(cli_run):
     assert result["summary"]["final_accuracy"] == pytest.approx(float(rows[0]["accuracy"]))
 
 
+@pytest.mark.slow
 def test_cli_train_config_records_the_settings_and_versions(cli_run):
     out = cli_run[0] / "run"
     content = json.loads((out / "config.json").read_text())
@@ -106,6 +109,7 @@ def test_cli_train_config_records_the_settings_and_versions(cli_run):
         assert content["versions"][package] == metadata.version(package)
 
 
+@pytest.mark.slow
 def test_exported_learner_of_tensor_data_loads_and_predicts_like_the_weights(cli_run):
     out = cli_run[0] / "run"
     learn = load_learner(out / "learner.pkl")
@@ -121,6 +125,7 @@ def test_exported_learner_of_tensor_data_loads_and_predicts_like_the_weights(cli
     assert torch.allclose(preds, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_also_when_repeated_from_config_json(cli_run, tmp_path):
     first = cli_run[0] / "run"
     assert main(["train", "--config", str(first / "config.json"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
@@ -131,6 +136,7 @@ def test_same_seed_same_metrics_also_when_repeated_from_config_json(cli_run, tmp
     assert [r["train_loss"] for r in other.epochs] != [float(r["train_loss"]) for r in read_rows(first / "metrics.csv")]
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_not_overwritten_without_asking(cli_run, capsys):
     out = cli_run[0] / "run"
     with pytest.raises(SystemExit) as stopped:
