@@ -274,6 +274,7 @@ def test_learner_agc_convenience():
     assert relative_difference(update, reference_update(tiny_model(), clipping=0.05, unclipped=())) < 1e-5
 
 
+@pytest.mark.slow
 def test_plot_per_layer_clip_rates(tmp_path):
     gradients = GradientsBeforeAGC()
     learn = make_learner(tiny_model(), tiny_dls(bs=8), [gradients]).agc(0.01)
@@ -293,6 +294,7 @@ def test_plot_per_layer_clip_rates(tmp_path):
     assert (tmp_path / "clip.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_callback_runs_with_no_warning_on_a_timm_model():
     from normfree.data import digits_dataloaders
 

@@ -40,6 +40,7 @@ def train_one_shard(rank: int, init_file: str, result_file: str, per_sample: boo
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "per-sample"])
 def test_agc_clips_the_all_reduced_gradient(tmp_path, per_sample):
     """Batch AGC clips the all-reduced mean; per-sample AGC's clipped sums are all-reduced: both equal one

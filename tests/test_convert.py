@@ -136,6 +136,7 @@ def test_nf_residual_equation_by_hand():
         assert torch.allclose(block(h), h + ALPHA * gain * branch, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_variance_at_init_follows_the_nf_prediction_where_deleting_batchnorm_explodes():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None)
@@ -207,6 +208,7 @@ def image_dls(n=64, size=16, classes=4, bs=16):
     return dls
 
 
+@pytest.mark.slow
 def test_converted_model_trains_with_agc_and_per_sample_agc():
     torch.manual_seed(0)
     dls = image_dls()

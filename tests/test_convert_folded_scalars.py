@@ -76,6 +76,7 @@ MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_folded_blocks_compute_the_unfolded_formula_and_its_gradients(name, monkeypatch):
     make, act = MODELS[name]

@@ -19,6 +19,7 @@ from normfree import AGC, nf_learner
 from normfree.data import medmnist_dataloaders, write_digits_image_folder
 
 
+@pytest.mark.slow
 def test_export_round_trip_and_predict(tmp_path):
     folder = write_digits_image_folder(tmp_path / "digits", size=16, per_class=8)
     dls = ImageDataLoaders.from_folder(folder, valid_pct=0.25, seed=0, bs=16)
@@ -184,6 +185,7 @@ def inputs_and_pixels(kind, learn, folder):
     return forms
 
 
+@pytest.mark.slow
 def test_exported_learner_predicts_every_input_form_as_the_model_does(exported):
     kind, learn, loaded, folder = exported
     reference = Reference(learn)

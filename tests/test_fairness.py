@@ -50,6 +50,7 @@ class StepCounter(Callback):
         self.steps += 1
 
 
+@pytest.mark.slow
 def test_step_budget_makes_exactly_that_many_steps_over_the_whole_schedule(tmp_path):
     counter, losses = StepCounter(), LossesSeen()
     # 64 images in batches of 16 = 4 batches an epoch; 5 steps of 2 batches = 10 batches = 2.5 epochs
@@ -102,6 +103,7 @@ def test_subset_refuses_what_cannot_work():
         subset_dataloaders(dls, per_class=1, holdout_pct=0.01)
 
 
+@pytest.mark.slow
 def test_digits_hold_out_is_drawn_from_the_training_split(tmp_path):
     result = normfree.train(**{**TINY, "limit": None}, holdout=True, quiet=True, save_model=False, save_plots=False,
                             out=tmp_path / "tune")
@@ -110,6 +112,7 @@ def test_digits_hold_out_is_drawn_from_the_training_split(tmp_path):
     assert load_digits().images.shape[0] == 1797
 
 
+@pytest.mark.slow
 def test_skipinit_option_and_new_head(tmp_path):
     result = normfree.train(**TINY, skipinit=True, quiet=True, out=tmp_path / "skip")
     gains = [m.skipinit_gain for m in result.learner.model.modules() if getattr(m, "skipinit_gain", None) is not None]
@@ -165,6 +168,7 @@ def test_sweep_chooses_each_lr_on_the_hold_out_and_trains_every_seed_with_it(swe
     assert "Learning-rate sweep" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_compare_step_budget_gives_every_run_the_same_steps(tmp_path):
     config = CompareConfig(methods=("nf-agc",), batch_sizes=(8, 32), seeds=(0,), epochs=2, size=8,
                                     limit=64, budget="steps", out=str(tmp_path / "out"))

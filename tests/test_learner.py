@@ -69,6 +69,7 @@ def test_learner_model_head_and_agc():
     assert not any(isinstance(cb, AGC) for cb in nf_learner(image_dls(), "test_nfnet", agc=None).cbs)
 
 
+@pytest.mark.slow
 def test_freeze_trains_only_the_head_then_fine_tune_trains_all():
     learn = nf_learner(image_dls(), "test_nfnet")
     body, head = learn.splitter(learn.model)
@@ -86,6 +87,7 @@ def test_freeze_trains_only_the_head_then_fine_tune_trains_all():
                and p.requires_grad)
 
 
+@pytest.mark.slow
 def test_discriminative_learning_rates():
     learn = nf_learner(image_dls(), "test_nfnet")
     with learn.no_bar(), learn.no_logging():
@@ -166,6 +168,7 @@ def test_pretrained_for_an_arch_without_published_weights():
         nf_learner(image_dls(), "nf_resnet26", pretrained=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet26", torchvision.models.resnet18], ids=["timm_resnet26", "torchvision_resnet18"])
 def test_batchnorm_baselines_share_the_interface(arch):
     learn = nf_learner(image_dls(size=32), arch, n_out=4)

@@ -35,6 +35,7 @@ def metrics(result):
     return [{k: str(v) for k, v in row.items()} for row in result.epochs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, at", [
     (dict(epochs=3), (1, 2)),
     # fp16's gradient scaler; 4 batches an epoch, 3 per step: the checkpoint holds a part-way accumulation
@@ -56,6 +57,7 @@ def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path,
     assert {p.name for p in (tmp_path / "run").iterdir()} == {p.name for p in (tmp_path / "whole").iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_fine_tune_resumes_in_its_frozen_fit_without_its_starting_weights_file(tmp_path):
     base = normfree.train(**QUICK_OPTIONS, out=tmp_path / "base", quiet=True, save_plots=False)
@@ -67,6 +69,7 @@ def test_fine_tune_resumes_in_its_frozen_fit_without_its_starting_weights_file(t
     assert_same_metrics(metrics(resume(tmp_path / "run", **QUIET)), metrics(whole))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM is handled here already")
 def test_cli_resume_after_sigterm(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
@@ -83,6 +86,7 @@ def test_cli_resume_after_sigterm(tmp_path, monkeypatch, capsys):
     assert f"--resume: {out} holds a finished run" in error
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill(tmp_path):
     out = tmp_path / "run"
     kill_mid_run(out)  # SIGKILL: nothing saved at the stop, only the last epoch's checkpoint
@@ -153,6 +157,7 @@ def class_added(out, tmp_path):
     shutil.copytree(tmp_path / "images" / "3", tmp_path / "images" / "ten")
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize("change, expected", [
     (another_runs_checkpoint, 'says arch "nf_resnet_tiny", agc 0.04 but {checkpoint} was written by a run with arch '
@@ -175,6 +180,7 @@ def test_resume_refuses_a_checkpoint_that_is_not_the_folders_run_and_changes_not
     assert folder_contents(out) == before  # nothing deleted or rewritten
 
 
+@pytest.mark.slow
 def test_resumed_clip_history_is_the_whole_runs(tmp_path):
     """agc_clip_rates.png after a resume plots every step of the fit, as the uninterrupted run's does."""
     whole = normfree.train(**{**QUICK_OPTIONS, "epochs": 2}, out=tmp_path / "whole", **QUIET)
@@ -205,6 +211,7 @@ def test_resuming_after_the_last_epoch_still_plots_the_clip_rates(tmp_path):
     assert len(resumed.learner.adaptive_clip.history) == 4 and (out / "agc_clip_rates.png").exists()
 
 
+@pytest.mark.slow
 def test_resume_of_a_relative_folder(tmp_path, monkeypatch):
     """The documented `normfree train --resume runs/nf` (docs/command-line.md), from the folder holding runs/."""
     monkeypatch.chdir(tmp_path)
@@ -215,6 +222,7 @@ def test_resume_of_a_relative_folder(tmp_path, monkeypatch):
     assert INCOMPLETE not in {p.name for p in out.iterdir()} and not (out / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_a_copied_run_folder_resumes_where_it_is(tmp_path):
     stopped_run(tmp_path / "a")
@@ -228,6 +236,7 @@ def test_a_copied_run_folder_resumes_where_it_is(tmp_path):
     assert TrainResult.load(tmp_path / "b").config.out == str(tmp_path / "b")
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_a_run_whose_marker_was_removed_is_still_an_unfinished_one(tmp_path, capsys):
     out = tmp_path / "run"

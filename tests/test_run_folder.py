@@ -63,6 +63,7 @@ def test_sigterm_checkpoints_like_ctrl_c_with_status_143(tmp_path, monkeypatch, 
     assert finished_run(TrainConfig.load(out), overwrite=False) is None  # compare trains it again
 
 
+@pytest.mark.slow
 def test_a_run_killed_without_warning_is_marked_incomplete_and_never_reused(tmp_path, capsys):
     out = tmp_path / "run"
     kill_mid_run(out)
@@ -96,6 +97,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_two_processes_into_one_folder_one_is_refused(tmp_path):
     """The real race of the issue: both started together; exactly one trains, the other names the folder."""
     out = tmp_path / "run"

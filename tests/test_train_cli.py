@@ -145,6 +145,7 @@ def test_an_existing_run_is_not_overwritten_without_asking(cli_run, capsys):
     assert "--out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     result = normfree.train(**{**QUICK_OPTIONS, "epochs": 3}, precision="bf16", quiet=True, out=out,
@@ -371,6 +372,7 @@ def test_the_clip_rate_figure_is_made_without_pyplot():
     assert heat.images[0].get_array().ravel().tolist() == pytest.approx([1 / 6, 4 / 6, 1.0, 0.0])  # stem, head
 
 
+@pytest.mark.slow
 def test_help_shows_every_default_through_a_real_subprocess():
     done = subprocess.run([sys.executable, "-m", "normfree", "train", "--help"], capture_output=True, text=True,
                           timeout=120)
