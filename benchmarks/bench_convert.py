@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from normfree import adaptive_clip_grad_, excluded_parameters, to_normfree
+from normfree import adaptive_clip_grad_, to_normfree
+from normfree.agc import excluded_parameters
 
 ROUNDS = 30
 BATCHES, CHANNELS, CLASSES = (16, 64), 3, 10

@@ -15,6 +15,7 @@ import time
 import torch
 
 import normfree
+from normfree.data import digits_dataloaders
 
 # enough training per run (~10 s on one core) that starting the --jobs 2 workers (~5 s) does not decide the result
 GRID = dict(methods=("nf-agc",), batch_sizes=(32,), seeds=(0, 1), epochs=3, size=32, limit=600, lrs=(0.01,))
@@ -30,7 +31,7 @@ def _images_per_second(jobs: int, threads: int) -> float:
             seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(all_threads)
-    data = normfree.digits_dataloaders(bs=32, size=GRID["size"], limit=GRID["limit"], device="cpu")
+    data = digits_dataloaders(bs=32, size=GRID["size"], limit=GRID["limit"], device="cpu")
     train_images = len(data.train_ds)
     return len(result.runs) * GRID["epochs"] * train_images / seconds
 

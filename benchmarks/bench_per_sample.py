@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from normfree import adaptive_clip_grad_, excluded_parameters
+from normfree import adaptive_clip_grad_
+from normfree.agc import excluded_parameters
 from normfree.agc.per_sample import PerSampleClipper
 
 ROUNDS = 6

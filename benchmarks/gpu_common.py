@@ -294,9 +294,9 @@ def batch(ctx: Context, n: int, size: int, channels_last: bool = False, seed: in
 
 def clipped_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
     """Every parameter but the classifier's weight (DeepMind's rule, normfree's default)."""
-    import normfree
+    import normfree.agc
 
-    excluded = {id(p) for p in normfree.excluded_parameters(model)}
+    excluded = {id(p) for p in normfree.agc.excluded_parameters(model)}
     return [p for p in model.parameters() if id(p) not in excluded]
 
 

@@ -26,7 +26,7 @@ def _in_process_learner(kind: str, precision: str, limit: int | None, device: to
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
 
-    import normfree
+    import normfree.data
     from normfree.app.config import TrainConfig
     from normfree.app.train import _build_learner
 
@@ -34,7 +34,7 @@ def _in_process_learner(kind: str, precision: str, limit: int | None, device: to
         config = dataclasses.replace(TrainConfig(), data="digits", size=32, bs=64, precision=precision, limit=limit,
                                      device=device.type)
         return _build_learner(config)
-    dls = normfree.digits_dataloaders(bs=64, size=32, limit=limit, device=device)
+    dls = normfree.data.digits_dataloaders(bs=64, size=32, limit=limit, device=device)
     learn = Learner(dls, timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1), CrossEntropyLossFlat())
     return learn.to_fp16() if precision == "fp16" else learn
 

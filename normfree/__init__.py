@@ -1,147 +1,64 @@
 """normfree: Normalizer-Free Networks and Adaptive Gradient Clipping for fastai.
 
-The layers, bottom up (docs/ARCHITECTURE.md): `utils`, `models` and `agc` (torch and timm only), `data` and
-`learner` (fastai), `app` (the runs, reports and the command line). `import normfree` loads the first three only;
-the fastai-level names below load on first use, so that a script using AGC alone never imports fastai or pyplot.
-Where fastai is imported already, the fastai integration (``Learner.agc``, ``Learner.to_mixed_precision``) is
-installed at once.
+The top level holds what a user calls; everything else is importable from its subpackage (each with its own
+``__all__``): `normfree.agc`, `normfree.models`, `normfree.data`, `normfree.learner`, `normfree.app.*`. The
+layers, bottom up (docs/ARCHITECTURE.md): `utils`, `models` and `agc` (torch and timm only), `data` and `learner`
+(fastai), `app` (the runs, reports and the command line).
+
+`import normfree` loads the first three only and changes nothing outside normfree: no warnings filter, no
+third-party class (it registers normfree's small ResNets, ``nf_resnet_*`` / ``bn_resnet_*``, with timm's model
+registry, so that ``timm.create_model`` finds them). The fastai-level names load on first use, so that a script
+using AGC alone never imports fastai or pyplot; that first use, like ``import normfree.learner``, installs the
+fastai integration (``Learner.agc``, ``Learner.agc_find``, ``Learner.to_mixed_precision`` and the guard around
+``Learner.fit``; see `normfree.learner`).
 """
 import importlib
-import sys
-import warnings
 
-from .app import startup  # noqa: F401  (first: Ctrl-C while the normfree command starts is one line)
-
-# fastai 2.8 decorates a layer with torch.jit.script at import time, which torch now deprecates: a
-# warning on every start of the `normfree` command that no user can act on.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-
-from .agc import (
-    ClipStats,
-    PerSampleClipper,
-    adaptive_clip_factor,
-    adaptive_clip_grad_,
-    agc_hook,
-    excluded_parameters,
-    unitwise_norm,
-)
-from .models import (  # importing the models registers normfree's small ResNets (nf_/bn_resnet_*) with timm
-    BlockStats,
-    ConversionError,
-    ConvertedResidual,
-    SignalPropagation,
-    SmallResNet,
-    average_channel_squared_mean,
-    average_channel_variance,
-    batchnorm_twin_name,
-    body_head_splitter,
-    build_model,
-    fast_nf,
-    find_classifier,
-    fuse_standardization,
-    init_classifier_,
-    load_weights,
-    normalizer_free_archs,
-    normfree_twin_name,
-    save_weights,
-    signal_propagation,
-    to_normfree,
-)
-from .utils.errors import ConfigError
-from .utils.memory import PeakMemory
+from .app import startup  # noqa: F401  (first: the `normfree` command's Ctrl-C while importing torch is one line)
 
 __version__ = "0.1.0"
 
-_LAZY = {  # name -> the module that defines it (each needs fastai)
-    **dict.fromkeys(["AGC", "ClipRate", "ClipHistory", "DeviceMixedPrecision", "EpochLog", "StepBudget",
-                     "nesterov_sgd", "nf_learner"], "normfree.learner"),
-    **dict.fromkeys(["FASHION_MNIST_CLASSES", "csv_dataloaders", "digits_dataloaders", "fashion_mnist_dataloaders",
-                     "image_folder_dataloaders", "medmnist_dataloaders", "read_idx", "subset_dataloaders",
-                     "write_digits_image_folder"], "normfree.data"),
-    **dict.fromkeys(["TrainConfig"], "normfree.app.config"),
-    **dict.fromkeys(["TrainResult", "resume", "train"], "normfree.app.train"),
-    **dict.fromkeys(["METHODS", "CompareConfig", "CompareResult", "compare"], "normfree.app.compare"),
-    **dict.fromkeys(["TransferConfig", "TransferResult", "compare_transfer"], "normfree.app.transfer"),
-    **dict.fromkeys(["RunRecord", "write_report"], "normfree.app.report"),
-    **dict.fromkeys(["write_spp"], "normfree.app.spp"),
+_PUBLIC = {  # the top level: name -> the module it comes from. `__all__` and the lazy loading both derive from it.
+    # the AGC core
+    "ClipStats": "normfree.agc",
+    "adaptive_clip_grad_": "normfree.agc",
+    "agc_hook": "normfree.agc",
+    "unitwise_norm": "normfree.agc",
+    # models and conversion
+    "build_model": "normfree.models",
+    "fast_nf": "normfree.models",
+    "fuse_standardization": "normfree.models",
+    "save_weights": "normfree.models",
+    "signal_propagation": "normfree.models",
+    "to_normfree": "normfree.models",
+    # fastai
+    "AGC": "normfree.learner",
+    "nf_learner": "normfree.learner",
+    # runs and grids
+    "ConfigError": "normfree.utils",
+    "TrainConfig": "normfree.app.config",
+    "compare": "normfree.app.compare",
+    "train": "normfree.app.train",
 }
+_CORE = ("normfree.utils", "normfree.models", "normfree.agc")  # torch and timm only: loaded by `import normfree`
+
+__all__ = sorted(_PUBLIC)
+
+for _name, _module in _PUBLIC.items():
+    if _module.startswith(_CORE):
+        globals()[_name] = getattr(importlib.import_module(_module), _name)
+del _name, _module
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
+    """A fastai-level name, loaded on first use; fastai's Learner gets normfree's integration then."""
+    if name not in _PUBLIC:
         raise AttributeError(f"module 'normfree' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
     importlib.import_module("normfree.learner")  # fastai is loaded now: its Learner gets normfree's methods
     globals()[name] = value  # the next access is a plain lookup
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
-
-if "fastai.learner" in sys.modules:
-    importlib.import_module("normfree.learner")
-
-__all__ = [
-    "AGC",
-    "BlockStats",
-    "ClipHistory",
-    "ClipRate",
-    "ClipStats",
-    "CompareConfig",
-    "CompareResult",
-    "ConfigError",
-    "ConversionError",
-    "ConvertedResidual",
-    "DeviceMixedPrecision",
-    "EpochLog",
-    "FASHION_MNIST_CLASSES",
-    "METHODS",
-    "PerSampleClipper",
-    "PeakMemory",
-    "RunRecord",
-    "SignalPropagation",
-    "SmallResNet",
-    "StepBudget",
-    "TrainConfig",
-    "TrainResult",
-    "TransferConfig",
-    "TransferResult",
-    "adaptive_clip_factor",
-    "adaptive_clip_grad_",
-    "agc_hook",
-    "average_channel_squared_mean",
-    "average_channel_variance",
-    "batchnorm_twin_name",
-    "body_head_splitter",
-    "build_model",
-    "compare",
-    "compare_transfer",
-    "csv_dataloaders",
-    "digits_dataloaders",
-    "excluded_parameters",
-    "fashion_mnist_dataloaders",
-    "fast_nf",
-    "find_classifier",
-    "fuse_standardization",
-    "image_folder_dataloaders",
-    "init_classifier_",
-    "load_weights",
-    "medmnist_dataloaders",
-    "nesterov_sgd",
-    "nf_learner",
-    "normfree_twin_name",
-    "read_idx",
-    "resume",
-    "normalizer_free_archs",
-    "save_weights",
-    "signal_propagation",
-    "subset_dataloaders",
-    "to_normfree",
-    "train",
-    "unitwise_norm",
-    "write_digits_image_folder",
-    "write_report",
-    "write_spp",
-]
+    return sorted(set(globals()) | set(_PUBLIC))

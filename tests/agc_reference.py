@@ -49,7 +49,7 @@ def per_example_clipping(model, x, y, loss_func, clipping=0.01, eps=1e-3, unclip
     The parameters named in `unclipped_names` are left unclipped; by default, normfree's `excluded_parameters` (the
     classifier weight), tested on its own.
     """
-    from normfree import excluded_parameters
+    from normfree.agc import excluded_parameters
 
     model = copy.deepcopy(model)
     unclipped = {id(p) for p in excluded_parameters(model)} if unclipped_names is None else \

@@ -27,8 +27,10 @@ from fastai_helpers import (
 )
 from torch import nn
 
-import normfree
-from normfree import AGC, DeviceMixedPrecision, excluded_parameters, find_classifier
+from normfree import AGC
+from normfree.agc import excluded_parameters
+from normfree.learner import ClipRate, DeviceMixedPrecision
+from normfree.models import find_classifier
 
 # ---- ordering -------------------------------------------------------------------------------
 
@@ -176,12 +178,12 @@ def test_clipping_per_param_group_and_recorder_columns():
         overall, group0, group1 = epoch[-3:]
         assert (group0, group1) == (1.0, 0.0)
         assert overall == pytest.approx(units["group0"] / (units["group0"] + units["group1"]))
-    assert not any(isinstance(m, normfree.ClipRate) for m in learn.metrics)
+    assert not any(isinstance(m, ClipRate) for m in learn.metrics)
     # the columns read the callback's public epoch_clip_rate, which holds the last epoch's after the fit
     agc = learn.adaptive_clip
     assert [agc.epoch_clip_rate(), agc.epoch_clip_rate(0), agc.epoch_clip_rate(1)] == list(learn.recorder.values[-1][-3:])
     assert math.isnan(AGC().epoch_clip_rate())  # before any fit
-    assert normfree.ClipRate.__module__ == AGC.__module__  # the column lives with the callback it reads
+    assert ClipRate.__module__ == AGC.__module__  # the column lives with the callback it reads
 
 
 def test_clipping_list_must_match_param_groups():
@@ -278,6 +280,7 @@ def test_learner_agc_convenience():
     assert relative_difference(update, reference_update(tiny_model(), clipping=0.05, unclipped=())) < 1e-5
 
 
+@pytest.mark.slow
 def test_plot_per_layer_clip_rates(tmp_path):
     gradients = GradientsBeforeAGC()
     learn = make_learner(tiny_model(), tiny_dls(bs=8), [gradients]).agc(0.01)
@@ -297,8 +300,9 @@ def test_plot_per_layer_clip_rates(tmp_path):
     assert (tmp_path / "clip.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_callback_runs_with_no_warning_on_a_timm_model():
-    from normfree import digits_dataloaders
+    from normfree.data import digits_dataloaders
 
     model = timm.create_model("test_nfnet", num_classes=10, in_chans=1)
     learn = Learner(digits_dataloaders(bs=128, size=16), model, loss_func=CrossEntropyLossFlat()).agc()
@@ -316,4 +320,4 @@ def test_validate_and_get_preds_keep_the_fit_statistics():
         learn.validate()
         learn.get_preds()
     assert len(learn.adaptive_clip.history) == steps == 4
-    assert not any(isinstance(m, normfree.ClipRate) for m in learn.metrics)
+    assert not any(isinstance(m, ClipRate) for m in learn.metrics)

@@ -250,6 +250,7 @@ invariant_settings = settings(max_examples=150, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.slow
 @invariant_settings
 @given(clipping_cases())
 def test_unit_norms_are_bounded_after_clipping(case):
@@ -259,6 +260,7 @@ def test_unit_norms_are_bounded_after_clipping(case):
         assert norm64(g_u) <= clipping * max(norm64(w_u), eps) * (1 + 1e-6)
 
 
+@pytest.mark.slow
 @invariant_settings
 @given(clipping_cases())
 def test_directions_are_unchanged_and_small_units_untouched(case):
@@ -275,6 +277,7 @@ def test_directions_are_unchanged_and_small_units_untouched(case):
             torch.testing.assert_close(after, before * scale, rtol=1e-5, atol=1e-30)
 
 
+@pytest.mark.slow
 @invariant_settings
 @given(clipping_cases())
 def test_clipping_twice_changes_nothing(case):
@@ -365,6 +368,7 @@ def layout_sequences(draw):
     return shape, draw(st.lists(step, min_size=2, max_size=4))
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(layout_sequences())

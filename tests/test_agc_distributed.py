@@ -59,6 +59,7 @@ def train_one_shard(rank: int, init_file: str, result_file: str, per_sample: boo
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_sample, wrap", [(False, "ddp"), (True, "ddp"), (False, "fsdp2")],
                          ids=["batch", "per-sample", "batch-fsdp2"])
 def test_agc_clips_the_all_reduced_gradient(tmp_path, per_sample, wrap):

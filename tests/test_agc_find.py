@@ -170,6 +170,7 @@ def assert_same(before, after):
     assert losses == losses2 and values == values2
 
 
+@pytest.mark.slow
 def test_model_optimizer_recorder_and_random_state_are_restored_bit_for_bit():
     learn = bn_learner()
     fit(learn)
@@ -272,6 +273,7 @@ def watched_fit(clipping, epochs=7):
     return [str(w.message) for w in caught if "AGC (lambda" in str(w.message)], learn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clipping, says", [(1e-6, "far too small"), (1e6, "too large and AGC does nothing")])
 def test_a_lambda_far_off_is_reported_once_with_the_share_and_a_suggestion(clipping, says):
     messages, learn = watched_fit(clipping)
@@ -282,6 +284,7 @@ def test_a_lambda_far_off_is_reported_once_with_the_share_and_a_suggestion(clipp
     assert 1e-4 < suggestion < 1e2  # a ratio of this model's gradients, not the lambda it was given
 
 
+@pytest.mark.slow
 def test_the_suggested_lambda_clips_some_units_and_is_not_reported():
     messages, learn = watched_fit(None)
     rates = learn.adaptive_clip.history.step_rates()
@@ -291,6 +294,7 @@ def test_the_suggested_lambda_clips_some_units_and_is_not_reported():
 # --- agc="auto" in normfree train and compare --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_with_agc_auto_records_the_lambda_it_trained_with(tmp_path):
     from helpers import QUICK_OPTIONS, read_rows, without_timing
 
@@ -307,6 +311,7 @@ def test_train_with_agc_auto_records_the_lambda_it_trained_with(tmp_path):
     assert fixed.agc == auto.agc
 
 
+@pytest.mark.slow
 def test_cli_takes_agc_auto_and_names_the_option_for_anything_else(tmp_path, capsys):
     from helpers import QUICK, stopped_with_status_2
 
@@ -326,6 +331,7 @@ def test_agc_auto_with_per_sample_is_refused_naming_agc():
         TrainConfig(data="digits", agc="auto", per_sample=True)
 
 
+@pytest.mark.slow
 def test_compare_with_agc_auto_reports_each_runs_lambda(tmp_path):
     result = normfree.compare(data="digits", limit=64, size=8, epochs=1, batch_sizes=(16,), accumulate=False,
                               seeds=(0,), lrs=(0.01,), agc="auto", out=str(tmp_path), quiet=True)

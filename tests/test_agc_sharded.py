@@ -125,7 +125,8 @@ def _refusals(mesh, rank):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    from normfree import PerSampleClipper, adaptive_clip_grad_
+    from normfree import adaptive_clip_grad_
+    from normfree.agc import PerSampleClipper
 
     weight, grad = torch.randn(4, 3), torch.randn(4, 3)
     cases = {}

@@ -7,10 +7,12 @@ import re
 
 import pytest
 
-import normfree
 from normfree.app.cli import build_parser, main
+from normfree.app.compare import CompareConfig
+from normfree.app.config import TrainConfig
+from normfree.app.transfer import TransferConfig
 
-SETTINGS = {"train": normfree.TrainConfig, "compare": normfree.CompareConfig, "transfer": normfree.TransferConfig}
+SETTINGS = {"train": TrainConfig, "compare": CompareConfig, "transfer": TransferConfig}
 # The options that are not settings of the run or grid: what to do with them (and argparse's --help).
 OWN_OPTIONS = {"train": {"help", "config", "resume", "overwrite", "quiet"},
                "compare": {"help", "jobs", "devices", "plan", "report", "overwrite", "quiet", "transfer"},
@@ -70,7 +72,7 @@ def test_transfer_is_its_own_command_and_compare_transfer_its_alias():
     assert vars(new) == vars(old) and new.command == "transfer"
     assert (new.per_class, new.seeds, new.precision, new.lrs, new.quiet) == ([7], [3], "fp16", [0.1], True)
     assert not hasattr(new, "budget")  # nothing of compare's is left in it
-    assert normfree.TransferConfig(seeds=(3,)).command() == "normfree transfer --seeds 3"
+    assert TransferConfig(seeds=(3,)).command() == "normfree transfer --seeds 3"
 
 
 @pytest.mark.bad_input

@@ -11,6 +11,7 @@ import pytest
 
 import normfree
 from normfree.app.cli import build_parser, main
+from normfree.app.compare import CompareConfig
 from normfree.app.report import RunRecord, markdown_table, summarise, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -70,6 +71,7 @@ def run_results(out):
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))}
 
 
+@pytest.mark.slow
 def test_compare_cli_trains_the_grid_and_prints_the_table(grid, capsys):
     out, status = grid
     assert status == 0
@@ -86,6 +88,7 @@ def test_compare_cli_trains_the_grid_and_prints_the_table(grid, capsys):
                                                "summary.csv", "accuracy_vs_batch_size.png", "validation_curves.png"}
 
 
+@pytest.mark.slow
 def test_report_rows_match_the_runs_on_disk(grid):
     out, _ = grid
     runs = run_results(out)
@@ -100,6 +103,7 @@ def test_report_rows_match_the_runs_on_disk(grid):
             assert any(row.startswith(expected) for row in rows), (expected, rows)
 
 
+@pytest.mark.slow
 def test_compare_resumes_from_the_runs_already_in_out(grid, capsys):
     out, _ = grid
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
@@ -113,6 +117,7 @@ def test_compare_resumes_from_the_runs_already_in_out(grid, capsys):
     assert capsys.readouterr().out.count("(done before)") == 11
 
 
+@pytest.mark.slow
 def test_compare_summarises_the_runs_once_and_reports_those_rows(grid, monkeypatch):
     out, _ = grid
     calls = []
@@ -132,6 +137,7 @@ def test_compare_summarises_the_runs_once_and_reports_those_rows(grid, monkeypat
                        for row in result.rows]
 
 
+@pytest.mark.slow
 def test_compare_refuses_to_mix_runs_of_other_settings(grid):
     out, _ = grid
     with pytest.raises(normfree.ConfigError, match="other settings.*epochs"):
@@ -140,7 +146,7 @@ def test_compare_refuses_to_mix_runs_of_other_settings(grid):
 
 
 def test_default_grid_is_the_quick_digits_grid():
-    config = normfree.CompareConfig()
+    config = CompareConfig()
     methods = ["bn", "nf-agc"]
     assert config.data == "digits" and config.method_keys() == methods and config.sweeps
     settings = [(c.bs, c.accum) for c in config.cells() if c.seed == config.seeds[0] and c.method == "bn"]
@@ -149,13 +155,13 @@ def test_default_grid_is_the_quick_digits_grid():
 
 
 def test_compare_command_line_round_trips():
-    config = normfree.CompareConfig(data="digits", methods=("nf", "bn"), batch_sizes=(4, 16), accumulate=False,
+    config = CompareConfig(data="digits", methods=("nf", "bn"), batch_sizes=(4, 16), accumulate=False,
                                     seeds=(3,), epochs=2, lrs=(1e-3, 1e-2), opt="sgd", budget="steps",
                                     steps=7, agc=0.02, size=12, limit=30, precision="bf16", out="elsewhere")
     parser, _ = build_parser()
     args = vars(parser.parse_args(config.command().split()[1:]))
     args = {k: v for k, v in args.items() if k not in ("command", "quiet", "overwrite", "jobs", "devices", "plan", "report")}
-    assert normfree.CompareConfig(**args) == config
+    assert CompareConfig(**args) == config
 
 
 @pytest.mark.parametrize("argv, flag", [

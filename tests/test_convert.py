@@ -20,7 +20,8 @@ from torch.utils.data import TensorDataset
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import normfree
-from normfree import ConvertedResidual, nf_learner, to_normfree
+from normfree import nf_learner, to_normfree
+from normfree.models import ConvertedResidual
 from normfree.models.convert import ConversionError
 from normfree.models.standardization import standardized_weight
 
@@ -135,6 +136,7 @@ def test_nf_residual_equation_by_hand():
         assert torch.allclose(block(h), h + ALPHA * gain * branch, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_variance_at_init_follows_the_nf_prediction_where_deleting_batchnorm_explodes():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None)
@@ -206,6 +208,7 @@ def image_dls(n=64, size=16, classes=4, bs=16):
     return dls
 
 
+@pytest.mark.slow
 def test_converted_model_trains_with_agc_and_per_sample_agc():
     torch.manual_seed(0)
     dls = image_dls()
@@ -236,7 +239,7 @@ def test_converted_model_trains_with_agc_and_per_sample_agc():
 def test_nf_learner_refuses_to_convert_normalizer_free_archs():
     with pytest.raises(ValueError, match="already normalizer-free; drop convert"):
         nf_learner(image_dls(), "nf_resnet_tiny", convert=True)
-    assert "to_normfree" in normfree.__all__ and "ConvertedResidual" in normfree.__all__
+    assert "to_normfree" in normfree.__all__ and "ConvertedResidual" in normfree.models.__all__
 
 
 # ---- models to_normfree cannot convert whole, and what it says ------------------------------------------------------

@@ -18,7 +18,8 @@ from timm.models.nfnet import _nonlin_gamma
 from torch import nn
 
 import normfree.models.convert as convert_module
-from normfree import ConvertedResidual, to_normfree
+from normfree import to_normfree
+from normfree.models import ConvertedResidual
 
 EPS = 1e-5  # the eps of the Scaled WS convolutions to_normfree builds (timm's NfCfg default)
 GAMMAS = {nn.ReLU: _nonlin_gamma["relu"], nn.SiLU: _nonlin_gamma["silu"]}  # timm's copy of DeepMind's table
@@ -75,6 +76,7 @@ MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_folded_blocks_compute_the_unfolded_formula_and_its_gradients(name, monkeypatch):
     make, act = MODELS[name]

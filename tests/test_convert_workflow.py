@@ -10,16 +10,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import normfree
-from normfree import ConvertedResidual, nf_learner
+from normfree import nf_learner
 from normfree.app.cli import build_parser, main
+from normfree.app.compare import CompareConfig
 from normfree.app.config import TrainConfig
 from normfree.app.grid_jobs import train_command
+from normfree.models import ConvertedResidual
 from normfree.models.factory import build_model
 from normfree.models.weights import save_weights
 
 QUICK = dict(data="digits", size=8, limit=64, bs=16, epochs=1)
 
 
+@pytest.mark.slow
 def test_train_to_normfree_with_per_sample_agc(tmp_path):
     result = normfree.train(**QUICK, arch="resnet18", to_normfree=True, per_sample=True, quiet=True,
                             save_model=False, save_plots=False, out=tmp_path / "run")
@@ -46,6 +49,7 @@ def test_train_cli_refuses_what_it_cannot_convert(tmp_path, capsys, arch, messag
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_compare_converted_methods_on_your_own_arch(tmp_path, capsys):
     out = tmp_path / "out"
     status = main(["compare", "--arch", "resnet18", "--batch-sizes", "16", "--no-accum", "--seeds", "0", "--epochs",
@@ -64,11 +68,11 @@ def test_compare_converted_methods_on_your_own_arch(tmp_path, capsys):
 
 def test_compare_method_choices_are_checked():
     with pytest.raises(normfree.ConfigError, match="arch: 'resnet18' is not one of the small ResNets.*nf-agc"):
-        normfree.CompareConfig(arch="resnet18", methods=("bn", "nf-agc"))
+        CompareConfig(arch="resnet18", methods=("bn", "nf-agc"))
     with pytest.raises(normfree.ConfigError, match="methods: bn_resnet_tiny cannot be converted"):
-        normfree.CompareConfig(arch="nf_resnet_tiny", methods=("bn", "converted"))
-    assert normfree.CompareConfig().method_keys() == ["bn", "nf-agc"]  # the twins' default is unchanged
-    assert normfree.CompareConfig(arch="resnet18").method_keys() == ["bn", "converted", "converted-agc"]
+        CompareConfig(arch="nf_resnet_tiny", methods=("bn", "converted"))
+    assert CompareConfig().method_keys() == ["bn", "nf-agc"]  # the twins' default is unchanged
+    assert CompareConfig(arch="resnet18").method_keys() == ["bn", "converted", "converted-agc"]
 
 
 # ---- mode "fold" in the workflow ------------------------------------------------------------------------------------
@@ -77,6 +81,7 @@ def batchnorm_free(model):
     return not any(isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) for m in model.modules())
 
 
+@pytest.mark.slow
 def test_train_cli_folds_with_to_normfree_fold_and_its_config_round_trips(tmp_path):
     """--to-normfree fold with per-sample AGC (the folded model has no normalisation layer)."""
     out = tmp_path / "run"
@@ -147,6 +152,7 @@ def test_nf_learner_fold_keeps_the_function_of_the_loaded_weights(tmp_path, conv
     assert float((expected - actual).abs().max() / expected.abs().max()) <= 1e-5
 
 
+@pytest.mark.slow
 def test_compare_folded_methods_on_your_own_arch(tmp_path):
     out = tmp_path / "out"
     status = main(["compare", "--arch", "resnet18", "--methods", "folded", "folded-agc", "--batch-sizes", "16",
@@ -193,6 +199,7 @@ def test_unknown_library_archs_name_close_ones(tmp_path, capsys, arch, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_alpha_and_skipinit_reach_the_converted_blocks(tmp_path):
     result = normfree.train(**QUICK, arch="torchvision:resnet18", to_normfree="nf", alpha=0.5, skipinit=False,
                             quiet=True, save_model=False, save_plots=False, out=tmp_path / "run")

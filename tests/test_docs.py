@@ -2,6 +2,7 @@
 the documentation pages names a file that exists, and the site builds with ``mkdocs build --strict`` (a broken
 link or anchor, or a docstring mkdocstrings cannot read, fails it), with each command's help and each public
 name of normfree on its pages."""
+import importlib
 import importlib.util
 import os
 import re
@@ -57,6 +58,7 @@ def test_readme_commands_parse():
         assert parser.parse_args(argv).command == argv[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
                     reason="mkdocs is not installed: pip install -e '.[docs]' (make test installs it)")
 def test_site_builds_strict(tmp_path):
@@ -70,6 +72,10 @@ def test_site_builds_strict(tmp_path):
     for command in commands.values():  # each command's --help, rendered from the parser at build time
         assert f"usage: {command.prog}" in command_line
     api = (site / "api" / "index.html").read_text()
-    undocumented = [name for name in normfree.__all__ if not re.search(rf'id="[\w.]*\.{name}"', api)]
+    subpackages = [f"normfree.{package}" for package in ("agc", "models", "data", "learner", "utils")]
+    public = [importlib.import_module(name) for name in
+              ["normfree", *subpackages, *(f"normfree.app.{module}" for module in normfree.app.__all__)]]
+    undocumented = [f"{module.__name__}.{name}" for module in public for name in module.__all__
+                    if not re.search(rf'id="[\w.]*\.{name}"', api)]
     assert not undocumented, f"public names missing from the API reference: {undocumented}"
     assert (site / "quickstart" / "index.html").is_file()

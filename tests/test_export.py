@@ -15,9 +15,11 @@ from helpers import write_fashion, write_npz
 from PIL import Image
 
 import normfree
-from normfree import AGC, nf_learner, write_digits_image_folder
+from normfree import AGC, nf_learner
+from normfree.data import medmnist_dataloaders, write_digits_image_folder
 
 
+@pytest.mark.slow
 def test_export_round_trip_and_predict(tmp_path):
     folder = write_digits_image_folder(tmp_path / "digits", size=16, per_class=8)
     dls = ImageDataLoaders.from_folder(folder, valid_pct=0.25, seed=0, bs=16)
@@ -183,6 +185,7 @@ def inputs_and_pixels(kind, learn, folder):
     return forms
 
 
+@pytest.mark.slow
 def test_exported_learner_predicts_every_input_form_as_the_model_does(exported):
     kind, learn, loaded, folder = exported
     reference = Reference(learn)
@@ -260,7 +263,7 @@ def test_image_files_are_refused_by_a_model_of_float_pixels_of_no_fixed_white(tm
     rng = np.random.default_rng(0)
     floats = {f"{split}_images": rng.normal(size=(n, 12, 12)).astype(np.float32)
               for split, n in (("train", 24), ("val", 12), ("test", 6))}
-    dls = normfree.medmnist_dataloaders(write_npz(tmp_path / "floats.npz", n=(24, 12, 6), **floats), bs=4)
+    dls = medmnist_dataloaders(write_npz(tmp_path / "floats.npz", n=(24, 12, 6), **floats), bs=4)
     image = write_png(tmp_path / "image.png", np.zeros((12, 12), np.uint8))
     with pytest.raises(TypeError, match=r"image.png; this model was trained on float32 pixels of no fixed white "
                                         r"level, which an image file cannot give: it takes one image as in training: "

@@ -14,7 +14,8 @@ from torch import nn
 
 import normfree
 from normfree.app.cli import main
-from normfree.app.compare import SweepPoint, _choose_lr
+from normfree.app.compare import CompareConfig, SweepPoint, _choose_lr
+from normfree.data import digits_dataloaders, subset_dataloaders
 from normfree.learner.optim import nesterov_sgd
 
 TINY = dict(data="digits", arch="nf_resnet_tiny", size=8, limit=64, bs=16, epochs=1)
@@ -49,6 +50,7 @@ class StepCounter(Callback):
         self.steps += 1
 
 
+@pytest.mark.slow
 def test_step_budget_makes_exactly_that_many_steps_over_the_whole_schedule(tmp_path):
     counter, losses = StepCounter(), LossesSeen()
     # 64 images in batches of 16 = 4 batches an epoch; 5 steps of 2 batches = 10 batches = 2.5 epochs
@@ -69,10 +71,10 @@ def test_step_budget_makes_exactly_that_many_steps_over_the_whole_schedule(tmp_p
 
 
 def test_subset_keeps_classes_per_class_and_holds_out_training_images_only():
-    dls = normfree.digits_dataloaders(bs=8, size=8, seed=3)
+    dls = digits_dataloaders(bs=8, size=8, seed=3)
     raw_train = dls.train_ds.tensors
     raw_valid = dls.valid_ds.tensors
-    narrowed = normfree.subset_dataloaders(dls, classes=[7, 3, 5], per_class=10, holdout_pct=0.2, seed=1)
+    narrowed = subset_dataloaders(dls, classes=[7, 3, 5], per_class=10, holdout_pct=0.2, seed=1)
     (x_train, y_train), (x_hold, y_hold) = narrowed.train_ds.tensors, narrowed.valid_ds.tensors
     assert narrowed.c == 3 and narrowed.vocab == ["7", "3", "5"]
     assert len(x_train) == 24 and len(x_hold) == 6
@@ -92,15 +94,16 @@ def test_subset_keeps_classes_per_class_and_holds_out_training_images_only():
 
 
 def test_subset_refuses_what_cannot_work():
-    dls = normfree.digits_dataloaders(bs=8, size=8)
+    dls = digits_dataloaders(bs=8, size=8)
     with pytest.raises(ValueError, match="classes"):
-        normfree.subset_dataloaders(dls, classes=[1, 1])
+        subset_dataloaders(dls, classes=[1, 1])
     with pytest.raises(ValueError, match="classes"):
-        normfree.subset_dataloaders(dls, classes=[3, 10])
+        subset_dataloaders(dls, classes=[3, 10])
     with pytest.raises(ValueError, match="holdout"):
-        normfree.subset_dataloaders(dls, per_class=1, holdout_pct=0.01)
+        subset_dataloaders(dls, per_class=1, holdout_pct=0.01)
 
 
+@pytest.mark.slow
 def test_digits_hold_out_is_drawn_from_the_training_split(tmp_path):
     result = normfree.train(**{**TINY, "limit": None}, holdout=True, quiet=True, save_model=False, save_plots=False,
                             out=tmp_path / "tune")
@@ -109,6 +112,7 @@ def test_digits_hold_out_is_drawn_from_the_training_split(tmp_path):
     assert load_digits().images.shape[0] == 1797
 
 
+@pytest.mark.slow
 def test_skipinit_option_and_new_head(tmp_path):
     result = normfree.train(**TINY, skipinit=True, quiet=True, out=tmp_path / "skip")
     gains = [m.skipinit_gain for m in result.learner.model.modules() if getattr(m, "skipinit_gain", None) is not None]
@@ -142,6 +146,7 @@ def swept(tmp_path_factory):
     return out, status
 
 
+@pytest.mark.slow
 def test_sweep_chooses_each_lr_on_the_hold_out_and_trains_every_seed_with_it(swept):
     out, status = swept
     assert status == 0
@@ -163,8 +168,9 @@ def test_sweep_chooses_each_lr_on_the_hold_out_and_trains_every_seed_with_it(swe
     assert "Learning-rate sweep" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_compare_step_budget_gives_every_run_the_same_steps(tmp_path):
-    config = normfree.CompareConfig(methods=("nf-agc",), batch_sizes=(8, 32), seeds=(0,), epochs=2, size=8,
+    config = CompareConfig(methods=("nf-agc",), batch_sizes=(8, 32), seeds=(0,), epochs=2, size=8,
                                     limit=64, budget="steps", out=str(tmp_path / "out"))
     assert config.step_budget() == 2 * math.ceil(64 / 32)  # what batch 32 makes in 2 epochs of 64 images
     result = normfree.compare(config, quiet=True)

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import normfree
 from normfree import ConfigError, TrainConfig, fast_nf, fuse_standardization, nf_learner, signal_propagation
+from normfree.app.compare import CompareConfig
 from normfree.models.fast_nf import FastNormFreeBlock
 
 _SMALL = dict(depths=(1, 2), channels=(16, 32), ch_div=8)
@@ -260,11 +261,11 @@ def test_no_fast_nf_on_the_command_line_reaches_every_run():
     parser, _ = build_parser()
     assert parser.parse_args(["train"]).fast_nf is True
     assert parser.parse_args(["train", "--no-fast-nf"]).fast_nf is False
-    config = normfree.CompareConfig(fast_nf=False, methods=("nf-agc", "nf-agc-per-sample"), lrs=(0.01,))
+    config = CompareConfig(fast_nf=False, methods=("nf-agc", "nf-agc-per-sample"), lrs=(0.01,))
     assert "--no-fast-nf" in config.command()
     assert parser.parse_args(config.command().split()[1:]).fast_nf is False
     assert {config.train_config(cell, 0.01, None).fast_nf for cell in config.cells()} == {False}
-    assert {normfree.CompareConfig(lrs=(0.01,)).train_config(cell, 0.01, None).fast_nf
+    assert {CompareConfig(lrs=(0.01,)).train_config(cell, 0.01, None).fast_nf
             for cell in config.cells()} == {True}
 
 
@@ -279,7 +280,7 @@ def test_torchscript_scripts_it_as_it_scripts_timms(name):
 def test_per_sample_agc_clips_a_folded_model_as_timms(name):
     """Per-sample AGC's engines stand in for the layers (and hand the SkipInit gain one copy per example); the folded
     blocks then compute timm's formula where a fold would skip them, and the clipped gradient is timm's."""
-    from normfree import PerSampleClipper, excluded_parameters
+    from normfree.agc import PerSampleClipper, excluded_parameters
 
     def clipped_gradient(model, x, y):
         unclipped = {id(p) for p in excluded_parameters(model)}

@@ -10,7 +10,8 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai_helpers import fit_quietly, make_learner, tiny_data, tiny_dls
 from torch import nn
 
-from normfree import AGC, ClipRate
+from normfree import AGC
+from normfree.learner import ClipRate
 
 
 def smallest_model():

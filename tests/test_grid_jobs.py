@@ -20,6 +20,7 @@ def epochs_of(out):
     return {p.parent.name: json.loads(p.read_text())["epochs"] for p in sorted((out / "runs").glob("*/result.json"))}
 
 
+@pytest.mark.slow
 def test_jobs_2_gives_the_sequential_results_and_reuses_finished_runs(tmp_path, capsys):
     grid = {**GRID, "seeds": (0, 1, 2)}
     one = normfree.compare(**grid, out=str(tmp_path / "one"), quiet=True)
@@ -51,6 +52,7 @@ def run_plan(plan):
         assert main(argv[1:]) == 0
 
 
+@pytest.mark.slow
 def test_plan_then_report(tmp_path, capsys):
     out, plan = tmp_path / "grid", tmp_path / "plan.txt"
     grid = ["compare", *CLI_GRID, "--seeds", "0", "--lrs", "0.01", "0.03", "--out", str(out)]

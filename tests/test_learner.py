@@ -13,8 +13,9 @@ from helpers import write_npz
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import normfree
-from normfree import AGC, build_model, nf_learner, normalizer_free_archs, save_weights, write_digits_image_folder
+from normfree import AGC, build_model, nf_learner, save_weights
+from normfree.data import medmnist_dataloaders, write_digits_image_folder
+from normfree.models import find_classifier, normalizer_free_archs
 from normfree.models.factory import unknown_arch_error
 
 NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -47,7 +48,7 @@ def test_no_normalisation_layer_anywhere(arch):
     with torch.device("meta"):
         model = build_model(arch, n_out=10, n_in=3)
     assert normalisation_layers(model) == []
-    assert isinstance(normfree.find_classifier(model), nn.Linear)
+    assert isinstance(find_classifier(model), nn.Linear)
 
 
 @pytest.mark.parametrize("arch, millions", PAPER_PARAMS_M.items())
@@ -68,6 +69,7 @@ def test_learner_model_head_and_agc():
     assert not any(isinstance(cb, AGC) for cb in nf_learner(image_dls(), "test_nfnet", agc=None).cbs)
 
 
+@pytest.mark.slow
 def test_freeze_trains_only_the_head_then_fine_tune_trains_all():
     learn = nf_learner(image_dls(), "test_nfnet")
     body, head = learn.splitter(learn.model)
@@ -85,6 +87,7 @@ def test_freeze_trains_only_the_head_then_fine_tune_trains_all():
                and p.requires_grad)
 
 
+@pytest.mark.slow
 def test_discriminative_learning_rates():
     learn = nf_learner(image_dls(), "test_nfnet")
     with learn.no_bar(), learn.no_logging():
@@ -109,7 +112,7 @@ def test_weights_bring_input_normalisation_from_the_timm_config(tmp_path):
         warnings.filterwarnings("error", message="these DataLoaders take no batch transforms")
         rgb = tmp_path / "rgb.npz"
         write_npz(rgb, channels=3)
-        nf_learner(normfree.medmnist_dataloaders(rgb, bs=8), "test_nfnet", weights=path)
+        nf_learner(medmnist_dataloaders(rgb, bs=8), "test_nfnet", weights=path)
 
 
 def test_unknown_arch_lists_close_normalizer_free_names():
@@ -165,10 +168,11 @@ def test_pretrained_for_an_arch_without_published_weights():
         nf_learner(image_dls(), "nf_resnet26", pretrained=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet26", torchvision.models.resnet18], ids=["timm_resnet26", "torchvision_resnet18"])
 def test_batchnorm_baselines_share_the_interface(arch):
     learn = nf_learner(image_dls(size=32), arch, n_out=4)
-    classifier = normfree.find_classifier(learn.model)
+    classifier = find_classifier(learn.model)
     assert classifier.out_features == 4 and classifier.weight.std().item() == pytest.approx(0.01, rel=0.2)
     assert normalisation_layers(learn.model) != []  # the body keeps its BatchNorm: it is the baseline
     body, head = learn.splitter(learn.model)

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 
-from normfree import AGC, excluded_parameters
+from normfree import AGC
+from normfree.agc import excluded_parameters
 from normfree.agc.per_sample import TUNING, PerSampleClipper, tuned
 from normfree.agc.per_sample.layers import Layer
 
@@ -104,6 +105,7 @@ MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_equals_a_loop_over_examples(name):
     make_model, make_batch = MODELS[name]
@@ -657,6 +659,7 @@ def test_an_example_with_a_non_finite_gradient_is_counted_and_left_unclipped():
     assert not torch.isfinite(got["0.weight"]).all()  # left unchanged (factor 1), as ordinary AGC does
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(budget=st.integers(1, 64 << 10), method=st.sampled_from(["conv", "bmm"]))
 def test_chunks_of_any_size_give_the_result_of_one_chunk(budget, method):
@@ -765,6 +768,7 @@ def graphed_steps(make_model, make_batch, mode, steps=5, device="cpu", set_to_no
     return grads, counts, reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "standardised convs with gains",
                                   "embedding, conv1d, layernorm", "plain conv + linear"])
 def test_layer_graphs_replay_the_steps_without_graphs(name):

@@ -5,6 +5,8 @@ runs it."""
 import re
 from pathlib import Path
 
+import pytest
+
 from agc_reference import units_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ def assert_units_counted(namespace: dict):
     assert int(namespace["stats"].units.sum()) == sum(len(units_of(p)) for p in clipped) > 0
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = run_examples([README])
@@ -36,6 +39,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert_units_counted(namespace)
 
 
+@pytest.mark.slow
 def test_docs_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write files
     blocks = sum(len(re.findall(r"```python\n", page.read_text())) for page in DOCS_IN_ORDER)

@@ -1,5 +1,6 @@
-"""`normfree train --resume DIR` / `normfree.resume`: a run stopped by Ctrl-C, SIGTERM or a kill continues from its
-last finished epoch and ends with the metrics of the same run never stopped; only unfinished runs are accepted."""
+"""`normfree train --resume DIR` / `normfree.app.train.resume`: a run stopped by Ctrl-C, SIGTERM or a kill continues
+from its last finished epoch and ends with the metrics of the same run never stopped; only unfinished runs are
+accepted."""
 import json
 import shutil
 import signal
@@ -22,6 +23,7 @@ from helpers import (
 
 import normfree
 from normfree.app.cli import build_parser, main
+from normfree.app.train import TrainResult, resume
 from normfree.data.loaders import write_digits_image_folder
 from normfree.learner.checkpoint import EpochCheckpoint
 from normfree.utils.outdir import INCOMPLETE
@@ -33,6 +35,7 @@ def metrics(result):
     return [{k: str(v) for k, v in row.items()} for row in result.epochs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, at", [
     (dict(epochs=3), (1, 2)),
     # fp16's gradient scaler; 4 batches an epoch, 3 per step: the checkpoint holds a part-way accumulation
@@ -47,13 +50,14 @@ def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path,
     stopped = normfree.train(**settings, out=tmp_path / "run", cbs=[InterruptAt(*at)], **QUIET)
     assert stopped.interrupted and len(stopped.epochs) == at[0]
     assert (tmp_path / "run" / "checkpoint.pth").exists()
-    resumed = normfree.resume(tmp_path / "run", **QUIET)
+    resumed = resume(tmp_path / "run", **QUIET)
     assert not resumed.interrupted
     assert_same_metrics(metrics(resumed), metrics(whole))
     assert_same_metrics(read_rows(tmp_path / "run" / "metrics.csv"), metrics(whole))  # the CSV continued
     assert {p.name for p in (tmp_path / "run").iterdir()} == {p.name for p in (tmp_path / "whole").iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_fine_tune_resumes_in_its_frozen_fit_without_its_starting_weights_file(tmp_path):
     base = normfree.train(**QUICK_OPTIONS, out=tmp_path / "base", quiet=True, save_plots=False)
@@ -62,9 +66,10 @@ def test_fine_tune_resumes_in_its_frozen_fit_without_its_starting_weights_file(t
     whole = normfree.train(**settings, out=tmp_path / "whole", **QUIET)
     normfree.train(**settings, out=tmp_path / "run", cbs=[InterruptAt(1, 1)], **QUIET)
     shutil.move(base.files["weights"], tmp_path / "moved.safetensors")  # the checkpoint holds the weights
-    assert_same_metrics(metrics(normfree.resume(tmp_path / "run", **QUIET)), metrics(whole))
+    assert_same_metrics(metrics(resume(tmp_path / "run", **QUIET)), metrics(whole))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM is handled here already")
 def test_cli_resume_after_sigterm(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
@@ -75,12 +80,13 @@ def test_cli_resume_after_sigterm(tmp_path, monkeypatch, capsys):
     assert f"normfree train --resume {out}" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert not (out / INCOMPLETE).exists() and not (out / "checkpoint.pth").exists()
-    assert normfree.TrainResult.load(out).interrupted is False
+    assert TrainResult.load(out).interrupted is False
     assert_same_metrics(read_rows(out / "metrics.csv"), read_rows(tmp_path / "whole" / "metrics.csv"))
     error = stopped_with_status_2(["train", "--resume", str(out)], capsys)  # finished now
     assert f"--resume: {out} holds a finished run" in error
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill(tmp_path):
     out = tmp_path / "run"
     kill_mid_run(out)  # SIGKILL: nothing saved at the stop, only the last epoch's checkpoint
@@ -151,6 +157,7 @@ def class_added(out, tmp_path):
     shutil.copytree(tmp_path / "images" / "3", tmp_path / "images" / "ten")
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize("change, expected", [
     (another_runs_checkpoint, 'says arch "nf_resnet_tiny", agc 0.04 but {checkpoint} was written by a run with arch '
@@ -173,11 +180,12 @@ def test_resume_refuses_a_checkpoint_that_is_not_the_folders_run_and_changes_not
     assert folder_contents(out) == before  # nothing deleted or rewritten
 
 
+@pytest.mark.slow
 def test_resumed_clip_history_is_the_whole_runs(tmp_path):
     """agc_clip_rates.png after a resume plots every step of the fit, as the uninterrupted run's does."""
     whole = normfree.train(**{**QUICK_OPTIONS, "epochs": 2}, out=tmp_path / "whole", **QUIET)
     stopped_run(tmp_path / "run")
-    resumed = normfree.resume(tmp_path / "run", quiet=True, save_model=False)
+    resumed = resume(tmp_path / "run", quiet=True, save_model=False)
     expected, history = whole.learner.adaptive_clip.history, resumed.learner.adaptive_clip.history
     assert len(history) == len(expected) == 8  # 4 batches an epoch
     for counts in ("clipped", "units", "nonfinite"):
@@ -199,10 +207,11 @@ def test_resuming_after_the_last_epoch_still_plots_the_clip_rates(tmp_path):
     out = tmp_path / "run"
     normfree.train(**QUICK_OPTIONS, out=out, cbs=[InterruptAfterTheLastEpoch()], quiet=True, save_plots=False)
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1  # its only epoch
-    resumed = normfree.resume(out, quiet=True, save_model=False)
+    resumed = resume(out, quiet=True, save_model=False)
     assert len(resumed.learner.adaptive_clip.history) == 4 and (out / "agc_clip_rates.png").exists()
 
 
+@pytest.mark.slow
 def test_resume_of_a_relative_folder(tmp_path, monkeypatch):
     """The documented `normfree train --resume runs/nf` (docs/command-line.md), from the folder holding runs/."""
     monkeypatch.chdir(tmp_path)
@@ -213,6 +222,7 @@ def test_resume_of_a_relative_folder(tmp_path, monkeypatch):
     assert INCOMPLETE not in {p.name for p in out.iterdir()} and not (out / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_a_copied_run_folder_resumes_where_it_is(tmp_path):
     stopped_run(tmp_path / "a")
@@ -223,9 +233,10 @@ def test_a_copied_run_folder_resumes_where_it_is(tmp_path):
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["config"]["out"] == str(tmp_path / "b")
     assert config["repeat"] == f"normfree train --config {tmp_path / 'b' / 'config.json'} --out NEW_FOLDER"
-    assert normfree.TrainResult.load(tmp_path / "b").config.out == str(tmp_path / "b")
+    assert TrainResult.load(tmp_path / "b").config.out == str(tmp_path / "b")
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_a_run_whose_marker_was_removed_is_still_an_unfinished_one(tmp_path, capsys):
     out = tmp_path / "run"
@@ -235,4 +246,4 @@ def test_a_run_whose_marker_was_removed_is_still_an_unfinished_one(tmp_path, cap
     assert f"{out} holds an incomplete run (result.json says it was stopped by Ctrl-C after 1 finished epoch(s)" in \
         error and f"continue it with: normfree train --resume {out}" in error
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
-    assert normfree.TrainResult.load(out).interrupted is False and not (out / "checkpoint.pth").exists()
+    assert TrainResult.load(out).interrupted is False and not (out / "checkpoint.pth").exists()

@@ -24,7 +24,7 @@ from helpers import (
 
 import normfree
 from normfree.app.cli import main
-from normfree.app.compare import finished_run
+from normfree.app.compare import CompareConfig, finished_run
 from normfree.app.config import TrainConfig
 from normfree.app.signals import Terminated
 from normfree.utils.outdir import INCOMPLETE, atomic_write, locked_folder
@@ -63,6 +63,7 @@ def test_sigterm_checkpoints_like_ctrl_c_with_status_143(tmp_path, monkeypatch, 
     assert finished_run(TrainConfig.load(out), overwrite=False) is None  # compare trains it again
 
 
+@pytest.mark.slow
 def test_a_run_killed_without_warning_is_marked_incomplete_and_never_reused(tmp_path, capsys):
     out = tmp_path / "run"
     kill_mid_run(out)
@@ -96,6 +97,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_two_processes_into_one_folder_one_is_refused(tmp_path):
     """The real race of the issue: both started together; exactly one trains, the other names the folder."""
     out = tmp_path / "run"
@@ -182,7 +184,7 @@ def test_config_file_errors_name_the_file_and_its_key(tmp_path, capsys, changes,
 
 def test_a_compare_config_given_to_train_is_recognised(tmp_path, capsys):
     path = tmp_path / "compare.json"
-    path.write_text(json.dumps({"config": normfree.CompareConfig(lrs=[0.01]).to_dict(),
+    path.write_text(json.dumps({"config": CompareConfig(lrs=[0.01]).to_dict(),
                                 "command": "normfree compare --lrs 0.01"}))
     error = stopped_with_status_2(["train", "--config", str(path), "--out", str(tmp_path / "run")], capsys)
     assert f"--config: {path} is a normfree compare config, not a run's config.json; repeat that grid with: " \
@@ -218,7 +220,7 @@ def test_printed_and_recorded_commands_are_quoted_for_the_shell(tmp_path, capsys
     assert shlex.split(repeat) == ["normfree", "train", "--config", str(out / "config.json"), "--out", "NEW_FOLDER"]
     error = stopped_with_status_2(["train", *QUICK, "--out", str(out)], capsys)
     assert f"continue it with: {resume};" in error
-    grid = shlex.split(normfree.CompareConfig(lrs=(0.01,), out=str(tmp_path / "my grid")).command())
+    grid = shlex.split(CompareConfig(lrs=(0.01,), out=str(tmp_path / "my grid")).command())
     assert grid[grid.index("--out") + 1] == str(tmp_path / "my grid")
 
 
@@ -237,7 +239,7 @@ def test_train_and_compare_refuse_each_others_out_folder(tmp_path, capsys, argv,
         normfree.train(**QUICK_OPTIONS, out=out, quiet=True, save_model=False, save_plots=False)
     else:  # a finished grid's folder
         (out / "runs").mkdir(parents=True)
-        (out / "compare.json").write_text(json.dumps({"config": normfree.CompareConfig(lrs=[0.01]).to_dict()}))
+        (out / "compare.json").write_text(json.dumps({"config": CompareConfig(lrs=[0.01]).to_dict()}))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     error = stopped_with_status_2([*argv, "--out", str(out), "--overwrite"], capsys)
     assert f"--out: {out} holds the outputs of {holds}" in error and "choose another out folder" in error

@@ -277,7 +277,7 @@ def test_modules_import_no_plotting_library_at_import_time():
         names = [alias.name for node in top for alias in node.names] + [node.module or "" for node in top
                                                                        if isinstance(node, ast.ImportFrom)]
         assert not any(name.startswith("matplotlib") for name in names), module.__name__
-    assert "signal_propagation" in normfree.__all__ and "SignalPropagation" in normfree.__all__
+    assert "signal_propagation" in normfree.__all__ and "SignalPropagation" in normfree.models.__all__
 
 
 @pytest.mark.bad_input

@@ -66,6 +66,7 @@ def test_registered_names_and_twins():
         batchnorm_twin_name("nf_resnet50")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_output_shapes_and_cfg(name):
     for in_chans in (1, 3):
@@ -230,6 +231,7 @@ def test_signal_propagation_at_init(name):
         previous_depth = len(stage)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_on_a_fixed_batch(name):
     model = create(name).train()

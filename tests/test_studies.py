@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_recipe_ablation_writes_its_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "docs/convert/recipe_ablation.py"), "--tiny", "--out", str(tmp_path)],
                    check=True, capture_output=True, cwd=ROOT)
@@ -53,6 +56,7 @@ def test_calibrated_standardisation_keeps_the_weight_minus_its_mean():
     assert abs(float((features_after - features_before).mean())) < 0.05 * float(features_before.abs().mean())
 
 
+@pytest.mark.slow
 def test_fold_ws_study_writes_its_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "docs/convert/fold_ws_study.py"), "--tiny", "--out", str(tmp_path)],
                    check=True, capture_output=True, cwd=ROOT)
@@ -62,6 +66,7 @@ def test_fold_ws_study_writes_its_table(tmp_path):
     assert float(rows[2][5].rstrip(" |")) > 0  # the calibration's feature change is reported
 
 
+@pytest.mark.slow
 def test_recipe_spp_writes_its_plot_and_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "docs/convert/recipe_spp.py"), "--tiny", "--out", str(tmp_path)],
                    check=True, capture_output=True, cwd=ROOT)
@@ -76,6 +81,7 @@ def test_recipe_spp_writes_its_plot_and_table(tmp_path):
     assert papers == [0.0] * 8  # SkipInit: every branch starts switched off
 
 
+@pytest.mark.slow
 def test_agc_find_study_writes_its_table(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "docs/agc-find/agc_find_study.py"), "--tiny", "--out", str(tmp_path)],
                    check=True, capture_output=True, cwd=ROOT)

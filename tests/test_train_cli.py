@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 import normfree
 from normfree.app.cli import build_parser, main
+from normfree.data import digits_dataloaders, write_digits_image_folder
 from normfree.data.registry import parse_data_spec
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +42,7 @@ def digits_validation_accuracy(weights_path, size=8, limit=64, seed=0):
     model = timm.create_model("nf_resnet_tiny", num_classes=10, in_chans=1)
     model.load_state_dict(load_file(weights_path))
     model.eval()
-    dls = normfree.digits_dataloaders(bs=16, size=size, seed=seed, limit=limit, device="cpu")
+    dls = digits_dataloaders(bs=16, size=size, seed=seed, limit=limit, device="cpu")
     correct = total = 0
     with torch.no_grad():
         for x, y in dls.valid:
@@ -67,6 +68,7 @@ def cli_run(tmp_path_factory):
     return work, status, gradients
 
 
+@pytest.mark.slow
 def test_cli_train_writes_every_output_into_out_and_nothing_elsewhere(cli_run):
     work, status = cli_run[:2]
     assert status == 0
@@ -77,6 +79,7 @@ def test_cli_train_writes_every_output_into_out_and_nothing_elsewhere(cli_run):
         assert (out / png).read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_cli_train_metrics_are_the_saved_models_accuracy(cli_run):
     out = cli_run[0] / "run"
     rows = read_rows(out / "metrics.csv")
@@ -93,6 +96,7 @@ def test_cli_train_metrics_are_the_saved_models_accuracy(cli_run):
     assert result["summary"]["final_accuracy"] == pytest.approx(float(rows[0]["accuracy"]))
 
 
+@pytest.mark.slow
 def test_cli_train_config_records_the_settings_and_versions(cli_run):
     out = cli_run[0] / "run"
     content = json.loads((out / "config.json").read_text())
@@ -105,11 +109,12 @@ def test_cli_train_config_records_the_settings_and_versions(cli_run):
         assert content["versions"][package] == metadata.version(package)
 
 
+@pytest.mark.slow
 def test_exported_learner_of_tensor_data_loads_and_predicts_like_the_weights(cli_run):
     out = cli_run[0] / "run"
     learn = load_learner(out / "learner.pkl")
     assert [cb.clipping for cb in learn.cbs if isinstance(cb, normfree.AGC)] == [normfree.app.config.DEFAULT_AGC]
-    dls = normfree.digits_dataloaders(bs=16, size=8, limit=64, device="cpu")
+    dls = digits_dataloaders(bs=16, size=8, limit=64, device="cpu")
     images, _ = dls.valid.dataset.tensors
     with learn.no_bar():
         preds, _ = learn.get_preds(dl=learn.dls.valid.new(dls.valid.dataset))  # its own standardisation
@@ -120,6 +125,7 @@ def test_exported_learner_of_tensor_data_loads_and_predicts_like_the_weights(cli
     assert torch.allclose(preds, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_also_when_repeated_from_config_json(cli_run, tmp_path):
     first = cli_run[0] / "run"
     assert main(["train", "--config", str(first / "config.json"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
@@ -130,6 +136,7 @@ def test_same_seed_same_metrics_also_when_repeated_from_config_json(cli_run, tmp
     assert [r["train_loss"] for r in other.epochs] != [float(r["train_loss"]) for r in read_rows(first / "metrics.csv")]
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_not_overwritten_without_asking(cli_run, capsys):
     out = cli_run[0] / "run"
     with pytest.raises(SystemExit) as stopped:
@@ -138,6 +145,7 @@ def test_an_existing_run_is_not_overwritten_without_asking(cli_run, capsys):
     assert "--out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     result = normfree.train(**{**QUICK_OPTIONS, "epochs": 3}, precision="bf16", quiet=True, out=out,
@@ -255,14 +263,14 @@ def test_bad_input_is_a_clear_error_with_status_2(tmp_path, monkeypatch, capsys,
 
 
 def test_limit_on_an_image_folder_names_the_option(tmp_path, capsys):
-    folder = normfree.write_digits_image_folder(tmp_path / "images", size=8, per_class=2)
+    folder = write_digits_image_folder(tmp_path / "images", size=8, per_class=2)
     with pytest.raises(SystemExit):
         main(["train", "--data", str(folder), "--limit", "5", "--out", str(tmp_path / "run")])
     assert "error: --limit: works with in-memory data sets" in capsys.readouterr().err
 
 
 def test_data_spec_parsing(tmp_path):
-    folder = normfree.write_digits_image_folder(tmp_path / "images", size=8, per_class=1)
+    folder = write_digits_image_folder(tmp_path / "images", size=8, per_class=1)
     (tmp_path / "a.npz").write_bytes(b"")
     (tmp_path / "a.csv").write_text("path,label\n")
     (tmp_path / "a.txt").write_text("")
@@ -277,7 +285,7 @@ def test_data_spec_parsing(tmp_path):
 
 def noise_dataloaders(bs: int = 64, size: int = 12, seed: int = 0, limit: int | None = None, device=None):
     """A data kind that normfree does not have: the digits under another name and default size."""
-    return normfree.digits_dataloaders(bs, size, seed=seed, limit=limit, device=device)
+    return digits_dataloaders(bs, size, seed=seed, limit=limit, device=device)
 
 
 def test_the_registry_is_the_one_list_of_data_kinds(tmp_path, monkeypatch):
@@ -303,7 +311,7 @@ def test_the_registry_is_the_one_list_of_data_kinds(tmp_path, monkeypatch):
     assert "(digits, fashion-mnist, .npz, noise; default: all)" in helps["limit"]
     with pytest.raises(normfree.ConfigError, match=r"^holdout: works with in-memory data sets \(digits, "
                                                    r"fashion-mnist, \.npz, noise\) only, not image-folder data"):
-        normfree.TrainConfig(data=str(normfree.write_digits_image_folder(tmp_path / "f", size=8, per_class=1)),
+        normfree.TrainConfig(data=str(write_digits_image_folder(tmp_path / "f", size=8, per_class=1)),
                              holdout=True)
 
 
@@ -339,7 +347,7 @@ def test_a_bad_value_is_refused_by_one_check_from_the_config_and_the_builder(opt
     with pytest.raises(normfree.ConfigError) as from_config:
         normfree.TrainConfig(**{option: value})
     with pytest.raises(normfree.ConfigError) as from_builder:
-        normfree.digits_dataloaders(**{option: value})
+        digits_dataloaders(**{option: value})
     assert str(from_config.value) == str(from_builder.value) == message
     assert from_config.value.option == from_builder.value.option == option
 
@@ -364,6 +372,7 @@ def test_the_clip_rate_figure_is_made_without_pyplot():
     assert heat.images[0].get_array().ravel().tolist() == pytest.approx([1 / 6, 4 / 6, 1.0, 0.0])  # stem, head
 
 
+@pytest.mark.slow
 def test_help_shows_every_default_through_a_real_subprocess():
     done = subprocess.run([sys.executable, "-m", "normfree", "train", "--help"], capture_output=True, text=True,
                           timeout=120)

@@ -18,6 +18,7 @@ import normfree
 from normfree.app.cli import build_parser, main
 from normfree.app.compare import sweep_choice
 from normfree.app.train import build_dataloaders
+from normfree.app.transfer import TransferConfig, compare_transfer
 from normfree.data.loaders import read_idx
 
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -61,6 +62,7 @@ def final(result):
     return result["epochs"][-1]["accuracy"]
 
 
+@pytest.mark.slow
 def test_the_runs_on_disk_are_the_grid(grid):
     out, _, status = grid
     assert status == 0
@@ -95,6 +97,7 @@ def test_the_runs_on_disk_are_the_grid(grid):
                                                "summary.csv", "accuracy_vs_images_per_class.png"}
 
 
+@pytest.mark.slow
 def test_a_linear_probe_trains_the_new_classifier_on_the_pretrained_body(grid, tmp_path):
     out, _, _ = grid
     for model in MODELS:
@@ -112,6 +115,7 @@ def test_a_linear_probe_trains_the_new_classifier_on_the_pretrained_body(grid, t
         assert bool(changed & batchnorm) == (model == "bn")
 
 
+@pytest.mark.slow
 def test_the_target_data_is_per_class_images_of_the_target_classes_only(grid, fashion):
     out, _, _ = grid
     originals = {split: (torch.from_numpy(read_idx(fashion / f"{split}-images-idx3-ubyte.gz")),
@@ -128,6 +132,7 @@ def test_the_target_data_is_per_class_images_of_the_target_classes_only(grid, fa
                 assert [all_labels[i] for i in same] == [classes[label]]
 
 
+@pytest.mark.slow
 def test_report_rows_are_mean_and_std_of_the_runs_on_disk(grid):
     out, _, _ = grid
     runs = results(out)
@@ -149,6 +154,7 @@ def test_report_rows_are_mean_and_std_of_the_runs_on_disk(grid):
     assert "normfree transfer --data fashion-mnist:" in page
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_finished_runs(grid, capsys):
     out, argv, _ = grid
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
@@ -162,7 +168,7 @@ def test_resume_reuses_the_finished_runs(grid, capsys):
 
 
 def test_command_line_round_trips():
-    config = normfree.TransferConfig(data="digits", arch="bn_resnet_small", methods=("nf", "bn"), modes=("scratch",),
+    config = TransferConfig(data="digits", arch="bn_resnet_small", methods=("nf", "bn"), modes=("scratch",),
                                      source_classes=(1, 2), target_classes=(3, 4, 5), per_class=(7,), batch_sizes=(4,),
                                      seeds=(3,), source_epochs=2, source_bs=16, source_lr=0.02, epochs=4,
                                      freeze_epochs=3, lrs=(0.05, 0.1), opt="sgd", agc=0.02, size=12, limit=300,
@@ -170,7 +176,7 @@ def test_command_line_round_trips():
     _, commands = build_parser()
     args = vars(commands["transfer"].parse_args(config.command().split()[2:]))
     args = {k: v for k, v in args.items() if k not in ("command", "quiet", "overwrite")}
-    assert normfree.TransferConfig(**args) == config
+    assert TransferConfig(**args) == config
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -201,7 +207,7 @@ def test_per_class_beyond_the_data_is_labelled_with_the_real_count(tmp_path, fas
     with pytest.warns(UserWarning, match=rf"per_class 10 is more than the training images of target class\(es\) "
                                          rf"{targets}: those train on all of theirs, so the runs at per_class 10 have "
                                          rf"6 \(asked 10\) images per class"):
-        result = normfree.compare_transfer(data=f"fashion-mnist:{fashion}", methods=("nf",), modes=("scratch",),
+        result = compare_transfer(data=f"fashion-mnist:{fashion}", methods=("nf",), modes=("scratch",),
                                            per_class=(2, 10), batch_sizes=(4,), seeds=(0,), epochs=1, size=8,
                                            out=str(out), quiet=True)
     report = (out / "report.md").read_text()
@@ -233,6 +239,7 @@ def own_grid(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_own_arch_grid_shares_the_batchnorm_pretraining_and_trains_each_method_its_way(own_grid):
     runs = {p.parent.name: json.loads(p.read_text())["config"] for p in (own_grid / "runs").glob("*/result.json")}
     assert set(runs) == {"pretrain-bn-seed0", "pretrain-converted-agc-seed0",
@@ -266,6 +273,7 @@ def test_own_arch_grid_shares_the_batchnorm_pretraining_and_trains_each_method_i
     assert "## Peak learning rate of the target runs, chosen on the hold-out" in report
 
 
+@pytest.mark.slow
 def test_every_target_run_trains_at_the_lr_with_the_best_holdout_accuracy(own_grid):
     report = (own_grid / "report.md").read_text()
     chosen_table = report.split("## Peak learning rate")[1].split("##")[0]
@@ -329,6 +337,7 @@ class _FirstBatch(Callback):
                 state={k: v.clone() for k, v in model.state_dict().items()})
 
 
+@pytest.mark.slow
 def test_folded_agc_starts_as_the_pretrained_batchnorm_model_in_eval_mode(own_grid, tmp_path):
     config = normfree.TrainConfig.load(own_grid / "runs" / "fine-tune-folded-agc-n4-bs4-seed0")
     first = _FirstBatch()
@@ -346,6 +355,7 @@ def test_folded_agc_starts_as_the_pretrained_batchnorm_model_in_eval_mode(own_gr
     assert not torch.allclose(first.seen.features, features["train"], rtol=1e-2, atol=1e-2)  # the check can fail
 
 
+@pytest.mark.slow
 def test_converted_agc_starts_from_its_own_pretraining(own_grid, tmp_path):
     config = normfree.TrainConfig.load(own_grid / "runs" / "fine-tune-converted-agc-n4-bs4-seed0")
     first = _FirstBatch()
@@ -355,6 +365,7 @@ def test_converted_agc_starts_from_its_own_pretraining(own_grid, tmp_path):
     assert [k for k in pretrained if not torch.equal(pretrained[k], first.seen.state[k])] == ["fc.bias", "fc.weight"]
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_stays_bit_identical_through_fine_tune(own_grid, tmp_path):
     weights = own_grid / "runs" / "pretrain-bn-seed0" / "model.safetensors"
     pretrained = load_file(weights)
@@ -403,7 +414,7 @@ def test_bad_transfer_settings_exit_2_naming_the_option(tmp_path, monkeypatch, c
 @pytest.mark.parametrize("options", [dict(lrs=()), dict(lrs=[3e-3, 3e-3])])
 def test_transfer_lrs_must_be_distinct_values(options):
     with pytest.raises(normfree.ConfigError, match=r"^lrs: must be one or more distinct learning rates"):
-        normfree.TransferConfig(**options)
+        TransferConfig(**options)
 
 
 @pytest.mark.bad_input
@@ -417,6 +428,7 @@ def test_freeze_batchnorm_without_batchnorm_exits_2(tmp_path, capsys, argv):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_converted_weights_without_their_conversion_exit_2(own_grid, tmp_path, capsys):
     weights = own_grid / "runs" / "pretrain-converted-agc-seed0" / "model.safetensors"

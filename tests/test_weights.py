@@ -10,7 +10,9 @@ from fastai.data.load import DataLoader
 from fastai.vision.data import ImageDataLoaders
 from torch.utils.data import TensorDataset
 
-from normfree import load_weights, nf_learner, save_weights, write_digits_image_folder
+from normfree import nf_learner, save_weights
+from normfree.data import write_digits_image_folder
+from normfree.models import load_weights
 
 # tensor DataLoaders take no Normalize transform; nf_learner says so, which these tests do not examine
 pytestmark = pytest.mark.filterwarnings("ignore:these DataLoaders take no batch transforms")

@@ -53,6 +53,7 @@ def one_line(capsys):
     return error
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize("name, nth, epochs, resumed", [
     ("config.json", 1, 1, False),  # the first file after the marker: no epoch checkpointed yet
@@ -174,6 +175,7 @@ class FillDiskAfterFirstCheckpoint(Callback):
             resize(self.disk, used_bytes(self.disk) + 64 * 1024)
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_a_real_full_disk_during_the_checkpoint_keeps_the_last_one_and_resume_finishes_the_run(disk, monkeypatch,
                                                                                                 capsys):

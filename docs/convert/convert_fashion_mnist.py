@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import normfree
+from normfree.app.compare import METHODS
 from normfree.models.convert import DEFAULT_ALPHA, DEFAULT_SKIPINIT
 
 HERE = Path(__file__).resolve().parent
@@ -53,10 +54,10 @@ def main() -> None:
         means[method] = float(tensor.mean())
         lines.append(f"| {method} | {', '.join(f'{v:.1f}' for v in tensor.tolist())} | {tensor.mean():.1f} +- "
                      f"{tensor.std():.1f} |")
-    bn = means.get(normfree.METHODS["bn"])
+    bn = means.get(METHODS["bn"])
     if bn is not None:
         lines += ["", "Gap to BatchNorm (mean over seeds): " + "; ".join(
-            f"{m}: {v - bn:+.1f} points" for m, v in means.items() if m != normfree.METHODS["bn"]) + "."]
+            f"{m}: {v - bn:+.1f} points" for m, v in means.items() if m != METHODS["bn"]) + "."]
     lines += ["", "Summary table from normfree compare:", "", result.table, ""]
     (HERE / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -17,8 +17,9 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 
-import normfree
+from normfree.data import digits_dataloaders
 from normfree.learner.optim import opt_func
+from normfree.models import body_head_splitter, init_classifier_
 from normfree.models.small_resnets import FAMILY, SmallResNet
 
 OLD = dict(skipinit=True, alpha=0.2, classifier_std=0.01, agc=0.01)  # the defaults before the recipe
@@ -46,15 +47,15 @@ ROWS = [  # (label, model/training settings, seeds)
 
 def final_accuracy(settings: dict, seed: int) -> float:
     set_seed(seed, reproducible=True)
-    dls = normfree.digits_dataloaders(bs=64, size=32, seed=seed)
+    dls = digits_dataloaders(bs=64, size=32, seed=seed)
     depths, widths = FAMILY["tiny"]
     if settings.get("batchnorm"):
         model = SmallResNet(depths, widths, normalization="batchnorm")
     else:
         model = SmallResNet(depths, widths, skipinit=settings["skipinit"], alpha=settings["alpha"])
-    normfree.init_classifier_(model.head.fc, settings["classifier_std"])
+    init_classifier_(model.head.fc, settings["classifier_std"])
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                    splitter=normfree.body_head_splitter, opt_func=opt_func(settings.get("opt", "adam")))
+                    splitter=body_head_splitter, opt_func=opt_func(settings.get("opt", "adam")))
     if settings.get("agc") is not None:
         learn.agc(settings["agc"])
     with learn.no_bar(), learn.no_logging():

@@ -1,6 +1,6 @@
 """The ``normfree`` command: ``normfree train ...``, ``normfree compare ...``, ``normfree transfer ...`` and
-``normfree spp ...``, a thin layer over `normfree.train`, `normfree.compare`, `normfree.compare_transfer` and
-`normfree.write_spp`.
+``normfree spp ...``, a thin layer over `normfree.train`, `normfree.compare`,
+`normfree.app.transfer.compare_transfer` and `normfree.app.spp.write_spp`.
 
 The options of train, compare and transfer are the fields of `TrainConfig`, `CompareConfig` and `TransferConfig`,
 each with the help its field holds (`normfree.app.options`); this module adds only what is not a setting of the

@@ -219,7 +219,7 @@ class TrainConfig:
     - `arch`: a timm name: any NF family, the small ``nf_resnet_tiny/small/base``, their BatchNorm twins
       ``bn_resnet_*``, or a BatchNorm baseline such as ``resnet18``; or torchvision's or fastai's model by name,
       ``torchvision:resnet18``, ``fastai:xresnet18``.
-    - `pretrained` (timm's hub) or `weights` (a local file, see `normfree.load_weights`): start from
+    - `pretrained` (timm's hub) or `weights` (a local file, see `normfree.models.load_weights`): start from
       trained weights; the body then starts frozen, as in fastai.
     - `skipinit`, `alpha`: the NF residual blocks h + alpha * gain * f(h / beta) of normfree's small NF ResNets
       and of `to_normfree`'s mode ``"nf"``: `skipinit` True starts every residual branch switched off (SkipInit's
@@ -261,12 +261,12 @@ class TrainConfig:
     - `holdout`: validate on `valid_pct` of the training images instead of the validation split
       (which is then never seen; for choosing hyperparameters). `classes`: keep only these labels
       (renumbered 0..k-1); `per_class`: at most n training images of each class. In-memory data only
-      (see `normfree.subset_dataloaders`).
+      (see `normfree.data.subset_dataloaders`).
     - `device`: ``cpu``, ``cuda``, ``cuda:1``, ...; None picks CUDA when there is one.
     - `out`: the folder every output file is written to.
 
     `check_weights_file=False` (not a setting: not in `to_dict`) accepts a `weights` file that is gone, for a run
-    whose weights come from elsewhere (`normfree.resume` takes them from the run's checkpoint).
+    whose weights come from elsewhere (`normfree.app.train.resume` takes them from the run's checkpoint).
     """
 
     data: str = option("digits", data_spec_help)

@@ -71,7 +71,7 @@ T = TypeVar("T")
 
 class PeerStopped(KeyboardInterrupt):
     """Another process of the run is gone (it failed, or was stopped): this one stops as if interrupted, so that
-    rank 0 saves what the run has (`normfree.signals.how_stopped` names it by `stopped_by`)."""
+    rank 0 saves what the run has (`normfree.app.signals.how_stopped` names it by `stopped_by`)."""
 
     stopped_by = "another process's exit"
 
@@ -299,7 +299,7 @@ class _ShardedTrainer(DistributedTrainer):
             super().after_fit()
 
     def end_interrupted_fit(self) -> None:
-        """A fit ended by an exception (`normfree.fit_guard`): unwrap the model and the loaders all the same."""
+        """A fit ended by an exception (`normfree.learner.fit_guard`): unwrap the model and the loaders all the same."""
         self.after_fit()
 
 

@@ -40,8 +40,8 @@ _COLUMNS = ["method", "batch", "lr", "final accuracy (%)", "best accuracy (%)", 
 
 @dataclass
 class GridResult:
-    """What a comparison grid returns (`normfree.compare`, `normfree.compare_transfer`): its finished `runs`,
-    their summary `rows` (the report's table), the report's `files`, whether the grid is `complete` and its
+    """What a comparison grid returns (`normfree.compare`, `normfree.app.transfer.compare_transfer`): its finished
+    `runs`, their summary `rows` (the report's table), the report's `files`, whether the grid is `complete` and its
     wall time in `seconds`; `stopped_by` (Ctrl-C or SIGTERM) when it is not complete."""
 
     config: Any

@@ -1,4 +1,4 @@
-"""`normfree.compare_transfer`: transfer learning, measured. A BatchNorm model against its BatchNorm-free
+"""`normfree.app.transfer.compare_transfer`: transfer learning, measured. A BatchNorm model against its BatchNorm-free
 counterparts, pretrained on some classes of a data set, then trained on a few images of the others.
 
 The models (`TRANSFER_METHODS`; labels as in `normfree.app.compare.METHODS` where the model is the same):

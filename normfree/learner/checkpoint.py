@@ -10,7 +10,7 @@ which fit of the run (``fine_tune`` makes two) and how many of its epochs are do
 the fit so far (`ClipHistory`), so that the clip rates and ``agc_clip_rates.png`` of a resumed run cover the
 whole fit.
 
-What the checkpoint belongs to, so that a resume can refuse a checkpoint that does not fit (`normfree.resume`
+What the checkpoint belongs to, so that a resume can refuse a checkpoint that does not fit (`normfree.app.train.resume`
 checks all of it before it changes anything in the run folder):
 
 - ``format``: `CHECKPOINT_FORMAT`, the layout of this file; `load_checkpoint` refuses another one

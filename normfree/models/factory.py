@@ -90,8 +90,8 @@ def unknown_arch_error(arch: str) -> ValueError:
         hint = f"close names: {', '.join(close)}"
     else:
         hint = f"normalizer-free names include: {', '.join(nf[:8])}, ..."
-    return ValueError(f"unknown arch {arch!r}; {hint} (normfree.normalizer_free_archs() lists the normalizer-free "
-                      f"names, timm.list_models() all; torchvision's and fastai's models are written "
+    return ValueError(f"unknown arch {arch!r}; {hint} (normfree.models.normalizer_free_archs() lists the "
+                      f"normalizer-free names, timm.list_models() all; torchvision's and fastai's models are written "
                       f"torchvision:resnet18, fastai:xresnet18)")
 
 
