@@ -48,6 +48,7 @@ def _eager_fit() -> dict[str, torch.Tensor]:
     return _fit(_learner(False))
 
 
+@pytest.mark.slow
 def test_compiled_fit_trains_as_eager_with_the_same_state_dict_keys():
     eager = _eager_fit()
     learn = _learner(AOT_EAGER)
@@ -66,6 +67,7 @@ def _failing_backend(graph, example_inputs):
     raise RuntimeError("this backend cannot compile anything")
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_compile_warns_and_trains_eagerly():
     eager = _eager_fit()
     learn = _learner({"backend": _failing_backend})
@@ -76,6 +78,7 @@ def test_a_model_that_cannot_compile_warns_and_trains_eagerly():
         assert torch.equal(fallen_back[key], value), key
 
 
+@pytest.mark.slow
 def test_default_backend_compiles_a_tiny_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
