@@ -73,6 +73,7 @@ def test_the_layer_checks_can_fail():
     assert layer_of("normfree.app.train") == "app" and layer_of("normfree") is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statement", ["import normfree", "import normfree.agc", "import normfree.models",
                                        "from normfree import adaptive_clip_grad_, to_normfree"])
 def test_importing_the_core_loads_neither_fastai_nor_pyplot(statement):
