@@ -250,6 +250,7 @@ BAD_INPUTS = {  # case: (kind, the input given a folder to write in, error, mess
 }
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_exported_learner_names_what_it_takes_for_a_wrong_input(trained, case):
