@@ -87,6 +87,7 @@ def test_torchvision_bottleneck_resnet_small_widths():
     assert converted(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_timm_resnet_and_fastai_xresnet():
     for model in (timm.create_model("resnet18", num_classes=10), xresnet18(n_out=10)):
         converted = to_normfree(model)
@@ -248,6 +249,7 @@ def conv_bn():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize("make, message", [
     (lambda: torch.jit.script(conv_bn()), r"^the model is a TorchScript module .*pass the eager nn.Module"),

@@ -116,6 +116,7 @@ def test_scripted_model_computes_what_the_folded_eager_model_does():
     torch.testing.assert_close(torch.jit.script(converted)(x), converted(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_state_dict_of_a_converted_model_loads_and_gives_the_same_function():
     """The fold lives in constant scales (not in the state dict): the keys are the unfolded model's and a saved
     state dict gives the same outputs in a freshly converted model."""

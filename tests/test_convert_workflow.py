@@ -131,6 +131,7 @@ def image_dls(n=32, size=16, classes=3, bs=8):
     return dls
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:these DataLoaders take no batch transforms")
 @pytest.mark.parametrize("convert", ["fold", {"mode": "fold"}], ids=["mode_name", "options"])
 def test_nf_learner_fold_keeps_the_function_of_the_loaded_weights(tmp_path, convert):
@@ -168,6 +169,7 @@ def test_compare_folded_methods_on_your_own_arch(tmp_path):
     assert "BatchNorm folded + AGC" in report and "resnet18 with its BatchNorm folded into the convolutions" in report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["torchvision:resnet18", "fastai:xresnet18", "torchvision:vgg11_bn"])
 def test_torchvision_and_fastai_archs_by_name_build_and_convert(arch):
     import torchvision

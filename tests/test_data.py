@@ -584,6 +584,7 @@ def test_fashion_mnist_class_missing_from_training_is_named(tmp_path):
         fashion_mnist_dataloaders(folder, bs=8)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:load_learner")
 def test_full_depth_loaders_export_and_predict(tmp_path):
     from fastai.learner import load_learner
@@ -682,6 +683,7 @@ def test_image_folder_val_and_validation_are_the_validation_split(tmp_path, vali
     assert len(dls.train.items) == 8 and len(dls.valid.items) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.filterwarnings("ignore:load_learner")
 def test_image_folder_test_split_is_held_out_and_scored_by_ds_idx_2(tmp_path):

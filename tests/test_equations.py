@@ -222,6 +222,7 @@ def assert_rows_close(got, expected, conv, units):
     assert (error <= bound).all(), (error / bound * units).max().item()
 
 
+@pytest.mark.slow
 @FAST
 @given(**CONVS)
 def test_standardize_weight_matches_timms_layers(kind, out_chs, in_chs, kernel, eps, gamma, seed):
@@ -239,6 +240,7 @@ def test_standardize_weight_matches_timms_layers(kind, out_chs, in_chs, kernel, 
     assert_rows_close(ours, float64_weight(conv), conv, units=64)
 
 
+@pytest.mark.slow
 @FAST
 @given(**CONVS)
 def test_standardize_weight_gradients_match_timms_layer(kind, out_chs, in_chs, kernel, eps, gamma, seed):

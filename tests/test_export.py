@@ -204,6 +204,7 @@ def test_exported_learner_predicts_every_input_form_as_the_model_does(exported):
                                atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_exported_learner_holds_no_data_but_its_classes(exported):
     kind, learn, loaded, folder = exported
     assert len(loaded.dls.train_ds) == len(loaded.dls.valid_ds) == 0
@@ -249,6 +250,7 @@ BAD_INPUTS = {  # case: (kind, the input given a folder to write in, error, mess
 }
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_exported_learner_names_what_it_takes_for_a_wrong_input(trained, case):
@@ -259,12 +261,15 @@ def test_exported_learner_names_what_it_takes_for_a_wrong_input(trained, case):
 
 
 @pytest.mark.bad_input
-def test_image_files_are_refused_by_a_model_of_float_pixels_of_no_fixed_white(tmp_path):
+@pytest.mark.parametrize("folder", [".", "a-folder-whose-name-takes-the-path-past-the-80-characters-a-message-shows"],
+                         ids=["short-path", "long-path"])  # the message keeps the file's name either way
+def test_image_files_are_refused_by_a_model_of_float_pixels_of_no_fixed_white(tmp_path, folder):
     rng = np.random.default_rng(0)
     floats = {f"{split}_images": rng.normal(size=(n, 12, 12)).astype(np.float32)
               for split, n in (("train", 24), ("val", 12), ("test", 6))}
     dls = medmnist_dataloaders(write_npz(tmp_path / "floats.npz", n=(24, 12, 6), **floats), bs=4)
-    image = write_png(tmp_path / "image.png", np.zeros((12, 12), np.uint8))
+    (tmp_path / folder).mkdir(exist_ok=True)
+    image = write_png(tmp_path / folder / "image.png", np.zeros((12, 12), np.uint8))
     with pytest.raises(TypeError, match=r"image.png; this model was trained on float32 pixels of no fixed white "
                                         r"level, which an image file cannot give: it takes one image as in training: "
                                         r"a tensor or array \[1, 12, 12\] or \[12, 12\] of float32 pixels$"):
@@ -273,6 +278,7 @@ def test_image_files_are_refused_by_a_model_of_float_pixels_of_no_fixed_white(tm
     assert x.shape == (1, 1, 12, 12)
 
 
+@pytest.mark.slow
 def test_learner_pkl_is_the_size_of_the_model_not_of_the_data(tmp_path):
     result = normfree.train(data="digits", arch="nf_resnet_tiny", size=SIZE, bs=64, steps=1, quiet=True,
                             out=tmp_path, save_plots=False)

@@ -72,6 +72,7 @@ def assert_same_function(model, reference, x, rtol):
         assert_same(grads[name], ref_grads[name], rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_outputs_and_gradients_equal_timms_in_float64(name, mode):
@@ -82,6 +83,7 @@ def test_outputs_and_gradients_equal_timms_in_float64(name, mode):
     assert not any(type(m) is NormFreeBlock for m in model.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_float32_is_timms_within_rounding(name):
     model, reference, x = family(name, torch.float32)
@@ -123,6 +125,7 @@ def test_state_dict_is_unchanged_and_timms_weights_load(name):
     assert_same(untouched.eval()(x).detach(), reference(x).detach(), 1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dm_nfnet_f0", "nf_resnet26"])
 def test_a_short_fit_gives_timms_losses(name):
     losses = {}
@@ -142,6 +145,7 @@ def test_a_short_fit_gives_timms_losses(name):
     assert losses[False][-1] < losses[False][0]  # it trained
 
 
+@pytest.mark.slow
 def test_applying_it_twice_changes_nothing():
     model, reference, x = family("dm_nfnet_f0")
     once = fast_nf(model).eval()(x).detach()
@@ -276,6 +280,7 @@ def test_torchscript_scripts_it_as_it_scripts_timms(name):
     assert_same(scripted(x), reference.eval()(x).detach(), 1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nf_resnet26", "dm_nfnet_f0"])
 def test_per_sample_agc_clips_a_folded_model_as_timms(name):
     """Per-sample AGC's engines stand in for the layers (and hand the SkipInit gain one copy per example); the folded

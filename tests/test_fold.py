@@ -56,6 +56,7 @@ def relative_error(expected, actual):
     return float((expected - actual).abs().max() / expected.abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_folded_model_computes_what_the_batchnorm_model_computed_in_eval(arch):
     make, size = ARCHS[arch]
@@ -158,6 +159,7 @@ def test_bad_modes_are_refused_naming_mode(kwargs, message):
         to_normfree(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), **kwargs)
 
 
+@pytest.mark.slow
 def test_folded_model_trains_with_agc():
     torch.manual_seed(0)
     model = to_normfree(torchvision.models.resnet18(num_classes=4), "fold").train()

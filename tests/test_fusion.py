@@ -75,6 +75,7 @@ def assert_weight(fused_conv: nn.Conv2d, expected: torch.Tensor) -> None:
     torch.testing.assert_close(fused_conv.weight.double(), expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", MODELS)
 def test_outputs_match_original(key):
     model, _, fused = built(key)

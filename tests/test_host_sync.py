@@ -87,6 +87,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_steps_do_not_synchronise_with_the_device(case, monkeypatch):
     if "torch ops" in case:
@@ -99,6 +100,7 @@ def test_training_steps_do_not_synchronise_with_the_device(case, monkeypatch):
         assert len(sites) == allowed and all(OVERFLOW_CHECK in site for site in sites), "\n".join(sites)
 
 
+@pytest.mark.slow
 def test_the_guard_sees_an_item_call_in_a_step(monkeypatch):
     """The counting is not vacuous: one `.item()` added to AGC's per-step work is found in every batch."""
     record = AGC.before_step

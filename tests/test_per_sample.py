@@ -113,6 +113,7 @@ def test_equals_a_loop_over_examples(name):
     assert_clips_as_the_loop(model, x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_the_forward_pass_is_the_models_own_bit_for_bit(name, precision):
@@ -133,6 +134,7 @@ def test_the_forward_pass_is_the_models_own_bit_for_bit(name, precision):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow
 def test_clipping_each_example_differs_from_clipping_the_mean():
     model, (x, y) = tiny_nfnet(), image_batch()
     got, _ = clipped_mean_gradient(model, x, y, F.cross_entropy)
@@ -143,6 +145,7 @@ def test_clipping_each_example_differs_from_clipping_the_mean():
     assert relative_error(got, mean_then_clip) > 0.05
 
 
+@pytest.mark.slow
 def test_huge_clipping_gives_the_ordinary_gradient():
     model, (x, y) = tiny_nfnet(), image_batch()
     got, stats = clipped_mean_gradient(model, x, y, F.cross_entropy, clipping=1e9)
@@ -185,6 +188,7 @@ LOSSES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_fastai_losses(name):
     loss_func, targets = LOSSES[name]
@@ -199,6 +203,7 @@ def test_fastai_losses(name):
     assert "head.fc.weight" not in agc.history.parameter_names
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_does_not_depend_on_the_split():
     x, y = image_batch(n=16)
     whole, _ = fastai_update(tiny_nfnet(), x, y, CrossEntropyLossFlat(), bs=16)
@@ -208,6 +213,7 @@ def test_gradient_accumulation_does_not_depend_on_the_split():
     assert len(agc.history) == 1 and int(agc.history.units().sum()) == 16 * units  # one step, counted over 16 examples
 
 
+@pytest.mark.slow
 def test_fp16_clips_unscaled_per_example_gradients():
     """Under fp16 autocast with a 2**16 loss scale, the update matches fp32 per-sample AGC within fp16
     precision; clipping the scaled per-example gradients would shrink every clipped unit 65536-fold."""
@@ -244,6 +250,7 @@ def test_a_loss_that_is_not_a_sum_over_examples_is_refused_by_name():
         fastai_update(tiny_nfnet(), x, y, max_loss, bs=6)
 
 
+@pytest.mark.slow
 def test_dropout_and_drop_path_run():
     torch.manual_seed(0)
     model = NormFreeNet(NfCfg(depths=(1, 1), channels=(16, 32), stem_chs=8, attn_layer=None), num_classes=5,
@@ -562,6 +569,7 @@ def test_a_layers_parameters_clip_at_their_own_lambdas():
     assert relative_error({n: p.grad.double() for n, p in params.items()}, expected) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["conv", "bmm"])
 @pytest.mark.parametrize("name", ["nf_resnet (7x7 stem + pool, bottlenecks, ReLU)", "nfnet (SE, grouped, SAME, SkipInit, GELU)",
                                   "embedding, conv1d, layernorm", "standardised convs with gains"])
@@ -618,6 +626,7 @@ def test_standardised_layers_on_inputs_with_a_large_mean_keep_float32_accuracy(k
     assert (int(stats.clipped.sum()), int(stats.units.sum())) == (clipped, units) and clipped > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "single-unit layer weights",
                                   "standardised convs with gains", "embedding, conv1d, layernorm"])
 def test_clip_counts_per_parameter_equal_the_loop_over_two_backward_passes(name):
@@ -705,6 +714,7 @@ def test_the_gpu_scratch_budget_comes_from_the_devices_memory(monkeypatch):
         assert TUNING.scratch_bytes(cuda) == 123 << 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nfnet (SE, grouped, SAME, SkipInit, GELU)", "standardised convs with gains"])
 def test_bfloat16_autocast_on_the_cpu_is_close_to_the_loop(name):
     """Under bf16 autocast the per-example products run in bf16 (norms in float32): within bf16 precision
@@ -804,6 +814,7 @@ def test_layer_graphs_on_cuda_replay_the_steps_without_graphs(name, monkeypatch)
     assert relative_error(graphed[-1], reference) < 1e-5
 
 
+@pytest.mark.slow
 def test_layer_graphs_replay_the_steps_without_graphs_into_gradients_zeroed_in_place():
     """fastai zeroes `.grad` in place: replayed gradients are then added into it (not handed out as copies)."""
     eager, eager_counts, reference = graphed_steps(StdConvNet, image_batch, "off", set_to_none=False)
@@ -849,6 +860,7 @@ def test_a_replayed_layer_hands_out_new_gradients_as_views_of_one_copy_in_the_pa
         torch.testing.assert_close(grads["emulated"][n], expected, rtol=1e-6, atol=1e-12, msg=n)
 
 
+@pytest.mark.slow
 def test_a_layer_graph_that_cannot_be_captured_warns_once_and_the_layer_runs_without(monkeypatch):
     from normfree.agc.per_sample.graphs import LayerGraphs
 
@@ -891,6 +903,7 @@ def test_a_model_with_layer_graphs_copies_without_them():
         torch.testing.assert_close(twin(x), model(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["emulated", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_inputs_of_ever_new_shapes_capture_at_most_max_layouts_graphs_per_layer(mode, monkeypatch):

@@ -22,6 +22,7 @@ def run_python(code: str) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.slow
 def test_import_normfree_leaves_warnings_filters_and_fastai_learner_untouched():
     # the libraries normfree imports come first: importing timm adds sympy's own filter
     code = ("import warnings, timm; from fastai.learner import Learner; filters, fit = list(warnings.filters), Learner.fit\n"
@@ -30,6 +31,7 @@ def test_import_normfree_leaves_warnings_filters_and_fastai_learner_untouched():
     assert run_python(code) == ["True", "True", "True"]
 
 
+@pytest.mark.slow
 def test_importing_normfree_learner_installs_the_fastai_integration():
     code = ("from fastai.learner import Learner; fit = Learner.fit\n"
             "import normfree.learner\n"
@@ -37,6 +39,7 @@ def test_importing_normfree_learner_installs_the_fastai_integration():
     assert run_python(code) == INTEGRATION + ["True", "True"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["AGC", "train"])  # one of normfree.learner, one of normfree.app
 def test_fastai_level_names_load_fastai_on_first_use_and_install_the_integration(name):
     code = (f"import sys, normfree; print('fastai' in sys.modules, {name!r} in dir(normfree)); normfree.{name}\n"

@@ -95,6 +95,7 @@ def test_resume_after_a_kill(tmp_path):
     assert_same_metrics(read_rows(out / "metrics.csv"), metrics(whole))
 
 
+@pytest.mark.slow
 def test_resume_accepts_only_unfinished_runs_with_a_checkpoint(tmp_path, capsys):
     error = stopped_with_status_2(["train", "--resume", str(tmp_path / "missing")], capsys)
     usage_lines = build_parser()[1]["train"].format_usage().count("\n")
@@ -203,6 +204,7 @@ class InterruptAfterTheLastEpoch(Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resuming_after_the_last_epoch_still_plots_the_clip_rates(tmp_path):
     out = tmp_path / "run"
     normfree.train(**QUICK_OPTIONS, out=out, cbs=[InterruptAfterTheLastEpoch()], quiet=True, save_plots=False)

@@ -47,6 +47,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     assert (tmp_path / "b.png").read_bytes() == b".png"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="SIGTERM is handled here already")
 def test_sigterm_checkpoints_like_ctrl_c_with_status_143(tmp_path, monkeypatch, capsys):
     with_callback(monkeypatch, SendAt(signal.SIGTERM))
@@ -191,6 +192,7 @@ def test_a_compare_config_given_to_train_is_recognised(tmp_path, capsys):
            f"normfree compare --lrs 0.01" in error
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_says_so_and_exits_1(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *QUICK, "--epochs", "3", "--lr", "1e30", "--out", str(out)]) == 1
@@ -201,6 +203,7 @@ def test_a_diverging_run_stops_says_so_and_exits_1(tmp_path, capsys):
     assert INCOMPLETE not in {p.name for p in out.iterdir()}  # finished (badly), not killed
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_data_is_said(tmp_path, capsys):
     result = normfree.train(**{**QUICK_OPTIONS, "bs": 100000}, quiet=True, save_model=False, save_plots=False,
                             out=tmp_path / "run")
@@ -209,6 +212,7 @@ def test_a_batch_larger_than_the_data_is_said(tmp_path, capsys):
     assert len(result.epochs) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_printed_and_recorded_commands_are_quoted_for_the_shell(tmp_path, capsys):
     out = tmp_path / "my runs" / "run 1"
@@ -228,6 +232,7 @@ GRID = ["compare", "--methods", "bn", "--batch-sizes", "8", "--seeds", "0", "--e
         "48", "--lrs", "0.01"]
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize("argv, holds", [
     (["train", *QUICK], "normfree compare (compare.json), not of normfree train"),

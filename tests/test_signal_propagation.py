@@ -120,6 +120,7 @@ def expected_variances(rows, alpha):
     return expected
 
 
+@pytest.mark.slow
 def test_nf_resnet_without_skipinit_follows_the_expected_variance_recurrence():
     """nf_resnet_small (SkipInit off, alpha 0.5) on N(0, 1) noise, within 10% at every block.
 
@@ -180,6 +181,7 @@ def test_hooks_removed_and_training_modes_restored_when_the_forward_raises():
     assert model.blocks[0].conv1.training and model.stem.training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build, n_blocks, transitions", [
     (lambda: timm.create_model("nf_resnet_small"), 6, 3),
     (lambda: timm.create_model("bn_resnet_small"), 6, 3),
@@ -241,6 +243,7 @@ def test_default_input_comes_from_the_model():
     assert result.input_shape == (16, 1, 32, 32) and result.source == "noise"
 
 
+@pytest.mark.slow
 def test_table_and_plot():
     torch.manual_seed(0)
     nf = signal_propagation(timm.create_model("nf_resnet_tiny"), input_shape=(2, 1, 16, 16), label="nf")

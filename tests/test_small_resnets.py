@@ -138,6 +138,7 @@ def test_twins_share_convs_and_multiply_adds(size):
     assert 10e6 < nf_macs < 100e6  # CPU scale: tens of millions per 32 px image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_classifier_init_and_reset(name):
     model = create(name)
@@ -159,6 +160,7 @@ def effective_beta(block: NormFreeBlock) -> float:
     return block.beta * block.conv1.scale * fan_in ** 0.5 / RELU_GAMMA
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skipinit", [True, False])
 def test_nf_blocks_compute_what_timms_normfreeblock_computes(skipinit):
     """Same outputs and gradients (input and every parameter) as a plain timm NormFreeBlock holding beta.
@@ -192,6 +194,7 @@ def test_nf_blocks_compute_what_timms_normfreeblock_computes(skipinit):
         x = ours.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NF_NAMES)
 def test_signal_propagation_at_init(name):
     """2101.08692, Sec. 4: with beta_i = 1/sqrt(Var h_i), each block adds alpha^2 (in units of the variance
@@ -247,6 +250,7 @@ def test_trains_on_a_fixed_batch(name):
     assert losses[-1] < 0.95 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_pickles(name):
     model = create(name).eval()

@@ -11,6 +11,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--arch", "nf_resnet_tiny", "bn_resnet_tiny", "--size", "16", "--bs", "4", "--quiet"]
 
 
+@pytest.mark.slow
 def test_writes_the_plot_and_one_csv_row_per_model_and_block(tmp_path, capsys):
     out = tmp_path / "spp"
     assert main(["spp", *TINY[:-1], "--out", str(out)]) == 0
@@ -30,6 +31,7 @@ def test_writes_the_plot_and_one_csv_row_per_model_and_block(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["spp.csv", "spp.png"]  # no temporary files left
 
 
+@pytest.mark.slow
 def test_trained_weights_and_a_real_batch(tmp_path):
     torch.manual_seed(1)
     trained = timm.create_model("nf_resnet_tiny", in_chans=1, num_classes=10)

@@ -173,6 +173,7 @@ class PredDtype(Callback):
         self.dtype = self.learn.pred.dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_mixed_precision_runs_on_the_cpu(tmp_path, precision, dtype):
     probe, losses = PredDtype(), LossesSeen()
@@ -188,6 +189,7 @@ class BatchDevice(Callback):
         self.devices = {self.learn.xb[0].device, self.learn.pred.device, next(self.learn.model.parameters()).device}
 
 
+@pytest.mark.slow
 def test_without_a_device_the_run_trains_on_fastais_default_device(tmp_path):
     """Not on the CPU by accident: with no device named, the data (and so the model) go to the GPU when there is
     one. (DataLoaders built with device=None stay on the CPU, and fastai then trains the model there too.)"""
@@ -199,6 +201,7 @@ def test_without_a_device_the_run_trains_on_fastais_default_device(tmp_path):
     assert probe.devices == {default_device()}
 
 
+@pytest.mark.slow
 def test_accum_k_steps_once_every_k_batches(tmp_path):
     result = normfree.train(**{**QUICK_OPTIONS, "bs": 8}, accum=4, quiet=True, save_model=False, save_plots=False,
                             out=tmp_path / "accum")
@@ -206,6 +209,7 @@ def test_accum_k_steps_once_every_k_batches(tmp_path):
     assert len(result.learner.adaptive_clip.history) == 2
 
 
+@pytest.mark.slow
 def test_per_sample_agc_run(tmp_path):
     losses = LossesSeen()
     result = normfree.train(**QUICK_OPTIONS, per_sample=True, quiet=True, save_model=False, save_plots=False,

@@ -199,6 +199,7 @@ def test_bad_input_exits_2_naming_the_option(tmp_path, monkeypatch, capsys, fash
     assert "Traceback" not in error and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_per_class_beyond_the_data_is_labelled_with_the_real_count(tmp_path, fashion):
     out = tmp_path / "out"

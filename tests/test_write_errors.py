@@ -95,6 +95,7 @@ def test_a_full_disk_at_the_first_write_leaves_no_folder(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []  # the folders it made are gone
 
 
+@pytest.mark.slow
 @pytest.mark.bad_input
 def test_a_full_disk_stops_compare_with_one_line_and_the_same_command_finishes_it(tmp_path, monkeypatch, capsys):
     out, name = tmp_path / "grid", "compare.json"

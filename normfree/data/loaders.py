@@ -267,6 +267,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _file_shown(given, limit: int = 80) -> str:
+    """`given` (a path, usually) for a message: its end, where the file's name is, when it is long."""
+    text = str(given)
+    return text if len(text) <= limit else "..." + text[3 - limit:]
+
+
 def _channels_first(pixels: torch.Tensor) -> torch.Tensor | None:
     """One image [C, H, W], [H, W] (1 channel) or channels last [H, W, C] (as in a .npz and PIL) as [C, H, W], with
     C 1 or 3; None for any other shape. Channels first wins where both read (an image 1 or 3 px wide)."""
@@ -334,13 +340,13 @@ class _StoredImage(ItemTransform):
     def _from_file(self, given) -> torch.Tensor:
         channels, height, width = self.shape
         if self.white is None:
-            raise TypeError(f"got {type(given).__name__} {str(given)[:80]}; this model was trained on "
+            raise TypeError(f"got {type(given).__name__} {_file_shown(given)}; this model was trained on "
                             f"{_dtype_name(self.dtype)} pixels of no fixed white level, which an image file cannot "
                             f"give: it takes {self._takes}")
         with Image.open(given) if isinstance(given, (str, Path)) else nullcontext(given) as image:
             if image.mode in _DEEP_MODES or image.size != (width, height):
-                raise ValueError(f"{str(given)[:80]}: a {image.width}x{image.height} px image of PIL mode {image.mode}; "
-                                 f"this model takes {self._takes}")
+                raise ValueError(f"{_file_shown(given)}: a {image.width}x{image.height} px image of PIL mode "
+                                 f"{image.mode}; this model takes {self._takes}")
             pixels = torch.from_numpy(np.array(image.convert("L" if channels == 1 else "RGB")))
         pixels = _channels_first(pixels)
         return pixels if self.dtype == torch.uint8 else pixels.to(self.dtype) * (self.white / 255)
