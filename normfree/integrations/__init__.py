@@ -8,3 +8,5 @@ accelerate needs no adapter: ``normfree.agc_hook(optimizer, model)`` on the prep
 optimizer's step, after accelerate's GradScaler unscaled the gradients, once per sync step. Nothing here is imported by
 ``import normfree``; these modules import only `normfree.agc` (and what it needs) and their trainer.
 """
+
+__all__ = ["huggingface", "lightning"]  # modules: each imports its trainer, so none is imported here
