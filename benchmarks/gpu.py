@@ -37,6 +37,7 @@ import traceback
 from pathlib import Path
 
 import torch
+
 from gpu_agc import section_agc
 from gpu_common import FULL, QUICK, ROOT, S1, S2, S3, S4, Context, Results, log, short_error
 from gpu_per_sample import PER_SAMPLE_VARIANTS, section_per_sample

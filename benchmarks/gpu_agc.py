@@ -6,8 +6,24 @@ from __future__ import annotations
 import traceback
 
 import torch
-from gpu_common import (CLIPPING, EPS, S1, Context, agc_reference, batch, clipped_parameters, log, make_model,
-                        max_relative_error, median_ms, ms, short_error, sync, sync_check)
+
+from gpu_common import (
+    CLIPPING,
+    EPS,
+    S1,
+    Context,
+    agc_reference,
+    batch,
+    clipped_parameters,
+    log,
+    make_model,
+    max_relative_error,
+    median_ms,
+    ms,
+    short_error,
+    sync,
+    sync_check,
+)
 
 
 def section_agc(ctx: Context) -> dict:

@@ -11,9 +11,32 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from gpu_common import (CLIPPING, EPS, S3, Context, PerSampleSetting, agc_reference, autocast, batch, captured,
-                        clipped_parameters, cudnn_deterministic, host_ms, log, make_model, max_relative_error,
-                        median_ms, ms, no_tf32, peak_mib, peak_reset, short_error, sync, sync_check)
+
+from gpu_common import (
+    CLIPPING,
+    EPS,
+    S3,
+    Context,
+    PerSampleSetting,
+    agc_reference,
+    autocast,
+    batch,
+    captured,
+    clipped_parameters,
+    cudnn_deterministic,
+    host_ms,
+    log,
+    make_model,
+    max_relative_error,
+    median_ms,
+    ms,
+    no_tf32,
+    peak_mib,
+    peak_reset,
+    short_error,
+    sync,
+    sync_check,
+)
 
 # Per-sample engine variants, each timed on every setting of section 3: a name and the tuning knobs to set
 # while it runs (`normfree.agc.per_sample.tuned(**knobs)`, see normfree/agc/per_sample/tuning.py).

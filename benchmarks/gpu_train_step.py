@@ -7,8 +7,24 @@ import traceback
 from types import SimpleNamespace
 
 import torch
-from gpu_common import (CLIPPING, EPS, S2, Context, autocast, batch, clipped_parameters, log, make_model, ms, pct,
-                        short_error, sync, sync_check, times_ms)
+
+from gpu_common import (
+    CLIPPING,
+    EPS,
+    S2,
+    Context,
+    autocast,
+    batch,
+    clipped_parameters,
+    log,
+    make_model,
+    ms,
+    pct,
+    short_error,
+    sync,
+    sync_check,
+    times_ms,
+)
 
 
 def stand_in_learner(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> SimpleNamespace:

@@ -4,7 +4,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from agc_reference import reference_agc, units_of
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -15,6 +14,7 @@ from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from agc_reference import reference_agc, units_of
 from normfree import AGC
 
 LR = 0.5

@@ -13,6 +13,8 @@ from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.vision.learner import vision_learner
+from torch import nn
+
 from fastai_helpers import (
     CLIPPED,
     GradientsBeforeAGC,
@@ -25,8 +27,6 @@ from fastai_helpers import (
     tiny_model,
     update_after_one_epoch,
 )
-from torch import nn
-
 from normfree import AGC
 from normfree.agc import excluded_parameters
 from normfree.learner import ClipRate, DeviceMixedPrecision

@@ -7,12 +7,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from agc_reference import norm64, reference_agc, reference_unit_norms, units_of
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import normfree
+from agc_reference import norm64, reference_agc, reference_unit_norms, units_of
 from normfree.agc import clip as agc_clip
 from normfree.agc import cpu_kernel, gpu_kernel
 

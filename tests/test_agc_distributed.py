@@ -10,16 +10,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from agc_reference import per_example_reference
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai_helpers import LR, fit_quietly, make_learner, reference_update, relative_difference, tiny_data, tiny_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
+from agc_reference import per_example_reference
+from fastai_helpers import LR, fit_quietly, make_learner, reference_update, relative_difference, tiny_data, tiny_model
 from normfree import AGC
 
 WORLD_SIZE = 2

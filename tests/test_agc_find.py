@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from agc_reference import norm64, units_of
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders
@@ -19,16 +18,17 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import Adam
-from fastai_helpers import CLIPPED, LR, make_learner, tiny_data, tiny_dls, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import normfree
+from agc_reference import norm64, units_of
+from fastai_helpers import CLIPPED, LR, make_learner, tiny_data, tiny_dls, tiny_model
 from normfree.agc.rule import suggest_clipping
-from normfree.learner.callback import CLIP_WATCH_STEPS
 from normfree.learner.agc_find import AGCFindResult
+from normfree.learner.callback import CLIP_WATCH_STEPS
 
 EPS = 1e-3
 
@@ -314,7 +314,6 @@ def test_train_with_agc_auto_records_the_lambda_it_trained_with(tmp_path):
 @pytest.mark.slow
 def test_cli_takes_agc_auto_and_names_the_option_for_anything_else(tmp_path, capsys):
     from helpers import QUICK, stopped_with_status_2
-
     from normfree.app.cli import main
 
     assert main(["train", *QUICK, "--agc", "auto", "--out", str(tmp_path / "run")]) == 0

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+
 from agc_reference import norm64, reference_agc, units_of
 from host_syncs import HostSyncs
-from torch import nn
 
 WORLD_SIZE = 2
 CLIPPING = 0.05

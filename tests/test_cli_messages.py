@@ -3,6 +3,7 @@ same message for train's and spp's --device and compare's --devices), and compar
 methods cannot train, saying which archs and methods go together."""
 import pytest
 import torch
+
 from helpers import refusal_line
 
 QUICK_GRID = ["--methods", "nf-agc", "--batch-sizes", "16", "--seeds", "0", "--epochs", "1", "--size", "8", "--limit",

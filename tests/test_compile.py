@@ -3,9 +3,9 @@
 The fits use torch.compile's ``aot_eager`` backend (dynamo's graph capture and AOTAutograd, no code generation:
 seconds, not minutes, on a CPU); one test compiles a tiny model with the default backend (inductor's C++ code)."""
 import copy
-from functools import cache
 import pickle
 import warnings
+from functools import cache
 
 import pytest
 import torch

@@ -8,11 +8,9 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from agc_reference import reference_agc
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.vision.models.xresnet import xresnet18
-from fastai_helpers import GradientsBeforeAGC
 from timm.layers import ScaledStdConv2d
 from timm.models.nfnet import _nonlin_gamma
 from torch import nn
@@ -20,6 +18,8 @@ from torch.utils.data import TensorDataset
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import normfree
+from agc_reference import reference_agc
+from fastai_helpers import GradientsBeforeAGC
 from normfree import nf_learner, to_normfree
 from normfree.models import ConvertedResidual
 from normfree.models.convert import ConversionError

@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
-from agc_reference import reference_agc
 from torch import nn
 
 import normfree
+from agc_reference import reference_agc
 from normfree.agc import clip as agc_module
 from normfree.agc import cpu_kernel
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
-from helpers import LossesSeen, smoothed_loss
 from sklearn.datasets import load_digits
 from torch import nn
 
 import normfree
+from helpers import LossesSeen, smoothed_loss
 from normfree.app.cli import main
 from normfree.app.compare import CompareConfig, SweepPoint, _choose_lr
 from normfree.data import digits_dataloaders, subset_dataloaders

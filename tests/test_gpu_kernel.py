@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from agc_reference import reference_agc
 from torch import nn
 
 import normfree
+from agc_reference import reference_agc
 from normfree.agc import cpu_kernel, gpu_kernel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -19,9 +19,9 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
+
 from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from host_syncs import HostSyncs
-
 from normfree import AGC
 from normfree.agc import cpu_kernel
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EXPECTED_FILES, assert_same_metrics, read_rows
 from safetensors.torch import load_file
 
 import normfree
+from helpers import EXPECTED_FILES, assert_same_metrics, read_rows
 from normfree.app.cli import build_parser, main
 from normfree.app.distributed import shard_indices
 from normfree.app.signals import Terminated, sigterm_as_interrupt, stops_when_asked

@@ -9,10 +9,10 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.data.transforms import Normalize
 from fastai.vision.data import ImageDataLoaders
-from helpers import write_npz
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from helpers import write_npz
 from normfree import AGC, build_model, nf_learner, save_weights
 from normfree.data import medmnist_dataloaders, write_digits_image_folder
 from normfree.models import find_classifier, normalizer_free_archs

@@ -11,17 +11,17 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from agc_reference import per_example_clipping, per_example_reference, reference_agc, units_of
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, MSELossFlat
 from fastai.optimizer import SGD
-from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 
+from agc_reference import per_example_clipping, per_example_reference, reference_agc, units_of
+from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from normfree import AGC
 from normfree.agc import excluded_parameters
 from normfree.agc.per_sample import TUNING, PerSampleClipper, tuned

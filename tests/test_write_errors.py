@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import Callback
-from helpers import EXPECTED_FILES, QUICK, read_rows, refusal_line, with_callback
 from safetensors.torch import save_file
 
+from helpers import EXPECTED_FILES, QUICK, read_rows, refusal_line, with_callback
 from normfree.app.cli import main
 from normfree.learner.checkpoint import EpochCheckpoint, load_checkpoint
 from normfree.utils.errors import WriteError

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from . import cpu_kernel, gpu_kernel
-from .sharded import is_sharded, local_parts, local_unit_norms, reduce_counts, reduce_unit_norms, shard_layout
 from .rule import (
     DEFAULT_CLIPPING,
     DEFAULT_EPS,
@@ -23,6 +22,7 @@ from .rule import (
     unit_norm_vector,
     unit_shape,
 )
+from .sharded import is_sharded, local_parts, local_unit_norms, reduce_counts, reduce_unit_norms, shard_layout
 
 __all__ = ["ClipStats", "adaptive_clip_grad_", "clip_parameters_", "clip_with_torch_ops", "count_per_tensor"]
 

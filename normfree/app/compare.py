@@ -69,8 +69,8 @@ from .config import (
     make_config,
     whole_numbers,
 )
-from .options import like, option
 from .grid_jobs import already_trained, in_parallel, one_by_one, train_command
+from .options import like, option
 from .report import GridResult, RunRecord, batch_setting, markdown_table, reading, summarise, write_report
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train

@@ -12,8 +12,14 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 
 from ..agc.clip import clip_parameters_
-from ..agc.exclusion import (Exclusion, SkipClassifier, as_exclusions, check_skip_classifier, clipped_parameters,
-                             excluded_parameters)
+from ..agc.exclusion import (
+    Exclusion,
+    SkipClassifier,
+    as_exclusions,
+    check_skip_classifier,
+    clipped_parameters,
+    excluded_parameters,
+)
 from ..agc.history import ClipHistory
 from ..agc.hook import check_clippings, clipping_per_group, warn_if_no_classifier
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules

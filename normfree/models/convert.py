@@ -37,8 +37,15 @@ from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
 from ..utils.errors import ConversionError
-from .equations import (ACTIVATION_GAMMAS, activation_gamma, is_positively_homogeneous, nf_residual, residual_betas,
-                        residual_scale, skipinit_gain)
+from .equations import (
+    ACTIVATION_GAMMAS,
+    activation_gamma,
+    is_positively_homogeneous,
+    nf_residual,
+    residual_betas,
+    residual_scale,
+    skipinit_gain,
+)
 from .fold import fold_batchnorms
 from .small_resnets import SmallResNet, normfree_twin_name
 from .standardization import STD_CONV_EPS, STD_CONVS, called_plainly, scaled_output_conv
