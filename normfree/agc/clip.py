@@ -69,8 +69,9 @@ def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tu
     """
     order = sorted(range(len(params)), key=lambda i: not is_single_unit(params[i]))  # single-unit tensors first
     grads = [params[i].grad for i in order]
-    clipped, nonfinite = _scale_units_(grads, [num_units(g) for g in grads], unit_norm_vector([params[i] for i in order]),
-                                       unit_norm_vector(grads), clipping, eps)
+    clipped, nonfinite = _scale_units_(grads, [num_units(g) for g in grads],
+                                       unit_norm_vector([params[i] for i in order]), unit_norm_vector(grads),
+                                       clipping, eps)
     position = {i: k for k, i in enumerate(order)}
     return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
 

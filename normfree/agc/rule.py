@@ -99,8 +99,8 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
     with ||G_u|| floored at GRAD_NORM_FLOOR = 1e-6 in the division (as DeepMind's code). A unit whose gradient norm
     is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
     user decides what to do with it. So does a unit whose weight norm is not finite (inf or NaN: no
-    threshold; `adaptive_clip_grad_` counts both kinds as non-finite). (The fused CPU kernel, csrc/agc_cpu.c, computes the same
-    rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
+    threshold; `adaptive_clip_grad_` counts both kinds as non-finite). (The fused CPU kernel, csrc/agc_cpu.c,
+    computes the same rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
     to one float64 reference.) The rule in two halves, `clip_threshold` and `clip_factor_below`,
     serves callers that take the factors of many gradients against the same weights (per-sample AGC).
     """

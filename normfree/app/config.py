@@ -445,7 +445,8 @@ class TrainConfig:
 
     def block_options(self) -> dict[str, Any]:
         """`skipinit` and `alpha` where given: the small NF ResNets' model arguments, or to_normfree's (mode nf)."""
-        return {name: value for name, value in (("skipinit", self.skipinit), ("alpha", self.alpha)) if value is not None}
+        given = (("skipinit", self.skipinit), ("alpha", self.alpha))
+        return {name: value for name, value in given if value is not None}
 
     def conversion(self) -> dict[str, Any]:
         """`to_normfree`'s arguments for this run's conversion: the mode, and `block_options` with mode nf."""

@@ -14,7 +14,7 @@ alone, see `normfree.app.distributed`):
 | ``model.safetensors`` | the weights (`normfree.save_weights`; ``weights=`` reads them back) |
 | ``learner.pkl`` | the exported Learner (`learn.export`; fastai's ``load_learner`` reads it) |
 | ``result.json`` | the per-epoch metrics and the run's summary (`TrainResult`) |
-| ``checkpoint.pth`` | while the run is unfinished: its state after the last finished epoch (`normfree.learner.checkpoint`) |
+| ``checkpoint.pth`` | while unfinished: the run's state after its last finished epoch (`normfree.learner.checkpoint`) |
 
 Ctrl-C (or SIGTERM, what ``timeout`` and job schedulers send) during training stops it cleanly: the
 weights at that point, the finished epochs' metrics and the config are saved, a message says where,
@@ -126,7 +126,8 @@ class TrainResult:
 
     `metric` is the validation metric's column (``accuracy``, or ``accuracy_multi`` for multi-label
     data). `interrupted`: stopped by `stopped_by` (``Ctrl-C`` or ``SIGTERM``) before the end;
-    `diverged`: stopped early because the training loss was no longer finite (see `divergence`). `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
+    `diverged`: stopped early because the training loss was no longer finite (see `divergence`).
+    `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
     `agc` is the AGC lambda the run trained with (None without AGC; with ``agc="auto"``, the one agc_find chose).
     `learner` is the trained Learner (not saved in ``result.json``).
     """
@@ -580,9 +581,9 @@ def _resumed_config(out: Path, state: dict[str, Any]) -> TrainConfig:
                if key != "out" and (key not in trained or key not in folder or trained[key] != folder[key])]
     if changed:
         raise ConfigError("resume", f"{path} says {_json_text(folder, changed)} but {out / CHECKPOINT} was written by "
-                                    f"a run with {_json_text(trained, changed)} (config.json was edited after the stop, "
-                                    f"or the checkpoint is another run's): it cannot continue the run config.json "
-                                    f"describes; to train config.json's settings, start a new run: "
+                                    f"a run with {_json_text(trained, changed)} (config.json was edited after the "
+                                    f"stop, or the checkpoint is another run's): it cannot continue the run "
+                                    f"config.json describes; to train config.json's settings, start a new run: "
                                     f"{_new_run_command(out)}")
     # a checkpoint from before fast_opt holds fastai's optimizer state: the run goes on with fastai's optimizer
     return TrainConfig(**{"fast_opt": False, **state["config"], "out": str(out)}, check_weights_file=False)
@@ -726,8 +727,8 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
 
     if interrupted:
         atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
-                                       f"{len(log.rows)} finished epoch(s); {OUTPUT_FILES['result']} says so (\"interrupted\": "
-                                       f"true). {_resume_command(out)} continues it from its last "
+                                       f"{len(log.rows)} finished epoch(s); {OUTPUT_FILES['result']} says so "
+                                       f"(\"interrupted\": true). {_resume_command(out)} continues it from its last "
                                        f"finished epoch; "
                                        f"normfree compare trains it again; normfree train refuses this folder unless "
                                        f"--overwrite is given.\n")

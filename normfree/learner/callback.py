@@ -112,7 +112,8 @@ class AGC(Callback):
             check_examples_independent(unwrap_model(model))
             check_supported_modules(unwrap_model(model))
 
-    def clipped_parameters(self, model: nn.Module, param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
+    def clipped_parameters(self, model: nn.Module,
+                           param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
         """Per optimizer param group, the (name, parameter) pairs AGC clips (`normfree.agc.exclusion`)."""
         return clipped_parameters(model, param_lists, self.skip_classifier, self.exclude)
 
@@ -123,8 +124,8 @@ class AGC(Callback):
             self.run = False
             return
         n_groups = len(self.learn.opt.param_lists)
-        self.learn.metrics = self.learn.metrics + [ClipRate(self),
-                                                   *([ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else [])]
+        per_group = [ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else []
+        self.learn.metrics = self.learn.metrics + [ClipRate(self), *per_group]
         self._history_started = False
         self._warned: set[str] = set()
 
