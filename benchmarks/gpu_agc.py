@@ -136,4 +136,5 @@ def _plan_graph_state(params: list[torch.Tensor]) -> str:
     states = [state for plan in plans for state in plan.graphs.values()]
     if any(isinstance(state, tuple) and state for state in states):
         return "yes"
-    return f"no ({gpu_kernel._graph_failure[0][:200] if gpu_kernel._graph_failure else 'states: ' + repr(states)[:100]})"
+    reason = gpu_kernel._graph_failure[0][:200] if gpu_kernel._graph_failure else "states: " + repr(states)[:100]
+    return f"no ({reason})"

@@ -381,7 +381,8 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
                         f" ({graphs.failures[0][:150]})" if graphs.failures else "")
                     per_graph_ms = graph_ms(ctx, run, entry, variant)
                     if setting.profile:
-                        profiles.append(f"== per-sample AGC step ({variant}): {setting.label} ==\n{profile_table(ctx, run)}")
+                        profiles.append(f"== per-sample AGC step ({variant}): {setting.label} ==\n"
+                                        f"{profile_table(ctx, run)}")
                 finally:
                     clipper.remove()
         except Exception as error:  # noqa: BLE001
@@ -410,7 +411,8 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
         if per_peak is not None and ordinary_peak:
             memory = per_peak / ordinary_peak
             entry[variant]["memory_ratio"] = memory
-            ctx.results.row(name, label, f"peak memory per-sample / ordinary ({per_peak:.0f} / {ordinary_peak:.0f} MiB)",
+            ctx.results.row(name, label,
+                            f"peak memory per-sample / ordinary ({per_peak:.0f} / {ordinary_peak:.0f} MiB)",
                             f"{memory:.2f}x", "<= 1.3", memory <= 1.3)
         else:
             ctx.results.row(name, label, "peak memory per-sample / ordinary", "n/a (CPU)")

@@ -42,10 +42,12 @@ def train_one_shard(rank: int, init_file: str, result_file: str, per_sample: boo
         before = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
         x, y = tiny_data()
         shard = slice(rank * 16, (rank + 1) * 16)
-        dls = DataLoaders(DataLoader(TensorDataset(x[shard], y[shard]), bs=16), DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
+        dls = DataLoaders(DataLoader(TensorDataset(x[shard], y[shard]), bs=16),
+                          DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
         agc = AGC(0.01, per_sample=per_sample)
         fit_quietly(make_learner(model, dls, [agc]))
-        update = {n.removeprefix("module."): (full(p.detach()) - before[n]).double() for n, p in model.named_parameters()}
+        update = {n.removeprefix("module."): (full(p.detach()) - before[n]).double()
+                  for n, p in model.named_parameters()}
         refusal = None
         if wrap == "fsdp2":
             try:

@@ -60,7 +60,7 @@ def test_suggestion_on_a_hand_made_distribution_and_its_clip_share():
     assert result.fraction_clipped(0.495) == pytest.approx(0.51)
 
 
-# --- what it records ---------------------------------------------------------------------------------------------------
+# --- what it records --------------------------------------------------------------------------------------------------
 
 
 def reference_ratios(model, steps):
@@ -114,7 +114,8 @@ def test_mixed_precision_ratios_are_taken_from_unscaled_gradients(precision):
 
 
 def test_frozen_groups_are_not_recorded_and_discriminative_lrs_are_taken():
-    learn = make_learner(tiny_model(), tiny_dls(), splitter=lambda m: [list(m[0].parameters()), list(m[3:].parameters())])
+    learn = make_learner(tiny_model(), tiny_dls(),
+                         splitter=lambda m: [list(m[0].parameters()), list(m[3:].parameters())])
     learn.create_opt()
     learn.freeze()
     result = find(learn, num_it=1)
@@ -133,7 +134,7 @@ def test_attached_agcs_exclusions_are_used_and_it_stays_attached():
     assert callback.history is None  # the probe clipped nothing and recorded nothing in AGC's history
 
 
-# --- nothing changed ---------------------------------------------------------------------------------------------------
+# --- nothing changed --------------------------------------------------------------------------------------------------
 
 
 def bn_learner():
@@ -142,7 +143,8 @@ def bn_learner():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3),
                           nn.Linear(64, 3))
     x, y = tiny_data(n=48)
-    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=8, shuffle=True), DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=8, shuffle=True),
+                      DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, wd=0.01), lr=1e-2)
 
 
@@ -219,7 +221,7 @@ def test_plot_marks_the_suggestion():
     assert [t.get_text() for t in groups.get_xticklabels()] == ["0", "3", "5"]
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.bad_input
@@ -259,7 +261,7 @@ def test_per_sample_agc_is_refused_with_the_reason():
         find(learn, num_it=1)
 
 
-# --- the warning during training ---------------------------------------------------------------------------------------
+# --- the warning during training --------------------------------------------------------------------------------------
 
 
 def watched_fit(clipping, epochs=7):
@@ -268,7 +270,7 @@ def watched_fit(clipping, epochs=7):
     learn = make_learner(tiny_model(), tiny_dls(bs=4))
     learn.agc(find(learn, num_it=8).suggestion if clipping is None else clipping)
     with pytest.warns() as caught:
-        warnings.warn("marker")  # pytest.warns needs one
+        warnings.warn("marker", stacklevel=1)  # pytest.warns needs one
         fit(learn, epochs)
     return [str(w.message) for w in caught if "AGC (lambda" in str(w.message)], learn
 
@@ -291,7 +293,7 @@ def test_the_suggested_lambda_clips_some_units_and_is_not_reported():
     assert 0 < float(rates.mean()) < 0.5 and messages == []
 
 
-# --- agc="auto" in normfree train and compare --------------------------------------------------------------------------
+# --- agc="auto" in normfree train and compare -------------------------------------------------------------------------
 
 
 @pytest.mark.slow

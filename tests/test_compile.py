@@ -71,7 +71,8 @@ def _failing_backend(graph, example_inputs):
 def test_a_model_that_cannot_compile_warns_and_trains_eagerly():
     eager = _eager_fit()
     learn = _learner({"backend": _failing_backend})
-    with pytest.warns(UserWarning, match="torch.compile could not compile SmallResNet .RuntimeError: this backend cannot compile anything.; it runs uncompiled"):
+    with pytest.warns(UserWarning, match="torch.compile could not compile SmallResNet .RuntimeError: this backend "
+                                         "cannot compile anything.; it runs uncompiled"):
         fallen_back = _fit(learn)
     assert not is_compiled(learn.model)
     for key, value in eager.items():

@@ -292,8 +292,9 @@ def test_activation_gamma_takes_numpy_numbers():
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("make, message", [
-    (lambda: timm.create_model("bn_resnet_tiny"), r"^bn_resnet_tiny is the BatchNorm twin of normfree's nf_resnet_tiny: "
-                                                  r".*build nf_resnet_tiny \(--arch nf_resnet_tiny"),
+    (lambda: timm.create_model("bn_resnet_tiny"),
+     r"^bn_resnet_tiny is the BatchNorm twin of normfree's nf_resnet_tiny: "
+     r".*build nf_resnet_tiny \(--arch nf_resnet_tiny"),
     (lambda: timm.create_model("nf_resnet_tiny"), r"^the model \(SmallResNet\) is already normalizer-free: it has no "
                                                   r"BatchNorm .*stem.conv is a ScaledStdConv2d\); nothing to convert"),
     (lambda: nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), r"has no BatchNorm and no convolution: nothing to convert"),

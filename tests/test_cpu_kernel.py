@@ -31,7 +31,8 @@ def layer_with_gradients(shape=(64, 32)):
 def assert_matches_reference(params, grads_before, stats, clipping=0.01, eps=1e-3):
     for p, grad, clipped in zip(params, grads_before, stats.clipped.tolist()):
         expected, n_clipped = reference_agc(p, grad, clipping, eps)
-        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-2 if p.dtype == torch.float16 else 1e-5, atol=1e-7)
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-2 if p.dtype == torch.float16 else 1e-5,
+                                   atol=1e-7)
         assert clipped == n_clipped
 
 

@@ -142,7 +142,7 @@ def test_on_cuda_no_host_synchronisation_and_graph_capture():
     for p, g in zip(params, saved):
         p.grad.copy_(g)
     graph.replay()
-    for p, (grad, n) in zip(params, expected):
+    for p, (grad, _) in zip(params, expected):
         torch.testing.assert_close(p.grad.double(), grad, rtol=1e-5, atol=1e-30)
     assert stats.clipped.tolist() == [n for _, n in expected]
 

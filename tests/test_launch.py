@@ -251,7 +251,8 @@ def test_settings_a_launched_run_cannot_honour_are_refused_once(tmp_path, monkey
     assert stopped.value.code == 2 and "--lr-find: is not available with 2 processes" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stopped:  # each process would choose its own lambda
         main(["train", *RUN, "--agc", "auto", "--out", str(tmp_path / "auto")])
-    assert stopped.value.code == 2 and "--agc/--no-agc: auto is not available with 2 processes" in capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "--agc/--no-agc: auto is not available with 2 processes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--out", str(tmp_path / "grid")])
     assert "only normfree train trains data-parallel" in capsys.readouterr().err

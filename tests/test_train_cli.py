@@ -103,7 +103,8 @@ def test_cli_train_config_records_the_settings_and_versions(cli_run):
     config = content["config"]
     assert (config["data"], config["arch"], config["size"], config["limit"], config["bs"], config["epochs"]) == (
         "digits", "nf_resnet_tiny", 8, 64, 16, 1)
-    assert (config["agc"], config["seed"], config["precision"], config["accum"]) == (normfree.app.config.DEFAULT_AGC, 0, "fp32", 1)
+    assert (config["agc"], config["seed"], config["precision"], config["accum"]) == (
+        normfree.app.config.DEFAULT_AGC, 0, "fp32", 1)
     assert config["out"] == str(out.resolve())
     for package in ("torch", "fastai", "timm"):
         assert content["versions"][package] == metadata.version(package)

@@ -515,7 +515,7 @@ def _refuse_unconvertible(model: nn.Module, mode: str) -> None:
     paths: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(name)
-    for name, m in model.named_modules():
+    for m in model.modules():
         if len(paths[id(m)]) > 1 and _holds(m, _NORMS + (nn.modules.conv._ConvNd,)) is not None:
             raise ConversionError(f"{' and '.join(paths[id(m)])} are one {type(m).__name__} module used twice (shared "
                                   f"or reused): to_normfree converts each place a layer runs on its own, so it cannot "
