@@ -1,13 +1,17 @@
 """The top level is small and imports quietly: `import normfree` installs no warnings filter and changes no
 fastai class; `import normfree.learner` (or the first use of a fastai-level name) installs the fastai integration.
 Each check runs in a fresh interpreter, where nothing has imported normfree yet."""
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import normfree
+
+ROOT = Path(__file__).resolve().parents[1]
 
 INTEGRATION = ["agc", "agc_find", "to_mixed_precision"]  # the methods normfree.learner adds to fastai's Learner
 # Learner's members that normfree defines (fastai's own modules patch Learner too: fit_one_cycle, to_fp16, ...)
@@ -67,3 +71,24 @@ def test_the_rest_is_importable_from_its_subpackage_only(name, module):
     assert name not in normfree.__all__ and name not in dir(normfree)
     with pytest.raises(AttributeError):
         getattr(normfree, name)
+
+
+def test_type_checkers_see_the_top_level_names():
+    """normfree/__init__.py's ``if TYPE_CHECKING:`` imports (what mypy reads) are `_PUBLIC`, name for name."""
+    tree = ast.parse((ROOT / "normfree" / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    imported = {alias.name: f"normfree.{node.module}" for node in block.body if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert imported == normfree._PUBLIC
+
+
+def test_mypy_checks_the_modules_of_the_public_api():
+    """pyproject.toml's mypy `files` hold normfree/__init__.py and every module a top-level name comes from or is
+    defined in, so a new public name is type checked."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    files = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"])
+    modules = {"normfree", *normfree._PUBLIC.values(),
+               *(getattr(normfree, name).__module__ for name in normfree.__all__)}
+    paths = {str(Path(*m.split(".")) / "__init__.py") if (ROOT / Path(*m.split("."))).is_dir()
+             else str(Path(*m.split("."))) + ".py" for m in modules}
+    assert sorted(paths - files) == []

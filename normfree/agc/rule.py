@@ -173,7 +173,7 @@ _CLIPPING = _Argument("clipping", False, "the paper's lambda, e.g. 0.01", "0.01"
 _EPS = _Argument("eps", True, "the paper uses 1e-3", "1e-3")
 
 
-def _agc_number(value, argument: _Argument) -> float:
+def _agc_number(value: object, argument: _Argument) -> float:
     """`value` as a float if it is one number in `argument`'s range: a Python or numpy scalar, or a one-element
     tensor; else ValueError naming the argument."""
     number = value
@@ -189,7 +189,7 @@ def _agc_number(value, argument: _Argument) -> float:
     return float(number)
 
 
-def check_agc_arguments(clipping: float, eps: float) -> tuple[float, float]:
+def check_agc_arguments(clipping: object, eps: object) -> tuple[float, float]:
     """`clipping` and `eps` as floats (Python and numpy scalars and one-element tensors are numbers); ValueError
     naming the argument when one is not a number or out of range."""
     return _agc_number(clipping, _CLIPPING), _agc_number(eps, _EPS)

@@ -613,14 +613,15 @@ def _build_and_train(config: TrainConfig, out: Path, quiet: bool, save_model: bo
     quiet = quiet or not distributed.is_main()  # rank 0 speaks for a launched run
     try:
         learn = distributed.agree(lambda: _build_learner(config, resumed))
-    except KeyboardInterrupt as error:
-        error.normfree_note = ("while starting (building the data and model), " +
+    except KeyboardInterrupt as error:  # the note says where, in the command line's message (cli.py)
+        error.normfree_note = ("while starting (building the data and model), " +  # type: ignore[attr-defined]
                                (f"before anything was written to {out}" if resumed is None else f"{out} is as it was"))
         raise
     try:
         return _train(learn, config, out, quiet, save_model, save_plots, cbs, resumed)
     except KeyboardInterrupt as error:  # after the fit, while saving: the folder stays marked incomplete
-        error.normfree_note = f"while saving the results; {out} is marked incomplete ({INCOMPLETE})"
+        error.normfree_note = (  # type: ignore[attr-defined]
+            f"while saving the results; {out} is marked incomplete ({INCOMPLETE})")
         raise
 
 
@@ -658,10 +659,10 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
     say = (lambda *args, **kwargs: None) if quiet else print
     say(_describe(learn, config))
 
-    log = EpochLog(out / OUTPUT_FILES["metrics"] if writes else None, resumed and resumed["rows"])
+    log = EpochLog(out / OUTPUT_FILES["metrics"] if writes else None, resumed["rows"] if resumed else None)
     divergence = _StopOnDivergence()
     lr, finding_lr, stopped_by = config.lr, config.lr_find and resumed is None, None
-    agc = None if config.agc == AGC_AUTO else config.agc
+    agc = None if isinstance(config.agc, str) else config.agc  # the one string TrainConfig takes is AGC_AUTO
     if resumed is not None:
         lr = resumed["lr"]
         cbs = [ResumeFit(resumed), *cbs]
