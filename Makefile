@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench docs clean
+.PHONY: demo lint test test-fast bench docs clean
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "normfree needs Python >= 3.10; set PYTHON=python3.X")'
@@ -17,12 +17,18 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(PY) -m normfree compare --out demo-output --overwrite
 
-# the whole suite (what CI runs: .ci/run)
-test: $(INSTALLED)
+# ruff (style, import order) on everything, mypy on the public API: both configured in pyproject.toml
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# lint, then the whole suite (what CI runs: .ci/run)
+test: lint
 	$(PY) -m pytest -q
 
-# the edit-test loop: the unit tests, without the end-to-end runs, grids, studies, launches, notebook and docs build
-test-fast: $(INSTALLED)
+# the edit-test loop: lint, then the unit tests, without the end-to-end runs, grids, studies, launches, notebook
+# and docs build
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow and not launch"
 
 # the CPU benchmarks' table, then benchmarks/gpu.py (one skip line where there is no CUDA device)

@@ -103,7 +103,8 @@ def rows_for(setting: str, times: dict[str, list[float]]) -> list[dict]:
              value=f"{speedup:.2f}x", target=">= 3x", ok=speedup >= 3),
         dict(benchmark="AGC step, nfnet_f0", setting=setting, measurement="normfree time / one copy of all gradients",
              value=f"{over_copy:.2f}x", target="<= 2x", ok=over_copy <= 2),
-        dict(benchmark="AGC step, nfnet_f0", setting=setting, measurement="timm time / normfree torch-ops time (no C compiler)",
+        dict(benchmark="AGC step, nfnet_f0", setting=setting,
+             measurement="timm time / normfree torch-ops time (no C compiler)",
              value=f"{fallback_speedup:.2f}x", target="(reference)"),
     ]
 

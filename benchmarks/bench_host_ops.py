@@ -30,7 +30,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_per_sample import ordinary_step, per_sample_step, setup, time_ratio  # noqa: E402
-
 from normfree.agc.per_sample import PerSampleClipper, tuned  # noqa: E402
 from normfree.agc.per_sample.graphs import LayerGraphs  # noqa: E402
 

@@ -19,7 +19,6 @@ from fastai.optimizer import Adam
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_host_ops import OpCount  # noqa: E402
-
 from normfree.learner.optim import fast_adam  # noqa: E402
 
 ROUNDS = 6

@@ -152,7 +152,8 @@ def run() -> list[dict]:
         label = f"{arch}, batch {batch}, {size} px"
         ratio, ordinary, best = time_ratio(*setting)
         rows.append(dict(benchmark="per-sample AGC step time / ordinary AGC step", setting=label,
-                         measurement=f"median of {ROUNDS} rounds (best {best:.2f}x; ordinary step {ordinary * 1e3:.0f} ms)",
+                         measurement=f"median of {ROUNDS} rounds "
+                                     f"(best {best:.2f}x; ordinary step {ordinary * 1e3:.0f} ms)",
                          value=f"{ratio:.2f}x", target="<= 2.0x", ok=ratio <= 2.0))
         ordinary_mib, per_sample_mib = (peak_in_fresh_process(setting, mode) for mode in ("ordinary", "per-sample"))
         memory = per_sample_mib / ordinary_mib

@@ -37,6 +37,7 @@ import traceback
 from pathlib import Path
 
 import torch
+
 from gpu_agc import section_agc
 from gpu_common import FULL, QUICK, ROOT, S1, S2, S3, S4, Context, Results, log, short_error
 from gpu_per_sample import PER_SAMPLE_VARIANTS, section_per_sample
@@ -85,7 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-bench-output"), help="folder for the results")
     parser.add_argument("--quick", action="store_true", help="every section at tiny sizes (a smoke test)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="run the quick sizes on the CPU (tests the code paths)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run the quick sizes on the CPU (tests the code paths)")
     parser.add_argument("--sections", default="1,2,3,4", help="comma-separated section numbers to run")
     parser.add_argument("--per-sample", default="", metavar="TEXT",
                         help="section 3: only the settings whose label contains TEXT (e.g. 'nf_resnet26')")

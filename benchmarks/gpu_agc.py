@@ -6,8 +6,24 @@ from __future__ import annotations
 import traceback
 
 import torch
-from gpu_common import (CLIPPING, EPS, S1, Context, agc_reference, batch, clipped_parameters, log, make_model,
-                        max_relative_error, median_ms, ms, short_error, sync, sync_check)
+
+from gpu_common import (
+    CLIPPING,
+    EPS,
+    S1,
+    Context,
+    agc_reference,
+    batch,
+    clipped_parameters,
+    log,
+    make_model,
+    max_relative_error,
+    median_ms,
+    ms,
+    short_error,
+    sync,
+    sync_check,
+)
 
 
 def section_agc(ctx: Context) -> dict:
@@ -120,4 +136,5 @@ def _plan_graph_state(params: list[torch.Tensor]) -> str:
     states = [state for plan in plans for state in plan.graphs.values()]
     if any(isinstance(state, tuple) and state for state in states):
         return "yes"
-    return f"no ({gpu_kernel._graph_failure[0][:200] if gpu_kernel._graph_failure else 'states: ' + repr(states)[:100]})"
+    reason = gpu_kernel._graph_failure[0][:200] if gpu_kernel._graph_failure else "states: " + repr(states)[:100]
+    return f"no ({reason})"

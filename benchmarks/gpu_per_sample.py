@@ -11,9 +11,32 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from gpu_common import (CLIPPING, EPS, S3, Context, PerSampleSetting, agc_reference, autocast, batch, captured,
-                        clipped_parameters, cudnn_deterministic, host_ms, log, make_model, max_relative_error,
-                        median_ms, ms, no_tf32, peak_mib, peak_reset, short_error, sync, sync_check)
+
+from gpu_common import (
+    CLIPPING,
+    EPS,
+    S3,
+    Context,
+    PerSampleSetting,
+    agc_reference,
+    autocast,
+    batch,
+    captured,
+    clipped_parameters,
+    cudnn_deterministic,
+    host_ms,
+    log,
+    make_model,
+    max_relative_error,
+    median_ms,
+    ms,
+    no_tf32,
+    peak_mib,
+    peak_reset,
+    short_error,
+    sync,
+    sync_check,
+)
 
 # Per-sample engine variants, each timed on every setting of section 3: a name and the tuning knobs to set
 # while it runs (`normfree.agc.per_sample.tuned(**knobs)`, see normfree/agc/per_sample/tuning.py).
@@ -358,7 +381,8 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
                         f" ({graphs.failures[0][:150]})" if graphs.failures else "")
                     per_graph_ms = graph_ms(ctx, run, entry, variant)
                     if setting.profile:
-                        profiles.append(f"== per-sample AGC step ({variant}): {setting.label} ==\n{profile_table(ctx, run)}")
+                        profiles.append(f"== per-sample AGC step ({variant}): {setting.label} ==\n"
+                                        f"{profile_table(ctx, run)}")
                 finally:
                     clipper.remove()
         except Exception as error:  # noqa: BLE001
@@ -387,7 +411,8 @@ def _per_sample_setting(ctx: Context, setting: PerSampleSetting, entry: dict, Pe
         if per_peak is not None and ordinary_peak:
             memory = per_peak / ordinary_peak
             entry[variant]["memory_ratio"] = memory
-            ctx.results.row(name, label, f"peak memory per-sample / ordinary ({per_peak:.0f} / {ordinary_peak:.0f} MiB)",
+            ctx.results.row(name, label,
+                            f"peak memory per-sample / ordinary ({per_peak:.0f} / {ordinary_peak:.0f} MiB)",
                             f"{memory:.2f}x", "<= 1.3", memory <= 1.3)
         else:
             ctx.results.row(name, label, "peak memory per-sample / ordinary", "n/a (CPU)")

@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 import torch
+
 from gpu_common import ROOT, S4, Context, log, short_error, sync
 
 

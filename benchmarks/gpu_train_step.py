@@ -7,13 +7,30 @@ import traceback
 from types import SimpleNamespace
 
 import torch
-from gpu_common import (CLIPPING, EPS, S2, Context, autocast, batch, clipped_parameters, log, make_model, ms, pct,
-                        short_error, sync, sync_check, times_ms)
+
+from gpu_common import (
+    CLIPPING,
+    EPS,
+    S2,
+    Context,
+    autocast,
+    batch,
+    clipped_parameters,
+    log,
+    make_model,
+    ms,
+    pct,
+    short_error,
+    sync,
+    sync_check,
+    times_ms,
+)
 
 
 def stand_in_learner(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> SimpleNamespace:
     """What `normfree.AGC`'s before_train / before_step read from a fastai Learner."""
-    return SimpleNamespace(model=model, opt=SimpleNamespace(param_lists=[list(g["params"]) for g in optimizer.param_groups]))
+    param_lists = [list(g["params"]) for g in optimizer.param_groups]
+    return SimpleNamespace(model=model, opt=SimpleNamespace(param_lists=param_lists))
 
 
 def section_train_step(ctx: Context) -> dict:
@@ -82,10 +99,12 @@ def section_train_step(ctx: Context) -> dict:
     log("  section 2: timed")
     clip_events = {key: pairs[-len(samples[key]):] for key, pairs in clip_events.items()}  # the timed steps
     sync(ctx)
-    in_step = {key: statistics.median(start.elapsed_time(end) for start, end in pairs) for key, pairs in clip_events.items()}
+    in_step = {key: statistics.median(start.elapsed_time(end) for start, end in pairs)
+               for key, pairs in clip_events.items()}
     data["in_step_clip_ms"] = in_step
     median = {key: statistics.median(v) for key, v in samples.items()}
-    data.update(median_ms=median, samples_ms=samples, steps_recorded_by_callback=len(callback.history) if callback else None,
+    data.update(median_ms=median, samples_ms=samples,
+                steps_recorded_by_callback=len(callback.history) if callback else None,
                 final_loss=float(last_loss[0]) if last_loss else None)
     labels = {"none": "step without AGC", "normfree": "step + normfree adaptive_clip_grad_",
               "timm": "step + timm adaptive_clip_grad", "callback": "step + normfree.AGC callback (before_step)"}

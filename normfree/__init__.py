@@ -13,6 +13,7 @@ fastai integration (``Learner.agc``, ``Learner.agc_find``, ``Learner.to_mixed_pr
 ``Learner.fit``; see `normfree.learner`).
 """
 import importlib
+from typing import TYPE_CHECKING
 
 from .app import startup  # noqa: F401  (first: the `normfree` command's Ctrl-C while importing torch is one line)
 
@@ -40,6 +41,15 @@ _PUBLIC = {  # the top level: name -> the module it comes from. `__all__` and th
     "compare": "normfree.app.compare",
     "train": "normfree.app.train",
 }
+if TYPE_CHECKING:  # `_PUBLIC` for type checkers, which cannot follow the loading below (tests/test_public_api.py)
+    from .agc import ClipStats, adaptive_clip_grad_, agc_hook, unitwise_norm
+    from .app.compare import compare
+    from .app.config import TrainConfig
+    from .app.train import train
+    from .learner import AGC, nf_learner
+    from .models import build_model, fast_nf, fuse_standardization, save_weights, signal_propagation, to_normfree
+    from .utils import ConfigError
+
 _CORE = ("normfree.utils", "normfree.models", "normfree.agc")  # torch and timm only: loaded by `import normfree`
 
 __all__ = sorted(_PUBLIC)

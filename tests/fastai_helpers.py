@@ -4,7 +4,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from agc_reference import reference_agc, units_of
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -15,6 +14,7 @@ from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from agc_reference import reference_agc, units_of
 from normfree import AGC
 
 LR = 0.5
@@ -27,7 +27,8 @@ def tiny_data(n=32, seed=0):
 
 def tiny_dls(bs=32, n=32):
     x, y = tiny_data(n)
-    return DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=False), DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
+    return DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=False),
+                       DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
 
 
 def tiny_model():
@@ -119,4 +120,5 @@ def image_batch(n=6, size=16, channels=3):
 
 
 def dls_for(x, y, bs):
-    return DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=False), DataLoader(TensorDataset(x[:4], y[:4]), bs=4))
+    return DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=False),
+                       DataLoader(TensorDataset(x[:4], y[:4]), bs=4))

@@ -13,6 +13,8 @@ from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.vision.learner import vision_learner
+from torch import nn
+
 from fastai_helpers import (
     CLIPPED,
     GradientsBeforeAGC,
@@ -25,8 +27,6 @@ from fastai_helpers import (
     tiny_model,
     update_after_one_epoch,
 )
-from torch import nn
-
 from normfree import AGC
 from normfree.agc import excluded_parameters
 from normfree.learner import ClipRate, DeviceMixedPrecision
@@ -82,7 +82,8 @@ def test_gradient_accumulation_clips_the_accumulated_gradient_once():
 def test_accumulation_check_catches_clipping_each_micro_batch():
     model = tiny_model()
     reference = reference_update(model, clipping=0.01)
-    per_micro_batch = update_after_one_epoch(model, tiny_dls(bs=8), [GradientAccumulation(32), ClipEachMicroBatch(0.01)])
+    per_micro_batch = update_after_one_epoch(model, tiny_dls(bs=8),
+                                             [GradientAccumulation(32), ClipEachMicroBatch(0.01)])
     assert relative_difference(per_micro_batch, reference) > 1e-2
 
 
@@ -97,7 +98,8 @@ def test_classifier_of_a_timm_nf_model():
 
 
 def test_classifier_of_a_fastai_vision_learner():
-    learn = vision_learner(tiny_dls(), "test_nfnet", pretrained=False, n_in=1, n_out=3, loss_func=CrossEntropyLossFlat())
+    learn = vision_learner(tiny_dls(), "test_nfnet", pretrained=False, n_in=1, n_out=3,
+                           loss_func=CrossEntropyLossFlat())
     head_linears = [m for m in learn.model[1].modules() if isinstance(m, nn.Linear)]
     assert find_classifier(learn.model) is head_linears[-1]
     assert find_classifier(learn.model).out_features == 3
@@ -165,8 +167,9 @@ def test_model_without_a_classifier_warns():
 
 
 def two_group_learner(cbs):
-    return make_learner(tiny_model(), tiny_dls(), cbs, splitter=lambda m: [list(m[0].parameters()),
-                                                                             list(m[3].parameters()) + list(m[5].parameters())])
+    def splitter(m):
+        return [list(m[0].parameters()), list(m[3].parameters()) + list(m[5].parameters())]
+    return make_learner(tiny_model(), tiny_dls(), cbs, splitter=splitter)
 
 
 def test_clipping_per_param_group_and_recorder_columns():
@@ -181,7 +184,8 @@ def test_clipping_per_param_group_and_recorder_columns():
     assert not any(isinstance(m, ClipRate) for m in learn.metrics)
     # the columns read the callback's public epoch_clip_rate, which holds the last epoch's after the fit
     agc = learn.adaptive_clip
-    assert [agc.epoch_clip_rate(), agc.epoch_clip_rate(0), agc.epoch_clip_rate(1)] == list(learn.recorder.values[-1][-3:])
+    rates = [agc.epoch_clip_rate(), agc.epoch_clip_rate(0), agc.epoch_clip_rate(1)]
+    assert rates == list(learn.recorder.values[-1][-3:])
     assert math.isnan(AGC().epoch_clip_rate())  # before any fit
     assert ClipRate.__module__ == AGC.__module__  # the column lives with the callback it reads
 
@@ -248,7 +252,8 @@ def test_clipping_per_group_takes_numpy_arrays():
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("clipping, shown", [("0.01", r"got '0.01' \(str\): pass one number, e.g. clipping=0.01"),
-                                             (torch.tensor([0.01, 0.02]), r"got a torch.float32 tensor of shape \(2,\)")],
+                                             (torch.tensor([0.01, 0.02]),
+                                              r"got a torch.float32 tensor of shape \(2,\)")],
                          ids=["string", "two_element_tensor"])
 def test_learner_agc_refuses_what_is_not_a_number_showing_it_whole(clipping, shown):
     learn = make_learner(tiny_model(), tiny_dls())

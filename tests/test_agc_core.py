@@ -7,12 +7,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from agc_reference import norm64, reference_agc, reference_unit_norms, units_of
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import normfree
+from agc_reference import norm64, reference_agc, reference_unit_norms, units_of
 from normfree.agc import clip as agc_clip
 from normfree.agc import cpu_kernel, gpu_kernel
 
@@ -58,7 +58,7 @@ def check_against_reference(module: nn.Module, clipping: float, eps: float, rtol
     params = list(module.parameters())
     expected = [reference_agc(p, p.grad, clipping, eps) for p in params]
     stats = normfree.adaptive_clip_grad_(params, clipping, eps)
-    for p, (grad, n_clipped) in zip(params, expected):
+    for p, (grad, _) in zip(params, expected):
         torch.testing.assert_close(p.grad.double(), grad, rtol=rtol, atol=atol)
     assert stats.clipped.tolist() == [n for _, n in expected]
     assert stats.units.tolist() == [len(units_of(p)) for p in params]
@@ -101,7 +101,8 @@ def test_zero_initialised_parameters_still_get_a_gradient():
         assert norm64(row) == pytest.approx(0.01 * 1e-3, rel=1e-6)
 
 
-@pytest.mark.parametrize("layer", ["scalar", "bias_vector", "linear", "conv1d", "conv3d", "depthwise_conv2d", "embedding"])
+@pytest.mark.parametrize("layer", ["scalar", "bias_vector", "linear", "conv1d", "conv3d", "depthwise_conv2d",
+                                   "embedding"])
 def test_unitwise_norm_is_per_output_unit(layer):
     for p in LAYERS[layer]().parameters():
         norms = normfree.unitwise_norm(p.detach())

@@ -10,16 +10,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from agc_reference import per_example_reference
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai_helpers import LR, fit_quietly, make_learner, reference_update, relative_difference, tiny_data, tiny_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
+from agc_reference import per_example_reference
+from fastai_helpers import LR, fit_quietly, make_learner, reference_update, relative_difference, tiny_data, tiny_model
 from normfree import AGC
 
 WORLD_SIZE = 2
@@ -42,10 +42,12 @@ def train_one_shard(rank: int, init_file: str, result_file: str, per_sample: boo
         before = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
         x, y = tiny_data()
         shard = slice(rank * 16, (rank + 1) * 16)
-        dls = DataLoaders(DataLoader(TensorDataset(x[shard], y[shard]), bs=16), DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
+        dls = DataLoaders(DataLoader(TensorDataset(x[shard], y[shard]), bs=16),
+                          DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
         agc = AGC(0.01, per_sample=per_sample)
         fit_quietly(make_learner(model, dls, [agc]))
-        update = {n.removeprefix("module."): (full(p.detach()) - before[n]).double() for n, p in model.named_parameters()}
+        update = {n.removeprefix("module."): (full(p.detach()) - before[n]).double()
+                  for n, p in model.named_parameters()}
         refusal = None
         if wrap == "fsdp2":
             try:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from agc_reference import norm64, units_of
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastai.data.core import DataLoaders
@@ -19,16 +18,17 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import Adam
-from fastai_helpers import CLIPPED, LR, make_learner, tiny_data, tiny_dls, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import normfree
+from agc_reference import norm64, units_of
+from fastai_helpers import CLIPPED, LR, make_learner, tiny_data, tiny_dls, tiny_model
 from normfree.agc.rule import suggest_clipping
-from normfree.learner.callback import CLIP_WATCH_STEPS
 from normfree.learner.agc_find import AGCFindResult
+from normfree.learner.callback import CLIP_WATCH_STEPS
 
 EPS = 1e-3
 
@@ -60,7 +60,7 @@ def test_suggestion_on_a_hand_made_distribution_and_its_clip_share():
     assert result.fraction_clipped(0.495) == pytest.approx(0.51)
 
 
-# --- what it records ---------------------------------------------------------------------------------------------------
+# --- what it records --------------------------------------------------------------------------------------------------
 
 
 def reference_ratios(model, steps):
@@ -114,7 +114,8 @@ def test_mixed_precision_ratios_are_taken_from_unscaled_gradients(precision):
 
 
 def test_frozen_groups_are_not_recorded_and_discriminative_lrs_are_taken():
-    learn = make_learner(tiny_model(), tiny_dls(), splitter=lambda m: [list(m[0].parameters()), list(m[3:].parameters())])
+    learn = make_learner(tiny_model(), tiny_dls(),
+                         splitter=lambda m: [list(m[0].parameters()), list(m[3:].parameters())])
     learn.create_opt()
     learn.freeze()
     result = find(learn, num_it=1)
@@ -133,7 +134,7 @@ def test_attached_agcs_exclusions_are_used_and_it_stays_attached():
     assert callback.history is None  # the probe clipped nothing and recorded nothing in AGC's history
 
 
-# --- nothing changed ---------------------------------------------------------------------------------------------------
+# --- nothing changed --------------------------------------------------------------------------------------------------
 
 
 def bn_learner():
@@ -142,7 +143,8 @@ def bn_learner():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3),
                           nn.Linear(64, 3))
     x, y = tiny_data(n=48)
-    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=8, shuffle=True), DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=8, shuffle=True),
+                      DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, wd=0.01), lr=1e-2)
 
 
@@ -219,7 +221,7 @@ def test_plot_marks_the_suggestion():
     assert [t.get_text() for t in groups.get_xticklabels()] == ["0", "3", "5"]
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.bad_input
@@ -259,7 +261,7 @@ def test_per_sample_agc_is_refused_with_the_reason():
         find(learn, num_it=1)
 
 
-# --- the warning during training ---------------------------------------------------------------------------------------
+# --- the warning during training --------------------------------------------------------------------------------------
 
 
 def watched_fit(clipping, epochs=7):
@@ -268,7 +270,7 @@ def watched_fit(clipping, epochs=7):
     learn = make_learner(tiny_model(), tiny_dls(bs=4))
     learn.agc(find(learn, num_it=8).suggestion if clipping is None else clipping)
     with pytest.warns() as caught:
-        warnings.warn("marker")  # pytest.warns needs one
+        warnings.warn("marker", stacklevel=1)  # pytest.warns needs one
         fit(learn, epochs)
     return [str(w.message) for w in caught if "AGC (lambda" in str(w.message)], learn
 
@@ -291,7 +293,7 @@ def test_the_suggested_lambda_clips_some_units_and_is_not_reported():
     assert 0 < float(rates.mean()) < 0.5 and messages == []
 
 
-# --- agc="auto" in normfree train and compare --------------------------------------------------------------------------
+# --- agc="auto" in normfree train and compare -------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -314,7 +316,6 @@ def test_train_with_agc_auto_records_the_lambda_it_trained_with(tmp_path):
 @pytest.mark.slow
 def test_cli_takes_agc_auto_and_names_the_option_for_anything_else(tmp_path, capsys):
     from helpers import QUICK, stopped_with_status_2
-
     from normfree.app.cli import main
 
     assert main(["train", *QUICK, "--agc", "auto", "--out", str(tmp_path / "run")]) == 0

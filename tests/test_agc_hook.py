@@ -8,8 +8,16 @@ import torch
 import normfree
 from agc_reference import units_of
 from normfree.agc.hook import OptimizerAGC, unscale_for_step
-from step_reference import (CLIPPING, assert_update, batches, expected_update, loss_of, replayed_grads, snapshot,
-                            tiny_model)
+from step_reference import (
+    CLIPPING,
+    assert_update,
+    batches,
+    expected_update,
+    loss_of,
+    replayed_grads,
+    snapshot,
+    tiny_model,
+)
 
 CLASSIFIER = {"2.weight"}  # what AGC leaves alone by default (DeepMind's rule)
 

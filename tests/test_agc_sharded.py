@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+
 from agc_reference import norm64, reference_agc, units_of
 from host_syncs import HostSyncs
-from torch import nn
 
 WORLD_SIZE = 2
 CLIPPING = 0.05
@@ -216,7 +217,8 @@ def test_the_shards_are_the_awkward_ones(runs, case):
 @pytest.mark.launch
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case, words", [("gradient placements", "redistribute the gradient"),
-                                         ("partial", "Partial()"), ("per-sample", "per-sample AGC cannot clip sharded")])
+                                         ("partial", "Partial()"),
+                                         ("per-sample", "per-sample AGC cannot clip sharded")])
 def test_refuses_a_gradient_it_cannot_clip(runs, case, words):
     for run in runs:
         assert words in run["refusals"][case]

@@ -3,6 +3,7 @@ same message for train's and spp's --device and compare's --devices), and compar
 methods cannot train, saying which archs and methods go together."""
 import pytest
 import torch
+
 from helpers import refusal_line
 
 QUICK_GRID = ["--methods", "nf-agc", "--batch-sizes", "16", "--seeds", "0", "--epochs", "1", "--size", "8", "--limit",
@@ -18,7 +19,8 @@ QUICK_GRID = ["--methods", "nf-agc", "--batch-sizes", "16", "--seeds", "0", "--e
 def test_every_device_option_is_one_check_with_one_message(tmp_path, capsys, device):
     train = refusal_line(["train", "--device", device, "--out", str(tmp_path / "run")], capsys)
     spp = refusal_line(["spp", "--arch", "nf_resnet_tiny", "--device", device, "--out", str(tmp_path / "spp")], capsys)
-    compare = refusal_line(["compare", *QUICK_GRID, "--devices", "cpu", device, "--out", str(tmp_path / "grid")], capsys)
+    compare = refusal_line(["compare", *QUICK_GRID, "--devices", "cpu", device, "--out", str(tmp_path / "grid")],
+                           capsys)
     reason = train.removeprefix("normfree train: error: --device: ")
     assert reason != train and f"{device!r}" in reason and "use cpu" in reason
     assert spp == f"normfree spp: error: --device: {reason}"

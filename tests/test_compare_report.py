@@ -80,7 +80,8 @@ def test_compare_cli_trains_the_grid_and_prints_the_table(grid, capsys):
                                   ((8, 1), (16, 1), (8, 2)) for s in (0, 1))
     configs = {name: r["config"] for name, r in runs.items()}
     assert configs["bn-bs8-x2-seed1"]["arch"] == "bn_resnet_tiny" and configs["bn-bs8-x2-seed1"]["agc"] is None
-    assert configs["nf-agc-bs8-x2-seed1"]["arch"] == "nf_resnet_tiny" and configs["nf-agc-bs8-x2-seed1"]["agc"] == normfree.app.config.DEFAULT_AGC
+    assert configs["nf-agc-bs8-x2-seed1"]["arch"] == "nf_resnet_tiny"
+    assert configs["nf-agc-bs8-x2-seed1"]["agc"] == normfree.app.config.DEFAULT_AGC
     assert configs["nf-agc-bs8-x2-seed1"]["accum"] == 2 and configs["nf-agc-bs16-x1-seed0"]["accum"] == 1
     assert {c["epochs"] for c in configs.values()} == {1} and {c["lr"] for c in configs.values()} == {1e-2}
     assert not (out / "sweep").exists()  # one lr: nothing to choose, no sweep
@@ -160,7 +161,8 @@ def test_compare_command_line_round_trips():
                                     steps=7, agc=0.02, size=12, limit=30, precision="bf16", out="elsewhere")
     parser, _ = build_parser()
     args = vars(parser.parse_args(config.command().split()[1:]))
-    args = {k: v for k, v in args.items() if k not in ("command", "quiet", "overwrite", "jobs", "devices", "plan", "report")}
+    not_config = ("command", "quiet", "overwrite", "jobs", "devices", "plan", "report")
+    args = {k: v for k, v in args.items() if k not in not_config}
     assert CompareConfig(**args) == config
 
 

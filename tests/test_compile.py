@@ -3,9 +3,9 @@
 The fits use torch.compile's ``aot_eager`` backend (dynamo's graph capture and AOTAutograd, no code generation:
 seconds, not minutes, on a CPU); one test compiles a tiny model with the default backend (inductor's C++ code)."""
 import copy
-from functools import cache
 import pickle
 import warnings
+from functools import cache
 
 import pytest
 import torch
@@ -71,7 +71,8 @@ def _failing_backend(graph, example_inputs):
 def test_a_model_that_cannot_compile_warns_and_trains_eagerly():
     eager = _eager_fit()
     learn = _learner({"backend": _failing_backend})
-    with pytest.warns(UserWarning, match="torch.compile could not compile SmallResNet .RuntimeError: this backend cannot compile anything.; it runs uncompiled"):
+    with pytest.warns(UserWarning, match="torch.compile could not compile SmallResNet .RuntimeError: this backend "
+                                         "cannot compile anything.; it runs uncompiled"):
         fallen_back = _fit(learn)
     assert not is_compiled(learn.model)
     for key, value in eager.items():

@@ -8,11 +8,9 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from agc_reference import reference_agc
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.vision.models.xresnet import xresnet18
-from fastai_helpers import GradientsBeforeAGC
 from timm.layers import ScaledStdConv2d
 from timm.models.nfnet import _nonlin_gamma
 from torch import nn
@@ -20,6 +18,8 @@ from torch.utils.data import TensorDataset
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import normfree
+from agc_reference import reference_agc
+from fastai_helpers import GradientsBeforeAGC
 from normfree import nf_learner, to_normfree
 from normfree.models import ConvertedResidual
 from normfree.models.convert import ConversionError
@@ -292,8 +292,9 @@ def test_activation_gamma_takes_numpy_numbers():
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("make, message", [
-    (lambda: timm.create_model("bn_resnet_tiny"), r"^bn_resnet_tiny is the BatchNorm twin of normfree's nf_resnet_tiny: "
-                                                  r".*build nf_resnet_tiny \(--arch nf_resnet_tiny"),
+    (lambda: timm.create_model("bn_resnet_tiny"),
+     r"^bn_resnet_tiny is the BatchNorm twin of normfree's nf_resnet_tiny: "
+     r".*build nf_resnet_tiny \(--arch nf_resnet_tiny"),
     (lambda: timm.create_model("nf_resnet_tiny"), r"^the model \(SmallResNet\) is already normalizer-free: it has no "
                                                   r"BatchNorm .*stem.conv is a ScaledStdConv2d\); nothing to convert"),
     (lambda: nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), r"has no BatchNorm and no convolution: nothing to convert"),

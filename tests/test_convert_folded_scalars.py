@@ -50,7 +50,8 @@ def as_reference(converted, act):
     reference = copy.deepcopy(converted).double()
     convs = [m for m in reference.modules() if isinstance(m, ScaledStdConv2d)]
     for index, conv in enumerate(convs):
-        conv.forward = lambda x, conv=conv, gamma=1.0 if index == 0 else GAMMAS[act]: reference_conv(conv, x, gamma)
+        gamma = 1.0 if index == 0 else GAMMAS[act]
+        conv.forward = lambda x, conv=conv, gamma=gamma: reference_conv(conv, x, gamma)
     for block in reference.modules():
         if isinstance(block, ConvertedResidual):
             block.forward = lambda h, block=block: reference_block(block, h)

@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
-from agc_reference import reference_agc
 from torch import nn
 
 import normfree
+from agc_reference import reference_agc
 from normfree.agc import clip as agc_module
 from normfree.agc import cpu_kernel
 
@@ -31,7 +31,8 @@ def layer_with_gradients(shape=(64, 32)):
 def assert_matches_reference(params, grads_before, stats, clipping=0.01, eps=1e-3):
     for p, grad, clipped in zip(params, grads_before, stats.clipped.tolist()):
         expected, n_clipped = reference_agc(p, grad, clipping, eps)
-        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-2 if p.dtype == torch.float16 else 1e-5, atol=1e-7)
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-2 if p.dtype == torch.float16 else 1e-5,
+                                   atol=1e-7)
         assert clipped == n_clipped
 
 

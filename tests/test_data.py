@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 from fastai.data.transforms import Normalize
-from helpers import write_fashion, write_idx, write_npz
 from PIL import Image
 
+from helpers import write_fashion, write_idx, write_npz
 from normfree.data import (
     FASHION_MNIST_CLASSES,
     csv_dataloaders,

@@ -126,7 +126,8 @@ def test_skipinit_gain_is_a_zero_learnable_scalar_and_the_models_use_it():
 def gamma_by_integration(fn) -> float:
     """1 / sqrt(E[g^2] - E[g]^2) under N(0, 1), by adaptive quadrature in float64 (split at the kinks 0 and 6)."""
     def moment(power):
-        integrand = lambda x: float(fn(torch.tensor(x, dtype=torch.float64))) ** power * math.exp(-x * x / 2)
+        def integrand(x):
+            return float(fn(torch.tensor(x, dtype=torch.float64))) ** power * math.exp(-x * x / 2)
         pieces = ((-math.inf, 0.0), (0.0, 6.0), (6.0, math.inf))
         return sum(integrate.quad(integrand, a, b, epsabs=1e-12, epsrel=1e-12)[0] for a, b in pieces) / math.sqrt(
             2 * math.pi)

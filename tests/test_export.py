@@ -11,10 +11,10 @@ from fastai.learner import load_learner
 from fastai.metrics import accuracy
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageDataLoaders
-from helpers import write_fashion, write_npz
 from PIL import Image
 
 import normfree
+from helpers import write_fashion, write_npz
 from normfree import AGC, nf_learner
 from normfree.data import medmnist_dataloaders, write_digits_image_folder
 

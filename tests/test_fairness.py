@@ -8,11 +8,11 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
-from helpers import LossesSeen, smoothed_loss
 from sklearn.datasets import load_digits
 from torch import nn
 
 import normfree
+from helpers import LossesSeen, smoothed_loss
 from normfree.app.cli import main
 from normfree.app.compare import CompareConfig, SweepPoint, _choose_lr
 from normfree.data import digits_dataloaders, subset_dataloaders
@@ -28,7 +28,7 @@ def test_nesterov_sgd_matches_torch_and_decays_weights_as_fastai():
     lr, wd = 0.1, 0.05
     optimizer = nesterov_sgd(list(ours.parameters()), lr=lr, wd=wd)
     torch_optimizer = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    for step in range(5):
+    for _ in range(5):
         x = torch.randn(8, 6)
         for model in (ours, reference):
             model.zero_grad()

@@ -15,8 +15,8 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from timm.models.nfnet import NormFreeBlock
 from torch import nn
-from torch.utils.data import TensorDataset
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import TensorDataset
 
 import normfree
 from normfree import ConfigError, TrainConfig, fast_nf, fuse_standardization, nf_learner, signal_propagation

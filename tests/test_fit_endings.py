@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException
-from fastai_helpers import fit_quietly, make_learner, tiny_data, tiny_dls
 from torch import nn
 
+from fastai_helpers import fit_quietly, make_learner, tiny_data, tiny_dls
 from normfree import AGC
 from normfree.learner import ClipRate
 

@@ -139,7 +139,8 @@ def test_an_untraceable_model_folds_its_sequential_neighbours():
      r"^bn \(BatchNorm2d\) cannot be folded: .*\(torch.fx could not trace the model's forward: TraceError"),
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), r"^1 is a GroupNorm: mode 'fold' folds BatchNorm "
                                                                      r"only .*use mode='nf'"),
-    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), r"^the model \(Sequential\) has no BatchNorm: nothing to fold"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
+     r"^the model \(Sequential\) has no BatchNorm: nothing to fold"),
 ], ids=["before_padded_conv", "densenet_concatenation", "no_running_stats", "untraceable_outside_sequential",
         "groupnorm", "no_batchnorm"])
 def test_what_cannot_be_folded_is_refused_naming_the_batchnorm(make, message):

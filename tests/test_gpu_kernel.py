@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from agc_reference import reference_agc
 from torch import nn
 
 import normfree
+from agc_reference import reference_agc
 from normfree.agc import cpu_kernel, gpu_kernel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -142,7 +142,7 @@ def test_on_cuda_no_host_synchronisation_and_graph_capture():
     for p, g in zip(params, saved):
         p.grad.copy_(g)
     graph.replay()
-    for p, (grad, n) in zip(params, expected):
+    for p, (grad, _) in zip(params, expected):
         torch.testing.assert_close(p.grad.double(), grad, rtol=1e-5, atol=1e-30)
     assert stats.clipped.tolist() == [n for _, n in expected]
 

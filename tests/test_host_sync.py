@@ -19,9 +19,9 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
+
 from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from host_syncs import HostSyncs
-
 from normfree import AGC
 from normfree.agc import cpu_kernel
 
@@ -53,17 +53,22 @@ class _Stop(Callback):
             self.start.batches.append(self.start.counting.sites)
 
 
+def _noting(original):
+    """`original` (a torch.Tensor method), noting each call in the active `HostSyncs` mode."""
+    def noted(self, *args, **kwargs):
+        mode = torch.utils._python_dispatch._get_current_dispatch_mode()
+        if isinstance(mode, HostSyncs):
+            mode.note()
+        return original(self, *args, **kwargs)
+    return noted
+
+
 def syncs_per_training_batch(learn: Learner, monkeypatch) -> list[list[str]]:
     """Fit `learn` for an epoch and return, for each training batch, the sites of the host synchronisations
     from its before_batch to its after_step (fastai's Recorder copies the loss to the CPU in after_batch)."""
     batches: list[list[str]] = []
     for method in ("tolist", "numpy", "cpu"):  # no dispatch on CPU tensors: count the Python calls
-        def noted(self, *args, __original=getattr(torch.Tensor, method), **kwargs):
-            mode = torch.utils._python_dispatch._get_current_dispatch_mode()
-            if isinstance(mode, HostSyncs):
-                mode.note()
-            return __original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, method, noted)
+        monkeypatch.setattr(torch.Tensor, method, _noting(getattr(torch.Tensor, method)))
     with learn.no_bar(), learn.no_logging():
         start = _Start(batches)
         learn.fit(1, cbs=[start, _Stop(start)])

@@ -9,8 +9,16 @@ import torch
 accelerate = pytest.importorskip("accelerate")
 
 import normfree  # noqa: E402
-from step_reference import (CLIPPING, assert_update, batches, expected_update, loss_of, replayed_grads,  # noqa: E402
-                            snapshot, tiny_model)
+from step_reference import (  # noqa: E402
+    CLIPPING,
+    assert_update,
+    batches,
+    expected_update,
+    loss_of,
+    replayed_grads,
+    snapshot,
+    tiny_model,
+)
 
 CLASSIFIER = {"2.weight"}
 

@@ -45,7 +45,8 @@ class Observer(transformers.TrainerCallback):
         self.steps = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.steps.append({"before": snapshot(model), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}})
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        self.steps.append({"before": snapshot(model), "grads": grads})
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.steps[-1]["after"] = snapshot(model)

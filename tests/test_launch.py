@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EXPECTED_FILES, assert_same_metrics, read_rows
 from safetensors.torch import load_file
 
 import normfree
+from helpers import EXPECTED_FILES, assert_same_metrics, read_rows
 from normfree.app.cli import build_parser, main
 from normfree.app.distributed import shard_indices
 from normfree.app.signals import Terminated, sigterm_as_interrupt, stops_when_asked
@@ -251,7 +251,8 @@ def test_settings_a_launched_run_cannot_honour_are_refused_once(tmp_path, monkey
     assert stopped.value.code == 2 and "--lr-find: is not available with 2 processes" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stopped:  # each process would choose its own lambda
         main(["train", *RUN, "--agc", "auto", "--out", str(tmp_path / "auto")])
-    assert stopped.value.code == 2 and "--agc/--no-agc: auto is not available with 2 processes" in capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "--agc/--no-agc: auto is not available with 2 processes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--out", str(tmp_path / "grid")])
     assert "only normfree train trains data-parallel" in capsys.readouterr().err

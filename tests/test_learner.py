@@ -9,10 +9,10 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.data.transforms import Normalize
 from fastai.vision.data import ImageDataLoaders
-from helpers import write_npz
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from helpers import write_npz
 from normfree import AGC, build_model, nf_learner, save_weights
 from normfree.data import medmnist_dataloaders, write_digits_image_folder
 from normfree.models import find_classifier, normalizer_free_archs
@@ -30,7 +30,8 @@ def image_dls(n=64, channels=3, size=16, classes=4, bs=16):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, channels, size, size, generator=generator)
     y = torch.arange(n) % classes
-    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=True), DataLoader(TensorDataset(x[:16], y[:16]), bs=bs))
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=bs, shuffle=True),
+                      DataLoader(TensorDataset(x[:16], y[:16]), bs=bs))
     dls.c = classes
     return dls
 
@@ -169,7 +170,8 @@ def test_pretrained_for_an_arch_without_published_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["resnet26", torchvision.models.resnet18], ids=["timm_resnet26", "torchvision_resnet18"])
+@pytest.mark.parametrize("arch", ["resnet26", torchvision.models.resnet18],
+                         ids=["timm_resnet26", "torchvision_resnet18"])
 def test_batchnorm_baselines_share_the_interface(arch):
     learn = nf_learner(image_dls(size=32), arch, n_out=4)
     classifier = find_classifier(learn.model)

@@ -1,6 +1,7 @@
 """The LICENSE file is the licence pyproject.toml names."""
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

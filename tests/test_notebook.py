@@ -112,7 +112,8 @@ def test_notebook_runs_at_tiny_settings(tmp_path):
     assert f"report: {out / 'compare' / 'report.html'}" in compared
     assert (out / "compare" / "report.html").is_file() and (out / "digits_nf.safetensors").is_file()
     folded = output_text(cell_running(notebook, 'mode="fold"'))
-    difference = re.search(r"max \|folded - BatchNorm\| logit difference: ([0-9.e+-]+) \(logits up to ([0-9.]+)\)", folded)
+    difference = re.search(r"max \|folded - BatchNorm\| logit difference: ([0-9.e+-]+) \(logits up to ([0-9.]+)\)",
+                           folded)
     assert difference and float(difference[1]) < 1e-4 < float(difference[2]), folded  # the eval outputs kept
     before = re.search(r"BatchNorm layers: (\d+) before folding, 0 after", folded)
     assert before and int(before[1]) > 0, folded

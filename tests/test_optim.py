@@ -57,8 +57,8 @@ def _fastai_fit(name: str, wd_bn_bias: bool) -> dict[str, torch.Tensor]:
     return _fit(PAIRS[name][0], wd_bn_bias)
 
 
-@pytest.mark.parametrize("name, wd_bn_bias, fused", [("adam", False, True), ("adam", True, True), ("adam", False, False),
-                                                    ("sgd", False, True), ("sgd", True, False)],
+@pytest.mark.parametrize("name, wd_bn_bias, fused", [("adam", False, True), ("adam", True, True),
+                                                    ("adam", False, False), ("sgd", False, True), ("sgd", True, False)],
                          ids=["adam-fused", "adam-fused-bias-wd", "adam-foreach", "sgd-fused", "sgd-foreach-bias-wd"])
 def test_fast_optimizer_fits_as_fastais(name, wd_bn_bias, fused):
     expected = _fastai_fit(name, wd_bn_bias)

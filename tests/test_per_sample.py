@@ -11,17 +11,17 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from agc_reference import per_example_clipping, per_example_reference, reference_agc, units_of
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, MSELossFlat
 from fastai.optimizer import SGD
-from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models.nfnet import NfCfg, NormFreeNet
 from torch import nn
 
+from agc_reference import per_example_clipping, per_example_reference, reference_agc, units_of
+from fastai_helpers import dls_for, image_batch, tiny_nfnet
 from normfree import AGC
 from normfree.agc import excluded_parameters
 from normfree.agc.per_sample import TUNING, PerSampleClipper, tuned
@@ -571,7 +571,8 @@ def test_a_layers_parameters_clip_at_their_own_lambdas():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["conv", "bmm"])
-@pytest.mark.parametrize("name", ["nf_resnet (7x7 stem + pool, bottlenecks, ReLU)", "nfnet (SE, grouped, SAME, SkipInit, GELU)",
+@pytest.mark.parametrize("name", ["nf_resnet (7x7 stem + pool, bottlenecks, ReLU)",
+                                  "nfnet (SE, grouped, SAME, SkipInit, GELU)",
                                   "embedding, conv1d, layernorm", "standardised convs with gains"])
 def test_kxk_methods_equal_a_loop_over_examples(name, method):
     make_model, make_batch = MODELS.get(name, (StdConvNet, image_batch))
@@ -730,7 +731,8 @@ def test_bfloat16_autocast_on_the_cpu_is_close_to_the_loop(name):
 
 @settings(max_examples=25, deadline=None)
 @given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)))
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)))
 def test_patches_are_torchs_unfold(kernel, stride, padding, dilation):
     from normfree.agc.per_sample.layers import Layer
     conv = nn.Conv2d(4, 6, kernel, stride, padding, dilation, groups=2)

@@ -6,9 +6,9 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from agc_reference import per_example_clipping
 from torch import nn
 
+from agc_reference import per_example_clipping
 from normfree.agc import per_sample_agc
 
 CLIPPING = 0.01

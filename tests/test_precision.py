@@ -6,8 +6,8 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai_helpers import CLIPPED, make_learner, relative_difference, tiny_dls, tiny_model, update_after_one_epoch
 
+from fastai_helpers import CLIPPED, make_learner, relative_difference, tiny_dls, tiny_model, update_after_one_epoch
 from normfree import AGC
 from normfree.learner import DeviceMixedPrecision
 

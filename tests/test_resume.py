@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import Callback
+
+import normfree
 from helpers import (
     QUICK,
     QUICK_OPTIONS,
@@ -20,8 +22,6 @@ from helpers import (
     stopped_with_status_2,
     with_callback,
 )
-
-import normfree
 from normfree.app.cli import build_parser, main
 from normfree.app.train import TrainResult, resume
 from normfree.data.loaders import write_digits_image_folder

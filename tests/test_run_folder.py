@@ -9,6 +9,8 @@ import sys
 import time
 
 import pytest
+
+import normfree
 from helpers import (
     QUICK,
     QUICK_OPTIONS,
@@ -21,8 +23,6 @@ from helpers import (
     stopped_with_status_2,
     with_callback,
 )
-
-import normfree
 from normfree.app.cli import main
 from normfree.app.compare import CompareConfig, finished_run
 from normfree.app.config import TrainConfig

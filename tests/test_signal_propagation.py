@@ -1,4 +1,5 @@
-"""`normfree.signal_propagation`: hand-computed statistics, the NF variance recurrence, hook hygiene, block discovery."""
+"""`normfree.signal_propagation`: hand-computed statistics, the NF variance recurrence, hook hygiene, block
+discovery."""
 import math
 import re
 

@@ -201,8 +201,8 @@ def test_signal_propagation_at_init(name):
     its stage's transition resets to), and the transition's shortcut, fed h_i/beta_i, restarts at 1 + alpha^2.
 
     Measured as the average channel variance of each block's output on N(0, 1) images, with the skip gains
-    opened (1 instead of SkipInit's 0, where SkipInit is on). timm's NFNet-style transition shortcut average-pools before its
-    1x1 conv, which divides the variance of spatially uncorrelated features by up to 4 (the paper's
+    opened (1 instead of SkipInit's 0, where SkipInit is on). timm's NFNet-style transition shortcut average-pools
+    before its 1x1 conv, which divides the variance of spatially uncorrelated features by up to 4 (the paper's
     NF-ResNets used a strided conv); so the level is checked in the first stage, whose transition does not
     pool, and the growth relative to the reset level in every stage.
     """

@@ -2,9 +2,9 @@
 import pytest
 import timm
 import torch
-from helpers import read_rows
 
 import normfree
+from helpers import read_rows
 from normfree.app.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,9 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import load_learner
 from fastai.torch_core import default_device
+from safetensors.torch import load_file
+
+import normfree
 from fastai_helpers import GradientsBeforeAGC, reference_step_rates
 from helpers import (
     EXPECTED_FILES,
@@ -27,9 +30,6 @@ from helpers import (
     with_callback,
     without_timing,
 )
-from safetensors.torch import load_file
-
-import normfree
 from normfree.app.cli import build_parser, main
 from normfree.data import digits_dataloaders, write_digits_image_folder
 from normfree.data.registry import parse_data_spec
@@ -103,7 +103,8 @@ def test_cli_train_config_records_the_settings_and_versions(cli_run):
     config = content["config"]
     assert (config["data"], config["arch"], config["size"], config["limit"], config["bs"], config["epochs"]) == (
         "digits", "nf_resnet_tiny", 8, 64, 16, 1)
-    assert (config["agc"], config["seed"], config["precision"], config["accum"]) == (normfree.app.config.DEFAULT_AGC, 0, "fp32", 1)
+    assert (config["agc"], config["seed"], config["precision"], config["accum"]) == (
+        normfree.app.config.DEFAULT_AGC, 0, "fp32", 1)
     assert config["out"] == str(out.resolve())
     for package in ("torch", "fastai", "timm"):
         assert content["versions"][package] == metadata.version(package)

@@ -10,11 +10,11 @@ import pytest
 import timm
 import torch
 from fastai.callback.core import Callback
-from helpers import write_fashion
 from safetensors.torch import load_file
 from torch import nn
 
 import normfree
+from helpers import write_fashion
 from normfree.app.cli import build_parser, main
 from normfree.app.compare import sweep_choice
 from normfree.app.train import build_dataloaders

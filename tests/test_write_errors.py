@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import Callback
-from helpers import EXPECTED_FILES, QUICK, read_rows, refusal_line, with_callback
 from safetensors.torch import save_file
 
+from helpers import EXPECTED_FILES, QUICK, read_rows, refusal_line, with_callback
 from normfree.app.cli import main
 from normfree.learner.checkpoint import EpochCheckpoint, load_checkpoint
 from normfree.utils.errors import WriteError
@@ -213,8 +213,8 @@ def test_a_real_full_disk_is_enospc_whatever_the_writer_says(disk, writer):
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("command", [
-    ["train", *QUICK], ["compare", *ONE_RUN_GRID], ["spp", "--arch", "nf_resnet_tiny"]], ids=["train", "compare", "spp"])
+@pytest.mark.parametrize("command", [["train", *QUICK], ["compare", *ONE_RUN_GRID],
+                                     ["spp", "--arch", "nf_resnet_tiny"]], ids=["train", "compare", "spp"])
 def test_an_out_through_a_loop_of_symbolic_links_is_refused_naming_out(tmp_path, capsys, command):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")

@@ -43,7 +43,8 @@ def main() -> None:
              f"Settings (the same for every run): timm resnet18 from scratch (the torchvision ResNet-18 "
              f"architecture), the first {SETTINGS['limit']} training and {SETTINGS['limit']} test images of "
              f"Fashion-MNIST at {SETTINGS['size']} px, batch {SETTINGS['batch_sizes'][0]}, {SETTINGS['epochs']} "
-             f"epochs of one-cycle Adam at peak lr {SETTINGS['lrs'][0]:g}, seeds {', '.join(map(str, SETTINGS['seeds']))}; "
+             f"epochs of one-cycle Adam at peak lr {SETTINGS['lrs'][0]:g}, "
+             f"seeds {', '.join(map(str, SETTINGS['seeds']))}; "
              f"converted = to_normfree defaults (alpha {DEFAULT_ALPHA}, "
              f"{'SkipInit gains at 0' if DEFAULT_SKIPINIT else 'no SkipInit'}, Scaled WS with ReLU's gamma); "
              f"AGC lambda {SETTINGS['agc']} (classifier excluded).", "",

@@ -168,7 +168,8 @@ def main() -> None:
         f"{', '.join(f'{lr:g}' for lr in settings['lrs'])} chosen on a 20% hold-out of the target training images "
         f"(seed {settings['seeds'][0]}); AGC lambda {settings['agc']}; accuracy on every test image of the target "
         f"classes.", "",
-        "| target | method | final accuracy (%) | per seed | lr | WS calibration: relative feature change (norm of the change / norm of the features) |",
+        "| target | method | final accuracy (%) | per seed | lr "
+        "| WS calibration: relative feature change (norm of the change / norm of the features) |",
         "|---|---|---|---|---|---|", *rows, ""])
     (out / "results.md").write_text(text)
     print(text)

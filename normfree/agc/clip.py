@@ -6,12 +6,12 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from . import cpu_kernel, gpu_kernel
-from .sharded import is_sharded, local_parts, local_unit_norms, reduce_counts, reduce_unit_norms, shard_layout
 from .rule import (
     DEFAULT_CLIPPING,
     DEFAULT_EPS,
@@ -23,6 +23,7 @@ from .rule import (
     unit_norm_vector,
     unit_shape,
 )
+from .sharded import is_sharded, local_parts, local_unit_norms, reduce_counts, reduce_unit_norms, shard_layout
 
 __all__ = ["ClipStats", "adaptive_clip_grad_", "clip_parameters_", "clip_with_torch_ops", "count_per_tensor"]
 
@@ -50,7 +51,12 @@ class ClipStats:
         return int(self.clipped.sum()) / total if total else 0.0
 
 
-def count_per_tensor(mask: Tensor, units: list[int]) -> list[Tensor]:
+# what `adaptive_clip_grad_` takes: a tensor, tensors, (name, tensor) pairs, one optimizer param group, or param groups
+ClippedParameters = (Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
+                     | Mapping[str, Any] | Iterable[Mapping[str, Any]])
+
+
+def count_per_tensor(mask: Tensor, units: list[int]) -> tuple[Tensor, ...]:
     """True entries of `mask` in each consecutive run of `units` entries, as 0-d device tensors.
 
     The 1-norm of a 0/1 vector is its count: one multi-tensor call, and no index tensor to copy
@@ -68,9 +74,10 @@ def clip_with_torch_ops(params: list[Tensor], clipping: float, eps: float) -> tu
     device tensors.
     """
     order = sorted(range(len(params)), key=lambda i: not is_single_unit(params[i]))  # single-unit tensors first
-    grads = [params[i].grad for i in order]
-    clipped, nonfinite = _scale_units_(grads, [num_units(g) for g in grads], unit_norm_vector([params[i] for i in order]),
-                                       unit_norm_vector(grads), clipping, eps)
+    grads = cast(list[Tensor], [params[i].grad for i in order])  # the caller passes parameters with gradients
+    clipped, nonfinite = _scale_units_(grads, [num_units(g) for g in grads],
+                                       unit_norm_vector([params[i] for i in order]), unit_norm_vector(grads),
+                                       clipping, eps)
     position = {i: k for k, i in enumerate(order)}
     return [clipped[position[i]] for i in range(len(params))], [nonfinite[position[i]] for i in range(len(params))]
 
@@ -96,18 +103,19 @@ def _validate(params: list[Tensor]) -> tuple[list[int], torch.device]:
         k = first_listing.setdefault(id(p), i)
         first.append(k if p.grad is not None else -1)
     positions = [i for i, k in enumerate(first) if k == i]
+    grads = {i: cast(Tensor, params[i].grad) for i in positions}  # a first listing has a gradient
     for i in positions:
-        if params[i].grad.is_sparse:
+        if grads[i].is_sparse:
             raise ValueError(
                 f"adaptive_clip_grad_ needs dense gradients; parameter {i} of shape {tuple(params[i].shape)} has a "
                 "sparse one (e.g. nn.Embedding(sparse=True)): use sparse=False or exclude it"
             )
-        if not (params[i].is_floating_point() and params[i].grad.is_floating_point()):
+        if not (params[i].is_floating_point() and grads[i].is_floating_point()):
             raise ValueError(
                 f"adaptive_clip_grad_ clips floating-point parameters; parameter {i} of shape {tuple(params[i].shape)} "
-                f"is {params[i].dtype} with a {params[i].grad.dtype} gradient: leave it out of the list"
+                f"is {params[i].dtype} with a {grads[i].dtype} gradient: leave it out of the list"
             )
-    devices = {params[i].grad.device for i in positions}
+    devices = {grads[i].device for i in positions}
     if len(devices) > 1:
         raise ValueError(f"adaptive_clip_grad_ takes parameters on one device, got {sorted(map(str, devices))}: "
                          "call it once per device")
@@ -131,14 +139,15 @@ class _Dispatch:
 
     def run(self, params: list[Tensor], clipping: float, eps: float) -> ClipStats:
         """Clip `params` in place; their statistics."""
+        plan = cast(gpu_kernel.Plan, self.gpu_plan)  # used only where there is one: `gpu` is not empty
         if self.all_gpu:  # the kernel writes each parameter's counts into its own column: no gathering
-            counts = gpu_kernel.clip_(self.gpu_plan, len(params), clipping, eps, GRAD_NORM_FLOOR).long()
+            counts = gpu_kernel.clip_(plan, len(params), clipping, eps, GRAD_NORM_FLOOR).long()
             for i, first in self.repeats:  # listed again: the counts of its first listing
                 counts[:, i] = counts[:, first]
             return ClipStats(clipped=counts[0], nonfinite=counts[1], units=self.units)
         found: dict[int, tuple[Tensor, Tensor]] = {}
         if self.gpu:
-            counts = gpu_kernel.clip_(self.gpu_plan, len(self.gpu), clipping, eps, GRAD_NORM_FLOOR).long()
+            counts = gpu_kernel.clip_(plan, len(self.gpu), clipping, eps, GRAD_NORM_FLOOR).long()
             found.update(zip(self.gpu, zip(counts[0].unbind(), counts[1].unbind())))
         for group in self.cpu_groups:
             clipped, nonfinite = cpu_kernel.clip_([params[i] for i in group], [num_units(params[i]) for i in group],
@@ -259,7 +268,7 @@ def _parameter_list(parameters) -> tuple[list[Tensor], list[str | None]]:
     if isinstance(parameters, (str, bytes, nn.Module)) or not isinstance(parameters, Iterable):
         hint = ": pass module.parameters()" if isinstance(parameters, nn.Module) else ""
         raise _refused(f"{type(parameters).__name__}{hint}")
-    tensors: list[Tensor] = []
+    tensors = []
     names: list[str | None] = []
     for i, item in enumerate(parameters):
         if isinstance(item, Tensor):
@@ -303,7 +312,8 @@ def _warn_nonfinite_weights(params: list[Tensor], names: list[str | None], nonfi
 
 @torch.no_grad()
 def adaptive_clip_grad_(
-    parameters: Tensor | Iterable[Tensor], clipping: float = DEFAULT_CLIPPING, eps: float = DEFAULT_EPS
+    parameters: ClippedParameters,
+    clipping: float = DEFAULT_CLIPPING, eps: float = DEFAULT_EPS,
 ) -> ClipStats:
     """Clip the gradients of `parameters` in place with AGC (Sec. 4, Eq. 3).
 
@@ -402,5 +412,7 @@ def _clip_sharded_(params: list[Tensor], clipping: float, eps: float) -> ClipSta
                                torch.cat([w for w, _ in norms]), torch.cat([g for _, g in norms]), clipping, eps)
         found.update(zip(split, zip(*counts)))
     totals = reduce_counts([torch.stack(found[i]) for i in layouts], list(layouts.values()))
-    found.update((i, tuple(total.unbind())) for i, total in zip(layouts, totals))
+    for i, total in zip(layouts, totals):
+        clipped, nonfinite = total.unbind()
+        found[i] = (clipped, nonfinite)
     return _statistics(found, first, _units_per_parameter(params, first), device)

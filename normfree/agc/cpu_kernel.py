@@ -71,13 +71,15 @@ def load() -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(_build(_compiler(), flags)))
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", None) or str(error)
-            errors.append(f"{shlex.join(_compiler() + flags)}: {detail.strip().splitlines()[-1] if detail.strip() else error}")
+            last_line = detail.strip().splitlines()[-1] if detail.strip() else error
+            errors.append(f"{shlex.join(_compiler() + flags)}: {last_line}")
             continue
         for name in _FUNCTIONS.values():
             getattr(library, name).argtypes = _ARGTYPES
         return library
     warnings.warn(
-        "normfree could not build its fused CPU AGC kernel, so AGC on the CPU uses torch ops (1.8x slower on nfnet_f0): "
+        "normfree could not build its fused CPU AGC kernel, so AGC on the CPU uses torch ops "
+        "(1.8x slower on nfnet_f0): "
         + "; ".join(errors) + ". Install a C compiler (or set CC), or set NORMFREE_CPU_KERNEL=0 to silence this.",
         RuntimeWarning, stacklevel=4,  # the caller of adaptive_clip_grad_
     )
@@ -112,6 +114,7 @@ def clip_(params: list[Tensor], units: list[int], clipping: float, eps: float,
     clipped, nonfinite = torch.empty(len(params), dtype=torch.int64), torch.empty(len(params), dtype=torch.int64)
     getattr(library, _FUNCTIONS[params[0].dtype])(
         len(params), weights.data_ptr(), grads.data_ptr(), first_unit.data_ptr(), unit_size.data_ptr(),
-        float(clipping), float(eps), float(grad_norm_floor), outcome.data_ptr(), clipped.data_ptr(), nonfinite.data_ptr(),
+        float(clipping), float(eps), float(grad_norm_floor),
+        outcome.data_ptr(), clipped.data_ptr(), nonfinite.data_ptr(),
     )
     return clipped, nonfinite

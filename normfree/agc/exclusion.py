@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -20,7 +20,7 @@ __all__ = ["as_exclusions", "clipped_parameters", "excluded_parameters", "Exclus
 SkipClassifier = Literal["weight", "weight_and_bias"] | None
 # An exclusion is a parameter-name pattern (fnmatch glob, or a module name for all its
 # parameters), a module (all its parameters), or a predicate called as f(name, parameter).
-Exclusion = Union[str, nn.Module, Callable[[str, Tensor], bool]]
+Exclusion = str | nn.Module | Callable[[str, Tensor], bool]
 _SKIP_CLASSIFIER_CHOICES = ("weight", "weight_and_bias", None)
 
 

@@ -19,7 +19,8 @@ holds the same data pointers as the plan's tables, so it is valid exactly as lon
 
 Triton ships with PyTorch's CUDA builds; where it is missing, or the kernel fails to build or launch
 (then with one warning; a kernel that runs twice over part of the gradients is harmless: AGC applied
-again to clipped units changes nothing), `adaptive_clip_grad_` uses torch ops. ``NORMFREE_GPU_KERNEL=0`` chooses torch ops. The kernel also runs on CPU tensors under
+again to clipped units changes nothing), `adaptive_clip_grad_` uses torch ops. ``NORMFREE_GPU_KERNEL=0``
+chooses torch ops. The kernel also runs on CPU tensors under
 ``TRITON_INTERPRET=1`` (set before the first import of this module), which is how the tests hold
 it to the float64 reference on machines without a GPU.
 """
@@ -57,7 +58,8 @@ _graph_failure: list[str] = []  # why a plan's launches could not be captured in
 
 @functools.cache
 def available() -> bool:
-    """Whether the Triton kernel can be used: Triton imports, ``NORMFREE_GPU_KERNEL`` is not 0, and it has not failed."""
+    """Whether the Triton kernel can be used: Triton imports, ``NORMFREE_GPU_KERNEL`` is not 0, and it has not
+    failed."""
     return triton is not None and os.environ.get("NORMFREE_GPU_KERNEL", "1") != "0" and not _failure
 
 
@@ -221,7 +223,8 @@ def clip_(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_floor
             plan.graphs[key] = NO_GRAPH
             if not _graph_failure:
                 _graph_failure.append(f"{type(error).__name__}: {error}")
-                warnings.warn(f"normfree's AGC kernel could not be captured in a CUDA graph here ({_graph_failure[0]}); "
+                warnings.warn(f"normfree's AGC kernel could not be captured in a CUDA graph here "
+                              f"({_graph_failure[0]}); "
                               "it is launched directly (correct, more host time per call).", RuntimeWarning,
                               stacklevel=4)
     if plan.graphs[key] is NO_GRAPH:
@@ -262,11 +265,13 @@ def _launch(plan: Plan, n_slots: int, clipping: float, eps: float, grad_norm_flo
         except Exception as error:  # a Triton or driver that cannot build it: torch ops from now on
             if capturing:
                 raise RuntimeError(f"launch refused in CUDA-graph capture: {type(error).__name__}: {error}") from error
-            _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}")
+            last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+            _failure.append(f"{type(error).__name__}: {last_line}")
             available.cache_clear()
             warnings.warn(
-                f"normfree's Triton AGC kernel failed here ({_failure[-1]}), so AGC on this GPU uses torch ops from now "
-                "on (correct, slower). Set NORMFREE_GPU_KERNEL=0 to choose torch ops without trying the kernel.",
+                f"normfree's Triton AGC kernel failed here ({_failure[-1]}), so AGC on this GPU uses torch ops "
+                "from now on (correct, slower). Set NORMFREE_GPU_KERNEL=0 to choose torch ops without trying the "
+                "kernel.",
                 RuntimeWarning, stacklevel=4,
             )
             raise KernelFailed(_failure[-1]) from error

@@ -33,8 +33,11 @@ __all__ = ["AGCHook", "OptimizerAGC", "agc_hook", "check_clippings", "clipping_p
 def check_clippings(clipping: float | Sequence[float], eps: float) -> tuple[float | list[float], float]:
     """(`clipping`, `eps`) checked (`check_agc_arguments`): `clipping` one number (a Python or numpy scalar, a
     one-element tensor) or a sequence of them, one per optimizer param group, returned as floats."""
-    per_group = isinstance(clipping, Iterable) and not isinstance(clipping, (str, bytes, Tensor))
-    clippings = list(clipping) if per_group else [clipping]
+    clippings: list[object]  # checked below
+    if isinstance(clipping, Iterable) and not isinstance(clipping, (str, bytes, Tensor)):
+        per_group, clippings = True, list(clipping)
+    else:
+        per_group, clippings = False, [clipping]
     if not clippings:
         raise ValueError("clipping must be a number > 0 or one number per param group, got an empty sequence")
     checked = [check_agc_arguments(value, eps) for value in clippings]

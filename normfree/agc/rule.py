@@ -99,8 +99,8 @@ def adaptive_clip_factor(param_norm: Tensor, grad_norm: Tensor, clipping: float,
     with ||G_u|| floored at GRAD_NORM_FLOOR = 1e-6 in the division (as DeepMind's code). A unit whose gradient norm
     is not finite keeps factor 1: AGC never turns an inf gradient into NaN; the grad scaler or the
     user decides what to do with it. So does a unit whose weight norm is not finite (inf or NaN: no
-    threshold; `adaptive_clip_grad_` counts both kinds as non-finite). (The fused CPU kernel, csrc/agc_cpu.c, computes the same
-    rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
+    threshold; `adaptive_clip_grad_` counts both kinds as non-finite). (The fused CPU kernel, csrc/agc_cpu.c,
+    computes the same rule in C, and the GPU kernel, gpu_kernel.py, in Triton, unit by unit; the tests hold all three
     to one float64 reference.) The rule in two halves, `clip_threshold` and `clip_factor_below`,
     serves callers that take the factors of many gradients against the same weights (per-sample AGC).
     """
@@ -173,7 +173,7 @@ _CLIPPING = _Argument("clipping", False, "the paper's lambda, e.g. 0.01", "0.01"
 _EPS = _Argument("eps", True, "the paper uses 1e-3", "1e-3")
 
 
-def _agc_number(value, argument: _Argument) -> float:
+def _agc_number(value: object, argument: _Argument) -> float:
     """`value` as a float if it is one number in `argument`'s range: a Python or numpy scalar, or a one-element
     tensor; else ValueError naming the argument."""
     number = value
@@ -189,7 +189,7 @@ def _agc_number(value, argument: _Argument) -> float:
     return float(number)
 
 
-def check_agc_arguments(clipping: float, eps: float) -> tuple[float, float]:
+def check_agc_arguments(clipping: object, eps: object) -> tuple[float, float]:
     """`clipping` and `eps` as floats (Python and numpy scalars and one-element tensors are numbers); ValueError
     naming the argument when one is not a number or out of range."""
     return _agc_number(clipping, _CLIPPING), _agc_number(eps, _EPS)

@@ -117,7 +117,8 @@ def _compare_parser(subparsers) -> argparse.ArgumentParser:
                "  normfree compare --jobs 2 --out grid                 # two runs at once, the cores split\n"
                "  normfree compare --devices cuda:0 cuda:1 --out grid  # one run per GPU\n"
                "  normfree compare --out grid --plan grid.txt          # one normfree train command a line, e.g. for\n"
-               "  sbatch --array=1-$(wc -l < grid.txt) ...             #   a SLURM array: sed -n ${SLURM_ARRAY_TASK_ID}p\n"
+               "  sbatch --array=1-$(wc -l < grid.txt) ...             #   a SLURM array: "
+               "sed -n ${SLURM_ARRAY_TASK_ID}p\n"
                "  normfree compare --out grid --report                 # then the report from their folders",
     )
     add_options(parser, CompareConfig)
@@ -148,7 +149,8 @@ def _spp_parser(subparsers) -> argparse.ArgumentParser:
                     "average channel squared mean, the average channel variance and the residual branch's\n"
                     f"average channel variance. Writes {SPP_FILES['png']} and {SPP_FILES['csv']} into --out.",
         epilog="examples:\n  normfree spp --arch nf_resnet_small bn_resnet_small resnet18 --size 64 --out spp\n"
-               "  normfree spp --arch nf_resnet_tiny --weights runs/nf/model.safetensors --data digits --out spp-trained",
+               "  normfree spp --arch nf_resnet_tiny --weights runs/nf/model.safetensors --data digits "
+               "--out spp-trained",
     )
     parser.add_argument("--arch", nargs="+", required=True, metavar="ARCH",
                         help="timm names: normfree's nf_/bn_resnet_tiny/small/base, NF models (nf_resnet26, "

@@ -13,7 +13,7 @@ of `normfree.models.small_resnets`:
 | ``nf-agc-per-sample`` | the normalizer-free twin | per-sample AGC, lambda `agc` |
 | ``converted`` | the BatchNorm model converted by `normfree.to_normfree` | none |
 | ``converted-agc`` | the BatchNorm model converted by `normfree.to_normfree` | AGC, lambda `agc` |
-| ``folded`` | the BatchNorm model with every BatchNorm folded into its convolution (``to_normfree(mode="fold")``) | none |
+| ``folded`` | the BatchNorm model, every BatchNorm folded into its convolution (``to_normfree(mode="fold")``) | none |
 | ``folded-agc`` | the BatchNorm model with every BatchNorm folded into its convolution | AGC, lambda `agc` |
 
 With a small ResNet as `arch`, ``bn`` trains its BatchNorm twin and ``converted*`` convert that twin
@@ -69,8 +69,8 @@ from .config import (
     make_config,
     whole_numbers,
 )
-from .options import like, option
 from .grid_jobs import already_trained, in_parallel, one_by_one, train_command
+from .options import like, option
 from .report import GridResult, RunRecord, batch_setting, markdown_table, reading, summarise, write_report
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
 from .train import OUTPUT_FILES, TrainResult, build_dataloaders, train
@@ -233,9 +233,9 @@ class CompareConfig(GridRunOptions, TwinArchs):
         twin_methods = [m for m in self.method_keys() if m.startswith("nf")]
         if twin_methods and not self.has_twins:
             raise ConfigError("arch", f"{self.arch!r} is not one of the small ResNets (nf_resnet_tiny/small/base or "
-                                      f"bn_resnet_tiny/small/base), whose NF twin the methods {', '.join(twin_methods)} "
-                                      f"train; with your own BatchNorm arch use the methods bn, converted and "
-                                      f"converted-agc (the default for such an arch)")
+                                      f"bn_resnet_tiny/small/base), whose NF twin the methods "
+                                      f"{', '.join(twin_methods)} train; with your own BatchNorm arch use the "
+                                      f"methods bn, converted and converted-agc (the default for such an arch)")
         if self.skipinit is False and "nf-agc-skipinit" in self.method_keys():
             raise ConfigError("skipinit", "False contradicts the method nf-agc-skipinit (SkipInit on); drop one")
         if (self.alpha, self.skipinit) != (None, None) and not any(map(_has_nf_blocks, self.method_keys())):
@@ -549,7 +549,8 @@ def _train_stage(trainer: _Trainer, configs: list[TrainConfig], labels: list[str
     return [done[index] for index in range(len(configs))]
 
 
-def _sweep_configs(config: CompareConfig, steps: int | None) -> tuple[list[tuple[str, int, int, float]], list[TrainConfig]]:
+def _sweep_configs(config: CompareConfig,
+                   steps: int | None) -> tuple[list[tuple[str, int, int, float]], list[TrainConfig]]:
     keys = [(m, bs, accum, lr) for bs, accum in config.settings() for m in config.method_keys() for lr in config.lrs]
     return keys, [config.train_config(GridCell(m, bs, accum, config.seeds[0]), lr, steps, holdout=True)
                   for m, bs, accum, lr in keys]

@@ -178,7 +178,8 @@ def check_device(device: Any, option: str = "device") -> torch.device:
     if checked.type == "cpu":
         return checked
     backend = getattr(torch, checked.type, None)  # torch.cuda, torch.mps, torch.xpu: each counts its devices
-    count = backend.device_count() if hasattr(backend, "device_count") else 0
+    device_count = getattr(backend, "device_count", None)
+    count = device_count() if device_count is not None else 0
     if count == 0:
         raise ConfigError(option, f"{device!r}: this machine has no {checked.type} device; use cpu")
     if checked.index is not None and checked.index >= count:
@@ -197,6 +198,8 @@ class GridRunOptions:
     """For the settings dataclasses of the comparison grids (`CompareConfig`, `TransferConfig`), whose fields
     include `size`, `limit`, `valid_pct`, `precision`, `device` (every run of the grid takes them alike)
     and `out`."""
+
+    out: str | Path  # a field of each subclass (a plain class's annotation makes no dataclass field)
 
     def run_options(self) -> dict[str, Any]:
         """The `TrainConfig` keyword arguments that every run of the grid shares."""
@@ -445,7 +448,8 @@ class TrainConfig:
 
     def block_options(self) -> dict[str, Any]:
         """`skipinit` and `alpha` where given: the small NF ResNets' model arguments, or to_normfree's (mode nf)."""
-        return {name: value for name, value in (("skipinit", self.skipinit), ("alpha", self.alpha)) if value is not None}
+        given = (("skipinit", self.skipinit), ("alpha", self.alpha))
+        return {name: value for name, value in given if value is not None}
 
     def conversion(self) -> dict[str, Any]:
         """`to_normfree`'s arguments for this run's conversion: the mode, and `block_options` with mode nf."""

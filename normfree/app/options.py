@@ -127,7 +127,8 @@ def _annotation(cls: type, field: dataclasses.Field) -> tuple[Any, bool]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         members = [t for t in typing.get_args(hint) if t is not type(None)]
         optional = len(members) < len(typing.get_args(hint))
-        return (members[0] if len(members) == 1 else typing.Union[tuple(members)]), optional
+        # a Union of a runtime tuple of members has no `X | Y` spelling
+        return (members[0] if len(members) == 1 else typing.Union[tuple(members)]), optional  # noqa: UP007
     return hint, False
 
 

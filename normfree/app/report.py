@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from ..utils.outdir import atomic_write
 from .plots import plot_accuracy_vs_batch_size, plot_validation_curves
 
-__all__ = ["REPORT_FILES", "GridResult", "RunRecord", "SummaryRow", "batch_setting", "markdown_table", "reading", "summarise",
-           "write_report"]
+__all__ = ["REPORT_FILES", "GridResult", "RunRecord", "SummaryRow", "batch_setting", "markdown_table", "reading",
+           "summarise", "write_report"]
 
 REPORT_FILES = {
     "markdown": "report.md",
@@ -174,7 +174,8 @@ def percent(mean: float, std: float) -> str:
 
 def _cells(row: SummaryRow) -> list[str]:
     return [
-        row.method, row.setting, f"{row.lr:g}", percent(row.final_mean, row.final_std), percent(row.best_mean, row.best_std),
+        row.method, row.setting, f"{row.lr:g}",
+        percent(row.final_mean, row.final_std), percent(row.best_mean, row.best_std),
         str(row.seeds), f"{row.seconds_per_epoch:.2f}", f"{row.images_per_second:.0f}",
         "n/a" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}",
     ]
@@ -254,7 +255,8 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 """
 
 
-def markdown_document(title: str, settings: Mapping[str, object], body: Sequence[str], images: Mapping[str, str]) -> str:
+def markdown_document(title: str, settings: Mapping[str, object], body: Sequence[str],
+                      images: Mapping[str, str]) -> str:
     """The Markdown twin of `html_document`: `body` is a list of lines; `images` map alt text to PNG file names."""
     lines = [f"# {title}", "", "## Settings", ""]
     lines += [f"- **{k}**: {v}" for k, v in settings.items()]

@@ -14,7 +14,7 @@ alone, see `normfree.app.distributed`):
 | ``model.safetensors`` | the weights (`normfree.save_weights`; ``weights=`` reads them back) |
 | ``learner.pkl`` | the exported Learner (`learn.export`; fastai's ``load_learner`` reads it) |
 | ``result.json`` | the per-epoch metrics and the run's summary (`TrainResult`) |
-| ``checkpoint.pth`` | while the run is unfinished: its state after the last finished epoch (`normfree.learner.checkpoint`) |
+| ``checkpoint.pth`` | while unfinished: the run's state after its last finished epoch (`normfree.learner.checkpoint`) |
 
 Ctrl-C (or SIGTERM, what ``timeout`` and job schedulers send) during training stops it cleanly: the
 weights at that point, the finished epochs' metrics and the config are saved, a message says where,
@@ -126,7 +126,8 @@ class TrainResult:
 
     `metric` is the validation metric's column (``accuracy``, or ``accuracy_multi`` for multi-label
     data). `interrupted`: stopped by `stopped_by` (``Ctrl-C`` or ``SIGTERM``) before the end;
-    `diverged`: stopped early because the training loss was no longer finite (see `divergence`). `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
+    `diverged`: stopped early because the training loss was no longer finite (see `divergence`).
+    `peak_memory_mib` is `PeakMemory`'s measurement of the training (`memory_kind` says which).
     `agc` is the AGC lambda the run trained with (None without AGC; with ``agc="auto"``, the one agc_find chose).
     `learner` is the trained Learner (not saved in ``result.json``).
     """
@@ -580,9 +581,9 @@ def _resumed_config(out: Path, state: dict[str, Any]) -> TrainConfig:
                if key != "out" and (key not in trained or key not in folder or trained[key] != folder[key])]
     if changed:
         raise ConfigError("resume", f"{path} says {_json_text(folder, changed)} but {out / CHECKPOINT} was written by "
-                                    f"a run with {_json_text(trained, changed)} (config.json was edited after the stop, "
-                                    f"or the checkpoint is another run's): it cannot continue the run config.json "
-                                    f"describes; to train config.json's settings, start a new run: "
+                                    f"a run with {_json_text(trained, changed)} (config.json was edited after the "
+                                    f"stop, or the checkpoint is another run's): it cannot continue the run "
+                                    f"config.json describes; to train config.json's settings, start a new run: "
                                     f"{_new_run_command(out)}")
     # a checkpoint from before fast_opt holds fastai's optimizer state: the run goes on with fastai's optimizer
     return TrainConfig(**{"fast_opt": False, **state["config"], "out": str(out)}, check_weights_file=False)
@@ -612,14 +613,15 @@ def _build_and_train(config: TrainConfig, out: Path, quiet: bool, save_model: bo
     quiet = quiet or not distributed.is_main()  # rank 0 speaks for a launched run
     try:
         learn = distributed.agree(lambda: _build_learner(config, resumed))
-    except KeyboardInterrupt as error:
-        error.normfree_note = ("while starting (building the data and model), " +
+    except KeyboardInterrupt as error:  # the note says where, in the command line's message (cli.py)
+        error.normfree_note = ("while starting (building the data and model), " +  # type: ignore[attr-defined]
                                (f"before anything was written to {out}" if resumed is None else f"{out} is as it was"))
         raise
     try:
         return _train(learn, config, out, quiet, save_model, save_plots, cbs, resumed)
     except KeyboardInterrupt as error:  # after the fit, while saving: the folder stays marked incomplete
-        error.normfree_note = f"while saving the results; {out} is marked incomplete ({INCOMPLETE})"
+        error.normfree_note = (  # type: ignore[attr-defined]
+            f"while saving the results; {out} is marked incomplete ({INCOMPLETE})")
         raise
 
 
@@ -657,10 +659,10 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
     say = (lambda *args, **kwargs: None) if quiet else print
     say(_describe(learn, config))
 
-    log = EpochLog(out / OUTPUT_FILES["metrics"] if writes else None, resumed and resumed["rows"])
+    log = EpochLog(out / OUTPUT_FILES["metrics"] if writes else None, resumed["rows"] if resumed else None)
     divergence = _StopOnDivergence()
     lr, finding_lr, stopped_by = config.lr, config.lr_find and resumed is None, None
-    agc = None if config.agc == AGC_AUTO else config.agc
+    agc = None if isinstance(config.agc, str) else config.agc  # the one string TrainConfig takes is AGC_AUTO
     if resumed is not None:
         lr = resumed["lr"]
         cbs = [ResumeFit(resumed), *cbs]
@@ -726,8 +728,8 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
 
     if interrupted:
         atomic_write(out / INCOMPLETE, f"This run was stopped by {stopped_by} at {time.ctime()}, after "
-                                       f"{len(log.rows)} finished epoch(s); {OUTPUT_FILES['result']} says so (\"interrupted\": "
-                                       f"true). {_resume_command(out)} continues it from its last "
+                                       f"{len(log.rows)} finished epoch(s); {OUTPUT_FILES['result']} says so "
+                                       f"(\"interrupted\": true). {_resume_command(out)} continues it from its last "
                                        f"finished epoch; "
                                        f"normfree compare trains it again; normfree train refuses this folder unless "
                                        f"--overwrite is given.\n")

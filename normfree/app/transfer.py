@@ -7,9 +7,11 @@ The models (`TRANSFER_METHODS`; labels as in `normfree.app.compare.METHODS` wher
 |---|---|---|
 | ``bn`` | the BatchNorm model, BatchNorm in training mode (fastai's default) | itself |
 | ``bn-frozen`` | the BatchNorm model with every BatchNorm frozen (`TrainConfig.freeze_batchnorm`) | ``bn`` |
-| ``folded-agc`` | the BatchNorm model with its BatchNorm folded into the convolutions (``to_normfree(mode="fold")``, after the pretrained weights are loaded), trained with AGC | ``bn`` |
+| ``folded-agc`` | the BatchNorm model, its BatchNorm folded into the convolutions after loading, with AGC | ``bn`` |
 | ``nf`` / ``nf-agc`` | the NF twin of a small ResNet, without / with AGC | itself |
-| ``converted-agc`` | the BatchNorm arch converted by ``to_normfree`` (mode nf), with AGC | itself, converted at initialisation |
+| ``converted-agc`` | the BatchNorm arch converted by ``to_normfree`` (mode nf), with AGC | itself, converted at init |
+
+``folded-agc`` folds with ``to_normfree(mode="fold")`` once the pretrained weights are loaded.
 
 `arch` is a small ResNet (either twin; methods ``bn``, ``bn-frozen``, ``nf``, ``nf-agc``; default ``bn nf nf-agc``)
 or a BatchNorm arch of one's own (``resnet18``, ``torchvision:resnet18``, ``fastai:xresnet18``: methods ``bn``,
@@ -25,13 +27,13 @@ For each pretraining and each seed:
 
 | mode | start | what trains |
 |---|---|---|
-| ``fine-tune`` | pretrained, new classifier | fastai's ``fine_tune``: body frozen for `freeze_epochs`, then all at discriminative lrs |
+| ``fine-tune`` | pretrained, new classifier | fastai's ``fine_tune``: the body frozen, then all (discriminative lrs) |
 | ``linear-probe`` | pretrained, new classifier | the classifier only (the body stays frozen) |
 | ``scratch`` | random initialisation | everything: the reference for what pretraining buys |
 
-``bn-frozen`` has no ``scratch`` runs (it would freeze freshly initialised statistics); ``folded-agc``'s are the
-BatchNorm arch folded at initialisation, where fresh statistics fold to (nearly) the identity: the arch without its
-BatchNorm, with AGC.
+``fine-tune`` freezes the body for `freeze_epochs`. ``bn-frozen`` has no ``scratch`` runs (it would freeze freshly
+initialised statistics); ``folded-agc``'s are the BatchNorm arch folded at initialisation, where fresh statistics fold
+to (nearly) the identity: the arch without its BatchNorm, with AGC.
 
 Every target run has the same budget: `epochs` passes over its training images (fine-tune spends the
 first `freeze_epochs` of them with the body frozen), optimizer `opt`. Its peak lr is tuned: with several

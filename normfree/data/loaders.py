@@ -21,8 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastai.data.core import DataLoaders, Datasets, TfmdDL, TfmdLists
-from fastai.data.transforms import (Categorize, Category, IntToFloatTensor, MultiCategory, Normalize, ToTensor,
-                                    get_image_files)
+from fastai.data.transforms import (
+    Categorize,
+    Category,
+    IntToFloatTensor,
+    MultiCategory,
+    Normalize,
+    ToTensor,
+    get_image_files,
+)
 from fastai.torch_core import TensorImage
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage

@@ -1,4 +1,5 @@
-"""The data kinds of ``normfree train --data`` and ``normfree.train(data=...)``: one `DataKind` per kind, in `DATA_KINDS`.
+"""The data kinds of ``normfree train --data`` and ``normfree.train(data=...)``: one `DataKind` per kind, in
+`DATA_KINDS`.
 
 | spec | data | builder |
 |---|---|---|
@@ -6,7 +7,10 @@
 | ``fashion-mnist[:DIR]`` | the Fashion-MNIST IDX ``.gz`` files (default DIR: Debian's) | `fashion_mnist_dataloaders` |
 | ``PATH.npz`` | a MedMNIST file | `medmnist_dataloaders` |
 | ``PATH.csv`` | a CSV of image paths and labels | `csv_dataloaders` |
-| a folder | class subfolders of images, or split folders of them: ``train/``, a validation ``valid/``, ``val/`` or ``validation/`` (else `valid_pct` of train/), a held-out ``test/`` (``dls.test``) | `image_folder_dataloaders` |
+| a folder | class subfolders of images, or split folders of them (below) | `image_folder_dataloaders` |
+
+A folder's splits: ``train/``, a validation ``valid/``, ``val/`` or ``validation/`` (else `valid_pct` of train/), and
+a held-out ``test/`` (``dls.test``).
 
 `DATA_KINDS` is the only list of kinds: `parse_data_spec`, `DataSpec.dataloaders`, the checks of
 `normfree.app.config.TrainConfig` and the command line's help all read it. A kind's default image

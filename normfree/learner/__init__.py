@@ -13,5 +13,5 @@ from .optim import nesterov_sgd
 from .precision import DeviceMixedPrecision
 from .step_budget import StepBudget
 
-__all__ = ["AGC", "AGCFindResult", "ClipHistory", "ClipRate", "DeviceMixedPrecision", "EpochLog", "FreezeBatchNorm", "StepBudget",
-           "nesterov_sgd", "nf_learner"]
+__all__ = ["AGC", "AGCFindResult", "ClipHistory", "ClipRate", "DeviceMixedPrecision", "EpochLog", "FreezeBatchNorm",
+           "StepBudget", "nesterov_sgd", "nf_learner"]

@@ -12,8 +12,14 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 
 from ..agc.clip import clip_parameters_
-from ..agc.exclusion import (Exclusion, SkipClassifier, as_exclusions, check_skip_classifier, clipped_parameters,
-                             excluded_parameters)
+from ..agc.exclusion import (
+    Exclusion,
+    SkipClassifier,
+    as_exclusions,
+    check_skip_classifier,
+    clipped_parameters,
+    excluded_parameters,
+)
 from ..agc.history import ClipHistory
 from ..agc.hook import check_clippings, clipping_per_group, warn_if_no_classifier
 from ..agc.per_sample import LossGradScale, PerSampleClipper, check_examples_independent, check_supported_modules
@@ -106,7 +112,8 @@ class AGC(Callback):
             check_examples_independent(unwrap_model(model))
             check_supported_modules(unwrap_model(model))
 
-    def clipped_parameters(self, model: nn.Module, param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
+    def clipped_parameters(self, model: nn.Module,
+                           param_lists: Sequence[Sequence[Tensor]]) -> list[list[tuple[str, Tensor]]]:
         """Per optimizer param group, the (name, parameter) pairs AGC clips (`normfree.agc.exclusion`)."""
         return clipped_parameters(model, param_lists, self.skip_classifier, self.exclude)
 
@@ -117,8 +124,8 @@ class AGC(Callback):
             self.run = False
             return
         n_groups = len(self.learn.opt.param_lists)
-        self.learn.metrics = self.learn.metrics + [ClipRate(self),
-                                                   *([ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else [])]
+        per_group = [ClipRate(self, g) for g in range(n_groups)] if n_groups > 1 else []
+        self.learn.metrics = self.learn.metrics + [ClipRate(self), *per_group]
         self._history_started = False
         self._warned: set[str] = set()
 
@@ -137,11 +144,17 @@ class AGC(Callback):
             self._clipper = PerSampleClipper(model, clipping, self.eps)
             self._loss_scale = LossGradScale(self._clipper)
 
+    @property
+    def _fit_history(self) -> ClipHistory:
+        """`history` during a fit (it is started at the fit's first training epoch)."""
+        assert self.history is not None, "AGC's clip history is read before its fit started"
+        return self.history
+
     def restore_history(self, state: dict) -> None:
         """Continue the fit's clip history from `state` (`ClipHistory.state_dict`) rather than from nothing: for a
         resumed run (`normfree.learner.checkpoint.ResumeFit`), in ``before_fit`` after this callback's own."""
         self._start_history()
-        self.history.load_state_dict(state)
+        self._fit_history.load_state_dict(state)
 
     # per-sample AGC: the backward pass clips each example; these hooks frame each batch for it
     def before_batch(self) -> None:
@@ -150,7 +163,7 @@ class AGC(Callback):
             self._clipper.start()
 
     def after_loss(self) -> None:
-        if self._clipper is not None and self.learn.pred.requires_grad:
+        if self._loss_scale is not None and self.learn.pred.requires_grad:  # set with `_clipper`
             self._loss_scale.watch(self.learn.loss_func, self.learn.pred, self.learn.yb)
 
     def after_batch(self) -> None:
@@ -160,25 +173,25 @@ class AGC(Callback):
     def before_train(self) -> None:
         if not self._history_started:
             self._start_history()
-        self.epoch_start = len(self.history)
+        self.epoch_start = len(self._fit_history)
 
     def before_step(self) -> None:
         if self._clipper is not None:  # the backward pass clipped each example already
-            self.history.record(self._clipper.collect(self._params))
+            self._fit_history.record(self._clipper.collect(self._params))
         else:
             self._watch_clip_share()
             # arguments checked in __init__; non-finite units are reported in after_train
-            self.history.record([clip_parameters_(params, clipping, self.eps)
-                                 for params, clipping in zip(self._params, self._clippings)])
+            self._fit_history.record([clip_parameters_(params, clipping, self.eps)
+                                       for params, clipping in zip(self._params, self._clippings)])
 
     def _watch_clip_share(self) -> None:
         """The warnings of the class docstring, judged every CLIP_WATCH_STEPS steps (one host synchronisation each)
         on the steps before this one, the suggestion taken from this step's gradients before they are clipped."""
-        steps = len(self.history)
+        steps = len(self._fit_history)
         if steps < CLIP_WATCH_STEPS or steps % CLIP_WATCH_STEPS or len(self._warned) == 2:
             return
         window = slice(steps - CLIP_WATCH_STEPS, steps)
-        clipped, units = self.history.clipped(window).sum(1), self.history.units(window).sum(1)
+        clipped, units = self._fit_history.clipped(window).sum(1), self._fit_history.units(window).sum(1)
         shares = clipped / units.clamp_min(1)
         if bool((shares > MOST_CLIPPED).all()):
             kind, problem = "too small", (f"clipped {float(shares.min()):.0%}-{float(shares.max()):.0%} of the units "
@@ -199,10 +212,10 @@ class AGC(Callback):
                       f"run; --agc auto on the command line)", stacklevel=2)
 
     def after_train(self) -> None:
-        per_parameter = self.history.nonfinite(slice(self.epoch_start, None)).sum(0).tolist()
+        per_parameter = self._fit_history.nonfinite(slice(self.epoch_start, None)).sum(0).tolist()
         if sum(per_parameter):
             params = [p for group in self._params for p in group]
-            seen = [(name, p) for name, p, n in zip(self.history.parameter_names, params, per_parameter) if n]
+            seen = [(name, p) for name, p, n in zip(self._fit_history.parameter_names, params, per_parameter) if n]
             diverged = [name for name, p in seen if not bool(local_unit_norms(p).isfinite().all())]
             weights = (f"; the weights of {', '.join(diverged[:5])} are inf/NaN now: the model has diverged, restart "
                        f"from a checkpoint" if diverged else "")

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
+from fastai.data.core import DataLoaders
 from fastai.learner import Recorder
 from fastai.torch_core import get_model
-from fastai.data.core import DataLoaders
 from fastcore.basics import noop
 from torch.utils.data import TensorDataset
 

@@ -120,7 +120,7 @@ def nf_learner(
     options = None if convert is False else {"mode": "nf", **({} if convert is True else {"mode": convert}
                                                               if isinstance(convert, str) else convert)}
     converted_weights = saved_conversion(weights) if weights is not None else None
-    if converted_weights is not None:  # they fit the converted model only: convert first, then load them
+    if weights is not None and converted_weights is not None:  # they fit the converted model only: convert, load
         if options != converted_weights:
             raise ValueError(f"weights file {str(weights)!r} holds {arch} converted by to_normfree with "
                              f"{converted_weights}, so it loads into that model only: give convert={converted_weights} "

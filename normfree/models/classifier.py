@@ -31,11 +31,11 @@ def find_classifier(model: nn.Module) -> nn.Module | None:
 CLASSIFIER_INIT_STD = 0.01  # Brock et al. 2021, for features of unit variance
 
 
-def init_classifier_(classifier: nn.Module, std: float = CLASSIFIER_INIT_STD) -> None:
+def init_classifier_(classifier: nn.Module | None, std: float = CLASSIFIER_INIT_STD) -> None:
     """Classifier weight ~ N(0, std), bias 0; the default std 0.01 is the NFNet papers' (Brock et al. 2021;
     zero init "could sometimes lead to instabilities"). A model may declare its own with a
     ``classifier_init_std`` attribute (see `classifier_init_std`). A classifier without a weight (timm's
-    nn.Identity at 0 classes) is left as it is."""
+    nn.Identity at 0 classes), or None (`find_classifier` found none), is left as it is."""
     if not isinstance(getattr(classifier, "weight", None), Tensor):
         return
     nn.init.normal_(classifier.weight, 0.0, std)

@@ -37,8 +37,15 @@ from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
 from ..utils.errors import ConversionError
-from .equations import (ACTIVATION_GAMMAS, activation_gamma, is_positively_homogeneous, nf_residual, residual_betas,
-                        residual_scale, skipinit_gain)
+from .equations import (
+    ACTIVATION_GAMMAS,
+    activation_gamma,
+    is_positively_homogeneous,
+    nf_residual,
+    residual_betas,
+    residual_scale,
+    skipinit_gain,
+)
 from .fold import fold_batchnorms
 from .small_resnets import SmallResNet, normfree_twin_name
 from .standardization import STD_CONV_EPS, STD_CONVS, called_plainly, scaled_output_conv
@@ -73,7 +80,8 @@ class ConvertedResidual(nn.Module):
     (pre-activation, as in NF-ResNets); `shortcut` is the converted projection (None: identity on h),
     which reads ``act(h / beta)``; `final_act` is set on the network's last block only, so the head
     reads activated features as in the original. `skip_gain` is SkipInit's scalar (`skipinit_gain`), 0 at
-    conversion with ``skipinit=True`` (None without SkipInit, the default). `beta` is the papers' beta (`residual_betas`), the divisor of h.
+    conversion with ``skipinit=True`` (None without SkipInit, the default). `beta` is the papers' beta
+    (`residual_betas`), the divisor of h.
     `transition` says whether the shortcut restarts the variance.
 
     Computed with the block's scalars folded into the convolutions' constant scales where that is exact, as
@@ -140,7 +148,8 @@ _POSITIVE_SCALE_COMMUTING = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d, nn.Adaptiv
 
 
 def _first_layer(module: nn.Module) -> nn.Module | None:
-    """The first layer of `module` (through nested nn.Sequential) that does not commute with a positive scale, or None."""
+    """The first layer of `module` (through nested nn.Sequential) that does not commute with a positive scale, or
+    None."""
     if type(module).forward is not nn.Sequential.forward:
         return None if isinstance(module, _POSITIVE_SCALE_COMMUTING) else module
     return next((found for found in map(_first_layer, module) if found is not None), None)
@@ -261,13 +270,15 @@ def _convert_batchnorm(bn: nn.Module, path: str, walk: _Walk) -> nn.Module:
     if not isinstance(walk.prev, nn.Conv2d):
         follows = (f"it follows {walk.prev_path} ({type(walk.prev).__name__})" if walk.prev is not None
                    else "nothing precedes it")
-        raise ConversionError(f"{path} ({type(bn).__name__}) does not follow a convolution ({follows}): to_normfree drops "
-                         f"a BatchNorm only where the convolution before it takes over with Scaled Weight "
-                         f"Standardisation. Remove or replace this layer yourself (e.g. a fastai vision_learner head's "
-                         f"BatchNorm1d: build the model with normfree.build_model or nf_learner, whose head has none)")
+        raise ConversionError(f"{path} ({type(bn).__name__}) does not follow a convolution ({follows}): "
+                              f"to_normfree drops a BatchNorm only where the convolution before it takes over with "
+                              f"Scaled Weight Standardisation. Remove or replace this layer yourself (e.g. a fastai "
+                              f"vision_learner head's BatchNorm1d: build the model with normfree.build_model or "
+                              f"nf_learner, whose head has none)")
     if bn.num_features != walk.prev.out_channels:
-        raise ConversionError(f"{path} ({type(bn).__name__}) normalises {bn.num_features} channels but {walk.prev_path} "
-                         f"outputs {walk.prev.out_channels}: it does not normalise that convolution's output")
+        raise ConversionError(f"{path} ({type(bn).__name__}) normalises {bn.num_features} channels but "
+                              f"{walk.prev_path} outputs {walk.prev.out_channels}: it does not normalise that "
+                              f"convolution's output")
     walk.prev, walk.prev_path = bn, path
     act = getattr(bn, "act", None)  # timm's BatchNormAct2d holds its activation: keep it
     if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
@@ -317,7 +328,8 @@ def _convert(module: nn.Module, path: str, walk: _Walk, in_branch: bool, feeds_b
             walk.stack = []  # a weight-standardised conv of an activation has unit variance: a new stack
         return new
     if isinstance(module, (nn.modules.conv._ConvNd)):
-        raise ConversionError(f"{path} ({type(module).__name__}): to_normfree converts 2-D convolutions (nn.Conv2d) only")
+        raise ConversionError(f"{path} ({type(module).__name__}): "
+                              "to_normfree converts 2-D convolutions (nn.Conv2d) only")
     if _is_activation(module, walk.gammas):
         walk.last_act, walk.last_act_path = module, path
         walk.prev, walk.prev_path = module, path
@@ -327,10 +339,10 @@ def _convert(module: nn.Module, path: str, walk: _Walk, in_branch: bool, feeds_b
         if inside is not None:
             what = type(module.get_submodule(inside)).__name__
             where = path or "the model"
-            raise ConversionError(f"{where} ({type(module).__name__}) holds a {what} ({_join(path, inside)}) and its forward is "
-                             f"not known to normfree (a residual connection?), so it cannot be converted safely. "
-                             f"{_HOW}: rewrite it as one of those, or convert its parts yourself (e.g. "
-                             f"to_normfree(model.features) for an nn.Sequential inside it)")
+            raise ConversionError(f"{where} ({type(module).__name__}) holds a {what} ({_join(path, inside)}) and "
+                                  f"its forward is not known to normfree (a residual connection?), so it cannot be "
+                                  f"converted safely. {_HOW}: rewrite it as one of those, or convert its parts "
+                                  f"yourself (e.g. to_normfree(model.features) for an nn.Sequential inside it)")
     # pooling, dropout, flatten, linear layers, heads without convolutions: kept as they are
     if any(True for _ in module.parameters(recurse=False)) or isinstance(module, nn.Linear):
         walk.last_act, walk.last_act_path = None, path
@@ -419,8 +431,8 @@ def _convert_block(block: nn.Module, path: str, walk: _Walk, parts: list[tuple[s
         shortcut_walk = _Walk(walk.alpha, walk.skipinit, walk.gammas, last_act=pre_act, last_act_path=act_path)
         new_shortcut = _convert(shortcut, f"{path}.{shortcut_name}", shortcut_walk, in_branch=True)
     if new_shortcut is not None and not transition:
-        raise ConversionError(f"{path}.{shortcut_name}: a shortcut without a convolution (pooling only) is not supported; "
-                         f"{_HOW}")
+        raise ConversionError(f"{path}.{shortcut_name}: a shortcut without a convolution (pooling only) is not "
+                              f"supported; {_HOW}")
     converted = ConvertedResidual(pre_act, branch, new_shortcut, walk.alpha, beta, walk.skipinit, transition)
     converted.to(next((p.device for p in block.parameters()), torch.device("cpu")))
     walk.open_block, walk.open_act = converted, _no_inplace(act)
@@ -438,7 +450,8 @@ def _check_gamma(value, where: str) -> float:
     low, high = GAMMA_RANGE
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= float(value) <= high:
         raise ConversionError(f"activation_gamma{where} must be a number in [{low:g}, {high:g}] (1 / std of the "
-                              f"activation's output for N(0, 1) inputs; ReLU's is {ACTIVATION_GAMMAS['relu']:.4f}), got {value!r}")
+                              f"activation's output for N(0, 1) inputs; ReLU's is {ACTIVATION_GAMMAS['relu']:.4f}), "
+                              f"got {value!r}")
     return float(value)
 
 
@@ -502,7 +515,7 @@ def _refuse_unconvertible(model: nn.Module, mode: str) -> None:
     paths: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(name)
-    for name, m in model.named_modules():
+    for m in model.modules():
         if len(paths[id(m)]) > 1 and _holds(m, _NORMS + (nn.modules.conv._ConvNd,)) is not None:
             raise ConversionError(f"{' and '.join(paths[id(m)])} are one {type(m).__name__} module used twice (shared "
                                   f"or reused): to_normfree converts each place a layer runs on its own, so it cannot "
@@ -518,7 +531,8 @@ def _refuse_unfoldable(model: nn.Module) -> None:
                               f"model would keep a normalisation layer; use mode='nf', or replace it by nn.Identity() "
                               f"first if dropping it is what you want")
     if _holds(model, _BATCHNORMS) is None:
-        raise ConversionError(f"the model ({type(model).__name__}) has no BatchNorm: nothing to fold; train it as it is")
+        raise ConversionError(f"the model ({type(model).__name__}) has no BatchNorm: nothing to fold; "
+                              "train it as it is")
 
 
 def _check_mode(mode: object, alpha: object, skipinit: object, activation_gamma: object) -> None:
@@ -575,8 +589,8 @@ def to_normfree(model: nn.Module, mode: str = "nf", *, alpha: float | None = Non
       (ResBlock) become `ConvertedResidual` blocks, h + alpha * gain * f(act(h / beta)), beta the expected
       std of h from `residual_betas` (variance alpha^2 more per block, 1 + alpha^2 after a transition: a
       block with a projection shortcut). `alpha`: None is `DEFAULT_ALPHA` (0.5; the papers' is 0.2).
-      `skipinit`: True adds the SkipInit gain, a learnable scalar starting at 0; None is `DEFAULT_SKIPINIT` (False): no gain,
-      the branches start at full strength (see `DEFAULT_SKIPINIT` for the measurement behind both).
+      `skipinit`: True adds the SkipInit gain, a learnable scalar starting at 0; None is `DEFAULT_SKIPINIT`
+      (False): no gain, the branches start at full strength (see `DEFAULT_SKIPINIT` for the measurement behind both).
     - nn.Sequential stacks of Conv2d, BatchNorm2d, activations, pooling and Linear layers (plain CNNs)
       are converted layer by layer.
 

@@ -146,8 +146,7 @@ def build_model(
     ``classifier_init_std``) — no normalisation layer. `weights` loads a local file (see `load_weights`).
     `model_kwargs` go to `timm.create_model` (e.g. ``{"skipinit": True}`` for normfree's small ResNets).
     """
-    split = _split_library(arch) if isinstance(arch, str) else None
-    if split is not None:
+    if isinstance(arch, str) and (split := _split_library(arch)) is not None:
         if not is_known_arch(arch):
             raise unknown_arch_error(arch)
         if model_kwargs:
@@ -171,6 +170,7 @@ def build_model(
 
 def body_head_splitter(model: nn.Module) -> list[list[nn.Parameter]]:
     """Two parameter groups, body then classifier, for freeze(), fine_tune() and discriminative lrs."""
-    head = {id(p) for p in find_classifier(model).parameters()}
+    classifier = find_classifier(model)
+    head = {id(p) for p in classifier.parameters()} if classifier is not None else set()
     params = list(model.parameters())
     return [[p for p in params if id(p) not in head], [p for p in params if id(p) in head]]

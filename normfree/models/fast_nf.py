@@ -47,8 +47,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import (AvgPool2dSame, EcaModule, ScaledStdConv2d, ScaledStdConv2dSame, SEModule,
-                         register_notrace_module)
+from timm.layers import (
+    AvgPool2dSame,
+    EcaModule,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    SEModule,
+    register_notrace_module,
+)
 from timm.models.nfnet import DownsampleAvg, GammaAct, NormFreeBlock
 from torch import Tensor, nn
 

@@ -126,7 +126,8 @@ def _bias(layer: nn.Module) -> Tensor:
 def _fold_after(layer: nn.Module, bn: nn.Module) -> None:
     scale, shift = (t.to(layer.weight.dtype) for t in batchnorm_scale_shift(bn))
     weight = layer.weight
-    if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # weight [in, out / groups, ...]: output channels in columns
+    # a transposed conv's weight is [in, out / groups, ...]: output channels in columns
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
         factor = _grouped(scale, layer.groups, weight.shape[0]).view(*weight.shape[:2], *[1] * (weight.dim() - 2))
     else:  # weight [out, ...]
         factor = scale.view(-1, *[1] * (weight.dim() - 1))
@@ -171,7 +172,9 @@ def _graph_pairs(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[list[
             return repr(node)
         if node.op == "call_module":
             return f"{node.target} ({type(modules[node.target]).__name__})"
-        return "the model's input" if node.op == "placeholder" else f"{node.op} {getattr(node.target, '__name__', node.target)}"
+        if node.op == "placeholder":
+            return "the model's input"
+        return f"{node.op} {getattr(node.target, '__name__', node.target)}"
 
     pairs, reasons = [], {}
     for node in graph.nodes:

@@ -382,9 +382,9 @@ def signal_propagation(
 ) -> SignalPropagation:
     """Signal propagation statistics of `model`'s residual blocks (Brock, De & Smith 2021, arXiv 2101.08692, Sec. 3).
 
-    One forward pass in eval mode (dropout, drop-path off) with no gradient, of the batch `x` or, by default, of N(0, 1) noise of
-    `input_shape` (default: 16 images with the channels of the model's first Conv2d, at the size of its timm
-    ``pretrained_cfg["input_size"]``, else 64 x 64), drawn from `seed` (None: the global generator). For
+    One forward pass in eval mode (dropout, drop-path off) with no gradient, of the batch `x` or, by default, of
+    N(0, 1) noise of `input_shape` (default: 16 images with the channels of the model's first Conv2d, at the size
+    of its timm ``pretrained_cfg["input_size"]``, else 64 x 64), drawn from `seed` (None: the global generator). For
     every residual block, in the order they run: the average channel squared mean and average channel
     variance of its output, and the average channel variance of its residual branch's output (what it adds
     to the shortcut). Each module's training flag is restored afterwards and every hook removed, also when

@@ -17,7 +17,8 @@ STD_CONV_EPS = 1e-5
 
 
 def weight_scale(conv: nn.Conv2d) -> Tensor | None:
-    """Per-output-channel factor gain * gamma / sqrt(fan_in) of a timm ScaledStdConv2d(Same); None for StdConv2d(Same)."""
+    """Per-output-channel factor gain * gamma / sqrt(fan_in) of a timm ScaledStdConv2d(Same); None for
+    StdConv2d(Same)."""
     return (conv.gain * conv.scale).view(-1) if isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame)) else None
 
 

@@ -76,8 +76,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
     if path.suffix == SAVE_SUFFIX:
         return _read_safetensors(path)
     content = _torch_load(path)
-    if isinstance(getattr(content, "model", None), nn.Module):  # learn.export()
-        content = content.model.state_dict()
+    exported_model = getattr(content, "model", None)
+    if isinstance(exported_model, nn.Module):  # learn.export()
+        content = exported_model.state_dict()
     if isinstance(content, dict) and isinstance(content.get("model"), dict):  # fastai learn.save()
         content = content["model"]
     if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
@@ -144,7 +145,7 @@ def _fit_to_model(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tenso
         if saved and all(s[1:] == w[1:] for s, w in zip(saved, wanted)) and saved[0][0] != wanted[0][0]:
             classes = state[head_keys[0]].shape[0]
             warnings.warn(f"weights have a {classes}-class classifier; keeping a new one for "
-                          f"{classifier.weight.shape[0]} classes", stacklevel=3)
+                          f"{wanted[0][0]} classes", stacklevel=3)
             state = {k: v for k, v in state.items() if k not in head_keys}
     first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     key = f"{first_conv}.weight" if isinstance(first_conv, str) else None

@@ -46,7 +46,8 @@ installed, before anything is trained (`Learner.agc(per_sample=True)` checks the
   or on rows that are not the model input's examples (sequence-first, examples merged with positions).
 
 `loop` holds `per_sample_agc`, per-sample AGC for any training loop (no fastai; the fastai callback's per-sample
-mode uses the same pieces). `clipper` holds `PerSampleClipper`, which chooses the engines and installs them. The engines depend only on
+mode uses the same pieces). `clipper` holds `PerSampleClipper`, which chooses the engines and installs them. The
+engines depend only on
 `context.EngineContext`: `example_rule` (AGC's rule on per-example norms: lambda per parameter, the thresholds, the
 signal's scale), which counts in `tally` (clipped, non-finite and seen (example, unit) pairs, on the device),
 `recording` (the patched forwards: installed, when they record, their calls checked) and `graphs`. `loss_scale`

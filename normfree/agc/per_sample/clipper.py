@@ -152,7 +152,8 @@ class PerSampleClipper:
 
     Parameters missing from `clipping` (the excluded classifier weight, parameters the optimizer
     does not train) get their ordinary summed gradient. While gradients
-    are enabled (between `start()` and `stop()`), the model's layers compute clipped per-example sums in their backward pass; the
+    are enabled (between `start()` and `stop()`), the model's layers compute clipped per-example sums in their
+    backward pass; the
     per-example gradient of a layer output is the signal reaching it divided by `grad_scale`,
     which the caller sets (before the backward pass) to d(loss as backpropagated) / d(one example's
     loss term): e.g. loss-scale / batch-size for a mean loss under a grad scaler.

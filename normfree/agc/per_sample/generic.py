@@ -161,8 +161,8 @@ class GenericLayer(torch.autograd.Function):
         ctx.output_dims = call.output_dims(module, len(outputs))
         for output, dim in zip(outputs, ctx.output_dims):
             if output.dim() <= dim or output.shape[dim] != call.examples:
-                raise TypeError(f"per-sample AGC needs {context.recording.describe(module)} to return tensors that hold "
-                                f"the batch's {call.examples} examples along dim {dim}; it returned one of shape "
+                raise TypeError(f"per-sample AGC needs {context.recording.describe(module)} to return tensors that "
+                                f"hold the batch's {call.examples} examples along dim {dim}; it returned one of shape "
                                 f"{tuple(output.shape)}")
         ctx.differentiable = [o.is_floating_point() for o in outputs]
         ctx.mark_non_differentiable(*(o for o, d in zip(outputs, ctx.differentiable) if not d))
@@ -209,10 +209,10 @@ class GenericLayer(torch.autograd.Function):
                 except RuntimeError as error:
                     if "random operation" not in str(error):
                         raise
-                    raise ValueError(f"per-sample AGC cannot clip {context.recording.describe(module)}: it draws random "
-                                     "numbers in its forward pass (dropout?), which torch.func runs again per example "
-                                     "in the backward pass with new ones; set its rate to 0 or turn per_sample "
-                                     "off") from None
+                    raise ValueError(f"per-sample AGC cannot clip {context.recording.describe(module)}: it draws "
+                                     "random numbers in its forward pass (dropout?), which torch.func runs again per "
+                                     "example in the backward pass with new ones; set its rate to 0 or turn "
+                                     "per_sample off") from None
                 for grads, g in zip(input_grads, g_inputs):
                     grads.append(g)
                 for name, param in trained.items():

@@ -335,7 +335,8 @@ def _chunk_sums(layer: Layer, plan: Plan, x_c: Tensor, signal_c: Tensor, dtype: 
         if clip:
             chunk["square"] = ((d @ (u.transpose(-1, -2) @ u)) * d).sum(-1, dtype=acc).reshape(n, units)
         if w is not None:
-            # w_hat applied to every example's patches: one matmul (a broadcast batched one would copy w_hat per example)
+            # w_hat applied to every example's patches: one matmul (a broadcast batched one would copy w_hat per
+            # example)
             y = (w @ u.permute(1, 2, 0, 3).reshape(groups, fan_in, -1)).reshape(groups, per_group, n, -1)
             chunk["along_weight"] = (y.permute(2, 0, 1, 3) * d).sum(-1, dtype=acc).reshape(n, units)
     else:

@@ -51,8 +51,9 @@ class ClipTally:
         rule, [units of `params`, examples], to the running per-unit tally, in place, and its pairs to those seen."""
         if self._buffer is None or self._buffer.device != factor.device:
             if factor.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("per-sample AGC: run one backward pass before capturing one in a CUDA graph (the "
-                                   "first makes the clip tally, which a graph would otherwise re-create at each replay)")
+                raise RuntimeError("per-sample AGC: run one backward pass before capturing one in a CUDA graph "
+                                   "(the first makes the clip tally, which a graph would otherwise re-create at each "
+                                   "replay)")
             self._buffer = torch.zeros(2, self._offsets[-1], dtype=torch.long, device=factor.device) \
                 if self._buffer is None else self._buffer.to(factor.device)
             self._ends = torch.tensor(self._offsets, device=factor.device)
