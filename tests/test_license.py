@@ -1,7 +1,9 @@
 """The LICENSE file is the licence pyproject.toml names."""
 from pathlib import Path
 
-import tomllib
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 
