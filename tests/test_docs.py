@@ -58,6 +58,13 @@ def test_readme_commands_parse():
         assert parser.parse_args(argv).command == argv[0]
 
 
+def test_readme_make_targets_are_the_makefiles():
+    named = set(re.findall(r"`?make ([a-z][a-z-]*)", README.read_text()))
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), flags=re.M))
+    assert {"demo", "test", "test-fast", "lint", "bench", "docs"} <= named
+    assert named <= targets, f"README names make targets the Makefile lacks: {sorted(named - targets)}"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
                     reason="mkdocs is not installed: pip install -e '.[docs]' (make test installs it)")
