@@ -147,6 +147,16 @@ def test_fast_nf_makes_the_convs_fused_and_code_standing_in_for_them_follows(int
     assert type(conv) is FusedScaledStdConv2d
 
 
+def test_fusion_bakes_a_fused_convs_weight_in_full_precision_under_autocast(interpreted, monkeypatch):
+    model = normfree.fast_nf(torch.nn.Sequential(ScaledStdConv2d(3, 4, 3, gamma=1.7, eps=1e-5)))
+    monkeypatch.setattr(standardization_kernel, "runs_on", lambda weight: True)
+    conv = model[0]
+    expected = StandardizeWeight.apply(conv.weight, (conv.gain * conv.scale).view(-1), conv.eps, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = normfree.fuse_standardization(model)[0]
+    assert plain.weight.dtype == torch.float32 and torch.equal(plain.weight, expected)
+
+
 def test_a_kernel_that_fails_warns_once_and_batch_norm_takes_over(monkeypatch):
     def broken(*args):
         raise RuntimeError("no kernel image is available for execution on the device")
