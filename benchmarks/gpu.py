@@ -18,8 +18,8 @@ Sections, each in its own try/except (an error is recorded in the results and th
    batch norm on the weights + gain multiply + autocast's cast against normfree's fused kernels (run second, a few
    seconds).
 
-Each section is a module (`gpu_agc`, `gpu_train_step`, `gpu_per_sample`, `gpu_train`, `gpu_standardization`), on the timers, sizes, models
-and results table of `gpu_common`; this script runs them.
+Each section is a module (`gpu_agc`, `gpu_train_step`, `gpu_per_sample`, `gpu_train`, `gpu_standardization`), on
+the timers, sizes, models and results table of `gpu_common`; this script runs them.
 
 Times are CUDA-event medians after warm-up; ratios are taken within this run. Full results go to
 ``--out`` (``gpu_bench.json``, rewritten after every section, and ``gpu_bench.md``); the Markdown table

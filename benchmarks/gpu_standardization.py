@@ -36,11 +36,13 @@ def section_standardization(ctx: Context) -> dict:
             return run
 
         log(f"  section 5: {arch}")
-        median = {key: median_ms(ctx, step(fn), ctx.sizes.agc_warmup, ctx.sizes.agc_reps) for key, fn in (("batch_norm", timms), ("fused", fused))}
+        median = {key: median_ms(ctx, step(fn), ctx.sizes.agc_warmup, ctx.sizes.agc_reps)
+                  for key, fn in (("batch_norm", timms), ("fused", fused))}
         with torch.no_grad():
             error = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fused(), timms(), strict=True))
         data[arch] = dict(median_ms=median, max_relative_difference=error, convs=len(convs))
-        ctx.results.row(S5, setting, "timm's: batch norm + gain multiply + autocast cast, median", ms(median["batch_norm"]))
+        ctx.results.row(S5, setting, "timm's: batch norm + gain multiply + autocast cast, median",
+                        ms(median["batch_norm"]))
         ctx.results.row(S5, setting, "normfree fused kernels, median", ms(median["fused"]))
         ctx.results.row(S5, setting, "fused / timm's", f"{median['fused'] / median['batch_norm']:.2f}x", "< 1",
                         median["fused"] < median["batch_norm"])
