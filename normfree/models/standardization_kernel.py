@@ -52,8 +52,10 @@ def available() -> bool:
 @torch.jit.unused
 def runs_on(weight: Tensor) -> bool:
     """Whether `standardize_weight(..., fused=True)` uses the kernels for `weight`: a float32/bf16/fp16 CUDA tensor
-    with at least one element, and `available()`."""
-    return weight.is_cuda and weight.dtype in DTYPES and weight.numel() > 0 and available()
+    with at least one element, `available()`, and not inside torch.compile (whose compiler fuses batch norm on the
+    weight with its neighbours itself)."""
+    return (weight.is_cuda and weight.dtype in DTYPES and weight.numel() > 0 and available()
+            and not torch.compiler.is_compiling())
 
 
 if triton is not None:
