@@ -14,9 +14,12 @@ Sections, each in its own try/except (an error is recorded in the results and th
    per launch of a layer's graph; a profiler table of one setting.
 4. ``normfree train`` on the bundled digits in fp32, fp16 and bf16, as subprocesses; in this process, the
    learner it builds and a plain fastai one in fp32 and fp16 (host time per batch, kernels per batch).
+5. Weight standardisation of nfnet_f0's and nf_resnet50's WS convs, forward + backward, bf16 autocast: timm's
+   batch norm on the weights + gain multiply + autocast's cast against normfree's fused kernels (run second, a few
+   seconds).
 
-Each section is a module (`gpu_agc`, `gpu_train_step`, `gpu_per_sample`, `gpu_train`), on the timers, sizes, models
-and results table of `gpu_common`; this script runs them.
+Each section is a module (`gpu_agc`, `gpu_train_step`, `gpu_per_sample`, `gpu_train`, `gpu_standardization`), on
+the timers, sizes, models and results table of `gpu_common`; this script runs them.
 
 Times are CUDA-event medians after warm-up; ratios are taken within this run. Full results go to
 ``--out`` (``gpu_bench.json``, rewritten after every section, and ``gpu_bench.md``); the Markdown table
@@ -39,8 +42,9 @@ from pathlib import Path
 import torch
 
 from gpu_agc import section_agc
-from gpu_common import FULL, QUICK, ROOT, S1, S2, S3, S4, Context, Results, log, short_error
+from gpu_common import FULL, QUICK, ROOT, S1, S2, S3, S4, S5, Context, Results, log, short_error
 from gpu_per_sample import PER_SAMPLE_VARIANTS, section_per_sample
+from gpu_standardization import section_standardization
 from gpu_train import section_cli
 from gpu_train_step import section_train_step
 
@@ -48,7 +52,8 @@ SKIP_LINE = "benchmarks/gpu.py: skipped, no CUDA device"
 BUDGET_S = 330  # a section that would start later than this is skipped
 
 
-SECTIONS = [(S1, section_agc), (S2, section_train_step), (S3, section_per_sample), (S4, section_cli)]
+SECTIONS = [(S1, section_agc), (S5, section_standardization), (S2, section_train_step), (S3, section_per_sample),
+            (S4, section_cli)]
 
 
 def _version(module: str) -> str:
@@ -88,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="every section at tiny sizes (a smoke test)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run the quick sizes on the CPU (tests the code paths)")
-    parser.add_argument("--sections", default="1,2,3,4", help="comma-separated section numbers to run")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="comma-separated section numbers to run")
     parser.add_argument("--per-sample", default="", metavar="TEXT",
                         help="section 3: only the settings whose label contains TEXT (e.g. 'nf_resnet26')")
     return parser.parse_args(argv)

@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CLIPPING, EPS = 0.01, 1e-3
 S1, S2, S3, S4 = "1 AGC on real grads", "2 train step", "3 per-sample AGC", "4 normfree train"
+S5 = "5 weight standardisation"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Sizes:
     ps_reps: int
     train_args: tuple[str, ...]
     train_timeout_s: int
+    standardized: tuple[str, ...]  # section 5: the models whose WS convs' weights are standardised
 
 
 FULL = Sizes(
@@ -63,6 +65,7 @@ FULL = Sizes(
     ),
     check_arch="nf_resnet26", check_examples=4, check_size=128, ps_warmup=4, ps_reps=12,
     train_args=("--data", "digits", "--size", "32", "--epochs", "2"), train_timeout_s=120,
+    standardized=("nfnet_f0", "nf_resnet50"),
 )
 
 
@@ -75,6 +78,7 @@ QUICK = Sizes(
     ),
     check_arch="nf_resnet26", check_examples=2, check_size=32, ps_warmup=1, ps_reps=2,
     train_args=("--data", "digits", "--size", "32", "--epochs", "2", "--limit", "64"), train_timeout_s=120,
+    standardized=("test_nfnet",),
 )
 
 

@@ -48,7 +48,7 @@ from .equations import (
 )
 from .fold import fold_batchnorms
 from .small_resnets import SmallResNet, normfree_twin_name
-from .standardization import STD_CONV_EPS, STD_CONVS, called_plainly, scaled_output_conv
+from .standardization import STD_CONV_EPS, STD_CONVS, FusedScaledStdConv2d, called_plainly, scaled_output_conv
 
 __all__ = ["CONVERSION_MODES", "ConversionError", "ConvertedResidual", "to_normfree"]
 
@@ -133,7 +133,8 @@ class ConvertedResidual(nn.Module):
         layers = _plain_layers(self.branch)
         while layers and type(layers[-1]) is nn.Identity:
             layers.pop()
-        if not layers or type(layers[-1]) is not ScaledStdConv2d or not called_plainly(layers[-1]):
+        if not layers or type(layers[-1]) not in (ScaledStdConv2d, FusedScaledStdConv2d) \
+                or not called_plainly(layers[-1]):
             return None
         for layer in layers[:-1]:
             x = layer(x)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import standardization_kernel
+
 __all__ = [
     "ACTIVATION_GAMMAS",
     "activation_gamma",
@@ -172,7 +174,7 @@ def activation_gamma(activation: nn.Module | str, overrides: float | Mapping | N
     return ACTIVATION_GAMMAS[name]
 
 
-def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float) -> Tensor:
+def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float, fused: bool = False) -> Tensor:
     """Scaled Weight Standardization: W_hat = scale * (W - mean) / sqrt(var + eps), per output unit.
 
     NF-ResNets (2101.08692), Sec. 4.1; NFNets (2102.06171), Sec. 3, Eq. (2):
@@ -184,8 +186,16 @@ def standardize_weight(weight: Tensor, scale: Tensor | None, eps: float) -> Tens
 
     Computed as timm's layers compute it, a batch norm over the rows in training mode, so that code standing
     in for such a layer's forward pass (per-sample AGC, fusion) gives its outputs bit for bit: a last-bit
-    difference can flip a ReLU whose input is near 0, and then that position's gradient.
+    difference can flip a ReLU whose input is near 0, and then that position's gradient. `fused`: where
+    `standardization_kernel.runs_on(weight)` (a float CUDA weight, Triton), one fused kernel each way instead
+    (`standardization_kernel`), whose result is in autocast's dtype where autocast is on (cast once, in the kernel)
+    and equals batch norm's within float32 rounding, not bit for bit: code standing in for a layer passes `fused`
+    as the layer's own forward pass computes it (`normfree.models.standardization.standardized_weight`).
     """
+    if fused and not torch.jit.is_scripting() and standardization_kernel.runs_on(weight):
+        standardized = standardization_kernel.standardize(weight, scale, eps)
+        if standardized is not None:
+            return standardized
     rows = weight.reshape(1, weight.shape[0], -1)
     return F.batch_norm(rows, None, None, weight=scale, training=True, momentum=0.0, eps=eps).reshape_as(weight)
 

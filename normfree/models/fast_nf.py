@@ -39,6 +39,11 @@ with hooks or a replaced forward (per-sample AGC's engines: `called_plainly`), a
 scripts timm's). The function computed is timm's in every case; only float rounding differs, and the values inside
 a block or the stem (an activation's output, which no longer holds gamma or beta) that a hook might read.
 
+Every timm (Scaled)StdConv2d(Same) of the model becomes its `Fused*` subclass (`normfree.models.standardization`):
+on a GPU its weight is standardised, scaled and cast to autocast's dtype by one fused kernel each way instead of
+batch norm's kernels, the gain multiply and autocast's cast (`normfree.models.standardization_kernel`); on the CPU
+it is timm's layer, bit for bit.
+
 Left as activation-sized multiplies: the attention itself (``y * gate``), DropPath in training, and dm_nfnet's
 final GammaAct (read by the classifier head, not by a Scaled WS conv).
 """
@@ -47,25 +52,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import (
-    AvgPool2dSame,
-    EcaModule,
-    ScaledStdConv2d,
-    ScaledStdConv2dSame,
-    SEModule,
-    register_notrace_module,
-)
+from timm.layers import AvgPool2dSame, EcaModule, SEModule, register_notrace_module
 from timm.models.nfnet import DownsampleAvg, GammaAct, NormFreeBlock
 from torch import Tensor, nn
 
 from .equations import nf_residual, residual_scale
 from .small_resnets import _NormFreeBottleneck
-from .standardization import called_plainly, scaled_output_conv
+from .standardization import FUSED_STD_CONVS, SCALED_STD_CONVS, called_plainly, scaled_output_conv
 
 __all__ = ["FastNormFreeBlock", "GammaFoldedAct", "fast_nf"]
 
-# convolutions with a constant per-unit weight scale that a scalar of their input or output can move into
-_SCALED_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame)
 # what DownsampleAvg pools with: linear in its input, so a scalar of the input passes through it
 _LINEAR_POOLS = (nn.Identity, nn.AvgPool2d, AvgPool2dSame)
 # the blocks whose forward is timm's NormFreeBlock.forward (normfree's bottleneck: with beta folded already)
@@ -73,7 +69,7 @@ _TIMM_BLOCKS = (NormFreeBlock, _NormFreeBottleneck)
 
 
 def _takes_scale(conv: nn.Module | None) -> bool:
-    return type(conv) in _SCALED_CONVS
+    return type(conv) in SCALED_STD_CONVS  # a constant per-unit weight scale that a scalar can move into
 
 
 class GammaFoldedAct(nn.Module):
@@ -208,13 +204,14 @@ def _fold_sequential_gammas(sequence: nn.Sequential) -> None:
 def fast_nf(model: nn.Module) -> nn.Module:
     """`model` with every timm NormFreeBlock (and normfree's small NF ResNets' blocks) made a `FastNormFreeBlock`:
     1 / beta, the activations' gamma (`GammaAct`), alpha, the SkipInit gain and attn_gain folded into the Scaled WS
-    convolutions' weight scale or the attention gate where that is exact (the module docstring lists each fold).
+    convolutions' weight scale or the attention gate where that is exact (the module docstring lists each fold), and
+    every timm weight-standardised conv made its `Fused*` subclass (one fused kernel each way on a GPU).
 
     In place: the model itself is changed and returned (as timm's helpers do; `copy.deepcopy` first to keep the
     original). Parameters, buffers and state_dict keys and values are unchanged, so weights load into the model as
     before the transform and its state_dict loads into an untransformed model; outputs and gradients are timm's
-    within float rounding. Applying it again changes nothing; a model without NF blocks is returned as it is.
-    TypeError if `model` is not an nn.Module.
+    within float rounding. Applying it again changes nothing; a model without NF blocks or Scaled WS convs is returned
+    as it is. TypeError if `model` is not an nn.Module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fast_nf: model must be a torch nn.Module (a timm NF model), got {type(model).__name__}")
@@ -223,4 +220,7 @@ def fast_nf(model: nn.Module) -> nn.Module:
             _fold_block(module)
         elif type(module) is nn.Sequential:
             _fold_sequential_gammas(module)
+    for module in model.modules():
+        if type(module) in FUSED_STD_CONVS:
+            module.__class__ = FUSED_STD_CONVS[type(module)]
     return model

@@ -25,7 +25,8 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
         dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
         device=conv.weight.device, dtype=conv.weight.dtype,
     )
-    plain.weight.copy_(standardized_weight(conv))
+    with torch.autocast(conv.weight.device.type, enabled=False):  # a fused conv's weight in full precision
+        plain.weight.copy_(standardized_weight(conv))
     if conv.bias is not None:
         plain.bias.copy_(conv.bias)
     return plain

@@ -27,8 +27,8 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import Tensor, nn
 
-from ...models.equations import standardize_weight, weight_statistics
-from ...models.standardization import STD_CONVS, weight_scale
+from ...models.equations import weight_statistics
+from ...models.standardization import STD_CONVS, standardized_weight, weight_scale
 from .clipped_sum import compute_dtype, per_example_unit_norms, sum_clipped, weighted_sum
 from .tuning import TUNING
 
@@ -134,7 +134,7 @@ class Layer:
         """The weight the layer applies, computed as the module's own forward pass computes it."""
         if not self.standardized:
             return weight
-        return standardize_weight(weight, weight_scale(module), self.eps)
+        return standardized_weight(module, weight)
 
     def as_2d(self, weight: Tensor) -> Tensor:
         return weight.unsqueeze(2) if self.is_1d else weight
