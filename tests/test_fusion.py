@@ -6,7 +6,7 @@ import operator
 import pytest
 import timm
 import torch
-from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame, get_attn
 from timm.models.nfnet import NormFreeBlock, model_cfgs
 from torch import nn
 
@@ -202,3 +202,13 @@ def test_any_module_tree():
     plain = fuse_standardization(conv)
     assert_weight(plain, reference_weight(conv, gamma=2.0, eps=1e-6))
     torch.testing.assert_close(plain.bias, conv.bias)
+
+
+@pytest.mark.parametrize("attn_last", [False, True], ids=["no_attn_last", "attn_last"])
+def test_fused_block_refuses_a_residual_scale_at_odds_with_attn_last(attn_last):
+    """The scalar after attn_last, None exactly where there is none (alpha * gain then lies in conv3): without
+    attn_last a given scale would be ignored, with it a missing one would fail at the first forward."""
+    block = NormFreeBlock(8, 8, reg=not attn_last, attn_layer=get_attn("se") if attn_last else None, act_layer=nn.ReLU)
+    assert (block.attn_last is not None) == attn_last
+    with pytest.raises(ValueError, match="residual_scale must be None exactly where the block has no attn_last"):
+        FusedNormFreeBlock(block, None if attn_last else 0.5)

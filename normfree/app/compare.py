@@ -42,7 +42,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +69,7 @@ from .config import (
     make_config,
     whole_numbers,
 )
-from .grid_jobs import already_trained, in_parallel, one_by_one, train_command
+from .grid_jobs import Finished, already_trained, in_parallel, one_by_one, train_command
 from .options import like, option
 from .report import GridResult, RunRecord, batch_setting, markdown_table, reading, summarise, write_report
 from .signals import how_stopped, interrupt, sigterm_as_interrupt
@@ -494,7 +494,7 @@ def _run(cell_config: TrainConfig, overwrite: bool) -> tuple[TrainResult, bool]:
     return result, False
 
 
-_Trainer = Callable[[list[TrainConfig]], Iterator[tuple[int, TrainResult, bool]]]
+_Trainer = Callable[[list[TrainConfig]], Finished[TrainResult]]
 
 
 def compare(config: CompareConfig | None = None, /, *, quiet: bool = False, overwrite: bool = False,
@@ -578,9 +578,9 @@ def write_plan(config: CompareConfig | None = None, /, *, path: str | Path, quie
         raise ConfigError("plan", f"{path} is a folder; give the path of a file, e.g. {Path(path) / 'plan.txt'}")
     steps = config.step_budget()
     keys, sweep = _sweep_configs(config, steps) if config.sweeps else ([], [])
-    sweep_results = [finished_run(c, False) for c in sweep]
+    sweep_results = [result for c in sweep if (result := finished_run(c, False)) is not None]
     stage, chosen = "", {}
-    if any(result is None for result in sweep_results):
+    if len(sweep_results) < len(sweep):
         stage, configs = "the lr sweep (write the plan again once it is done, for the grid's runs)", sweep
     else:
         chosen = sweep_choice(keys, sweep_results)[1] if sweep else {}

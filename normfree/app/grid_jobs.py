@@ -23,9 +23,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -35,8 +36,13 @@ from .signals import Terminated
 
 __all__ = ["already_trained", "in_parallel", "one_by_one", "train_command"]
 
+Result = TypeVar("Result")  # what a run gives (compare's TrainResult): the trainers pass it through untouched
+# (index in configs, result, reused: found finished in its folder rather than trained now), as each run finishes
+Finished = Generator[tuple[int, Result, bool], None, None]
 
-def one_by_one(configs: Sequence[TrainConfig], run: Callable, overwrite: bool) -> Iterator[tuple[int, object, bool]]:
+
+def one_by_one(configs: Sequence[TrainConfig], run: Callable[[TrainConfig, bool], tuple[Result, bool]],
+               overwrite: bool) -> Finished[Result]:
     for index, config in enumerate(configs):
         result, reused = run(config, overwrite)
         yield index, result, reused
@@ -54,8 +60,8 @@ def _start_worker(devices, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def in_parallel(configs: Sequence[TrainConfig], run: Callable, overwrite: bool, jobs: int,
-                devices: Sequence[str] | None = None) -> Iterator[tuple[int, object, bool]]:
+def in_parallel(configs: Sequence[TrainConfig], run: Callable[[TrainConfig, bool], tuple[Result, bool]],
+                overwrite: bool, jobs: int, devices: Sequence[str] | None = None) -> Finished[Result]:
     """The runs of `configs`, up to `jobs` at once (one per device of `devices` when given)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -83,11 +89,13 @@ def in_parallel(configs: Sequence[TrainConfig], run: Callable, overwrite: bool, 
         pool.shutdown(wait=True, cancel_futures=True)  # the running runs save their checkpoints
 
 
-def already_trained(configs: Sequence[TrainConfig], finished: Callable) -> Iterator[tuple[int, object, bool]]:
-    """Every run of `configs` as found finished in its folder; ConfigError naming ``report`` listing those that
-    are not (missing, or marked unfinished)."""
-    results = [finished(config, False) for config in configs]
-    absent = [config.out for config, result in zip(configs, results) if result is None]
+def already_trained(configs: Sequence[TrainConfig],
+                    finished: Callable[[TrainConfig, bool], Result | None]) -> Finished[Result]:
+    """Every run of `configs` as found finished in its folder (`finished`: its result, None if not finished);
+    ConfigError naming ``report`` listing those that are not (missing, or marked unfinished)."""
+    results = {index: result for index, config in enumerate(configs)
+               if (result := finished(config, False)) is not None}
+    absent = [config.out for index, config in enumerate(configs) if index not in results]
     if absent:
         def state(out: str) -> str:
             return "unfinished" if (Path(out) / INCOMPLETE).exists() or (Path(out) / CONFIG_FILE).exists() \
@@ -96,7 +104,7 @@ def already_trained(configs: Sequence[TrainConfig], finished: Callable) -> Itera
         more = f"; and {len(absent) - 20} more" if len(absent) > 20 else ""
         raise ConfigError("report", f"{len(absent)} of {len(configs)} runs are not finished: {listed}{more}. Run "
                                     f"their commands (normfree compare --plan FILE writes them) and try again")
-    for index, result in enumerate(results):
+    for index, result in results.items():
         yield index, result, True
 
 

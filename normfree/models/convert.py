@@ -27,8 +27,9 @@ import copy
 import math
 import numbers
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 import torch
 import torchvision.models.resnet as tv_resnet
@@ -49,6 +50,9 @@ from .equations import (
 from .fold import fold_batchnorms
 from .small_resnets import SmallResNet, normfree_twin_name
 from .standardization import STD_CONV_EPS, STD_CONVS, FusedScaledStdConv2d, called_plainly, scaled_output_conv
+
+if TYPE_CHECKING:
+    from fastai.layers import ResBlock
 
 __all__ = ["CONVERSION_MODES", "ConversionError", "ConvertedResidual", "to_normfree"]
 
@@ -109,9 +113,10 @@ class ConvertedResidual(nn.Module):
         self.skip_gain = skipinit_gain() if skipinit else None
         self.final_act: nn.Module | None = None
         readers = [_first_layer(part) for part in (branch, shortcut) if part is not None]
-        self.beta_folded = is_positively_homogeneous(pre_act) and all(type(r) is ScaledStdConv2d for r in readers)
+        scaled_readers = [r for r in readers if type(r) is ScaledStdConv2d]
+        self.beta_folded = is_positively_homogeneous(pre_act) and len(scaled_readers) == len(readers)
         if self.beta_folded:
-            for conv in readers:
+            for conv in scaled_readers:
                 conv.scale /= beta
 
     def forward(self, h: Tensor) -> Tensor:
@@ -148,10 +153,15 @@ class ConvertedResidual(nn.Module):
 _POSITIVE_SCALE_COMMUTING = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
+def _runs_children_in_order(module: nn.Module) -> TypeGuard[nn.Sequential]:
+    """Whether `module` is an nn.Sequential (fastai's ConvLayer is one) whose forward is nn.Sequential's."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def _first_layer(module: nn.Module) -> nn.Module | None:
     """The first layer of `module` (through nested nn.Sequential) that does not commute with a positive scale, or
     None."""
-    if type(module).forward is not nn.Sequential.forward:
+    if not _runs_children_in_order(module):
         return None if isinstance(module, _POSITIVE_SCALE_COMMUTING) else module
     return next((found for found in map(_first_layer, module) if found is not None), None)
 
@@ -159,7 +169,7 @@ def _first_layer(module: nn.Module) -> nn.Module | None:
 def _plain_layers(module: nn.Module) -> list[nn.Module] | None:
     """The layers a nest of nn.Sequential (fastai's ConvLayer is one) applies, in order, or None if calling them one
     by one would skip something: a container with a hook or a replaced forward."""
-    if type(module).forward is not nn.Sequential.forward:
+    if not _runs_children_in_order(module):
         return [module]
     if not called_plainly(module):
         return None
@@ -195,9 +205,16 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+@runtime_checkable
+class _InPlaceOption(Protocol):
+    """An activation that can overwrite its input (torch's `inplace` flag); isinstance checks for the attribute."""
+
+    inplace: bool
+
+
 def _no_inplace(act: nn.Module) -> nn.Module:
     act = copy.deepcopy(act)
-    if hasattr(act, "inplace"):
+    if isinstance(act, _InPlaceOption):
         act.inplace = False
     return act
 
@@ -220,12 +237,19 @@ def _holds(module: nn.Module, kinds: tuple[type, ...]) -> str | None:
     return next((name for name, m in module.named_modules() if isinstance(m, kinds)), None)
 
 
+def _pair(setting: tuple[int, ...]) -> tuple[int, int]:
+    """An nn.Conv2d's kernel_size, stride, padding or dilation: (height, width), as its constructor stores them."""
+    height, width = setting
+    return height, width
+
+
 def _scaled_conv(conv: nn.Conv2d, gamma: float, bias: bool) -> ScaledStdConv2d:
     """`conv` as a timm ScaledStdConv2d with `gamma`, keeping its weight (and bias; a zero bias if it had none and
     `bias`, in place of the dropped BatchNorm's shift)."""
     weight = conv.weight
-    new = ScaledStdConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                          padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)  # or 'same' / 'valid'
+    new = ScaledStdConv2d(conv.in_channels, conv.out_channels, _pair(conv.kernel_size), stride=_pair(conv.stride),
+                          padding=padding, dilation=_pair(conv.dilation), groups=conv.groups,
                           bias=bias or conv.bias is not None, gamma=gamma, eps=STD_CONV_EPS,
                           device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -365,7 +389,12 @@ def _extra(module: nn.Module, path: str, names: tuple[str, ...]) -> list[tuple[s
     return parts
 
 
-def _torchvision_block(block: nn.Module, path: str):
+# how a residual block is taken apart: the branch's parts (name, module) in order, the shortcut (None: identity),
+# the activation after the addition, and the shortcut's attribute name
+_BlockParts = tuple[list[tuple[str, nn.Module]], nn.Module | None, nn.Module, str]
+
+
+def _torchvision_block(block: tv_resnet.BasicBlock | tv_resnet.Bottleneck, path: str) -> _BlockParts:
     parts = [("conv1", block.conv1), ("bn1", block.bn1), ("relu1", block.relu), ("conv2", block.conv2),
              ("bn2", block.bn2)]
     if isinstance(block, tv_resnet.Bottleneck):
@@ -373,7 +402,7 @@ def _torchvision_block(block: nn.Module, path: str):
     return parts, block.downsample, block.relu, "downsample"
 
 
-def _timm_block(block: nn.Module, path: str):
+def _timm_block(block: timm_resnet.BasicBlock | timm_resnet.Bottleneck, path: str) -> _BlockParts:
     if isinstance(block, timm_resnet.Bottleneck):
         parts = [("conv1", block.conv1), ("bn1", block.bn1), ("act1", block.act1), ("conv2", block.conv2),
                  ("bn2", block.bn2), *_extra(block, path, ("drop_block",)), ("act2", block.act2),
@@ -387,12 +416,14 @@ def _timm_block(block: nn.Module, path: str):
     return parts, block.downsample, act, "downsample"
 
 
-def _fastai_block(block: nn.Module, path: str):
+def _fastai_block(block: ResBlock, path: str) -> _BlockParts:
     parts = _children(block.convpath)
     return parts, block.idpath if len(block.idpath) else None, block.act, "idpath"
 
 
-_BLOCKS = {
+# each reader takes the blocks of its own classes: `_block_reader` picks it by the block's exact type
+_BlockReader = Callable[[Any, str], _BlockParts]
+_BLOCKS: dict[type[nn.Module], _BlockReader] = {
     tv_resnet.BasicBlock: _torchvision_block,
     tv_resnet.Bottleneck: _torchvision_block,
     timm_resnet.BasicBlock: _timm_block,
@@ -400,7 +431,7 @@ _BLOCKS = {
 }
 
 
-def _block_reader(module: nn.Module):
+def _block_reader(module: nn.Module) -> _BlockReader | None:
     """How to take `module` apart if it is a residual block `to_normfree` knows, else None."""
     fastai_layers = sys.modules.get("fastai.layers")  # a fastai ResBlock exists only once fastai is imported
     if fastai_layers is not None and type(module) is fastai_layers.ResBlock:

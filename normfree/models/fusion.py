@@ -16,6 +16,8 @@ __all__ = ["FusedNormFreeBlock", "fuse_standardization", "replace_submodule"]
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """A plain convolution computing what `conv` computes, holding its standardised weight and its bias."""
+    cls: type[nn.Conv2d]
+    padding: str | int | tuple[int, ...]
     if getattr(conv, "same_pad", False):  # timm pads SAME dynamically for this stride/size: keep doing so
         cls, padding = Conv2dSame, 0
     else:  # padding is static (symmetric, or SAME that timm resolved to symmetric at construction)
@@ -37,11 +39,15 @@ class FusedNormFreeBlock(nn.Module):
 
     beta is in conv1 and in the shortcut's downsample conv; alpha * skipinit_gain is in conv3's weight
     and bias unless attention follows conv3 (`attn_last`), in which case it stays a scalar applied
-    after the attention, together with attn_gain, as `residual_scale`. `attn_gain` scales the output
-    of the mid-block attention (`attn`, RegNet-style blocks) only. act3 runs in place.
+    after the attention, together with attn_gain, as `residual_scale` (None: in conv3, as `attn_last` is None).
+    `attn_gain` scales the output of the mid-block attention (`attn`, RegNet-style blocks) only. act3 runs in place.
     """
 
     def __init__(self, block: NormFreeBlock, residual_scale: float | None) -> None:
+        if (block.attn_last is None) != (residual_scale is None):
+            raise ValueError(f"residual_scale must be None exactly where the block has no attn_last (alpha * "
+                             f"skipinit_gain then lies in conv3), got {residual_scale!r} with attn_last "
+                             f"{type(block.attn_last).__name__}")
         super().__init__()
         self.downsample = block.downsample
         self.act1, self.conv1 = block.act1, block.conv1
@@ -65,8 +71,8 @@ class FusedNormFreeBlock(nn.Module):
         if self.attn is not None:  # an activation follows, so attn_gain cannot move into conv3
             out = self.attn_gain * self.attn(out)
         out = self.conv3(self.act3(out))
-        if self.attn_last is None:  # nf_residual with alpha * gain in conv3: its fresh output takes the sum in place
-            return self.drop_path(out).add_(shortcut)
+        if self.residual_scale is None:  # no attn_last, nf_residual with alpha * gain in conv3: its fresh output
+            return self.drop_path(out).add_(shortcut)  # takes the sum in place
         return nf_residual(shortcut, self.drop_path(self.attn_last(out)), self.residual_scale)
 
 
@@ -119,8 +125,8 @@ def fuse_standardization(model: nn.Module) -> nn.Module:
     copy is for inference: training it would train the baked weights, not gains and raw weights.
     """
     fused = copy.deepcopy(model)
-    for name, module in [(n, m) for n, m in fused.named_modules() if isinstance(m, STD_CONVS)]:
-        fused = replace_submodule(fused, name, _plain_conv(module))
-    for name, module in [(n, m) for n, m in fused.named_modules() if isinstance(m, NormFreeBlock)]:
-        fused = replace_submodule(fused, name, _fuse_block(module))
+    for name, conv in [(n, m) for n, m in fused.named_modules() if isinstance(m, STD_CONVS)]:
+        fused = replace_submodule(fused, name, _plain_conv(conv))
+    for name, block in [(n, m) for n, m in fused.named_modules() if isinstance(m, NormFreeBlock)]:
+        fused = replace_submodule(fused, name, _fuse_block(block))
     return fused.eval()  # after the replacements: new modules start in training mode

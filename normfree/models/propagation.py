@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -158,14 +158,19 @@ class SignalPropagation:
 # block's output (`shortcut`: the submodule computing a projection shortcut, None for the identity).
 
 
+_Block = TypeVar("_Block", bound=nn.Module)
+
+
 @dataclass(frozen=True)
-class _Family:
-    types: tuple[type, ...]
-    transition: Callable[[nn.Module], bool | None]
-    branch_end: Callable[[nn.Module], nn.Module | None] | None = None
-    shortcut: Callable[[nn.Module], nn.Module | None] | None = None
+class _Family(Generic[_Block]):
+    """Blocks of `types`; each function reads one such block (transition None: the block's output shape tells)."""
+
+    types: tuple[type[_Block], ...]
+    transition: Callable[[_Block], bool | None]
+    branch_end: Callable[[_Block], nn.Module] | None = None
+    shortcut: Callable[[_Block], nn.Module | None] | None = None
     # a module the block applies to its sum (shortcut + branch) before returning it: the branch is read off its input
-    after_sum: Callable[[nn.Module], nn.Module | None] | None = None
+    after_sum: Callable[[_Block], nn.Module | None] | None = None
 
 
 def _downsample(block: nn.Module) -> nn.Module | None:
@@ -221,7 +226,7 @@ def _custom_shortcut(block: nn.Module) -> nn.Module | None:
     return None
 
 
-_CUSTOM = _Family((), transition=lambda b: None, shortcut=_custom_shortcut)
+_CUSTOM = _Family[nn.Module]((), transition=lambda b: None, shortcut=_custom_shortcut)
 
 
 def _family_of(module: nn.Module, families: list[_Family]) -> _Family | None:
@@ -437,17 +442,17 @@ def signal_propagation(
     recorder = _Recorder(found)
     try:
         model.eval()
-        for module in batchnorms:  # batch statistics, running averages left as they are
-            module.train()
-            module.track_running_stats = False
+        for batchnorm in batchnorms:  # batch statistics, running averages left as they are
+            batchnorm.train()
+            batchnorm.track_running_stats = False
         with torch.no_grad():
             model(x)
     finally:
         recorder.remove()
         for module, training in modes.items():
             module.training = training
-        for module, track in tracking.items():
-            module.track_running_stats = track
+        for batchnorm, track in tracking.items():
+            batchnorm.track_running_stats = track
     rows = tuple(BlockStats(index=i, **row) for i, row in enumerate(recorder.rows()))
     if not rows:
         raise ValueError(f"none of the {len(found)} residual blocks ran in the forward pass of "
