@@ -29,7 +29,7 @@ import numbers
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast, runtime_checkable
 
 import torch
 import torchvision.models.resnet as tv_resnet
@@ -143,7 +143,8 @@ class ConvertedResidual(nn.Module):
             return None
         for layer in layers[:-1]:
             x = layer(x)
-        return scaled_output_conv(layers[-1], x, residual_scale(self.alpha, self.skip_gain))
+        last = cast(ScaledStdConv2d, layers[-1])  # checked above: a (fused) ScaledStdConv2d
+        return scaled_output_conv(last, x, residual_scale(self.alpha, self.skip_gain))
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta:.4f}, transition={self.transition}"

@@ -50,9 +50,17 @@ final GammaAct (read by the classifier head, not by a Scaled WS conv).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
-from timm.layers import AvgPool2dSame, EcaModule, SEModule, register_notrace_module
+from timm.layers import (
+    AvgPool2dSame,
+    EcaModule,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    SEModule,
+    register_notrace_module,
+)
 from timm.models.nfnet import DownsampleAvg, GammaAct, NormFreeBlock
 from torch import Tensor, nn
 
@@ -99,7 +107,7 @@ def _eca_gate(eca: EcaModule, x: Tensor) -> Tensor:
     return eca.gate(y).view(x.shape[0], -1, 1, 1)
 
 
-_GATES: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {SEModule: _se_gate, EcaModule: _eca_gate}
+_GATES: dict[type[nn.Module], Callable[[Any, Tensor], Tensor]] = {SEModule: _se_gate, EcaModule: _eca_gate}
 
 
 def _gate_known(attn: nn.Module) -> bool:
@@ -172,7 +180,7 @@ def _fold_into_readers(owner: nn.Module, act_name: str, readers: list[nn.Module]
     gamma_act = type(act) is GammaAct
     if (factor == 1.0 and not gamma_act) or not all(map(_takes_scale, readers)):
         return False
-    for conv in readers:
+    for conv in cast(list[ScaledStdConv2d | ScaledStdConv2dSame], readers):  # _takes_scale: each is a Scaled WS conv
         conv.scale *= factor * (act.gamma if gamma_act else 1.0)
     if gamma_act:
         setattr(owner, act_name, GammaFoldedAct(act))
@@ -217,10 +225,10 @@ def fast_nf(model: nn.Module) -> nn.Module:
         raise TypeError(f"fast_nf: model must be a torch nn.Module (a timm NF model), got {type(model).__name__}")
     for module in list(model.modules()):
         if type(module) in _TIMM_BLOCKS:
-            _fold_block(module)
+            _fold_block(cast(NormFreeBlock, module))
         elif type(module) is nn.Sequential:
             _fold_sequential_gammas(module)
     for module in model.modules():
-        if type(module) in FUSED_STD_CONVS:
+        if isinstance(module, nn.Conv2d) and type(module) in FUSED_STD_CONVS:
             module.__class__ = FUSED_STD_CONVS[type(module)]
     return model

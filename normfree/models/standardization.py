@@ -88,10 +88,12 @@ class FusedStdConv2dSame(_FusedStandardization, StdConv2dSame):
 
 
 # timm's weight-standardised conv -> its `Fused*` subclass (what `fast_nf` makes of it: the same parameters)
-FUSED_STD_CONVS = {ScaledStdConv2d: FusedScaledStdConv2d, ScaledStdConv2dSame: FusedScaledStdConv2dSame,
-                   StdConv2d: FusedStdConv2d, StdConv2dSame: FusedStdConv2dSame}
+FUSED_STD_CONVS: dict[type[nn.Conv2d], type[nn.Conv2d]] = {
+    ScaledStdConv2d: FusedScaledStdConv2d, ScaledStdConv2dSame: FusedScaledStdConv2dSame,
+    StdConv2d: FusedStdConv2d, StdConv2dSame: FusedStdConv2dSame,
+}
 # the weight-standardised convs, matched by exact type: timm's and their `Fused*` subclasses
-STD_CONVS = (*FUSED_STD_CONVS, *FUSED_STD_CONVS.values())
+STD_CONVS: tuple[type[nn.Conv2d], ...] = (*FUSED_STD_CONVS, *FUSED_STD_CONVS.values())
 # those with a per-unit weight scale (gain * gamma / sqrt(fan-in)) that a scalar can move into
 SCALED_STD_CONVS = (ScaledStdConv2d, ScaledStdConv2dSame, FusedScaledStdConv2d, FusedScaledStdConv2dSame)
 
