@@ -426,6 +426,15 @@ def test_cli_train_agc_auto_per_sample_finds_lambda_from_each_examples_ratios(tm
     assert json.loads((tmp_path / "run" / "result.json").read_text())["agc"] == recorded["agc_used"]
 
 
+def test_compare_with_agc_auto_gives_the_per_sample_method_auto_per_sample():
+    from normfree.app.compare import CompareConfig
+
+    config = CompareConfig(agc="auto", methods=("nf-agc", "nf-agc-per-sample"), lrs=(0.01,))
+    runs = {cell.method: config.train_config(cell, 0.01, None) for cell in config.cells()}
+    assert (runs["nf-agc-per-sample"].agc, runs["nf-agc-per-sample"].per_sample) == ("auto", True)
+    assert (runs["nf-agc"].agc, runs["nf-agc"].per_sample) == ("auto", False)
+
+
 @pytest.mark.slow
 def test_compare_with_agc_auto_reports_each_runs_lambda(tmp_path):
     result = normfree.compare(data="digits", limit=64, size=8, epochs=1, batch_sizes=(16,), accumulate=False,
