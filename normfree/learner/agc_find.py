@@ -168,7 +168,7 @@ class AGCFinder(Callback):
             self._examples.setdefault(id(p), []).append(ratios)
 
     def _per_example_ratios(self) -> list[Tensor] | None:
-        """This step's [examples, units] per parameter (zeros for one no example's gradient reached); None if none."""
+        """This step's [examples, units] per parameter (zeros for a parameter no gradient reached); None if none."""
         seen, self._examples = self._examples, {}
         if not seen:
             return None
