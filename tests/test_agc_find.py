@@ -134,6 +134,97 @@ def test_attached_agcs_exclusions_are_used_and_it_stays_attached():
     assert callback.history is None  # the probe clipped nothing and recorded nothing in AGC's history
 
 
+# --- per-sample AGC: each example's ratios ----------------------------------------------------------------------------
+
+
+def reference_example_ratios(model):
+    """Per clipped parameter, [examples, units] of ||g_iu|| / max(||W_u||, eps) in float64 at the first step: each
+    example's gradient of its own loss term, from a forward and backward pass of that example alone."""
+    model = copy.deepcopy(model).double()
+    x, y = tiny_data()
+    rows = {name: [] for name in CLIPPED}
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1].double()), y[i : i + 1]).backward()
+        for name, p in model.named_parameters():
+            if name in CLIPPED:
+                rows[name].append([norm64(g) / max(norm64(w), EPS) for w, g in zip(units_of(p), units_of(p.grad))])
+    return {name: torch.tensor(value, dtype=torch.float64) for name, value in rows.items()}
+
+
+def quantile_by_hand(values, fraction):
+    """The smallest recorded value above which at most `fraction` of `values` lie (brute force)."""
+    values = np.asarray(values, dtype=np.float64)
+    above = (values[None, :] > values[:, None]).sum(1)
+    return float(values[above <= fraction * len(values)].min())
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_per_sample_ratios_are_each_examples_own_and_the_suggestion_their_quantile(accumulate):
+    model = tiny_model()
+    expected = reference_example_ratios(model)
+    dls, cbs = (tiny_dls(bs=8), [GradientAccumulation(n_acc=32)]) if accumulate else (tiny_dls(), [])
+    learn = make_learner(model, dls, cbs=cbs).agc(0.05, per_sample=True)
+    result = find(learn, num_it=2)
+    assert result.per_sample and list(result.names) == CLIPPED and result.steps == 2
+    for name, ratios in zip(result.names, result.ratios):
+        assert ratios.shape == (2, *expected[name].shape), name  # [steps, examples, units]
+        assert torch.allclose(ratios[0].double(), expected[name], rtol=1e-4, atol=1e-7), name
+    assert result.suggestion == pytest.approx(quantile_by_hand(result.all_ratios().numpy(), 0.1), rel=1e-6)
+    batch = find(make_learner(tiny_model(), tiny_dls()), num_it=2)
+    assert result.suggestion > batch.suggestion  # each example's gradient is noisier than their mean
+
+
+@pytest.mark.filterwarnings("ignore:fp16 mixed precision on a CPU")
+def test_per_sample_ratios_under_mixed_precision_are_the_unscaled_gradients():
+    expected = reference_example_ratios(tiny_model())
+    learn = make_learner(tiny_model(), tiny_dls()).to_mixed_precision("fp16").agc(0.05, per_sample=True)
+    result = find(learn, num_it=1)
+    for name, ratios in zip(result.names, result.ratios):  # a scaled gradient would be 2^16 times larger
+        assert torch.allclose(ratios[0].double(), expected[name], rtol=0.05, atol=1e-3), name
+
+
+def per_sample_learner():
+    torch.manual_seed(3)
+    random.seed(3)  # fastai's DataLoader draws its shuffling generator's seed from Python's
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64, 3))
+    x, y = tiny_data(n=48)
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), bs=8, shuffle=True),
+                      DataLoader(TensorDataset(x[:8], y[:8]), bs=8))
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, wd=0.01), lr=1e-2)
+    return learn.agc(0.05, per_sample=True)
+
+
+def forwards_of(model):
+    """What per-sample AGC patches: instance forwards, and the hooks of every module."""
+    return [(name, "forward" in m.__dict__, len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks))
+            for name, m in model.named_modules()]
+
+
+def test_per_sample_probe_restores_model_forwards_optimizer_and_the_next_fit_bit_for_bit():
+    learn = per_sample_learner()
+    fit(learn)
+    x = tiny_data(n=8, seed=5)[0]
+    learn.model.eval()
+    outputs, forwards, before = learn.model(x), forwards_of(learn.model), snapshot(learn)
+    callback = learn.adaptive_clip
+    find(learn, num_it=5, lr=0.1)
+    assert_same(before, snapshot(learn))
+    learn.model.eval()
+    assert forwards_of(learn.model) == forwards and torch.equal(learn.model(x), outputs)
+    assert learn.adaptive_clip is callback and callback.per_sample and callback.clipping == 0.05
+    assert_next_fit_is_the_fit_without_the_finder(learn, per_sample_learner)  # clipping per sample at 0.05
+
+
+def test_ctrl_c_during_the_per_sample_probe_removes_its_engines():
+    learn = per_sample_learner()
+    forwards = forwards_of(learn.model)
+    learn.add_cb(InterruptAtStep())
+    with pytest.raises(KeyboardInterrupt):
+        find(learn, num_it=10)
+    assert forwards_of(learn.model) == forwards
+
+
 # --- nothing changed --------------------------------------------------------------------------------------------------
 
 
@@ -172,6 +263,17 @@ def assert_same(before, after):
     assert losses == losses2 and values == values2
 
 
+def assert_next_fit_is_the_fit_without_the_finder(learn, make_learner):
+    """After one fit and the finder, `learn`'s next fit ends where a fresh learner (`make_learner()`) ends after two
+    fits: same shuffling, dropout and optimizer state."""
+    fit(learn)
+    reference = make_learner()
+    fit(reference)
+    fit(reference)
+    assert all(torch.equal(a, b) for a, b in zip(learn.model.state_dict().values(),
+                                                 reference.model.state_dict().values()))
+
+
 @pytest.mark.slow
 def test_model_optimizer_recorder_and_random_state_are_restored_bit_for_bit():
     learn = bn_learner()
@@ -179,12 +281,7 @@ def test_model_optimizer_recorder_and_random_state_are_restored_bit_for_bit():
     before = snapshot(learn)
     find(learn, num_it=5, lr=0.1)
     assert_same(before, snapshot(learn))
-    fit(learn)  # the next fit is the fit without the finder: same shuffling, dropout and optimizer state
-    reference = bn_learner()
-    fit(reference)
-    fit(reference)
-    assert all(torch.equal(a, b) for a, b in zip(learn.model.state_dict().values(),
-                                                 reference.model.state_dict().values()))
+    assert_next_fit_is_the_fit_without_the_finder(learn, bn_learner)
 
 
 def test_a_learner_without_optimizer_gets_none_back():
@@ -254,13 +351,6 @@ def test_nothing_to_clip_is_refused_naming_the_fix():
         find(learn, num_it=1)
 
 
-@pytest.mark.bad_input
-def test_per_sample_agc_is_refused_with_the_reason():
-    learn = make_learner(tiny_model(), tiny_dls()).agc(0.05, per_sample=True)
-    with pytest.raises(ValueError, match="per-sample"):
-        find(learn, num_it=1)
-
-
 # --- the warning during training --------------------------------------------------------------------------------------
 
 
@@ -324,12 +414,25 @@ def test_cli_takes_agc_auto_and_names_the_option_for_anything_else(tmp_path, cap
     assert "--agc" in message and "auto" in message
 
 
-@pytest.mark.bad_input
-def test_agc_auto_with_per_sample_is_refused_naming_agc():
-    from normfree import ConfigError, TrainConfig
+@pytest.mark.slow
+def test_cli_train_agc_auto_per_sample_finds_lambda_from_each_examples_ratios(tmp_path, capsys):
+    from helpers import QUICK
+    from normfree.app.cli import main
 
-    with pytest.raises(ConfigError, match="agc.*each example"):
-        TrainConfig(data="digits", agc="auto", per_sample=True)
+    assert main(["train", *QUICK, "--limit", "32", "--agc", "auto", "--per-sample", "--out",
+                 str(tmp_path / "run")]) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["config"]["agc"] == "auto" and recorded["config"]["per_sample"] and recorded["agc_used"] > 0
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["agc"] == recorded["agc_used"]
+
+
+def test_compare_with_agc_auto_gives_the_per_sample_method_auto_per_sample():
+    from normfree.app.compare import CompareConfig
+
+    config = CompareConfig(agc="auto", methods=("nf-agc", "nf-agc-per-sample"), lrs=(0.01,))
+    runs = {cell.method: config.train_config(cell, 0.01, None) for cell in config.cells()}
+    assert (runs["nf-agc-per-sample"].agc, runs["nf-agc-per-sample"].per_sample) == ("auto", True)
+    assert (runs["nf-agc"].agc, runs["nf-agc"].per_sample) == ("auto", False)
 
 
 @pytest.mark.slow

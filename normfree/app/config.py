@@ -400,11 +400,7 @@ class TrainConfig:
                                           f"(nf_resnet_tiny/small/base) and to_normfree's mode nf (--to-normfree nf), "
                                           f"not {self.arch}" + (f" with to_normfree {self.to_normfree}"
                                                                  if self.to_normfree else "") + "; leave it out")
-        if isinstance(self.agc, str) and self.agc == AGC_AUTO:
-            if self.per_sample:
-                raise ConfigError("agc", f"{AGC_AUTO!r} measures the batch gradient's ratios, not each example's: with "
-                                         f"per_sample give lambda as a number")
-        elif self.agc is not None:
+        if self.agc is not None and not (isinstance(self.agc, str) and self.agc == AGC_AUTO):
             if isinstance(self.agc, bool):
                 raise ConfigError("agc", f"is AGC's lambda, a number such as {DEFAULT_AGC}, not {self.agc!r}; for no "
                                          f"AGC give None (--no-agc)")

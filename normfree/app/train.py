@@ -70,6 +70,7 @@ from fastai.torch_core import set_seed
 from torch import nn
 
 from ..data.loaders import subset_dataloaders
+from ..learner.callback import AGC
 from ..learner.checkpoint import (
     CHECKPOINT,
     CheckpointFormatError,
@@ -390,8 +391,11 @@ def _build_learner(config: TrainConfig, resumed: dict[str, Any] | None = None) -
     if config.new_head:
         init_classifier_(find_classifier(learn.model), classifier_init_std(learn.model))
     if config.per_sample:
-        try:
-            learn.agc(config.agc, per_sample=True)
+        try:  # agc auto: the model checked now, per-sample AGC attached by _train once agc_find has chosen
+            if config.agc == AGC_AUTO:
+                AGC(per_sample=True).check_model(learn.model)
+            else:
+                learn.agc(config.agc, per_sample=True)
         except ValueError as error:  # e.g. BatchNorm layers, which couple the examples of a batch
             raise ConfigError("per_sample", f"{config.arch}: {error}") from None
     elif config.agc is not None and config.agc != AGC_AUTO:  # auto: attached by _train once agc_find has chosen
@@ -640,13 +644,17 @@ def _start_writing(out: Path, config: TrainConfig, resumed: dict[str, Any] | Non
                                    f"{time.ctime()} (process {os.getpid()}) after epoch {len(resumed['rows'])}.\n")
 
 
-def _find_agc(learn: Learner, lr: float, out: Path, save_plots: bool, say: Callable[..., None]) -> float:
-    """agc auto: lambda from ``learn.agc_find()`` at the run's peak lr, its plot saved as agc_find.png."""
+def _find_agc(learn: Learner, lr: float, per_sample: bool, out: Path, save_plots: bool,
+              say: Callable[..., None]) -> float:
+    """agc auto: lambda from ``learn.agc_find()`` at the run's peak lr, its plot saved as agc_find.png; `per_sample`:
+    from each example's ratios."""
+    if per_sample:
+        learn.agc(per_sample=True)  # tells agc_find to measure each example's ratios; its lambda is not used
     found = learn.agc_find(lr=lr, show_plot=False)
     if save_plots and distributed.is_main():
         _save_figure(found.plot(), out / OUTPUT_FILES["agc_find"])
     say(f"agc_find suggests lambda={found.suggestion:.3g} (it clips {found.fraction_clipped(found.suggestion):.0%} "
-        f"of the units' gradient-to-weight ratios over {found.steps} unclipped steps at lr {lr:.2e})")
+        f"of the {found.pairs} gradient-to-weight ratios of {found.steps} unclipped steps at lr {lr:.2e})")
     return found.suggestion
 
 
@@ -681,8 +689,9 @@ def _train(learn: Learner, config: TrainConfig, out: Path, quiet: bool, save_mod
                     _save_figure(learn.recorder.plot_lr_find(), out / OUTPUT_FILES["lr_find"])
                 say(f"lr_find suggests lr={lr:.2e}")
             if config.agc == AGC_AUTO:
-                agc = resumed["agc"] if resumed is not None else _find_agc(learn, lr, out, save_plots, say)
-                learn.agc(agc)
+                agc = resumed["agc"] if resumed is not None else _find_agc(learn, lr, config.per_sample, out,
+                                                                           save_plots, say)
+                learn.agc(agc, per_sample=config.per_sample)
                 if resumed is None and writes:
                     _write_config(out, config, lr, agc)
             checkpoint = [EpochCheckpoint(out / CHECKPOINT, log.rows,

@@ -8,7 +8,7 @@ signal's scale is read from a tensor that stays where it is, rewritten once per 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -28,11 +28,16 @@ class ExampleRule:
 
     `grad_scale` is set by the caller before each backward pass: d(loss as backpropagated) / d(one example's
     loss term), e.g. loss-scale / batch-size for a mean loss under a grad scaler.
+
+    `observer`, where set, is called at every evaluation with the clipped parameters and their per-example unit
+    gradient norms ([examples, units] each: each example's own gradient, as the rule compares them with lambda);
+    ``learn.agc_find()`` records them. A layer's CUDA graph does not call it when it replays: turn graphs off.
     """
 
     def __init__(self, clipping: dict[int, float], tally: ClipTally, eps: float = DEFAULT_EPS):
         self.clipping, self.eps, self.tally = clipping, eps, tally
         self.grad_scale: Tensor | None = None
+        self.observer: Callable[[list[Tensor], list[Tensor]], None] | None = None
         # `grad_scale`, taken once per backward pass (`prepare_backward`) into a tensor that stays where it is, so
         # that the layers' CUDA graphs read each pass's value
         self._scale: Tensor | None = None
@@ -84,6 +89,8 @@ class ExampleRule:
         norm = _concatenated(columns).float() / self._scale
         factor = clip_factor_below(self.thresholds([params[i] for i in clipped]), norm)
         units = [c.shape[0] for c in columns]
+        if self.observer is not None:
+            self.observer([params[i] for i in clipped], [n.t() for n in norm.split(units)])
         self.tally.add([params[i] for i in clipped], factor, norm, units)
         for i, f in zip(clipped, factor.split(units)):
             factors[i] = f.t().expand(-1, norms[i].shape[1])
