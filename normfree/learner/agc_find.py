@@ -38,8 +38,16 @@ from fastcore.basics import patch
 from torch import Tensor
 
 from ..agc.per_sample import tuned
-from ..agc.rule import (DEFAULT_CLIP_FRACTION, DEFAULT_FIND_STEPS, check_clip_fraction, gradient_to_weight_ratio,
-                        num_units, suggest_clipping, unit_norms, unit_ratios)
+from ..agc.rule import (
+    DEFAULT_CLIP_FRACTION,
+    DEFAULT_FIND_STEPS,
+    check_clip_fraction,
+    gradient_to_weight_ratio,
+    num_units,
+    suggest_clipping,
+    unit_norms,
+    unit_ratios,
+)
 from ..agc.sharded import sharded_parameter_name
 from ..models.classifier import unwrap_model
 from ..utils.panels import panel_row
