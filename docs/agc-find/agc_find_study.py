@@ -66,6 +66,11 @@ def verdict(row: dict) -> tuple[float, int, float, bool]:
     return gap, rank, spread, (gap >= -max(0.5, spread) and not worst_third)
 
 
+def rank_label(rank: int, count: int) -> str:
+    """auto's place among the sweep's `count` lambdas: "3 of 7", or "below all 7" where every lambda did better."""
+    return f"below all {count}" if rank > count else f"{rank} of {count}"
+
+
 def write_results(results: dict, out: Path, settings: dict, minutes: float, command: str) -> str:
     lambdas = settings["lambdas"]
     lines = ["# learn.agc_find()'s lambda against a lambda sweep", "",
@@ -85,8 +90,8 @@ def write_results(results: dict, out: Path, settings: dict, minutes: float, comm
         met += ok
         cells = [f"{statistics.fmean(row['sweep'][lam]):.1f}" for lam in lambdas]
         lines.append(f"| {key} | {row['lr']:g} | " + " | ".join(cells) + f" | {statistics.fmean(row['auto']):.1f} | "
-                     f"{', '.join(f'{c:.3g}' for c in row['chosen'])} | {gap:+.1f} | {rank} of {len(lambdas)} | "
-                     f"{'met' if ok else 'missed'} |")
+                     f"{', '.join(f'{c:.3g}' for c in row['chosen'])} | {gap:+.1f} | "
+                     f"{rank_label(rank, len(lambdas))} | {'met' if ok else 'missed'} |")
     lines += ["", f"Goal met in {met} of {len(results)} settings (within 0.5 points or the best lambda's seed spread "
                   f"of the sweep's best, and not in its worst third)."]
     text = "\n".join(lines) + "\n"
