@@ -26,6 +26,7 @@ from normfree.app.cli import build_parser, main
 from normfree.app.train import TrainResult, resume
 from normfree.data.loaders import write_digits_image_folder
 from normfree.learner.checkpoint import EpochCheckpoint
+from normfree.learner.optim import TorchOptimizer
 from normfree.utils.outdir import INCOMPLETE
 
 QUIET = dict(quiet=True, save_model=False, save_plots=False)
@@ -249,3 +250,27 @@ def test_a_run_whose_marker_was_removed_is_still_an_unfinished_one(tmp_path, cap
         error and f"continue it with: normfree train --resume {out}" in error
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     assert TrainResult.load(out).interrupted is False and not (out / "checkpoint.pth").exists()
+
+
+class OptimizerSeen(Callback):
+    def before_fit(self):
+        self.optimizer = self.learn.opt
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_fast_opt_resumes_with_fastais_optimizer(tmp_path):
+    """Runs written before `fast_opt` existed trained with fastai's optimizer, whose state their checkpoint holds:
+    without the field in config.json and the checkpoint, the run goes on with fastai's optimizer, as it started."""
+    settings = {**QUICK_OPTIONS, "epochs": 3, "fast_opt": False}
+    whole = normfree.train(**settings, out=tmp_path / "whole", **QUIET)
+    normfree.train(**settings, out=tmp_path / "run", cbs=[InterruptAt(1, 2)], **QUIET)
+    state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
+    del state["config"]["fast_opt"]
+    torch.save(state, tmp_path / "run" / "checkpoint.pth")
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    del recorded["config"]["fast_opt"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
+    seen = OptimizerSeen()
+    resumed = resume(tmp_path / "run", cbs=[seen], **QUIET)
+    assert not resumed.interrupted and not isinstance(seen.optimizer, TorchOptimizer)
+    assert_same_metrics(metrics(resumed), metrics(whole))
